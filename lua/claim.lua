@@ -1,0 +1,44 @@
+-- claim.lua: take units and sell them in one step (reserve + commit).
+--
+-- KEYS  none (see reserve.lua)
+-- ARGV  1 prefix, 2 retention ms (see lib.lua)
+--       3 claim id (shares the hold id namespace)
+--       4 job
+--       5 lines as JSON: [[pool_id, qty], ...]
+--       6 customer key suffix or ""
+--       7 customer limit
+-- Returns the hold view of the claim (state C) when claimed, or a repeat of
+--       the first answer; otherwise NEED_GRANT, NOT_ACTIVE, SHORT,
+--       CUSTOMER_LIMIT or ID_REUSED (lib.lua).
+
+local claim_id, job, lines_arg = ARGV[3], ARGV[4], ARGV[5]
+local ck, limit = ARGV[6], tonumber(ARGV[7])
+local hk = P .. 'hold:' .. claim_id
+local rq = lines_arg .. '|' .. ck .. '|claim:' .. job
+
+-- 1. Time, and expired holds out of the way.
+local now = now_ms()
+expire_due(now)
+
+-- 2. A repeated id answers as the first time; then every rule.
+local lines = cjson.decode(lines_arg)
+local stop = admit(hk, rq, lines, now, ck, limit)
+if stop then
+  return stop
+end
+
+-- 3. Sell the units; remember the answer for retries.
+for _, l in ipairs(lines) do
+  redis.call('HINCRBY', P .. 'pool:' .. l[1], 'sold', l[2])
+end
+if ck ~= '' then
+  redis.call('INCRBY', P .. ck, total(lines))
+end
+local ln = cjson.encode(lines)
+redis.call('HSET', hk, 'st', 'C', 'job', job, 'rq', rq, 'ln', ln, 'exp', now, 'ext', 0,
+  'cat', now, 'fin', now)
+redis.call('PEXPIRE', hk, RETENTION_MS)
+
+-- 4. Log it, and answer.
+emit(now, 'claimed', job, claim_id, ln, { 'c', ck })
+return hold_view(hk)

@@ -1,0 +1,33 @@
+-- grant.lua: record in Redis the share of a pool that Postgres delegated to
+-- it (ESCROW.md, "Refill": Postgres commits first, this follows).
+--
+-- KEYS  none (see reserve.lua)
+-- ARGV  1 prefix, 2 retention ms (see lib.lua)
+--       3 pool id
+--       4 epoch of the grant
+--       5 granted: the cumulative units Postgres delegated in that epoch
+--       6 full: "1" when nothing is left to delegate (Redis may then answer
+--         sold out on its own), else "0"
+--       7 unlimited: "1" or "0"
+--       8 sale window start, ms (0: none); 9 end, ms (0: none)
+-- Returns { 'LOADED' } when the pool was new here (or of an older epoch,
+--       which is dropped), { 'GRANTED', grant } when the grant was raised
+--       (never lowered: a late or repeated call is harmless), or
+--       { 'STALE', epoch } when Redis already runs a newer epoch.
+
+local pk = P .. 'pool:' .. ARGV[3]
+local epoch, granted = tonumber(ARGV[4]), tonumber(ARGV[5])
+
+local cur = redis.call('HMGET', pk, 'epoch', 'grant')
+if cur[1] and tonumber(cur[1]) > epoch then
+  return { 'STALE', cur[1] }
+end
+if not cur[1] or tonumber(cur[1]) < epoch then
+  redis.call('DEL', pk)
+  redis.call('HSET', pk, 'grant', granted, 'ret', 0, 'sold', 0, 'held', 0, 'epoch', epoch,
+    'full', ARGV[6], 'unl', ARGV[7], 'from', ARGV[8], 'until', ARGV[9])
+  return { 'LOADED' }
+end
+local grant = math.max(tonumber(cur[2]), granted)
+redis.call('HSET', pk, 'grant', grant, 'full', ARGV[6], 'unl', ARGV[7], 'from', ARGV[8], 'until', ARGV[9])
+return { 'GRANTED', tostring(grant) }

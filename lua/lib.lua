@@ -1,0 +1,174 @@
+-- lib.lua: helpers shared by every holdfast script.
+--
+-- The Rust side prepends this file to each operation's script when it builds
+-- it (src/store/redis/scripts.rs), so every operation is still one EVALSHA,
+-- atomic on the server. Conventions for every script:
+--
+--   ARGV[1]  the tenant's key prefix, e.g. "hf:{acme}:" (the braces are the
+--            Redis Cluster hash tag: one tenant, one slot)
+--   ARGV[2]  how long a finished hold is remembered for idempotent retries (ms)
+--
+-- Keys under the prefix (src/store/redis/keys.rs names the same ones):
+--   pool:<pool_id>  hash  grant ret sold held epoch full unl from until
+--   hold:<hold_id>  hash  st job rq ln exp ext xid ck cq ref oid cat fin
+--   exp             zset  hold_id -> expires_at (ms) of every ACTIVE hold
+--   events          stream, one entry per state change
+--   cust:<scope>    string, units a customer has in a sale (per-customer limit)
+--
+-- Time comes from Redis (TIME), never from the daemon. Every script checks
+-- everything before it writes anything: a Lua error after a write keeps the
+-- write.
+
+local P = ARGV[1]
+local RETENTION_MS = tonumber(ARGV[2])
+
+-- Milliseconds since the epoch, from the Redis server's clock.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Appends one event to the tenant's stream. `fields` is a flat list of extra
+-- field/value pairs (reference, order id, customer).
+local function emit(now, kind, job, hold_id, lines_json, fields)
+  local args = { 'XADD', P .. 'events', '*', 'k', kind, 'j', job, 'h', hold_id,
+    'l', lines_json, 't', tostring(now) }
+  for _, v in ipairs(fields or {}) do
+    args[#args + 1] = v
+  end
+  return redis.call(unpack(args))
+end
+
+-- The reply shape of a hold, decoded strictly by src/store/redis/reply.rs:
+-- { 'HOLD', st, job, lines_json, expires_at, extensions, ref, order_id,
+--   created_at, finished_at }
+local function hold_view(hold_key)
+  local h = redis.call('HMGET', hold_key, 'st', 'job', 'ln', 'exp', 'ext', 'ref', 'oid', 'cat', 'fin')
+  return { 'HOLD', h[1], h[2], h[3], h[4] or '0', h[5] or '0', h[6] or '', h[7] or '', h[8] or '0', h[9] or '0' }
+end
+
+-- Ends an ACTIVE hold as released ('R') or expired ('E'): gives its units
+-- back to every pool of the epoch it took them from, gives the customer's
+-- units back, and logs the event.
+local function finish(hold_id, state, now, kind)
+  local hk = P .. 'hold:' .. hold_id
+  local h = redis.call('HMGET', hk, 'ln', 'ck', 'cq', 'job', 'ref')
+  local lines = cjson.decode(h[1])
+  for _, l in ipairs(lines) do
+    local pk = P .. 'pool:' .. l[1]
+    -- A pool reloaded under a newer epoch no longer counts this hold.
+    if redis.call('HGET', pk, 'epoch') == tostring(l[3]) then
+      redis.call('HINCRBY', pk, 'held', -l[2])
+    end
+  end
+  if h[2] and h[2] ~= '' then
+    redis.call('DECRBY', P .. h[2], h[3])
+  end
+  redis.call('HSET', hk, 'st', state, 'fin', now)
+  redis.call('PEXPIRE', hk, RETENTION_MS)
+  redis.call('ZREM', P .. 'exp', hold_id)
+  emit(now, kind, h[4], hold_id, h[1], { 'r', h[5] or '' })
+end
+
+-- Finalises every hold whose time is up (at most `limit`, or all when
+-- limit is nil), so no script ever counts an expired hold. Returns how many.
+local function expire_due(now, limit)
+  local due
+  if limit then
+    due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, limit)
+  else
+    due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now)
+  end
+  for _, id in ipairs(due) do
+    finish(id, 'E', now, 'expired')
+  end
+  return #due
+end
+
+-- Checks that every line (a list of {pool_id, qty}) can be taken now.
+-- On success returns nil and stamps each line with its pool's epoch as l[3].
+-- Otherwise returns the reply to send:
+--   { 'NEED_GRANT', pool_id... }     a pool has no grant yet, or needs more
+--   { 'NOT_ACTIVE', pool_id }        outside the pool's sale window
+--   { 'SHORT', pool_id, qty, available, ... }   sold out
+-- `check_window` is false for operations that finish an existing hold.
+local function check_lines(lines, now, check_window)
+  local need, short = {}, {}
+  for _, l in ipairs(lines) do
+    local p = redis.call('HMGET', P .. 'pool:' .. l[1],
+      'grant', 'ret', 'sold', 'held', 'epoch', 'full', 'unl', 'from', 'until')
+    if not p[1] or not p[5] then
+      need[#need + 1] = l[1]
+    else
+      local from, till = tonumber(p[8] or '0'), tonumber(p[9] or '0')
+      if check_window and ((from > 0 and now < from) or (till > 0 and now >= till)) then
+        return { 'NOT_ACTIVE', l[1] }
+      end
+      l[3] = tonumber(p[5])
+      if p[7] ~= '1' then
+        local avail = tonumber(p[1]) - tonumber(p[2]) - tonumber(p[3]) - tonumber(p[4])
+        if avail < l[2] then
+          if p[6] == '1' then
+            short[#short + 1] = l[1]
+            short[#short + 1] = l[2]
+            short[#short + 1] = math.max(avail, 0)
+          else
+            need[#need + 1] = l[1]
+          end
+        end
+      end
+    end
+  end
+  if #need > 0 then
+    table.insert(need, 1, 'NEED_GRANT')
+    return need
+  end
+  if #short > 0 then
+    table.insert(short, 1, 'SHORT')
+    return short
+  end
+  return nil
+end
+
+-- Checks a per-customer limit; `ck` is '' when the sale has none.
+local function check_customer(ck, limit, qty)
+  if ck == '' then
+    return nil
+  end
+  local used = tonumber(redis.call('GET', P .. ck) or '0')
+  if used + qty > limit then
+    return { 'CUSTOMER_LIMIT', tostring(used) }
+  end
+  return nil
+end
+
+-- The state of hold `hk` if it exists and belongs to `job`, else nil: a
+-- service never sees, or touches, another job's holds.
+local function hold_state(hk, job)
+  local h = redis.call('HMGET', hk, 'st', 'job')
+  if not h[1] or h[2] ~= job then
+    return nil
+  end
+  return h[1]
+end
+
+-- Sum of the quantities of a list of lines.
+local function total(lines)
+  local n = 0
+  for _, l in ipairs(lines) do
+    n = n + l[2]
+  end
+  return n
+end
+
+-- The common start of reserve and claim: the id check, then every rule.
+-- Returns a reply when the call must stop here, else nil.
+local function admit(hk, rq, lines, now, ck, limit)
+  if redis.call('EXISTS', hk) == 1 then
+    if redis.call('HGET', hk, 'rq') == rq then
+      return hold_view(hk)
+    end
+    return { 'ID_REUSED' }
+  end
+  return check_lines(lines, now, true) or check_customer(ck, limit, total(lines))
+end

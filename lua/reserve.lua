@@ -1,0 +1,48 @@
+-- reserve.lua: hold units from one or more pools, all-or-nothing.
+--
+-- KEYS  none are named up front: every key is built from the tenant prefix in
+--       ARGV[1], so all of them share the tenant's hash slot.
+-- ARGV  1 prefix, 2 retention ms (see lib.lua)
+--       3 hold id
+--       4 job ("flash", "stock", "lock", "slot")
+--       5 time to live, ms
+--       6 lines as JSON: [[pool_id, qty], ...] (validated by the caller)
+--       7 customer key suffix ("cust:<scope>:<customer>") or ""
+--       8 customer limit (ignored when 7 is "")
+--       9 reference (cart, session) or ""
+-- Returns the hold view (lib.lua hold_view) when held, or a repeat of the
+--       first answer; otherwise one of NEED_GRANT, NOT_ACTIVE, SHORT,
+--       CUSTOMER_LIMIT, ID_REUSED (lib.lua).
+
+local hold_id, job, ttl, lines_arg = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local ck, limit, ref = ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local hk = P .. 'hold:' .. hold_id
+local rq = lines_arg .. '|' .. ck .. '|' .. job
+
+-- 1. Time, and expired holds out of the way.
+local now = now_ms()
+expire_due(now)
+
+-- 2. A repeated id answers as the first time; then every rule, before any write.
+local lines = cjson.decode(lines_arg)
+local stop = admit(hk, rq, lines, now, ck, limit)
+if stop then
+  return stop
+end
+
+-- 3. Take the units.
+for _, l in ipairs(lines) do
+  redis.call('HINCRBY', P .. 'pool:' .. l[1], 'held', l[2])
+end
+if ck ~= '' then
+  redis.call('INCRBY', P .. ck, total(lines))
+end
+local ln = cjson.encode(lines)
+local exp = now + ttl
+redis.call('HSET', hk, 'st', 'A', 'job', job, 'rq', rq, 'ln', ln, 'exp', exp, 'ext', 0,
+  'ck', ck, 'cq', total(lines), 'ref', ref, 'cat', now)
+redis.call('ZADD', P .. 'exp', exp, hold_id)
+
+-- 4. Log it, and answer.
+emit(now, 'reserved', job, hold_id, ln, { 'r', ref, 'c', ck })
+return hold_view(hk)

@@ -1,0 +1,196 @@
+//! The command line. Every flag has an environment fallback
+//! (`HOLDFAST_*`), shown by `--help`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::Limits;
+use crate::telemetry::LogFormat;
+
+/// holdfast: a gRPC daemon that never sells the same unit twice.
+#[derive(Debug, Parser)]
+#[command(name = "holdfast", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: migrate Postgres, then serve gRPC and /metrics.
+    Serve(Box<ServeArgs>),
+    /// Run the Postgres migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Manage API keys.
+    Keys {
+        /// create or revoke.
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// `holdfast keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key for one tenant and role; prints the key once (only its
+    /// hash is stored).
+    Create {
+        /// The tenant (store or workspace) the key acts for: [a-z0-9_-].
+        #[arg(long)]
+        tenant: String,
+        /// What the key may do.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Postgres.
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Revoke a key by its id (the part after `hf_` and before the next `_`).
+    Revoke {
+        /// The key id printed by `keys create`.
+        key_id: String,
+        /// Postgres.
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+}
+
+/// A key's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// Claim, reserve, commit, release, lock: what a checkout backend does.
+    Checkout,
+    /// Everything, including creating sales and pools.
+    Admin,
+}
+
+/// Where Postgres is.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Postgres URL, the system of record.
+    #[arg(long, env = "HOLDFAST_DATABASE_URL", default_value = "postgres://holdfast@127.0.0.1:5432/holdfast")]
+    pub database_url: String,
+}
+
+/// `holdfast serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address for the gRPC API (health and reflection included).
+    #[arg(long, env = "HOLDFAST_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address for Prometheus's /metrics.
+    #[arg(long, env = "HOLDFAST_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+
+    /// Redis URL, the fast path. Run Redis with `maxmemory-policy
+    /// noeviction` and, in production, `appendonly yes` + `appendfsync
+    /// always` (see the README).
+    #[arg(long, env = "HOLDFAST_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Postgres.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+
+    /// Log format.
+    #[arg(long, env = "HOLDFAST_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Prefix of every Redis key, so several instances can share a Redis.
+    #[arg(long, env = "HOLDFAST_REDIS_PREFIX", default_value = "hf")]
+    pub redis_prefix: String,
+
+    /// Development mode: no authentication, every call acts for the tenant
+    /// "dev" with the admin role. Never use it where others can connect.
+    #[arg(long, env = "HOLDFAST_DEV")]
+    pub dev: bool,
+
+    /// API keys given by configuration, for small set-ups, each
+    /// `TENANT:ROLE:KEY` (role checkout or admin); comma-separated in the
+    /// environment. Keys created with `holdfast keys create` live in
+    /// Postgres and need no flag.
+    #[arg(long = "api-key", env = "HOLDFAST_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+
+    /// Time to live of a hold when the caller gives none, seconds.
+    #[arg(long, env = "HOLDFAST_DEFAULT_HOLD_TTL_SECS", default_value_t = 900)]
+    pub default_hold_ttl_secs: u64,
+
+    /// Shortest time to live a caller may ask for, seconds.
+    #[arg(long, env = "HOLDFAST_MIN_HOLD_TTL_SECS", default_value_t = 1)]
+    pub min_hold_ttl_secs: u64,
+
+    /// Longest time to live a caller may ask for, seconds.
+    #[arg(long, env = "HOLDFAST_MAX_HOLD_TTL_SECS", default_value_t = 86_400)]
+    pub max_hold_ttl_secs: u64,
+
+    /// How many times a hold may be extended.
+    #[arg(long, env = "HOLDFAST_MAX_EXTENSIONS", default_value_t = 1)]
+    pub max_extensions: u32,
+
+    /// Most lines (products) in one batch.
+    #[arg(long, env = "HOLDFAST_MAX_BATCH", default_value_t = 500)]
+    pub max_batch: usize,
+
+    /// Largest quantity of one line.
+    #[arg(long, env = "HOLDFAST_MAX_QUANTITY", default_value_t = 1_000_000)]
+    pub max_quantity: i64,
+
+    /// How long finished holds and claims are remembered, so that a retry
+    /// with the same id returns the first answer, seconds.
+    #[arg(long, env = "HOLDFAST_RETENTION_SECS", default_value_t = 86_400)]
+    pub retention_secs: u64,
+
+    /// How often the sweeper finalises expired holds, milliseconds.
+    #[arg(long, env = "HOLDFAST_SWEEP_INTERVAL_MS", default_value_t = 100)]
+    pub sweep_interval_ms: u64,
+
+    /// How long one Redis call may take before it fails with UNAVAILABLE,
+    /// milliseconds.
+    #[arg(long, env = "HOLDFAST_REDIS_TIMEOUT_MS", default_value_t = 1000)]
+    pub redis_timeout_ms: u64,
+
+    /// Most Postgres connections.
+    #[arg(long, env = "HOLDFAST_PG_MAX_CONNECTIONS", default_value_t = 16)]
+    pub pg_max_connections: u32,
+
+    /// On shutdown, how long in-flight calls and jobs may take to finish,
+    /// seconds.
+    #[arg(long, env = "HOLDFAST_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ServeArgs {
+    /// The input limits these flags set.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_batch: self.max_batch,
+            max_quantity: self.max_quantity,
+            max_id_len: Limits::default().max_id_len,
+            min_ttl: Duration::from_secs(self.min_hold_ttl_secs),
+            max_ttl: Duration::from_secs(self.max_hold_ttl_secs),
+            default_ttl: Duration::from_secs(self.default_hold_ttl_secs),
+            max_extensions: self.max_extensions,
+        }
+    }
+
+    /// Settings for a daemon on loopback ephemeral ports, for tests and
+    /// tools: everything else at its default.
+    pub fn for_test(redis_url: &str, database_url: &str, redis_prefix: &str) -> Self {
+        let mut args = Cli::parse_from(["holdfast", "serve", "--dev"]);
+        let Command::Serve(serve) = &mut args.command else {
+            unreachable!("parsed a serve command")
+        };
+        serve.grpc_addr = "127.0.0.1:0".parse().expect("valid address");
+        serve.metrics_addr = "127.0.0.1:0".parse().expect("valid address");
+        serve.redis_url = redis_url.into();
+        serve.db.database_url = database_url.into();
+        serve.redis_prefix = redis_prefix.into();
+        (**serve).clone()
+    }
+}

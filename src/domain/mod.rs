@@ -1,0 +1,14 @@
+//! The domain core: pools, holds, ids, quantities and the rules' outcomes.
+//!
+//! Nothing here knows Redis, Postgres or gRPC. Requests are parsed into these
+//! types once, at the edge; inside, a value of these types is valid.
+
+mod hold;
+mod ids;
+mod limits;
+mod quantity;
+
+pub use hold::{Hold, HoldState, Job, Line, Lines, Shortage, TakeOutcome};
+pub use ids::{HoldId, PoolId, TenantId, parse_name};
+pub use limits::Limits;
+pub use quantity::Quantity;

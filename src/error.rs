@@ -1,0 +1,118 @@
+//! The crate's one error type and its one mapping to a gRPC status.
+//!
+//! Business outcomes (sold out, not active, over a customer limit) are not
+//! errors: they travel as typed outcomes in OK responses. What is here is
+//! what the caller must fix or retry. Internal causes are logged once, where
+//! the status is made, and never sent to the client.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Everything that can make an RPC fail. Each variant's doc says what the
+/// client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// INVALID_ARGUMENT, with a `BadRequest` detail naming the field.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The request field at fault, as a path (`lines[2].quantity`).
+        field: String,
+        /// What is wrong with it, in words a caller can act on.
+        reason: String,
+    },
+    /// NOT_FOUND: the sale, pool or hold does not exist for this tenant.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// ALREADY_EXISTS: the id is taken by a different definition.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// FAILED_PRECONDITION: the call does not fit the hold's life (extend
+    /// twice, commit a released hold...); the message says why.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// UNAUTHENTICATED: no credential, or not a valid one.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// PERMISSION_DENIED: the credential's role may not make this call.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// UNAVAILABLE: a store could not be reached in time; retrying with the
+    /// same id is safe.
+    #[error("{0}")]
+    Unavailable(String),
+    /// INTERNAL: a bug or a broken invariant; logged, never detailed to the
+    /// client.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Internal`] from a message.
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(anyhow::anyhow!(msg.into()))
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+            Error::Unavailable(format!("redis unreachable: {e}"))
+        } else {
+            Error::Internal(e.into())
+        }
+    }
+}
+
+impl From<deadpool_redis::PoolError> for Error {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        Error::Unavailable(format!("redis pool: {e}"))
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Error::Unavailable(format!("postgres unreachable: {e}"))
+            }
+            other => Error::Internal(other.into()),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument { field, reason } => Status::with_error_details(
+                Code::InvalidArgument,
+                msg,
+                ErrorDetails::with_bad_request_violation(field, reason),
+            ),
+            Error::NotFound(_) => Status::not_found(msg),
+            Error::AlreadyExists(_) => Status::already_exists(msg),
+            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::Unauthenticated(_) => Status::unauthenticated(msg),
+            Error::PermissionDenied(_) => Status::permission_denied(msg),
+            Error::Unavailable(_) => {
+                tracing::warn!(error = %msg, "store unavailable");
+                Status::unavailable(msg)
+            }
+            Error::Internal(cause) => {
+                tracing::error!(error = ?cause, "internal error");
+                Status::internal("internal error; see the daemon's log")
+            }
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

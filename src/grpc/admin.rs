@@ -1,0 +1,58 @@
+//! `holdfast.v1.AdminService`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::auth::{Auth, Role};
+use super::pb::admin_service_server::AdminService;
+use super::pb;
+use super::{observe, record_ids};
+use crate::domain::PoolId;
+use crate::engine::Engine;
+
+const SERVICE: &str = "AdminService";
+
+/// The adapter from gRPC to the engine's operator reads.
+pub struct AdminApi {
+    engine: Arc<Engine>,
+    auth: Arc<Auth>,
+}
+
+impl AdminApi {
+    /// An adapter over `engine`.
+    pub fn new(engine: Arc<Engine>, auth: Arc<Auth>) -> Self {
+        Self { engine, auth }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn get_pool(&self, request: Request<pb::GetPoolRequest>) -> Result<Response<pb::GetPoolResponse>, Status> {
+        observe(SERVICE, "GetPool", async {
+            let caller = self.auth.check(&request, Role::Admin).await?;
+            record_ids(&caller.tenant, &request.get_ref().pool_id);
+            let id = PoolId::parse("pool_id", &request.get_ref().pool_id)?;
+            let view = self
+                .engine
+                .pools(&caller.tenant, std::slice::from_ref(&id))
+                .await?
+                .pop()
+                .ok_or_else(|| crate::Error::NotFound(format!("pool {id}")))?;
+            Ok(pb::GetPoolResponse {
+                pool: Some(pb::Pool {
+                    pool_id: view.pool.to_string(),
+                    unlimited: view.capacity.is_none(),
+                    capacity: view.capacity.unwrap_or(0),
+                    sold: view.sold,
+                    held: view.held,
+                    available: view.available,
+                    in_doubt: view.in_doubt,
+                    granted_to_redis: view.granted_to_redis,
+                    epoch: view.epoch,
+                }),
+            })
+        })
+        .await
+    }
+}

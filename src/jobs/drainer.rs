@@ -1,0 +1,163 @@
+//! The drainer: every tenant's event stream to Postgres, exactly once.
+//!
+//! It reads with a consumer group, writes a batch in one Postgres
+//! transaction (each event keyed by its stream id, so a re-read event is
+//! skipped with its effects), and acknowledges the batch only after the
+//! commit. After a failure or a restart it first re-reads what it had read
+//! and not acknowledged. Postgres being down only makes it wait and retry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::AsyncCommands;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use tokio::sync::watch;
+
+use super::Tenants;
+use crate::domain::TenantId;
+use crate::error::Error;
+use crate::store::postgres::{AuditEvent, EventLine, PgStore};
+use crate::store::redis::RedisStore;
+use crate::telemetry::metric;
+
+/// The consumer group's name.
+pub const GROUP: &str = "drainer";
+/// Most events per read.
+const BATCH: usize = 500;
+/// How long one read blocks waiting for events.
+const BLOCK: Duration = Duration::from_millis(100);
+/// How long drained events stay in the stream (for subscribers that
+/// resume from an id).
+const KEEP: Duration = Duration::from_secs(3600);
+
+/// Runs until `stop` turns true.
+pub async fn run(redis: RedisStore, pg: PgStore, tenants: Arc<Tenants>, consumer: String, mut stop: watch::Receiver<bool>) {
+    let mut drainer = Drainer {
+        redis,
+        pg,
+        consumer,
+        grouped: HashMap::new(),
+        pending_first: true,
+    };
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let list = tenants.list().await;
+        let round = tokio::select! {
+            r = drainer.round(&list) => r,
+            _ = stop.changed() => break,
+        };
+        match round {
+            Ok(_) => backoff = Duration::from_millis(50),
+            Err(e) => {
+                metrics::counter!(metric::DRAINER_ERRORS).increment(1);
+                tracing::warn!(error = %e, retry_in = ?backoff, "drainer round failed; events stay pending and will be retried");
+                drainer.pending_first = true;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+        if list.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(BLOCK) => {}
+                _ = stop.changed() => break,
+            }
+        }
+    }
+    tracing::debug!("drainer stopped");
+}
+
+struct Drainer {
+    redis: RedisStore,
+    pg: PgStore,
+    consumer: String,
+    /// Streams whose consumer group exists, by key, with their tenant.
+    grouped: HashMap<String, TenantId>,
+    /// Re-read our unacknowledged events before new ones.
+    pending_first: bool,
+}
+
+impl Drainer {
+    /// One read and write; returns how many events were new to Postgres.
+    async fn round(&mut self, tenants: &[TenantId]) -> Result<usize, Error> {
+        if tenants.is_empty() {
+            return Ok(0);
+        }
+        let mut con = self.redis.pooled().await?;
+        for t in tenants {
+            let key = self.redis.keys().events(t);
+            if !self.grouped.contains_key(&key) {
+                let created: redis::RedisResult<()> = con.xgroup_create_mkstream(&key, GROUP, "0").await;
+                match created {
+                    Ok(()) => {}
+                    Err(e) if e.code() == Some("BUSYGROUP") => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.grouped.insert(key, t.clone());
+            }
+        }
+        let keys: Vec<String> = tenants.iter().map(|t| self.redis.keys().events(t)).collect();
+        let start = if self.pending_first { "0" } else { ">" };
+        let ids: Vec<&str> = vec![start; keys.len()];
+        let mut opts = StreamReadOptions::default().group(GROUP, &self.consumer).count(BATCH);
+        if !self.pending_first {
+            opts = opts.block(BLOCK.as_millis() as usize);
+        }
+        let reply: Option<StreamReadReply> = con.xread_options(&keys, &ids, &opts).await?;
+        let mut new = 0;
+        let mut read = 0;
+        for stream in reply.map(|r| r.keys).unwrap_or_default() {
+            let Some(tenant) = self.grouped.get(&stream.key).cloned() else {
+                continue;
+            };
+            if stream.ids.is_empty() {
+                continue;
+            }
+            read += stream.ids.len();
+            let events = stream.ids.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+            new += self.pg.record_events(&tenant, &events).await?;
+            let acked: Vec<&str> = stream.ids.iter().map(|e| e.id.as_str()).collect();
+            let _: i64 = con.xack(&stream.key, GROUP, &acked).await?;
+            if let Some(last) = events.last() {
+                let age = (Utc::now() - last.at).num_milliseconds().max(0) as f64 / 1000.0;
+                metrics::gauge!(metric::DRAINER_LAG_SECONDS).set(age);
+                let keep_from = last.at.timestamp_millis() - KEEP.as_millis() as i64;
+                if keep_from > 0 {
+                    let _: redis::RedisResult<i64> =
+                        redis::cmd("XTRIM").arg(&stream.key).arg("MINID").arg("~").arg(keep_from).query_async(&mut *con).await;
+                }
+            }
+        }
+        metrics::counter!(metric::DRAINED_EVENTS).increment(new as u64);
+        if self.pending_first && read == 0 {
+            self.pending_first = false;
+        }
+        Ok(new)
+    }
+}
+
+/// Decodes one stream entry (fields written by `lua/lib.lua`'s `emit`).
+fn decode(entry: &redis::streams::StreamId) -> Result<AuditEvent, Error> {
+    let field = |name: &str| -> Option<String> { entry.get::<String>(name) };
+    let bad = |what: &str| Error::internal(format!("event {} has no valid {what}", entry.id));
+    let lines: Vec<(String, i64, i64)> = serde_json::from_str(&field("l").ok_or_else(|| bad("lines"))?).map_err(|_| bad("lines"))?;
+    let ms: i64 = field("t").and_then(|t| t.parse().ok()).ok_or_else(|| bad("time"))?;
+    Ok(AuditEvent {
+        event_id: entry.id.clone(),
+        kind: field("k").ok_or_else(|| bad("kind"))?,
+        job: field("j").unwrap_or_default(),
+        hold_id: field("h").unwrap_or_default(),
+        lines: lines.into_iter().map(|(pool, qty, epoch)| EventLine { pool, qty, epoch }).collect(),
+        reference: field("r").unwrap_or_default(),
+        order_id: field("o").unwrap_or_default(),
+        customer: field("c").unwrap_or_default(),
+        at: DateTime::<Utc>::from_timestamp_millis(ms).ok_or_else(|| bad("time"))?,
+    })
+}

@@ -1,0 +1,61 @@
+//! Background jobs, each a loop that runs until the stop signal and
+//! reports what each round did:
+//!
+//! - [`drainer`]: reads every tenant's event stream (consumer group) and
+//!   writes each event to Postgres exactly once, with its effects.
+//! - [`sweeper`]: finalises expired holds (state EXPIRED, event) within the
+//!   sweep interval of their expiry.
+
+pub mod drainer;
+pub mod sweeper;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::domain::TenantId;
+use crate::store::postgres::PgStore;
+
+/// How often the list of tenants is read again.
+const TENANT_REFRESH: Duration = Duration::from_secs(1);
+
+/// The tenants the jobs visit, read from Postgres at most once a second.
+/// While Postgres is down the last list is kept, so the Redis-side work
+/// (sweeping) goes on.
+pub struct Tenants {
+    pg: PgStore,
+    cached: Mutex<(Vec<TenantId>, Option<Instant>)>,
+}
+
+impl Tenants {
+    /// A directory over `pg`.
+    pub fn new(pg: PgStore) -> Self {
+        Self {
+            pg,
+            cached: Mutex::new((Vec::new(), None)),
+        }
+    }
+
+    /// The current tenants.
+    pub async fn list(&self) -> Vec<TenantId> {
+        {
+            let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(at) = cached.1
+                && at.elapsed() < TENANT_REFRESH
+            {
+                return cached.0.clone();
+            }
+        }
+        match self.pg.tenants().await {
+            Ok(list) => {
+                *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = (list.clone(), Some(Instant::now()));
+                list
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list tenants; using the last list");
+                let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+                cached.1 = Some(Instant::now());
+                cached.0.clone()
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! holdfast: a gRPC daemon that never sells the same unit twice.
+//!
+//! Storefront and checkout backends call holdfast before they take money. It
+//! answers from atomic Lua scripts in Redis, keeps Postgres as the system of
+//! record, and writes sold counts back to Postgres in the background.
+//!
+//! # Module map
+//!
+//! Dependencies point inward: `grpc` and `jobs` use the `engine` and the
+//! `services`; those use the `domain` and the `store`s; the `domain` uses
+//! nothing of ours.
+//!
+//! - [`domain`]: pools, holds, ids, quantities and outcomes. No I/O.
+//! - [`store`]: Redis (the fast path: keys, Lua scripts, strict reply
+//!   decoding) and Postgres (pools and their escrow ledger, sales, audit log,
+//!   API keys).
+//! - [`engine`]: the hold engine's use cases: reserve, commit, release,
+//!   extend, claim, reads; it grants Redis its share of a pool on demand.
+//! - [`services`]: the jobs users see (flash sales, ...) translated into
+//!   pools and holds.
+//! - [`grpc`]: generated code, request parsing, one thin adapter per service,
+//!   and authentication.
+//! - [`jobs`]: background loops: the drainer (Redis events to Postgres) and
+//!   the sweeper (expired holds).
+//! - [`startup`]: [`startup::Application`] wires it all, binds the ports and
+//!   runs until a shutdown signal.
+//! - [`config`], [`telemetry`], [`error`]: the command line, logs and
+//!   metrics, and the one error type with its one mapping to gRPC status.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod error;
+pub mod grpc;
+pub mod jobs;
+pub mod services;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+
+pub use error::Error;

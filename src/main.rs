@@ -1,0 +1,78 @@
+//! The `holdfast` binary: parse the command line, set up logs, run.
+
+use clap::Parser;
+use holdfast::config::{Cli, Command, KeysCommand, RoleArg};
+use holdfast::domain::TenantId;
+use holdfast::startup::Application;
+use holdfast::store::postgres::PgStore;
+use holdfast::telemetry::{self, LogFormat};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            telemetry::init_tracing(args.log_format);
+            let app = Application::build(*args).await?;
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Migrate(db) => {
+            telemetry::init_tracing(LogFormat::Text);
+            let pg = PgStore::connect(&db.database_url, 1, std::time::Duration::from_secs(5)).await?;
+            pg.migrate().await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Keys { command } => keys(command).await,
+    }
+}
+
+async fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create { tenant, role, db } => {
+            let tenant = TenantId::parse(&tenant)?;
+            let pg = PgStore::connect(&db.database_url, 1, std::time::Duration::from_secs(5)).await?;
+            pg.migrate().await?;
+            let role = match role {
+                RoleArg::Checkout => "checkout",
+                RoleArg::Admin => "admin",
+            };
+            let (key_id, key, hash) = holdfast::grpc::auth::new_key();
+            pg.insert_api_key(&key_id, &tenant, role, &hash).await?;
+            eprintln!("created key {key_id} for tenant {tenant} with role {role}; it is shown once, store it now:");
+            println!("{key}");
+            Ok(())
+        }
+        KeysCommand::Revoke { key_id, db } => {
+            let pg = PgStore::connect(&db.database_url, 1, std::time::Duration::from_secs(5)).await?;
+            if pg.revoke_api_key(&key_id).await? {
+                eprintln!("revoked key {key_id}; running daemons stop accepting it within 5 seconds");
+                Ok(())
+            } else {
+                anyhow::bail!("no live key with id {key_id}")
+            }
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

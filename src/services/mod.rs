@@ -1,0 +1,5 @@
+//! The jobs users see, each a thin adapter that translates its words
+//! (sale, product, cart hold) into pools and holds. The rules live once, in
+//! the engine.
+
+pub mod flash_sale;

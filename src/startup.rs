@@ -1,0 +1,204 @@
+//! [`Application`]: build from configuration, bind the ports, run until a
+//! shutdown signal. Tests run exactly this, on port 0.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::config::ServeArgs;
+use crate::engine::Engine;
+use crate::grpc::auth::Auth;
+use crate::grpc::pb::admin_service_server::AdminServiceServer;
+use crate::grpc::pb::flash_sale_service_server::FlashSaleServiceServer;
+use crate::grpc::{AdminApi, FlashSaleApi, pb};
+use crate::jobs::{Tenants, drainer, sweeper};
+use crate::services::flash_sale::FlashSales;
+use crate::store::postgres::PgStore;
+use crate::store::redis::{RedisStore, RedisTimeouts};
+use crate::telemetry;
+
+/// The gRPC services, by full name, for health and logs.
+pub const SERVICES: &[&str] = &["holdfast.v1.FlashSaleService", "holdfast.v1.AdminService"];
+
+/// A built daemon with its listeners bound.
+pub struct Application {
+    args: ServeArgs,
+    grpc: TcpListener,
+    metrics: TcpListener,
+    engine: Arc<Engine>,
+    auth: Arc<Auth>,
+}
+
+impl Application {
+    /// Connects to Postgres (and migrates it), to Redis, checks the
+    /// credentials set-up, and binds the gRPC and metrics ports.
+    pub async fn build(args: ServeArgs) -> anyhow::Result<Self> {
+        let pg = PgStore::connect(&args.db.database_url, args.pg_max_connections, Duration::from_secs(5)).await?;
+        pg.migrate().await?;
+
+        let auth = if args.dev {
+            tracing::warn!("DEVELOPMENT MODE: no authentication; every caller acts as admin of tenant \"dev\". Never expose this port.");
+            Auth::dev()
+        } else {
+            let stored: (i64,) = sqlx::query_as("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(pg.pool()).await?;
+            if args.api_keys.is_empty() && stored.0 == 0 {
+                anyhow::bail!(
+                    "no API key is configured: create one with `holdfast keys create --tenant T --role admin`, \
+                     pass --api-key TENANT:ROLE:KEY, or run with --dev for a local, unauthenticated daemon"
+                );
+            }
+            Auth::keys(&args.api_keys, pg.clone())?
+        };
+        for tenant in auth.configured_tenants() {
+            pg.ensure_tenant(&tenant).await?;
+        }
+
+        let timeouts = RedisTimeouts {
+            connect: Duration::from_millis(args.redis_timeout_ms),
+            response: Duration::from_millis(args.redis_timeout_ms),
+        };
+        let redis = RedisStore::connect(&args.redis_url, &args.redis_prefix, Duration::from_secs(args.retention_secs), timeouts).await?;
+        warn_about_redis_settings(&redis).await;
+
+        let engine = Arc::new(Engine::new(redis, pg, args.max_extensions));
+        let grpc = TcpListener::bind(args.grpc_addr).await?;
+        let metrics = TcpListener::bind(args.metrics_addr).await?;
+        Ok(Self {
+            args,
+            grpc,
+            metrics,
+            engine,
+            auth: Arc::new(auth),
+        })
+    }
+
+    /// Where gRPC is served.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Where /metrics is served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The engine, for tools and tests that look beneath the API.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
+    }
+
+    /// Serves until `shutdown` completes; then health turns NOT_SERVING,
+    /// the listener closes, in-flight calls finish, and the jobs stop, all
+    /// within the shutdown grace period.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let limits = self.args.limits();
+        let grace = Duration::from_secs(self.args.shutdown_grace_secs);
+        let sales = Arc::new(FlashSales::new(self.engine.clone(), limits.max_batch));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<FlashSaleServiceServer<FlashSaleApi>>().await;
+        health.set_serving::<AdminServiceServer<AdminApi>>().await;
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let metrics_addr = self.metrics_addr();
+        let metrics_task = tokio::spawn(telemetry::serve_metrics(self.metrics, telemetry::metrics_handle()));
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let tenants = Arc::new(Tenants::new(self.engine.pg().clone()));
+        let consumer = format!("holdfast-{}", self.args.redis_prefix);
+        let jobs = vec![
+            tokio::spawn(drainer::run(
+                self.engine.redis().clone(),
+                self.engine.pg().clone(),
+                tenants.clone(),
+                consumer,
+                stop_rx.clone(),
+            )),
+            tokio::spawn(sweeper::run(
+                self.engine.redis().clone(),
+                tenants,
+                Duration::from_millis(self.args.sweep_interval_ms),
+                stop_rx,
+            )),
+        ];
+
+        let addr = self.grpc.local_addr()?;
+        tracing::info!(%addr, metrics = %metrics_addr, "holdfast serving");
+        let signal = {
+            let health = health.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
+                health.set_service_status("", ServingStatus::NotServing).await;
+                health.set_not_serving::<FlashSaleServiceServer<FlashSaleApi>>().await;
+                health.set_not_serving::<AdminServiceServer<AdminApi>>().await;
+            }
+        };
+        let server = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(FlashSaleServiceServer::new(FlashSaleApi::new(sales, self.auth.clone(), limits)))
+            .add_service(AdminServiceServer::new(AdminApi::new(self.engine.clone(), self.auth.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal);
+        let served = server.await;
+
+        let _ = stop_tx.send(true);
+        let all_jobs = futures_join(jobs);
+        if tokio::time::timeout(grace, all_jobs).await.is_err() {
+            tracing::warn!(?grace, "background jobs did not stop within the grace period");
+        }
+        metrics_task.abort();
+        tracing::info!("holdfast stopped");
+        Ok(served?)
+    }
+
+}
+
+async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+/// The promises rely on Redis keeping what it acknowledged and never
+/// evicting keys; say so loudly when it is set up otherwise.
+async fn warn_about_redis_settings(redis: &RedisStore) {
+    let mut con = redis.multiplexed();
+    let get = |name: &'static str| {
+        let mut con = con.clone();
+        async move {
+            let v: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut con).await;
+            v.ok().and_then(|v| v.get(1).cloned())
+        }
+    };
+    match get("maxmemory-policy").await.as_deref() {
+        Some("noeviction") | None => {}
+        Some(policy) => tracing::error!(policy, "Redis maxmemory-policy is not noeviction: Redis may evict holds and pools; set `maxmemory-policy noeviction`"),
+    }
+    match (get("appendonly").await.as_deref(), get("appendfsync").await.as_deref()) {
+        (Some("yes"), Some("always")) | (None, _) => {}
+        (aof, fsync) => tracing::warn!(
+            appendonly = aof.unwrap_or("?"),
+            appendfsync = fsync.unwrap_or("?"),
+            "Redis does not fsync every write (appendonly yes + appendfsync always): a Redis crash can lose acknowledged commits; holdfast will count the lost grant as in doubt (see README, Durability)"
+        ),
+    }
+    let _: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut con).await;
+}

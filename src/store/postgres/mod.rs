@@ -1,0 +1,75 @@
+//! Postgres, the system of record. One module per aggregate; queries are
+//! checked at run time (no database needed to build), and each constraint
+//! violation that a caller can cause is turned into a domain error where the
+//! query runs.
+
+mod audit;
+mod keys;
+mod pools;
+mod sales;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+pub use audit::{AuditEvent, EventLine};
+pub use keys::ApiKeyRow;
+pub use pools::{NewPool, PoolRow};
+pub use sales::{NewSale, SaleRow, product_pool};
+
+use crate::domain::TenantId;
+use crate::error::Error;
+
+/// The embedded migrations under `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// The Postgres side: a connection pool and the queries.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects lazily-checked: fails fast if the server cannot be reached
+    /// within `timeout`.
+    pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(timeout)
+            .connect(url)
+            .await
+            .map_err(|e| Error::Unavailable(format!("cannot connect to postgres: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool.
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs the embedded migrations.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| Error::Internal(e.into()))
+    }
+
+    /// Makes sure the tenant exists (tenants are created on first use).
+    pub async fn ensure_tenant(&self, tenant: &TenantId) -> Result<(), Error> {
+        sqlx::query("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(tenant.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every tenant, for the background jobs that visit each one.
+    pub async fn tenants(&self) -> Result<Vec<TenantId>, Error> {
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT id FROM tenants ORDER BY id").fetch_all(&self.pool).await?;
+        rows.into_iter().map(|(id,)| TenantId::parse(&id)).collect()
+    }
+}

@@ -1,0 +1,47 @@
+//! Every Redis key holdfast uses, named in one place.
+//!
+//! Keys carry the tenant as a Redis Cluster hash tag (`hf:{acme}:...`), so
+//! everything one tenant's batch touches lives in one slot and one script
+//! call. The Lua scripts build the per-hold and per-pool keys from the
+//! tenant prefix themselves (see `lua/lib.lua`); this module builds the same
+//! names for the Rust side.
+
+use crate::domain::TenantId;
+
+/// Builds key names under a configurable global prefix (default `hf`), so
+/// that several holdfast instances, or tests, can share one Redis.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `prefix` (no trailing colon).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    /// The prefix of every key of one tenant, `<prefix>:{<tenant>}:`,
+    /// passed to every script as `ARGV[1]`.
+    pub fn tenant(&self, tenant: &TenantId) -> String {
+        format!("{}:{{{}}}:", self.prefix, tenant)
+    }
+
+    /// The tenant's event stream.
+    pub fn events(&self, tenant: &TenantId) -> String {
+        format!("{}events", self.tenant(tenant))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenants_keys_share_one_hash_tag() {
+        let keys = Keys::new("hf");
+        let t = TenantId::parse("acme").unwrap();
+        assert_eq!(keys.tenant(&t), "hf:{acme}:");
+        assert_eq!(keys.events(&t), "hf:{acme}:events");
+    }
+}

@@ -1,0 +1,244 @@
+//! Redis, the fast path. One [`RedisStore`] per daemon: a multiplexed
+//! connection for the scripts (concurrent calls are pipelined on it, not
+//! queued for a pooled connection each) and a small pool for the blocking
+//! stream reads of the drainer.
+
+mod keys;
+mod reply;
+mod scripts;
+
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, ScriptInvocation, Value};
+
+pub use keys::Keys;
+pub use reply::{GrantReply, HoldReply, RedisPool};
+
+use crate::domain::{HoldId, Job, Lines, PoolId, TenantId};
+use crate::error::Error;
+use crate::telemetry::metric;
+
+/// How long one Redis call may take before it fails (and the caller gets
+/// UNAVAILABLE, safe to retry by id).
+#[derive(Debug, Clone)]
+pub struct RedisTimeouts {
+    /// Connecting.
+    pub connect: Duration,
+    /// One command's reply.
+    pub response: Duration,
+}
+
+impl Default for RedisTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+            response: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A customer's per-sale limit, checked in the same script as the take.
+#[derive(Debug, Clone)]
+pub struct CustomerLimit {
+    /// The counter's key suffix, `cust:<scope>:<customer>`.
+    pub key: String,
+    /// Most units the customer may have.
+    pub limit: u32,
+}
+
+/// The Redis side of the engine.
+#[derive(Clone)]
+pub struct RedisStore {
+    con: ConnectionManager,
+    pool: deadpool_redis::Pool,
+    keys: Keys,
+    retention_ms: i64,
+}
+
+impl RedisStore {
+    /// Connects to `url`. `prefix` starts every key; `retention` is how long
+    /// finished holds and claims are remembered for idempotent retries.
+    pub async fn connect(url: &str, prefix: &str, retention: Duration, timeouts: RedisTimeouts) -> Result<Self, Error> {
+        let client = redis::Client::open(url).map_err(|e| Error::invalid("redis_url", e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeouts.connect))
+            .set_response_timeout(Some(timeouts.response))
+            .set_number_of_retries(1);
+        let con = ConnectionManager::new_with_config(client, config).await?;
+        let pool = deadpool_redis::Config::from_url(url)
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .map_err(|e| Error::internal(format!("redis pool: {e}")))?;
+        Ok(Self {
+            con,
+            pool,
+            keys: Keys::new(prefix),
+            retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// The key names.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A pooled connection, for blocking commands that must not stall the
+    /// multiplexed one.
+    pub async fn pooled(&self) -> Result<deadpool_redis::Connection, Error> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// A handle on the multiplexed connection.
+    pub fn multiplexed(&self) -> ConnectionManager {
+        self.con.clone()
+    }
+
+    /// Runs `script` for `tenant` with the standard first two arguments,
+    /// timing it.
+    async fn run(
+        &self,
+        name: &'static str,
+        script: &Script,
+        tenant: &TenantId,
+        args: impl FnOnce(&mut ScriptInvocation<'_>),
+    ) -> Result<Value, Error> {
+        let mut inv = script.prepare_invoke();
+        inv.arg(self.keys.tenant(tenant)).arg(self.retention_ms);
+        args(&mut inv);
+        let started = Instant::now();
+        let mut con = self.con.clone();
+        let result = inv.invoke_async::<Value>(&mut con).await;
+        metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => name).record(started.elapsed().as_secs_f64());
+        Ok(result?)
+    }
+
+    /// Holds units (`reserve.lua`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn reserve(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        ttl: Duration,
+        lines: &Lines,
+        customer: Option<&CustomerLimit>,
+        reference: &str,
+    ) -> Result<HoldReply, Error> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let (ck, limit) = customer_args(customer);
+        let v = self
+            .run("reserve", &scripts::RESERVE, tenant, |i| {
+            i.arg(id.as_str()).arg(job.as_str()).arg(ttl_ms).arg(lines_json(lines)).arg(ck).arg(limit).arg(reference);
+        })
+            .await?;
+        reply::hold_reply(id, &v)
+    }
+
+    /// Takes and sells units in one step (`claim.lua`).
+    pub async fn claim(&self, tenant: &TenantId, id: &HoldId, job: Job, lines: &Lines, customer: Option<&CustomerLimit>) -> Result<HoldReply, Error> {
+        let (ck, limit) = customer_args(customer);
+        let v = self
+            .run("claim", &scripts::CLAIM, tenant, |i| {
+            i.arg(id.as_str()).arg(job.as_str()).arg(lines_json(lines)).arg(ck).arg(limit);
+        })
+            .await?;
+        reply::hold_reply(id, &v)
+    }
+
+    /// Sells an active hold (`commit.lua`).
+    pub async fn commit(&self, tenant: &TenantId, id: &HoldId, job: Job, order_id: &str) -> Result<HoldReply, Error> {
+        let v = self.run("commit", &scripts::COMMIT, tenant, |i| {
+            i.arg(id.as_str()).arg(job.as_str()).arg(order_id);
+        }).await?;
+        reply::hold_reply(id, &v)
+    }
+
+    /// Gives an active hold back (`release.lua`).
+    pub async fn release(&self, tenant: &TenantId, id: &HoldId, job: Job) -> Result<HoldReply, Error> {
+        let v = self.run("release", &scripts::RELEASE, tenant, |i| {
+            i.arg(id.as_str()).arg(job.as_str());
+        }).await?;
+        reply::hold_reply(id, &v)
+    }
+
+    /// Moves an active hold's expiry (`extend.lua`).
+    pub async fn extend(&self, tenant: &TenantId, id: &HoldId, job: Job, ttl: Duration, max_extensions: u32, extension_id: &str) -> Result<HoldReply, Error> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let v = self
+            .run("extend", &scripts::EXTEND, tenant, |i| {
+            i.arg(id.as_str()).arg(job.as_str()).arg(ttl_ms).arg(max_extensions).arg(extension_id);
+        })
+            .await?;
+        reply::hold_reply(id, &v)
+    }
+
+    /// Reads a hold (`get_hold.lua`).
+    pub async fn get_hold(&self, tenant: &TenantId, id: &HoldId, job: Job) -> Result<HoldReply, Error> {
+        let v = self.run("get_hold", &scripts::GET_HOLD, tenant, |i| {
+            i.arg(id.as_str()).arg(job.as_str());
+        }).await?;
+        reply::hold_reply(id, &v)
+    }
+
+    /// Reads pools' counters (`get_pools.lua`); `None` where Redis lacks one.
+    pub async fn get_pools(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<Vec<Option<RedisPool>>, Error> {
+        let mut inv = scripts::GET_POOLS.prepare_invoke();
+        inv.arg(self.keys.tenant(tenant)).arg(self.retention_ms);
+        for p in pools {
+            inv.arg(p.as_str());
+        }
+        let mut con = self.con.clone();
+        let v: Value = inv.invoke_async(&mut con).await?;
+        reply::pools_reply(&v, pools.len())
+    }
+
+    /// Records a grant from Postgres (`grant.lua`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn grant(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        epoch: i64,
+        granted: i64,
+        full: bool,
+        unlimited: bool,
+        window_ms: (i64, i64),
+    ) -> Result<GrantReply, Error> {
+        let v = self
+            .run(
+                "grant",
+                &scripts::GRANT,
+                tenant,
+                |i| {
+                    i.arg(pool.as_str()).arg(epoch).arg(granted).arg(flag(full)).arg(flag(unlimited)).arg(window_ms.0).arg(window_ms.1);
+                },
+            )
+            .await?;
+        reply::grant_reply(&v)
+    }
+
+    /// Finalises up to `limit` expired holds of a tenant (`sweep.lua`):
+    /// (finalised, still due, lag of the oldest in ms).
+    pub async fn sweep(&self, tenant: &TenantId, limit: u32) -> Result<(i64, i64, i64), Error> {
+        let v = self.run("sweep", &scripts::SWEEP, tenant, |i| {
+            i.arg(limit);
+        }).await?;
+        reply::sweep_reply(&v)
+    }
+}
+
+fn flag(b: bool) -> &'static str {
+    if b { "1" } else { "0" }
+}
+
+fn customer_args(customer: Option<&CustomerLimit>) -> (String, u32) {
+    customer.map(|c| (c.key.clone(), c.limit)).unwrap_or_default()
+}
+
+/// The lines as the scripts take them: `[[pool_id, qty], ...]`. Pool ids are
+/// key-safe names, so they need no escaping beyond JSON's.
+fn lines_json(lines: &Lines) -> String {
+    let v: Vec<(&str, i64)> = lines.as_slice().iter().map(|l| (l.pool.as_str(), l.quantity.get())).collect();
+    // Serialising strings and integers cannot fail.
+    serde_json::to_string(&v).expect("lines serialise")
+}

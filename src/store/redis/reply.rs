@@ -1,0 +1,267 @@
+//! Strict decoding of the scripts' replies. A reply of a shape the scripts
+//! never send is a bug, reported with the shape it had; never guessed at.
+
+use redis::Value;
+
+use crate::domain::{Hold, HoldId, HoldState, PoolId, Shortage};
+use crate::error::Error;
+
+/// What a hold script answered.
+#[derive(Debug)]
+pub enum HoldReply {
+    /// The hold as it now stands (taken, committed, released, extended, or
+    /// a repeat of the first answer).
+    Hold(Hold),
+    /// These pools have no grant here yet, or need more.
+    NeedGrant(Vec<PoolId>),
+    /// The pool's sale window is not open.
+    NotActive(PoolId),
+    /// Sold out: every short line.
+    Short(Vec<Shortage>),
+    /// Over the customer's limit; the units they already have.
+    CustomerLimit(i64),
+    /// The id was used before with a different request.
+    IdReused,
+    /// No such hold (or not one of this job's).
+    NoHold,
+    /// The hold is released or expired.
+    NotActiveHold(Hold),
+    /// The hold was consumed by a different order.
+    OrderMismatch(Hold),
+    /// The hold was committed, so it cannot be released.
+    Committed(Hold),
+    /// The hold may not be extended again.
+    ExtendLimit(Hold),
+    /// A pool of the hold was reloaded after Redis lost data.
+    StaleEpoch(PoolId),
+}
+
+/// One pool's counters in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisPool {
+    /// Cumulative units granted by Postgres in this epoch.
+    pub grant: i64,
+    /// Cumulative units handed back to Postgres in this epoch.
+    pub returned: i64,
+    /// Units sold in Redis in this epoch.
+    pub sold: i64,
+    /// Units in active holds.
+    pub held: i64,
+    /// The epoch.
+    pub epoch: i64,
+    /// Nothing is left in Postgres to grant.
+    pub full: bool,
+    /// The pool has no capacity limit.
+    pub unlimited: bool,
+}
+
+fn shape(what: &str, v: &Value) -> Error {
+    Error::internal(format!("unexpected script reply for {what}: {v:?}"))
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+fn items(v: &Value) -> Option<&[Value]> {
+    match v {
+        Value::Array(items) => Some(items),
+        _ => None,
+    }
+}
+
+/// Decodes a hold script's reply for hold `id`.
+pub fn hold_reply(id: &HoldId, v: &Value) -> Result<HoldReply, Error> {
+    let bad = || shape("a hold operation", v);
+    let items = items(v).ok_or_else(bad)?;
+    let tag = items.first().and_then(text).ok_or_else(bad)?;
+    let rest = &items[1..];
+    let nested = |i: usize| -> Result<Hold, Error> { decode_hold(id, rest.get(i).ok_or_else(bad)?) };
+    Ok(match tag.as_str() {
+        "HOLD" => HoldReply::Hold(decode_hold(id, v)?),
+        "NEED_GRANT" => HoldReply::NeedGrant(rest.iter().map(|p| text(p).map(PoolId::from_store).ok_or_else(bad)).collect::<Result<_, _>>()?),
+        "NOT_ACTIVE" => HoldReply::NotActive(rest.first().and_then(text).map(PoolId::from_store).ok_or_else(bad)?),
+        "SHORT" => {
+            if rest.is_empty() || rest.len() % 3 != 0 {
+                return Err(bad());
+            }
+            let shortages = rest
+                .chunks(3)
+                .map(|c| {
+                    Some(Shortage {
+                        pool: PoolId::from_store(text(&c[0])?),
+                        requested: int(&c[1])?,
+                        available: int(&c[2])?,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(bad)?;
+            HoldReply::Short(shortages)
+        }
+        "CUSTOMER_LIMIT" => HoldReply::CustomerLimit(rest.first().and_then(int).ok_or_else(bad)?),
+        "ID_REUSED" => HoldReply::IdReused,
+        "NO_HOLD" => HoldReply::NoHold,
+        "NOT_ACTIVE_HOLD" => HoldReply::NotActiveHold(nested(0)?),
+        "ORDER_MISMATCH" => HoldReply::OrderMismatch(nested(0)?),
+        "COMMITTED" => HoldReply::Committed(nested(0)?),
+        "EXTEND_LIMIT" => HoldReply::ExtendLimit(nested(0)?),
+        "STALE_EPOCH" => HoldReply::StaleEpoch(rest.first().and_then(text).map(PoolId::from_store).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    })
+}
+
+/// Decodes `lib.lua`'s hold view: `{ 'HOLD', st, job, lines_json,
+/// expires_at, extensions, ref, order_id, created_at, finished_at }`.
+fn decode_hold(id: &HoldId, v: &Value) -> Result<Hold, Error> {
+    let bad = || shape("a hold view", v);
+    let f = items(v).ok_or_else(bad)?;
+    if f.len() != 10 || text(&f[0]).as_deref() != Some("HOLD") {
+        return Err(bad());
+    }
+    let state = match text(&f[1]).as_deref() {
+        Some("A") => HoldState::Active,
+        Some("C") => HoldState::Committed,
+        Some("R") => HoldState::Released,
+        Some("E") => HoldState::Expired,
+        _ => return Err(bad()),
+    };
+    let lines_json = text(&f[3]).ok_or_else(bad)?;
+    let lines: Vec<(String, i64, i64)> = serde_json::from_str(&lines_json).map_err(|_| bad())?;
+    Ok(Hold {
+        id: id.clone(),
+        state,
+        job: text(&f[2]).ok_or_else(bad)?,
+        lines: lines.into_iter().map(|(p, q, _)| (PoolId::from_store(p), q)).collect(),
+        expires_at_ms: int(&f[4]).ok_or_else(bad)?,
+        extensions: int(&f[5]).and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)?,
+        reference: text(&f[6]).ok_or_else(bad)?,
+        order_id: text(&f[7]).ok_or_else(bad)?,
+        created_at_ms: int(&f[8]).ok_or_else(bad)?,
+        finished_at_ms: int(&f[9]).ok_or_else(bad)?,
+    })
+}
+
+/// Decodes `get_pools.lua`: one entry per asked pool, empty when absent.
+pub fn pools_reply(v: &Value, asked: usize) -> Result<Vec<Option<RedisPool>>, Error> {
+    let bad = || shape("get_pools", v);
+    let entries = items(v).ok_or_else(bad)?;
+    if entries.len() != asked {
+        return Err(bad());
+    }
+    entries
+        .iter()
+        .map(|e| {
+            let f = items(e).ok_or_else(bad)?;
+            if f.is_empty() {
+                return Ok(None);
+            }
+            if f.len() != 7 {
+                return Err(bad());
+            }
+            let n = |i: usize| int(&f[i]).ok_or_else(bad);
+            Ok(Some(RedisPool {
+                grant: n(0)?,
+                returned: n(1)?,
+                sold: n(2)?,
+                held: n(3)?,
+                epoch: n(4)?,
+                full: text(&f[5]).as_deref() == Some("1"),
+                unlimited: text(&f[6]).as_deref() == Some("1"),
+            }))
+        })
+        .collect()
+}
+
+/// What `grant.lua` answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GrantReply {
+    /// The pool was (re)loaded.
+    Loaded,
+    /// The grant now stands at this many units.
+    Granted(i64),
+    /// Redis runs a newer epoch than the one granted.
+    Stale(i64),
+}
+
+/// Decodes `grant.lua`'s reply.
+pub fn grant_reply(v: &Value) -> Result<GrantReply, Error> {
+    let bad = || shape("grant", v);
+    let f = items(v).ok_or_else(bad)?;
+    match (f.first().and_then(text).as_deref(), f.get(1).and_then(int)) {
+        (Some("LOADED"), None) => Ok(GrantReply::Loaded),
+        (Some("GRANTED"), Some(n)) => Ok(GrantReply::Granted(n)),
+        (Some("STALE"), Some(n)) => Ok(GrantReply::Stale(n)),
+        _ => Err(bad()),
+    }
+}
+
+/// Decodes `sweep.lua`'s reply: (finalised, still due, lag ms).
+pub fn sweep_reply(v: &Value) -> Result<(i64, i64, i64), Error> {
+    let bad = || shape("sweep", v);
+    let f = items(v).ok_or_else(bad)?;
+    match f {
+        [a, b, c] => Ok((int(a).ok_or_else(bad)?, int(b).ok_or_else(bad)?, int(c).ok_or_else(bad)?)),
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: &str) -> Value {
+        Value::BulkString(x.as_bytes().to_vec())
+    }
+
+    fn id() -> HoldId {
+        HoldId::parse("id", "h1", 64).unwrap()
+    }
+
+    #[test]
+    fn a_hold_view_decodes_with_its_lines() {
+        let v = Value::Array(vec![
+            s("HOLD"),
+            s("A"),
+            s("flash"),
+            s(r#"[["sale/s/p",2,1]]"#),
+            s("1000"),
+            s("0"),
+            s("cart-1"),
+            s(""),
+            s("900"),
+            s("0"),
+        ]);
+        let HoldReply::Hold(h) = hold_reply(&id(), &v).unwrap() else { panic!("not a hold") };
+        assert_eq!(h.state, HoldState::Active);
+        assert_eq!(h.lines, vec![(PoolId::from_store("sale/s/p".into()), 2)]);
+        assert_eq!(h.expires_at_ms, 1000);
+        assert_eq!(h.reference, "cart-1");
+    }
+
+    #[test]
+    fn a_short_reply_lists_every_short_line() {
+        let v = Value::Array(vec![s("SHORT"), s("a"), Value::Int(3), Value::Int(1), s("b"), Value::Int(2), Value::Int(0)]);
+        let HoldReply::Short(short) = hold_reply(&id(), &v).unwrap() else { panic!("not short") };
+        assert_eq!(short.len(), 2);
+        assert_eq!(short[1].available, 0);
+    }
+
+    #[test]
+    fn an_unknown_shape_is_an_error_not_a_guess() {
+        assert!(hold_reply(&id(), &Value::Array(vec![s("WHAT")])).is_err());
+        assert!(hold_reply(&id(), &Value::Int(1)).is_err());
+        assert!(hold_reply(&id(), &Value::Array(vec![s("SHORT"), s("a")])).is_err());
+    }
+}

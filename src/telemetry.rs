@@ -1,0 +1,130 @@
+//! Logs (tracing, human text or JSON) and metrics (Prometheus).
+//!
+//! Metric names are constants in [`metric`], each described once at start
+//! by [`describe_metrics`]. The recorder is process-wide; the `/metrics`
+//! endpoint is served by [`serve_metrics`] on a listener the caller bound,
+//! so tests can use port 0.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// Every metric's name.
+pub mod metric {
+    /// Counter: RPCs by service, method and gRPC code.
+    pub const RPC_TOTAL: &str = "holdfast_rpc_total";
+    /// Histogram: RPC latency by service and method.
+    pub const RPC_SECONDS: &str = "holdfast_rpc_duration_seconds";
+    /// Counter: engine outcomes by job (claimed, sold_out, reserved,
+    /// committed, released, expired, ...).
+    pub const ENGINE_OUTCOMES: &str = "holdfast_engine_outcomes_total";
+    /// Histogram: Redis script latency by script.
+    pub const REDIS_SCRIPT_SECONDS: &str = "holdfast_redis_script_duration_seconds";
+    /// Counter: events the drainer wrote to Postgres.
+    pub const DRAINED_EVENTS: &str = "holdfast_drainer_events_total";
+    /// Gauge: events in the streams not yet written to Postgres.
+    pub const DRAINER_LAG_EVENTS: &str = "holdfast_drainer_lag_events";
+    /// Gauge: age of the newest event the drainer wrote, when written.
+    pub const DRAINER_LAG_SECONDS: &str = "holdfast_drainer_lag_seconds";
+    /// Counter: drainer batches that failed (and will be retried).
+    pub const DRAINER_ERRORS: &str = "holdfast_drainer_errors_total";
+    /// Histogram: how long after its expiry a hold was finalised.
+    pub const SWEEPER_LAG_SECONDS: &str = "holdfast_sweeper_lag_seconds";
+    /// Gauge: units in doubt after a store failure, summed over pools.
+    pub const IN_DOUBT_UNITS: &str = "holdfast_in_doubt_units";
+}
+
+/// Buckets for latency histograms: 50 µs to 5 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and describes every
+/// metric. Returns the handle that renders the exposition text.
+pub fn metrics_handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                // Only fails for an empty bucket list, which this is not.
+                .expect("latency buckets are valid")
+                .install_recorder()
+                // Only fails if another recorder was installed; this is the one place.
+                .expect("no other metrics recorder is installed");
+            describe_metrics();
+            handle
+        })
+        .clone()
+}
+
+/// Describes every metric, so a scrape shows HELP lines from the start.
+pub fn describe_metrics() {
+    use metric::*;
+    describe_counter!(RPC_TOTAL, "RPCs by service, method and gRPC code");
+    describe_histogram!(RPC_SECONDS, Unit::Seconds, "RPC latency by service and method");
+    describe_counter!(ENGINE_OUTCOMES, "Engine outcomes by job and outcome");
+    describe_histogram!(REDIS_SCRIPT_SECONDS, Unit::Seconds, "Redis Lua script latency by script");
+    describe_counter!(DRAINED_EVENTS, "Events the drainer wrote to Postgres");
+    describe_gauge!(DRAINER_LAG_EVENTS, "Events read from Redis but not yet written to Postgres");
+    describe_gauge!(DRAINER_LAG_SECONDS, Unit::Seconds, "Age of the newest event when the drainer wrote it");
+    describe_counter!(DRAINER_ERRORS, "Drainer batches that failed and will be retried");
+    describe_histogram!(SWEEPER_LAG_SECONDS, Unit::Seconds, "Time from a hold's expiry to its finalisation");
+    describe_gauge!(IN_DOUBT_UNITS, "Units kept unavailable after a store failure, awaiting an operator");
+}
+
+/// Serves `GET /metrics` (any path, in fact) on `listener` until the task
+/// is dropped. A few lines of HTTP/1.1 instead of a web framework: the
+/// endpoint has one page.
+pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            // The request itself does not matter; read it so the client is happy.
+            let _ = socket.read(&mut buf).await;
+            let body = handle.render();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Installs the global tracing subscriber. The filter comes from `RUST_LOG`
+/// (default `info`). Calling it twice is harmless.
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+}
+
+/// Where a bound listener really listens (for port 0).
+pub fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> {
+    listener.local_addr()
+}
