@@ -72,7 +72,11 @@ pub enum RoleArg {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// Postgres URL, the system of record.
-    #[arg(long, env = "HOLDFAST_DATABASE_URL", default_value = "postgres://holdfast@127.0.0.1:5432/holdfast")]
+    #[arg(
+        long,
+        env = "HOLDFAST_DATABASE_URL",
+        default_value = "postgres://holdfast@127.0.0.1:5432/holdfast"
+    )]
     pub database_url: String,
 }
 
@@ -90,7 +94,11 @@ pub struct ServeArgs {
     /// Redis URL, the fast path. Run Redis with `maxmemory-policy
     /// noeviction` and, in production, `appendonly yes` + `appendfsync
     /// always` (see the README).
-    #[arg(long, env = "HOLDFAST_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "HOLDFAST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
 
     /// Postgres.
@@ -114,7 +122,12 @@ pub struct ServeArgs {
     /// `TENANT:ROLE:KEY` (role checkout or admin); comma-separated in the
     /// environment. Keys created with `holdfast keys create` live in
     /// Postgres and need no flag.
-    #[arg(long = "api-key", env = "HOLDFAST_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        env = "HOLDFAST_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Vec<String>,
 
     /// Time to live of a hold when the caller gives none, seconds.

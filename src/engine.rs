@@ -95,10 +95,28 @@ impl Engine {
             let reply = match take.ttl {
                 Some(ttl) => {
                     self.redis
-                        .reserve(tenant, &take.id, take.job, ttl, &take.lines, take.customer.as_ref(), &take.reference)
+                        .reserve(
+                            tenant,
+                            &take.id,
+                            take.job,
+                            ttl,
+                            &take.lines,
+                            take.customer.as_ref(),
+                            &take.reference,
+                        )
                         .await?
                 }
-                None => self.redis.claim(tenant, &take.id, take.job, &take.lines, take.customer.as_ref()).await?,
+                None => {
+                    self.redis
+                        .claim(
+                            tenant,
+                            &take.id,
+                            take.job,
+                            &take.lines,
+                            take.customer.as_ref(),
+                        )
+                        .await?
+                }
             };
             let outcome = match reply {
                 HoldReply::NeedGrant(pools) => {
@@ -115,19 +133,32 @@ impl Engine {
                         take.id
                     )));
                 }
-                other => return Err(Error::internal(format!("unexpected reply to a take: {other:?}"))),
+                other => {
+                    return Err(Error::internal(format!(
+                        "unexpected reply to a take: {other:?}"
+                    )));
+                }
             };
             record_outcome(take, &outcome);
             return Ok(outcome);
         }
-        Err(Error::Unavailable("pools kept changing while being loaded; retry with the same id".into()))
+        Err(Error::Unavailable(
+            "pools kept changing while being loaded; retry with the same id".into(),
+        ))
     }
 
     /// Sells an active hold's units, once. With an order id, a hold already
     /// consumed by a different order is refused.
-    pub async fn commit(&self, tenant: &TenantId, id: &HoldId, job: Job, order_id: &str) -> Result<Hold, Error> {
+    pub async fn commit(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        order_id: &str,
+    ) -> Result<Hold, Error> {
         let hold = settle(id, self.redis.commit(tenant, id, job, order_id).await?)?;
-        metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "committed").increment(1);
+        metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "committed")
+            .increment(1);
         Ok(hold)
     }
 
@@ -135,14 +166,27 @@ impl Engine {
     /// refused.
     pub async fn release(&self, tenant: &TenantId, id: &HoldId, job: Job) -> Result<Hold, Error> {
         let hold = settle(id, self.redis.release(tenant, id, job).await?)?;
-        metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "released").increment(1);
+        metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "released")
+            .increment(1);
         Ok(hold)
     }
 
     /// Moves an active hold's expiry to `ttl` from now, within the server's
     /// extension budget.
-    pub async fn extend(&self, tenant: &TenantId, id: &HoldId, job: Job, ttl: Duration, extension_id: &str) -> Result<Hold, Error> {
-        settle(id, self.redis.extend(tenant, id, job, ttl, self.max_extensions, extension_id).await?)
+    pub async fn extend(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        ttl: Duration,
+        extension_id: &str,
+    ) -> Result<Hold, Error> {
+        settle(
+            id,
+            self.redis
+                .extend(tenant, id, job, ttl, self.max_extensions, extension_id)
+                .await?,
+        )
     }
 
     /// Reads a hold.
@@ -192,7 +236,9 @@ impl Engine {
                     .pg
                     .grant(tenant, pool, row.epoch, k)
                     .await?
-                    .ok_or_else(|| Error::Unavailable(format!("pool {pool} changed while granting; retry")))?;
+                    .ok_or_else(|| {
+                        Error::Unavailable(format!("pool {pool} changed while granting; retry"))
+                    })?;
             }
             let window = (
                 row.starts_at.map_or(0, |t| t.timestamp_millis()),
@@ -200,12 +246,23 @@ impl Engine {
             );
             match self
                 .redis
-                .grant(tenant, pool, row.epoch, granted, true, row.capacity.is_none(), window)
+                .grant(
+                    tenant,
+                    pool,
+                    row.epoch,
+                    granted,
+                    true,
+                    row.capacity.is_none(),
+                    window,
+                )
                 .await?
             {
                 GrantReply::Loaded | GrantReply::Granted(_) => {}
                 GrantReply::Stale(e) => {
-                    return Err(Error::internal(format!("redis runs epoch {e} of pool {pool}, newer than postgres's {}", row.epoch)));
+                    return Err(Error::internal(format!(
+                        "redis runs epoch {e} of pool {pool}, newer than postgres's {}",
+                        row.epoch
+                    )));
                 }
             }
             tracing::debug!(%tenant, %pool, epoch = row.epoch, granted, "granted pool to redis");
@@ -223,7 +280,8 @@ fn record_outcome(take: &Take, outcome: &TakeOutcome) {
         (TakeOutcome::NotActive(_), _) => "not_active",
         (TakeOutcome::CustomerLimit(_), _) => "customer_limit",
     };
-    metrics::counter!(metric::ENGINE_OUTCOMES, "job" => take.job.as_str(), "outcome" => name).increment(1);
+    metrics::counter!(metric::ENGINE_OUTCOMES, "job" => take.job.as_str(), "outcome" => name)
+        .increment(1);
 }
 
 /// Turns a reply about an existing hold into the hold, or the error that
@@ -240,7 +298,9 @@ fn settle(id: &HoldId, reply: HoldReply) -> Result<Hold, Error> {
             "hold {id} was already consumed by order {}",
             hold.order_id
         ))),
-        HoldReply::Committed(_) => Err(Error::FailedPrecondition(format!("hold {id} is committed; it cannot be released"))),
+        HoldReply::Committed(_) => Err(Error::FailedPrecondition(format!(
+            "hold {id} is committed; it cannot be released"
+        ))),
         HoldReply::ExtendLimit(hold) => Err(Error::FailedPrecondition(format!(
             "hold {id} was already extended {} time(s), the most allowed",
             hold.extensions
@@ -248,7 +308,9 @@ fn settle(id: &HoldId, reply: HoldReply) -> Result<Hold, Error> {
         HoldReply::StaleEpoch(pool) => Err(Error::FailedPrecondition(format!(
             "hold {id} was made before pool {pool} was reloaded after a Redis failure; its units are in doubt"
         ))),
-        other => Err(Error::internal(format!("unexpected reply about hold {id}: {other:?}"))),
+        other => Err(Error::internal(format!(
+            "unexpected reply about hold {id}: {other:?}"
+        ))),
     }
 }
 
@@ -276,7 +338,9 @@ fn view(id: &PoolId, row: &PoolRow, redis: Option<&RedisPool>) -> PoolView {
         sold,
         held,
         in_doubt: row.in_doubt,
-        available: row.capacity.map_or(0, |c| (c - sold - held - row.in_doubt).max(0)),
+        available: row
+            .capacity
+            .map_or(0, |c| (c - sold - held - row.in_doubt).max(0)),
         granted_to_redis: row.outstanding_grant(),
         epoch: row.epoch,
     }

@@ -18,7 +18,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate(db) => {
             telemetry::init_tracing(LogFormat::Text);
-            let pg = PgStore::connect(&db.database_url, 1, std::time::Duration::from_secs(5)).await?;
+            let pg =
+                PgStore::connect(&db.database_url, 1, std::time::Duration::from_secs(5)).await?;
             pg.migrate().await?;
             tracing::info!("migrations applied");
             Ok(())
@@ -31,7 +32,8 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create { tenant, role, db } => {
             let tenant = TenantId::parse(&tenant)?;
-            let pg = PgStore::connect(&db.database_url, 1, std::time::Duration::from_secs(5)).await?;
+            let pg =
+                PgStore::connect(&db.database_url, 1, std::time::Duration::from_secs(5)).await?;
             pg.migrate().await?;
             let role = match role {
                 RoleArg::Checkout => "checkout",
@@ -39,14 +41,19 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             };
             let (key_id, key, hash) = holdfast::grpc::auth::new_key();
             pg.insert_api_key(&key_id, &tenant, role, &hash).await?;
-            eprintln!("created key {key_id} for tenant {tenant} with role {role}; it is shown once, store it now:");
+            eprintln!(
+                "created key {key_id} for tenant {tenant} with role {role}; it is shown once, store it now:"
+            );
             println!("{key}");
             Ok(())
         }
         KeysCommand::Revoke { key_id, db } => {
-            let pg = PgStore::connect(&db.database_url, 1, std::time::Duration::from_secs(5)).await?;
+            let pg =
+                PgStore::connect(&db.database_url, 1, std::time::Duration::from_secs(5)).await?;
             if pg.revoke_api_key(&key_id).await? {
-                eprintln!("revoked key {key_id}; running daemons stop accepting it within 5 seconds");
+                eprintln!(
+                    "revoked key {key_id}; running daemons stop accepting it within 5 seconds"
+                );
                 Ok(())
             } else {
                 anyhow::bail!("no live key with id {key_id}")

@@ -40,14 +40,24 @@ impl Application {
     /// Connects to Postgres (and migrates it), to Redis, checks the
     /// credentials set-up, and binds the gRPC and metrics ports.
     pub async fn build(args: ServeArgs) -> anyhow::Result<Self> {
-        let pg = PgStore::connect(&args.db.database_url, args.pg_max_connections, Duration::from_secs(5)).await?;
+        let pg = PgStore::connect(
+            &args.db.database_url,
+            args.pg_max_connections,
+            Duration::from_secs(5),
+        )
+        .await?;
         pg.migrate().await?;
 
         let auth = if args.dev {
-            tracing::warn!("DEVELOPMENT MODE: no authentication; every caller acts as admin of tenant \"dev\". Never expose this port.");
+            tracing::warn!(
+                "DEVELOPMENT MODE: no authentication; every caller acts as admin of tenant \"dev\". Never expose this port."
+            );
             Auth::dev()
         } else {
-            let stored: (i64,) = sqlx::query_as("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(pg.pool()).await?;
+            let stored: (i64,) =
+                sqlx::query_as("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
+                    .fetch_one(pg.pool())
+                    .await?;
             if args.api_keys.is_empty() && stored.0 == 0 {
                 anyhow::bail!(
                     "no API key is configured: create one with `holdfast keys create --tenant T --role admin`, \
@@ -64,7 +74,13 @@ impl Application {
             connect: Duration::from_millis(args.redis_timeout_ms),
             response: Duration::from_millis(args.redis_timeout_ms),
         };
-        let redis = RedisStore::connect(&args.redis_url, &args.redis_prefix, Duration::from_secs(args.retention_secs), timeouts).await?;
+        let redis = RedisStore::connect(
+            &args.redis_url,
+            &args.redis_prefix,
+            Duration::from_secs(args.retention_secs),
+            timeouts,
+        )
+        .await?;
         warn_about_redis_settings(&redis).await;
 
         let engine = Arc::new(Engine::new(redis, pg, args.max_extensions));
@@ -81,12 +97,16 @@ impl Application {
 
     /// Where gRPC is served.
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("a bound listener has an address")
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Where /metrics is served.
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics.local_addr().expect("a bound listener has an address")
+        self.metrics
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The engine, for tools and tests that look beneath the API.
@@ -97,13 +117,18 @@ impl Application {
     /// Serves until `shutdown` completes; then health turns NOT_SERVING,
     /// the listener closes, in-flight calls finish, and the jobs stop, all
     /// within the shutdown grace period.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let limits = self.args.limits();
         let grace = Duration::from_secs(self.args.shutdown_grace_secs);
         let sales = Arc::new(FlashSales::new(self.engine.clone(), limits.max_batch));
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<FlashSaleServiceServer<FlashSaleApi>>().await;
+        health
+            .set_serving::<FlashSaleServiceServer<FlashSaleApi>>()
+            .await;
         health.set_serving::<AdminServiceServer<AdminApi>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
 
@@ -117,7 +142,10 @@ impl Application {
             .build_v1alpha()?;
 
         let metrics_addr = self.metrics_addr();
-        let metrics_task = tokio::spawn(telemetry::serve_metrics(self.metrics, telemetry::metrics_handle()));
+        let metrics_task = tokio::spawn(telemetry::serve_metrics(
+            self.metrics,
+            telemetry::metrics_handle(),
+        ));
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let tenants = Arc::new(Tenants::new(self.engine.pg().clone()));
@@ -145,30 +173,45 @@ impl Application {
             async move {
                 shutdown.await;
                 tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
-                health.set_service_status("", ServingStatus::NotServing).await;
-                health.set_not_serving::<FlashSaleServiceServer<FlashSaleApi>>().await;
-                health.set_not_serving::<AdminServiceServer<AdminApi>>().await;
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                health
+                    .set_not_serving::<FlashSaleServiceServer<FlashSaleApi>>()
+                    .await;
+                health
+                    .set_not_serving::<AdminServiceServer<AdminApi>>()
+                    .await;
             }
         };
         let server = Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(FlashSaleServiceServer::new(FlashSaleApi::new(sales, self.auth.clone(), limits)))
-            .add_service(AdminServiceServer::new(AdminApi::new(self.engine.clone(), self.auth.clone())))
+            .add_service(FlashSaleServiceServer::new(FlashSaleApi::new(
+                sales,
+                self.auth.clone(),
+                limits,
+            )))
+            .add_service(AdminServiceServer::new(AdminApi::new(
+                self.engine.clone(),
+                self.auth.clone(),
+            )))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal);
         let served = server.await;
 
         let _ = stop_tx.send(true);
         let all_jobs = futures_join(jobs);
         if tokio::time::timeout(grace, all_jobs).await.is_err() {
-            tracing::warn!(?grace, "background jobs did not stop within the grace period");
+            tracing::warn!(
+                ?grace,
+                "background jobs did not stop within the grace period"
+            );
         }
         metrics_task.abort();
         tracing::info!("holdfast stopped");
         Ok(served?)
     }
-
 }
 
 async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
@@ -184,15 +227,25 @@ async fn warn_about_redis_settings(redis: &RedisStore) {
     let get = |name: &'static str| {
         let mut con = con.clone();
         async move {
-            let v: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut con).await;
+            let v: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async(&mut con)
+                .await;
             v.ok().and_then(|v| v.get(1).cloned())
         }
     };
     match get("maxmemory-policy").await.as_deref() {
         Some("noeviction") | None => {}
-        Some(policy) => tracing::error!(policy, "Redis maxmemory-policy is not noeviction: Redis may evict holds and pools; set `maxmemory-policy noeviction`"),
+        Some(policy) => tracing::error!(
+            policy,
+            "Redis maxmemory-policy is not noeviction: Redis may evict holds and pools; set `maxmemory-policy noeviction`"
+        ),
     }
-    match (get("appendonly").await.as_deref(), get("appendfsync").await.as_deref()) {
+    match (
+        get("appendonly").await.as_deref(),
+        get("appendfsync").await.as_deref(),
+    ) {
         (Some("yes"), Some("always")) | (None, _) => {}
         (aof, fsync) => tracing::warn!(
             appendonly = aof.unwrap_or("?"),

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -41,7 +41,8 @@ pub mod metric {
 
 /// Buckets for latency histograms: 50 µs to 5 s.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -68,15 +69,40 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub fn describe_metrics() {
     use metric::*;
     describe_counter!(RPC_TOTAL, "RPCs by service, method and gRPC code");
-    describe_histogram!(RPC_SECONDS, Unit::Seconds, "RPC latency by service and method");
+    describe_histogram!(
+        RPC_SECONDS,
+        Unit::Seconds,
+        "RPC latency by service and method"
+    );
     describe_counter!(ENGINE_OUTCOMES, "Engine outcomes by job and outcome");
-    describe_histogram!(REDIS_SCRIPT_SECONDS, Unit::Seconds, "Redis Lua script latency by script");
+    describe_histogram!(
+        REDIS_SCRIPT_SECONDS,
+        Unit::Seconds,
+        "Redis Lua script latency by script"
+    );
     describe_counter!(DRAINED_EVENTS, "Events the drainer wrote to Postgres");
-    describe_gauge!(DRAINER_LAG_EVENTS, "Events read from Redis but not yet written to Postgres");
-    describe_gauge!(DRAINER_LAG_SECONDS, Unit::Seconds, "Age of the newest event when the drainer wrote it");
-    describe_counter!(DRAINER_ERRORS, "Drainer batches that failed and will be retried");
-    describe_histogram!(SWEEPER_LAG_SECONDS, Unit::Seconds, "Time from a hold's expiry to its finalisation");
-    describe_gauge!(IN_DOUBT_UNITS, "Units kept unavailable after a store failure, awaiting an operator");
+    describe_gauge!(
+        DRAINER_LAG_EVENTS,
+        "Events read from Redis but not yet written to Postgres"
+    );
+    describe_gauge!(
+        DRAINER_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the newest event when the drainer wrote it"
+    );
+    describe_counter!(
+        DRAINER_ERRORS,
+        "Drainer batches that failed and will be retried"
+    );
+    describe_histogram!(
+        SWEEPER_LAG_SECONDS,
+        Unit::Seconds,
+        "Time from a hold's expiry to its finalisation"
+    );
+    describe_gauge!(
+        IN_DOUBT_UNITS,
+        "Units kept unavailable after a store failure, awaiting an operator"
+    );
 }
 
 /// Serves `GET /metrics` (any path, in fact) on `listener` until the task
@@ -117,10 +143,16 @@ pub enum LogFormat {
 /// (default `info`). Calling it twice is harmless.
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
     };
 }
 

@@ -51,12 +51,18 @@ impl Lines {
             return Err(Error::invalid(field, "must have at least one line"));
         }
         if lines.len() > max_batch {
-            return Err(Error::invalid(field, format!("must have at most {max_batch} lines, got {}", lines.len())));
+            return Err(Error::invalid(
+                field,
+                format!("must have at most {max_batch} lines, got {}", lines.len()),
+            ));
         }
         let mut seen = HashSet::with_capacity(lines.len());
         for (i, line) in lines.iter().enumerate() {
             if !seen.insert(&line.pool) {
-                return Err(Error::invalid(format!("{field}[{i}]"), format!("{} appears twice in the batch", line.pool)));
+                return Err(Error::invalid(
+                    format!("{field}[{i}]"),
+                    format!("{} appears twice in the batch", line.pool),
+                ));
             }
         }
         Ok(Self(lines))
@@ -153,7 +159,8 @@ mod tests {
 
     #[test]
     fn a_pool_twice_in_one_batch_is_refused_at_its_index() {
-        let err = Lines::parse("lines", vec![line("a", 1), line("b", 1), line("a", 2)], 10).unwrap_err();
+        let err =
+            Lines::parse("lines", vec![line("a", 1), line("b", 1), line("a", 2)], 10).unwrap_err();
         assert!(err.to_string().starts_with("lines[2]"), "{err}");
     }
 

@@ -14,10 +14,19 @@ pub fn parse_name(field: &str, value: &str, max: usize) -> Result<String, Error>
         return Err(Error::invalid(field, "must not be empty"));
     }
     if value.len() > max {
-        return Err(Error::invalid(field, format!("must be at most {max} characters, got {}", value.len())));
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max} characters, got {}", value.len()),
+        ));
     }
-    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
-        return Err(Error::invalid(field, format!("may contain only A-Z a-z 0-9 _ . - (found {bad:?})")));
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("may contain only A-Z a-z 0-9 _ . - (found {bad:?})"),
+        ));
     }
     Ok(value.to_owned())
 }
@@ -34,9 +43,15 @@ impl TenantId {
     /// Parses a tenant id: 1-64 characters of `[a-z0-9_-]`.
     pub fn parse(value: &str) -> Result<Self, Error> {
         if value.is_empty() || value.len() > Self::MAX_LEN {
-            return Err(Error::invalid("tenant", format!("must be 1-{} characters", Self::MAX_LEN)));
+            return Err(Error::invalid(
+                "tenant",
+                format!("must be 1-{} characters", Self::MAX_LEN),
+            ));
         }
-        if !value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
+        if !value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        {
             return Err(Error::invalid("tenant", "may contain only a-z 0-9 _ -"));
         }
         Ok(Self(value.to_owned()))

@@ -11,10 +11,16 @@ impl Quantity {
     /// Parses a requested quantity; `field` names it in errors.
     pub fn parse(field: &str, value: i64, max: i64) -> Result<Self, Error> {
         if value <= 0 {
-            return Err(Error::invalid(field, format!("must be at least 1, got {value}")));
+            return Err(Error::invalid(
+                field,
+                format!("must be at least 1, got {value}"),
+            ));
         }
         if value > max {
-            return Err(Error::invalid(field, format!("must be at most {max}, got {value}")));
+            return Err(Error::invalid(
+                field,
+                format!("must be at most {max}, got {value}"),
+            ));
         }
         Ok(Self(value))
     }

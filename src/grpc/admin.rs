@@ -5,8 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
-use super::pb::admin_service_server::AdminService;
 use super::pb;
+use super::pb::admin_service_server::AdminService;
 use super::{observe, record_ids};
 use crate::domain::PoolId;
 use crate::engine::Engine;
@@ -28,7 +28,10 @@ impl AdminApi {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
-    async fn get_pool(&self, request: Request<pb::GetPoolRequest>) -> Result<Response<pb::GetPoolResponse>, Status> {
+    async fn get_pool(
+        &self,
+        request: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::GetPoolResponse>, Status> {
         observe(SERVICE, "GetPool", async {
             let caller = self.auth.check(&request, Role::Admin).await?;
             record_ids(&caller.tenant, &request.get_ref().pool_id);

@@ -95,13 +95,22 @@ impl Auth {
         let mut map = HashMap::new();
         for (i, spec) in configured.iter().enumerate() {
             let mut parts = spec.splitn(3, ':');
-            let (Some(tenant), Some(role), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(Error::invalid(format!("api_keys[{i}]"), "must be TENANT:ROLE:KEY"));
+            let (Some(tenant), Some(role), Some(key)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(Error::invalid(
+                    format!("api_keys[{i}]"),
+                    "must be TENANT:ROLE:KEY",
+                ));
             };
             let tenant = TenantId::parse(tenant)?;
-            let role = Role::parse(role).ok_or_else(|| Error::invalid(format!("api_keys[{i}]"), "role must be checkout or admin"))?;
+            let role = Role::parse(role).ok_or_else(|| {
+                Error::invalid(format!("api_keys[{i}]"), "role must be checkout or admin")
+            })?;
             if key.len() < 16 {
-                return Err(Error::invalid(format!("api_keys[{i}]"), "key must be at least 16 characters"));
+                return Err(Error::invalid(
+                    format!("api_keys[{i}]"),
+                    "key must be at least 16 characters",
+                ));
             }
             map.insert(hash_key(key), Caller { tenant, role });
         }
@@ -132,7 +141,11 @@ impl Auth {
     pub async fn check<T>(&self, req: &Request<T>, need: Role) -> Result<Caller, Error> {
         let caller = match &self.mode {
             Mode::Dev(caller) => caller.clone(),
-            Mode::Keys { configured, pg, cache } => {
+            Mode::Keys {
+                configured,
+                pg,
+                cache,
+            } => {
                 let key = bearer(req)?;
                 let hash = hash_key(key);
                 if let Some(c) = configured.get(&hash) {
@@ -147,12 +160,19 @@ impl Auth {
                     match cached {
                         Some(c) => c,
                         None => {
-                            let row = pg.find_api_key(&hash).await?.ok_or_else(|| Error::Unauthenticated("unknown or revoked API key".into()))?;
+                            let row = pg.find_api_key(&hash).await?.ok_or_else(|| {
+                                Error::Unauthenticated("unknown or revoked API key".into())
+                            })?;
                             let caller = Caller {
                                 tenant: TenantId::parse(&row.tenant)?,
-                                role: Role::parse(&row.role).ok_or_else(|| Error::internal("stored key has an unknown role"))?,
+                                role: Role::parse(&row.role).ok_or_else(|| {
+                                    Error::internal("stored key has an unknown role")
+                                })?,
                             };
-                            cache.write().unwrap_or_else(|e| e.into_inner()).insert(hash, (caller.clone(), Instant::now()));
+                            cache
+                                .write()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(hash, (caller.clone(), Instant::now()));
                             caller
                         }
                     }
@@ -171,11 +191,14 @@ impl Auth {
 }
 
 fn bearer<T>(req: &Request<T>) -> Result<&str, Error> {
-    let value = req
-        .metadata()
-        .get("authorization")
-        .ok_or_else(|| Error::Unauthenticated("missing authorization metadata: send `authorization: Bearer <key>`".into()))?;
-    let value = value.to_str().map_err(|_| Error::Unauthenticated("authorization metadata is not text".into()))?;
+    let value = req.metadata().get("authorization").ok_or_else(|| {
+        Error::Unauthenticated(
+            "missing authorization metadata: send `authorization: Bearer <key>`".into(),
+        )
+    })?;
+    let value = value
+        .to_str()
+        .map_err(|_| Error::Unauthenticated("authorization metadata is not text".into()))?;
     value
         .strip_prefix("Bearer ")
         .map(str::trim)

@@ -12,8 +12,10 @@ use crate::error::Error;
 /// A required timestamp.
 pub fn timestamp(field: &str, ts: Option<prost_types::Timestamp>) -> Result<DateTime<Utc>, Error> {
     let ts = ts.ok_or_else(|| Error::invalid(field, "is required"))?;
-    let nanos = u32::try_from(ts.nanos).map_err(|_| Error::invalid(field, "nanos must not be negative"))?;
-    DateTime::from_timestamp(ts.seconds, nanos).ok_or_else(|| Error::invalid(field, "is out of range"))
+    let nanos =
+        u32::try_from(ts.nanos).map_err(|_| Error::invalid(field, "nanos must not be negative"))?;
+    DateTime::from_timestamp(ts.seconds, nanos)
+        .ok_or_else(|| Error::invalid(field, "is out of range"))
 }
 
 /// A point in time for a response.
@@ -34,18 +36,30 @@ pub fn ms_timestamp(ms: i64) -> prost_types::Timestamp {
 
 /// A hold's time to live: absent means the server's default; otherwise it
 /// must lie within the server's bounds.
-pub fn ttl(field: &str, d: Option<prost_types::Duration>, limits: &Limits) -> Result<Duration, Error> {
+pub fn ttl(
+    field: &str,
+    d: Option<prost_types::Duration>,
+    limits: &Limits,
+) -> Result<Duration, Error> {
     let Some(d) = d else {
         return Ok(limits.default_ttl);
     };
     if d.seconds < 0 || d.nanos < 0 {
         return Err(Error::invalid(field, "must not be negative"));
     }
-    let ttl = Duration::new(u64::try_from(d.seconds).unwrap_or(0), u32::try_from(d.nanos).unwrap_or(0));
+    let ttl = Duration::new(
+        u64::try_from(d.seconds).unwrap_or(0),
+        u32::try_from(d.nanos).unwrap_or(0),
+    );
     if ttl < limits.min_ttl || ttl > limits.max_ttl {
         return Err(Error::invalid(
             field,
-            format!("must be between {}s and {}s, got {:.3}s", limits.min_ttl.as_secs(), limits.max_ttl.as_secs(), ttl.as_secs_f64()),
+            format!(
+                "must be between {}s and {}s, got {:.3}s",
+                limits.min_ttl.as_secs(),
+                limits.max_ttl.as_secs(),
+                ttl.as_secs_f64()
+            ),
         ));
     }
     Ok(ttl)
@@ -54,7 +68,10 @@ pub fn ttl(field: &str, d: Option<prost_types::Duration>, limits: &Limits) -> Re
 /// A free-text field with a length limit.
 pub fn text(field: &str, value: String, max: usize) -> Result<String, Error> {
     if value.chars().count() > max {
-        return Err(Error::invalid(field, format!("must be at most {max} characters")));
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
     Ok(value)
 }
@@ -85,9 +102,15 @@ mod tests {
     fn an_absent_ttl_is_the_default_and_one_out_of_bounds_is_refused() {
         let limits = Limits::default();
         assert_eq!(ttl("ttl", None, &limits).unwrap(), limits.default_ttl);
-        let long = prost_types::Duration { seconds: 10 * 86_400, nanos: 0 };
+        let long = prost_types::Duration {
+            seconds: 10 * 86_400,
+            nanos: 0,
+        };
         assert!(ttl("ttl", Some(long), &limits).is_err());
-        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+        let negative = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
         assert!(ttl("ttl", Some(negative), &limits).is_err());
     }
 

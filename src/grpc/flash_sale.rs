@@ -28,7 +28,11 @@ pub struct FlashSaleApi {
 impl FlashSaleApi {
     /// An adapter over `sales`.
     pub fn new(sales: Arc<FlashSales>, auth: Arc<Auth>, limits: Limits) -> Self {
-        Self { sales, auth, limits }
+        Self {
+            sales,
+            auth,
+            limits,
+        }
     }
 
     async fn caller<T>(&self, req: &Request<T>, role: Role, id: &str) -> Result<Caller, Error> {
@@ -46,15 +50,30 @@ impl FlashSaleApi {
             return Err(Error::invalid("lines", "must have at least one line"));
         }
         if lines.len() > self.limits.max_batch {
-            return Err(Error::invalid("lines", format!("must have at most {} lines, got {}", self.limits.max_batch, lines.len())));
+            return Err(Error::invalid(
+                "lines",
+                format!(
+                    "must have at most {} lines, got {}",
+                    self.limits.max_batch,
+                    lines.len()
+                ),
+            ));
         }
         lines
             .into_iter()
             .enumerate()
             .map(|(i, l)| {
                 Ok(ProductLine {
-                    product_id: parse_name(&format!("lines[{i}].product_id"), &l.product_id, NAME_LEN)?,
-                    quantity: Quantity::parse(&format!("lines[{i}].quantity"), l.quantity, self.limits.max_quantity)?,
+                    product_id: parse_name(
+                        &format!("lines[{i}].product_id"),
+                        &l.product_id,
+                        NAME_LEN,
+                    )?,
+                    quantity: Quantity::parse(
+                        &format!("lines[{i}].quantity"),
+                        l.quantity,
+                        self.limits.max_quantity,
+                    )?,
                 })
             })
             .collect()
@@ -72,18 +91,34 @@ impl FlashSaleApi {
             return Err(Error::invalid("products", "must have at least one product"));
         }
         if r.products.len() > self.limits.max_batch {
-            return Err(Error::invalid("products", format!("must have at most {} products", self.limits.max_batch)));
+            return Err(Error::invalid(
+                "products",
+                format!("must have at most {} products", self.limits.max_batch),
+            ));
         }
         let mut products: Vec<(String, Option<i64>)> = Vec::with_capacity(r.products.len());
         for (i, p) in r.products.into_iter().enumerate() {
-            let id = parse_name(&format!("products[{i}].product_id"), &p.product_id, NAME_LEN)?;
+            let id = parse_name(
+                &format!("products[{i}].product_id"),
+                &p.product_id,
+                NAME_LEN,
+            )?;
             if products.iter().any(|(seen, _)| *seen == id) {
-                return Err(Error::invalid(format!("products[{i}].product_id"), format!("{id} appears twice")));
+                return Err(Error::invalid(
+                    format!("products[{i}].product_id"),
+                    format!("{id} appears twice"),
+                ));
             }
             if let Some(cap) = p.unit_cap
                 && !(0..=i64::from(u32::MAX) * 1000).contains(&cap)
             {
-                return Err(Error::invalid(format!("products[{i}].unit_cap"), format!("must be between 0 and {}, got {cap}", i64::from(u32::MAX) * 1000)));
+                return Err(Error::invalid(
+                    format!("products[{i}].unit_cap"),
+                    format!(
+                        "must be between 0 and {}, got {cap}",
+                        i64::from(u32::MAX) * 1000
+                    ),
+                ));
             }
             products.push((id, p.unit_cap));
         }
@@ -122,7 +157,12 @@ fn sale_pb(v: SaleView) -> pb::Sale {
 }
 
 fn hold_pb(h: Hold) -> pb::CartHold {
-    let sale_id = h.lines.first().and_then(|(p, _)| p.as_str().split('/').nth(1)).unwrap_or_default().to_owned();
+    let sale_id = h
+        .lines
+        .first()
+        .and_then(|(p, _)| p.as_str().split('/').nth(1))
+        .unwrap_or_default()
+        .to_owned();
     pb::CartHold {
         hold_id: h.id.to_string(),
         sale_id,
@@ -153,34 +193,57 @@ fn shortages(short: Vec<crate::domain::Shortage>) -> Vec<pb::Shortage> {
 
 #[tonic::async_trait]
 impl FlashSaleService for FlashSaleApi {
-    async fn create_sale(&self, request: Request<pb::CreateSaleRequest>) -> Result<Response<pb::CreateSaleResponse>, Status> {
+    async fn create_sale(
+        &self,
+        request: Request<pb::CreateSaleRequest>,
+    ) -> Result<Response<pb::CreateSaleResponse>, Status> {
         observe(SERVICE, "CreateSale", async {
-            let caller = self.caller(&request, Role::Admin, &request.get_ref().sale_id).await?;
+            let caller = self
+                .caller(&request, Role::Admin, &request.get_ref().sale_id)
+                .await?;
             let sale = self.create_sale_request(request.into_inner())?;
             let view = self.sales.create_sale(&caller.tenant, sale).await?;
-            Ok(pb::CreateSaleResponse { sale: Some(sale_pb(view)) })
+            Ok(pb::CreateSaleResponse {
+                sale: Some(sale_pb(view)),
+            })
         })
         .await
     }
 
-    async fn get_sale(&self, request: Request<pb::GetSaleRequest>) -> Result<Response<pb::GetSaleResponse>, Status> {
+    async fn get_sale(
+        &self,
+        request: Request<pb::GetSaleRequest>,
+    ) -> Result<Response<pb::GetSaleResponse>, Status> {
         observe(SERVICE, "GetSale", async {
-            let caller = self.caller(&request, Role::Checkout, &request.get_ref().sale_id).await?;
+            let caller = self
+                .caller(&request, Role::Checkout, &request.get_ref().sale_id)
+                .await?;
             let sale_id = parse_name("sale_id", &request.get_ref().sale_id, NAME_LEN)?;
             let view = self.sales.get_sale(&caller.tenant, &sale_id).await?;
-            Ok(pb::GetSaleResponse { sale: Some(sale_pb(view)) })
+            Ok(pb::GetSaleResponse {
+                sale: Some(sale_pb(view)),
+            })
         })
         .await
     }
 
-    async fn claim(&self, request: Request<pb::ClaimRequest>) -> Result<Response<pb::ClaimResponse>, Status> {
+    async fn claim(
+        &self,
+        request: Request<pb::ClaimRequest>,
+    ) -> Result<Response<pb::ClaimResponse>, Status> {
         observe(SERVICE, "Claim", async {
-            let caller = self.caller(&request, Role::Checkout, &request.get_ref().claim_id).await?;
+            let caller = self
+                .caller(&request, Role::Checkout, &request.get_ref().claim_id)
+                .await?;
             let r = request.into_inner();
             let take = SaleTake {
                 id: self.hold_id("claim_id", &r.claim_id)?,
                 sale_id: parse_name("sale_id", &r.sale_id, NAME_LEN)?,
-                customer_id: convert::optional_name("customer_id", r.customer_id, self.limits.max_id_len)?,
+                customer_id: convert::optional_name(
+                    "customer_id",
+                    r.customer_id,
+                    self.limits.max_id_len,
+                )?,
                 lines: self.lines(r.lines)?,
                 ttl: None,
             };
@@ -205,14 +268,23 @@ impl FlashSaleService for FlashSaleApi {
         .await
     }
 
-    async fn create_cart_hold(&self, request: Request<pb::CreateCartHoldRequest>) -> Result<Response<pb::CreateCartHoldResponse>, Status> {
+    async fn create_cart_hold(
+        &self,
+        request: Request<pb::CreateCartHoldRequest>,
+    ) -> Result<Response<pb::CreateCartHoldResponse>, Status> {
         observe(SERVICE, "CreateCartHold", async {
-            let caller = self.caller(&request, Role::Checkout, &request.get_ref().hold_id).await?;
+            let caller = self
+                .caller(&request, Role::Checkout, &request.get_ref().hold_id)
+                .await?;
             let r = request.into_inner();
             let take = SaleTake {
                 id: self.hold_id("hold_id", &r.hold_id)?,
                 sale_id: parse_name("sale_id", &r.sale_id, NAME_LEN)?,
-                customer_id: convert::optional_name("customer_id", r.customer_id, self.limits.max_id_len)?,
+                customer_id: convert::optional_name(
+                    "customer_id",
+                    r.customer_id,
+                    self.limits.max_id_len,
+                )?,
                 lines: self.lines(r.lines)?,
                 ttl: Some(convert::ttl("ttl", r.ttl, &self.limits)?),
             };
@@ -237,45 +309,77 @@ impl FlashSaleService for FlashSaleApi {
         .await
     }
 
-    async fn get_cart_hold(&self, request: Request<pb::GetCartHoldRequest>) -> Result<Response<pb::GetCartHoldResponse>, Status> {
+    async fn get_cart_hold(
+        &self,
+        request: Request<pb::GetCartHoldRequest>,
+    ) -> Result<Response<pb::GetCartHoldResponse>, Status> {
         observe(SERVICE, "GetCartHold", async {
-            let caller = self.caller(&request, Role::Checkout, &request.get_ref().hold_id).await?;
+            let caller = self
+                .caller(&request, Role::Checkout, &request.get_ref().hold_id)
+                .await?;
             let id = self.hold_id("hold_id", &request.get_ref().hold_id)?;
             let hold = self.sales.get_hold(&caller.tenant, &id).await?;
-            Ok(pb::GetCartHoldResponse { hold: Some(hold_pb(hold)) })
+            Ok(pb::GetCartHoldResponse {
+                hold: Some(hold_pb(hold)),
+            })
         })
         .await
     }
 
-    async fn extend_cart_hold(&self, request: Request<pb::ExtendCartHoldRequest>) -> Result<Response<pb::ExtendCartHoldResponse>, Status> {
+    async fn extend_cart_hold(
+        &self,
+        request: Request<pb::ExtendCartHoldRequest>,
+    ) -> Result<Response<pb::ExtendCartHoldResponse>, Status> {
         observe(SERVICE, "ExtendCartHold", async {
-            let caller = self.caller(&request, Role::Checkout, &request.get_ref().hold_id).await?;
+            let caller = self
+                .caller(&request, Role::Checkout, &request.get_ref().hold_id)
+                .await?;
             let r = request.into_inner();
             let id = self.hold_id("hold_id", &r.hold_id)?;
             let ttl = convert::ttl("ttl", r.ttl, &self.limits)?;
-            let extension_id = convert::optional_name("extension_id", r.extension_id, self.limits.max_id_len)?;
-            let hold = self.sales.extend_hold(&caller.tenant, &id, ttl, &extension_id).await?;
-            Ok(pb::ExtendCartHoldResponse { hold: Some(hold_pb(hold)) })
+            let extension_id =
+                convert::optional_name("extension_id", r.extension_id, self.limits.max_id_len)?;
+            let hold = self
+                .sales
+                .extend_hold(&caller.tenant, &id, ttl, &extension_id)
+                .await?;
+            Ok(pb::ExtendCartHoldResponse {
+                hold: Some(hold_pb(hold)),
+            })
         })
         .await
     }
 
-    async fn commit_cart_hold(&self, request: Request<pb::CommitCartHoldRequest>) -> Result<Response<pb::CommitCartHoldResponse>, Status> {
+    async fn commit_cart_hold(
+        &self,
+        request: Request<pb::CommitCartHoldRequest>,
+    ) -> Result<Response<pb::CommitCartHoldResponse>, Status> {
         observe(SERVICE, "CommitCartHold", async {
-            let caller = self.caller(&request, Role::Checkout, &request.get_ref().hold_id).await?;
+            let caller = self
+                .caller(&request, Role::Checkout, &request.get_ref().hold_id)
+                .await?;
             let id = self.hold_id("hold_id", &request.get_ref().hold_id)?;
             let hold = self.sales.commit_hold(&caller.tenant, &id).await?;
-            Ok(pb::CommitCartHoldResponse { hold: Some(hold_pb(hold)) })
+            Ok(pb::CommitCartHoldResponse {
+                hold: Some(hold_pb(hold)),
+            })
         })
         .await
     }
 
-    async fn release_cart_hold(&self, request: Request<pb::ReleaseCartHoldRequest>) -> Result<Response<pb::ReleaseCartHoldResponse>, Status> {
+    async fn release_cart_hold(
+        &self,
+        request: Request<pb::ReleaseCartHoldRequest>,
+    ) -> Result<Response<pb::ReleaseCartHoldResponse>, Status> {
         observe(SERVICE, "ReleaseCartHold", async {
-            let caller = self.caller(&request, Role::Checkout, &request.get_ref().hold_id).await?;
+            let caller = self
+                .caller(&request, Role::Checkout, &request.get_ref().hold_id)
+                .await?;
             let id = self.hold_id("hold_id", &request.get_ref().hold_id)?;
             let hold = self.sales.release_hold(&caller.tenant, &id).await?;
-            Ok(pb::ReleaseCartHoldResponse { hold: Some(hold_pb(hold)) })
+            Ok(pb::ReleaseCartHoldResponse {
+                hold: Some(hold_pb(hold)),
+            })
         })
         .await
     }

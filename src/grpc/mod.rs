@@ -25,7 +25,8 @@ pub mod pb {
     tonic::include_proto!("holdfast.v1");
 
     /// The file descriptor set served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("holdfast_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("holdfast_descriptor");
 }
 
 /// Runs one RPC inside a span (tenant and ids are recorded into it by the
@@ -36,7 +37,13 @@ pub(crate) async fn observe<T>(
     method: &'static str,
     fut: impl Future<Output = Result<T, Error>>,
 ) -> Result<Response<T>, Status> {
-    let span = tracing::info_span!("rpc", service, method, tenant = tracing::field::Empty, id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "rpc",
+        service,
+        method,
+        tenant = tracing::field::Empty,
+        id = tracing::field::Empty
+    );
     let started = Instant::now();
     let result = fut.instrument(span.clone()).await;
     let result = span.in_scope(|| result.map(Response::new).map_err(Status::from));
@@ -45,7 +52,8 @@ pub(crate) async fn observe<T>(
         Err(status) => status.code(),
     };
     metrics::counter!(metric::RPC_TOTAL, "service" => service, "method" => method, "code" => code_name(code)).increment(1);
-    metrics::histogram!(metric::RPC_SECONDS, "service" => service, "method" => method).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(metric::RPC_SECONDS, "service" => service, "method" => method)
+        .record(started.elapsed().as_secs_f64());
     result
 }
 

@@ -33,7 +33,13 @@ const BLOCK: Duration = Duration::from_millis(100);
 const KEEP: Duration = Duration::from_secs(3600);
 
 /// Runs until `stop` turns true.
-pub async fn run(redis: RedisStore, pg: PgStore, tenants: Arc<Tenants>, consumer: String, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    redis: RedisStore,
+    pg: PgStore,
+    tenants: Arc<Tenants>,
+    consumer: String,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut drainer = Drainer {
         redis,
         pg,
@@ -93,20 +99,26 @@ impl Drainer {
         let mut con = self.redis.pooled().await?;
         for t in tenants {
             let key = self.redis.keys().events(t);
-            if !self.grouped.contains_key(&key) {
-                let created: redis::RedisResult<()> = con.xgroup_create_mkstream(&key, GROUP, "0").await;
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.grouped.entry(key) {
+                let created: redis::RedisResult<()> =
+                    con.xgroup_create_mkstream(slot.key(), GROUP, "0").await;
                 match created {
                     Ok(()) => {}
                     Err(e) if e.code() == Some("BUSYGROUP") => {}
                     Err(e) => return Err(e.into()),
                 }
-                self.grouped.insert(key, t.clone());
+                slot.insert(t.clone());
             }
         }
-        let keys: Vec<String> = tenants.iter().map(|t| self.redis.keys().events(t)).collect();
+        let keys: Vec<String> = tenants
+            .iter()
+            .map(|t| self.redis.keys().events(t))
+            .collect();
         let start = if self.pending_first { "0" } else { ">" };
         let ids: Vec<&str> = vec![start; keys.len()];
-        let mut opts = StreamReadOptions::default().group(GROUP, &self.consumer).count(BATCH);
+        let mut opts = StreamReadOptions::default()
+            .group(GROUP, &self.consumer)
+            .count(BATCH);
         if !self.pending_first {
             opts = opts.block(BLOCK.as_millis() as usize);
         }
@@ -121,7 +133,11 @@ impl Drainer {
                 continue;
             }
             read += stream.ids.len();
-            let events = stream.ids.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+            let events = stream
+                .ids
+                .iter()
+                .map(decode)
+                .collect::<Result<Vec<_>, _>>()?;
             new += self.pg.record_events(&tenant, &events).await?;
             let acked: Vec<&str> = stream.ids.iter().map(|e| e.id.as_str()).collect();
             let _: i64 = con.xack(&stream.key, GROUP, &acked).await?;
@@ -130,8 +146,13 @@ impl Drainer {
                 metrics::gauge!(metric::DRAINER_LAG_SECONDS).set(age);
                 let keep_from = last.at.timestamp_millis() - KEEP.as_millis() as i64;
                 if keep_from > 0 {
-                    let _: redis::RedisResult<i64> =
-                        redis::cmd("XTRIM").arg(&stream.key).arg("MINID").arg("~").arg(keep_from).query_async(&mut *con).await;
+                    let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
+                        .arg(&stream.key)
+                        .arg("MINID")
+                        .arg("~")
+                        .arg(keep_from)
+                        .query_async(&mut *con)
+                        .await;
                 }
             }
         }
@@ -147,14 +168,20 @@ impl Drainer {
 fn decode(entry: &redis::streams::StreamId) -> Result<AuditEvent, Error> {
     let field = |name: &str| -> Option<String> { entry.get::<String>(name) };
     let bad = |what: &str| Error::internal(format!("event {} has no valid {what}", entry.id));
-    let lines: Vec<(String, i64, i64)> = serde_json::from_str(&field("l").ok_or_else(|| bad("lines"))?).map_err(|_| bad("lines"))?;
-    let ms: i64 = field("t").and_then(|t| t.parse().ok()).ok_or_else(|| bad("time"))?;
+    let lines: Vec<(String, i64, i64)> =
+        serde_json::from_str(&field("l").ok_or_else(|| bad("lines"))?).map_err(|_| bad("lines"))?;
+    let ms: i64 = field("t")
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| bad("time"))?;
     Ok(AuditEvent {
         event_id: entry.id.clone(),
         kind: field("k").ok_or_else(|| bad("kind"))?,
         job: field("j").unwrap_or_default(),
         hold_id: field("h").unwrap_or_default(),
-        lines: lines.into_iter().map(|(pool, qty, epoch)| EventLine { pool, qty, epoch }).collect(),
+        lines: lines
+            .into_iter()
+            .map(|(pool, qty, epoch)| EventLine { pool, qty, epoch })
+            .collect(),
         reference: field("r").unwrap_or_default(),
         order_id: field("o").unwrap_or_default(),
         customer: field("c").unwrap_or_default(),

@@ -47,7 +47,8 @@ impl Tenants {
         }
         match self.pg.tenants().await {
             Ok(list) => {
-                *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = (list.clone(), Some(Instant::now()));
+                *self.cached.lock().unwrap_or_else(|e| e.into_inner()) =
+                    (list.clone(), Some(Instant::now()));
                 list
             }
             Err(e) => {

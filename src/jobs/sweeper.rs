@@ -19,7 +19,12 @@ use crate::telemetry::metric;
 const BATCH: u32 = 500;
 
 /// Runs until `stop` turns true.
-pub async fn run(redis: RedisStore, tenants: Arc<Tenants>, interval: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    redis: RedisStore,
+    tenants: Arc<Tenants>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -36,7 +41,8 @@ pub async fn run(redis: RedisStore, tenants: Arc<Tenants>, interval: Duration, m
                     Ok((finalised, left, lag_ms)) => {
                         if finalised > 0 {
                             metrics::counter!(metric::ENGINE_OUTCOMES, "job" => "any", "outcome" => "expired").increment(finalised.unsigned_abs());
-                            metrics::histogram!(metric::SWEEPER_LAG_SECONDS).record(lag_ms as f64 / 1000.0);
+                            metrics::histogram!(metric::SWEEPER_LAG_SECONDS)
+                                .record(lag_ms as f64 / 1000.0);
                         }
                         if left == 0 {
                             break;

@@ -100,7 +100,10 @@ impl FlashSales {
             (_, true) => {
                 return Err(Error::invalid(
                     "customer_id",
-                    format!("is required: sale {} limits units per customer", req.sale_id),
+                    format!(
+                        "is required: sale {} limits units per customer",
+                        req.sale_id
+                    ),
                 ));
             }
             (limit, false) => Some(CustomerLimit {
@@ -125,8 +128,16 @@ impl FlashSales {
     }
 
     /// Extends a cart hold.
-    pub async fn extend_hold(&self, tenant: &TenantId, id: &HoldId, ttl: Duration, extension_id: &str) -> Result<Hold, Error> {
-        self.engine.extend(tenant, id, Job::Flash, ttl, extension_id).await
+    pub async fn extend_hold(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        ttl: Duration,
+        extension_id: &str,
+    ) -> Result<Hold, Error> {
+        self.engine
+            .extend(tenant, id, Job::Flash, ttl, extension_id)
+            .await
     }
 
     /// Commits a cart hold.
@@ -141,7 +152,12 @@ impl FlashSales {
 
     async fn sale(&self, tenant: &TenantId, sale_id: &str) -> Result<Arc<SaleRow>, Error> {
         let key = (tenant.clone(), sale_id.to_owned());
-        if let Some(sale) = self.sales.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(sale) = self
+            .sales
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(sale.clone());
         }
         let sale = self
@@ -151,12 +167,19 @@ impl FlashSales {
             .await?
             .ok_or_else(|| Error::NotFound(format!("sale {sale_id}")))?;
         let sale = Arc::new(sale);
-        self.sales.write().unwrap_or_else(|e| e.into_inner()).insert(key, sale.clone());
+        self.sales
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, sale.clone());
         Ok(sale)
     }
 
     async fn view(&self, tenant: &TenantId, sale: Arc<SaleRow>) -> Result<SaleView, Error> {
-        let pools: Vec<PoolId> = sale.products.iter().map(|(p, _)| product_pool(&sale.sale_id, p)).collect();
+        let pools: Vec<PoolId> = sale
+            .products
+            .iter()
+            .map(|(p, _)| product_pool(&sale.sale_id, p))
+            .collect();
         let stock = self.engine.pools(tenant, &pools).await?;
         Ok(SaleView {
             sale: (*sale).clone(),

@@ -55,11 +55,16 @@ impl PgStore {
     /// Records events exactly once, each with its effects, in one
     /// transaction: an event id seen before is skipped with its effects.
     /// Returns how many were new.
-    pub async fn record_events(&self, tenant: &TenantId, events: &[AuditEvent]) -> Result<usize, Error> {
+    pub async fn record_events(
+        &self,
+        tenant: &TenantId,
+        events: &[AuditEvent],
+    ) -> Result<usize, Error> {
         let mut tx = self.pool.begin().await?;
         let mut new = 0;
         for e in events {
-            let lines = serde_json::to_value(&e.lines).map_err(|err| Error::Internal(err.into()))?;
+            let lines =
+                serde_json::to_value(&e.lines).map_err(|err| Error::Internal(err.into()))?;
             let inserted = sqlx::query(
                 "INSERT INTO audit_log (tenant, event_id, kind, job, hold_id, lines, reference, order_id, customer, at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)

@@ -17,35 +17,45 @@ pub struct ApiKeyRow {
 
 impl PgStore {
     /// Stores a new key's hash.
-    pub async fn insert_api_key(&self, key_id: &str, tenant: &TenantId, role: &str, hash: &[u8]) -> Result<(), Error> {
+    pub async fn insert_api_key(
+        &self,
+        key_id: &str,
+        tenant: &TenantId,
+        role: &str,
+        hash: &[u8],
+    ) -> Result<(), Error> {
         self.ensure_tenant(tenant).await?;
-        sqlx::query("INSERT INTO api_keys (key_id, tenant, role, key_hash) VALUES ($1, $2, $3, $4)")
-            .bind(key_id)
-            .bind(tenant.as_str())
-            .bind(role)
-            .bind(hash)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO api_keys (key_id, tenant, role, key_hash) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(key_id)
+        .bind(tenant.as_str())
+        .bind(role)
+        .bind(hash)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// Revokes a key by its id; false when there was no such live key.
     pub async fn revoke_api_key(&self, key_id: &str) -> Result<bool, Error> {
-        let n = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL")
-            .bind(key_id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        let n = sqlx::query(
+            "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(key_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(n == 1)
     }
 
     /// Finds a live key by its hash.
     pub async fn find_api_key(&self, hash: &[u8]) -> Result<Option<ApiKeyRow>, Error> {
-        Ok(
-            sqlx::query_as::<_, ApiKeyRow>("SELECT key_id, tenant, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
-                .bind(hash)
-                .fetch_optional(&self.pool)
-                .await?,
+        Ok(sqlx::query_as::<_, ApiKeyRow>(
+            "SELECT key_id, tenant, role FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 }

@@ -33,7 +33,11 @@ pub struct PgStore {
 impl PgStore {
     /// Connects lazily-checked: fails fast if the server cannot be reached
     /// within `timeout`.
-    pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, Error> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(timeout)
@@ -55,7 +59,10 @@ impl PgStore {
 
     /// Runs the embedded migrations.
     pub async fn migrate(&self) -> Result<(), Error> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| Error::Internal(e.into()))
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| Error::Internal(e.into()))
     }
 
     /// Makes sure the tenant exists (tenants are created on first use).
@@ -69,7 +76,9 @@ impl PgStore {
 
     /// Every tenant, for the background jobs that visit each one.
     pub async fn tenants(&self) -> Result<Vec<TenantId>, Error> {
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT id FROM tenants ORDER BY id").fetch_all(&self.pool).await?;
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT id FROM tenants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(|(id,)| TenantId::parse(&id)).collect()
     }
 }

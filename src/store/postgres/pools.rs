@@ -53,8 +53,13 @@ impl PoolRow {
     /// Units neither taken, delegated nor in doubt: what Postgres may still
     /// grant to Redis or sell itself. `None` when unlimited.
     pub fn undelegated(&self) -> Option<i64> {
-        self.capacity
-            .map(|c| c - self.sold_pg - self.held_pg - self.sold_prior - self.in_doubt - (self.granted - self.returned))
+        self.capacity.map(|c| {
+            c - self.sold_pg
+                - self.held_pg
+                - self.sold_prior
+                - self.in_doubt
+                - (self.granted - self.returned)
+        })
     }
 
     /// Units Redis holds a grant for and has not returned.
@@ -67,7 +72,11 @@ const COLUMNS: &str = "pool_id, capacity, starts_at, ends_at, sold_pg, held_pg, 
 
 impl PgStore {
     /// Inserts pools in a transaction the caller owns.
-    pub async fn insert_pools(tx: &mut Transaction<'_, Postgres>, tenant: &TenantId, pools: &[NewPool]) -> Result<(), Error> {
+    pub async fn insert_pools(
+        tx: &mut Transaction<'_, Postgres>,
+        tenant: &TenantId,
+        pools: &[NewPool],
+    ) -> Result<(), Error> {
         for p in pools {
             sqlx::query("INSERT INTO pools (tenant, pool_id, job, capacity, starts_at, ends_at) VALUES ($1, $2, $3, $4, $5, $6)")
                 .bind(tenant.as_str())
@@ -83,13 +92,19 @@ impl PgStore {
     }
 
     /// Reads pools, in no particular order; missing ones are left out.
-    pub async fn get_pools(&self, tenant: &TenantId, ids: &[PoolId]) -> Result<Vec<PoolRow>, Error> {
+    pub async fn get_pools(
+        &self,
+        tenant: &TenantId,
+        ids: &[PoolId],
+    ) -> Result<Vec<PoolRow>, Error> {
         let ids: Vec<&str> = ids.iter().map(PoolId::as_str).collect();
-        let rows = sqlx::query_as::<_, PoolRow>(&format!("SELECT {COLUMNS} FROM pools WHERE tenant = $1 AND pool_id = ANY($2)"))
-            .bind(tenant.as_str())
-            .bind(&ids)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query_as::<_, PoolRow>(&format!(
+            "SELECT {COLUMNS} FROM pools WHERE tenant = $1 AND pool_id = ANY($2)"
+        ))
+        .bind(tenant.as_str())
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows)
     }
 
@@ -97,7 +112,13 @@ impl PgStore {
     /// Postgres first). The guard re-checks the invariant on the row itself,
     /// so two daemons granting at once cannot overdraw. Returns the new
     /// cumulative grant, or `None` when the guard refused.
-    pub async fn grant(&self, tenant: &TenantId, pool: &PoolId, epoch: i64, k: i64) -> Result<Option<i64>, Error> {
+    pub async fn grant(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        epoch: i64,
+        k: i64,
+    ) -> Result<Option<i64>, Error> {
         let row: Option<(i64,)> = sqlx::query_as(
             "UPDATE pools SET granted = granted + $4
              WHERE tenant = $1 AND pool_id = $2 AND epoch = $3
@@ -117,7 +138,12 @@ impl PgStore {
     /// Opens a new epoch after Redis lost the pool (ESCROW.md "Losing
     /// Redis"): what the old epoch had granted and not reported sold becomes
     /// in doubt, never resold until an operator resolves it.
-    pub async fn open_epoch(&self, tenant: &TenantId, pool: &PoolId, lost_epoch: i64) -> Result<PoolRow, Error> {
+    pub async fn open_epoch(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        lost_epoch: i64,
+    ) -> Result<PoolRow, Error> {
         let row = sqlx::query_as::<_, PoolRow>(&format!(
             "UPDATE pools SET
                  epoch = epoch + 1,

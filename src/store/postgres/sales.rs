@@ -90,7 +90,11 @@ impl PgStore {
     }
 
     /// Reads a sale's definition.
-    pub async fn get_sale(&self, tenant: &TenantId, sale_id: &str) -> Result<Option<SaleRow>, Error> {
+    pub async fn get_sale(
+        &self,
+        tenant: &TenantId,
+        sale_id: &str,
+    ) -> Result<Option<SaleRow>, Error> {
         let head: Option<(String, DateTime<Utc>, DateTime<Utc>, i32)> =
             sqlx::query_as("SELECT name, starts_at, ends_at, per_customer_limit FROM sales WHERE tenant = $1 AND sale_id = $2")
                 .bind(tenant.as_str())

@@ -18,7 +18,9 @@ pub struct Keys {
 impl Keys {
     /// Keys under `prefix` (no trailing colon).
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     /// The prefix of every key of one tenant, `<prefix>:{<tenant>}:`,

@@ -59,8 +59,14 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects to `url`. `prefix` starts every key; `retention` is how long
     /// finished holds and claims are remembered for idempotent retries.
-    pub async fn connect(url: &str, prefix: &str, retention: Duration, timeouts: RedisTimeouts) -> Result<Self, Error> {
-        let client = redis::Client::open(url).map_err(|e| Error::invalid("redis_url", e.to_string()))?;
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        retention: Duration,
+        timeouts: RedisTimeouts,
+    ) -> Result<Self, Error> {
+        let client =
+            redis::Client::open(url).map_err(|e| Error::invalid("redis_url", e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeouts.connect))
             .set_response_timeout(Some(timeouts.response))
@@ -108,7 +114,8 @@ impl RedisStore {
         let started = Instant::now();
         let mut con = self.con.clone();
         let result = inv.invoke_async::<Value>(&mut con).await;
-        metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => name).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => name)
+            .record(started.elapsed().as_secs_f64());
         Ok(result?)
     }
 
@@ -128,60 +135,115 @@ impl RedisStore {
         let (ck, limit) = customer_args(customer);
         let v = self
             .run("reserve", &scripts::RESERVE, tenant, |i| {
-            i.arg(id.as_str()).arg(job.as_str()).arg(ttl_ms).arg(lines_json(lines)).arg(ck).arg(limit).arg(reference);
-        })
+                i.arg(id.as_str())
+                    .arg(job.as_str())
+                    .arg(ttl_ms)
+                    .arg(lines_json(lines))
+                    .arg(ck)
+                    .arg(limit)
+                    .arg(reference);
+            })
             .await?;
         reply::hold_reply(id, &v)
     }
 
     /// Takes and sells units in one step (`claim.lua`).
-    pub async fn claim(&self, tenant: &TenantId, id: &HoldId, job: Job, lines: &Lines, customer: Option<&CustomerLimit>) -> Result<HoldReply, Error> {
+    pub async fn claim(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        lines: &Lines,
+        customer: Option<&CustomerLimit>,
+    ) -> Result<HoldReply, Error> {
         let (ck, limit) = customer_args(customer);
         let v = self
             .run("claim", &scripts::CLAIM, tenant, |i| {
-            i.arg(id.as_str()).arg(job.as_str()).arg(lines_json(lines)).arg(ck).arg(limit);
-        })
+                i.arg(id.as_str())
+                    .arg(job.as_str())
+                    .arg(lines_json(lines))
+                    .arg(ck)
+                    .arg(limit);
+            })
             .await?;
         reply::hold_reply(id, &v)
     }
 
     /// Sells an active hold (`commit.lua`).
-    pub async fn commit(&self, tenant: &TenantId, id: &HoldId, job: Job, order_id: &str) -> Result<HoldReply, Error> {
-        let v = self.run("commit", &scripts::COMMIT, tenant, |i| {
-            i.arg(id.as_str()).arg(job.as_str()).arg(order_id);
-        }).await?;
+    pub async fn commit(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        order_id: &str,
+    ) -> Result<HoldReply, Error> {
+        let v = self
+            .run("commit", &scripts::COMMIT, tenant, |i| {
+                i.arg(id.as_str()).arg(job.as_str()).arg(order_id);
+            })
+            .await?;
         reply::hold_reply(id, &v)
     }
 
     /// Gives an active hold back (`release.lua`).
-    pub async fn release(&self, tenant: &TenantId, id: &HoldId, job: Job) -> Result<HoldReply, Error> {
-        let v = self.run("release", &scripts::RELEASE, tenant, |i| {
-            i.arg(id.as_str()).arg(job.as_str());
-        }).await?;
+    pub async fn release(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+    ) -> Result<HoldReply, Error> {
+        let v = self
+            .run("release", &scripts::RELEASE, tenant, |i| {
+                i.arg(id.as_str()).arg(job.as_str());
+            })
+            .await?;
         reply::hold_reply(id, &v)
     }
 
     /// Moves an active hold's expiry (`extend.lua`).
-    pub async fn extend(&self, tenant: &TenantId, id: &HoldId, job: Job, ttl: Duration, max_extensions: u32, extension_id: &str) -> Result<HoldReply, Error> {
+    pub async fn extend(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        ttl: Duration,
+        max_extensions: u32,
+        extension_id: &str,
+    ) -> Result<HoldReply, Error> {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let v = self
             .run("extend", &scripts::EXTEND, tenant, |i| {
-            i.arg(id.as_str()).arg(job.as_str()).arg(ttl_ms).arg(max_extensions).arg(extension_id);
-        })
+                i.arg(id.as_str())
+                    .arg(job.as_str())
+                    .arg(ttl_ms)
+                    .arg(max_extensions)
+                    .arg(extension_id);
+            })
             .await?;
         reply::hold_reply(id, &v)
     }
 
     /// Reads a hold (`get_hold.lua`).
-    pub async fn get_hold(&self, tenant: &TenantId, id: &HoldId, job: Job) -> Result<HoldReply, Error> {
-        let v = self.run("get_hold", &scripts::GET_HOLD, tenant, |i| {
-            i.arg(id.as_str()).arg(job.as_str());
-        }).await?;
+    pub async fn get_hold(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+    ) -> Result<HoldReply, Error> {
+        let v = self
+            .run("get_hold", &scripts::GET_HOLD, tenant, |i| {
+                i.arg(id.as_str()).arg(job.as_str());
+            })
+            .await?;
         reply::hold_reply(id, &v)
     }
 
     /// Reads pools' counters (`get_pools.lua`); `None` where Redis lacks one.
-    pub async fn get_pools(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<Vec<Option<RedisPool>>, Error> {
+    pub async fn get_pools(
+        &self,
+        tenant: &TenantId,
+        pools: &[PoolId],
+    ) -> Result<Vec<Option<RedisPool>>, Error> {
         let mut inv = scripts::GET_POOLS.prepare_invoke();
         inv.arg(self.keys.tenant(tenant)).arg(self.retention_ms);
         for p in pools {
@@ -205,14 +267,15 @@ impl RedisStore {
         window_ms: (i64, i64),
     ) -> Result<GrantReply, Error> {
         let v = self
-            .run(
-                "grant",
-                &scripts::GRANT,
-                tenant,
-                |i| {
-                    i.arg(pool.as_str()).arg(epoch).arg(granted).arg(flag(full)).arg(flag(unlimited)).arg(window_ms.0).arg(window_ms.1);
-                },
-            )
+            .run("grant", &scripts::GRANT, tenant, |i| {
+                i.arg(pool.as_str())
+                    .arg(epoch)
+                    .arg(granted)
+                    .arg(flag(full))
+                    .arg(flag(unlimited))
+                    .arg(window_ms.0)
+                    .arg(window_ms.1);
+            })
             .await?;
         reply::grant_reply(&v)
     }
@@ -220,9 +283,11 @@ impl RedisStore {
     /// Finalises up to `limit` expired holds of a tenant (`sweep.lua`):
     /// (finalised, still due, lag of the oldest in ms).
     pub async fn sweep(&self, tenant: &TenantId, limit: u32) -> Result<(i64, i64, i64), Error> {
-        let v = self.run("sweep", &scripts::SWEEP, tenant, |i| {
-            i.arg(limit);
-        }).await?;
+        let v = self
+            .run("sweep", &scripts::SWEEP, tenant, |i| {
+                i.arg(limit);
+            })
+            .await?;
         reply::sweep_reply(&v)
     }
 }
@@ -232,13 +297,19 @@ fn flag(b: bool) -> &'static str {
 }
 
 fn customer_args(customer: Option<&CustomerLimit>) -> (String, u32) {
-    customer.map(|c| (c.key.clone(), c.limit)).unwrap_or_default()
+    customer
+        .map(|c| (c.key.clone(), c.limit))
+        .unwrap_or_default()
 }
 
 /// The lines as the scripts take them: `[[pool_id, qty], ...]`. Pool ids are
 /// key-safe names, so they need no escaping beyond JSON's.
 fn lines_json(lines: &Lines) -> String {
-    let v: Vec<(&str, i64)> = lines.as_slice().iter().map(|l| (l.pool.as_str(), l.quantity.get())).collect();
+    let v: Vec<(&str, i64)> = lines
+        .as_slice()
+        .iter()
+        .map(|l| (l.pool.as_str(), l.quantity.get()))
+        .collect();
     // Serialising strings and integers cannot fail.
     serde_json::to_string(&v).expect("lines serialise")
 }

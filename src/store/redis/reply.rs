@@ -88,11 +88,21 @@ pub fn hold_reply(id: &HoldId, v: &Value) -> Result<HoldReply, Error> {
     let items = items(v).ok_or_else(bad)?;
     let tag = items.first().and_then(text).ok_or_else(bad)?;
     let rest = &items[1..];
-    let nested = |i: usize| -> Result<Hold, Error> { decode_hold(id, rest.get(i).ok_or_else(bad)?) };
+    let nested =
+        |i: usize| -> Result<Hold, Error> { decode_hold(id, rest.get(i).ok_or_else(bad)?) };
     Ok(match tag.as_str() {
         "HOLD" => HoldReply::Hold(decode_hold(id, v)?),
-        "NEED_GRANT" => HoldReply::NeedGrant(rest.iter().map(|p| text(p).map(PoolId::from_store).ok_or_else(bad)).collect::<Result<_, _>>()?),
-        "NOT_ACTIVE" => HoldReply::NotActive(rest.first().and_then(text).map(PoolId::from_store).ok_or_else(bad)?),
+        "NEED_GRANT" => HoldReply::NeedGrant(
+            rest.iter()
+                .map(|p| text(p).map(PoolId::from_store).ok_or_else(bad))
+                .collect::<Result<_, _>>()?,
+        ),
+        "NOT_ACTIVE" => HoldReply::NotActive(
+            rest.first()
+                .and_then(text)
+                .map(PoolId::from_store)
+                .ok_or_else(bad)?,
+        ),
         "SHORT" => {
             if rest.is_empty() || rest.len() % 3 != 0 {
                 return Err(bad());
@@ -117,7 +127,12 @@ pub fn hold_reply(id: &HoldId, v: &Value) -> Result<HoldReply, Error> {
         "ORDER_MISMATCH" => HoldReply::OrderMismatch(nested(0)?),
         "COMMITTED" => HoldReply::Committed(nested(0)?),
         "EXTEND_LIMIT" => HoldReply::ExtendLimit(nested(0)?),
-        "STALE_EPOCH" => HoldReply::StaleEpoch(rest.first().and_then(text).map(PoolId::from_store).ok_or_else(bad)?),
+        "STALE_EPOCH" => HoldReply::StaleEpoch(
+            rest.first()
+                .and_then(text)
+                .map(PoolId::from_store)
+                .ok_or_else(bad)?,
+        ),
         _ => return Err(bad()),
     })
 }
@@ -143,9 +158,14 @@ fn decode_hold(id: &HoldId, v: &Value) -> Result<Hold, Error> {
         id: id.clone(),
         state,
         job: text(&f[2]).ok_or_else(bad)?,
-        lines: lines.into_iter().map(|(p, q, _)| (PoolId::from_store(p), q)).collect(),
+        lines: lines
+            .into_iter()
+            .map(|(p, q, _)| (PoolId::from_store(p), q))
+            .collect(),
         expires_at_ms: int(&f[4]).ok_or_else(bad)?,
-        extensions: int(&f[5]).and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)?,
+        extensions: int(&f[5])
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(bad)?,
         reference: text(&f[6]).ok_or_else(bad)?,
         order_id: text(&f[7]).ok_or_else(bad)?,
         created_at_ms: int(&f[8]).ok_or_else(bad)?,
@@ -212,7 +232,11 @@ pub fn sweep_reply(v: &Value) -> Result<(i64, i64, i64), Error> {
     let bad = || shape("sweep", v);
     let f = items(v).ok_or_else(bad)?;
     match f {
-        [a, b, c] => Ok((int(a).ok_or_else(bad)?, int(b).ok_or_else(bad)?, int(c).ok_or_else(bad)?)),
+        [a, b, c] => Ok((
+            int(a).ok_or_else(bad)?,
+            int(b).ok_or_else(bad)?,
+            int(c).ok_or_else(bad)?,
+        )),
         _ => Err(bad()),
     }
 }
@@ -243,7 +267,9 @@ mod tests {
             s("900"),
             s("0"),
         ]);
-        let HoldReply::Hold(h) = hold_reply(&id(), &v).unwrap() else { panic!("not a hold") };
+        let HoldReply::Hold(h) = hold_reply(&id(), &v).unwrap() else {
+            panic!("not a hold")
+        };
         assert_eq!(h.state, HoldState::Active);
         assert_eq!(h.lines, vec![(PoolId::from_store("sale/s/p".into()), 2)]);
         assert_eq!(h.expires_at_ms, 1000);
@@ -252,8 +278,18 @@ mod tests {
 
     #[test]
     fn a_short_reply_lists_every_short_line() {
-        let v = Value::Array(vec![s("SHORT"), s("a"), Value::Int(3), Value::Int(1), s("b"), Value::Int(2), Value::Int(0)]);
-        let HoldReply::Short(short) = hold_reply(&id(), &v).unwrap() else { panic!("not short") };
+        let v = Value::Array(vec![
+            s("SHORT"),
+            s("a"),
+            Value::Int(3),
+            Value::Int(1),
+            s("b"),
+            Value::Int(2),
+            Value::Int(0),
+        ]);
+        let HoldReply::Short(short) = hold_reply(&id(), &v).unwrap() else {
+            panic!("not short")
+        };
         assert_eq!(short.len(), 2);
         assert_eq!(short[1].available, 0);
     }

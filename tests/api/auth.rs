@@ -1,0 +1,201 @@
+//! Tenants are walled off: the tenant comes from the key, and another
+//! tenant's things are NOT_FOUND.
+
+use holdfast::grpc::pb::{self, Outcome};
+use holdfast::store::postgres::PgStore;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+use crate::helpers::{claim, spawn_app_with};
+
+const STORE_A_ADMIN: &str = "store-a:admin:key-for-store-a-admin";
+const STORE_B_ADMIN: &str = "store-b:admin:key-for-store-b-admin";
+const STORE_A_CHECKOUT: &str = "store-a:checkout:key-for-store-a-checkout";
+
+fn with_key<T>(msg: T, key: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let secret = key.rsplit(':').next().unwrap();
+    req.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {secret}")).unwrap(),
+    );
+    req
+}
+
+fn sale(id: &str) -> pb::CreateSaleRequest {
+    let now = chrono::Utc::now().timestamp();
+    pb::CreateSaleRequest {
+        sale_id: id.into(),
+        name: id.into(),
+        starts_at: Some(prost_types::Timestamp {
+            seconds: now - 60,
+            nanos: 0,
+        }),
+        ends_at: Some(prost_types::Timestamp {
+            seconds: now + 3600,
+            nanos: 0,
+        }),
+        products: vec![pb::SaleProduct {
+            product_id: "p".into(),
+            unit_cap: Some(5),
+        }],
+        per_customer_limit: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_key_for_one_store_cannot_see_or_touch_another_stores_sales() {
+    let app = spawn_app_with(|a| {
+        a.dev = false;
+        a.api_keys = vec![
+            STORE_A_ADMIN.into(),
+            STORE_B_ADMIN.into(),
+            STORE_A_CHECKOUT.into(),
+        ];
+    })
+    .await;
+    let mut flash = app.flash();
+    flash
+        .create_sale(with_key(sale("spring"), STORE_A_ADMIN))
+        .await
+        .unwrap();
+    let ok = flash
+        .claim(with_key(
+            claim("c1", "spring", &[("p", 1)]),
+            STORE_A_CHECKOUT,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.outcome(), Outcome::Ok);
+
+    // Store B sees nothing of A's sale, and cannot claim from it.
+    let err = flash
+        .get_sale(with_key(
+            pb::GetSaleRequest {
+                sale_id: "spring".into(),
+            },
+            STORE_B_ADMIN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = flash
+        .claim(with_key(claim("c2", "spring", &[("p", 1)]), STORE_B_ADMIN))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Nor read A's claim as a hold.
+    let err = flash
+        .get_cart_hold(with_key(
+            pb::GetCartHoldRequest {
+                hold_id: "c1".into(),
+            },
+            STORE_B_ADMIN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // B may use the same ids for its own sale without touching A's.
+    flash
+        .create_sale(with_key(sale("spring"), STORE_B_ADMIN))
+        .await
+        .unwrap();
+    let b = flash
+        .claim(with_key(claim("c1", "spring", &[("p", 5)]), STORE_B_ADMIN))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.outcome(), Outcome::Ok);
+    let a_sale = flash
+        .get_sale(with_key(
+            pb::GetSaleRequest {
+                sale_id: "spring".into(),
+            },
+            STORE_A_ADMIN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a_sale.sale.unwrap().products[0].sold, 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn missing_or_wrong_keys_are_unauthenticated_and_roles_are_enforced() {
+    let app = spawn_app_with(|a| {
+        a.dev = false;
+        a.api_keys = vec![STORE_A_ADMIN.into(), STORE_A_CHECKOUT.into()];
+    })
+    .await;
+    let mut flash = app.flash();
+    let err = flash
+        .get_sale(pb::GetSaleRequest {
+            sale_id: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = flash
+        .get_sale(with_key(
+            pb::GetSaleRequest {
+                sale_id: "x".into(),
+            },
+            "t:admin:not-a-real-key",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = flash
+        .create_sale(with_key(sale("s"), STORE_A_CHECKOUT))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM sales")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "a refused call changed nothing");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn keys_stored_in_postgres_authenticate_until_revoked() {
+    let app = spawn_app_with(|a| {
+        a.dev = false;
+        a.api_keys = vec![STORE_A_ADMIN.into()];
+    })
+    .await;
+    let pg = PgStore::from_pool(app.pg.clone());
+    let (key_id, key, hash) = holdfast::grpc::auth::new_key();
+    let tenant = holdfast::domain::TenantId::parse("store-c").unwrap();
+    pg.insert_api_key(&key_id, &tenant, "admin", &hash)
+        .await
+        .unwrap();
+    let spec = format!("store-c:admin:{key}");
+    let mut flash = app.flash();
+    flash
+        .create_sale(with_key(sale("c-sale"), &spec))
+        .await
+        .unwrap();
+    assert!(pg.revoke_api_key(&key_id).await.unwrap());
+    // The daemon trusts a looked-up key for a few seconds; then it is gone.
+    app.eventually("the revoked key to be refused", || {
+        let mut flash = flash.clone();
+        let spec = spec.clone();
+        async move {
+            let r = flash
+                .get_sale(with_key(
+                    pb::GetSaleRequest {
+                        sale_id: "c-sale".into(),
+                    },
+                    &spec,
+                ))
+                .await;
+            matches!(r, Err(ref s) if s.code() == Code::Unauthenticated).then_some(())
+        }
+    })
+    .await;
+    app.shutdown().await;
+}

@@ -1,0 +1,328 @@
+//! Flash-sale claims: the cap holds under concurrency, claims are
+//! idempotent by id, outcomes are typed, and Postgres gets the sold count.
+
+use std::sync::Arc;
+
+use holdfast::grpc::pb::flash_sale_service_client::FlashSaleServiceClient;
+use holdfast::grpc::pb::{self, Outcome};
+use tokio::sync::Barrier;
+
+use crate::helpers::{claim, spawn_app};
+
+#[tokio::test]
+async fn a_claim_sells_units_and_postgres_shows_the_sold_count() {
+    let app = spawn_app().await;
+    app.live_sale("drop1", &[("sneaker", Some(10))], 0).await;
+
+    let resp = app
+        .flash()
+        .claim(claim("order-1", "drop1", &[("sneaker", 3)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.outcome(), Outcome::Ok);
+    assert!(resp.claimed_at.is_some());
+
+    let stock = app.stock("drop1", "sneaker").await;
+    assert_eq!(
+        (stock.unit_cap, stock.sold, stock.held, stock.remaining),
+        (10, 3, 0, 7)
+    );
+    app.eventually("the drainer to write back 3 sold", || async {
+        (app.pg_sold("drop1", "sneaker").await == 3).then_some(())
+    })
+    .await;
+    let (kind, hold): (String, String) = sqlx::query_as("SELECT kind, hold_id FROM audit_log")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!((kind.as_str(), hold.as_str()), ("claimed", "order-1"));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retried_claim_returns_the_first_answer_and_sells_nothing_more() {
+    let app = spawn_app().await;
+    app.live_sale("drop", &[("p", Some(5))], 0).await;
+    let first = app
+        .flash()
+        .claim(claim("c-1", "drop", &[("p", 2)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = app
+        .flash()
+        .claim(claim("c-1", "drop", &[("p", 2)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.outcome(), Outcome::Ok);
+    assert_eq!(again, first, "a retry answers exactly as the first call");
+    assert_eq!(app.stock("drop", "p").await.sold, 2);
+    app.eventually("write-back", || async {
+        (app.pg_sold("drop", "p").await == 2).then_some(())
+    })
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_claims_for_a_cap_of_ten_sell_exactly_ten() {
+    let app = spawn_app().await;
+    app.live_sale("hot", &[("last-ten", Some(10))], 0).await;
+
+    // Many tasks over several connections, released at once.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(FlashSaleServiceClient::new(app.new_channel().await));
+    }
+    let barrier = Arc::new(Barrier::new(1000));
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                client
+                    .claim(claim(&format!("buyer-{i}"), "hot", &[("last-ten", 1)]))
+                    .await
+                    .map(|r| r.into_inner().outcome())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut sold_out = 0;
+    for t in tasks {
+        match t
+            .await
+            .unwrap()
+            .expect("contention is an answer, not an error")
+        {
+            Outcome::Ok => ok += 1,
+            Outcome::SoldOut => sold_out += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!((ok, sold_out), (10, 990));
+    let stock = app.stock("hot", "last-ten").await;
+    assert_eq!((stock.sold, stock.remaining), (10, 0));
+    app.eventually("postgres to show 10 sold", || async {
+        (app.pg_sold("hot", "last-ten").await == 10).then_some(())
+    })
+    .await;
+    let (claimed,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM audit_log WHERE kind = 'claimed'")
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+    assert_eq!(claimed, 10);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_batch_claim_is_all_or_nothing_and_names_every_short_line() {
+    let app = spawn_app().await;
+    app.live_sale("b", &[("a", Some(5)), ("b", Some(1)), ("c", Some(0))], 0)
+        .await;
+    let resp = app
+        .flash()
+        .claim(claim("x", "b", &[("a", 2), ("b", 2), ("c", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.outcome(), Outcome::SoldOut);
+    let short: Vec<(String, i64, i64)> = resp
+        .shortages
+        .iter()
+        .map(|s| (s.product_id.clone(), s.requested, s.available))
+        .collect();
+    assert_eq!(short, vec![("b".into(), 2, 1), ("c".into(), 1, 0)]);
+    assert_eq!(
+        app.stock("b", "a").await.sold,
+        0,
+        "the line that fitted was not taken either"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn claims_outside_the_sale_window_are_not_active() {
+    let app = spawn_app().await;
+    let now = chrono::Utc::now().timestamp();
+    app.sale_between("later", &[("p", Some(5))], 0, now + 3600, now + 7200)
+        .await;
+    app.sale_between("over", &[("p", Some(5))], 0, now - 7200, now - 3600)
+        .await;
+    for sale in ["later", "over"] {
+        let resp = app
+            .flash()
+            .claim(claim(&format!("c-{sale}"), sale, &[("p", 1)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.outcome(), Outcome::NotActive, "sale {sale}");
+        assert_eq!(app.stock(sale, "p").await.sold, 0);
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_per_customer_limit_is_enforced_across_claims() {
+    let app = spawn_app().await;
+    app.live_sale("limited", &[("a", Some(100)), ("b", Some(100))], 2)
+        .await;
+    let mut req = claim("c1", "limited", &[("a", 1)]);
+    req.customer_id = "alice".into();
+    assert_eq!(
+        app.flash()
+            .claim(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome(),
+        Outcome::Ok
+    );
+
+    let mut second = claim("c2", "limited", &[("a", 1), ("b", 1)]);
+    second.customer_id = "alice".into();
+    let resp = app.flash().claim(second).await.unwrap().into_inner();
+    assert_eq!(resp.outcome(), Outcome::CustomerLimit);
+    assert_eq!(resp.customer_units, 1);
+
+    let mut third = claim("c3", "limited", &[("b", 1)]);
+    third.customer_id = "alice".into();
+    assert_eq!(
+        app.flash()
+            .claim(third)
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome(),
+        Outcome::Ok
+    );
+
+    let mut bob = claim("c4", "limited", &[("a", 2)]);
+    bob.customer_id = "bob".into();
+    assert_eq!(
+        app.flash().claim(bob).await.unwrap().into_inner().outcome(),
+        Outcome::Ok
+    );
+
+    // Without a customer id the limit cannot be enforced: refused.
+    let anonymous = app
+        .flash()
+        .claim(claim("c5", "limited", &[("a", 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::InvalidArgument);
+    assert!(anonymous.message().contains("customer_id"));
+    assert_eq!(app.stock("limited", "a").await.sold, 3);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn creating_a_sale_twice_is_idempotent_but_a_different_definition_is_refused() {
+    let app = spawn_app().await;
+    let first = app.live_sale("s", &[("p", Some(5))], 0).await;
+    let again = app
+        .flash()
+        .create_sale(pb::CreateSaleRequest {
+            sale_id: "s".into(),
+            name: first.name.clone(),
+            starts_at: first.starts_at,
+            ends_at: first.ends_at,
+            products: vec![pb::SaleProduct {
+                product_id: "p".into(),
+                unit_cap: Some(5),
+            }],
+            per_customer_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.sale.unwrap(), first);
+    let different = app
+        .flash()
+        .create_sale(pb::CreateSaleRequest {
+            sale_id: "s".into(),
+            name: first.name.clone(),
+            starts_at: first.starts_at,
+            ends_at: first.ends_at,
+            products: vec![pb::SaleProduct {
+                product_id: "p".into(),
+                unit_cap: Some(6),
+            }],
+            per_customer_limit: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(different.code(), tonic::Code::AlreadyExists);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn unlimited_products_never_sell_out() {
+    let app = spawn_app().await;
+    app.live_sale("open", &[("ebook", None)], 0).await;
+    for i in 0..5 {
+        let resp = app
+            .flash()
+            .claim(claim(&format!("c{i}"), "open", &[("ebook", 1000)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.outcome(), Outcome::Ok);
+    }
+    let stock = app.stock("open", "ebook").await;
+    assert!(stock.unlimited);
+    assert_eq!(stock.sold, 5000);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_acknowledged_claim_survives_a_daemon_restart() {
+    let app = spawn_app().await;
+    app.live_sale("r", &[("p", Some(3))], 0).await;
+    assert_eq!(
+        app.flash()
+            .claim(claim("c", "r", &[("p", 3)]))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome(),
+        Outcome::Ok
+    );
+    let args = holdfast::config::ServeArgs::for_test(
+        &crate::helpers::redis_url(),
+        &app.database_url,
+        &app.redis_prefix,
+    );
+    app.shutdown().await;
+
+    let again = crate::helpers::start(args).await;
+    assert_eq!(again.stock("r", "p").await.sold, 3);
+    let resp = again
+        .flash()
+        .claim(claim("c2", "r", &[("p", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.outcome(), Outcome::SoldOut);
+    let retry = again
+        .flash()
+        .claim(claim("c", "r", &[("p", 3)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        retry.outcome(),
+        Outcome::Ok,
+        "the first answer is remembered across restarts"
+    );
+    again
+        .eventually("write-back", || async {
+            (again.pg_sold("r", "p").await == 3).then_some(())
+        })
+        .await;
+    again.shutdown().await;
+}

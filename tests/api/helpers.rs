@@ -1,0 +1,324 @@
+//! The test harness: `spawn_app()` runs the real daemon (the exact
+//! production path, `Application::build` + `run_until_stopped`) on port 0
+//! against the Redis and Postgres that `scripts/test.sh` started, with a
+//! database and a Redis key prefix of its own for each test.
+
+use std::time::Duration;
+
+use holdfast::config::ServeArgs;
+use holdfast::grpc::pb::admin_service_client::AdminServiceClient;
+use holdfast::grpc::pb::flash_sale_service_client::FlashSaleServiceClient;
+use holdfast::grpc::pb::{self, ClaimLine, SaleProduct};
+use holdfast::startup::Application;
+use rand::Rng;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test.sh, which starts Redis and Postgres for them")
+    })
+}
+
+/// The Redis the tests share.
+pub fn redis_url() -> String {
+    env("HOLDFAST_TEST_REDIS_URL")
+}
+
+/// A fresh, empty database on the shared Postgres; returns its URL.
+pub async fn fresh_database() -> String {
+    let base = env("HOLDFAST_TEST_DATABASE_URL");
+    let name = format!("t_{}", random_suffix());
+    let admin = PgPool::connect(&base)
+        .await
+        .expect("connect to the test postgres");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    admin.close().await;
+    let (prefix, _) = base.rsplit_once('/').expect("a database url ends in /name");
+    format!("{prefix}/{name}")
+}
+
+/// Eight random lowercase letters and digits.
+pub fn random_suffix() -> String {
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
+        .collect()
+}
+
+/// A daemon under test.
+pub struct TestApp {
+    /// gRPC address.
+    pub addr: std::net::SocketAddr,
+    /// /metrics address.
+    pub metrics_addr: std::net::SocketAddr,
+    /// The test's own database.
+    pub pg: PgPool,
+    /// Its URL, to start another daemon on the same state.
+    pub database_url: String,
+    /// The test's own Redis key prefix.
+    pub redis_prefix: String,
+    channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A daemon in development mode (tenant "dev", no auth), fresh state.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// A daemon with settings changed by `configure`, fresh state.
+pub async fn spawn_app_with(configure: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    let database_url = fresh_database().await;
+    let prefix = format!("t{}", random_suffix());
+    let mut args = ServeArgs::for_test(&redis_url(), &database_url, &prefix);
+    configure(&mut args);
+    start(args).await
+}
+
+/// Starts a daemon with exactly these settings.
+pub async fn start(args: ServeArgs) -> TestApp {
+    let database_url = args.db.database_url.clone();
+    let redis_prefix = args.redis_prefix.clone();
+    let app = Application::build(args).await.expect("the daemon builds");
+    let addr = app.grpc_addr();
+    let metrics_addr = app.metrics_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("a valid uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the daemon");
+    let pg = PgPool::connect(&database_url)
+        .await
+        .expect("connect to the test database");
+    TestApp {
+        addr,
+        metrics_addr,
+        pg,
+        database_url,
+        redis_prefix,
+        channel,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    /// A FlashSaleService client.
+    pub fn flash(&self) -> FlashSaleServiceClient<Channel> {
+        FlashSaleServiceClient::new(self.channel.clone())
+    }
+
+    /// An AdminService client.
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel.clone())
+    }
+
+    /// A new connection (for spreading concurrent calls).
+    pub async fn new_channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// The channel all clients share.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Stops the daemon and asserts it shut down cleanly.
+    pub async fn shutdown(mut self) {
+        self.stop_and_wait().await;
+    }
+
+    async fn stop_and_wait(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("the daemon stops within 30 s")
+                .expect("the daemon task did not panic");
+            result.expect("the daemon stopped without error");
+        }
+    }
+
+    /// Polls `f` until it returns `Some`, for at most 10 s.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The Postgres-recorded sold count of a sale product (what the drainer
+    /// wrote back).
+    pub async fn pg_sold(&self, sale: &str, product: &str) -> i64 {
+        let (sold,): (i64,) = sqlx::query_as(
+            "SELECT sold_pg + sold_prior + reported_sold FROM pools WHERE pool_id = $1",
+        )
+        .bind(format!("sale/{sale}/{product}"))
+        .fetch_one(&self.pg)
+        .await
+        .expect("the pool exists");
+        sold
+    }
+
+    /// How many audit rows exist.
+    pub async fn audit_count(&self) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_log")
+            .fetch_one(&self.pg)
+            .await
+            .unwrap();
+        n
+    }
+
+    /// Creates a live sale (started a minute ago, ends in an hour) with
+    /// `products` as (id, cap).
+    pub async fn live_sale(
+        &self,
+        sale_id: &str,
+        products: &[(&str, Option<i64>)],
+        per_customer_limit: u32,
+    ) -> pb::Sale {
+        let now = chrono::Utc::now().timestamp();
+        self.sale_between(sale_id, products, per_customer_limit, now - 60, now + 3600)
+            .await
+    }
+
+    /// Creates a sale open between two unix times.
+    pub async fn sale_between(
+        &self,
+        sale_id: &str,
+        products: &[(&str, Option<i64>)],
+        per_customer_limit: u32,
+        from: i64,
+        to: i64,
+    ) -> pb::Sale {
+        self.flash()
+            .create_sale(pb::CreateSaleRequest {
+                sale_id: sale_id.into(),
+                name: format!("sale {sale_id}"),
+                starts_at: Some(prost_types::Timestamp {
+                    seconds: from,
+                    nanos: 0,
+                }),
+                ends_at: Some(prost_types::Timestamp {
+                    seconds: to,
+                    nanos: 0,
+                }),
+                products: products
+                    .iter()
+                    .map(|(id, cap)| SaleProduct {
+                        product_id: (*id).into(),
+                        unit_cap: *cap,
+                    })
+                    .collect(),
+                per_customer_limit,
+            })
+            .await
+            .expect("create the sale")
+            .into_inner()
+            .sale
+            .expect("a sale")
+    }
+
+    /// Reads a product's stock.
+    pub async fn stock(&self, sale_id: &str, product: &str) -> pb::ProductStock {
+        let sale = self
+            .flash()
+            .get_sale(pb::GetSaleRequest {
+                sale_id: sale_id.into(),
+            })
+            .await
+            .expect("get the sale")
+            .into_inner()
+            .sale
+            .expect("a sale");
+        sale.products
+            .into_iter()
+            .find(|p| p.product_id == product)
+            .expect("the product")
+    }
+
+    /// The Redis server's clock, ms.
+    pub async fn redis_now_ms(&self) -> i64 {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let (s, us): (i64, i64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
+        s * 1000 + us / 1000
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A claim request.
+pub fn claim(claim_id: &str, sale_id: &str, lines: &[(&str, i64)]) -> pb::ClaimRequest {
+    pb::ClaimRequest {
+        claim_id: claim_id.into(),
+        sale_id: sale_id.into(),
+        customer_id: String::new(),
+        lines: lines_of(lines),
+    }
+}
+
+/// Claim lines from (product, quantity) pairs.
+pub fn lines_of(lines: &[(&str, i64)]) -> Vec<ClaimLine> {
+    lines
+        .iter()
+        .map(|(p, q)| ClaimLine {
+            product_id: (*p).into(),
+            quantity: *q,
+        })
+        .collect()
+}
+
+/// A cart hold request with a TTL in seconds.
+pub fn cart_hold(
+    hold_id: &str,
+    sale_id: &str,
+    lines: &[(&str, i64)],
+    ttl_secs: i64,
+) -> pb::CreateCartHoldRequest {
+    pb::CreateCartHoldRequest {
+        hold_id: hold_id.into(),
+        sale_id: sale_id.into(),
+        customer_id: String::new(),
+        lines: lines_of(lines),
+        ttl: Some(prost_types::Duration {
+            seconds: ttl_secs,
+            nanos: 0,
+        }),
+    }
+}

@@ -1,0 +1,379 @@
+//! Cart holds: capacity while active, the hold's one way to end, extension
+//! once, idempotent ids, and expiry that never blocks a sale.
+
+use holdfast::grpc::pb::{self, HoldState, Outcome};
+use tonic::Code;
+
+use crate::helpers::{cart_hold, claim, spawn_app, spawn_app_with};
+
+fn hold_req(id: &str) -> pb::GetCartHoldRequest {
+    pb::GetCartHoldRequest { hold_id: id.into() }
+}
+
+#[tokio::test]
+async fn a_cart_hold_takes_capacity_until_committed_or_released() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(3))], 0).await;
+    let held = app
+        .flash()
+        .create_cart_hold(cart_hold("cart-a", "s", &[("p", 2)], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.outcome(), Outcome::Ok);
+    let hold = held.hold.unwrap();
+    assert_eq!(hold.state(), HoldState::Active);
+    let stock = app.stock("s", "p").await;
+    assert_eq!((stock.sold, stock.held, stock.remaining), (0, 2, 1));
+
+    // Everyone else sees only what is left.
+    let resp = app
+        .flash()
+        .claim(claim("other", "s", &[("p", 2)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.outcome(), Outcome::SoldOut);
+    assert_eq!(resp.shortages[0].available, 1);
+
+    let committed = app
+        .flash()
+        .commit_cart_hold(pb::CommitCartHoldRequest {
+            hold_id: "cart-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(committed.hold.unwrap().state(), HoldState::Committed);
+    let stock = app.stock("s", "p").await;
+    assert_eq!((stock.sold, stock.held, stock.remaining), (2, 0, 1));
+
+    // Committing again is a harmless retry.
+    let again = app
+        .flash()
+        .commit_cart_hold(pb::CommitCartHoldRequest {
+            hold_id: "cart-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.hold.unwrap().state(), HoldState::Committed);
+    assert_eq!(app.stock("s", "p").await.sold, 2);
+
+    // A committed hold cannot be released.
+    let err = app
+        .flash()
+        .release_cart_hold(pb::ReleaseCartHoldRequest {
+            hold_id: "cart-a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    app.eventually("write-back of the commit", || async {
+        (app.pg_sold("s", "p").await == 2).then_some(())
+    })
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_released_hold_frees_its_units_and_cannot_be_committed() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(1))], 0).await;
+    app.flash()
+        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 60))
+        .await
+        .unwrap();
+    let released = app
+        .flash()
+        .release_cart_hold(pb::ReleaseCartHoldRequest {
+            hold_id: "h".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.hold.unwrap().state(), HoldState::Released);
+    // Releasing again is idempotent.
+    let again = app
+        .flash()
+        .release_cart_hold(pb::ReleaseCartHoldRequest {
+            hold_id: "h".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.hold.unwrap().state(), HoldState::Released);
+
+    let err = app
+        .flash()
+        .commit_cart_hold(pb::CommitCartHoldRequest {
+            hold_id: "h".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("released"), "{}", err.message());
+    assert_eq!(
+        app.flash()
+            .claim(claim("c", "s", &[("p", 1)]))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome(),
+        Outcome::Ok
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hold_extends_once_and_a_retried_extension_is_not_a_second_one() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    let hold = app
+        .flash()
+        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 60))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    let extend = |id: &str| pb::ExtendCartHoldRequest {
+        hold_id: "h".into(),
+        ttl: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
+        extension_id: id.into(),
+    };
+    let extended = app
+        .flash()
+        .extend_cart_hold(extend("pay-delay"))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(extended.extensions, 1);
+    assert!(extended.expires_at.unwrap().seconds >= hold.expires_at.unwrap().seconds + 500);
+
+    let retried = app
+        .flash()
+        .extend_cart_hold(extend("pay-delay"))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(
+        retried, extended,
+        "a retry of the same extension answers as the first"
+    );
+
+    let second = app
+        .flash()
+        .extend_cart_hold(extend("another"))
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), Code::FailedPrecondition);
+    assert!(
+        second.message().contains("extended"),
+        "{}",
+        second.message()
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hold_id_reused_for_a_different_request_is_refused() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    let first = app
+        .flash()
+        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let same = app
+        .flash()
+        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(same, first, "the same request is a retry");
+    let err = app
+        .flash()
+        .create_cart_hold(cart_hold("h", "s", &[("p", 2)], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let err = app
+        .flash()
+        .claim(claim("h", "s", &[("p", 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::AlreadyExists,
+        "claim ids and hold ids share one namespace"
+    );
+    assert_eq!(app.stock("s", "p").await.held, 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_hold_never_blocks_a_claim_even_before_the_sweeper_runs() {
+    // The sweeper is kept away, so only the scripts' own rule is at work.
+    let app = spawn_app_with(|a| a.sweep_interval_ms = 3_600_000).await;
+    app.live_sale("s", &[("p", Some(1))], 0).await;
+    let hold = app
+        .flash()
+        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    let expires = hold.expires_at.unwrap();
+    let expires_ms = expires.seconds * 1000 + i64::from(expires.nanos / 1_000_000);
+    assert_eq!(
+        app.flash()
+            .claim(claim("early", "s", &[("p", 1)]))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome(),
+        Outcome::SoldOut
+    );
+
+    // Wait on Redis's clock, which is the one the scripts use.
+    app.eventually("the hold's expiry on the Redis clock", || async {
+        (app.redis_now_ms().await > expires_ms).then_some(())
+    })
+    .await;
+    let resp = app
+        .flash()
+        .claim(claim("late", "s", &[("p", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.outcome(),
+        Outcome::Ok,
+        "the expired hold does not count"
+    );
+
+    let err = app
+        .flash()
+        .commit_cart_hold(pb::CommitCartHoldRequest {
+            hold_id: "h".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("expired"), "{}", err.message());
+    let stock = app.stock("s", "p").await;
+    assert_eq!((stock.sold, stock.held), (1, 0));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_sweeper_finalises_an_expired_hold_within_a_second_with_its_audit_row() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    let hold = app
+        .flash()
+        .create_cart_hold(cart_hold("h", "s", &[("p", 2)], 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    let expires = hold.expires_at.unwrap();
+    let expires_ms = expires.seconds * 1000 + i64::from(expires.nanos / 1_000_000);
+
+    // No call touches the tenant: the audit row can only come from the sweeper.
+    let at: chrono::DateTime<chrono::Utc> = app
+        .eventually("the expired event in the audit log", || async {
+            sqlx::query_as::<_, (chrono::DateTime<chrono::Utc>,)>(
+                "SELECT at FROM audit_log WHERE hold_id = 'h' AND kind = 'expired'",
+            )
+            .fetch_optional(&app.pg)
+            .await
+            .unwrap()
+            .map(|r| r.0)
+        })
+        .await;
+    // Both times are Redis's: the promise is finalisation within 1 s of expiry.
+    let lag_ms = at.timestamp_millis() - expires_ms;
+    assert!(
+        (0..=1000).contains(&lag_ms),
+        "finalised {lag_ms} ms after expiry"
+    );
+    let got = app
+        .flash()
+        .get_cart_hold(pb::GetCartHoldRequest {
+            hold_id: "h".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.hold.unwrap().state(), HoldState::Expired);
+    assert_eq!(app.stock("s", "p").await.held, 0);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn holds_in_an_unlimited_sale_are_advisory() {
+    let app = spawn_app().await;
+    app.live_sale("u", &[("p", None)], 0).await;
+    for i in 0..3 {
+        let r = app
+            .flash()
+            .create_cart_hold(cart_hold(&format!("h{i}"), "u", &[("p", 1_000_000)], 60))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.outcome(), Outcome::Ok);
+    }
+    assert_eq!(
+        app.flash()
+            .claim(claim("c", "u", &[("p", 5)]))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome(),
+        Outcome::Ok
+    );
+    let stock = app.stock("u", "p").await;
+    assert_eq!((stock.sold, stock.held, stock.remaining), (5, 3_000_000, 0));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unknown_hold_is_not_found() {
+    let app = spawn_app().await;
+    for code in [
+        app.flash()
+            .get_cart_hold(hold_req("nope"))
+            .await
+            .unwrap_err()
+            .code(),
+        app.flash()
+            .commit_cart_hold(pb::CommitCartHoldRequest {
+                hold_id: "nope".into(),
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        app.flash()
+            .release_cart_hold(pb::ReleaseCartHoldRequest {
+                hold_id: "nope".into(),
+            })
+            .await
+            .unwrap_err()
+            .code(),
+    ] {
+        assert_eq!(code, Code::NotFound);
+    }
+    app.shutdown().await;
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real daemon over real gRPC, against real Redis
+//! and Postgres (started by `scripts/test.sh`). One test binary, one module
+//! per area, so the suite links once.
+
+mod helpers;
+
+mod auth;
+mod flash_sale;
+mod holds;
+mod ops;
+mod validation;

@@ -1,0 +1,249 @@
+//! Bad input gets a clear gRPC status naming the field, and changes
+//! nothing.
+
+use holdfast::grpc::pb::{self, ClaimLine};
+use tonic::Code;
+
+use crate::helpers::{TestApp, cart_hold, claim, lines_of, spawn_app};
+
+/// Runs a bad claim and checks its status, its message, and that neither
+/// the stock nor the audit log moved.
+async fn refused(app: &TestApp, req: pb::ClaimRequest, code: Code, field: &str) {
+    let before = (app.stock("s", "p").await, app.audit_count().await);
+    let err = app
+        .flash()
+        .claim(req.clone())
+        .await
+        .expect_err("a bad request is refused");
+    assert_eq!(err.code(), code, "{req:?}: {}", err.message());
+    assert!(
+        err.message().contains(field),
+        "the message {:?} names {field}",
+        err.message()
+    );
+    let after = (app.stock("s", "p").await, app.audit_count().await);
+    assert_eq!(before, after, "a refused request changed nothing");
+}
+
+#[tokio::test]
+async fn bad_claims_are_refused_naming_the_field_and_change_nothing() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(10)), ("q", Some(10))], 0)
+        .await;
+    // One good claim so there is state that must not move.
+    app.flash()
+        .claim(claim("ok", "s", &[("p", 1)]))
+        .await
+        .unwrap();
+
+    let inv = Code::InvalidArgument;
+    refused(&app, claim("a", "s", &[("p", 0)]), inv, "lines[0].quantity").await;
+    refused(
+        &app,
+        claim("a", "s", &[("p", -5)]),
+        inv,
+        "lines[0].quantity",
+    )
+    .await;
+    refused(
+        &app,
+        claim("a", "s", &[("q", 1), ("p", i64::MAX)]),
+        inv,
+        "lines[1].quantity",
+    )
+    .await;
+    refused(&app, claim("a", "s", &[]), inv, "lines").await;
+    refused(
+        &app,
+        claim("a", "s", &[("p", 1), ("q", 1), ("p", 2)]),
+        inv,
+        "lines[2]",
+    )
+    .await;
+    refused(&app, claim("", "s", &[("p", 1)]), inv, "claim_id").await;
+    refused(
+        &app,
+        claim(&"x".repeat(129), "s", &[("p", 1)]),
+        inv,
+        "claim_id",
+    )
+    .await;
+    refused(&app, claim("has:colon", "s", &[("p", 1)]), inv, "claim_id").await;
+    refused(&app, claim("{tag}", "s", &[("p", 1)]), inv, "claim_id").await;
+    refused(
+        &app,
+        claim("a", "s", &[("bad/product", 1)]),
+        inv,
+        "lines[0].product_id",
+    )
+    .await;
+    refused(
+        &app,
+        claim("a", &"s".repeat(65), &[("p", 1)]),
+        inv,
+        "sale_id",
+    )
+    .await;
+    let mut too_many = claim("a", "s", &[]);
+    too_many.lines = (0..501)
+        .map(|i| ClaimLine {
+            product_id: format!("p{i}"),
+            quantity: 1,
+        })
+        .collect();
+    refused(&app, too_many, inv, "lines").await;
+
+    refused(
+        &app,
+        claim("a", "nosuchsale", &[("p", 1)]),
+        Code::NotFound,
+        "nosuchsale",
+    )
+    .await;
+    refused(
+        &app,
+        claim("a", "s", &[("p", 1), ("nosuchproduct", 1)]),
+        Code::NotFound,
+        "nosuchproduct",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_hold_requests_are_refused_and_change_nothing() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(10))], 0).await;
+    let before = app.stock("s", "p").await;
+    for (req, field) in [
+        (cart_hold("h", "s", &[("p", 1)], 0), "ttl"),
+        (cart_hold("h", "s", &[("p", 1)], -3), "ttl"),
+        (cart_hold("h", "s", &[("p", 1)], 100 * 86_400), "ttl"),
+        (cart_hold("h h", "s", &[("p", 1)], 60), "hold_id"),
+        (
+            pb::CreateCartHoldRequest {
+                customer_id: "a:b".into(),
+                ..cart_hold("h", "s", &[("p", 1)], 60)
+            },
+            "customer_id",
+        ),
+    ] {
+        let err = app.flash().create_cart_hold(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    assert_eq!(app.stock("s", "p").await, before);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_sale_definitions_are_refused_naming_the_field() {
+    let app = spawn_app().await;
+    let now = chrono::Utc::now().timestamp();
+    let good = pb::CreateSaleRequest {
+        sale_id: "s".into(),
+        name: "Sale".into(),
+        starts_at: Some(prost_types::Timestamp {
+            seconds: now,
+            nanos: 0,
+        }),
+        ends_at: Some(prost_types::Timestamp {
+            seconds: now + 60,
+            nanos: 0,
+        }),
+        products: vec![pb::SaleProduct {
+            product_id: "p".into(),
+            unit_cap: Some(1),
+        }],
+        per_customer_limit: 0,
+    };
+    let cases = [
+        (
+            pb::CreateSaleRequest {
+                sale_id: String::new(),
+                ..good.clone()
+            },
+            "sale_id",
+        ),
+        (
+            pb::CreateSaleRequest {
+                ends_at: good.starts_at,
+                ..good.clone()
+            },
+            "ends_at",
+        ),
+        (
+            pb::CreateSaleRequest {
+                starts_at: None,
+                ..good.clone()
+            },
+            "starts_at",
+        ),
+        (
+            pb::CreateSaleRequest {
+                products: vec![],
+                ..good.clone()
+            },
+            "products",
+        ),
+        (
+            pb::CreateSaleRequest {
+                products: vec![pb::SaleProduct {
+                    product_id: "p".into(),
+                    unit_cap: Some(-1),
+                }],
+                ..good.clone()
+            },
+            "products[0].unit_cap",
+        ),
+        (
+            pb::CreateSaleRequest {
+                products: vec![
+                    pb::SaleProduct {
+                        product_id: "p".into(),
+                        unit_cap: Some(1),
+                    },
+                    pb::SaleProduct {
+                        product_id: "p".into(),
+                        unit_cap: Some(2),
+                    },
+                ],
+                ..good.clone()
+            },
+            "products[1].product_id",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = app.flash().create_sale(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    let (sales,): (i64,) = sqlx::query_as("SELECT count(*) FROM sales")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(sales, 0);
+    let err = app
+        .flash()
+        .get_sale(pb::GetSaleRequest {
+            sale_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_argument_carries_a_bad_request_detail_naming_the_field() {
+    use tonic_types::StatusExt;
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(1))], 0).await;
+    let mut req = claim("a", "s", &[]);
+    req.lines = lines_of(&[("p", 0)]);
+    let err = app.flash().claim(req).await.unwrap_err();
+    let details = err.get_error_details();
+    let bad = details.bad_request().expect("a BadRequest detail");
+    assert_eq!(bad.field_violations[0].field, "lines[0].quantity");
+    app.shutdown().await;
+}
