@@ -1,6 +1,6 @@
 //! The test harness: `spawn_app()` runs the real daemon (the exact
 //! production path, `Application::build` + `run_until_stopped`) on port 0
-//! against the Redis and Postgres that `scripts/test.sh` started, with a
+//! against the Redis and Postgres that `deploy/test.sh` started, with a
 //! database and a Redis key prefix of its own for each test.
 
 use std::time::Duration;
@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run the tests with scripts/test.sh, which starts Redis and Postgres for them")
+        panic!("{name} is not set: run the tests with deploy/test.sh, which starts Redis and Postgres for them")
     })
 }
 

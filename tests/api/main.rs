@@ -1,5 +1,5 @@
 //! Integration tests: the real daemon over real gRPC, against real Redis
-//! and Postgres (started by `scripts/test.sh`). One test binary, one module
+//! and Postgres (started by `deploy/test.sh`). One test binary, one module
 //! per area, so the suite links once.
 
 mod helpers;

@@ -157,7 +157,7 @@ fn grpcurl_available() -> bool {
 async fn grpcurl_lists_every_service_through_reflection() {
     assert!(
         grpcurl_available(),
-        "grpcurl is not installed: scripts/test.sh installs it"
+        "grpcurl is not installed: deploy/test.sh installs it"
     );
     let app = spawn_app().await;
     // Async: a blocking wait would stall the runtime the daemon runs on.
@@ -192,7 +192,7 @@ async fn grpcurl_lists_every_service_through_reflection() {
 async fn the_readme_grpcurl_session_works_as_written() {
     assert!(
         grpcurl_available(),
-        "grpcurl is not installed: scripts/test.sh installs it"
+        "grpcurl is not installed: deploy/test.sh installs it"
     );
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();

@@ -1,4 +1,4 @@
-# Shared by scripts/dev.sh, scripts/test.sh and scripts/bench.sh: install
+# Shared by deploy/dev.sh, deploy/test.sh and deploy/bench.sh: install
 # what is missing (Debian packages, PyPI tools) and run throw-away Redis and
 # Postgres servers on loopback under a folder of the project's. Sourced, not
 # run.
