@@ -41,4 +41,7 @@ redis.call('PEXPIRE', hk, RETENTION_MS)
 
 -- 4. Log it, and answer.
 emit(now, 'claimed', job, claim_id, ln, { 'c', ck })
+for _, l in ipairs(lines) do
+  check_low(l[1], now)
+end
 return hold_view(hk)

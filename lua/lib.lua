@@ -9,7 +9,7 @@
 --   ARGV[2]  how long a finished hold is remembered for idempotent retries (ms)
 --
 -- Keys under the prefix (src/store/redis/keys.rs names the same ones):
---   pool:<pool_id>  hash  grant ret sold held epoch full unl from until
+--   pool:<pool_id>  hash  grant ret sold held epoch full unl from until low armed
 --   hold:<hold_id>  hash  st job rq ln exp ext xid ck cq ref oid cat fin
 --   exp             zset  hold_id -> expires_at (ms) of every ACTIVE hold
 --   events          stream, one entry per state change
@@ -47,6 +47,30 @@ local function hold_view(hold_key)
   return { 'HOLD', h[1], h[2], h[3], h[4] or '0', h[5] or '0', h[6] or '', h[7] or '', h[8] or '0', h[9] or '0' }
 end
 
+-- Emits a `low_stock` event once per crossing of a pool's low-stock
+-- threshold (field `low`; available = grant - ret - sold - held, so reserved
+-- units count as gone), and re-arms when availability rises above it. Only
+-- when Redis holds the pool's whole remaining capacity (`full`), because
+-- only then is Redis's share the pool's true availability.
+local function check_low(pool_id, now)
+  local pk = P .. 'pool:' .. pool_id
+  local p = redis.call('HMGET', pk, 'low', 'armed', 'grant', 'ret', 'sold', 'held', 'full', 'epoch')
+  if not p[1] or tonumber(p[1]) < 0 or p[7] ~= '1' then
+    return
+  end
+  local low = tonumber(p[1])
+  local avail = tonumber(p[3]) - tonumber(p[4]) - tonumber(p[5]) - tonumber(p[6])
+  if avail <= low then
+    if p[2] ~= '0' then
+      redis.call('HSET', pk, 'armed', '0')
+      emit(now, 'low_stock', 'stock', '', cjson.encode({ { pool_id, avail, tonumber(p[8]) } }),
+        { 'r', 'threshold=' .. p[1] })
+    end
+  elseif p[2] == '0' then
+    redis.call('HSET', pk, 'armed', '1')
+  end
+end
+
 -- Ends an ACTIVE hold as released ('R') or expired ('E'): gives its units
 -- back to every pool of the epoch it took them from, gives the customer's
 -- units back, and logs the event.
@@ -59,6 +83,7 @@ local function finish(hold_id, state, now, kind)
     -- A pool reloaded under a newer epoch no longer counts this hold.
     if redis.call('HGET', pk, 'epoch') == tostring(l[3]) then
       redis.call('HINCRBY', pk, 'held', -l[2])
+      check_low(l[1], now)
     end
   end
   if h[2] and h[2] ~= '' then

@@ -45,4 +45,7 @@ redis.call('ZADD', P .. 'exp', exp, hold_id)
 
 -- 4. Log it, and answer.
 emit(now, 'reserved', job, hold_id, ln, { 'r', ref, 'c', ck })
+for _, l in ipairs(lines) do
+  check_low(l[1], now)
+end
 return hold_view(hk)

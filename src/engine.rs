@@ -10,8 +10,10 @@ use tokio::sync::Mutex;
 
 use crate::domain::{Hold, HoldId, Job, Lines, PoolId, TakeOutcome, TenantId};
 use crate::error::Error;
-use crate::store::postgres::{PgStore, PoolRow};
-use crate::store::redis::{CustomerLimit, GrantReply, HoldReply, RedisPool, RedisStore};
+use crate::store::postgres::{AdjustOutcome, CapacityChange, PgStore, PoolRow};
+use crate::store::redis::{
+    CustomerLimit, GrantReply, HoldReply, PoolGrant, RedisPool, RedisStore, ReturnReply,
+};
 use crate::telemetry::metric;
 
 /// How many times a take is retried after granting missing pools. One
@@ -37,6 +39,8 @@ pub struct PoolView {
     pub granted_to_redis: i64,
     /// The epoch of that grant.
     pub epoch: i64,
+    /// Available units at or below which a low-stock alert fires.
+    pub low_stock_threshold: Option<i64>,
 }
 
 /// A request to take units: a hold, or a claim when `ttl` is `None`.
@@ -216,6 +220,74 @@ impl Engine {
     /// refills change only the size computed here.
     async fn grant(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<(), Error> {
         let _serial = self.grant_lock.lock().await;
+        self.sync_locked(tenant, pools).await
+    }
+
+    /// Brings Redis's copy of pools up to date with Postgres (grant,
+    /// window, threshold). Call after changing a pool in Postgres.
+    pub async fn sync(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<(), Error> {
+        let _serial = self.grant_lock.lock().await;
+        self.sync_locked(tenant, pools).await
+    }
+
+    /// Changes a pool's capacity by `delta` (idempotent by
+    /// `adjustment_id`). Growing: Postgres first, then the new units are
+    /// granted to Redis. Shrinking: Redis hands back what Postgres lacks
+    /// first (ESCROW.md "Return"), then Postgres lowers the capacity under
+    /// its guard. Refused with FAILED_PRECONDITION when the pool would end up
+    /// with less than is sold and held.
+    pub async fn adjust_capacity(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        delta: i64,
+        adjustment_id: &str,
+        reason: &str,
+    ) -> Result<AdjustOutcome, Error> {
+        let _serial = self.grant_lock.lock().await;
+        let row = self
+            .pg
+            .get_pools(tenant, std::slice::from_ref(pool))
+            .await?
+            .pop()
+            .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
+        let mut returned = None;
+        if delta < 0
+            && let Some(undelegated) = row.undelegated()
+            && undelegated < -delta
+        {
+            let k = -delta - undelegated;
+            match self.redis.return_units(tenant, pool, row.epoch, k).await? {
+                ReturnReply::Returned(r) => returned = Some((row.epoch, r)),
+                ReturnReply::Short(available) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "cannot remove {} units from {pool}: only {} are neither sold nor held",
+                        -delta,
+                        available + undelegated
+                    )));
+                }
+                // Redis does not run this pool: everything is in Postgres.
+                ReturnReply::NoPool => {}
+            }
+        }
+        let change = CapacityChange {
+            adjustment_id,
+            pool,
+            delta,
+            reason,
+            returned,
+        };
+        let outcome = self.pg.adjust_capacity(tenant, &change).await?;
+        self.sync_locked(tenant, std::slice::from_ref(pool)).await?;
+        if outcome == AdjustOutcome::Refused {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot change {pool} by {delta}: it would drop below the units sold and held"
+            )));
+        }
+        Ok(outcome)
+    }
+
+    async fn sync_locked(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<(), Error> {
         let rows = self.pg.get_pools(tenant, pools).await?;
         let in_redis = self.redis.get_pools(tenant, pools).await?;
         for (pool, redis) in pools.iter().zip(in_redis) {
@@ -249,11 +321,14 @@ impl Engine {
                 .grant(
                     tenant,
                     pool,
-                    row.epoch,
-                    granted,
-                    true,
-                    row.capacity.is_none(),
-                    window,
+                    &PoolGrant {
+                        epoch: row.epoch,
+                        granted,
+                        full: true,
+                        unlimited: row.capacity.is_none(),
+                        window_ms: window,
+                        low_stock_threshold: row.low_stock_threshold,
+                    },
                 )
                 .await?
             {
@@ -343,5 +418,6 @@ fn view(id: &PoolId, row: &PoolRow, redis: Option<&RedisPool>) -> PoolView {
             .map_or(0, |c| (c - sold - held - row.in_doubt).max(0)),
         granted_to_redis: row.outstanding_grant(),
         epoch: row.epoch,
+        low_stock_threshold: row.low_stock_threshold,
     }
 }

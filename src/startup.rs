@@ -16,16 +16,24 @@ use crate::config::ServeArgs;
 use crate::engine::Engine;
 use crate::grpc::auth::Auth;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
+use crate::grpc::pb::event_service_server::EventServiceServer;
 use crate::grpc::pb::flash_sale_service_server::FlashSaleServiceServer;
-use crate::grpc::{AdminApi, FlashSaleApi, pb};
+use crate::grpc::pb::reservation_service_server::ReservationServiceServer;
+use crate::grpc::{AdminApi, EventApi, FlashSaleApi, ReservationApi, pb};
 use crate::jobs::{Tenants, drainer, sweeper};
 use crate::services::flash_sale::FlashSales;
+use crate::services::reservations::Reservations;
 use crate::store::postgres::PgStore;
 use crate::store::redis::{RedisStore, RedisTimeouts};
 use crate::telemetry;
 
 /// The gRPC services, by full name, for health and logs.
-pub const SERVICES: &[&str] = &["holdfast.v1.FlashSaleService", "holdfast.v1.AdminService"];
+pub const SERVICES: &[&str] = &[
+    "holdfast.v1.FlashSaleService",
+    "holdfast.v1.ReservationService",
+    "holdfast.v1.EventService",
+    "holdfast.v1.AdminService",
+];
 
 /// A built daemon with its listeners bound.
 pub struct Application {
@@ -115,23 +123,24 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes; then health turns NOT_SERVING,
-    /// the listener closes, in-flight calls finish, and the jobs stop, all
-    /// within the shutdown grace period.
+    /// the listener closes, Watch streams end (telling subscribers where to
+    /// resume), in-flight calls finish, and the jobs stop, all within the
+    /// shutdown grace period.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let limits = self.args.limits();
         let grace = Duration::from_secs(self.args.shutdown_grace_secs);
-        let sales = Arc::new(FlashSales::new(self.engine.clone(), limits.max_batch));
+        let engine = self.engine.clone();
+        let auth = self.auth.clone();
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<FlashSaleServiceServer<FlashSaleApi>>()
-            .await;
-        health.set_serving::<AdminServiceServer<AdminApi>>().await;
-        health.set_service_status("", ServingStatus::Serving).await;
-
+        for service in SERVICES.iter().chain(&[""]) {
+            health
+                .set_service_status(*service, ServingStatus::Serving)
+                .await;
+        }
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -148,21 +157,20 @@ impl Application {
         ));
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let tenants = Arc::new(Tenants::new(self.engine.pg().clone()));
-        let consumer = format!("holdfast-{}", self.args.redis_prefix);
+        let tenants = Arc::new(Tenants::new(engine.pg().clone()));
         let jobs = vec![
             tokio::spawn(drainer::run(
-                self.engine.redis().clone(),
-                self.engine.pg().clone(),
+                engine.redis().clone(),
+                engine.pg().clone(),
                 tenants.clone(),
-                consumer,
+                format!("holdfast-{}", self.args.redis_prefix),
                 stop_rx.clone(),
             )),
             tokio::spawn(sweeper::run(
-                self.engine.redis().clone(),
+                engine.redis().clone(),
                 tenants,
                 Duration::from_millis(self.args.sweep_interval_ms),
-                stop_rx,
+                stop_rx.clone(),
             )),
         ];
 
@@ -170,39 +178,51 @@ impl Application {
         tracing::info!(%addr, metrics = %metrics_addr, "holdfast serving");
         let signal = {
             let health = health.clone();
+            let stop_tx = stop_tx.clone();
             async move {
                 shutdown.await;
                 tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
-                health
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
-                health
-                    .set_not_serving::<FlashSaleServiceServer<FlashSaleApi>>()
-                    .await;
-                health
-                    .set_not_serving::<AdminServiceServer<AdminApi>>()
-                    .await;
+                for service in SERVICES.iter().chain(&[""]) {
+                    health
+                        .set_service_status(*service, ServingStatus::NotServing)
+                        .await;
+                }
+                let _ = stop_tx.send(true);
             }
         };
-        let server = Server::builder()
+        let flash = FlashSaleApi::new(
+            Arc::new(FlashSales::new(engine.clone(), limits.max_batch)),
+            auth.clone(),
+            limits.clone(),
+        );
+        let reservations = ReservationApi::new(
+            Arc::new(Reservations::new(engine.clone(), limits.max_batch)),
+            auth.clone(),
+            limits,
+        );
+        let events = EventApi::new(
+            engine.redis().clone(),
+            engine.pg().clone(),
+            auth.clone(),
+            stop_rx,
+        );
+        let admin = AdminApi::new(engine.clone(), auth);
+        let served = Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(FlashSaleServiceServer::new(FlashSaleApi::new(
-                sales,
-                self.auth.clone(),
-                limits,
-            )))
-            .add_service(AdminServiceServer::new(AdminApi::new(
-                self.engine.clone(),
-                self.auth.clone(),
-            )))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal);
-        let served = server.await;
+            .add_service(FlashSaleServiceServer::new(flash))
+            .add_service(ReservationServiceServer::new(reservations))
+            .add_service(EventServiceServer::new(events))
+            .add_service(AdminServiceServer::new(admin))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal)
+            .await;
 
         let _ = stop_tx.send(true);
-        let all_jobs = futures_join(jobs);
-        if tokio::time::timeout(grace, all_jobs).await.is_err() {
+        if tokio::time::timeout(grace, futures_join(jobs))
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 ?grace,
                 "background jobs did not stop within the grace period"

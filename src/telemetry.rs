@@ -37,6 +37,17 @@ pub mod metric {
     pub const SWEEPER_LAG_SECONDS: &str = "holdfast_sweeper_lag_seconds";
     /// Gauge: units in doubt after a store failure, summed over pools.
     pub const IN_DOUBT_UNITS: &str = "holdfast_in_doubt_units";
+    /// Counter: requests served, by path (`redis`, or `postgres` when the
+    /// fallback served them).
+    pub const SERVED_BY: &str = "holdfast_requests_served_total";
+    /// Gauge: 1 while the Redis circuit is open (the fallback serves).
+    pub const CIRCUIT_OPEN: &str = "holdfast_redis_circuit_open";
+    /// Gauge: webhook deliveries waiting in the outbox.
+    pub const OUTBOX_BACKLOG: &str = "holdfast_outbox_backlog";
+    /// Counter: webhook delivery attempts that failed.
+    pub const OUTBOX_FAILURES: &str = "holdfast_outbox_delivery_failures_total";
+    /// Histogram: time spent waiting for a store connection, by pool.
+    pub const POOL_WAIT_SECONDS: &str = "holdfast_pool_wait_seconds";
 }
 
 /// Buckets for latency histograms: 50 µs to 5 s.

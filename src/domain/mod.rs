@@ -3,11 +3,13 @@
 //! Nothing here knows Redis, Postgres or gRPC. Requests are parsed into these
 //! types once, at the edge; inside, a value of these types is valid.
 
+mod event;
 mod hold;
 mod ids;
 mod limits;
 mod quantity;
 
+pub use event::{Event, EventLine, parse_event_id};
 pub use hold::{Hold, HoldState, Job, Line, Lines, Shortage, TakeOutcome};
 pub use ids::{HoldId, PoolId, TenantId, parse_name};
 pub use limits::Limits;

@@ -5,7 +5,9 @@
 mod admin;
 pub mod auth;
 mod convert;
+mod events;
 mod flash_sale;
+mod reservation;
 
 use std::future::Future;
 use std::time::Instant;
@@ -14,7 +16,9 @@ use tonic::{Code, Response, Status};
 use tracing::Instrument;
 
 pub use admin::AdminApi;
+pub use events::EventApi;
 pub use flash_sale::FlashSaleApi;
+pub use reservation::ReservationApi;
 
 use crate::error::Error;
 use crate::telemetry::metric;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use redis::AsyncCommands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio::sync::watch;
@@ -18,8 +18,8 @@ use tokio::sync::watch;
 use super::Tenants;
 use crate::domain::TenantId;
 use crate::error::Error;
-use crate::store::postgres::{AuditEvent, EventLine, PgStore};
-use crate::store::redis::RedisStore;
+use crate::store::postgres::PgStore;
+use crate::store::redis::{RedisStore, decode_event};
 use crate::telemetry::metric;
 
 /// The consumer group's name.
@@ -136,7 +136,7 @@ impl Drainer {
             let events = stream
                 .ids
                 .iter()
-                .map(decode)
+                .map(decode_event)
                 .collect::<Result<Vec<_>, _>>()?;
             new += self.pg.record_events(&tenant, &events).await?;
             let acked: Vec<&str> = stream.ids.iter().map(|e| e.id.as_str()).collect();
@@ -162,29 +162,4 @@ impl Drainer {
         }
         Ok(new)
     }
-}
-
-/// Decodes one stream entry (fields written by `lua/lib.lua`'s `emit`).
-fn decode(entry: &redis::streams::StreamId) -> Result<AuditEvent, Error> {
-    let field = |name: &str| -> Option<String> { entry.get::<String>(name) };
-    let bad = |what: &str| Error::internal(format!("event {} has no valid {what}", entry.id));
-    let lines: Vec<(String, i64, i64)> =
-        serde_json::from_str(&field("l").ok_or_else(|| bad("lines"))?).map_err(|_| bad("lines"))?;
-    let ms: i64 = field("t")
-        .and_then(|t| t.parse().ok())
-        .ok_or_else(|| bad("time"))?;
-    Ok(AuditEvent {
-        event_id: entry.id.clone(),
-        kind: field("k").ok_or_else(|| bad("kind"))?,
-        job: field("j").unwrap_or_default(),
-        hold_id: field("h").unwrap_or_default(),
-        lines: lines
-            .into_iter()
-            .map(|(pool, qty, epoch)| EventLine { pool, qty, epoch })
-            .collect(),
-        reference: field("r").unwrap_or_default(),
-        order_id: field("o").unwrap_or_default(),
-        customer: field("c").unwrap_or_default(),
-        at: DateTime::<Utc>::from_timestamp_millis(ms).ok_or_else(|| bad("time"))?,
-    })
 }

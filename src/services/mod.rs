@@ -3,3 +3,4 @@
 //! the engine.
 
 pub mod flash_sale;
+pub mod reservations;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use holdfast::config::ServeArgs;
 use holdfast::grpc::pb::admin_service_client::AdminServiceClient;
+use holdfast::grpc::pb::event_service_client::EventServiceClient;
 use holdfast::grpc::pb::flash_sale_service_client::FlashSaleServiceClient;
+use holdfast::grpc::pb::reservation_service_client::ReservationServiceClient;
 use holdfast::grpc::pb::{self, ClaimLine, SaleProduct};
 use holdfast::startup::Application;
 use rand::Rng;
@@ -118,6 +120,16 @@ impl TestApp {
     /// A FlashSaleService client.
     pub fn flash(&self) -> FlashSaleServiceClient<Channel> {
         FlashSaleServiceClient::new(self.channel.clone())
+    }
+
+    /// A ReservationService client.
+    pub fn reservations(&self) -> ReservationServiceClient<Channel> {
+        ReservationServiceClient::new(self.channel.clone())
+    }
+
+    /// An EventService client.
+    pub fn events(&self) -> EventServiceClient<Channel> {
+        EventServiceClient::new(self.channel.clone())
     }
 
     /// An AdminService client.

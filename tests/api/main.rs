@@ -5,7 +5,9 @@
 mod helpers;
 
 mod auth;
+mod events;
 mod flash_sale;
 mod holds;
 mod ops;
+mod reservations;
 mod validation;

@@ -2,64 +2,16 @@
 //! transaction per batch of events.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 
 use super::PgStore;
-use crate::domain::TenantId;
+use crate::domain::{Event, TenantId};
 use crate::error::Error;
-
-/// One line of an event: a pool, the units, and the Redis epoch they were
-/// taken in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EventLine {
-    /// The pool.
-    pub pool: String,
-    /// The units.
-    pub qty: i64,
-    /// The epoch.
-    pub epoch: i64,
-}
-
-/// One engine event, as read from the tenant's Redis stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditEvent {
-    /// The stream entry id: unique per tenant, the key of exactly-once.
-    pub event_id: String,
-    /// What happened: reserved, claimed, committed, released, expired,
-    /// extended.
-    pub kind: String,
-    /// Which job: flash, stock, lock, slot.
-    pub job: String,
-    /// The hold (or claim) id.
-    pub hold_id: String,
-    /// The pools and units.
-    pub lines: Vec<EventLine>,
-    /// The caller's reference.
-    pub reference: String,
-    /// The order id, for commits.
-    pub order_id: String,
-    /// The customer counter, if any.
-    pub customer: String,
-    /// When it happened (Redis time).
-    pub at: DateTime<Utc>,
-}
-
-impl AuditEvent {
-    /// True for the events that sell units.
-    pub fn sells(&self) -> bool {
-        matches!(self.kind.as_str(), "claimed" | "committed")
-    }
-}
 
 impl PgStore {
     /// Records events exactly once, each with its effects, in one
     /// transaction: an event id seen before is skipped with its effects.
     /// Returns how many were new.
-    pub async fn record_events(
-        &self,
-        tenant: &TenantId,
-        events: &[AuditEvent],
-    ) -> Result<usize, Error> {
+    pub async fn record_events(&self, tenant: &TenantId, events: &[Event]) -> Result<usize, Error> {
         let mut tx = self.pool.begin().await?;
         let mut new = 0;
         for e in events {
@@ -111,4 +63,130 @@ impl PgStore {
         tx.commit().await?;
         Ok(new)
     }
+
+    /// One page of the audit log, oldest first, after row id `after`.
+    pub async fn audit_page(
+        &self,
+        tenant: &TenantId,
+        f: &AuditFilter<'_>,
+    ) -> Result<Vec<AuditRow>, Error> {
+        let rows = sqlx::query_as::<_, AuditRow>(
+            "SELECT id, event_id, kind, hold_id, lines, reference, order_id, at FROM audit_log
+             WHERE tenant = $1 AND job = $2 AND id > $3
+               AND ($4::text IS NULL OR EXISTS (
+                     SELECT 1 FROM jsonb_array_elements(lines) l
+                     WHERE l->>'pool' = $4 OR starts_with(l->>'pool', $4 || '/')))
+               AND ($5::text IS NULL OR reference = $5)
+             ORDER BY id
+             LIMIT $6",
+        )
+        .bind(tenant.as_str())
+        .bind(f.job)
+        .bind(f.after)
+        .bind(f.pool)
+        .bind(f.reference)
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+}
+
+/// Which audit rows to read.
+#[derive(Debug, Clone)]
+pub struct AuditFilter<'a> {
+    /// The job.
+    pub job: &'a str,
+    /// Only rows touching this pool or the pools below it (`pool/...`).
+    pub pool: Option<&'a str>,
+    /// Only rows with this reference.
+    pub reference: Option<&'a str>,
+    /// Only rows after this row id (the page token).
+    pub after: i64,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// One audit row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AuditRow {
+    /// The row id (page token).
+    pub id: i64,
+    /// The event id.
+    pub event_id: String,
+    /// What happened.
+    pub kind: String,
+    /// The hold.
+    pub hold_id: String,
+    /// `[{"pool", "qty", "epoch"}]`.
+    pub lines: serde_json::Value,
+    /// The reference.
+    pub reference: String,
+    /// The order id.
+    pub order_id: String,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+impl PgStore {
+    /// Recorded events after `after` and before `before` (stream ids,
+    /// exclusive), in stream order: the history a Watch subscriber resuming
+    /// from an id older than the Redis stream's retention needs.
+    pub async fn events_between(
+        &self,
+        tenant: &TenantId,
+        after: (u64, u64),
+        before: Option<(u64, u64)>,
+        limit: i64,
+    ) -> Result<Vec<Event>, Error> {
+        let to_i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let (before_ms, before_seq) =
+            before.map_or((i64::MAX, i64::MAX), |(a, b)| (to_i(a), to_i(b)));
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT event_id, kind, job, hold_id, lines, reference, order_id, customer, at FROM audit_log
+             WHERE tenant = $1
+               AND (split_part(event_id, '-', 1)::bigint, split_part(event_id, '-', 2)::bigint) > ($2, $3)
+               AND (split_part(event_id, '-', 1)::bigint, split_part(event_id, '-', 2)::bigint) < ($4, $5)
+             ORDER BY split_part(event_id, '-', 1)::bigint, split_part(event_id, '-', 2)::bigint
+             LIMIT $6",
+        )
+        .bind(tenant.as_str())
+        .bind(to_i(after.0))
+        .bind(to_i(after.1))
+        .bind(before_ms)
+        .bind(before_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Event {
+                    lines: serde_json::from_value(r.lines)
+                        .map_err(|e| Error::Internal(e.into()))?,
+                    event_id: r.event_id,
+                    kind: r.kind,
+                    job: r.job,
+                    hold_id: r.hold_id,
+                    reference: r.reference,
+                    order_id: r.order_id,
+                    customer: r.customer,
+                    at: r.at,
+                })
+            })
+            .collect()
+    }
+}
+
+/// An audit row read back as an event.
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    event_id: String,
+    kind: String,
+    job: String,
+    hold_id: String,
+    lines: serde_json::Value,
+    reference: String,
+    order_id: String,
+    customer: String,
+    at: DateTime<Utc>,
 }

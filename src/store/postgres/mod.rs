@@ -13,9 +13,9 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-pub use audit::{AuditEvent, EventLine};
+pub use audit::{AuditFilter, AuditRow};
 pub use keys::ApiKeyRow;
-pub use pools::{NewPool, PoolRow};
+pub use pools::{AdjustOutcome, CapacityChange, NewPool, PoolRow};
 pub use sales::{NewSale, SaleRow, product_pool};
 
 use crate::domain::TenantId;

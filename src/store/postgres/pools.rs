@@ -47,6 +47,8 @@ pub struct PoolRow {
     pub sold_prior: i64,
     /// Units lost with an epoch, unavailable until resolved.
     pub in_doubt: i64,
+    /// Available units at or below which a low-stock alert fires.
+    pub low_stock_threshold: Option<i64>,
 }
 
 impl PoolRow {
@@ -68,7 +70,7 @@ impl PoolRow {
     }
 }
 
-const COLUMNS: &str = "pool_id, capacity, starts_at, ends_at, sold_pg, held_pg, epoch, granted, returned, reported_sold, sold_prior, in_doubt";
+const COLUMNS: &str = "pool_id, capacity, starts_at, ends_at, sold_pg, held_pg, epoch, granted, returned, reported_sold, sold_prior, in_doubt, low_stock_threshold";
 
 impl PgStore {
     /// Inserts pools in a transaction the caller owns.
@@ -168,4 +170,140 @@ impl PgStore {
                 .ok_or_else(|| Error::NotFound(format!("pool {pool}"))),
         }
     }
+
+    /// Creates a pool if it does not exist yet; true when it was created.
+    pub async fn ensure_pool(&self, tenant: &TenantId, pool: &NewPool) -> Result<bool, Error> {
+        self.ensure_tenant(tenant).await?;
+        let n = sqlx::query(
+            "INSERT INTO pools (tenant, pool_id, job, capacity, starts_at, ends_at) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(pool.pool_id.as_str())
+        .bind(pool.job)
+        .bind(pool.capacity)
+        .bind(pool.window.map(|w| w.0))
+        .bind(pool.window.map(|w| w.1))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Changes a pool's capacity by `delta` in one transaction with the
+    /// record of the adjustment (idempotent by `adjustment_id`) and, when
+    /// Redis handed units back for it, the new `returned` count. The guard
+    /// keeps the escrow invariant: capacity never drops below what is sold,
+    /// held, delegated or in doubt.
+    pub async fn adjust_capacity(
+        &self,
+        tenant: &TenantId,
+        adj: &CapacityChange<'_>,
+    ) -> Result<AdjustOutcome, Error> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO stock_adjustments (tenant, adjustment_id, pool_id, delta, reason) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(adj.adjustment_id)
+        .bind(adj.pool.as_str())
+        .bind(adj.delta)
+        .bind(adj.reason)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await?;
+            let (pool_id, delta): (String, i64) =
+                sqlx::query_as("SELECT pool_id, delta FROM stock_adjustments WHERE tenant = $1 AND adjustment_id = $2")
+                    .bind(tenant.as_str())
+                    .bind(adj.adjustment_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+            return Ok(AdjustOutcome::Repeated { pool_id, delta });
+        }
+        if let Some((epoch, returned)) = adj.returned {
+            sqlx::query("UPDATE pools SET returned = GREATEST(returned, $4) WHERE tenant = $1 AND pool_id = $2 AND epoch = $3")
+                .bind(tenant.as_str())
+                .bind(adj.pool.as_str())
+                .bind(epoch)
+                .bind(returned)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let changed = sqlx::query(
+            "UPDATE pools SET capacity = capacity + $3
+             WHERE tenant = $1 AND pool_id = $2 AND capacity IS NOT NULL
+               AND sold_pg + held_pg + sold_prior + in_doubt + (granted - returned) <= capacity + $3",
+        )
+        .bind(tenant.as_str())
+        .bind(adj.pool.as_str())
+        .bind(adj.delta)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            // Commit the returned count anyway: Redis already gave those units back.
+            sqlx::query("DELETE FROM stock_adjustments WHERE tenant = $1 AND adjustment_id = $2")
+                .bind(tenant.as_str())
+                .bind(adj.adjustment_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(AdjustOutcome::Refused);
+        }
+        tx.commit().await?;
+        Ok(AdjustOutcome::Applied)
+    }
+
+    /// Sets or clears a pool's low-stock threshold.
+    pub async fn set_low_stock_threshold(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        threshold: Option<i64>,
+    ) -> Result<bool, Error> {
+        let n = sqlx::query(
+            "UPDATE pools SET low_stock_threshold = $3 WHERE tenant = $1 AND pool_id = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(pool.as_str())
+        .bind(threshold)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+}
+
+/// A change of a pool's capacity (see [`PgStore::adjust_capacity`]).
+#[derive(Debug, Clone)]
+pub struct CapacityChange<'a> {
+    /// The caller's id for the change.
+    pub adjustment_id: &'a str,
+    /// The pool.
+    pub pool: &'a PoolId,
+    /// Units to add (negative: remove).
+    pub delta: i64,
+    /// Why (restock, correction...).
+    pub reason: &'a str,
+    /// Redis's new cumulative `returned` in an epoch, if it gave units back.
+    pub returned: Option<(i64, i64)>,
+}
+
+/// How a capacity change went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdjustOutcome {
+    /// The capacity changed.
+    Applied,
+    /// This adjustment id was used before, for this pool and delta.
+    Repeated {
+        /// The pool it changed.
+        pool_id: String,
+        /// By how much.
+        delta: i64,
+    },
+    /// The change would put the capacity below what is taken.
+    Refused,
 }

@@ -3,6 +3,7 @@
 //! queued for a pooled connection each) and a small pool for the blocking
 //! stream reads of the drainer.
 
+mod events;
 mod keys;
 mod reply;
 mod scripts;
@@ -12,8 +13,9 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation, Value};
 
+pub use events::decode_event;
 pub use keys::Keys;
-pub use reply::{GrantReply, HoldReply, RedisPool};
+pub use reply::{GrantReply, HoldReply, RedisPool, ReturnReply};
 
 use crate::domain::{HoldId, Job, Lines, PoolId, TenantId};
 use crate::error::Error;
@@ -47,9 +49,27 @@ pub struct CustomerLimit {
     pub limit: u32,
 }
 
+/// What Postgres says about a pool, for Redis's copy (`grant.lua`).
+#[derive(Debug, Clone)]
+pub struct PoolGrant {
+    /// The epoch of the grant.
+    pub epoch: i64,
+    /// Cumulative units granted in that epoch.
+    pub granted: i64,
+    /// Nothing is left in Postgres to grant.
+    pub full: bool,
+    /// The pool has no capacity limit.
+    pub unlimited: bool,
+    /// Sale window (ms since the epoch, 0 for none).
+    pub window_ms: (i64, i64),
+    /// Low-stock threshold, if any.
+    pub low_stock_threshold: Option<i64>,
+}
+
 /// The Redis side of the engine.
 #[derive(Clone)]
 pub struct RedisStore {
+    client: redis::Client,
     con: ConnectionManager,
     pool: deadpool_redis::Pool,
     keys: Keys,
@@ -71,11 +91,12 @@ impl RedisStore {
             .set_connection_timeout(Some(timeouts.connect))
             .set_response_timeout(Some(timeouts.response))
             .set_number_of_retries(1);
-        let con = ConnectionManager::new_with_config(client, config).await?;
+        let con = ConnectionManager::new_with_config(client.clone(), config).await?;
         let pool = deadpool_redis::Config::from_url(url)
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .map_err(|e| Error::internal(format!("redis pool: {e}")))?;
         Ok(Self {
+            client,
             con,
             pool,
             keys: Keys::new(prefix),
@@ -92,6 +113,20 @@ impl RedisStore {
     /// multiplexed one.
     pub async fn pooled(&self) -> Result<deadpool_redis::Connection, Error> {
         Ok(self.pool.get().await?)
+    }
+
+    /// A connection of its own, for a long-lived blocking reader (a Watch
+    /// subscriber), whose replies may take up to `response_timeout`.
+    pub async fn dedicated(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<redis::aio::MultiplexedConnection, Error> {
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(response_timeout));
+        Ok(self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
     }
 
     /// A handle on the multiplexed connection.
@@ -255,29 +290,41 @@ impl RedisStore {
     }
 
     /// Records a grant from Postgres (`grant.lua`).
-    #[allow(clippy::too_many_arguments)]
     pub async fn grant(
         &self,
         tenant: &TenantId,
         pool: &PoolId,
-        epoch: i64,
-        granted: i64,
-        full: bool,
-        unlimited: bool,
-        window_ms: (i64, i64),
+        g: &PoolGrant,
     ) -> Result<GrantReply, Error> {
         let v = self
             .run("grant", &scripts::GRANT, tenant, |i| {
                 i.arg(pool.as_str())
-                    .arg(epoch)
-                    .arg(granted)
-                    .arg(flag(full))
-                    .arg(flag(unlimited))
-                    .arg(window_ms.0)
-                    .arg(window_ms.1);
+                    .arg(g.epoch)
+                    .arg(g.granted)
+                    .arg(flag(g.full))
+                    .arg(flag(g.unlimited))
+                    .arg(g.window_ms.0)
+                    .arg(g.window_ms.1)
+                    .arg(g.low_stock_threshold.unwrap_or(-1));
             })
             .await?;
         reply::grant_reply(&v)
+    }
+
+    /// Hands `k` units of a pool's grant back to Postgres (`return.lua`).
+    pub async fn return_units(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        epoch: i64,
+        k: i64,
+    ) -> Result<ReturnReply, Error> {
+        let v = self
+            .run("return", &scripts::RETURN, tenant, |i| {
+                i.arg(pool.as_str()).arg(epoch).arg(k);
+            })
+            .await?;
+        reply::return_reply(&v)
     }
 
     /// Finalises up to `limit` expired holds of a tenant (`sweep.lua`):

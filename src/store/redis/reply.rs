@@ -227,6 +227,29 @@ pub fn grant_reply(v: &Value) -> Result<GrantReply, Error> {
     }
 }
 
+/// What `return.lua` answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReturnReply {
+    /// Returned; the new cumulative count.
+    Returned(i64),
+    /// Redis has only this many free units.
+    Short(i64),
+    /// Redis does not run the pool in that epoch.
+    NoPool,
+}
+
+/// Decodes `return.lua`'s reply.
+pub fn return_reply(v: &Value) -> Result<ReturnReply, Error> {
+    let bad = || shape("return", v);
+    let f = items(v).ok_or_else(bad)?;
+    match (f.first().and_then(text).as_deref(), f.get(1).and_then(int)) {
+        (Some("RETURNED"), Some(n)) => Ok(ReturnReply::Returned(n)),
+        (Some("SHORT"), Some(n)) => Ok(ReturnReply::Short(n)),
+        (Some("NO_POOL"), None) => Ok(ReturnReply::NoPool),
+        _ => Err(bad()),
+    }
+}
+
 /// Decodes `sweep.lua`'s reply: (finalised, still due, lag ms).
 pub fn sweep_reply(v: &Value) -> Result<(i64, i64, i64), Error> {
     let bad = || shape("sweep", v);

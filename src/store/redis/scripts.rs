@@ -34,5 +34,7 @@ pub static GET_HOLD: LazyLock<Script> = script!("get_hold.lua");
 pub static GET_POOLS: LazyLock<Script> = script!("get_pools.lua");
 /// Record a pool's grant from Postgres.
 pub static GRANT: LazyLock<Script> = script!("grant.lua");
+/// Hand units of a grant back to Postgres.
+pub static RETURN: LazyLock<Script> = script!("return.lua");
 /// Finalise expired holds.
 pub static SWEEP: LazyLock<Script> = script!("sweep.lua");

@@ -1,0 +1,32 @@
+-- return.lua: hand units of a pool's grant back to Postgres (ESCROW.md,
+-- "Return": Redis's share shrinks, so Redis commits first; Postgres then
+-- records `returned = max(returned, r)`). Used when stock is lowered.
+--
+-- KEYS  none (see reserve.lua)
+-- ARGV  1 prefix, 2 retention ms (see lib.lua)
+--       3 pool id
+--       4 epoch the caller believes current
+--       5 units to return
+-- Returns { 'RETURNED', returned } with the new cumulative count,
+--       { 'SHORT', available } when Redis has fewer free units than asked,
+--       or { 'NO_POOL' } when Redis does not run this pool in that epoch.
+
+local pk = P .. 'pool:' .. ARGV[3]
+local epoch, k = ARGV[4], tonumber(ARGV[5])
+
+-- 1. Expired holds out of the way, then the check.
+expire_due(now_ms())
+local p = redis.call('HMGET', pk, 'grant', 'ret', 'sold', 'held', 'epoch')
+if not p[1] or p[5] ~= epoch then
+  return { 'NO_POOL' }
+end
+local avail = tonumber(p[1]) - tonumber(p[2]) - tonumber(p[3]) - tonumber(p[4])
+if avail < k then
+  return { 'SHORT', tostring(math.max(avail, 0)) }
+end
+
+-- 2. Give the units back. Until Postgres settles the new capacity the pool
+-- is no longer "full": a take that needs more asks for a grant and waits.
+local ret = redis.call('HINCRBY', pk, 'ret', k)
+redis.call('HSET', pk, 'full', '0')
+return { 'RETURNED', tostring(ret) }

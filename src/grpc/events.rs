@@ -1,0 +1,293 @@
+//! `holdfast.v1.EventService`: the tenant's events as a server stream.
+//!
+//! Each subscriber gets a reader task of its own on a Redis connection of
+//! its own (`XREAD BLOCK` from its cursor), so subscribers never touch the
+//! hot path's connection. Events older than the stream's retention come
+//! from Postgres's audit log first, so resuming from any id has no gap.
+//! The buffer towards the client is bounded: a subscriber that does not
+//! keep up is ended with ABORTED naming the last event it was sent.
+
+use std::time::Duration;
+
+use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::auth::{Auth, Role};
+use super::convert::to_timestamp;
+use super::pb;
+use super::pb::event_service_server::EventService;
+use super::{observe, record_ids};
+use crate::domain::{Event, TenantId, parse_event_id};
+use crate::error::Error;
+use crate::store::postgres::PgStore;
+use crate::store::redis::{RedisStore, decode_event};
+
+const SERVICE: &str = "EventService";
+/// Events buffered towards one subscriber before it counts as fallen behind.
+const BUFFER: usize = 1024;
+/// How long one blocking read waits (also how soon a shutdown is noticed).
+const BLOCK: Duration = Duration::from_millis(500);
+/// Events per read.
+const BATCH: usize = 200;
+
+/// The adapter for `Watch`.
+pub struct EventApi {
+    redis: RedisStore,
+    pg: PgStore,
+    auth: std::sync::Arc<Auth>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl EventApi {
+    /// An adapter reading the tenants' streams; `stopping` ends every
+    /// subscription when the daemon shuts down.
+    pub fn new(
+        redis: RedisStore,
+        pg: PgStore,
+        auth: std::sync::Arc<Auth>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            redis,
+            pg,
+            auth,
+            stopping,
+        }
+    }
+}
+
+type Item = Result<pb::WatchResponse, Status>;
+
+#[tonic::async_trait]
+impl EventService for EventApi {
+    type WatchStream = ReceiverStream<Item>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (tenant, after) = observe(SERVICE, "Watch", async {
+            let caller = self.auth.check(&request, Role::Checkout).await?;
+            record_ids(&caller.tenant, &request.get_ref().after_event_id);
+            let after = &request.get_ref().after_event_id;
+            let after = if after.is_empty() {
+                None
+            } else {
+                Some(parse_event_id(after).ok_or_else(|| {
+                    Error::invalid("after_event_id", "must be an event id like 1700000000000-0")
+                })?)
+            };
+            Ok((caller.tenant, after))
+        })
+        .await?
+        .into_inner();
+        let (tx, rx) = mpsc::channel(BUFFER + 1);
+        let pump = Pump {
+            redis: self.redis.clone(),
+            pg: self.pg.clone(),
+            tenant,
+            tx,
+            stopping: self.stopping.clone(),
+            last_sent: None,
+        };
+        tokio::spawn(pump.run(after));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// One subscriber's reader.
+struct Pump {
+    redis: RedisStore,
+    pg: PgStore,
+    tenant: TenantId,
+    tx: mpsc::Sender<Item>,
+    stopping: watch::Receiver<bool>,
+    last_sent: Option<String>,
+}
+
+/// Why a pump stopped sending.
+enum Stop {
+    /// The client went away.
+    Gone,
+    /// Tell the client this, then stop.
+    Status(Status),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Status(e.into())
+    }
+}
+
+impl From<redis::RedisError> for Stop {
+    fn from(e: redis::RedisError) -> Self {
+        Stop::Status(Error::from(e).into())
+    }
+}
+
+impl Pump {
+    async fn run(mut self, after: Option<(u64, u64)>) {
+        if let Err(Stop::Status(status)) = self.stream(after).await {
+            let _ = self.tx.send(Err(status)).await;
+        }
+    }
+
+    fn resume_hint(&self) -> String {
+        match &self.last_sent {
+            Some(id) => format!("resume with after_event_id={id}"),
+            None => "resume with the after_event_id you started from".into(),
+        }
+    }
+
+    async fn send(&mut self, event: Event) -> Result<(), Stop> {
+        if self.tx.is_closed() {
+            return Err(Stop::Gone);
+        }
+        // One slot is kept for the final status.
+        if self.tx.capacity() <= 1 {
+            return Err(Stop::Status(Status::aborted(format!(
+                "subscriber fell behind; {}",
+                self.resume_hint()
+            ))));
+        }
+        let id = event.event_id.clone();
+        self.tx
+            .send(Ok(event_pb(event)))
+            .await
+            .map_err(|_| Stop::Gone)?;
+        self.last_sent = Some(id);
+        Ok(())
+    }
+
+    async fn stream(&mut self, after: Option<(u64, u64)>) -> Result<(), Stop> {
+        let mut con = self.redis.dedicated(BLOCK + Duration::from_secs(2)).await?;
+        let key = self.redis.keys().events(&self.tenant);
+        let first: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut con)
+            .await?;
+        let first = first.ids.first().and_then(|e| parse_event_id(&e.id));
+        // Whether the cursor names an entry read from the stream (rather than
+        // a replayed or starting point).
+        let mut cursor_in_stream = false;
+        let mut cursor = match after {
+            Some(after) => {
+                // Older than Redis keeps: replay from Postgres up to the stream's start.
+                if first.is_none_or(|f| f > after) {
+                    let mut from = after;
+                    loop {
+                        let page = self
+                            .pg
+                            .events_between(&self.tenant, from, first, 500)
+                            .await?;
+                        let Some(last) = page.last() else { break };
+                        from = parse_event_id(&last.event_id).unwrap_or(from);
+                        for e in page {
+                            self.send(e).await?;
+                        }
+                    }
+                    if first.is_none() {
+                        from = from.max(after);
+                    }
+                    from
+                } else {
+                    after
+                }
+            }
+            None => {
+                let last: StreamRangeReply = redis::cmd("XREVRANGE")
+                    .arg(&key)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut con)
+                    .await?;
+                last.ids
+                    .first()
+                    .and_then(|e| parse_event_id(&e.id))
+                    .unwrap_or((0, 0))
+            }
+        };
+        loop {
+            if *self.stopping.borrow() {
+                return Err(Stop::Status(Status::unavailable(format!(
+                    "server shutting down; {}",
+                    self.resume_hint()
+                ))));
+            }
+            if self.tx.is_closed() {
+                return Err(Stop::Gone);
+            }
+            let opts = StreamReadOptions::default()
+                .count(BATCH)
+                .block(BLOCK.as_millis() as usize);
+            let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
+                &mut con,
+                &[&key],
+                &[format!("{}-{}", cursor.0, cursor.1)],
+                &opts,
+            )
+            .await?;
+            let entries: Vec<_> = reply
+                .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+                .unwrap_or_default();
+            // Our cursor was an entry of the stream; if the stream no longer
+            // starts at or before it, it was trimmed while we were slow and
+            // entries may be missing: say so rather than skip them.
+            if cursor_in_stream && !entries.is_empty() {
+                let oldest: StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut con)
+                    .await?;
+                if oldest
+                    .ids
+                    .first()
+                    .and_then(|e| parse_event_id(&e.id))
+                    .is_some_and(|o| o > cursor)
+                {
+                    return Err(Stop::Status(Status::aborted(format!(
+                        "subscriber fell behind the stream's retention; {}",
+                        self.resume_hint()
+                    ))));
+                }
+            }
+            for entry in &entries {
+                let event = decode_event(entry)?;
+                cursor = parse_event_id(&event.event_id).unwrap_or(cursor);
+                cursor_in_stream = true;
+                self.send(event).await?;
+            }
+        }
+    }
+}
+
+fn event_pb(e: Event) -> pb::WatchResponse {
+    pb::WatchResponse {
+        event_id: e.event_id,
+        kind: e.kind,
+        job: e.job,
+        hold_id: e.hold_id,
+        lines: e
+            .lines
+            .into_iter()
+            .map(|l| pb::EventLine {
+                pool_id: l.pool,
+                quantity: l.qty,
+            })
+            .collect(),
+        reference: e.reference,
+        order_id: e.order_id,
+        at: Some(to_timestamp(e.at)),
+    }
+}

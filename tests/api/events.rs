@@ -1,0 +1,138 @@
+//! EventService.Watch: live events, resumable with no gap and no
+//! duplicate.
+
+use holdfast::grpc::pb::{self, Outcome};
+use tokio_stream::StreamExt;
+
+use crate::helpers::{claim, spawn_app};
+
+async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream is open")
+        .expect("an event, not an error")
+}
+
+#[tokio::test]
+async fn a_subscriber_that_resumes_from_its_last_id_sees_every_event_exactly_once() {
+    let app = spawn_app().await;
+    app.live_sale("w", &[("p", Some(100))], 0).await;
+    let mut stream = app
+        .events()
+        .watch(pb::WatchRequest {
+            after_event_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..5 {
+        let r = app
+            .flash()
+            .claim(claim(&format!("c{i}"), "w", &[("p", 1)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.outcome(), Outcome::Ok);
+    }
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(next(&mut stream).await);
+    }
+    let last = seen.last().unwrap().event_id.clone();
+    drop(stream);
+
+    // While disconnected, more happens.
+    for i in 5..8 {
+        app.flash()
+            .claim(claim(&format!("c{i}"), "w", &[("p", 1)]))
+            .await
+            .unwrap();
+    }
+    let mut resumed = app
+        .events()
+        .watch(pb::WatchRequest {
+            after_event_id: last,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..5 {
+        seen.push(next(&mut resumed).await);
+    }
+    let ids: Vec<&str> = seen.iter().map(|e| e.hold_id.as_str()).collect();
+    assert_eq!(ids, vec!["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"]);
+    assert!(seen.iter().all(|e| e.kind == "claimed" && e.job == "flash"));
+    assert_eq!(seen[0].lines[0].pool_id, "sale/w/p");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn history_older_than_the_redis_stream_comes_from_postgres() {
+    let app = spawn_app().await;
+    app.live_sale("h", &[("p", Some(100))], 0).await;
+    for i in 0..4 {
+        app.flash()
+            .claim(claim(&format!("c{i}"), "h", &[("p", 1)]))
+            .await
+            .unwrap();
+    }
+    app.eventually("four events in postgres", || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_log")
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+        (n == 4).then_some(())
+    })
+    .await;
+    let (first,): (String,) = sqlx::query_as("SELECT event_id FROM audit_log ORDER BY id LIMIT 1")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    // Simulate retention: drop the stream's oldest entries (all drained).
+    let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(&key)
+        .arg("MAXLEN")
+        .arg(1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+
+    let mut stream = app
+        .events()
+        .watch(pb::WatchRequest {
+            after_event_id: first,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(next(&mut stream).await.hold_id);
+    }
+    app.flash()
+        .claim(claim("c4", "h", &[("p", 1)]))
+        .await
+        .unwrap();
+    ids.push(next(&mut stream).await.hold_id);
+    assert_eq!(ids, vec!["c1", "c2", "c3", "c4"]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_malformed_resume_id_is_invalid_argument() {
+    let app = spawn_app().await;
+    let err = app
+        .events()
+        .watch(pb::WatchRequest {
+            after_event_id: "yesterday".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("after_event_id"));
+    app.shutdown().await;
+}

@@ -1,0 +1,663 @@
+//! Stock reservations: never more reserved than in stock, consume exactly
+//! once, extend once, expiry frees stock, audit rows, low-stock alerts.
+
+use std::sync::Arc;
+
+use holdfast::grpc::pb::reservation_service_client::ReservationServiceClient;
+use holdfast::grpc::pb::{self, ReservationState, ReserveOutcome, StockKey};
+use tokio::sync::Barrier;
+use tonic::Code;
+
+use crate::helpers::{TestApp, spawn_app};
+
+fn key(product: &str, variant: &str) -> Option<StockKey> {
+    Some(StockKey {
+        product_id: product.into(),
+        variant_id: variant.into(),
+    })
+}
+
+fn reserve(
+    id: &str,
+    reference: &str,
+    lines: &[(&str, &str, i64)],
+    ttl_secs: i64,
+) -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        reservation_id: id.into(),
+        reference: reference.into(),
+        lines: lines
+            .iter()
+            .map(|(p, v, q)| pb::ReservationLine {
+                key: key(p, v),
+                quantity: *q,
+            })
+            .collect(),
+        ttl: Some(prost_types::Duration {
+            seconds: ttl_secs,
+            nanos: 0,
+        }),
+    }
+}
+
+async fn set_stock(app: &TestApp, product: &str, variant: &str, on_hand: i64) -> pb::StockLevel {
+    app.reservations()
+        .set_stock(pb::SetStockRequest {
+            key: key(product, variant),
+            on_hand,
+            adjustment_id: format!("set-{product}-{variant}-{on_hand}"),
+            reason: "initial".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .level
+        .unwrap()
+}
+
+async fn level(app: &TestApp, product: &str, variant: &str) -> pb::StockLevel {
+    app.reservations()
+        .get_stock_levels(pb::GetStockLevelsRequest {
+            keys: vec![key(product, variant).unwrap()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .levels
+        .remove(0)
+}
+
+fn consume(id: &str, order: &str) -> pb::ConsumeReservationRequest {
+    pb::ConsumeReservationRequest {
+        reservation_id: id.into(),
+        order_id: order.into(),
+    }
+}
+
+#[tokio::test]
+async fn stock_is_set_adjusted_and_read_per_product_and_variant() {
+    let app = spawn_app().await;
+    let l = set_stock(&app, "tee", "red-m", 10).await;
+    assert_eq!((l.on_hand, l.reserved, l.available, l.sold), (10, 0, 10, 0));
+    set_stock(&app, "tee", "", 3).await;
+    let restocked = app
+        .reservations()
+        .adjust_stock(pb::AdjustStockRequest {
+            key: key("tee", "red-m"),
+            delta: 5,
+            adjustment_id: "restock-1".into(),
+            reason: "delivery".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .level
+        .unwrap();
+    assert_eq!(restocked.on_hand, 15);
+    // The same adjustment id again changes nothing.
+    let again = app
+        .reservations()
+        .adjust_stock(pb::AdjustStockRequest {
+            key: key("tee", "red-m"),
+            delta: 5,
+            adjustment_id: "restock-1".into(),
+            reason: "delivery".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .level
+        .unwrap();
+    assert_eq!(again.on_hand, 15);
+    let levels = app
+        .reservations()
+        .get_stock_levels(pb::GetStockLevelsRequest {
+            keys: vec![key("tee", "").unwrap(), key("tee", "red-m").unwrap()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .levels;
+    assert_eq!(
+        levels.iter().map(|l| l.on_hand).collect::<Vec<_>>(),
+        vec![3, 15]
+    );
+    let unknown = app
+        .reservations()
+        .get_stock_levels(pb::GetStockLevelsRequest {
+            keys: vec![key("ghost", "").unwrap()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn lowering_stock_below_what_is_reserved_is_refused_not_clamped() {
+    let app = spawn_app().await;
+    set_stock(&app, "mug", "", 5).await;
+    let r = app
+        .reservations()
+        .reserve(reserve("r1", "cart-1", &[("mug", "", 4)], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), ReserveOutcome::Reserved);
+    let err = app
+        .reservations()
+        .set_stock(pb::SetStockRequest {
+            key: key("mug", ""),
+            on_hand: 3,
+            adjustment_id: "shrink".into(),
+            reason: "count".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    let l = level(&app, "mug", "").await;
+    assert_eq!((l.on_hand, l.reserved, l.available), (5, 4, 1));
+    // Lowering to exactly what is reserved is fine, and takes effect for everyone.
+    let l = app
+        .reservations()
+        .adjust_stock(pb::AdjustStockRequest {
+            key: key("mug", ""),
+            delta: -1,
+            adjustment_id: "shrink-ok".into(),
+            reason: "breakage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .level
+        .unwrap();
+    assert_eq!((l.on_hand, l.available), (4, 0));
+    let r = app
+        .reservations()
+        .reserve(reserve("r2", "cart-2", &[("mug", "", 1)], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), ReserveOutcome::InsufficientStock);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_reservations_never_exceed_stock() {
+    let app = spawn_app().await;
+    set_stock(&app, "gpu", "", 25).await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(ReservationServiceClient::new(app.new_channel().await));
+    }
+    let barrier = Arc::new(Barrier::new(300));
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let mut c = clients[i % clients.len()].clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let qty = 1 + (i as i64 % 3);
+                let r = c
+                    .reserve(reserve(
+                        &format!("r{i}"),
+                        &format!("cart-{i}"),
+                        &[("gpu", "", qty)],
+                        60,
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if r.outcome() == ReserveOutcome::Reserved {
+                    qty
+                } else {
+                    0
+                }
+            })
+        })
+        .collect();
+    let mut reserved = 0;
+    for t in tasks {
+        reserved += t.await.unwrap();
+    }
+    assert!(reserved <= 25, "reserved {reserved} of 25");
+    assert!(
+        reserved >= 23,
+        "stock was not left idle: reserved {reserved}"
+    );
+    let l = level(&app, "gpu", "").await;
+    assert_eq!(l.reserved, reserved);
+    assert_eq!(l.available, 25 - reserved);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_batch_that_lacks_stock_on_any_line_names_each_short_line() {
+    let app = spawn_app().await;
+    set_stock(&app, "a", "", 5).await;
+    set_stock(&app, "b", "x", 1).await;
+    let r = app
+        .reservations()
+        .reserve(reserve("r", "cart", &[("a", "", 2), ("b", "x", 3)], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), ReserveOutcome::InsufficientStock);
+    assert_eq!(r.shortages.len(), 1);
+    let s = &r.shortages[0];
+    assert_eq!(
+        (
+            s.key.as_ref().unwrap().variant_id.as_str(),
+            s.requested,
+            s.available
+        ),
+        ("x", 3, 1)
+    );
+    assert_eq!(level(&app, "a", "").await.reserved, 0, "nothing was taken");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn consume_decrements_stock_once_under_retries_and_concurrent_duplicates() {
+    let app = spawn_app().await;
+    set_stock(&app, "book", "", 10).await;
+    app.reservations()
+        .reserve(reserve("r1", "cart-9", &[("book", "", 3)], 60))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = app.reservations();
+            tokio::spawn(async move { c.consume_reservation(consume("r1", "order-77")).await })
+        })
+        .collect();
+    for t in tasks {
+        let r = t
+            .await
+            .unwrap()
+            .expect("every duplicate gets the same answer")
+            .into_inner();
+        let res = r.reservation.unwrap();
+        assert_eq!(res.state(), ReservationState::Consumed);
+        assert_eq!(res.order_id, "order-77");
+    }
+    let l = level(&app, "book", "").await;
+    assert_eq!((l.on_hand, l.sold, l.reserved, l.available), (7, 3, 0, 7));
+
+    let other = app
+        .reservations()
+        .consume_reservation(consume("r1", "order-78"))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::FailedPrecondition);
+    assert!(other.message().contains("order-77"), "{}", other.message());
+    assert_eq!(level(&app, "book", "").await.sold, 3);
+    app.eventually("the consumed units written back", || async {
+        let (sold,): (i64,) =
+            sqlx::query_as("SELECT reported_sold FROM pools WHERE pool_id = 'stock/book'")
+                .fetch_one(&app.pg)
+                .await
+                .unwrap();
+        (sold == 3).then_some(())
+    })
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn released_or_expired_reservations_cannot_be_consumed_and_release_is_idempotent() {
+    let app = spawn_app().await;
+    set_stock(&app, "pen", "", 2).await;
+    app.reservations()
+        .reserve(reserve("r1", "c", &[("pen", "", 1)], 60))
+        .await
+        .unwrap();
+    let release = || pb::ReleaseReservationRequest {
+        reservation_id: "r1".into(),
+    };
+    let first = app
+        .reservations()
+        .release_reservation(release())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = app
+        .reservations()
+        .release_reservation(release())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first.reservation.as_ref().unwrap().state(),
+        ReservationState::Released
+    );
+    assert_eq!(first, second);
+    let err = app
+        .reservations()
+        .consume_reservation(consume("r1", "o1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let r = app
+        .reservations()
+        .reserve(reserve("r2", "c", &[("pen", "", 2)], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let exp = r.reservation.unwrap().expires_at.unwrap();
+    let exp_ms = exp.seconds * 1000 + i64::from(exp.nanos / 1_000_000);
+    app.eventually("expiry on Redis's clock", || async {
+        (app.redis_now_ms().await > exp_ms).then_some(())
+    })
+    .await;
+    let err = app
+        .reservations()
+        .consume_reservation(consume("r2", "o2"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("expired"), "{}", err.message());
+    // Expiry freed the stock for the next cart.
+    let r = app
+        .reservations()
+        .reserve(reserve("r3", "c2", &[("pen", "", 2)], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), ReserveOutcome::Reserved);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_extension_moves_expiry_once_only() {
+    let app = spawn_app().await;
+    set_stock(&app, "hat", "", 2).await;
+    let r = app
+        .reservations()
+        .reserve(reserve("r", "c", &[("hat", "", 1)], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let before = r.reservation.unwrap().expires_at.unwrap().seconds;
+    let ext = |id: &str| pb::ExtendReservationRequest {
+        reservation_id: "r".into(),
+        ttl: Some(prost_types::Duration {
+            seconds: 900,
+            nanos: 0,
+        }),
+        extension_id: id.into(),
+    };
+    let once = app
+        .reservations()
+        .extend_reservation(ext("e1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert!(once.extended);
+    assert!(once.expires_at.unwrap().seconds >= before + 800);
+    let twice = app
+        .reservations()
+        .extend_reservation(ext("e2"))
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::FailedPrecondition);
+    let now = app
+        .reservations()
+        .get_reservation(pb::GetReservationRequest {
+            reservation_id: "r".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        now.reservation.unwrap().expires_at,
+        once.expires_at,
+        "the refused extension moved nothing"
+    );
+    app.reservations()
+        .consume_reservation(consume("r", "o"))
+        .await
+        .unwrap();
+    let after = app
+        .reservations()
+        .extend_reservation(ext("e3"))
+        .await
+        .unwrap_err();
+    assert_eq!(after.code(), Code::FailedPrecondition);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_transition_has_an_audit_row_readable_through_the_api() {
+    let app = spawn_app().await;
+    set_stock(&app, "lamp", "blue", 10).await;
+    let mut c = app.reservations();
+    c.reserve(reserve("r1", "cart-a", &[("lamp", "blue", 2)], 60))
+        .await
+        .unwrap();
+    c.extend_reservation(pb::ExtendReservationRequest {
+        reservation_id: "r1".into(),
+        ttl: None,
+        extension_id: "x".into(),
+    })
+    .await
+    .unwrap();
+    c.consume_reservation(consume("r1", "order-1"))
+        .await
+        .unwrap();
+    c.reserve(reserve("r2", "cart-b", &[("lamp", "blue", 1)], 60))
+        .await
+        .unwrap();
+    c.release_reservation(pb::ReleaseReservationRequest {
+        reservation_id: "r2".into(),
+    })
+    .await
+    .unwrap();
+    c.reserve(reserve("r3", "cart-b", &[("lamp", "blue", 1)], 1))
+        .await
+        .unwrap();
+
+    let list = |key: Option<StockKey>, reference: &str, page_size: u32, token: String| {
+        pb::ListAuditLogRequest {
+            key,
+            reference: reference.into(),
+            page_size,
+            page_token: token,
+        }
+    };
+    let entries: Vec<pb::AuditEntry> = app
+        .eventually("all six transitions in the audit log", || {
+            let mut c = c.clone();
+            async move {
+                let e = c
+                    .list_audit_log(list(key("lamp", ""), "", 100, String::new()))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .entries;
+                (e.len() == 6).then_some(e)
+            }
+        })
+        .await;
+    let actions: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| (e.action.as_str(), e.reservation_id.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("created", "r1"),
+            ("extended", "r1"),
+            ("consumed", "r1"),
+            ("created", "r2"),
+            ("released", "r2"),
+            ("created", "r3")
+        ]
+    );
+    assert_eq!(entries[2].order_id, "order-1");
+    assert_eq!(entries[0].lines[0].quantity, 2);
+    assert_eq!(entries[0].lines[0].key.as_ref().unwrap().variant_id, "blue");
+
+    // The expiry comes from the sweeper; filter by reference and page.
+    let by_ref: Vec<pb::AuditEntry> = app
+        .eventually("the expiry of r3", || {
+            let mut c = c.clone();
+            async move {
+                let e = c
+                    .list_audit_log(list(None, "cart-b", 100, String::new()))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .entries;
+                (e.len() == 4).then_some(e)
+            }
+        })
+        .await;
+    assert_eq!(by_ref.last().unwrap().action, "expired");
+    let page1 = c
+        .list_audit_log(list(None, "cart-b", 3, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page1.entries.len(), 3);
+    let page2 = c
+        .list_audit_log(list(None, "cart-b", 3, page1.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page2.entries.len(), 1);
+    assert!(page2.next_page_token.is_empty());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_low_stock_alert_fires_once_per_crossing_and_rearms() {
+    let app = spawn_app().await;
+    set_stock(&app, "cap", "", 10).await;
+    app.reservations()
+        .set_low_stock_threshold(pb::SetLowStockThresholdRequest {
+            key: key("cap", ""),
+            threshold: Some(3),
+        })
+        .await
+        .unwrap();
+    let mut c = app.reservations();
+    // 10 -> 6 -> 3 (crossing: alert) -> 2 (still below: no alert)
+    c.reserve(reserve("a", "c", &[("cap", "", 4)], 60))
+        .await
+        .unwrap();
+    c.reserve(reserve("b", "c", &[("cap", "", 3)], 60))
+        .await
+        .unwrap();
+    c.reserve(reserve("d", "c", &[("cap", "", 1)], 60))
+        .await
+        .unwrap();
+    // Back above (re-arm), then down again (second alert).
+    c.release_reservation(pb::ReleaseReservationRequest {
+        reservation_id: "a".into(),
+    })
+    .await
+    .unwrap();
+    c.reserve(reserve("e", "c", &[("cap", "", 4)], 60))
+        .await
+        .unwrap();
+
+    let alerts = app
+        .eventually("two low-stock alerts recorded", || async {
+            let rows: Vec<(serde_json::Value,)> =
+                sqlx::query_as("SELECT lines FROM audit_log WHERE kind = 'low_stock' ORDER BY id")
+                    .fetch_all(&app.pg)
+                    .await
+                    .unwrap();
+            (rows.len() >= 2).then_some(rows)
+        })
+        .await;
+    assert_eq!(alerts.len(), 2, "exactly one alert per crossing");
+    let available: Vec<i64> = alerts
+        .iter()
+        .map(|(l,)| l[0]["qty"].as_i64().unwrap())
+        .collect();
+    assert_eq!(available, vec![3, 2]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_reservation_input_is_refused_and_changes_nothing() {
+    let app = spawn_app().await;
+    set_stock(&app, "p", "", 5).await;
+    let before = level(&app, "p", "").await;
+    let cases = vec![
+        (
+            reserve("r", "c", &[("p", "", 0)], 60),
+            Code::InvalidArgument,
+            "lines[0].quantity",
+        ),
+        (
+            reserve("r", "c", &[("p", "", -2)], 60),
+            Code::InvalidArgument,
+            "lines[0].quantity",
+        ),
+        (
+            reserve("r", "c", &[("p", "", 1), ("p", "", 1)], 60),
+            Code::InvalidArgument,
+            "lines[1]",
+        ),
+        (reserve("r", "c", &[], 60), Code::InvalidArgument, "lines"),
+        (
+            reserve("r", "c", &[("p", "", 1)], 0),
+            Code::InvalidArgument,
+            "ttl",
+        ),
+        (
+            reserve("r", "c", &[("p", "", 1)], 10 * 86_400),
+            Code::InvalidArgument,
+            "ttl",
+        ),
+        (
+            reserve("r", "c", &[("p", "bad:variant", 1)], 60),
+            Code::InvalidArgument,
+            "lines[0].key.variant_id",
+        ),
+        (
+            reserve("", "c", &[("p", "", 1)], 60),
+            Code::InvalidArgument,
+            "reservation_id",
+        ),
+        (
+            reserve("r", "c", &[("unknown", "", 1)], 60),
+            Code::NotFound,
+            "unknown",
+        ),
+    ];
+    for (req, code, field) in cases {
+        let err = app.reservations().reserve(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(
+            err.message().contains(field),
+            "{} should name {field}",
+            err.message()
+        );
+    }
+    let err = app
+        .reservations()
+        .consume_reservation(consume("nope", "o"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = app
+        .reservations()
+        .adjust_stock(pb::AdjustStockRequest {
+            key: key("p", ""),
+            delta: 0,
+            adjustment_id: "z".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(level(&app, "p", "").await, before);
+    app.shutdown().await;
+}
