@@ -9,7 +9,7 @@
 --   ARGV[2]  how long a finished hold is remembered for idempotent retries (ms)
 --
 -- Keys under the prefix (src/store/redis/keys.rs names the same ones):
---   pool:<pool_id>  hash  grant ret sold held epoch full unl from until low armed
+--   pool:<pool_id>  hash  grant ret sold held epoch full unl from until low armed lim
 --   hold:<hold_id>  hash  st job rq ln exp ext xid ck cq ref oid cat fin
 --   exp             zset  hold_id -> expires_at (ms) of every ACTIVE hold
 --   events          stream, one entry per state change
@@ -121,7 +121,7 @@ local function check_lines(lines, now, check_window)
   local need, short = {}, {}
   for _, l in ipairs(lines) do
     local p = redis.call('HMGET', P .. 'pool:' .. l[1],
-      'grant', 'ret', 'sold', 'held', 'epoch', 'full', 'unl', 'from', 'until')
+      'grant', 'ret', 'sold', 'held', 'epoch', 'full', 'unl', 'from', 'until', 'lim')
     if not p[1] or not p[5] then
       need[#need + 1] = l[1]
     else
@@ -132,8 +132,14 @@ local function check_lines(lines, now, check_window)
       l[3] = tonumber(p[5])
       if p[7] ~= '1' then
         local avail = tonumber(p[1]) - tonumber(p[2]) - tonumber(p[3]) - tonumber(p[4])
+        local lim = tonumber(p[10] or '-1')
+        -- A ceiling below the grant (a cut schedule) is final: no grant helps.
+        local capped = lim >= 0 and lim - tonumber(p[3]) - tonumber(p[4]) < avail
+        if capped then
+          avail = lim - tonumber(p[3]) - tonumber(p[4])
+        end
         if avail < l[2] then
-          if p[6] == '1' then
+          if p[6] == '1' or capped then
             short[#short + 1] = l[1]
             short[#short + 1] = l[2]
             short[#short + 1] = math.max(avail, 0)

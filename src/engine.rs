@@ -25,7 +25,8 @@ const GRANT_ATTEMPTS: usize = 3;
 pub struct PoolView {
     /// The pool.
     pub pool: PoolId,
-    /// Capacity; `None` when unlimited.
+    /// Capacity (lowered to the pool's ceiling, if it has one); `None` when
+    /// unlimited.
     pub capacity: Option<i64>,
     /// Units sold, on either path.
     pub sold: i64,
@@ -201,18 +202,32 @@ impl Engine {
     /// Reads pools' counts across both stores, in the order asked. Unknown
     /// pools are NOT_FOUND.
     pub async fn pools(&self, tenant: &TenantId, ids: &[PoolId]) -> Result<Vec<PoolView>, Error> {
+        self.pools_if_any(tenant, ids)
+            .await?
+            .into_iter()
+            .zip(ids)
+            .map(|(v, id)| v.ok_or_else(|| Error::NotFound(format!("pool {id}"))))
+            .collect()
+    }
+
+    /// Reads pools' counts across both stores, in the order asked; `None`
+    /// for pools that do not exist.
+    pub async fn pools_if_any(
+        &self,
+        tenant: &TenantId,
+        ids: &[PoolId],
+    ) -> Result<Vec<Option<PoolView>>, Error> {
         let rows = self.pg.get_pools(tenant, ids).await?;
         let redis = self.redis.get_pools(tenant, ids).await?;
-        ids.iter()
+        Ok(ids
+            .iter()
             .zip(redis)
             .map(|(id, r)| {
-                let row = rows
-                    .iter()
+                rows.iter()
                     .find(|row| row.pool_id == id.as_str())
-                    .ok_or_else(|| Error::NotFound(format!("pool {id}")))?;
-                Ok(view(id, row, r.as_ref()))
+                    .map(|row| view(id, row, r.as_ref()))
             })
-            .collect()
+            .collect())
     }
 
     /// Delegates capacity to Redis for pools it asked about (ESCROW.md
@@ -328,6 +343,7 @@ impl Engine {
                         unlimited: row.capacity.is_none(),
                         window_ms: window,
                         low_stock_threshold: row.low_stock_threshold,
+                        ceiling: row.ceiling,
                     },
                 )
                 .await?
@@ -407,9 +423,13 @@ fn view(id: &PoolId, row: &PoolRow, redis: Option<&RedisPool>) -> PoolView {
     };
     let sold = row.sold_pg + row.sold_prior + redis_sold;
     let held = row.held_pg + redis_held;
+    let capacity = match (row.capacity, row.ceiling) {
+        (Some(c), Some(ceiling)) => Some(c.min(ceiling)),
+        (c, _) => c,
+    };
     PoolView {
         pool: id.clone(),
-        capacity: row.capacity,
+        capacity,
         sold,
         held,
         in_doubt: row.in_doubt,

@@ -19,10 +19,12 @@ use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::event_service_server::EventServiceServer;
 use crate::grpc::pb::flash_sale_service_server::FlashSaleServiceServer;
 use crate::grpc::pb::reservation_service_server::ReservationServiceServer;
-use crate::grpc::{AdminApi, EventApi, FlashSaleApi, ReservationApi, pb};
+use crate::grpc::pb::slot_service_server::SlotServiceServer;
+use crate::grpc::{AdminApi, EventApi, FlashSaleApi, ReservationApi, SlotApi, pb};
 use crate::jobs::{Tenants, drainer, sweeper};
 use crate::services::flash_sale::FlashSales;
 use crate::services::reservations::Reservations;
+use crate::services::slots::Slots;
 use crate::store::postgres::PgStore;
 use crate::store::redis::{RedisStore, RedisTimeouts};
 use crate::telemetry;
@@ -31,6 +33,7 @@ use crate::telemetry;
 pub const SERVICES: &[&str] = &[
     "holdfast.v1.FlashSaleService",
     "holdfast.v1.ReservationService",
+    "holdfast.v1.SlotService",
     "holdfast.v1.EventService",
     "holdfast.v1.AdminService",
 ];
@@ -198,6 +201,11 @@ impl Application {
         let reservations = ReservationApi::new(
             Arc::new(Reservations::new(engine.clone(), limits.max_batch)),
             auth.clone(),
+            limits.clone(),
+        );
+        let slots = SlotApi::new(
+            Arc::new(Slots::new(engine.clone(), limits.max_id_len)),
+            auth.clone(),
             limits,
         );
         let events = EventApi::new(
@@ -213,6 +221,7 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(FlashSaleServiceServer::new(flash))
             .add_service(ReservationServiceServer::new(reservations))
+            .add_service(SlotServiceServer::new(slots))
             .add_service(EventServiceServer::new(events))
             .add_service(AdminServiceServer::new(admin))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal)

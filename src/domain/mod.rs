@@ -8,9 +8,11 @@ mod hold;
 mod ids;
 mod limits;
 mod quantity;
+mod window;
 
 pub use event::{Event, EventLine, parse_event_id};
 pub use hold::{Hold, HoldState, Job, Line, Lines, Shortage, TakeOutcome};
 pub use ids::{HoldId, PoolId, TenantId, parse_name};
 pub use limits::Limits;
 pub use quantity::Quantity;
+pub use window::{Window, parse_zone, window_at, windows_between};

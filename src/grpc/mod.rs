@@ -8,6 +8,7 @@ mod convert;
 mod events;
 mod flash_sale;
 mod reservation;
+mod slot;
 
 use std::future::Future;
 use std::time::Instant;
@@ -19,6 +20,7 @@ pub use admin::AdminApi;
 pub use events::EventApi;
 pub use flash_sale::FlashSaleApi;
 pub use reservation::ReservationApi;
+pub use slot::SlotApi;
 
 use crate::error::Error;
 use crate::telemetry::metric;

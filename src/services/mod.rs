@@ -4,3 +4,4 @@
 
 pub mod flash_sale;
 pub mod reservations;
+pub mod slots;

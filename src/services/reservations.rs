@@ -112,7 +112,8 @@ impl Reservations {
                     pool_id: pool.clone(),
                     job: Job::Stock.as_str(),
                     capacity: Some(0),
-                    window: None,
+                    starts_at: None,
+                    ends_at: None,
                 },
             )
             .await?;

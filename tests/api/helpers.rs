@@ -10,6 +10,7 @@ use holdfast::grpc::pb::admin_service_client::AdminServiceClient;
 use holdfast::grpc::pb::event_service_client::EventServiceClient;
 use holdfast::grpc::pb::flash_sale_service_client::FlashSaleServiceClient;
 use holdfast::grpc::pb::reservation_service_client::ReservationServiceClient;
+use holdfast::grpc::pb::slot_service_client::SlotServiceClient;
 use holdfast::grpc::pb::{self, ClaimLine, SaleProduct};
 use holdfast::startup::Application;
 use rand::Rng;
@@ -125,6 +126,11 @@ impl TestApp {
     /// A ReservationService client.
     pub fn reservations(&self) -> ReservationServiceClient<Channel> {
         ReservationServiceClient::new(self.channel.clone())
+    }
+
+    /// A SlotService client.
+    pub fn slots(&self) -> SlotServiceClient<Channel> {
+        SlotServiceClient::new(self.channel.clone())
     }
 
     /// An EventService client.

@@ -10,4 +10,5 @@ mod flash_sale;
 mod holds;
 mod ops;
 mod reservations;
+mod slots;
 mod validation;

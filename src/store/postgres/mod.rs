@@ -7,6 +7,7 @@ mod audit;
 mod keys;
 mod pools;
 mod sales;
+mod venues;
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ pub use audit::{AuditFilter, AuditRow};
 pub use keys::ApiKeyRow;
 pub use pools::{AdjustOutcome, CapacityChange, NewPool, PoolRow};
 pub use sales::{NewSale, SaleRow, product_pool};
+pub use venues::{ScheduleRows, VenueRow};
 
 use crate::domain::TenantId;
 use crate::error::Error;

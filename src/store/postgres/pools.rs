@@ -16,8 +16,10 @@ pub struct NewPool {
     pub job: &'static str,
     /// Its capacity; `None` for unlimited.
     pub capacity: Option<i64>,
-    /// The window in which it may be taken from, if any.
-    pub window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Takes are refused before this instant, if set.
+    pub starts_at: Option<DateTime<Utc>>,
+    /// Takes are refused from this instant on, if set.
+    pub ends_at: Option<DateTime<Utc>>,
 }
 
 /// A pool as Postgres records it.
@@ -49,6 +51,8 @@ pub struct PoolRow {
     pub in_doubt: i64,
     /// Available units at or below which a low-stock alert fires.
     pub low_stock_threshold: Option<i64>,
+    /// Ceiling on sold + held below the capacity, if any.
+    pub ceiling: Option<i64>,
 }
 
 impl PoolRow {
@@ -70,7 +74,7 @@ impl PoolRow {
     }
 }
 
-const COLUMNS: &str = "pool_id, capacity, starts_at, ends_at, sold_pg, held_pg, epoch, granted, returned, reported_sold, sold_prior, in_doubt, low_stock_threshold";
+const COLUMNS: &str = "pool_id, capacity, starts_at, ends_at, sold_pg, held_pg, epoch, granted, returned, reported_sold, sold_prior, in_doubt, low_stock_threshold, ceiling";
 
 impl PgStore {
     /// Inserts pools in a transaction the caller owns.
@@ -85,8 +89,8 @@ impl PgStore {
                 .bind(p.pool_id.as_str())
                 .bind(p.job)
                 .bind(p.capacity)
-                .bind(p.window.map(|w| w.0))
-                .bind(p.window.map(|w| w.1))
+                .bind(p.starts_at)
+                .bind(p.ends_at)
                 .execute(&mut **tx)
                 .await?;
         }
@@ -182,8 +186,8 @@ impl PgStore {
         .bind(pool.pool_id.as_str())
         .bind(pool.job)
         .bind(pool.capacity)
-        .bind(pool.window.map(|w| w.0))
-        .bind(pool.window.map(|w| w.1))
+        .bind(pool.starts_at)
+        .bind(pool.ends_at)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -255,6 +259,22 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(AdjustOutcome::Applied)
+    }
+
+    /// Sets or clears a pool's ceiling.
+    pub async fn set_ceiling(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        ceiling: Option<i64>,
+    ) -> Result<(), Error> {
+        sqlx::query("UPDATE pools SET ceiling = $3 WHERE tenant = $1 AND pool_id = $2")
+            .bind(tenant.as_str())
+            .bind(pool.as_str())
+            .bind(ceiling)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Sets or clears a pool's low-stock threshold.

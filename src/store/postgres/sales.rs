@@ -81,7 +81,8 @@ impl PgStore {
                 pool_id: product_pool(&sale.sale_id, product_id),
                 job: "flash",
                 capacity: *cap,
-                window: Some((sale.starts_at, sale.ends_at)),
+                starts_at: Some(sale.starts_at),
+                ends_at: Some(sale.ends_at),
             })
             .collect();
         Self::insert_pools(&mut tx, tenant, &pools).await?;

@@ -64,6 +64,8 @@ pub struct PoolGrant {
     pub window_ms: (i64, i64),
     /// Low-stock threshold, if any.
     pub low_stock_threshold: Option<i64>,
+    /// Ceiling on sold + held below the capacity, if any.
+    pub ceiling: Option<i64>,
 }
 
 /// The Redis side of the engine.
@@ -305,7 +307,8 @@ impl RedisStore {
                     .arg(flag(g.unlimited))
                     .arg(g.window_ms.0)
                     .arg(g.window_ms.1)
-                    .arg(g.low_stock_threshold.unwrap_or(-1));
+                    .arg(g.low_stock_threshold.unwrap_or(-1))
+                    .arg(g.ceiling.unwrap_or(-1));
             })
             .await?;
         reply::grant_reply(&v)

@@ -1,0 +1,486 @@
+//! Time-window slots: each window of a venue (15 minutes of its local wall
+//! clock by default) is the pool `slot/<venue>/<window start, unix s>`,
+//! created when first used with the capacity the venue's schedule gives it.
+//! A reservation is a hold on one unit of its window; confirming it at
+//! payment is a commit carrying the payment id. A reservation that expired
+//! (or was released) before payment gets one try at a fresh slot in the same
+//! window, so the confirmed count never exceeds the window's capacity.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+
+use crate::domain::{
+    Hold, HoldId, HoldState, Job, Line, Lines, PoolId, Quantity, TakeOutcome, TenantId, Window,
+    parse_zone, window_at, windows_between,
+};
+use crate::engine::{Engine, Take};
+use crate::error::Error;
+use crate::store::postgres::{NewPool, ScheduleRows, VenueRow};
+
+/// Most windows one availability read returns.
+pub const MAX_WINDOWS: usize = 2000;
+
+/// A venue's schedule, ready for lookups.
+#[derive(Debug, Clone, Default)]
+pub struct Schedule {
+    weekly: HashMap<(u32, u32), u32>,
+    overrides: HashMap<NaiveDate, HashMap<i32, u32>>,
+}
+
+impl Schedule {
+    /// Builds the lookups from stored rows.
+    pub fn from_rows(rows: &ScheduleRows) -> Self {
+        let mut s = Schedule::default();
+        for (day, hour, slots) in &rows.weekly {
+            s.weekly.insert((*day, *hour), *slots);
+        }
+        for (date, hour, slots) in &rows.overrides {
+            s.overrides.entry(*date).or_default().insert(*hour, *slots);
+        }
+        s
+    }
+
+    /// Slots per hour at a window's local date and hour: a date override
+    /// replaces the date's whole schedule (unlisted hours are closed).
+    pub fn slots_per_hour(&self, w: &Window) -> u32 {
+        match self.overrides.get(&w.local_date) {
+            Some(hours) => hours.get(&(w.hour as i32)).copied().unwrap_or(0),
+            None => self.weekly.get(&(w.weekday, w.hour)).copied().unwrap_or(0),
+        }
+    }
+
+    /// A window's capacity: floor(slots per hour × window minutes / 60).
+    pub fn capacity(&self, w: &Window, minutes: u32) -> i64 {
+        i64::from(self.slots_per_hour(w)) * i64::from(minutes) / 60
+    }
+}
+
+/// A venue, parsed.
+#[derive(Debug, Clone)]
+pub struct Venue {
+    /// Its id.
+    pub venue_id: String,
+    /// Its zone.
+    pub tz: Tz,
+    /// Its window length in minutes.
+    pub window_minutes: u32,
+}
+
+/// One window's counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowView {
+    /// The window.
+    pub start: DateTime<Utc>,
+    /// Its end.
+    pub end: DateTime<Utc>,
+    /// Slots the schedule gives it now.
+    pub capacity: i64,
+    /// Confirmed (paid) slots.
+    pub confirmed: i64,
+    /// Active, unexpired reservations.
+    pub pending: i64,
+    /// Slots that can be reserved (never negative, even when a schedule
+    /// cut left more confirmed than capacity).
+    pub available: i64,
+}
+
+/// What a reservation or confirmation came to.
+#[derive(Debug, Clone)]
+pub enum SlotOutcome {
+    /// Reserved, or confirmed: the hold (and whether a late confirmation
+    /// took a fresh slot).
+    Done(Hold, bool),
+    /// The window has no free slot.
+    Full,
+    /// The window has no slots at all in the schedule.
+    Closed,
+    /// The window is over.
+    Over,
+}
+
+/// The slot use cases.
+pub struct Slots {
+    engine: Arc<Engine>,
+    max_id_len: usize,
+}
+
+fn window_pool(venue_id: &str, w: &Window) -> PoolId {
+    PoolId::from_parts(&["slot", venue_id, &w.start.timestamp().to_string()])
+}
+
+impl Slots {
+    /// Slots on top of `engine`.
+    pub fn new(engine: Arc<Engine>, max_id_len: usize) -> Self {
+        Self { engine, max_id_len }
+    }
+
+    /// Creates or updates a venue.
+    pub async fn set_venue(
+        &self,
+        tenant: &TenantId,
+        venue_id: &str,
+        zone: &str,
+        minutes: u32,
+    ) -> Result<Venue, Error> {
+        let tz = parse_zone(zone).ok_or_else(|| {
+            Error::invalid(
+                "time_zone",
+                format!("{zone:?} is not an IANA time zone (e.g. Europe/Paris)"),
+            )
+        })?;
+        if ![5, 10, 15, 20, 30, 60].contains(&minutes) {
+            return Err(Error::invalid(
+                "window_minutes",
+                "must be 5, 10, 15, 20, 30 or 60",
+            ));
+        }
+        self.engine
+            .pg()
+            .upsert_venue(
+                tenant,
+                &VenueRow {
+                    venue_id: venue_id.to_owned(),
+                    time_zone: zone.to_owned(),
+                    window_minutes: minutes,
+                },
+            )
+            .await?;
+        Ok(Venue {
+            venue_id: venue_id.to_owned(),
+            tz,
+            window_minutes: minutes,
+        })
+    }
+
+    /// Reads a venue.
+    pub async fn venue(&self, tenant: &TenantId, venue_id: &str) -> Result<Venue, Error> {
+        let row = self
+            .engine
+            .pg()
+            .get_venue(tenant, venue_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("venue {venue_id}")))?;
+        let tz = parse_zone(&row.time_zone).ok_or_else(|| {
+            Error::internal(format!("stored zone {} does not parse", row.time_zone))
+        })?;
+        Ok(Venue {
+            venue_id: row.venue_id,
+            tz,
+            window_minutes: row.window_minutes,
+        })
+    }
+
+    async fn schedule(&self, tenant: &TenantId, venue_id: &str) -> Result<Schedule, Error> {
+        Ok(Schedule::from_rows(
+            &self.engine.pg().schedule(tenant, venue_id).await?,
+        ))
+    }
+
+    /// Replaces the weekly schedule, then brings the venue's open windows
+    /// to their new capacities.
+    pub async fn set_weekly(
+        &self,
+        tenant: &TenantId,
+        venue_id: &str,
+        hours: &[(u32, u32, u32)],
+    ) -> Result<(), Error> {
+        let venue = self.venue(tenant, venue_id).await?;
+        self.engine
+            .pg()
+            .set_weekly_schedule(tenant, venue_id, hours)
+            .await?;
+        self.resync(tenant, &venue).await
+    }
+
+    /// Sets (or clears) one date's override, then resyncs open windows.
+    pub async fn set_override(
+        &self,
+        tenant: &TenantId,
+        venue_id: &str,
+        day: NaiveDate,
+        hours: Option<&[(u32, u32)]>,
+    ) -> Result<(), Error> {
+        let venue = self.venue(tenant, venue_id).await?;
+        self.engine
+            .pg()
+            .set_date_override(tenant, venue_id, day, hours)
+            .await?;
+        self.resync(tenant, &venue).await
+    }
+
+    /// Applies the schedule to every window pool of the venue that has not
+    /// ended. A cut below what a window already has never cancels anything:
+    /// the window gets a ceiling and sells nothing more.
+    async fn resync(&self, tenant: &TenantId, venue: &Venue) -> Result<(), Error> {
+        let schedule = self.schedule(tenant, &venue.venue_id).await?;
+        let prefix = format!("slot/{}/", venue.venue_id);
+        let now = Utc::now();
+        for id in self
+            .engine
+            .pg()
+            .pool_ids_with_prefix(tenant, &prefix)
+            .await?
+        {
+            let Some(start) = id
+                .rsplit('/')
+                .next()
+                .and_then(|s| s.parse::<i64>().ok())
+                .and_then(|s| DateTime::from_timestamp(s, 0))
+            else {
+                continue;
+            };
+            let w = window_at(start, venue.tz, venue.window_minutes);
+            if w.end <= now {
+                continue;
+            }
+            self.set_window_capacity(
+                tenant,
+                &PoolId::from_store(id),
+                schedule.capacity(&w, venue.window_minutes),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn set_window_capacity(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        capacity: i64,
+    ) -> Result<(), Error> {
+        let pg = self.engine.pg();
+        let Some(row) = pg
+            .get_pools(tenant, std::slice::from_ref(pool))
+            .await?
+            .pop()
+        else {
+            return Ok(());
+        };
+        let current = row.capacity.unwrap_or(0);
+        let adjustment = format!(
+            "schedule-{}-{}",
+            pool.as_str().replace('/', "-"),
+            Utc::now().timestamp_nanos_opt().unwrap_or(0)
+        );
+        if capacity >= current {
+            if capacity > current {
+                self.engine
+                    .adjust_capacity(tenant, pool, capacity - current, &adjustment, "schedule")
+                    .await?;
+            }
+            pg.set_ceiling(tenant, pool, None).await?;
+            return self.engine.sync(tenant, std::slice::from_ref(pool)).await;
+        }
+        // Stop sales beyond the new capacity first, then lower it if nothing
+        // taken stands in the way.
+        pg.set_ceiling(tenant, pool, Some(capacity)).await?;
+        self.engine.sync(tenant, std::slice::from_ref(pool)).await?;
+        match self
+            .engine
+            .adjust_capacity(tenant, pool, capacity - current, &adjustment, "schedule")
+            .await
+        {
+            Ok(_) => {
+                pg.set_ceiling(tenant, pool, None).await?;
+                self.engine.sync(tenant, std::slice::from_ref(pool)).await
+            }
+            Err(Error::FailedPrecondition(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Each window in `[from, to)` with its counts.
+    pub async fn availability(
+        &self,
+        tenant: &TenantId,
+        venue_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<WindowView>, Error> {
+        let venue = self.venue(tenant, venue_id).await?;
+        let schedule = self.schedule(tenant, venue_id).await?;
+        let windows = windows_between(from, to, venue.tz, venue.window_minutes);
+        if windows.len() > MAX_WINDOWS {
+            return Err(Error::invalid(
+                "to",
+                format!(
+                    "the range spans {} windows; at most {MAX_WINDOWS}",
+                    windows.len()
+                ),
+            ));
+        }
+        let pools: Vec<PoolId> = windows.iter().map(|w| window_pool(venue_id, w)).collect();
+        let views = self.engine.pools_if_any(tenant, &pools).await?;
+        Ok(windows
+            .iter()
+            .zip(views)
+            .map(|(w, v)| {
+                let capacity = schedule.capacity(w, venue.window_minutes);
+                let (confirmed, pending) = v.as_ref().map_or((0, 0), |v| (v.sold, v.held));
+                WindowView {
+                    start: w.start,
+                    end: w.end,
+                    capacity,
+                    confirmed,
+                    pending,
+                    available: (capacity
+                        - confirmed
+                        - pending
+                        - v.as_ref().map_or(0, |v| v.in_doubt))
+                    .max(0),
+                }
+            })
+            .collect())
+    }
+
+    /// Reserves a slot in the window containing `at`.
+    pub async fn reserve(
+        &self,
+        tenant: &TenantId,
+        id: HoldId,
+        venue_id: &str,
+        at: DateTime<Utc>,
+        ttl: Duration,
+        reference: String,
+    ) -> Result<SlotOutcome, Error> {
+        let venue = self.venue(tenant, venue_id).await?;
+        let w = window_at(at, venue.tz, venue.window_minutes);
+        let pool = self.ensure_window(tenant, &venue, &w).await?;
+        self.take(tenant, id, pool, Some(ttl), reference).await
+    }
+
+    async fn ensure_window(
+        &self,
+        tenant: &TenantId,
+        venue: &Venue,
+        w: &Window,
+    ) -> Result<PoolId, Error> {
+        let pool = window_pool(&venue.venue_id, w);
+        let capacity = self
+            .schedule(tenant, &venue.venue_id)
+            .await?
+            .capacity(w, venue.window_minutes);
+        self.engine
+            .pg()
+            .ensure_pool(
+                tenant,
+                &NewPool {
+                    pool_id: pool.clone(),
+                    job: Job::Slot.as_str(),
+                    capacity: Some(capacity),
+                    starts_at: None,
+                    ends_at: Some(w.end),
+                },
+            )
+            .await?;
+        Ok(pool)
+    }
+
+    async fn take(
+        &self,
+        tenant: &TenantId,
+        id: HoldId,
+        pool: PoolId,
+        ttl: Option<Duration>,
+        reference: String,
+    ) -> Result<SlotOutcome, Error> {
+        let one = Quantity::parse("quantity", 1, 1)?;
+        let lines = Lines::parse(
+            "lines",
+            vec![Line {
+                pool: pool.clone(),
+                quantity: one,
+            }],
+            1,
+        )?;
+        let take = Take {
+            id,
+            job: Job::Slot,
+            lines,
+            ttl,
+            customer: None,
+            reference,
+        };
+        Ok(match self.engine.take(tenant, &take).await? {
+            TakeOutcome::Taken(hold) => SlotOutcome::Done(hold, false),
+            TakeOutcome::NotActive(_) => SlotOutcome::Over,
+            TakeOutcome::SoldOut(_) | TakeOutcome::CustomerLimit(_) => {
+                let capacity = self
+                    .engine
+                    .pools(tenant, std::slice::from_ref(&pool))
+                    .await?
+                    .pop()
+                    .and_then(|v| v.capacity)
+                    .unwrap_or(0);
+                if capacity == 0 {
+                    SlotOutcome::Closed
+                } else {
+                    SlotOutcome::Full
+                }
+            }
+        })
+    }
+
+    /// Confirms a reservation at payment, exactly once per payment id. A
+    /// reservation that expired or was released gets one atomic try at a
+    /// fresh slot in its window (a claim under `<reservation>.<payment>`, so
+    /// a retried confirmation repeats its answer).
+    pub async fn confirm(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        payment_id: &str,
+    ) -> Result<SlotOutcome, Error> {
+        match self.engine.commit(tenant, id, Job::Slot, payment_id).await {
+            Ok(hold) => Ok(SlotOutcome::Done(hold, false)),
+            Err(Error::FailedPrecondition(why)) => {
+                let hold = self.engine.get_hold(tenant, id, Job::Slot).await?;
+                if !matches!(hold.state, HoldState::Expired | HoldState::Released) {
+                    return Err(Error::FailedPrecondition(why));
+                }
+                let (pool, _) = hold
+                    .lines
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| Error::internal("a slot hold has one line"))?;
+                let late = HoldId::parse(
+                    "payment_id",
+                    &format!("{id}.{payment_id}"),
+                    2 * self.max_id_len + 1,
+                )?;
+                Ok(
+                    match self.take(tenant, late, pool, None, String::new()).await? {
+                        SlotOutcome::Done(hold, _) => SlotOutcome::Done(hold, true),
+                        other => other,
+                    },
+                )
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Releases a reservation.
+    pub async fn release(&self, tenant: &TenantId, id: &HoldId) -> Result<Hold, Error> {
+        self.engine.release(tenant, id, Job::Slot).await
+    }
+
+    /// Reads a reservation.
+    pub async fn get(&self, tenant: &TenantId, id: &HoldId) -> Result<Hold, Error> {
+        self.engine.get_hold(tenant, id, Job::Slot).await
+    }
+}
+
+/// The window start of a slot pool id (`slot/<venue>/<unix s>`).
+pub fn window_start_of(pool: &PoolId) -> Option<DateTime<Utc>> {
+    pool.as_str()
+        .rsplit('/')
+        .next()?
+        .parse::<i64>()
+        .ok()
+        .and_then(|s| DateTime::from_timestamp(s, 0))
+}

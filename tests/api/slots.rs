@@ -1,0 +1,442 @@
+//! Time-window slots: the window is the atomic unit, so payment
+//! confirmation never has to guess.
+
+use std::sync::Arc;
+
+use holdfast::grpc::pb::slot_service_client::SlotServiceClient;
+use holdfast::grpc::pb::{self, SlotOutcome};
+use tokio::sync::Barrier;
+use tonic::Code;
+
+use crate::helpers::{TestApp, spawn_app};
+
+fn ts(s: &str) -> prost_types::Timestamp {
+    let t: chrono::DateTime<chrono::Utc> = s.parse().unwrap();
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    }
+}
+
+/// A time tomorrow at 10:05 UTC: inside a window that is not over.
+fn tomorrow() -> prost_types::Timestamp {
+    let day = chrono::Utc::now().date_naive() + chrono::Days::new(1);
+    ts(&format!("{day}T10:05:00Z"))
+}
+
+/// A venue in `zone` selling `per_hour` slots every hour of every day.
+async fn venue(app: &TestApp, id: &str, zone: &str, per_hour: i32) {
+    let mut c = app.slots();
+    c.set_venue(pb::SetVenueRequest {
+        venue_id: id.into(),
+        time_zone: zone.into(),
+        window_minutes: 0,
+    })
+    .await
+    .unwrap();
+    let hours = (1..=7)
+        .flat_map(|d| {
+            (0..24).map(move |h| pb::HourSlots {
+                weekday: d,
+                hour: h,
+                slots_per_hour: per_hour,
+            })
+        })
+        .collect();
+    c.set_schedule(pb::SetScheduleRequest {
+        venue_id: id.into(),
+        hours,
+    })
+    .await
+    .unwrap();
+}
+
+fn reserve(
+    id: &str,
+    venue: &str,
+    at: prost_types::Timestamp,
+    ttl_secs: i64,
+) -> pb::ReserveSlotRequest {
+    pb::ReserveSlotRequest {
+        reservation_id: id.into(),
+        venue_id: venue.into(),
+        at: Some(at),
+        ttl: Some(prost_types::Duration {
+            seconds: ttl_secs,
+            nanos: 0,
+        }),
+        reference: String::new(),
+    }
+}
+
+fn confirm(id: &str, payment: &str) -> pb::ConfirmSlotRequest {
+    pb::ConfirmSlotRequest {
+        reservation_id: id.into(),
+        payment_id: payment.into(),
+    }
+}
+
+async fn window(app: &TestApp, venue: &str, at: prost_types::Timestamp) -> pb::WindowAvailability {
+    let to = prost_types::Timestamp {
+        seconds: at.seconds + 1,
+        nanos: 0,
+    };
+    app.slots()
+        .get_availability(pb::GetAvailabilityRequest {
+            venue_id: venue.into(),
+            from: Some(at),
+            to: Some(to),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .windows
+        .remove(0)
+}
+
+#[tokio::test]
+async fn one_slot_left_a_buys_it_and_b_is_refused() {
+    let app = spawn_app().await;
+    venue(&app, "club", "UTC", 4).await; // 1 slot per 15-minute window
+    let at = tomorrow();
+    let a = app
+        .slots()
+        .reserve_slot(reserve("a", "club", at, 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.outcome(), SlotOutcome::Reserved);
+    let paid = app
+        .slots()
+        .confirm_slot(confirm("a", "pay-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paid.outcome(), SlotOutcome::Confirmed);
+    assert!(!paid.late);
+    let b = app
+        .slots()
+        .reserve_slot(reserve("b", "club", at, 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.outcome(), SlotOutcome::WindowFull);
+    // The retry of A's payment repeats its answer; another payment is refused.
+    let again = app
+        .slots()
+        .confirm_slot(confirm("a", "pay-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.outcome(), SlotOutcome::Confirmed);
+    let other = app
+        .slots()
+        .confirm_slot(confirm("a", "pay-other"))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::FailedPrecondition);
+    let w = window(&app, "club", at).await;
+    assert_eq!(
+        (w.capacity, w.confirmed, w.pending, w.available),
+        (1, 1, 0, 0)
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_reserve_and_confirm_for_a_window_of_three_confirm_exactly_three() {
+    let app = spawn_app().await;
+    venue(&app, "bar", "Europe/Paris", 12).await; // 3 per window
+    let at = tomorrow();
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(SlotServiceClient::new(app.new_channel().await));
+    }
+    let barrier = Arc::new(Barrier::new(200));
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let mut c = clients[i % clients.len()].clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let r = c
+                    .reserve_slot(reserve(&format!("r{i}"), "bar", at, 600))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if r.outcome() != SlotOutcome::Reserved {
+                    return false;
+                }
+                c.confirm_slot(confirm(&format!("r{i}"), &format!("pay{i}")))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .outcome()
+                    == SlotOutcome::Confirmed
+            })
+        })
+        .collect();
+    let mut confirmed = 0;
+    for t in tasks {
+        confirmed += usize::from(t.await.unwrap());
+    }
+    assert_eq!(confirmed, 3);
+    let w = window(&app, "bar", at).await;
+    assert_eq!(
+        (w.capacity, w.confirmed, w.pending, w.available),
+        (3, 3, 0, 0)
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_reservation_frees_its_slot_and_late_confirmation_takes_one_only_if_free() {
+    let app = spawn_app().await;
+    venue(&app, "v", "UTC", 4).await; // 1 per window
+    let at = tomorrow();
+    let r = app
+        .slots()
+        .reserve_slot(reserve("slow", "v", at, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let exp = r.reservation.unwrap().expires_at.unwrap();
+    let exp_ms = exp.seconds * 1000 + i64::from(exp.nanos / 1_000_000);
+    app.eventually("the reservation's expiry on Redis's clock", || async {
+        (app.redis_now_ms().await > exp_ms).then_some(())
+    })
+    .await;
+
+    // The slot is free again: a late confirmation takes it.
+    let late = app
+        .slots()
+        .confirm_slot(confirm("slow", "pay-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(late.outcome(), SlotOutcome::Confirmed);
+    assert!(late.late);
+    assert_eq!(
+        app.slots()
+            .confirm_slot(confirm("slow", "pay-1"))
+            .await
+            .unwrap()
+            .into_inner(),
+        late,
+        "a retry repeats it"
+    );
+
+    // Again, but this time a new customer takes the freed slot first.
+    let at2 = prost_types::Timestamp {
+        seconds: at.seconds + 3600,
+        nanos: 0,
+    };
+    let r = app
+        .slots()
+        .reserve_slot(reserve("slow2", "v", at2, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let exp = r.reservation.unwrap().expires_at.unwrap();
+    let exp_ms = exp.seconds * 1000 + i64::from(exp.nanos / 1_000_000);
+    app.eventually("expiry", || async {
+        (app.redis_now_ms().await > exp_ms).then_some(())
+    })
+    .await;
+    let other = app
+        .slots()
+        .reserve_slot(reserve("fast", "v", at2, 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        other.outcome(),
+        SlotOutcome::Reserved,
+        "the expired reservation does not block"
+    );
+    let refused = app
+        .slots()
+        .confirm_slot(confirm("slow2", "pay-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        refused.outcome(),
+        SlotOutcome::WindowFull,
+        "refund: the window is full"
+    );
+    let w = window(&app, "v", at2).await;
+    assert_eq!((w.confirmed, w.pending), (0, 1));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn windows_follow_the_venues_clock_across_a_dst_change() {
+    let app = spawn_app().await;
+    let mut c = app.slots();
+    c.set_venue(pb::SetVenueRequest {
+        venue_id: "ny".into(),
+        time_zone: "America/New_York".into(),
+        window_minutes: 15,
+    })
+    .await
+    .unwrap();
+    // Sunday 2026-03-08: 01:00-02:00 EST sells 8/h (2 per window), 03:00 EDT 16/h (4).
+    let hours = vec![
+        pb::HourSlots {
+            weekday: 7,
+            hour: 1,
+            slots_per_hour: 8,
+        },
+        pb::HourSlots {
+            weekday: 7,
+            hour: 2,
+            slots_per_hour: 100,
+        },
+        pb::HourSlots {
+            weekday: 7,
+            hour: 3,
+            slots_per_hour: 16,
+        },
+    ];
+    c.set_schedule(pb::SetScheduleRequest {
+        venue_id: "ny".into(),
+        hours,
+    })
+    .await
+    .unwrap();
+    let windows = c
+        .get_availability(pb::GetAvailabilityRequest {
+            venue_id: "ny".into(),
+            from: Some(ts("2026-03-08T06:30:00Z")),
+            to: Some(ts("2026-03-08T07:30:00Z")),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .windows;
+    let got: Vec<(i64, i64)> = windows
+        .iter()
+        .map(|w| (w.start.unwrap().seconds, w.capacity))
+        .collect();
+    let want = vec![
+        (ts("2026-03-08T06:30:00Z").seconds, 2), // 01:30 EST
+        (ts("2026-03-08T06:45:00Z").seconds, 2), // 01:45 EST
+        (ts("2026-03-08T07:00:00Z").seconds, 4), // 03:00 EDT: 02:xx never happens
+        (ts("2026-03-08T07:15:00Z").seconds, 4),
+    ];
+    assert_eq!(got, want);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_schedule_cut_below_confirmed_slots_keeps_them_and_sells_nothing_more() {
+    let app = spawn_app().await;
+    venue(&app, "cut", "UTC", 12).await; // 3 per window
+    let at = tomorrow();
+    for i in 0..3 {
+        app.slots()
+            .reserve_slot(reserve(&format!("r{i}"), "cut", at, 600))
+            .await
+            .unwrap();
+        app.slots()
+            .confirm_slot(confirm(&format!("r{i}"), &format!("p{i}")))
+            .await
+            .unwrap();
+    }
+    venue(&app, "cut", "UTC", 4).await; // now 1 per window
+    let w = window(&app, "cut", at).await;
+    assert_eq!((w.capacity, w.confirmed, w.available), (1, 3, 0));
+    let r = app
+        .slots()
+        .reserve_slot(reserve("late", "cut", at, 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), SlotOutcome::WindowFull);
+    venue(&app, "cut", "UTC", 20).await; // 5 per window
+    let w = window(&app, "cut", at).await;
+    assert_eq!((w.capacity, w.confirmed, w.available), (5, 3, 2));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_date_override_closes_a_holiday() {
+    let app = spawn_app().await;
+    venue(&app, "h", "UTC", 8).await;
+    let day = chrono::Utc::now().date_naive() + chrono::Days::new(1);
+    app.slots()
+        .set_date_override(pb::SetDateOverrideRequest {
+            venue_id: "h".into(),
+            date: day.to_string(),
+            hours: vec![],
+            clear: false,
+        })
+        .await
+        .unwrap();
+    let r = app
+        .slots()
+        .reserve_slot(reserve("x", "h", tomorrow(), 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), SlotOutcome::Closed);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_slot_input_gets_a_clear_error_and_changes_nothing() {
+    let app = spawn_app().await;
+    let mut c = app.slots();
+    let err = c
+        .reserve_slot(reserve("r", "nowhere", tomorrow(), 600))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .set_venue(pb::SetVenueRequest {
+            venue_id: "v".into(),
+            time_zone: "Mars/Olympus_Mons".into(),
+            window_minutes: 15,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("time_zone"), "{}", err.message());
+    venue(&app, "v", "UTC", 4).await;
+    let bad = pb::SetScheduleRequest {
+        venue_id: "v".into(),
+        hours: vec![pb::HourSlots {
+            weekday: 1,
+            hour: 9,
+            slots_per_hour: -4,
+        }],
+    };
+    let err = c.set_schedule(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("hours[0].slots_per_hour"),
+        "{}",
+        err.message()
+    );
+    for (weekday, hour, field) in [(0, 9, "hours[0].weekday"), (1, 24, "hours[0].hour")] {
+        let err = c
+            .set_schedule(pb::SetScheduleRequest {
+                venue_id: "v".into(),
+                hours: vec![pb::HourSlots {
+                    weekday,
+                    hour,
+                    slots_per_hour: 4,
+                }],
+            })
+            .await
+            .unwrap_err();
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    // The schedule is as it was: 1 slot in tomorrow's window.
+    let w = window(&app, "v", tomorrow()).await;
+    assert_eq!(w.capacity, 1);
+    let err = c.confirm_slot(confirm("ghost", "p")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    app.shutdown().await;
+}
