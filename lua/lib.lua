@@ -10,7 +10,10 @@
 --
 -- Keys under the prefix (src/store/redis/keys.rs names the same ones):
 --   pool:<pool_id>  hash  grant ret sold held epoch full unl from until low armed lim
---   hold:<hold_id>  hash  st job rq ln exp ext xid ck cq ref oid cat fin
+--                         by (the hold that last took units: for a capacity-1
+--                         pool, its one holder while held = 1)
+--   hold:<hold_id>  hash  st job rq ln exp ext xid ck cq ref oid cat fin fence
+--   fence           string, the tenant's fencing-token counter (one per hold)
 --   exp             zset  hold_id -> expires_at (ms) of every ACTIVE hold
 --   events          stream, one entry per state change
 --   cust:<scope>    string, units a customer has in a sale (per-customer limit)
@@ -41,10 +44,11 @@ end
 
 -- The reply shape of a hold, decoded strictly by src/store/redis/reply.rs:
 -- { 'HOLD', st, job, lines_json, expires_at, extensions, ref, order_id,
---   created_at, finished_at }
+--   created_at, finished_at, fence }
 local function hold_view(hold_key)
-  local h = redis.call('HMGET', hold_key, 'st', 'job', 'ln', 'exp', 'ext', 'ref', 'oid', 'cat', 'fin')
-  return { 'HOLD', h[1], h[2], h[3], h[4] or '0', h[5] or '0', h[6] or '', h[7] or '', h[8] or '0', h[9] or '0' }
+  local h = redis.call('HMGET', hold_key, 'st', 'job', 'ln', 'exp', 'ext', 'ref', 'oid', 'cat', 'fin', 'fence')
+  return { 'HOLD', h[1], h[2], h[3], h[4] or '0', h[5] or '0', h[6] or '', h[7] or '', h[8] or '0', h[9] or '0',
+    h[10] or '0' }
 end
 
 -- Emits a `low_stock` event once per crossing of a pool's low-stock

@@ -30,17 +30,21 @@ if stop then
   return stop
 end
 
--- 3. Take the units.
+-- 3. Take the units; the pool remembers its latest holder (which names the
+-- holder of a capacity-1 pool: holders.lua), and the hold gets the tenant's
+-- next fencing token.
 for _, l in ipairs(lines) do
   redis.call('HINCRBY', P .. 'pool:' .. l[1], 'held', l[2])
+  redis.call('HSET', P .. 'pool:' .. l[1], 'by', hold_id)
 end
+local fence = redis.call('INCR', P .. 'fence')
 if ck ~= '' then
   redis.call('INCRBY', P .. ck, total(lines))
 end
 local ln = cjson.encode(lines)
 local exp = now + ttl
 redis.call('HSET', hk, 'st', 'A', 'job', job, 'rq', rq, 'ln', ln, 'exp', exp, 'ext', 0,
-  'ck', ck, 'cq', total(lines), 'ref', ref, 'cat', now)
+  'ck', ck, 'cq', total(lines), 'ref', ref, 'cat', now, 'fence', fence)
 redis.call('ZADD', P .. 'exp', exp, hold_id)
 
 -- 4. Log it, and answer.

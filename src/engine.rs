@@ -186,10 +186,25 @@ impl Engine {
         ttl: Duration,
         extension_id: &str,
     ) -> Result<Hold, Error> {
+        self.extend_within(tenant, id, job, ttl, extension_id, self.max_extensions)
+            .await
+    }
+
+    /// [`Engine::extend`] with this call's own extension budget, for jobs
+    /// whose holds may be refreshed any number of times (sale locks).
+    pub async fn extend_within(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        ttl: Duration,
+        extension_id: &str,
+        max_extensions: u32,
+    ) -> Result<Hold, Error> {
         settle(
             id,
             self.redis
-                .extend(tenant, id, job, ttl, self.max_extensions, extension_id)
+                .extend(tenant, id, job, ttl, max_extensions, extension_id)
                 .await?,
         )
     }

@@ -115,6 +115,9 @@ pub struct Hold {
     pub created_at_ms: i64,
     /// When it was committed, released or expired (ms), or 0.
     pub finished_at_ms: i64,
+    /// Its fencing token: drawn from a per-tenant counter when the hold was
+    /// made, so a later hold always has a larger one (0 for claims).
+    pub fence: i64,
 }
 
 /// A line that could not be served.

@@ -15,7 +15,7 @@ use redis::{Script, ScriptInvocation, Value};
 
 pub use events::decode_event;
 pub use keys::Keys;
-pub use reply::{GrantReply, HoldReply, RedisPool, ReturnReply};
+pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply};
 
 use crate::domain::{HoldId, Job, Lines, PoolId, TenantId};
 use crate::error::Error;
@@ -289,6 +289,18 @@ impl RedisStore {
         let mut con = self.con.clone();
         let v: Value = inv.invoke_async(&mut con).await?;
         reply::pools_reply(&v, pools.len())
+    }
+
+    /// Reads who holds or sold each pool (`holders.lua`).
+    pub async fn holders(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<Vec<Holder>, Error> {
+        let v = self
+            .run("holders", &scripts::HOLDERS, tenant, |i| {
+                for p in pools {
+                    i.arg(p.as_str());
+                }
+            })
+            .await?;
+        reply::holders_reply(&v, pools.len())
     }
 
     /// Records a grant from Postgres (`grant.lua`).

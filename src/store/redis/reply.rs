@@ -138,11 +138,11 @@ pub fn hold_reply(id: &HoldId, v: &Value) -> Result<HoldReply, Error> {
 }
 
 /// Decodes `lib.lua`'s hold view: `{ 'HOLD', st, job, lines_json,
-/// expires_at, extensions, ref, order_id, created_at, finished_at }`.
+/// expires_at, extensions, ref, order_id, created_at, finished_at, fence }`.
 fn decode_hold(id: &HoldId, v: &Value) -> Result<Hold, Error> {
     let bad = || shape("a hold view", v);
     let f = items(v).ok_or_else(bad)?;
-    if f.len() != 10 || text(&f[0]).as_deref() != Some("HOLD") {
+    if f.len() != 11 || text(&f[0]).as_deref() != Some("HOLD") {
         return Err(bad());
     }
     let state = match text(&f[1]).as_deref() {
@@ -170,7 +170,48 @@ fn decode_hold(id: &HoldId, v: &Value) -> Result<Hold, Error> {
         order_id: text(&f[7]).ok_or_else(bad)?,
         created_at_ms: int(&f[8]).ok_or_else(bad)?,
         finished_at_ms: int(&f[9]).ok_or_else(bad)?,
+        fence: int(&f[10]).ok_or_else(bad)?,
     })
+}
+
+/// Who holds or sold a capacity-1 pool (`holders.lua`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// Units sold.
+    pub sold: i64,
+    /// Units held.
+    pub held: i64,
+    /// The hold that last took units, or empty.
+    pub hold_id: String,
+    /// That hold's state letter (A, C, R, E), or empty when forgotten.
+    pub state: String,
+    /// That hold's reference (for a sale lock: the channel), or empty.
+    pub reference: String,
+    /// That hold's job, or empty.
+    pub job: String,
+}
+
+/// Decodes `holders.lua`: one entry per asked pool.
+pub fn holders_reply(v: &Value, asked: usize) -> Result<Vec<Holder>, Error> {
+    let bad = || shape("holders", v);
+    let entries = items(v).ok_or_else(bad)?;
+    if entries.len() != asked {
+        return Err(bad());
+    }
+    entries
+        .iter()
+        .map(|e| match items(e).ok_or_else(bad)? {
+            [sold, held, id, st, reference, job] => Ok(Holder {
+                sold: int(sold).ok_or_else(bad)?,
+                held: int(held).ok_or_else(bad)?,
+                hold_id: text(id).ok_or_else(bad)?,
+                state: text(st).ok_or_else(bad)?,
+                reference: text(reference).ok_or_else(bad)?,
+                job: text(job).ok_or_else(bad)?,
+            }),
+            _ => Err(bad()),
+        })
+        .collect()
 }
 
 /// Decodes `get_pools.lua`: one entry per asked pool, empty when absent.
@@ -289,6 +330,7 @@ mod tests {
             s(""),
             s("900"),
             s("0"),
+            s("7"),
         ]);
         let HoldReply::Hold(h) = hold_reply(&id(), &v).unwrap() else {
             panic!("not a hold")
@@ -297,6 +339,7 @@ mod tests {
         assert_eq!(h.lines, vec![(PoolId::from_store("sale/s/p".into()), 2)]);
         assert_eq!(h.expires_at_ms, 1000);
         assert_eq!(h.reference, "cart-1");
+        assert_eq!(h.fence, 7);
     }
 
     #[test]

@@ -38,3 +38,5 @@ pub static GRANT: LazyLock<Script> = script!("grant.lua");
 pub static RETURN: LazyLock<Script> = script!("return.lua");
 /// Finalise expired holds.
 pub static SWEEP: LazyLock<Script> = script!("sweep.lua");
+/// Read who holds or sold capacity-1 pools (cards).
+pub static HOLDERS: LazyLock<Script> = script!("holders.lua");
