@@ -4,12 +4,15 @@
 use chrono::{DateTime, Utc};
 
 use super::PgStore;
-use crate::domain::{Event, TenantId};
+use super::listings::record_lock_sale;
+use crate::domain::{CardId, Event, Job, TenantId};
 use crate::error::Error;
 
 impl PgStore {
     /// Records events exactly once, each with its effects, in one
     /// transaction: an event id seen before is skipped with its effects.
+    /// The effects are the sold-count write-back and, for a completed sale
+    /// lock, the channel changes and their webhooks (`listings.rs`).
     /// Returns how many were new.
     pub async fn record_events(&self, tenant: &TenantId, events: &[Event]) -> Result<usize, Error> {
         let mut tx = self.pool.begin().await?;
@@ -39,6 +42,14 @@ impl PgStore {
                 continue;
             }
             new += 1;
+            if e.sells() && e.job == Job::Lock.as_str() {
+                let cards: Vec<CardId> = e
+                    .lines
+                    .iter()
+                    .filter_map(|l| CardId::of_pool(&l.pool))
+                    .collect();
+                record_lock_sale(&mut tx, tenant, &e.reference, &e.hold_id, &cards, e.at).await?;
+            }
             if e.sells() {
                 for l in &e.lines {
                     // Write-back changes what Postgres reports, never what it

@@ -4,7 +4,10 @@
 //! query runs.
 
 mod audit;
+mod channels;
 mod keys;
+mod listings;
+mod outbox;
 mod pools;
 mod sales;
 mod venues;
@@ -15,7 +18,10 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use audit::{AuditFilter, AuditRow};
+pub use channels::{CardState, Listing, Satellite};
 pub use keys::ApiKeyRow;
+pub use listings::{Drift, DriftRow, EngageCard, EngageOutcome};
+pub use outbox::{DeliveryRow, DueDelivery};
 pub use pools::{AdjustOutcome, CapacityChange, NewPool, PoolRow};
 pub use sales::{NewSale, SaleRow, product_pool};
 pub use venues::{ScheduleRows, VenueRow};

@@ -1,0 +1,455 @@
+//! The four transitions of `card_channels`: engage, disengage, sale (from
+//! the drainer, exactly once per commit event) and reconcile. Each runs in
+//! one transaction with the outbox rows that tell the satellites, so a
+//! change and its webhook are never one without the other.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::{Postgres, Transaction};
+
+use super::PgStore;
+use crate::domain::channel::{EngageConflict, engage_rule};
+use crate::domain::{CardId, Channel, ChannelSlug, TenantId};
+use crate::error::Error;
+
+/// A card to engage, with the satellite's context for it.
+#[derive(Debug, Clone)]
+pub struct EngageCard {
+    /// The card.
+    pub card_id: CardId,
+    /// The satellite's id for the listing, or empty.
+    pub external_ref: String,
+    /// Per-channel context (a JSON object).
+    pub metadata: serde_json::Value,
+}
+
+/// How an engage batch went. All-or-nothing: with conflicts, nothing
+/// changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngageOutcome {
+    /// Every card is live on the channel now.
+    Engaged {
+        /// Cards that went live with this call.
+        engaged: Vec<CardId>,
+        /// Cards that were live there already (left as they were).
+        already: Vec<CardId>,
+    },
+    /// The rules refused these cards; nothing changed.
+    Conflicts(Vec<(CardId, EngageConflict)>),
+}
+
+/// What a reconcile found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Drift {
+    /// Live here but not on the satellite: cleared (now inactive).
+    pub missing_on_satellite: Vec<CardId>,
+    /// Listed by the satellite but not live here: reported, not adopted.
+    pub unknown_to_holdfast: Vec<CardId>,
+}
+
+/// One recorded drift.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DriftRow {
+    /// Row id (page token).
+    pub id: i64,
+    /// The channel.
+    pub channel: String,
+    /// The card.
+    pub card_id: String,
+    /// `missing_on_satellite` or `unknown_to_holdfast`.
+    pub direction: String,
+    /// Whether holdfast changed its own row to match.
+    pub cleared: bool,
+    /// When.
+    pub detected_at: DateTime<Utc>,
+}
+
+impl PgStore {
+    /// Engages `cards` on `channel`, all-or-nothing against the listing
+    /// rule. Cards are locked in id order, so concurrent batches touching
+    /// one card queue rather than both passing the check.
+    pub async fn engage(
+        &self,
+        workspace: &TenantId,
+        channel: &Channel,
+        cards: &[EngageCard],
+    ) -> Result<EngageOutcome, Error> {
+        let ws = workspace.as_str();
+        let mut ids: Vec<&str> = cards.iter().map(|c| c.card_id.as_str()).collect();
+        ids.sort_unstable();
+        let mut tx = self.pool.begin().await?;
+        let dual: Option<(bool,)> =
+            sqlx::query_as("SELECT dual_listing FROM channel_settings WHERE workspace = $1")
+                .bind(ws)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let dual = dual.is_some_and(|(d,)| d);
+        sqlx::query(
+            "INSERT INTO cards (workspace, card_id) SELECT $1, c FROM unnest($2::text[]) AS c ON CONFLICT DO NOTHING",
+        )
+        .bind(ws)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        let sold: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT card_id, sold_channel FROM cards WHERE workspace = $1 AND card_id = ANY($2)
+             ORDER BY card_id FOR UPDATE",
+        )
+        .bind(ws)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let live: Vec<(String, String, bool)> = sqlx::query_as(
+            "SELECT cc.card_id, cc.channel, ch.exclusive FROM card_channels cc
+             JOIN channels ch ON ch.workspace = cc.workspace AND ch.slug = cc.channel
+             WHERE cc.workspace = $1 AND cc.card_id = ANY($2) AND cc.status = 'active'",
+        )
+        .bind(ws)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut conflicts = Vec::new();
+        for card in cards {
+            let id = card.card_id.as_str();
+            let sold_on = sold
+                .iter()
+                .find(|(c, _)| c == id)
+                .and_then(|(_, s)| s.clone())
+                .map(ChannelSlug::from_store);
+            let on: Vec<(ChannelSlug, bool)> = live
+                .iter()
+                .filter(|(c, _, _)| c == id)
+                .map(|(_, ch, ex)| (ChannelSlug::from_store(ch.clone()), *ex))
+                .collect();
+            if let Err(why) = engage_rule(channel, &on, sold_on.as_ref(), dual) {
+                conflicts.push((card.card_id.clone(), why));
+            }
+        }
+        if !conflicts.is_empty() {
+            tx.rollback().await?;
+            return Ok(EngageOutcome::Conflicts(conflicts));
+        }
+        let refs: Vec<&str> = cards.iter().map(|c| c.external_ref.as_str()).collect();
+        let metas: Vec<String> = cards.iter().map(|c| c.metadata.to_string()).collect();
+        let card_ids: Vec<&str> = cards.iter().map(|c| c.card_id.as_str()).collect();
+        let engaged: Vec<(String,)> = sqlx::query_as(
+            "INSERT INTO card_channels (workspace, card_id, channel, status, external_ref, metadata)
+             SELECT $1, u.card_id, $2, 'active', u.external_ref, u.metadata::jsonb
+             FROM unnest($3::text[], $4::text[], $5::text[]) AS u(card_id, external_ref, metadata)
+             ON CONFLICT (workspace, card_id, channel) DO UPDATE
+                 SET status = 'active', external_ref = EXCLUDED.external_ref, metadata = EXCLUDED.metadata,
+                     engaged_at = now(), disengaged_at = NULL
+                 WHERE card_channels.status = 'inactive'
+             RETURNING card_id",
+        )
+        .bind(ws)
+        .bind(channel.slug.as_str())
+        .bind(&card_ids)
+        .bind(&refs)
+        .bind(&metas)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Each card is a capacity-1 pool, so a sale lock can take it.
+        sqlx::query(
+            "INSERT INTO pools (tenant, pool_id, job, capacity)
+             SELECT $1, 'card/' || c, 'lock', 1 FROM unnest($2::text[]) AS c ON CONFLICT DO NOTHING",
+        )
+        .bind(ws)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        let engaged: Vec<CardId> = engaged
+            .into_iter()
+            .map(|(c,)| CardId::from_store(c))
+            .collect();
+        let new_cards: Vec<_> = cards
+            .iter()
+            .filter(|c| engaged.contains(&c.card_id))
+            .map(|c| json!({"card_id": c.card_id.as_str(), "external_ref": c.external_ref, "metadata": c.metadata}))
+            .collect();
+        if !new_cards.is_empty() {
+            let body = json!({"reason": "engaged", "cards": new_cards});
+            enqueue(
+                &mut tx,
+                ws,
+                channel.slug.as_str(),
+                "engage",
+                body,
+                Utc::now(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        let already = cards
+            .iter()
+            .map(|c| c.card_id.clone())
+            .filter(|c| !engaged.contains(c))
+            .collect();
+        Ok(EngageOutcome::Engaged { engaged, already })
+    }
+
+    /// Takes cards off a channel (all its live cards when `cards` is
+    /// `None`: a bulk wipe). Returns the cards that were live there; the
+    /// others are left as they are.
+    pub async fn disengage(
+        &self,
+        workspace: &TenantId,
+        channel: &ChannelSlug,
+        cards: Option<&[CardId]>,
+    ) -> Result<Vec<CardId>, Error> {
+        let ids: Option<Vec<&str>> = cards.map(|c| c.iter().map(CardId::as_str).collect());
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "UPDATE card_channels SET status = 'inactive', disengaged_at = now()
+             WHERE workspace = $1 AND channel = $2 AND status = 'active'
+               AND ($3::text[] IS NULL OR card_id = ANY($3))
+             RETURNING card_id, external_ref",
+        )
+        .bind(workspace.as_str())
+        .bind(channel.as_str())
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !rows.is_empty() {
+            let reason = if cards.is_none() { "wipe" } else { "delisted" };
+            let body = json!({"reason": reason, "cards": card_refs(&rows)});
+            enqueue(
+                &mut tx,
+                workspace.as_str(),
+                channel.as_str(),
+                "disengage",
+                body,
+                Utc::now(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|(c, _)| CardId::from_store(c))
+            .collect())
+    }
+
+    /// Compares a channel's live cards with the satellite's canonical list:
+    /// cards live here that the satellite no longer has are cleared
+    /// (inactive); cards the satellite lists that are not live here are
+    /// reported, and those already sold get a `bulk-disengage` so the
+    /// satellite pulls them. Both directions are recorded as drift.
+    pub async fn reconcile(
+        &self,
+        workspace: &TenantId,
+        channel: &ChannelSlug,
+        satellite_cards: &[CardId],
+    ) -> Result<Drift, Error> {
+        let ws = workspace.as_str();
+        let listed: Vec<&str> = satellite_cards.iter().map(CardId::as_str).collect();
+        let mut tx = self.pool.begin().await?;
+        let cleared: Vec<(String,)> = sqlx::query_as(
+            "UPDATE card_channels SET status = 'inactive', disengaged_at = now()
+             WHERE workspace = $1 AND channel = $2 AND status = 'active' AND NOT (card_id = ANY($3))
+             RETURNING card_id",
+        )
+        .bind(ws)
+        .bind(channel.as_str())
+        .bind(&listed)
+        .fetch_all(&mut *tx)
+        .await?;
+        let unknown: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT u.c, cards.sold_channel FROM unnest($3::text[]) AS u(c)
+             LEFT JOIN cards ON cards.workspace = $1 AND cards.card_id = u.c
+             WHERE NOT EXISTS (SELECT 1 FROM card_channels cc WHERE cc.workspace = $1 AND cc.channel = $2
+                               AND cc.card_id = u.c AND cc.status = 'active')
+             ORDER BY u.c",
+        )
+        .bind(ws)
+        .bind(channel.as_str())
+        .bind(&listed)
+        .fetch_all(&mut *tx)
+        .await?;
+        // The satellite's extra cards are re-reported by each reconcile;
+        // keep only the latest report of them.
+        sqlx::query(
+            "DELETE FROM channel_drift WHERE workspace = $1 AND channel = $2 AND NOT cleared",
+        )
+        .bind(ws)
+        .bind(channel.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let mut cleared: Vec<String> = cleared.into_iter().map(|(c,)| c).collect();
+        cleared.sort();
+        let extra: Vec<&str> = unknown.iter().map(|(c, _)| c.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO channel_drift (workspace, channel, card_id, direction, cleared)
+             SELECT $1, $2, c, 'missing_on_satellite', true FROM unnest($3::text[]) AS c
+             UNION ALL
+             SELECT $1, $2, c, 'unknown_to_holdfast', false FROM unnest($4::text[]) AS c",
+        )
+        .bind(ws)
+        .bind(channel.as_str())
+        .bind(&cleared)
+        .bind(&extra)
+        .execute(&mut *tx)
+        .await?;
+        let sold: Vec<(String, String)> = unknown
+            .iter()
+            .filter(|(_, s)| s.is_some())
+            .map(|(c, _)| (c.clone(), String::new()))
+            .collect();
+        if !sold.is_empty() {
+            let body = json!({"reason": "sold", "cards": card_refs(&sold)});
+            enqueue(
+                &mut tx,
+                ws,
+                channel.as_str(),
+                "bulk-disengage",
+                body,
+                Utc::now(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Drift {
+            missing_on_satellite: cleared.into_iter().map(CardId::from_store).collect(),
+            unknown_to_holdfast: unknown
+                .into_iter()
+                .map(|(c, _)| CardId::from_store(c))
+                .collect(),
+        })
+    }
+
+    /// Recorded drift, newest first, before row id `before` (0: from the
+    /// newest), optionally of one channel.
+    pub async fn drift(
+        &self,
+        workspace: &TenantId,
+        channel: Option<&ChannelSlug>,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<DriftRow>, Error> {
+        Ok(sqlx::query_as::<_, DriftRow>(
+            "SELECT id, channel, card_id, direction, cleared, detected_at FROM channel_drift
+             WHERE workspace = $1 AND ($2::text IS NULL OR channel = $2) AND ($3 = 0 OR id < $3)
+             ORDER BY id DESC LIMIT $4",
+        )
+        .bind(workspace.as_str())
+        .bind(channel.map(ChannelSlug::as_str))
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+/// The sale transition, run by the drainer inside the transaction that
+/// records a sale lock's `committed` event (so exactly once per event):
+/// the cards become sold on the lock's channel, every other live listing
+/// of them inactive, and each affected satellite gets one `bulk-disengage`
+/// listing its cards.
+pub(super) async fn record_lock_sale(
+    tx: &mut Transaction<'_, Postgres>,
+    workspace: &TenantId,
+    channel: &str,
+    lock_ref: &str,
+    cards: &[CardId],
+    at: DateTime<Utc>,
+) -> Result<(), Error> {
+    let ws = workspace.as_str();
+    let ids: Vec<&str> = cards.iter().map(CardId::as_str).collect();
+    // Cards exist (a lock needs a listing); the insert only guards the
+    // foreign keys below against a card removed by hand.
+    sqlx::query(
+        "INSERT INTO cards (workspace, card_id) SELECT $1, c FROM unnest($2::text[]) AS c ON CONFLICT DO NOTHING",
+    )
+    .bind(ws)
+    .bind(&ids)
+    .execute(&mut **tx)
+    .await?;
+    let sold: Vec<(String,)> = sqlx::query_as(
+        "UPDATE cards SET sold_channel = $3, sold_lock_ref = $4, sold_at = $5
+         WHERE workspace = $1 AND card_id = ANY($2) AND sold_channel IS NULL
+         RETURNING card_id",
+    )
+    .bind(ws)
+    .bind(&ids)
+    .bind(channel)
+    .bind(lock_ref)
+    .bind(at)
+    .fetch_all(&mut **tx)
+    .await?;
+    if sold.len() != ids.len() {
+        // A card's pool has capacity 1, so this means a Redis epoch was
+        // lost and the card sold twice: keep the first sale on record.
+        tracing::error!(%workspace, lock_ref, "a sale lock completed on cards already sold; keeping the first sale");
+    }
+    let sold: Vec<String> = sold.into_iter().map(|(c,)| c).collect();
+    sqlx::query(
+        "INSERT INTO card_channels (workspace, card_id, channel, status, disengaged_at)
+         SELECT $1, c, $2, 'sold', $3 FROM unnest($4::text[]) AS c
+         ON CONFLICT (workspace, card_id, channel) DO UPDATE SET status = 'sold', disengaged_at = $3",
+    )
+    .bind(ws)
+    .bind(channel)
+    .bind(at)
+    .bind(&sold)
+    .execute(&mut **tx)
+    .await?;
+    let pulled: Vec<(String, String, String)> = sqlx::query_as(
+        "UPDATE card_channels SET status = 'inactive', disengaged_at = $3
+         WHERE workspace = $1 AND card_id = ANY($4) AND channel <> $2 AND status = 'active'
+         RETURNING channel, card_id, external_ref",
+    )
+    .bind(ws)
+    .bind(channel)
+    .bind(at)
+    .bind(&sold)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut by_channel: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for (ch, card, external_ref) in pulled {
+        by_channel.entry(ch).or_default().push((card, external_ref));
+    }
+    for (ch, mut rows) in by_channel {
+        rows.sort();
+        let body = json!({"reason": "sold", "sold_on": channel, "lock_ref": lock_ref, "cards": card_refs(&rows)});
+        enqueue(tx, ws, &ch, "bulk-disengage", body, at).await?;
+    }
+    Ok(())
+}
+
+fn card_refs(rows: &[(String, String)]) -> Vec<serde_json::Value> {
+    rows.iter()
+        .map(|(c, r)| json!({"card_id": c, "external_ref": r}))
+        .collect()
+}
+
+/// Adds a webhook for `channel`'s satellite to the outbox, in the caller's
+/// transaction. A channel without a satellite gets none: reconcile is how
+/// a satellite configured later catches up.
+async fn enqueue(
+    tx: &mut Transaction<'_, Postgres>,
+    workspace: &str,
+    channel: &str,
+    event: &str,
+    mut body: serde_json::Value,
+    at: DateTime<Utc>,
+) -> Result<(), Error> {
+    let cards = body["cards"].as_array().map_or(0, Vec::len);
+    body["event"] = json!(event);
+    body["workspace"] = json!(workspace);
+    body["channel"] = json!(channel);
+    body["occurred_at"] = json!(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    sqlx::query(
+        "INSERT INTO outbox (workspace, channel, event, body, card_count)
+         SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM satellites WHERE workspace = $1 AND channel = $2)",
+    )
+    .bind(workspace)
+    .bind(channel)
+    .bind(event)
+    .bind(body.to_string())
+    .bind(i32::try_from(cards).unwrap_or(i32::MAX))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The webhook outbox: rows written with the change they announce
+//! (`listings.rs`), claimed and marked by the outbox job.
+//!
+//! Deliveries to one satellite go in order: only the oldest pending row of
+//! each (workspace, channel) is ever attempted, so a satellite never sees a
+//! disengage overtake the engage before it, and a satellite that is down
+//! delays only itself.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::PgStore;
+use crate::domain::{ChannelSlug, TenantId};
+use crate::error::Error;
+
+/// A delivery claimed for one attempt, with where it goes.
+#[derive(Clone, sqlx::FromRow)]
+pub struct DueDelivery {
+    /// The outbox row id (sent as `X-Holdfast-Delivery`).
+    pub id: i64,
+    /// The workspace.
+    pub workspace: String,
+    /// The channel.
+    pub channel: String,
+    /// The event (the last part of the URL path).
+    pub event: String,
+    /// The JSON body, as stored.
+    pub body: String,
+    /// Attempts made before this one.
+    pub attempts: i32,
+    /// The satellite's base URL.
+    pub base_url: String,
+    /// The HMAC key; never logged.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for DueDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DueDelivery")
+            .field("id", &self.id)
+            .field("workspace", &self.workspace)
+            .field("channel", &self.channel)
+            .field("event", &self.event)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A delivery as callers see it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeliveryRow {
+    /// The outbox row id.
+    pub id: i64,
+    /// The channel.
+    pub channel: String,
+    /// The event.
+    pub event: String,
+    /// The JSON body.
+    pub body: String,
+    /// How many cards it lists.
+    pub card_count: i32,
+    /// `pending` or `delivered`.
+    pub state: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// When the next attempt is due (pending only).
+    pub next_attempt_at: DateTime<Utc>,
+    /// HTTP status of the last attempt, if it got one.
+    pub last_status: Option<i32>,
+    /// Why the last attempt failed, or empty.
+    pub last_error: String,
+    /// When it was written.
+    pub created_at: DateTime<Utc>,
+    /// When a satellite acknowledged it.
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl PgStore {
+    /// Claims up to `limit` due deliveries, the oldest pending one of each
+    /// satellite, for `lease`: until then no other claim (of this daemon or
+    /// another) takes them, and if this one dies they come due again.
+    pub async fn claim_deliveries(
+        &self,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<DueDelivery>, Error> {
+        Ok(sqlx::query_as::<_, DueDelivery>(
+            "WITH heads AS (
+                 SELECT DISTINCT ON (workspace, channel) id FROM outbox
+                 WHERE state = 'pending' ORDER BY workspace, channel, id
+             ), due AS (
+                 SELECT o.id FROM outbox o JOIN heads USING (id)
+                 WHERE o.next_attempt_at <= now() ORDER BY o.id LIMIT $2
+                 FOR UPDATE OF o SKIP LOCKED
+             )
+             UPDATE outbox o SET next_attempt_at = now() + $1 * interval '1 millisecond'
+             FROM due, satellites s
+             WHERE o.id = due.id AND s.workspace = o.workspace AND s.channel = o.channel
+             RETURNING o.id, o.workspace, o.channel, o.event, o.body, o.attempts, s.base_url, s.secret",
+        )
+        .bind(millis(lease))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Records a delivery the satellite acknowledged.
+    pub async fn delivered(&self, id: i64, status: u16) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, last_status = $2,
+                 last_error = '', delivered_at = now()
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(i32::from(status))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt; the next one is due after `retry_in`.
+    pub async fn delivery_failed(
+        &self,
+        id: i64,
+        status: Option<u16>,
+        error: &str,
+        retry_in: Duration,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, last_status = $2, last_error = $3,
+                 next_attempt_at = now() + $4 * interval '1 millisecond'
+             WHERE id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .bind(status.map(i32::from))
+        .bind(error)
+        .bind(millis(retry_in))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deliveries waiting, over every workspace (the backlog gauge).
+    pub async fn outbox_backlog(&self) -> Result<i64, Error> {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox WHERE state = 'pending'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
+    /// A workspace's deliveries, newest first, before row id `before` (0:
+    /// from the newest), optionally of one channel and one state.
+    pub async fn deliveries(
+        &self,
+        workspace: &TenantId,
+        channel: Option<&ChannelSlug>,
+        state: Option<&str>,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRow>, Error> {
+        Ok(sqlx::query_as::<_, DeliveryRow>(
+            "SELECT id, channel, event, body, card_count, state, attempts, next_attempt_at, last_status,
+                    last_error, created_at, delivered_at
+             FROM outbox
+             WHERE workspace = $1 AND ($2::text IS NULL OR channel = $2) AND ($3::text IS NULL OR state = $3)
+               AND ($4 = 0 OR id < $4)
+             ORDER BY id DESC LIMIT $5",
+        )
+        .bind(workspace.as_str())
+        .bind(channel.map(ChannelSlug::as_str))
+        .bind(state)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
