@@ -20,8 +20,12 @@
 //!   pools and holds.
 //! - [`grpc`]: generated code, request parsing, one thin adapter per service,
 //!   and authentication.
-//! - [`jobs`]: background loops: the drainer (Redis events to Postgres) and
-//!   the sweeper (expired holds).
+//! - [`jobs`]: background loops: the drainer (Redis events to Postgres,
+//!   with their channel changes), the sweeper (expired holds), the outbox
+//!   (signed webhooks to satellites) and the reconciler (satellites'
+//!   canonical card lists).
+//! - [`satellite`]: the HTTP client for satellites and the webhook
+//!   signature.
 //! - [`startup`]: [`startup::Application`] wires it all, binds the ports and
 //!   runs until a shutdown signal.
 //! - [`config`], [`telemetry`], [`error`]: the command line, logs and
@@ -35,6 +39,7 @@ pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod jobs;
+pub mod satellite;
 pub mod services;
 pub mod startup;
 pub mod store;

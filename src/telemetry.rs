@@ -111,6 +111,14 @@ pub fn describe_metrics() {
         "Time from a hold's expiry to its finalisation"
     );
     describe_gauge!(
+        OUTBOX_BACKLOG,
+        "Webhook deliveries waiting in the outbox (not yet acknowledged)"
+    );
+    describe_counter!(
+        OUTBOX_FAILURES,
+        "Webhook delivery attempts that failed, by event (each is retried)"
+    );
+    describe_gauge!(
         IN_DOUBT_UNITS,
         "Units kept unavailable after a store failure, awaiting an operator"
     );

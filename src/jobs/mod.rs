@@ -5,8 +5,13 @@
 //!   writes each event to Postgres exactly once, with its effects.
 //! - [`sweeper`]: finalises expired holds (state EXPIRED, event) within the
 //!   sweep interval of their expiry.
+//! - [`outbox`]: delivers signed webhooks to satellites, with retries.
+//! - [`reconciler`]: pulls satellites' canonical card lists and clears
+//!   drift.
 
 pub mod drainer;
+pub mod outbox;
+pub mod reconciler;
 pub mod sweeper;
 
 use std::sync::Mutex;

@@ -1,0 +1,136 @@
+//! The outbox job: delivers the webhooks that channel changes wrote to the
+//! outbox, signed, in order per satellite, retrying with exponential
+//! backoff until the satellite answers 2xx.
+//!
+//! A row is claimed for a lease before it is sent, so a second daemon (or
+//! this one after a crash) sends it again only once the lease ran out: a
+//! satellite may see a delivery twice, never lose one, and can drop
+//! repeats by the `X-Holdfast-Delivery` id.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::error::Error;
+use crate::satellite::SatelliteClient;
+use crate::store::postgres::{DueDelivery, PgStore};
+use crate::telemetry::metric;
+
+/// Most deliveries attempted at once.
+const BATCH: i64 = 32;
+
+/// How the outbox job paces itself.
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// How often the outbox is polled.
+    pub interval: Duration,
+    /// One attempt's deadline (the client's timeout).
+    pub timeout: Duration,
+    /// The wait after the first failed attempt; doubled after each.
+    pub backoff_base: Duration,
+    /// The longest wait between attempts.
+    pub backoff_max: Duration,
+}
+
+/// The wait before the next attempt after `attempts` failed ones:
+/// `base * 2^(attempts - 1)`, at most `max`.
+pub fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration {
+    let exp = u32::try_from(attempts.saturating_sub(1))
+        .unwrap_or(0)
+        .min(30);
+    base.saturating_mul(1 << exp).min(max)
+}
+
+/// Runs until `stop` turns true; a round in flight finishes first (each
+/// attempt is bounded by the timeout).
+pub async fn run(
+    pg: PgStore,
+    client: SatelliteClient,
+    settings: OutboxSettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(settings.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
+        if let Err(e) = round(&pg, &client, &settings).await {
+            tracing::warn!(error = %e, "outbox round failed; deliveries stay pending");
+        }
+    }
+    tracing::debug!("outbox stopped");
+}
+
+/// Claims the due deliveries and attempts each; returns how many were
+/// attempted.
+async fn round(
+    pg: &PgStore,
+    client: &SatelliteClient,
+    settings: &OutboxSettings,
+) -> Result<usize, Error> {
+    let lease = settings.timeout + Duration::from_secs(5);
+    let due = pg.claim_deliveries(lease, BATCH).await?;
+    let attempted = due.len();
+    let mut set = JoinSet::new();
+    for d in due {
+        let (pg, client, settings) = (pg.clone(), client.clone(), settings.clone());
+        set.spawn(async move { deliver(&pg, &client, &settings, d).await });
+    }
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "recording a delivery failed; it will be retried")
+            }
+            Err(e) => tracing::error!(error = %e, "a delivery task panicked"),
+        }
+    }
+    metrics::gauge!(metric::OUTBOX_BACKLOG).set(pg.outbox_backlog().await? as f64);
+    Ok(attempted)
+}
+
+async fn deliver(
+    pg: &PgStore,
+    client: &SatelliteClient,
+    settings: &OutboxSettings,
+    d: DueDelivery,
+) -> Result<(), Error> {
+    match client
+        .post(&d.base_url, &d.secret, &d.event, d.id, &d.body)
+        .await
+    {
+        Ok(status) => {
+            tracing::info!(delivery = d.id, workspace = %d.workspace, channel = %d.channel, event = %d.event, status, "webhook delivered");
+            pg.delivered(d.id, status).await
+        }
+        Err(failure) => {
+            metrics::counter!(metric::OUTBOX_FAILURES, "event" => d.event.clone()).increment(1);
+            let retry_in = backoff(d.attempts + 1, settings.backoff_base, settings.backoff_max);
+            tracing::warn!(delivery = d.id, workspace = %d.workspace, channel = %d.channel, event = %d.event,
+                attempt = d.attempts + 1, reason = %failure.reason, ?retry_in, "webhook delivery failed; will retry");
+            pg.delivery_failed(d.id, failure.status, &failure.reason, retry_in)
+                .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_base_up_to_the_cap() {
+        let (base, max) = (Duration::from_secs(1), Duration::from_secs(60));
+        assert_eq!(backoff(1, base, max), Duration::from_secs(1));
+        assert_eq!(backoff(2, base, max), Duration::from_secs(2));
+        assert_eq!(backoff(4, base, max), Duration::from_secs(8));
+        assert_eq!(backoff(10, base, max), max);
+        assert_eq!(backoff(i32::MAX, base, max), max);
+    }
+}

@@ -1,0 +1,211 @@
+//! Talking to satellites: signed webhooks out, canonical card lists in.
+//!
+//! Every request carries `X-Holdfast-Timestamp` (unix seconds) and
+//! `X-Holdfast-Signature: sha256=<hex>`, the HMAC-SHA256 of
+//! `"<timestamp>.<body>"` under the satellite's secret (the body of a GET
+//! is empty). A satellite recomputes it over the raw body it received,
+//! compares in constant time, and refuses timestamps far from its clock, so
+//! a captured request cannot be replayed later. The README has the scheme
+//! for satellite implementers.
+//!
+//! The client is hyper-util's pooled HTTP/1.1 client, the stack tonic
+//! already builds on. Plain `http://` only: TLS to satellites would need a
+//! TLS stack this daemon does not carry yet (see the README).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sha2::Sha256;
+
+/// The header carrying the signing time, unix seconds.
+pub const TIMESTAMP_HEADER: &str = "x-holdfast-timestamp";
+/// The header carrying `sha256=<hex>`.
+pub const SIGNATURE_HEADER: &str = "x-holdfast-signature";
+/// The header carrying the outbox row id: the same on every retry, so a
+/// satellite can drop duplicates.
+pub const DELIVERY_HEADER: &str = "x-holdfast-delivery";
+/// The header carrying the event name.
+pub const EVENT_HEADER: &str = "x-holdfast-event";
+/// Largest canonical list a satellite may answer with.
+const MAX_LIST_BYTES: usize = 16 << 20;
+
+/// The signature header's value for `body` signed at `timestamp`.
+pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    // HMAC takes a key of any length.
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("hmac accepts any key length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// Checks a base URL a caller gives for a satellite: `http://host[:port][/path]`.
+pub fn check_base_url(value: &str) -> Result<String, String> {
+    let trimmed = value.trim_end_matches('/');
+    let uri: http::Uri = trimmed
+        .parse()
+        .map_err(|e| format!("is not a valid URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(
+                "https is not supported yet: put a TLS-terminating proxy in front of the satellite, or use http on a private network".into(),
+            );
+        }
+        _ => return Err("must start with http://".into()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("must name a host".into());
+    }
+    if uri.query().is_some() {
+        return Err("must not have a query".into());
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// Why a request to a satellite did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The HTTP status, when the satellite answered.
+    pub status: Option<u16>,
+    /// What went wrong, for the delivery's record.
+    pub reason: String,
+}
+
+/// An HTTP client for satellites. Cheap to clone.
+#[derive(Clone)]
+pub struct SatelliteClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl SatelliteClient {
+    /// A client whose every request gives up after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+            timeout,
+        }
+    }
+
+    /// POSTs a signed webhook to `<base_url>/webhooks/<event>`; Ok with the
+    /// status when the satellite answered 2xx.
+    pub async fn post(
+        &self,
+        base_url: &str,
+        secret: &str,
+        event: &str,
+        delivery_id: i64,
+        body: &str,
+    ) -> Result<u16, Failure> {
+        let ts = chrono::Utc::now().timestamp();
+        let req = http::Request::post(format!("{base_url}/webhooks/{event}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::USER_AGENT, "holdfast")
+            .header(TIMESTAMP_HEADER, ts)
+            .header(SIGNATURE_HEADER, sign(secret, ts, body.as_bytes()))
+            .header(DELIVERY_HEADER, delivery_id)
+            .header(EVENT_HEADER, event)
+            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+            .map_err(|e| failure(None, format!("cannot build the request: {e}")))?;
+        let (status, _) = self.send(req, 4096).await?;
+        Ok(status)
+    }
+
+    /// GETs a satellite's canonical list of active cards from
+    /// `<base_url>/active-cards`: a JSON object `{"card_ids": [...]}`.
+    pub async fn active_cards(&self, base_url: &str, secret: &str) -> Result<Vec<String>, Failure> {
+        let ts = chrono::Utc::now().timestamp();
+        let req = http::Request::get(format!("{base_url}/active-cards"))
+            .header(http::header::USER_AGENT, "holdfast")
+            .header(TIMESTAMP_HEADER, ts)
+            .header(SIGNATURE_HEADER, sign(secret, ts, b""))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| failure(None, format!("cannot build the request: {e}")))?;
+        let (status, body) = self.send(req, MAX_LIST_BYTES).await?;
+        #[derive(serde::Deserialize)]
+        struct List {
+            card_ids: Vec<String>,
+        }
+        let list: List = serde_json::from_slice(&body).map_err(|e| {
+            failure(
+                Some(status),
+                format!("the answer is not {{\"card_ids\": [...]}}: {e}"),
+            )
+        })?;
+        Ok(list.card_ids)
+    }
+
+    /// Sends a request within the timeout; Ok with the status and up to
+    /// `max_body` bytes of body when the status is 2xx.
+    async fn send(
+        &self,
+        req: http::Request<Full<Bytes>>,
+        max_body: usize,
+    ) -> Result<(u16, Bytes), Failure> {
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| failure(None, format!("request failed: {e}")))?;
+            let status = resp.status().as_u16();
+            let body = Limited::new(resp.into_body(), max_body)
+                .collect()
+                .await
+                .map_err(|e| failure(Some(status), format!("reading the answer failed: {e}")))?
+                .to_bytes();
+            if !(200..300).contains(&status) {
+                return Err(failure(Some(status), format!("answered HTTP {status}")));
+            }
+            Ok((status, body))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| failure(None, format!("no answer within {:?}", self.timeout)))?
+    }
+}
+
+fn failure(status: Option<u16>, reason: String) -> Failure {
+    Failure { status, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
+        // A value computed independently, with:
+        // printf '1700000000.{}' | openssl dgst -sha256 -hmac secret
+        assert_eq!(
+            sign("secret", 1_700_000_000, b"{}"),
+            "sha256=b8569b78799ff9e3cbff0fc2d63a33a2b57f3282abd07c37ae5e8e7d79a5f163"
+        );
+    }
+
+    #[test]
+    fn base_urls_are_plain_http_with_a_host() {
+        assert_eq!(
+            check_base_url("http://tot.internal:8080/hooks/").unwrap(),
+            "http://tot.internal:8080/hooks"
+        );
+        assert!(check_base_url("https://tot.example").is_err());
+        assert!(check_base_url("ftp://x").is_err());
+        assert!(check_base_url("http://x/?a=1").is_err());
+        assert!(check_base_url("not a url").is_err());
+    }
+}
