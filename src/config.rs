@@ -168,6 +168,47 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
 
+    /// Time to live of a sale lock when the caller gives none, seconds.
+    #[arg(long, env = "HOLDFAST_DEFAULT_LOCK_TTL_SECS", default_value_t = 600)]
+    pub default_lock_ttl_secs: u64,
+
+    /// Shortest sale-lock time to live a caller may ask for, seconds.
+    #[arg(long, env = "HOLDFAST_MIN_LOCK_TTL_SECS", default_value_t = 1)]
+    pub min_lock_ttl_secs: u64,
+
+    /// Longest sale-lock time to live a caller may ask for, seconds (a
+    /// day: a hosted checkout session's life).
+    #[arg(long, env = "HOLDFAST_MAX_LOCK_TTL_SECS", default_value_t = 86_400)]
+    pub max_lock_ttl_secs: u64,
+
+    /// Most cards in one engage, disengage, reconcile or read of cards.
+    #[arg(long, env = "HOLDFAST_MAX_CHANNEL_BATCH", default_value_t = 5000)]
+    pub max_channel_batch: usize,
+
+    /// How often the outbox is polled for webhooks to deliver,
+    /// milliseconds.
+    #[arg(long, env = "HOLDFAST_OUTBOX_INTERVAL_MS", default_value_t = 200)]
+    pub outbox_interval_ms: u64,
+
+    /// How long one webhook delivery (or list pull) may take, milliseconds.
+    #[arg(long, env = "HOLDFAST_WEBHOOK_TIMEOUT_MS", default_value_t = 5000)]
+    pub webhook_timeout_ms: u64,
+
+    /// Wait after a failed delivery, milliseconds; doubled after each
+    /// further failure.
+    #[arg(long, env = "HOLDFAST_WEBHOOK_BACKOFF_BASE_MS", default_value_t = 1000)]
+    pub webhook_backoff_base_ms: u64,
+
+    /// Longest wait between delivery attempts, seconds. Deliveries are
+    /// retried until acknowledged.
+    #[arg(long, env = "HOLDFAST_WEBHOOK_BACKOFF_MAX_SECS", default_value_t = 600)]
+    pub webhook_backoff_max_secs: u64,
+
+    /// How often each satellite's canonical card list is pulled and
+    /// reconciled, seconds; 0 turns the periodic pull off.
+    #[arg(long, env = "HOLDFAST_RECONCILE_INTERVAL_SECS", default_value_t = 300)]
+    pub reconcile_interval_secs: u64,
+
     /// Most Postgres connections.
     #[arg(long, env = "HOLDFAST_PG_MAX_CONNECTIONS", default_value_t = 16)]
     pub pg_max_connections: u32,
@@ -189,6 +230,27 @@ impl ServeArgs {
             max_ttl: Duration::from_secs(self.max_hold_ttl_secs),
             default_ttl: Duration::from_secs(self.default_hold_ttl_secs),
             max_extensions: self.max_extensions,
+        }
+    }
+
+    /// The limits of sale-lock requests: the input limits with the lock
+    /// TTL bounds.
+    pub fn lock_limits(&self) -> Limits {
+        Limits {
+            min_ttl: Duration::from_secs(self.min_lock_ttl_secs),
+            max_ttl: Duration::from_secs(self.max_lock_ttl_secs),
+            default_ttl: Duration::from_secs(self.default_lock_ttl_secs),
+            ..self.limits()
+        }
+    }
+
+    /// How the outbox job delivers webhooks.
+    pub fn outbox(&self) -> crate::jobs::outbox::OutboxSettings {
+        crate::jobs::outbox::OutboxSettings {
+            interval: Duration::from_millis(self.outbox_interval_ms),
+            timeout: Duration::from_millis(self.webhook_timeout_ms),
+            backoff_base: Duration::from_millis(self.webhook_backoff_base_ms),
+            backoff_max: Duration::from_secs(self.webhook_backoff_max_secs),
         }
     }
 

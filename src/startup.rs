@@ -16,14 +16,21 @@ use crate::config::ServeArgs;
 use crate::engine::Engine;
 use crate::grpc::auth::Auth;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
+use crate::grpc::pb::channel_service_server::ChannelServiceServer;
 use crate::grpc::pb::event_service_server::EventServiceServer;
 use crate::grpc::pb::flash_sale_service_server::FlashSaleServiceServer;
 use crate::grpc::pb::reservation_service_server::ReservationServiceServer;
+use crate::grpc::pb::sale_lock_service_server::SaleLockServiceServer;
 use crate::grpc::pb::slot_service_server::SlotServiceServer;
-use crate::grpc::{AdminApi, EventApi, FlashSaleApi, ReservationApi, SlotApi, pb};
-use crate::jobs::{Tenants, drainer, sweeper};
+use crate::grpc::{
+    AdminApi, ChannelApi, EventApi, FlashSaleApi, ReservationApi, SaleLockApi, SlotApi, pb,
+};
+use crate::jobs::{Tenants, drainer, outbox, reconciler, sweeper};
+use crate::satellite::SatelliteClient;
+use crate::services::channels::Channels;
 use crate::services::flash_sale::FlashSales;
 use crate::services::reservations::Reservations;
+use crate::services::sale_locks::SaleLocks;
 use crate::services::slots::Slots;
 use crate::store::postgres::PgStore;
 use crate::store::redis::{RedisStore, RedisTimeouts};
@@ -34,6 +41,8 @@ pub const SERVICES: &[&str] = &[
     "holdfast.v1.FlashSaleService",
     "holdfast.v1.ReservationService",
     "holdfast.v1.SlotService",
+    "holdfast.v1.SaleLockService",
+    "holdfast.v1.ChannelService",
     "holdfast.v1.EventService",
     "holdfast.v1.AdminService",
 ];
@@ -161,7 +170,10 @@ impl Application {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let tenants = Arc::new(Tenants::new(engine.pg().clone()));
-        let jobs = vec![
+        let outbox_settings = self.args.outbox();
+        let client = SatelliteClient::new(outbox_settings.timeout);
+        let channels = Arc::new(Channels::new(engine.clone(), client.clone()));
+        let mut jobs = vec![
             tokio::spawn(drainer::run(
                 engine.redis().clone(),
                 engine.pg().clone(),
@@ -175,7 +187,20 @@ impl Application {
                 Duration::from_millis(self.args.sweep_interval_ms),
                 stop_rx.clone(),
             )),
+            tokio::spawn(outbox::run(
+                engine.pg().clone(),
+                client,
+                outbox_settings,
+                stop_rx.clone(),
+            )),
         ];
+        if self.args.reconcile_interval_secs > 0 {
+            jobs.push(tokio::spawn(reconciler::run(
+                channels.clone(),
+                Duration::from_secs(self.args.reconcile_interval_secs),
+                stop_rx.clone(),
+            )));
+        }
 
         let addr = self.grpc.local_addr()?;
         tracing::info!(%addr, metrics = %metrics_addr, "holdfast serving");
@@ -206,8 +231,18 @@ impl Application {
         let slots = SlotApi::new(
             Arc::new(Slots::new(engine.clone(), limits.max_id_len)),
             auth.clone(),
-            limits,
+            limits.clone(),
         );
+        let sale_locks = SaleLockApi::new(
+            Arc::new(SaleLocks::new(
+                engine.clone(),
+                channels.clone(),
+                limits.max_batch,
+            )),
+            auth.clone(),
+            self.args.lock_limits(),
+        );
+        let channel_api = ChannelApi::new(channels, auth.clone(), self.args.max_channel_batch);
         let events = EventApi::new(
             engine.redis().clone(),
             engine.pg().clone(),
@@ -222,6 +257,8 @@ impl Application {
             .add_service(FlashSaleServiceServer::new(flash))
             .add_service(ReservationServiceServer::new(reservations))
             .add_service(SlotServiceServer::new(slots))
+            .add_service(SaleLockServiceServer::new(sale_locks))
+            .add_service(ChannelServiceServer::new(channel_api))
             .add_service(EventServiceServer::new(events))
             .add_service(AdminServiceServer::new(admin))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal)

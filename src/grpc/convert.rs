@@ -1,12 +1,13 @@
 //! Conversions between protobuf messages and domain types. Parsing happens
 //! here, once: a bad field becomes INVALID_ARGUMENT naming the field.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use super::pb;
-use crate::domain::{HoldState, Limits};
+use crate::domain::{CardId, HoldState, Limits};
 use crate::error::Error;
 
 /// A required timestamp.
@@ -82,6 +83,59 @@ pub fn optional_name(field: &str, value: String, max: usize) -> Result<String, E
         return Ok(value);
     }
     crate::domain::parse_name(field, &value, max)
+}
+
+/// A batch of card ids: 1 to `max`, each valid, none twice (reported at
+/// its index). Returned sorted, so the same set is the same request
+/// whatever the order it came in.
+pub fn card_ids(field: &str, ids: Vec<String>, max: usize) -> Result<Vec<CardId>, Error> {
+    if ids.is_empty() {
+        return Err(Error::invalid(field, "must have at least one card"));
+    }
+    if ids.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("must have at most {max} cards, got {}", ids.len()),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(ids.len());
+    let mut cards = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        let card = CardId::parse(&format!("{field}[{i}]"), id)?;
+        if !seen.insert(card.clone()) {
+            return Err(Error::invalid(
+                format!("{field}[{i}]"),
+                format!("card {card} appears twice in the batch"),
+            ));
+        }
+        cards.push(card);
+    }
+    cards.sort();
+    Ok(cards)
+}
+
+/// A page size: 0 means 100; otherwise 1-1000.
+pub fn page_size(value: u32) -> Result<i64, Error> {
+    match value {
+        0 => Ok(100),
+        n @ 1..=1000 => Ok(i64::from(n)),
+        n => Err(Error::invalid(
+            "page_size",
+            format!("must be 1-1000, got {n}"),
+        )),
+    }
+}
+
+/// A page token this server issued (a row id), or 0 for the first page.
+pub fn page_token(value: &str) -> Result<i64, Error> {
+    if value.is_empty() {
+        return Ok(0);
+    }
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Error::invalid("page_token", "is not a token this server issued"))
 }
 
 /// A hold state for a response.

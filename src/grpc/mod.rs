@@ -4,10 +4,12 @@
 
 mod admin;
 pub mod auth;
+mod channel;
 mod convert;
 mod events;
 mod flash_sale;
 mod reservation;
+mod sale_lock;
 mod slot;
 
 use std::future::Future;
@@ -17,9 +19,11 @@ use tonic::{Code, Response, Status};
 use tracing::Instrument;
 
 pub use admin::AdminApi;
+pub use channel::ChannelApi;
 pub use events::EventApi;
 pub use flash_sale::FlashSaleApi;
 pub use reservation::ReservationApi;
+pub use sale_lock::SaleLockApi;
 pub use slot::SlotApi;
 
 use crate::error::Error;

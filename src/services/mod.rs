@@ -2,6 +2,8 @@
 //! (sale, product, cart hold) into pools and holds. The rules live once, in
 //! the engine.
 
+pub mod channels;
 pub mod flash_sale;
 pub mod reservations;
+pub mod sale_locks;
 pub mod slots;

@@ -1,0 +1,298 @@
+//! Sale locks: a card is the pool `card/<card_id>` with capacity 1, and a
+//! sale lock is a hold over a batch of card pools whose id is the caller's
+//! lockRef and whose reference is the channel that took it. So one active
+//! lock per card, whatever the channel, is the engine's capacity rule; the
+//! batch is all-or-nothing because a reserve is; an expired lock frees its
+//! cards at once because the scripts treat it as gone; completing is a
+//! commit, which the drainer turns into the channel changes and webhooks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::domain::{
+    CardId, ChannelSlug, Hold, HoldId, HoldState, Job, Line, Lines, ListingStatus, Quantity,
+    TakeOutcome, TenantId,
+};
+use crate::engine::{Engine, Take};
+use crate::error::Error;
+use crate::services::channels::Channels;
+
+/// How often a refused batch is retried when a card it was refused for has
+/// become free before its holder could be named.
+const ATTEMPTS: usize = 3;
+
+/// Why a card could not be locked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CardConflict {
+    /// Another checkout holds a lock on it, taken on this channel.
+    Locked(ChannelSlug),
+    /// Sold, on this channel (empty when no longer known).
+    Sold(Option<ChannelSlug>),
+    /// Not live on the calling channel.
+    NotListed,
+}
+
+/// The answer to an acquire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// Every card is locked under the lockRef (now, or by an earlier call
+    /// with the same lockRef, whose TTL this call refreshed).
+    Acquired(SaleLock),
+    /// Nothing was locked; every conflicting card, with why.
+    Conflict(Vec<(CardId, CardConflict)>),
+}
+
+/// A sale lock as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleLock {
+    /// The hold underneath (its id is the lockRef).
+    pub hold: Hold,
+    /// The channel that took it.
+    pub channel: String,
+    /// The locked cards.
+    pub cards: Vec<CardId>,
+}
+
+impl SaleLock {
+    fn of(hold: Hold) -> Self {
+        let cards = hold
+            .lines
+            .iter()
+            .filter_map(|(pool, _)| CardId::of_pool(pool.as_str()))
+            .collect();
+        Self {
+            channel: hold.reference.clone(),
+            cards,
+            hold,
+        }
+    }
+}
+
+/// The sale-lock use cases.
+pub struct SaleLocks {
+    engine: Arc<Engine>,
+    channels: Arc<Channels>,
+    max_batch: usize,
+}
+
+impl SaleLocks {
+    /// Sale locks on top of `engine`, checking listings with `channels`.
+    pub fn new(engine: Arc<Engine>, channels: Arc<Channels>, max_batch: usize) -> Self {
+        Self {
+            engine,
+            channels,
+            max_batch,
+        }
+    }
+
+    /// Locks `cards` (distinct, sorted by the caller's parser) for a
+    /// checkout on `channel`. Unknown cards are NOT_FOUND.
+    pub async fn acquire(
+        &self,
+        ws: &TenantId,
+        lock_ref: HoldId,
+        channel: &ChannelSlug,
+        cards: Vec<CardId>,
+        ttl: Duration,
+    ) -> Result<AcquireOutcome, Error> {
+        self.channels.sale_channel(ws, "channel", channel).await?;
+        // The same lockRef again: a retry, or a refresh of the TTL.
+        match self.engine.get_hold(ws, &lock_ref, Job::Lock).await {
+            Ok(hold) => return self.again(ws, hold, channel, &cards, ttl).await,
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.channels.known(ws, &cards).await?;
+        let refused = self.refused(ws, channel, &cards).await?;
+        if !refused.is_empty() {
+            return Ok(AcquireOutcome::Conflict(refused));
+        }
+        let one = Quantity::parse("quantity", 1, 1)?;
+        let lines = cards
+            .iter()
+            .map(|c| Line {
+                pool: c.pool(),
+                quantity: one,
+            })
+            .collect();
+        let take = Take {
+            id: lock_ref.clone(),
+            job: Job::Lock,
+            lines: Lines::parse("card_ids", lines, self.max_batch)?,
+            ttl: Some(ttl),
+            customer: None,
+            reference: channel.to_string(),
+        };
+        for _ in 0..ATTEMPTS {
+            match self.engine.take(ws, &take).await? {
+                TakeOutcome::Taken(hold) if hold.reference == channel.as_str() => {
+                    return Ok(AcquireOutcome::Acquired(SaleLock::of(hold)));
+                }
+                // A concurrent call with this lockRef from another channel won.
+                TakeOutcome::Taken(_) => return Err(reused(&lock_ref)),
+                TakeOutcome::SoldOut(short) => {
+                    let cards: Vec<CardId> = short
+                        .iter()
+                        .filter_map(|s| CardId::of_pool(s.pool.as_str()))
+                        .collect();
+                    let named = self.holders(ws, &cards).await?;
+                    if !named.is_empty() {
+                        return Ok(AcquireOutcome::Conflict(named));
+                    }
+                }
+                other => {
+                    return Err(Error::internal(format!(
+                        "unexpected outcome for a sale lock: {other:?}"
+                    )));
+                }
+            }
+        }
+        Err(Error::Unavailable(
+            "the cards kept changing hands; retry with the same lock_ref".into(),
+        ))
+    }
+
+    /// An acquire with a lockRef that exists: the same request refreshes an
+    /// active lock's TTL (any number of times); a different one is
+    /// ALREADY_EXISTS; a finished lock is FAILED_PRECONDITION.
+    async fn again(
+        &self,
+        ws: &TenantId,
+        hold: Hold,
+        channel: &ChannelSlug,
+        cards: &[CardId],
+        ttl: Duration,
+    ) -> Result<AcquireOutcome, Error> {
+        let lock = SaleLock::of(hold);
+        if lock.channel != channel.as_str() || lock.cards != cards {
+            return Err(reused(&lock.hold.id));
+        }
+        if lock.hold.state != HoldState::Active {
+            return Err(finished(&lock.hold));
+        }
+        let hold = self
+            .engine
+            .extend_within(ws, &lock.hold.id, Job::Lock, ttl, "", u32::MAX)
+            .await?;
+        Ok(AcquireOutcome::Acquired(SaleLock::of(hold)))
+    }
+
+    /// Cards Postgres already refuses: sold, or not live on `channel`.
+    async fn refused(
+        &self,
+        ws: &TenantId,
+        channel: &ChannelSlug,
+        cards: &[CardId],
+    ) -> Result<Vec<(CardId, CardConflict)>, Error> {
+        let states = self.engine.pg().card_states(ws, cards).await?;
+        Ok(states
+            .into_iter()
+            .filter_map(|s| {
+                if s.sold_channel.is_some() {
+                    return Some((s.card_id, CardConflict::Sold(s.sold_channel)));
+                }
+                let live = s
+                    .listings
+                    .iter()
+                    .any(|l| l.channel == *channel && l.status == ListingStatus::Active);
+                (!live).then_some((s.card_id, CardConflict::NotListed))
+            })
+            .collect())
+    }
+
+    /// Names who holds or sold each card Redis refused; empty when they all
+    /// became free meanwhile (the caller tries again).
+    async fn holders(
+        &self,
+        ws: &TenantId,
+        cards: &[CardId],
+    ) -> Result<Vec<(CardId, CardConflict)>, Error> {
+        let pools: Vec<_> = cards.iter().map(CardId::pool).collect();
+        let holders = self.engine.redis().holders(ws, &pools).await?;
+        Ok(cards
+            .iter()
+            .zip(holders)
+            .filter_map(|(card, h)| {
+                let channel = (!h.reference.is_empty() && h.job == Job::Lock.as_str())
+                    .then(|| ChannelSlug::from_store(h.reference.clone()));
+                if h.sold > 0 {
+                    Some((card.clone(), CardConflict::Sold(channel)))
+                } else if h.held > 0 {
+                    let channel = channel.unwrap_or_else(|| ChannelSlug::from_store(String::new()));
+                    Some((card.clone(), CardConflict::Locked(channel)))
+                } else {
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Completes a lock: its cards are sold on its channel. Refused with
+    /// FAILED_PRECONDITION when the lock expired or was released (the cards
+    /// may belong to another buyer by now). A retry answers as the first
+    /// call.
+    pub async fn complete(
+        &self,
+        ws: &TenantId,
+        lock_ref: &HoldId,
+        order_id: &str,
+    ) -> Result<SaleLock, Error> {
+        let hold = self
+            .engine
+            .commit(ws, lock_ref, Job::Lock, order_id)
+            .await
+            .map_err(lock_words)?;
+        Ok(SaleLock::of(hold))
+    }
+
+    /// Releases a lock: its cards are free again everywhere. Idempotent; a
+    /// completed lock is FAILED_PRECONDITION.
+    pub async fn release(&self, ws: &TenantId, lock_ref: &HoldId) -> Result<SaleLock, Error> {
+        let hold = self
+            .engine
+            .release(ws, lock_ref, Job::Lock)
+            .await
+            .map_err(lock_words)?;
+        Ok(SaleLock::of(hold))
+    }
+
+    /// Reads a lock.
+    pub async fn get(&self, ws: &TenantId, lock_ref: &HoldId) -> Result<SaleLock, Error> {
+        let hold = self
+            .engine
+            .get_hold(ws, lock_ref, Job::Lock)
+            .await
+            .map_err(lock_words)?;
+        Ok(SaleLock::of(hold))
+    }
+}
+
+fn reused(lock_ref: &HoldId) -> Error {
+    Error::AlreadyExists(format!(
+        "lock_ref {lock_ref} was already used for other cards or another channel; use a new lock_ref"
+    ))
+}
+
+fn finished(hold: &Hold) -> Error {
+    let state = match hold.state {
+        HoldState::Committed => "completed",
+        HoldState::Released => "released",
+        _ => "expired",
+    };
+    Error::FailedPrecondition(format!(
+        "lock {} is {state}; start a new checkout with a new lock_ref",
+        hold.id
+    ))
+}
+
+/// The engine speaks of holds; a caller of this service knows locks.
+fn lock_words(e: Error) -> Error {
+    match e {
+        Error::NotFound(what) => Error::NotFound(what.replacen("hold ", "lock ", 1)),
+        Error::FailedPrecondition(why) => Error::FailedPrecondition(
+            why.replacen("hold ", "lock ", 1)
+                .replace("committed", "completed"),
+        ),
+        other => other,
+    }
+}
