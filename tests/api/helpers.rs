@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use holdfast::config::ServeArgs;
 use holdfast::grpc::pb::admin_service_client::AdminServiceClient;
+use holdfast::grpc::pb::channel_service_client::ChannelServiceClient;
 use holdfast::grpc::pb::event_service_client::EventServiceClient;
 use holdfast::grpc::pb::flash_sale_service_client::FlashSaleServiceClient;
 use holdfast::grpc::pb::reservation_service_client::ReservationServiceClient;
+use holdfast::grpc::pb::sale_lock_service_client::SaleLockServiceClient;
 use holdfast::grpc::pb::slot_service_client::SlotServiceClient;
 use holdfast::grpc::pb::{self, ClaimLine, SaleProduct};
 use holdfast::startup::Application;
@@ -131,6 +133,16 @@ impl TestApp {
     /// A SlotService client.
     pub fn slots(&self) -> SlotServiceClient<Channel> {
         SlotServiceClient::new(self.channel.clone())
+    }
+
+    /// A SaleLockService client.
+    pub fn locks(&self) -> SaleLockServiceClient<Channel> {
+        SaleLockServiceClient::new(self.channel.clone())
+    }
+
+    /// A ChannelService client.
+    pub fn channels(&self) -> ChannelServiceClient<Channel> {
+        ChannelServiceClient::new(self.channel.clone())
     }
 
     /// An EventService client.

@@ -5,10 +5,14 @@
 mod helpers;
 
 mod auth;
+mod cards;
+mod channels;
 mod events;
 mod flash_sale;
 mod holds;
+mod locks;
 mod ops;
 mod reservations;
+mod satellite;
 mod slots;
 mod validation;

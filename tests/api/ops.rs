@@ -31,7 +31,8 @@ async fn health_reports_every_service_serving() {
     app.shutdown().await;
 }
 
-async fn scrape(app: &crate::helpers::TestApp) -> String {
+/// The /metrics page's body.
+pub(crate) async fn scrape(app: &crate::helpers::TestApp) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(app.metrics_addr)
         .await

@@ -1,0 +1,470 @@
+//! Sale locks: one card, many channels, never sold twice.
+
+use holdfast::grpc::pb::{self, AcquireOutcome, CardConflictReason, ListingStatus, SaleLockState};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+use crate::cards::{
+    acquire, card, delivered, deliveries, dual_listing, engage, lock, satellite, status_on,
+};
+use crate::helpers::{spawn_app, spawn_app_with};
+
+fn lock_ref(r: &str) -> pb::CompleteSaleLocksRequest {
+    pb::CompleteSaleLocksRequest {
+        lock_ref: r.into(),
+        order_id: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn the_checkout_race_sells_the_card_once_and_tells_the_other_satellite_once() {
+    let app = spawn_app().await;
+    dual_listing(&app, true).await;
+    let tot = satellite(&app, "thisorthat").await;
+    let storefront = satellite(&app, "storefront").await;
+    engage(&app, "storefront", &["card-1"]).await;
+    engage(&app, "thisorthat", &["card-1", "card-2"]).await;
+
+    // Buyer A enters checkout on the storefront.
+    let a = lock(&app, "lock-a", "storefront", &["card-1"]).await;
+    assert_eq!(a.state(), SaleLockState::Active);
+    assert!(a.fencing_token > 0);
+
+    // Buyer B's pull on ThisOrThat includes the same card: refused, naming
+    // the card and the channel holding it, and nothing is locked.
+    let b = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-b", "thisorthat", &["card-2", "card-1"], 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.outcome(), AcquireOutcome::Conflict);
+    assert_eq!(b.conflicts.len(), 1, "{b:?}");
+    assert_eq!(b.conflicts[0].card_id, "card-1");
+    assert_eq!(b.conflicts[0].reason(), CardConflictReason::Locked);
+    assert_eq!(b.conflicts[0].channel, "storefront");
+    let err = app
+        .locks()
+        .get_sale_lock(pb::GetSaleLockRequest {
+            lock_ref: "lock-b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "a refused batch locks nothing");
+    let c2 = lock(&app, "lock-c", "thisorthat", &["card-2"]).await;
+    assert!(c2.fencing_token > a.fencing_token, "tokens grow");
+
+    // A pays: sold on the storefront, pulled from ThisOrThat.
+    let done = app
+        .locks()
+        .complete_sale_locks(pb::CompleteSaleLocksRequest {
+            lock_ref: "lock-a".into(),
+            order_id: "cs_test_1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lock
+        .unwrap();
+    assert_eq!(done.state(), SaleLockState::Completed);
+    assert_eq!(done.fencing_token, a.fencing_token);
+    let c1 = app
+        .eventually("card-1 sold", || async {
+            let c = card(&app, "card-1").await;
+            c.sold.then_some(c)
+        })
+        .await;
+    assert_eq!(c1.sold_channel, "storefront");
+    assert_eq!(status_on(&c1, "storefront"), Some(ListingStatus::Sold));
+    assert_eq!(status_on(&c1, "thisorthat"), Some(ListingStatus::Inactive));
+    assert!(c1.active_channels.is_empty());
+
+    // ThisOrThat's satellite gets exactly one signed bulk-disengage.
+    let d = delivered(&app, "thisorthat", "bulk-disengage").await;
+    assert_eq!(d.len(), 1);
+    let got = tot.received("bulk-disengage");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].signed, "the signature verifies");
+    assert_eq!(got[0].delivery, d[0].delivery_id.to_string());
+    assert_eq!(got[0].body["cards"][0]["card_id"], "card-1");
+    assert_eq!(got[0].body["cards"][0]["external_ref"], "thisorthat-card-1");
+    assert_eq!(got[0].body["sold_on"], "storefront");
+    assert_eq!(got[0].body["lock_ref"], "lock-a");
+    // The selling channel made the sale; it is not told to delist.
+    assert!(
+        deliveries(&app, "storefront", "bulk-disengage")
+            .await
+            .is_empty()
+    );
+    assert!(storefront.received("bulk-disengage").is_empty());
+
+    // The card is gone for good: a new lock is refused as sold.
+    let again = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-d", "storefront", &["card-1"], 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.outcome(), AcquireOutcome::Conflict);
+    assert_eq!(again.conflicts[0].reason(), CardConflictReason::Sold);
+    assert_eq!(again.conflicts[0].channel, "storefront");
+    // Completing again is a retry: the same answer, no second sale.
+    let retry = app.locks().complete_sale_locks(lock_ref("lock-a")).await;
+    assert_eq!(
+        retry.unwrap().into_inner().lock.unwrap().order_id,
+        "cs_test_1"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_satellite_that_fails_twice_then_recovers_still_gets_the_webhook() {
+    let app = spawn_app_with(|a| a.webhook_backoff_base_ms = 20).await;
+    dual_listing(&app, true).await;
+    let ebay = satellite(&app, "ebay").await;
+    ebay.fail_next("bulk-disengage", 2);
+    engage(&app, "storefront", &["card-1", "card-2"]).await;
+    engage(&app, "ebay", &["card-1", "card-2"]).await;
+    lock(&app, "lock-a", "storefront", &["card-1", "card-2"]).await;
+    app.locks()
+        .complete_sale_locks(lock_ref("lock-a"))
+        .await
+        .unwrap();
+
+    let d = delivered(&app, "ebay", "bulk-disengage").await;
+    assert_eq!(d.len(), 1, "one webhook for both cards");
+    assert_eq!(d[0].attempts, 3);
+    assert_eq!(d[0].last_status, 200);
+    assert_eq!(d[0].card_count, 2);
+    let got = ebay.received("bulk-disengage");
+    assert_eq!(
+        got.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![500, 500, 200]
+    );
+    assert!(
+        got.iter()
+            .all(|r| r.signed && r.delivery == got[0].delivery)
+    );
+    let page = crate::ops::scrape(&app).await;
+    assert!(
+        page.contains("holdfast_outbox_delivery_failures_total"),
+        "{page}"
+    );
+    assert!(page.contains("holdfast_outbox_backlog"));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_lock_frees_its_cards_and_cannot_be_completed() {
+    let app = spawn_app().await;
+    engage(&app, "storefront", &["card-1"]).await;
+    let a = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-a", "storefront", &["card-1"], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.outcome(), AcquireOutcome::Acquired);
+
+    // Once A's time is up, B gets the card (polled, not slept for).
+    let b = app
+        .eventually("the card to be free again", || async {
+            let r = app
+                .locks()
+                .acquire_sale_locks(acquire("lock-b", "storefront", &["card-1"], 600))
+                .await
+                .unwrap()
+                .into_inner();
+            (r.outcome() == AcquireOutcome::Acquired).then_some(r)
+        })
+        .await;
+    assert!(b.lock.unwrap().fencing_token > a.lock.unwrap().fencing_token);
+
+    let err = app
+        .locks()
+        .complete_sale_locks(lock_ref("lock-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("expired"), "{err:?}");
+    let a = app
+        .locks()
+        .get_sale_lock(pb::GetSaleLockRequest {
+            lock_ref: "lock-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lock
+        .unwrap();
+    assert_eq!(a.state(), SaleLockState::Expired);
+    // Re-acquiring a finished lock is refused too: a new checkout needs a new ref.
+    let err = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-a", "storefront", &["card-1"], 600))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn acquiring_again_is_idempotent_and_refreshes_release_is_idempotent() {
+    let app = spawn_app().await;
+    engage(&app, "storefront", &["card-1", "card-2"]).await;
+    let first = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-a", "storefront", &["card-1", "card-2"], 60))
+        .await
+        .unwrap()
+        .into_inner()
+        .lock
+        .unwrap();
+    // The same request, cards in another order, a longer TTL: the same
+    // lock, same token, later expiry; and again, any number of times.
+    let mut previous = first.clone();
+    for ttl in [600, 900, 1200] {
+        let again = app
+            .locks()
+            .acquire_sale_locks(acquire("lock-a", "storefront", &["card-2", "card-1"], ttl))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again.outcome(), AcquireOutcome::Acquired);
+        let again = again.lock.unwrap();
+        assert_eq!(again.fencing_token, first.fencing_token);
+        assert!(
+            again.expires_at.unwrap().seconds > previous.expires_at.unwrap().seconds,
+            "the TTL was refreshed"
+        );
+        previous = again;
+    }
+    // The same ref for other cards, or from another channel, is a misuse.
+    let err = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-a", "storefront", &["card-1"], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    let released = app
+        .locks()
+        .release_sale_locks(pb::ReleaseSaleLocksRequest {
+            lock_ref: "lock-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lock
+        .unwrap();
+    assert_eq!(released.state(), SaleLockState::Released);
+    let twice = app
+        .locks()
+        .release_sale_locks(pb::ReleaseSaleLocksRequest {
+            lock_ref: "lock-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lock
+        .unwrap();
+    assert_eq!(twice.state(), SaleLockState::Released);
+    let err = app
+        .locks()
+        .complete_sale_locks(lock_ref("lock-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // Released cards are free at once, for any channel's checkout.
+    lock(&app, "lock-b", "storefront", &["card-1", "card-2"]).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn cards_not_live_on_the_channel_or_unknown_are_refused() {
+    let app = spawn_app().await;
+    engage(&app, "storefront", &["card-1", "card-2"]).await;
+    let r = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-a", "thisorthat", &["card-1", "card-2"], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), AcquireOutcome::Conflict);
+    assert_eq!(r.conflicts.len(), 2);
+    assert!(
+        r.conflicts
+            .iter()
+            .all(|c| c.reason() == CardConflictReason::NotListed)
+    );
+    let err = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-a", "storefront", &["card-1", "nope"], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("nope"), "{err:?}");
+    lock(&app, "lock-a", "storefront", &["card-1", "card-2"]).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_lock_requests_are_refused_and_change_nothing() {
+    let app = spawn_app().await;
+    engage(&app, "storefront", &["card-1"]).await;
+    let cases: Vec<(pb::AcquireSaleLocksRequest, Code, &str)> = vec![
+        (
+            acquire("l", "storefront", &[], 60),
+            Code::InvalidArgument,
+            "card_ids",
+        ),
+        (
+            acquire("l", "storefront", &["card-1", "card-1"], 60),
+            Code::InvalidArgument,
+            "card_ids[1]",
+        ),
+        (
+            acquire(&"x".repeat(129), "storefront", &["card-1"], 60),
+            Code::InvalidArgument,
+            "lock_ref",
+        ),
+        (
+            acquire("l", "storefront", &[&"c".repeat(65)], 60),
+            Code::InvalidArgument,
+            "card_ids[0]",
+        ),
+        (
+            acquire("l", "storefront", &["{card}:1"], 60),
+            Code::InvalidArgument,
+            "card_ids[0]",
+        ),
+        (
+            acquire("l", "storefront", &["card-1"], 0),
+            Code::InvalidArgument,
+            "ttl",
+        ),
+        (
+            acquire("l", "Store Front", &["card-1"], 60),
+            Code::InvalidArgument,
+            "channel",
+        ),
+        (
+            acquire("l", "personal", &["card-1"], 60),
+            Code::InvalidArgument,
+            "channel",
+        ),
+        (
+            acquire("l", "etsy", &["card-1"], 60),
+            Code::NotFound,
+            "etsy",
+        ),
+    ];
+    for (req, code, names) in cases {
+        let err = app.locks().acquire_sale_locks(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(names), "{names}: {err:?}");
+    }
+    // Nothing was locked by any of them.
+    lock(&app, "lock-ok", "storefront", &["card-1"]).await;
+    app.shutdown().await;
+}
+
+const WS_A: &str = "ws-a:admin:key-for-workspace-a-admin";
+const WS_B: &str = "ws-b:admin:key-for-workspace-b-admin";
+
+fn as_key<T>(msg: T, key: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let secret = key.rsplit(':').next().unwrap();
+    req.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {secret}")).unwrap(),
+    );
+    req
+}
+
+#[tokio::test]
+async fn another_workspaces_locks_and_cards_are_not_found() {
+    let app = spawn_app_with(|a| {
+        a.dev = false;
+        a.api_keys = vec![WS_A.into(), WS_B.into()];
+    })
+    .await;
+    let mut channels = app.channels();
+    let mut locks = app.locks();
+    let engage = pb::EngageRequest {
+        channel: "storefront".into(),
+        cards: vec![pb::EngageCard {
+            card_id: "card-1".into(),
+            ..Default::default()
+        }],
+    };
+    channels.engage(as_key(engage.clone(), WS_A)).await.unwrap();
+    let a = locks
+        .acquire_sale_locks(as_key(
+            acquire("lock-a", "storefront", &["card-1"], 60),
+            WS_A,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.outcome(), AcquireOutcome::Acquired);
+
+    let get = pb::GetSaleLockRequest {
+        lock_ref: "lock-a".into(),
+    };
+    let codes = [
+        locks
+            .get_sale_lock(as_key(get, WS_B))
+            .await
+            .unwrap_err()
+            .code(),
+        locks
+            .complete_sale_locks(as_key(lock_ref("lock-a"), WS_B))
+            .await
+            .unwrap_err()
+            .code(),
+        locks
+            .release_sale_locks(as_key(
+                pb::ReleaseSaleLocksRequest {
+                    lock_ref: "lock-a".into(),
+                },
+                WS_B,
+            ))
+            .await
+            .unwrap_err()
+            .code(),
+        channels
+            .get_card_channels(as_key(
+                pb::GetCardChannelsRequest {
+                    card_ids: vec!["card-1".into()],
+                },
+                WS_B,
+            ))
+            .await
+            .unwrap_err()
+            .code(),
+        locks
+            .acquire_sale_locks(as_key(
+                acquire("lock-b", "storefront", &["card-1"], 60),
+                WS_B,
+            ))
+            .await
+            .unwrap_err()
+            .code(),
+    ];
+    assert_eq!(codes, [Code::NotFound; 5]);
+
+    // B's own card of the same id is a different card: B can lock it while
+    // A's lock holds A's.
+    channels.engage(as_key(engage, WS_B)).await.unwrap();
+    let b = locks
+        .acquire_sale_locks(as_key(
+            acquire("lock-a", "storefront", &["card-1"], 60),
+            WS_B,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.outcome(), AcquireOutcome::Acquired);
+    app.shutdown().await;
+}

@@ -1,0 +1,210 @@
+//! A real satellite for the tests: an HTTP/1.1 server on a loopback port,
+//! written by hand on a tokio listener, that checks every request's
+//! signature the way the README tells satellite implementers to, records
+//! what it received, can be told to fail, and serves a canonical list of
+//! active cards.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// One webhook the satellite received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The event, from the path `/webhooks/<event>`.
+    pub event: String,
+    /// The JSON body.
+    pub body: serde_json::Value,
+    /// `X-Holdfast-Delivery`.
+    pub delivery: String,
+    /// Whether the signature and timestamp checked out.
+    pub signed: bool,
+    /// What the satellite answered.
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct State {
+    received: Vec<Received>,
+    /// Failures still to answer, by event.
+    fail_next: HashMap<String, u32>,
+    /// The canonical list served at /active-cards.
+    active: Vec<String>,
+}
+
+/// A running test satellite; stops when dropped.
+pub struct Satellite {
+    /// Where it listens, `http://127.0.0.1:<port>`.
+    pub base_url: String,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl Satellite {
+    /// Starts a satellite with `secret` on a free port.
+    pub async fn start(secret: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(State::default()));
+        let task = tokio::spawn(serve(listener, secret.to_owned(), state.clone()));
+        Self {
+            base_url,
+            state,
+            task,
+        }
+    }
+
+    /// Answers the next `n` webhooks of `event` with HTTP 500.
+    pub fn fail_next(&self, event: &str, n: u32) {
+        self.state.lock().unwrap().fail_next.insert(event.into(), n);
+    }
+
+    /// Sets the list served at /active-cards.
+    pub fn set_active(&self, cards: &[&str]) {
+        self.state.lock().unwrap().active = cards.iter().map(|c| (*c).to_owned()).collect();
+    }
+
+    /// The webhooks received for `event`, in order (failed attempts too).
+    pub fn received(&self, event: &str) -> Vec<Received> {
+        self.state
+            .lock()
+            .unwrap()
+            .received
+            .iter()
+            .filter(|r| r.event == event)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Satellite {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a satellite implementer does: HMAC-SHA256 over
+/// `"<timestamp>.<raw body>"`, compared with the header, and a timestamp
+/// within five minutes of now.
+pub fn verify(secret: &str, timestamp: &str, body: &[u8], signature: &str) -> bool {
+    let Ok(ts) = timestamp.parse::<i64>() else {
+        return false;
+    };
+    if (chrono::Utc::now().timestamp() - ts).abs() > 300 {
+        return false;
+    }
+    let Some(hex) = signature.strip_prefix("sha256=") else {
+        return false;
+    };
+    let Some(given) = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.verify_slice(&given).is_ok()
+}
+
+async fn serve(listener: TcpListener, secret: String, state: Arc<Mutex<State>>) {
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let (secret, state) = (secret.clone(), state.clone());
+        tokio::spawn(async move {
+            let _ = handle(socket, &secret, &state).await;
+        });
+    }
+}
+
+/// One request per connection (`connection: close`).
+async fn handle(mut socket: TcpStream, secret: &str, state: &Mutex<State>) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = socket.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split(' ');
+    let (method, path) = (
+        request_line.next().unwrap_or_default().to_owned(),
+        request_line.next().unwrap_or_default().to_owned(),
+    );
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = socket.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = &buf[head_end..(head_end + length).min(buf.len())];
+    let header = |name: &str| headers.get(name).cloned().unwrap_or_default();
+    let signed = verify(
+        secret,
+        &header("x-holdfast-timestamp"),
+        body,
+        &header("x-holdfast-signature"),
+    );
+    let (status, answer) = match (method.as_str(), path.strip_prefix("/webhooks/")) {
+        ("POST", Some(event)) => {
+            let mut st = state.lock().unwrap();
+            let failing = st.fail_next.get_mut(event).filter(|n| **n > 0);
+            let status = match failing {
+                Some(n) => {
+                    *n -= 1;
+                    500
+                }
+                None if signed => 200,
+                None => 401,
+            };
+            st.received.push(Received {
+                event: event.to_owned(),
+                body: serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
+                delivery: header("x-holdfast-delivery"),
+                signed,
+                status,
+            });
+            (status, "{}".to_owned())
+        }
+        ("GET", None) if path == "/active-cards" && signed => {
+            let active = state.lock().unwrap().active.clone();
+            (200, serde_json::json!({ "card_ids": active }).to_string())
+        }
+        _ => (404, "{}".to_owned()),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+        answer.len()
+    );
+    socket.write_all(reply.as_bytes()).await?;
+    socket.shutdown().await
+}
