@@ -65,10 +65,10 @@ impl Channels {
 
     /// A channel of the registry; NOT_FOUND when unknown.
     pub async fn channel(&self, ws: &TenantId, slug: &ChannelSlug) -> Result<Channel, Error> {
-        self.list(ws)
+        self.ensure(ws).await?;
+        self.pg()
+            .channel(ws, slug)
             .await?
-            .into_iter()
-            .find(|c| c.slug == *slug)
             .ok_or_else(|| Error::NotFound(format!("channel {slug}")))
     }
 

@@ -102,7 +102,6 @@ impl SaleLocks {
             Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        self.channels.known(ws, &cards).await?;
         let refused = self.refused(ws, channel, &cards).await?;
         if !refused.is_empty() {
             return Ok(AcquireOutcome::Conflict(refused));
@@ -173,11 +172,13 @@ impl SaleLocks {
         let hold = self
             .engine
             .extend_within(ws, &lock.hold.id, Job::Lock, ttl, "", u32::MAX)
-            .await?;
+            .await
+            .map_err(lock_words)?;
         Ok(AcquireOutcome::Acquired(SaleLock::of(hold)))
     }
 
     /// Cards Postgres already refuses: sold, or not live on `channel`.
+    /// A card the workspace does not know is NOT_FOUND.
     async fn refused(
         &self,
         ws: &TenantId,
@@ -185,6 +186,12 @@ impl SaleLocks {
         cards: &[CardId],
     ) -> Result<Vec<(CardId, CardConflict)>, Error> {
         let states = self.engine.pg().card_states(ws, cards).await?;
+        if let Some(unknown) = cards
+            .iter()
+            .find(|c| !states.iter().any(|s| s.card_id == **c))
+        {
+            return Err(Error::NotFound(format!("card {unknown}")));
+        }
         Ok(states
             .into_iter()
             .filter_map(|s| {

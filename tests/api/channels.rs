@@ -7,7 +7,7 @@ use holdfast::grpc::pb::{
 use tonic::Code;
 
 use crate::cards::{card, delivered, dual_listing, engage, satellite, status_on, try_engage};
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn the_registry_is_seeded_on_first_use_and_can_grow() {
@@ -348,5 +348,20 @@ async fn bad_channel_requests_are_refused_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "no refused engage left a card");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_reconciler_pulls_each_satellites_list_periodically() {
+    let app = spawn_app_with(|a| a.reconcile_interval_secs = 1).await;
+    let sat = satellite(&app, "ebay").await;
+    sat.set_active(&["card-2"]);
+    engage(&app, "ebay", &["card-1", "card-2"]).await;
+    app.eventually("the reconciler to clear card-1", || async {
+        let c = card(&app, "card-1").await;
+        (status_on(&c, "ebay") == Some(ListingStatus::Inactive)).then_some(())
+    })
+    .await;
+    assert_eq!(card(&app, "card-2").await.active_channels, vec!["ebay"]);
     app.shutdown().await;
 }

@@ -140,6 +140,27 @@ impl PgStore {
             .collect())
     }
 
+    /// One channel of the workspace's registry.
+    pub async fn channel(
+        &self,
+        workspace: &TenantId,
+        slug: &ChannelSlug,
+    ) -> Result<Option<Channel>, Error> {
+        let row: Option<(String, bool, bool)> = sqlx::query_as(
+            "SELECT name, exclusive, for_sale FROM channels WHERE workspace = $1 AND slug = $2",
+        )
+        .bind(workspace.as_str())
+        .bind(slug.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(name, exclusive, for_sale)| Channel {
+            slug: slug.clone(),
+            name,
+            exclusive,
+            for_sale,
+        }))
+    }
+
     /// Creates or renames a channel, or changes its exclusive flag.
     pub async fn put_channel(&self, workspace: &TenantId, c: &Channel) -> Result<(), Error> {
         sqlx::query(
