@@ -169,6 +169,23 @@ mod tests {
     }
 
     #[test]
+    fn card_batches_are_sorted_and_refuse_duplicates_at_their_index() {
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let cards = card_ids("card_ids", ids(&["b", "a"]), 10).unwrap();
+        assert_eq!(
+            cards,
+            vec![
+                CardId::from_store("a".into()),
+                CardId::from_store("b".into())
+            ]
+        );
+        let err = card_ids("card_ids", ids(&["a", "b", "a"]), 10).unwrap_err();
+        assert!(err.to_string().starts_with("card_ids[2]"), "{err}");
+        assert!(card_ids("card_ids", vec![], 10).is_err());
+        assert!(card_ids("card_ids", ids(&["a", "b"]), 1).is_err());
+    }
+
+    #[test]
     fn ms_timestamps_keep_their_millis() {
         let ts = ms_timestamp(1_500);
         assert_eq!((ts.seconds, ts.nanos), (1, 500_000_000));

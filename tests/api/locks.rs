@@ -468,3 +468,77 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
     assert_eq!(b.outcome(), AcquireOutcome::Acquired);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_sale_committed_in_redis_just_before_a_crash_reaches_postgres_exactly_once() {
+    use holdfast::domain::{HoldId, Job, TenantId};
+    use holdfast::engine::Engine;
+    use holdfast::store::postgres::PgStore;
+    use holdfast::store::redis::{RedisStore, RedisTimeouts, decode_event};
+
+    let app = spawn_app().await;
+    dual_listing(&app, true).await;
+    let ebay = satellite(&app, "ebay").await;
+    engage(&app, "storefront", &["card-1"]).await;
+    engage(&app, "ebay", &["card-1"]).await;
+    lock(&app, "lock-a", "storefront", &["card-1"]).await;
+    let args = holdfast::config::ServeArgs::for_test(
+        &crate::helpers::redis_url(),
+        &app.database_url,
+        &app.redis_prefix,
+    );
+    app.shutdown().await;
+
+    // The daemon "crashed" right after Redis committed: the commit event is
+    // in the stream and Postgres has heard nothing of it.
+    let redis = RedisStore::connect(
+        &crate::helpers::redis_url(),
+        &args.redis_prefix,
+        std::time::Duration::from_secs(3600),
+        RedisTimeouts::default(),
+    )
+    .await
+    .unwrap();
+    let pg = PgStore::connect(&args.db.database_url, 2, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let engine = Engine::new(redis.clone(), pg.clone(), 1);
+    let dev = TenantId::parse("dev").unwrap();
+    let id = HoldId::parse("lock_ref", "lock-a", 128).unwrap();
+    engine.commit(&dev, &id, Job::Lock, "").await.unwrap();
+
+    // The next daemon's drainer finishes the job.
+    let again = crate::helpers::start(args).await;
+    let c = again
+        .eventually("card-1 sold after the restart", || async {
+            let c = card(&again, "card-1").await;
+            c.sold.then_some(c)
+        })
+        .await;
+    assert_eq!(status_on(&c, "ebay"), Some(ListingStatus::Inactive));
+    delivered(&again, "ebay", "bulk-disengage").await;
+
+    // Replaying the whole stream changes nothing: exactly once by event id.
+    let mut con = redis.multiplexed();
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(redis.keys().events(&dev))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let events: Vec<_> = entries
+        .ids
+        .iter()
+        .map(|e| decode_event(e).unwrap())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.job == "lock" && e.kind == "committed")
+    );
+    assert_eq!(pg.record_events(&dev, &events).await.unwrap(), 0);
+    assert_eq!(deliveries(&again, "ebay", "bulk-disengage").await.len(), 1);
+    assert_eq!(ebay.received("bulk-disengage").len(), 1);
+    again.shutdown().await;
+}

@@ -357,8 +357,16 @@ pub(super) async fn record_lock_sale(
 ) -> Result<(), Error> {
     let ws = workspace.as_str();
     let ids: Vec<&str> = cards.iter().map(CardId::as_str).collect();
-    // Cards exist (a lock needs a listing); the insert only guards the
-    // foreign keys below against a card removed by hand.
+    // The channel and cards exist (a lock needs a listing); these inserts
+    // only guard the foreign keys below, so that no state of the tables can
+    // make this event fail forever and stall the drainer.
+    sqlx::query(
+        "INSERT INTO channels (workspace, slug, name) VALUES ($1, $2, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(ws)
+    .bind(channel)
+    .execute(&mut **tx)
+    .await?;
     sqlx::query(
         "INSERT INTO cards (workspace, card_id) SELECT $1, c FROM unnest($2::text[]) AS c ON CONFLICT DO NOTHING",
     )

@@ -361,6 +361,28 @@ mod tests {
     }
 
     #[test]
+    fn holders_decode_one_entry_per_pool() {
+        let entry = |sold: i64, held: i64, id: &str, st: &str, r: &str, job: &str| {
+            Value::Array(vec![
+                Value::Int(sold),
+                Value::Int(held),
+                s(id),
+                s(st),
+                s(r),
+                s(job),
+            ])
+        };
+        let v = Value::Array(vec![
+            entry(0, 1, "lock-a", "A", "storefront", "lock"),
+            entry(0, 0, "", "", "", ""),
+        ]);
+        let h = holders_reply(&v, 2).unwrap();
+        assert_eq!(h[0].reference, "storefront");
+        assert_eq!(h[1].held, 0);
+        assert!(holders_reply(&v, 3).is_err());
+    }
+
+    #[test]
     fn an_unknown_shape_is_an_error_not_a_guess() {
         assert!(hold_reply(&id(), &Value::Array(vec![s("WHAT")])).is_err());
         assert!(hold_reply(&id(), &Value::Int(1)).is_err());
