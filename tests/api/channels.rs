@@ -365,3 +365,41 @@ async fn the_reconciler_pulls_each_satellites_list_periodically() {
     assert_eq!(card(&app, "card-2").await.active_channels, vec!["ebay"]);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_satellite_still_listing_a_sold_card_is_told_to_pull_it() {
+    let app = spawn_app().await;
+    let ebay = satellite(&app, "ebay").await;
+    engage(&app, "storefront", &["card-1"]).await;
+    crate::cards::lock(&app, "lock-a", "storefront", &["card-1"]).await;
+    app.locks()
+        .complete_sale_locks(pb::CompleteSaleLocksRequest {
+            lock_ref: "lock-a".into(),
+            order_id: String::new(),
+        })
+        .await
+        .unwrap();
+    app.eventually("card-1 sold", || async {
+        card(&app, "card-1").await.sold.then_some(())
+    })
+    .await;
+
+    // eBay's satellite lists the card anyway (a manual listing, say).
+    let r = app
+        .channels()
+        .reconcile(pb::ReconcileRequest {
+            channel: "ebay".into(),
+            active_card_ids: vec!["card-1".into()],
+            pull: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.unknown_card_ids, vec!["card-1"]);
+    delivered(&app, "ebay", "bulk-disengage").await;
+    let got = ebay.received("bulk-disengage");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["cards"][0]["card_id"], "card-1");
+    assert_eq!(got[0].body["reason"], "sold");
+    app.shutdown().await;
+}

@@ -371,6 +371,7 @@ async fn bad_lock_requests_are_refused_and_change_nothing() {
 
 const WS_A: &str = "ws-a:admin:key-for-workspace-a-admin";
 const WS_B: &str = "ws-b:admin:key-for-workspace-b-admin";
+const WS_A_CHECKOUT: &str = "ws-a:checkout:key-for-workspace-a-checkout";
 
 fn as_key<T>(msg: T, key: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
@@ -386,7 +387,7 @@ fn as_key<T>(msg: T, key: &str) -> tonic::Request<T> {
 async fn another_workspaces_locks_and_cards_are_not_found() {
     let app = spawn_app_with(|a| {
         a.dev = false;
-        a.api_keys = vec![WS_A.into(), WS_B.into()];
+        a.api_keys = vec![WS_A.into(), WS_B.into(), WS_A_CHECKOUT.into()];
     })
     .await;
     let mut channels = app.channels();
@@ -398,11 +399,20 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
             ..Default::default()
         }],
     };
+    let err = channels
+        .engage(as_key(engage.clone(), WS_A_CHECKOUT))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "channels are an admin's"
+    );
     channels.engage(as_key(engage.clone(), WS_A)).await.unwrap();
     let a = locks
         .acquire_sale_locks(as_key(
             acquire("lock-a", "storefront", &["card-1"], 60),
-            WS_A,
+            WS_A_CHECKOUT,
         ))
         .await
         .unwrap()
