@@ -48,4 +48,5 @@ emit(now, 'reserved', job, hold_id, ln, { 'r', ref, 'c', ck })
 for _, l in ipairs(lines) do
   check_low(l[1], now)
 end
+want_refill(lines)
 return hold_view(hk)

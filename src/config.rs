@@ -168,6 +168,15 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
 
+    /// Share of a pool's remaining capacity one grant moves to Redis; the
+    /// rest stays in Postgres, for the fallback to sell while Redis is down.
+    #[arg(long, env = "HOLDFAST_GRANT_FRACTION", default_value_t = 0.5)]
+    pub grant_fraction: f64,
+
+    /// Most units one grant moves to Redis.
+    #[arg(long, env = "HOLDFAST_GRANT_CHUNK", default_value_t = 1000)]
+    pub grant_chunk: i64,
+
     /// Most Postgres connections.
     #[arg(long, env = "HOLDFAST_PG_MAX_CONNECTIONS", default_value_t = 16)]
     pub pg_max_connections: u32,
@@ -189,6 +198,14 @@ impl ServeArgs {
             max_ttl: Duration::from_secs(self.max_hold_ttl_secs),
             default_ttl: Duration::from_secs(self.default_hold_ttl_secs),
             max_extensions: self.max_extensions,
+        }
+    }
+
+    /// The escrow grant policy these flags set.
+    pub fn grant_policy(&self) -> crate::engine::GrantPolicy {
+        crate::engine::GrantPolicy {
+            fraction: self.grant_fraction.clamp(0.01, 1.0),
+            chunk: self.grant_chunk.max(1),
         }
     }
 

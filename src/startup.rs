@@ -21,7 +21,7 @@ use crate::grpc::pb::flash_sale_service_server::FlashSaleServiceServer;
 use crate::grpc::pb::reservation_service_server::ReservationServiceServer;
 use crate::grpc::pb::slot_service_server::SlotServiceServer;
 use crate::grpc::{AdminApi, EventApi, FlashSaleApi, ReservationApi, SlotApi, pb};
-use crate::jobs::{Tenants, drainer, sweeper};
+use crate::jobs::{Tenants, drainer, redis_watch, refiller, sweeper};
 use crate::services::flash_sale::FlashSales;
 use crate::services::reservations::Reservations;
 use crate::services::slots::Slots;
@@ -94,7 +94,12 @@ impl Application {
         .await?;
         warn_about_redis_settings(&redis).await;
 
-        let engine = Arc::new(Engine::new(redis, pg, args.max_extensions));
+        let engine = Arc::new(Engine::new(
+            redis,
+            pg,
+            args.grant_policy(),
+            args.max_extensions,
+        ));
         let grpc = TcpListener::bind(args.grpc_addr).await?;
         let metrics = TcpListener::bind(args.metrics_addr).await?;
         Ok(Self {
@@ -170,11 +175,13 @@ impl Application {
                 stop_rx.clone(),
             )),
             tokio::spawn(sweeper::run(
-                engine.redis().clone(),
-                tenants,
+                engine.clone(),
+                tenants.clone(),
                 Duration::from_millis(self.args.sweep_interval_ms),
                 stop_rx.clone(),
             )),
+            tokio::spawn(refiller::run(engine.clone(), tenants, stop_rx.clone())),
+            tokio::spawn(redis_watch::run(engine.clone(), stop_rx.clone())),
         ];
 
         let addr = self.grpc.local_addr()?;

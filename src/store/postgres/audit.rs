@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use super::PgStore;
+use super::fallback::Twin;
 use crate::domain::{Event, TenantId};
 use crate::error::Error;
 
@@ -11,9 +12,18 @@ impl PgStore {
     /// Records events exactly once, each with its effects, in one
     /// transaction: an event id seen before is skipped with its effects.
     /// Returns how many were new.
-    pub async fn record_events(&self, tenant: &TenantId, events: &[Event]) -> Result<usize, Error> {
+    ///
+    /// A `reserved` or `claimed` event whose id the fallback also served (a
+    /// retried in-doubt call) settles the twin here; what remains to be done
+    /// in Redis is returned for the caller to do after the commit.
+    pub async fn record_events(
+        &self,
+        tenant: &TenantId,
+        events: &[Event],
+    ) -> Result<(usize, Vec<(String, String, Twin)>), Error> {
         let mut tx = self.pool.begin().await?;
         let mut new = 0;
+        let mut follow_ups = Vec::new();
         for e in events {
             let lines =
                 serde_json::to_value(&e.lines).map_err(|err| Error::Internal(err.into()))?;
@@ -39,6 +49,13 @@ impl PgStore {
                 continue;
             }
             new += 1;
+            if matches!(e.kind.as_str(), "reserved" | "claimed") {
+                match PgStore::settle_twin(&mut tx, tenant, &e.hold_id, e.kind == "claimed").await?
+                {
+                    Twin::None | Twin::Undone => {}
+                    twin => follow_ups.push((e.hold_id.clone(), e.job.clone(), twin)),
+                }
+            }
             if e.sells() {
                 for l in &e.lines {
                     // Write-back changes what Postgres reports, never what it
@@ -61,7 +78,7 @@ impl PgStore {
             }
         }
         tx.commit().await?;
-        Ok(new)
+        Ok((new, follow_ups))
     }
 
     /// One page of the audit log, oldest first, after row id `after`.

@@ -4,6 +4,7 @@
 //! query runs.
 
 mod audit;
+mod fallback;
 mod keys;
 mod pools;
 mod sales;
@@ -15,6 +16,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use audit::{AuditFilter, AuditRow};
+pub use fallback::{PgTake, Twin};
 pub use keys::ApiKeyRow;
 pub use pools::{AdjustOutcome, CapacityChange, NewPool, PoolRow};
 pub use sales::{NewSale, SaleRow, product_pool};
