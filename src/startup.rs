@@ -51,6 +51,8 @@ impl Application {
     /// Connects to Postgres (and migrates it), to Redis, checks the
     /// credentials set-up, and binds the gRPC and metrics ports.
     pub async fn build(args: ServeArgs) -> anyhow::Result<Self> {
+        // The recorder first, so every metric set while building is kept.
+        let _ = telemetry::metrics_handle();
         let pg = PgStore::connect(
             &args.db.database_url,
             args.pg_max_connections,

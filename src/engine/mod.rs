@@ -87,6 +87,7 @@ pub struct Engine {
 impl Engine {
     /// An engine over the two stores.
     pub fn new(redis: RedisStore, pg: PgStore, policy: GrantPolicy, max_extensions: u32) -> Self {
+        metrics::gauge!(metric::CIRCUIT_OPEN).set(0.0);
         Self {
             redis,
             pg,

@@ -29,6 +29,8 @@ pub const GROUP: &str = "drainer";
 const BATCH: usize = 500;
 /// How long one read blocks waiting for events.
 const BLOCK: Duration = Duration::from_millis(100);
+/// The longest one read-and-write round may take.
+const ROUND_LIMIT: Duration = Duration::from_secs(5);
 /// How long drained events stay in the stream (for subscribers that
 /// resume from an id).
 const KEEP: Duration = Duration::from_secs(3600);
@@ -54,8 +56,12 @@ pub async fn run(
             break;
         }
         let list = tenants.list().await;
+        // Bounded: a round stuck on a frozen Redis is abandoned (its events
+        // stay pending and are read again).
         let round = tokio::select! {
-            r = drainer.round(&list) => r,
+            r = tokio::time::timeout(ROUND_LIMIT, drainer.round(&list)) => {
+                r.unwrap_or_else(|_| Err(Error::RedisUnavailable("drainer round timed out".into())))
+            }
             _ = stop.changed() => break,
         };
         match round {
@@ -64,6 +70,9 @@ pub async fn run(
                 metrics::counter!(metric::DRAINER_ERRORS).increment(1);
                 tracing::warn!(error = %e, retry_in = ?backoff, "drainer round failed; events stay pending and will be retried");
                 drainer.pending_first = true;
+                // A Redis that lost its data lost the consumer groups too:
+                // create them again (creating an existing one is harmless).
+                drainer.grouped.clear();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => break,

@@ -98,7 +98,20 @@ impl RedisStore {
             .set_response_timeout(Some(timeouts.response))
             .set_number_of_retries(1);
         let con = ConnectionManager::new_with_config(client.clone(), config).await?;
-        let pool = deadpool_redis::Config::from_url(url)
+        // Bounded waits everywhere: a frozen Redis must not strand a pooled
+        // connection (the recycle check times out and the connection is
+        // dropped instead of handed out again).
+        let mut pool_config = deadpool_redis::Config::from_url(url);
+        pool_config.pool = Some(deadpool_redis::PoolConfig {
+            max_size: 16,
+            timeouts: deadpool_redis::Timeouts {
+                wait: Some(timeouts.response * 2),
+                create: Some(timeouts.connect),
+                recycle: Some(timeouts.response),
+            },
+            ..Default::default()
+        });
+        let pool = pool_config
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .map_err(|e| Error::internal(format!("redis pool: {e}")))?;
         Ok(Self {
