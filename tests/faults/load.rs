@@ -58,6 +58,7 @@ struct Records {
 }
 
 pub struct Load {
+    redis_port: u16,
     sale: String,
     pg_url: String,
     stop: Arc<AtomicBool>,
@@ -79,7 +80,7 @@ fn retryable(code: Code) -> bool {
 }
 
 impl Load {
-    pub async fn start(grpc_port: u16, sale: &str, pg_url: &str) -> Self {
+    pub async fn start(grpc_port: u16, redis_port: u16, sale: &str, pg_url: &str) -> Self {
         let channel = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
             .unwrap()
             .timeout(Duration::from_secs(2))
@@ -114,6 +115,7 @@ impl Load {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let load = Load {
+            redis_port,
             sale: sale.into(),
             pg_url: pg_url.into(),
             stop: Arc::new(AtomicBool::new(false)),
@@ -159,9 +161,9 @@ impl Load {
     }
 
     /// Stops the workers and checks the invariants.
-    pub async fn finish(self) -> Report {
+    pub async fn finish(mut self) -> Report {
         self.stop.store(true, Ordering::Relaxed);
-        for w in self.workers {
+        for w in std::mem::take(&mut self.workers) {
             let _ = w.await;
         }
         let records = std::mem::take(&mut *self.records.lock().unwrap());
@@ -219,7 +221,7 @@ impl Load {
         .fetch_one(&pg)
         .await
         .unwrap();
-        report.late_holds += late;
+        report.late_holds += late + self.late_in_redis().await;
         let dupes: Vec<(String, i64)> = sqlx::query_as(
             "SELECT hold_id, count(*) FROM (
                  SELECT hold_id FROM audit_log WHERE kind IN ('claimed', 'committed') AND event_id NOT LIKE 'f%' AND hold_id LIKE $1
@@ -233,6 +235,27 @@ impl Load {
         .unwrap();
         report.duplicates += dupes.len() as i64;
         report
+    }
+}
+
+impl Load {
+    /// Active holds in Redis whose expiry is more than the sweep bound (1 s)
+    /// past, by Redis's clock.
+    async fn late_in_redis(&self) -> i64 {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.redis_port)).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let (s, us): (i64, i64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
+        let now_ms = s * 1000 + us / 1000;
+        let late: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg("hf:{dev}:exp")
+            .arg("-inf")
+            .arg(now_ms - 1000)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        late.iter()
+            .filter(|id| id.starts_with(&format!("{}-", self.sale)))
+            .count() as i64
     }
 }
 

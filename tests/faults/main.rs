@@ -46,6 +46,17 @@ impl Drop for TempDir {
     }
 }
 
+/// Requests the fallback served so far (0 when the daemon just restarted).
+async fn fallback_served(daemon: &Daemon) -> f64 {
+    let page = daemon.scrape().await;
+    page.lines()
+        .filter(|l| {
+            l.starts_with("holdfast_requests_served_total") && l.contains("path=\"postgres\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 async fn circuit_open(daemon: &Daemon) -> Option<bool> {
     let page = daemon.scrape().await;
     page.lines()
@@ -115,7 +126,14 @@ async fn faults() {
     for (i, fault) in scenarios.into_iter().enumerate() {
         let name = format!("{fault:?}").to_lowercase();
         let sale = format!("s{i}");
-        let load = Load::start(cluster.daemon.grpc, &sale, &cluster.pg.url()).await;
+        let load = Load::start(
+            cluster.daemon.grpc,
+            cluster.redis.port,
+            &sale,
+            &cluster.pg.url(),
+        )
+        .await;
+        let served_before = fallback_served(&cluster.daemon).await;
         tokio::time::sleep(FAULT_AT).await;
         let struck = Instant::now();
         let healed = cluster.inject(fault).await;
@@ -135,9 +153,10 @@ async fn faults() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(LOAD_FOR.saturating_sub(FAULT_AT + struck.elapsed())).await;
+        let served = (fallback_served(&cluster.daemon).await - served_before).max(0.0);
         let report = load.finish().await;
         println!(
-            "fault: scenario={name} requests={} successes={} errors={} failover_ms={} back_ms={} oversold={} lost_acked={} in_doubt={} late_holds={} duplicates={}",
+            "fault: scenario={name} requests={} successes={} errors={} failover_ms={} back_ms={} oversold={} lost_acked={} in_doubt={} late_holds={} duplicates={} fallback_served={served}",
             report.requests,
             report.successes,
             report.errors,
