@@ -44,4 +44,5 @@ emit(now, 'claimed', job, claim_id, ln, { 'c', ck })
 for _, l in ipairs(lines) do
   check_low(l[1], now)
 end
+want_refill(lines)
 return hold_view(hk)

@@ -12,6 +12,8 @@
 --       8 sale window start, ms (0: none); 9 end, ms (0: none)
 --       10 low-stock threshold (-1: none)
 --       11 ceiling on sold + held (-1: none)
+--       12 low-water mark: headroom at which a take asks for a refill
+--       13 units Postgres still has to grant after this grant
 -- Returns { 'LOADED' } when the pool was new here (or of an older epoch,
 --       which is dropped), { 'GRANTED', grant } when the grant was raised
 --       (never lowered: a late or repeated call is harmless), or
@@ -27,12 +29,12 @@ end
 if not cur[1] or tonumber(cur[1]) < epoch then
   redis.call('DEL', pk)
   redis.call('HSET', pk, 'grant', granted, 'ret', 0, 'sold', 0, 'held', 0, 'epoch', epoch,
-    'full', ARGV[6], 'unl', ARGV[7], 'from', ARGV[8], 'until', ARGV[9], 'low', ARGV[10], 'armed', 1, 'lim', ARGV[11])
+    'full', ARGV[6], 'unl', ARGV[7], 'from', ARGV[8], 'until', ARGV[9], 'low', ARGV[10], 'armed', 1, 'lim', ARGV[11], 'lw', ARGV[12], 'pgf', ARGV[13])
   check_low(ARGV[3], now_ms())
   return { 'LOADED' }
 end
 local grant = math.max(tonumber(cur[2]), granted)
 redis.call('HSET', pk, 'grant', grant, 'full', ARGV[6], 'unl', ARGV[7], 'from', ARGV[8], 'until', ARGV[9],
-  'low', ARGV[10], 'lim', ARGV[11])
+  'low', ARGV[10], 'lim', ARGV[11], 'lw', ARGV[12], 'pgf', ARGV[13])
 check_low(ARGV[3], now_ms())
 return { 'GRANTED', tostring(grant) }

@@ -9,11 +9,12 @@
 --   ARGV[2]  how long a finished hold is remembered for idempotent retries (ms)
 --
 -- Keys under the prefix (src/store/redis/keys.rs names the same ones):
---   pool:<pool_id>  hash  grant ret sold held epoch full unl from until low armed lim
+--   pool:<pool_id>  hash  grant ret sold held epoch full unl from until low armed lim lw pgf
 --                         by (the hold that last took units: for a capacity-1
 --                         pool, its one holder while held = 1)
+--   refill          set   pools whose headroom fell to their low-water mark (lw)
 --   hold:<hold_id>  hash  st job rq ln exp ext xid ck cq ref oid cat fin fence
---   fence           string, the tenant's fencing-token counter (one per hold)
+--   fence           string, the tenant's last fencing token (see next_fence)
 --   exp             zset  hold_id -> expires_at (ms) of every ACTIVE hold
 --   events          stream, one entry per state change
 --   cust:<scope>    string, units a customer has in a sale (per-customer limit)
@@ -29,6 +30,19 @@ local RETENTION_MS = tonumber(ARGV[2])
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The tenant's next fencing token: one more than the last, and never less
+-- than the Redis clock in microseconds, so tokens keep growing even after
+-- Redis lost its data (and the counter with it). Exact in Lua's doubles
+-- (below 2^53 until the year 2255); written with %.0f, never as 1e+15.
+local function next_fence()
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', P .. 'fence') or '0')
+  local fence = string.format('%.0f', math.max(last + 1, floor))
+  redis.call('SET', P .. 'fence', fence)
+  return fence
 end
 
 -- Appends one event to the tenant's stream. `fields` is a flat list of extra
@@ -52,18 +66,17 @@ local function hold_view(hold_key)
 end
 
 -- Emits a `low_stock` event once per crossing of a pool's low-stock
--- threshold (field `low`; available = grant - ret - sold - held, so reserved
--- units count as gone), and re-arms when availability rises above it. Only
--- when Redis holds the pool's whole remaining capacity (`full`), because
--- only then is Redis's share the pool's true availability.
+-- threshold (field `low`), and re-arms when availability rises above it.
+-- Available = Redis's headroom (grant - ret - sold - held: reserved units
+-- count as gone) + what Postgres had left to grant at the last grant (`pgf`).
 local function check_low(pool_id, now)
   local pk = P .. 'pool:' .. pool_id
-  local p = redis.call('HMGET', pk, 'low', 'armed', 'grant', 'ret', 'sold', 'held', 'full', 'epoch')
-  if not p[1] or tonumber(p[1]) < 0 or p[7] ~= '1' then
+  local p = redis.call('HMGET', pk, 'low', 'armed', 'grant', 'ret', 'sold', 'held', 'pgf', 'epoch')
+  if not p[1] or tonumber(p[1]) < 0 then
     return
   end
   local low = tonumber(p[1])
-  local avail = tonumber(p[3]) - tonumber(p[4]) - tonumber(p[5]) - tonumber(p[6])
+  local avail = tonumber(p[3]) - tonumber(p[4]) - tonumber(p[5]) - tonumber(p[6]) + tonumber(p[7] or '0')
   if avail <= low then
     if p[2] ~= '0' then
       redis.call('HSET', pk, 'armed', '0')
@@ -185,6 +198,19 @@ local function hold_state(hk, job)
     return nil
   end
   return h[1]
+end
+
+-- Flags the pools whose grant is running low (headroom at or below `lw`)
+-- for the refiller (src/jobs/refiller.rs), so a take rarely has to wait for
+-- a grant. Pools that hold all Postgres could give (`full`) never ask.
+local function want_refill(lines)
+  for _, l in ipairs(lines) do
+    local p = redis.call('HMGET', P .. 'pool:' .. l[1], 'grant', 'ret', 'sold', 'held', 'full', 'lw')
+    if p[5] ~= '1' and p[6] and
+        tonumber(p[1]) - tonumber(p[2]) - tonumber(p[3]) - tonumber(p[4]) <= tonumber(p[6]) then
+      redis.call('SADD', P .. 'refill', l[1])
+    end
+  end
 end
 
 -- Sum of the quantities of a list of lines.

@@ -37,7 +37,7 @@ for _, l in ipairs(lines) do
   redis.call('HINCRBY', P .. 'pool:' .. l[1], 'held', l[2])
   redis.call('HSET', P .. 'pool:' .. l[1], 'by', hold_id)
 end
-local fence = redis.call('INCR', P .. 'fence')
+local fence = next_fence()
 if ck ~= '' then
   redis.call('INCRBY', P .. ck, total(lines))
 end
@@ -52,4 +52,5 @@ emit(now, 'reserved', job, hold_id, ln, { 'r', ref, 'c', ck })
 for _, l in ipairs(lines) do
   check_low(l[1], now)
 end
+want_refill(lines)
 return hold_view(hk)

@@ -208,6 +208,14 @@ pub struct ServeArgs {
     /// reconciled, seconds; 0 turns the periodic pull off.
     #[arg(long, env = "HOLDFAST_RECONCILE_INTERVAL_SECS", default_value_t = 300)]
     pub reconcile_interval_secs: u64,
+    /// Share of a pool's remaining capacity one grant moves to Redis; the
+    /// rest stays in Postgres, for the fallback to sell while Redis is down.
+    #[arg(long, env = "HOLDFAST_GRANT_FRACTION", default_value_t = 0.5)]
+    pub grant_fraction: f64,
+
+    /// Most units one grant moves to Redis.
+    #[arg(long, env = "HOLDFAST_GRANT_CHUNK", default_value_t = 1000)]
+    pub grant_chunk: i64,
 
     /// Most Postgres connections.
     #[arg(long, env = "HOLDFAST_PG_MAX_CONNECTIONS", default_value_t = 16)]
@@ -251,6 +259,14 @@ impl ServeArgs {
             timeout: Duration::from_millis(self.webhook_timeout_ms),
             backoff_base: Duration::from_millis(self.webhook_backoff_base_ms),
             backoff_max: Duration::from_secs(self.webhook_backoff_max_secs),
+        }
+    }
+
+    /// The escrow grant policy these flags set.
+    pub fn grant_policy(&self) -> crate::engine::GrantPolicy {
+        crate::engine::GrantPolicy {
+            fraction: self.grant_fraction.clamp(0.01, 1.0),
+            chunk: self.grant_chunk.max(1),
         }
     }
 

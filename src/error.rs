@@ -40,6 +40,10 @@ pub enum Error {
     /// same id is safe.
     #[error("{0}")]
     Unavailable(String),
+    /// UNAVAILABLE, from Redis in particular: the engine counts these to
+    /// open its circuit and serve from the Postgres fallback.
+    #[error("{0}")]
+    RedisUnavailable(String),
     /// INTERNAL: a bug or a broken invariant; logged, never detailed to the
     /// client.
     #[error(transparent)]
@@ -68,7 +72,7 @@ impl From<redis::RedisError> for Error {
             || e.is_connection_dropped()
             || e.is_connection_refusal()
         {
-            Error::Unavailable(format!("redis unreachable: {e}"))
+            Error::RedisUnavailable(format!("redis unreachable: {e}"))
         } else {
             Error::Internal(e.into())
         }
@@ -77,7 +81,7 @@ impl From<redis::RedisError> for Error {
 
 impl From<deadpool_redis::PoolError> for Error {
     fn from(e: deadpool_redis::PoolError) -> Self {
-        Error::Unavailable(format!("redis pool: {e}"))
+        Error::RedisUnavailable(format!("redis pool: {e}"))
     }
 }
 
@@ -106,7 +110,7 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
             Error::PermissionDenied(_) => Status::permission_denied(msg),
-            Error::Unavailable(_) => {
+            Error::Unavailable(_) | Error::RedisUnavailable(_) => {
                 tracing::warn!(error = %msg, "store unavailable");
                 Status::unavailable(msg)
             }

@@ -25,7 +25,7 @@ use crate::grpc::pb::slot_service_server::SlotServiceServer;
 use crate::grpc::{
     AdminApi, ChannelApi, EventApi, FlashSaleApi, ReservationApi, SaleLockApi, SlotApi, pb,
 };
-use crate::jobs::{Tenants, drainer, outbox, reconciler, sweeper};
+use crate::jobs::{Tenants, drainer, outbox, reconciler, redis_watch, refiller, sweeper};
 use crate::satellite::SatelliteClient;
 use crate::services::channels::Channels;
 use crate::services::flash_sale::FlashSales;
@@ -60,6 +60,8 @@ impl Application {
     /// Connects to Postgres (and migrates it), to Redis, checks the
     /// credentials set-up, and binds the gRPC and metrics ports.
     pub async fn build(args: ServeArgs) -> anyhow::Result<Self> {
+        // The recorder first, so every metric set while building is kept.
+        let _ = telemetry::metrics_handle();
         let pg = PgStore::connect(
             &args.db.database_url,
             args.pg_max_connections,
@@ -103,7 +105,12 @@ impl Application {
         .await?;
         warn_about_redis_settings(&redis).await;
 
-        let engine = Arc::new(Engine::new(redis, pg, args.max_extensions));
+        let engine = Arc::new(Engine::new(
+            redis,
+            pg,
+            args.grant_policy(),
+            args.max_extensions,
+        ));
         let grpc = TcpListener::bind(args.grpc_addr).await?;
         let metrics = TcpListener::bind(args.metrics_addr).await?;
         Ok(Self {
@@ -182,11 +189,13 @@ impl Application {
                 stop_rx.clone(),
             )),
             tokio::spawn(sweeper::run(
-                engine.redis().clone(),
-                tenants,
+                engine.clone(),
+                tenants.clone(),
                 Duration::from_millis(self.args.sweep_interval_ms),
                 stop_rx.clone(),
             )),
+            tokio::spawn(refiller::run(engine.clone(), tenants, stop_rx.clone())),
+            tokio::spawn(redis_watch::run(engine.clone(), stop_rx.clone())),
             tokio::spawn(outbox::run(
                 engine.pg().clone(),
                 client,

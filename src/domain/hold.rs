@@ -19,6 +19,17 @@ pub enum Job {
 }
 
 impl Job {
+    /// Parses a job's name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "flash" => Some(Job::Flash),
+            "stock" => Some(Job::Stock),
+            "lock" => Some(Job::Lock),
+            "slot" => Some(Job::Slot),
+            _ => None,
+        }
+    }
+
     /// The name used in Redis, events and the audit log.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -79,6 +79,11 @@ impl HoldId {
         parse_name(field, value, max).map(Self)
     }
 
+    /// Wraps a hold id read back from our own stores (already valid).
+    pub fn from_store(value: String) -> Self {
+        Self(value)
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -26,6 +26,20 @@ impl AdminApi {
     }
 }
 
+fn pool_pb(view: crate::engine::PoolView) -> pb::Pool {
+    pb::Pool {
+        pool_id: view.pool.to_string(),
+        unlimited: view.capacity.is_none(),
+        capacity: view.capacity.unwrap_or(0),
+        sold: view.sold,
+        held: view.held,
+        available: view.available,
+        in_doubt: view.in_doubt,
+        granted_to_redis: view.granted_to_redis,
+        epoch: view.epoch,
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn get_pool(
@@ -40,20 +54,57 @@ impl AdminService for AdminApi {
                 .engine
                 .pools(&caller.tenant, std::slice::from_ref(&id))
                 .await?
-                .pop()
-                .ok_or_else(|| crate::Error::NotFound(format!("pool {id}")))?;
+                .pop();
+            let view = view.ok_or_else(|| crate::Error::NotFound(format!("pool {id}")))?;
             Ok(pb::GetPoolResponse {
-                pool: Some(pb::Pool {
-                    pool_id: view.pool.to_string(),
-                    unlimited: view.capacity.is_none(),
-                    capacity: view.capacity.unwrap_or(0),
-                    sold: view.sold,
-                    held: view.held,
-                    available: view.available,
-                    in_doubt: view.in_doubt,
-                    granted_to_redis: view.granted_to_redis,
-                    epoch: view.epoch,
-                }),
+                pool: Some(pool_pb(view)),
+            })
+        })
+        .await
+    }
+
+    async fn list_in_doubt_pools(
+        &self,
+        request: Request<pb::ListInDoubtPoolsRequest>,
+    ) -> Result<Response<pb::ListInDoubtPoolsResponse>, Status> {
+        observe(SERVICE, "ListInDoubtPools", async {
+            let caller = self.auth.check(&request, Role::Admin).await?;
+            record_ids(&caller.tenant, "");
+            let ids = self.engine.pg().pools_in_doubt(&caller.tenant).await?;
+            let views = self.engine.pools(&caller.tenant, &ids).await?;
+            Ok(pb::ListInDoubtPoolsResponse {
+                pools: views.into_iter().map(pool_pb).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn resolve_in_doubt(
+        &self,
+        request: Request<pb::ResolveInDoubtRequest>,
+    ) -> Result<Response<pb::ResolveInDoubtResponse>, Status> {
+        observe(SERVICE, "ResolveInDoubt", async {
+            let caller = self.auth.check(&request, Role::Admin).await?;
+            record_ids(&caller.tenant, &request.get_ref().pool_id);
+            let r = request.into_inner();
+            let id = PoolId::parse("pool_id", &r.pool_id)?;
+            if r.sold_units < 0 {
+                return Err(crate::Error::invalid(
+                    "sold_units",
+                    format!("must not be negative, got {}", r.sold_units),
+                ));
+            }
+            self.engine
+                .resolve_in_doubt(&caller.tenant, &id, r.sold_units)
+                .await?;
+            let view = self
+                .engine
+                .pools(&caller.tenant, std::slice::from_ref(&id))
+                .await?
+                .pop();
+            let view = view.ok_or_else(|| crate::Error::NotFound(format!("pool {id}")))?;
+            Ok(pb::ResolveInDoubtResponse {
+                pool: Some(pool_pb(view)),
             })
         })
         .await

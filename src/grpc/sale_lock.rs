@@ -66,7 +66,7 @@ fn lock_pb(l: SaleLock) -> pb::SaleLock {
 
 fn conflict_pb((card, why): (crate::domain::CardId, CardConflict)) -> pb::CardConflict {
     let (reason, channel) = match why {
-        CardConflict::Locked(c) => (Reason::Locked, c.to_string()),
+        CardConflict::Locked(c) => (Reason::Locked, c.map(|c| c.to_string()).unwrap_or_default()),
         CardConflict::Sold(c) => (Reason::Sold, c.map(|c| c.to_string()).unwrap_or_default()),
         CardConflict::NotListed => (Reason::NotListed, String::new()),
     };

@@ -16,9 +16,10 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio::sync::watch;
 
 use super::Tenants;
-use crate::domain::TenantId;
+use crate::domain::{HoldId, HoldState, Job, TenantId};
 use crate::error::Error;
-use crate::store::postgres::PgStore;
+use crate::store::HoldReply;
+use crate::store::postgres::{PgStore, Twin};
 use crate::store::redis::{RedisStore, decode_event};
 use crate::telemetry::metric;
 
@@ -28,6 +29,8 @@ pub const GROUP: &str = "drainer";
 const BATCH: usize = 500;
 /// How long one read blocks waiting for events.
 const BLOCK: Duration = Duration::from_millis(100);
+/// The longest one read-and-write round may take.
+const ROUND_LIMIT: Duration = Duration::from_secs(5);
 /// How long drained events stay in the stream (for subscribers that
 /// resume from an id).
 const KEEP: Duration = Duration::from_secs(3600);
@@ -53,8 +56,12 @@ pub async fn run(
             break;
         }
         let list = tenants.list().await;
+        // Bounded: a round stuck on a frozen Redis is abandoned (its events
+        // stay pending and are read again).
         let round = tokio::select! {
-            r = drainer.round(&list) => r,
+            r = tokio::time::timeout(ROUND_LIMIT, drainer.round(&list)) => {
+                r.unwrap_or_else(|_| Err(Error::RedisUnavailable("drainer round timed out".into())))
+            }
             _ = stop.changed() => break,
         };
         match round {
@@ -63,6 +70,9 @@ pub async fn run(
                 metrics::counter!(metric::DRAINER_ERRORS).increment(1);
                 tracing::warn!(error = %e, retry_in = ?backoff, "drainer round failed; events stay pending and will be retried");
                 drainer.pending_first = true;
+                // A Redis that lost its data lost the consumer groups too:
+                // create them again (creating an existing one is harmless).
+                drainer.grouped.clear();
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => break,
@@ -138,7 +148,11 @@ impl Drainer {
                 .iter()
                 .map(decode_event)
                 .collect::<Result<Vec<_>, _>>()?;
-            new += self.pg.record_events(&tenant, &events).await?;
+            let (recorded, twins) = self.pg.record_events(&tenant, &events).await?;
+            new += recorded;
+            for (hold_id, job, twin) in twins {
+                self.settle_twin(&tenant, &hold_id, &job, twin).await?;
+            }
             let acked: Vec<&str> = stream.ids.iter().map(|e| e.id.as_str()).collect();
             let _: i64 = con.xack(&stream.key, GROUP, &acked).await?;
             if let Some(last) = events.last() {
@@ -161,5 +175,38 @@ impl Drainer {
             self.pending_first = false;
         }
         Ok(new)
+    }
+}
+
+impl Drainer {
+    /// Finishes, in Redis, what a twin found by `record_events` needs: the
+    /// fallback committed a hold Redis only reserved, so Redis's twin is
+    /// committed (then the fallback's undone); or the fallback ended it, so
+    /// Redis's twin is released.
+    async fn settle_twin(
+        &self,
+        tenant: &TenantId,
+        hold_id: &str,
+        job: &str,
+        twin: Twin,
+    ) -> Result<(), Error> {
+        let (Some(job), id) = (Job::parse(job), HoldId::from_store(hold_id.to_owned())) else {
+            return Ok(());
+        };
+        match twin {
+            Twin::Committed(order_id) => {
+                if let HoldReply::Hold(h) = self.redis.commit(tenant, &id, job, &order_id).await?
+                    && h.state == HoldState::Committed
+                {
+                    self.pg.undo_committed_twin(tenant, hold_id).await?;
+                }
+            }
+            Twin::Ended => {
+                self.redis.release(tenant, &id, job).await?;
+            }
+            Twin::None | Twin::Undone => {}
+        }
+        tracing::warn!(%tenant, hold_id, "a retried call reached both Redis and the fallback; kept one");
+        Ok(())
     }
 }

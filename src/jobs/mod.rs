@@ -4,7 +4,10 @@
 //! - [`drainer`]: reads every tenant's event stream (consumer group) and
 //!   writes each event to Postgres exactly once, with its effects.
 //! - [`sweeper`]: finalises expired holds (state EXPIRED, event) within the
-//!   sweep interval of their expiry.
+//!   sweep interval of their expiry, in Redis and in the fallback.
+//! - [`refiller`]: grants Redis another chunk of pools running low.
+//! - [`redis_watch`]: probes Redis to close the circuit, notices a Redis
+//!   that came back empty, keeps the in-doubt gauge current.
 //! - [`outbox`]: delivers signed webhooks to satellites, with retries.
 //! - [`reconciler`]: pulls satellites' canonical card lists and clears
 //!   drift.
@@ -12,6 +15,8 @@
 pub mod drainer;
 pub mod outbox;
 pub mod reconciler;
+pub mod redis_watch;
+pub mod refiller;
 pub mod sweeper;
 
 use std::sync::Mutex;

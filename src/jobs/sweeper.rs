@@ -1,9 +1,10 @@
 //! The sweeper: finalises expired holds.
 //!
-//! Scripts already treat an expired hold as absent at every instant, so the
-//! sweeper is not what keeps expired holds from blocking sales; it makes
-//! their end visible (state EXPIRED, the `expired` event, the audit row)
-//! within one sweep interval even when no call touches the tenant.
+//! Scripts (and fallback transactions) already treat an expired hold as
+//! absent at every instant, so the sweeper is not what keeps expired holds
+//! from blocking sales; it makes their end visible (state EXPIRED, the
+//! `expired` event, the audit row) within one sweep interval even when no
+//! call touches the tenant.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,22 +12,27 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::Tenants;
-use crate::store::redis::RedisStore;
+use crate::domain::TenantId;
+use crate::engine::Engine;
 use crate::telemetry::metric;
 
 /// Most holds one script call finalises, so a burst of expiries never
 /// blocks Redis for long; the sweeper calls again while more are due.
 const BATCH: u32 = 500;
+/// The fallback's holds are swept every this many rounds (they are rare,
+/// and a Postgres round trip per tenant is not free).
+const FALLBACK_EVERY: u32 = 4;
 
 /// Runs until `stop` turns true.
 pub async fn run(
-    redis: RedisStore,
+    engine: Arc<Engine>,
     tenants: Arc<Tenants>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round: u32 = 0;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -35,26 +41,37 @@ pub async fn run(
         if *stop.borrow() {
             break;
         }
+        round = round.wrapping_add(1);
         for tenant in tenants.list().await {
-            loop {
-                match redis.sweep(&tenant, BATCH).await {
-                    Ok((finalised, left, lag_ms)) => {
-                        if finalised > 0 {
-                            metrics::counter!(metric::ENGINE_OUTCOMES, "job" => "any", "outcome" => "expired").increment(finalised.unsigned_abs());
-                            metrics::histogram!(metric::SWEEPER_LAG_SECONDS)
-                                .record(lag_ms as f64 / 1000.0);
-                        }
-                        if left == 0 {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%tenant, error = %e, "sweep failed; will retry");
-                        break;
-                    }
-                }
+            if engine.circuit().closed() {
+                sweep_redis(&engine, &tenant).await;
+            }
+            if round.is_multiple_of(FALLBACK_EVERY)
+                && let Err(e) = engine.pg().fallback_sweep(&tenant).await
+            {
+                tracing::debug!(%tenant, error = %e, "fallback sweep failed; will retry");
             }
         }
     }
     tracing::debug!("sweeper stopped");
+}
+
+async fn sweep_redis(engine: &Engine, tenant: &TenantId) {
+    loop {
+        match engine.redis().sweep(tenant, BATCH).await {
+            Ok((finalised, left, lag_ms)) => {
+                if finalised > 0 {
+                    metrics::counter!(metric::ENGINE_OUTCOMES, "job" => "any", "outcome" => "expired").increment(finalised.unsigned_abs());
+                    metrics::histogram!(metric::SWEEPER_LAG_SECONDS).record(lag_ms as f64 / 1000.0);
+                }
+                if left == 0 {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, "sweep failed; will retry");
+                return;
+            }
+        }
+    }
 }

@@ -24,8 +24,9 @@ const ATTEMPTS: usize = 3;
 /// Why a card could not be locked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CardConflict {
-    /// Another checkout holds a lock on it, taken on this channel.
-    Locked(ChannelSlug),
+    /// Another checkout holds a lock on it, taken on this channel (not
+    /// known while Redis is unreachable).
+    Locked(Option<ChannelSlug>),
     /// Sold, on this channel (empty when no longer known).
     Sold(Option<ChannelSlug>),
     /// Not live on the calling channel.
@@ -215,7 +216,18 @@ impl SaleLocks {
         cards: &[CardId],
     ) -> Result<Vec<(CardId, CardConflict)>, Error> {
         let pools: Vec<_> = cards.iter().map(CardId::pool).collect();
-        let holders = self.engine.redis().holders(ws, &pools).await?;
+        let holders = match self.engine.redis().holders(ws, &pools).await {
+            Ok(h) => h,
+            // The fallback refused them while Redis is down: held, by whom
+            // is not known here.
+            Err(Error::RedisUnavailable(_)) => {
+                return Ok(cards
+                    .iter()
+                    .map(|c| (c.clone(), CardConflict::Locked(None)))
+                    .collect());
+            }
+            Err(e) => return Err(e),
+        };
         Ok(cards
             .iter()
             .zip(holders)
@@ -225,7 +237,6 @@ impl SaleLocks {
                 if h.sold > 0 {
                     Some((card.clone(), CardConflict::Sold(channel)))
                 } else if h.held > 0 {
-                    let channel = channel.unwrap_or_else(|| ChannelSlug::from_store(String::new()));
                     Some((card.clone(), CardConflict::Locked(channel)))
                 } else {
                     None

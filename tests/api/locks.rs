@@ -512,7 +512,7 @@ async fn a_sale_committed_in_redis_just_before_a_crash_reaches_postgres_exactly_
     let pg = PgStore::connect(&args.db.database_url, 2, std::time::Duration::from_secs(5))
         .await
         .unwrap();
-    let engine = Engine::new(redis.clone(), pg.clone(), 1);
+    let engine = Engine::new(redis.clone(), pg.clone(), args.grant_policy(), 1);
     let dev = TenantId::parse("dev").unwrap();
     let id = HoldId::parse("lock_ref", "lock-a", 128).unwrap();
     engine.commit(&dev, &id, Job::Lock, "").await.unwrap();
@@ -547,7 +547,7 @@ async fn a_sale_committed_in_redis_just_before_a_crash_reaches_postgres_exactly_
             .iter()
             .any(|e| e.job == "lock" && e.kind == "committed")
     );
-    assert_eq!(pg.record_events(&dev, &events).await.unwrap(), 0);
+    assert_eq!(pg.record_events(&dev, &events).await.unwrap().0, 0);
     assert_eq!(deliveries(&again, "ebay", "bulk-disengage").await.len(), 1);
     assert_eq!(ebay.received("bulk-disengage").len(), 1);
     again.shutdown().await;

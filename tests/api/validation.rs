@@ -35,6 +35,10 @@ async fn bad_claims_are_refused_naming_the_field_and_change_nothing() {
         .claim(claim("ok", "s", &[("p", 1)]))
         .await
         .unwrap();
+    app.eventually("the good claim's audit row", || async {
+        (app.audit_count().await == 1).then_some(())
+    })
+    .await;
 
     let inv = Code::InvalidArgument;
     refused(&app, claim("a", "s", &[("p", 0)]), inv, "lines[0].quantity").await;

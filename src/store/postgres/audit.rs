@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use super::PgStore;
+use super::fallback::Twin;
 use super::listings::record_lock_sale;
 use crate::domain::{CardId, Event, Job, TenantId};
 use crate::error::Error;
@@ -14,9 +15,18 @@ impl PgStore {
     /// The effects are the sold-count write-back and, for a completed sale
     /// lock, the channel changes and their webhooks (`listings.rs`).
     /// Returns how many were new.
-    pub async fn record_events(&self, tenant: &TenantId, events: &[Event]) -> Result<usize, Error> {
+    ///
+    /// A `reserved` or `claimed` event whose id the fallback also served (a
+    /// retried in-doubt call) settles the twin here; what remains to be done
+    /// in Redis is returned for the caller to do after the commit.
+    pub async fn record_events(
+        &self,
+        tenant: &TenantId,
+        events: &[Event],
+    ) -> Result<(usize, Vec<(String, String, Twin)>), Error> {
         let mut tx = self.pool.begin().await?;
         let mut new = 0;
+        let mut follow_ups = Vec::new();
         for e in events {
             let lines =
                 serde_json::to_value(&e.lines).map_err(|err| Error::Internal(err.into()))?;
@@ -42,6 +52,13 @@ impl PgStore {
                 continue;
             }
             new += 1;
+            if matches!(e.kind.as_str(), "reserved" | "claimed") {
+                match PgStore::settle_twin(&mut tx, tenant, &e.hold_id, e.kind == "claimed").await?
+                {
+                    Twin::None | Twin::Undone => {}
+                    twin => follow_ups.push((e.hold_id.clone(), e.job.clone(), twin)),
+                }
+            }
             if e.sells() && e.job == Job::Lock.as_str() {
                 let cards: Vec<CardId> = e
                     .lines
@@ -72,7 +89,7 @@ impl PgStore {
             }
         }
         tx.commit().await?;
-        Ok(new)
+        Ok((new, follow_ups))
     }
 
     /// One page of the audit log, oldest first, after row id `after`.

@@ -5,6 +5,7 @@
 
 mod audit;
 mod channels;
+mod fallback;
 mod keys;
 mod listings;
 mod outbox;
@@ -19,6 +20,7 @@ use sqlx::postgres::PgPoolOptions;
 
 pub use audit::{AuditFilter, AuditRow};
 pub use channels::{CardState, Listing, Satellite};
+pub use fallback::{PgTake, Twin};
 pub use keys::ApiKeyRow;
 pub use listings::{Drift, DriftRow, EngageCard, EngageOutcome};
 pub use outbox::{DeliveryRow, DueDelivery};

@@ -261,6 +261,64 @@ impl PgStore {
         Ok(AdjustOutcome::Applied)
     }
 
+    /// Settles in-doubt units: `sold` of them were really sold, the rest
+    /// are available again. `None` when the pool has fewer in doubt.
+    pub async fn resolve_in_doubt(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        sold: i64,
+    ) -> Result<Option<i64>, Error> {
+        let row: Option<(i64,)> = sqlx::query_as(
+            "UPDATE pools SET sold_prior = sold_prior + $3, in_doubt = 0
+             WHERE tenant = $1 AND pool_id = $2 AND in_doubt >= $3 AND $3 >= 0
+             RETURNING sold_prior",
+        )
+        .bind(tenant.as_str())
+        .bind(pool.as_str())
+        .bind(sold)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Every pool with a grant outstanding, by tenant.
+    pub async fn pools_with_grants(&self) -> Result<Vec<(TenantId, Vec<PoolId>)>, Error> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT tenant, pool_id FROM pools WHERE granted > returned ORDER BY tenant, pool_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<(TenantId, Vec<PoolId>)> = Vec::new();
+        for (tenant, pool) in rows {
+            let tenant = TenantId::parse(&tenant)?;
+            match out.last_mut() {
+                Some((t, pools)) if *t == tenant => pools.push(PoolId::from_store(pool)),
+                _ => out.push((tenant, vec![PoolId::from_store(pool)])),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Units in doubt, summed over every pool (for the metric).
+    pub async fn total_in_doubt(&self) -> Result<i64, Error> {
+        let (n,): (Option<i64>,) = sqlx::query_as("SELECT sum(in_doubt)::bigint FROM pools")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// Pools of a tenant with units in doubt.
+    pub async fn pools_in_doubt(&self, tenant: &TenantId) -> Result<Vec<PoolId>, Error> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT pool_id FROM pools WHERE tenant = $1 AND in_doubt > 0 ORDER BY pool_id",
+        )
+        .bind(tenant.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| PoolId::from_store(r.0)).collect())
+    }
+
     /// Sets or clears a pool's ceiling.
     pub async fn set_ceiling(
         &self,

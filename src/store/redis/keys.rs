@@ -23,6 +23,11 @@ impl Keys {
         }
     }
 
+    /// The global prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The prefix of every key of one tenant, `<prefix>:{<tenant>}:`,
     /// passed to every script as `ARGV[1]`.
     pub fn tenant(&self, tenant: &TenantId) -> String {

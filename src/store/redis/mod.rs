@@ -66,6 +66,10 @@ pub struct PoolGrant {
     pub low_stock_threshold: Option<i64>,
     /// Ceiling on sold + held below the capacity, if any.
     pub ceiling: Option<i64>,
+    /// Headroom at or below which a take flags the pool for a refill.
+    pub low_water: i64,
+    /// Units Postgres still has to grant after this grant.
+    pub undelegated: i64,
 }
 
 /// The Redis side of the engine.
@@ -94,7 +98,20 @@ impl RedisStore {
             .set_response_timeout(Some(timeouts.response))
             .set_number_of_retries(1);
         let con = ConnectionManager::new_with_config(client.clone(), config).await?;
-        let pool = deadpool_redis::Config::from_url(url)
+        // Bounded waits everywhere: a frozen Redis must not strand a pooled
+        // connection (the recycle check times out and the connection is
+        // dropped instead of handed out again).
+        let mut pool_config = deadpool_redis::Config::from_url(url);
+        pool_config.pool = Some(deadpool_redis::PoolConfig {
+            max_size: 16,
+            timeouts: deadpool_redis::Timeouts {
+                wait: Some(timeouts.response * 2),
+                create: Some(timeouts.connect),
+                recycle: Some(timeouts.response),
+            },
+            ..Default::default()
+        });
+        let pool = pool_config
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .map_err(|e| Error::internal(format!("redis pool: {e}")))?;
         Ok(Self {
@@ -320,7 +337,9 @@ impl RedisStore {
                     .arg(g.window_ms.0)
                     .arg(g.window_ms.1)
                     .arg(g.low_stock_threshold.unwrap_or(-1))
-                    .arg(g.ceiling.unwrap_or(-1));
+                    .arg(g.ceiling.unwrap_or(-1))
+                    .arg(g.low_water)
+                    .arg(g.undelegated);
             })
             .await?;
         reply::grant_reply(&v)
@@ -340,6 +359,43 @@ impl RedisStore {
             })
             .await?;
         reply::return_reply(&v)
+    }
+
+    /// Takes up to `count` pools flagged for a refill.
+    pub async fn pop_refills(&self, tenant: &TenantId, count: usize) -> Result<Vec<PoolId>, Error> {
+        let mut con = self.con.clone();
+        let ids: Vec<String> = redis::cmd("SPOP")
+            .arg(format!("{}refill", self.keys.tenant(tenant)))
+            .arg(count)
+            .query_async(&mut con)
+            .await?;
+        Ok(ids.into_iter().map(PoolId::from_store).collect())
+    }
+
+    /// Answers when Redis answers, and tells whether Redis still has the
+    /// marker this daemon left: `false` means Redis came back empty (or is
+    /// a different Redis), and every pool's grant must be checked.
+    pub async fn check_marker(&self) -> Result<bool, Error> {
+        let mut con = self.con.clone();
+        let key = format!("{}:marker", self.keys.prefix());
+        let set: bool = redis::cmd("SET")
+            .arg(&key)
+            .arg("1")
+            .arg("NX")
+            .query_async::<Option<String>>(&mut con)
+            .await?
+            .is_some();
+        Ok(!set)
+    }
+
+    /// Removes the marker (so the next check runs the recovery again).
+    pub async fn clear_marker(&self) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        let _: i64 = redis::cmd("DEL")
+            .arg(format!("{}:marker", self.keys.prefix()))
+            .query_async(&mut con)
+            .await?;
+        Ok(())
     }
 
     /// Finalises up to `limit` expired holds of a tenant (`sweep.lua`):

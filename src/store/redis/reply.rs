@@ -5,36 +5,7 @@ use redis::Value;
 
 use crate::domain::{Hold, HoldId, HoldState, PoolId, Shortage};
 use crate::error::Error;
-
-/// What a hold script answered.
-#[derive(Debug)]
-pub enum HoldReply {
-    /// The hold as it now stands (taken, committed, released, extended, or
-    /// a repeat of the first answer).
-    Hold(Hold),
-    /// These pools have no grant here yet, or need more.
-    NeedGrant(Vec<PoolId>),
-    /// The pool's sale window is not open.
-    NotActive(PoolId),
-    /// Sold out: every short line.
-    Short(Vec<Shortage>),
-    /// Over the customer's limit; the units they already have.
-    CustomerLimit(i64),
-    /// The id was used before with a different request.
-    IdReused,
-    /// No such hold (or not one of this job's).
-    NoHold,
-    /// The hold is released or expired.
-    NotActiveHold(Hold),
-    /// The hold was consumed by a different order.
-    OrderMismatch(Hold),
-    /// The hold was committed, so it cannot be released.
-    Committed(Hold),
-    /// The hold may not be extended again.
-    ExtendLimit(Hold),
-    /// A pool of the hold was reloaded after Redis lost data.
-    StaleEpoch(PoolId),
-}
+pub use crate::store::HoldReply;
 
 /// One pool's counters in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,319 @@
+//! Escrow (ESCROW.md): how much of each pool Redis may sell. Postgres
+//! records the grant first and Redis follows; Redis hands units back first
+//! and Postgres follows. Grants come in chunks sized by the [`GrantPolicy`],
+//! so the fallback always keeps a share to sell from while Redis is down.
+//! Reads combine both stores' counts.
+
+use super::{Engine, PoolView};
+use crate::domain::{PoolId, TenantId};
+use crate::error::Error;
+use crate::store::postgres::{AdjustOutcome, CapacityChange, PoolRow};
+use crate::store::redis::{GrantReply, PoolGrant, RedisPool, ReturnReply};
+
+/// How much of a pool Redis is granted at a time. Redis gets
+/// `min(chunk, ceil(fraction x what Postgres has left))` (and at least what
+/// a take needs), so Postgres always keeps a share to sell from while Redis
+/// is down. A refill is asked for before Redis runs dry: when its headroom
+/// falls to half a chunk, a script flags the pool for the refiller.
+#[derive(Debug, Clone, Copy)]
+pub struct GrantPolicy {
+    /// Share of what Postgres has left that one grant moves to Redis.
+    pub fraction: f64,
+    /// Most units one grant moves.
+    pub chunk: i64,
+}
+
+impl Default for GrantPolicy {
+    fn default() -> Self {
+        Self {
+            fraction: 0.5,
+            chunk: 1000,
+        }
+    }
+}
+
+impl GrantPolicy {
+    /// Units to grant out of `undelegated`, at least `needed`.
+    pub fn size(&self, undelegated: i64, needed: i64) -> i64 {
+        let share = ((undelegated as f64) * self.fraction).ceil() as i64;
+        share.min(self.chunk).max(needed).max(1).min(undelegated)
+    }
+
+    /// Headroom at or below which Redis asks for more, given what Postgres
+    /// still has to give.
+    pub fn low_water(&self, undelegated: i64) -> i64 {
+        if undelegated <= 0 {
+            0
+        } else {
+            (self.size(undelegated, 0) / 2).max(1)
+        }
+    }
+}
+
+impl Engine {
+    /// Reads pools' counts across both stores, in the order asked. Unknown
+    /// pools are NOT_FOUND.
+    pub async fn pools(&self, tenant: &TenantId, ids: &[PoolId]) -> Result<Vec<PoolView>, Error> {
+        self.pools_if_any(tenant, ids)
+            .await?
+            .into_iter()
+            .zip(ids)
+            .map(|(v, id)| v.ok_or_else(|| Error::NotFound(format!("pool {id}"))))
+            .collect()
+    }
+
+    /// Reads pools' counts across both stores, in the order asked; `None`
+    /// for pools that do not exist.
+    pub async fn pools_if_any(
+        &self,
+        tenant: &TenantId,
+        ids: &[PoolId],
+    ) -> Result<Vec<Option<PoolView>>, Error> {
+        let rows = self.pg.get_pools(tenant, ids).await?;
+        let redis = self.redis.get_pools(tenant, ids).await?;
+        Ok(ids
+            .iter()
+            .zip(redis)
+            .map(|(id, r)| {
+                rows.iter()
+                    .find(|row| row.pool_id == id.as_str())
+                    .map(|row| view(id, row, r.as_ref()))
+            })
+            .collect())
+    }
+
+    /// Delegates capacity to Redis for pools a script found short, `needed`
+    /// units each at least (ESCROW.md "Refill").
+    pub(super) async fn grant(
+        &self,
+        tenant: &TenantId,
+        needed: &[(PoolId, i64)],
+    ) -> Result<(), Error> {
+        let _serial = self.grant_lock.lock().await;
+        self.sync_locked(tenant, needed).await
+    }
+
+    /// Brings Redis's copy of pools up to date with Postgres (grant,
+    /// window, threshold, ceiling), granting a chunk where Redis runs low.
+    /// Call after changing a pool in Postgres; the refiller calls it too.
+    pub async fn sync(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<(), Error> {
+        let _serial = self.grant_lock.lock().await;
+        let needed: Vec<(PoolId, i64)> = pools.iter().map(|p| (p.clone(), 0)).collect();
+        self.sync_locked(tenant, &needed).await
+    }
+
+    /// An operator states how many of a pool's in-doubt units were really
+    /// sold; the rest become available again.
+    pub async fn resolve_in_doubt(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        sold: i64,
+    ) -> Result<(), Error> {
+        let _serial = self.grant_lock.lock().await;
+        match self.pg.resolve_in_doubt(tenant, pool, sold).await? {
+            Some(_) => {}
+            None => {
+                let row = self
+                    .pg
+                    .get_pools(tenant, std::slice::from_ref(pool))
+                    .await?
+                    .pop();
+                return Err(match row {
+                    None => Error::NotFound(format!("pool {pool}")),
+                    Some(r) => Error::FailedPrecondition(format!(
+                        "pool {pool} has {} units in doubt, fewer than {sold}",
+                        r.in_doubt
+                    )),
+                });
+            }
+        }
+        self.sync_locked(tenant, &[(pool.clone(), 0)]).await
+    }
+
+    /// Checks every pool that has a grant outstanding against Redis (after
+    /// Redis came back empty): lost grants become in doubt, and the pools
+    /// are loaded again.
+    pub async fn recover_pools(&self) -> Result<usize, Error> {
+        let mut n = 0;
+        for (tenant, pools) in self.pg.pools_with_grants().await? {
+            let _serial = self.grant_lock.lock().await;
+            let needed: Vec<(PoolId, i64)> = pools.into_iter().map(|p| (p, 0)).collect();
+            n += needed.len();
+            self.sync_locked(&tenant, &needed).await?;
+        }
+        Ok(n)
+    }
+
+    /// Changes a pool's capacity by `delta` (idempotent by
+    /// `adjustment_id`). Growing: Postgres first, then the new units are
+    /// granted to Redis. Shrinking: Redis hands back what Postgres lacks
+    /// first (ESCROW.md "Return"), then Postgres lowers the capacity under
+    /// its guard. Refused with FAILED_PRECONDITION when the pool would end up
+    /// with less than is sold and held.
+    pub async fn adjust_capacity(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        delta: i64,
+        adjustment_id: &str,
+        reason: &str,
+    ) -> Result<AdjustOutcome, Error> {
+        let _serial = self.grant_lock.lock().await;
+        let row = self
+            .pg
+            .get_pools(tenant, std::slice::from_ref(pool))
+            .await?
+            .pop()
+            .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
+        let mut returned = None;
+        if delta < 0
+            && let Some(undelegated) = row.undelegated()
+            && undelegated < -delta
+        {
+            let k = -delta - undelegated;
+            match self.redis.return_units(tenant, pool, row.epoch, k).await? {
+                ReturnReply::Returned(r) => returned = Some((row.epoch, r)),
+                ReturnReply::Short(available) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "cannot remove {} units from {pool}: only {} are neither sold nor held",
+                        -delta,
+                        available + undelegated
+                    )));
+                }
+                // Redis does not run this pool: everything is in Postgres.
+                ReturnReply::NoPool => {}
+            }
+        }
+        let change = CapacityChange {
+            adjustment_id,
+            pool,
+            delta,
+            reason,
+            returned,
+        };
+        let outcome = self.pg.adjust_capacity(tenant, &change).await?;
+        self.sync_locked(tenant, &[(pool.clone(), 0)]).await?;
+        if outcome == AdjustOutcome::Refused {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot change {pool} by {delta}: it would drop below the units sold and held"
+            )));
+        }
+        Ok(outcome)
+    }
+
+    async fn sync_locked(&self, tenant: &TenantId, needed: &[(PoolId, i64)]) -> Result<(), Error> {
+        let pools: Vec<PoolId> = needed.iter().map(|(p, _)| p.clone()).collect();
+        let rows = self.pg.get_pools(tenant, &pools).await?;
+        let in_redis = self.redis.get_pools(tenant, &pools).await?;
+        for ((pool, need), redis) in needed.iter().zip(in_redis) {
+            let mut row = rows
+                .iter()
+                .find(|r| r.pool_id == pool.as_str())
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
+            // Pools are never deleted from Redis while they hold a grant, and
+            // grants only grow, so a missing pool with a grant outstanding, or
+            // a grant below Postgres's, means Redis lost data (ESCROW.md).
+            let lost = match &redis {
+                None => row.outstanding_grant() > 0,
+                Some(r) => r.epoch == row.epoch && r.grant < row.granted,
+            };
+            if lost {
+                tracing::warn!(%tenant, %pool, epoch = row.epoch, "redis lost this pool's grant; opening a new epoch, the outstanding grant is in doubt");
+                row = self.pg.open_epoch(tenant, pool, row.epoch).await?;
+            }
+            let headroom = match &redis {
+                Some(r) if !lost && r.epoch == row.epoch => r.grant - r.returned - r.sold - r.held,
+                _ => 0,
+            };
+            let mut granted = row.granted;
+            let mut chunk = 0;
+            let undelegated = row.undelegated().unwrap_or(0);
+            if undelegated > 0
+                && (headroom < *need || headroom <= self.policy.low_water(undelegated))
+            {
+                chunk = self.policy.size(undelegated, *need - headroom);
+                granted = self
+                    .pg
+                    .grant(tenant, pool, row.epoch, chunk)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::Unavailable(format!("pool {pool} changed while granting; retry"))
+                    })?;
+            }
+            let window = (
+                row.starts_at.map_or(0, |t| t.timestamp_millis()),
+                row.ends_at.map_or(0, |t| t.timestamp_millis()),
+            );
+            let grant = PoolGrant {
+                epoch: row.epoch,
+                granted,
+                full: undelegated - chunk <= 0,
+                unlimited: row.capacity.is_none(),
+                window_ms: window,
+                low_stock_threshold: row.low_stock_threshold,
+                ceiling: row.ceiling,
+                low_water: self.policy.low_water(undelegated - chunk),
+                undelegated: undelegated - chunk,
+            };
+            match self.redis.grant(tenant, pool, &grant).await? {
+                GrantReply::Loaded | GrantReply::Granted(_) => {}
+                GrantReply::Stale(e) => {
+                    return Err(Error::internal(format!(
+                        "redis runs epoch {e} of pool {pool}, newer than postgres's {}",
+                        row.epoch
+                    )));
+                }
+            }
+            tracing::debug!(%tenant, %pool, epoch = row.epoch, granted, chunk, "granted pool to redis");
+        }
+        Ok(())
+    }
+}
+
+/// Combines Postgres's ledger with Redis's counters into one view.
+fn view(id: &PoolId, row: &PoolRow, redis: Option<&RedisPool>) -> PoolView {
+    let (redis_sold, redis_held) = match redis {
+        Some(r) if r.epoch == row.epoch => (r.sold.max(row.reported_sold), r.held),
+        _ => (row.reported_sold, 0),
+    };
+    let sold = row.sold_pg + row.sold_prior + redis_sold;
+    let held = row.held_pg + redis_held;
+    let capacity = match (row.capacity, row.ceiling) {
+        (Some(c), Some(ceiling)) => Some(c.min(ceiling)),
+        (c, _) => c,
+    };
+    PoolView {
+        pool: id.clone(),
+        capacity,
+        sold,
+        held,
+        in_doubt: row.in_doubt,
+        available: row
+            .capacity
+            .map_or(0, |c| (c - sold - held - row.in_doubt).max(0)),
+        granted_to_redis: row.outstanding_grant(),
+        epoch: row.epoch,
+        low_stock_threshold: row.low_stock_threshold,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_leaves_postgres_a_share_and_covers_what_a_take_needs() {
+        let p = GrantPolicy {
+            fraction: 0.5,
+            chunk: 1000,
+        };
+        assert_eq!(p.size(100, 0), 50);
+        assert_eq!(p.size(100_000, 0), 1000, "chunks are bounded");
+        assert_eq!(p.size(1, 0), 1, "a card is granted on demand");
+        assert_eq!(p.size(10, 8), 8, "a take gets what it needs");
+        assert_eq!(p.size(3, 8), 3, "never more than is left");
+        assert_eq!(p.low_water(0), 0);
+    }
+}

@@ -1,0 +1,394 @@
+//! The hold engine: reserve, commit, release, extend, claim and reads, on
+//! top of the stores.
+//!
+//! The rules live in the Lua scripts (atomic in Redis) and, for the
+//! fallback, in the Postgres transactions of `store/postgres/fallback.rs`.
+//! The engine's own jobs are escrow (`escrow.rs`: granting Redis its share
+//! of each pool, Postgres first) and routing: while the circuit (`circuit.rs`)
+//! is closed, calls go to Redis; when Redis fails they go to Postgres, which
+//! sells only what was never granted to Redis, so the two can never sell the
+//! same unit. A hold lives where it was made: calls about it go there.
+
+mod circuit;
+mod escrow;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+pub use circuit::Circuit;
+pub use escrow::GrantPolicy;
+
+use crate::domain::{Hold, HoldId, Job, Lines, PoolId, TakeOutcome, TenantId};
+use crate::error::Error;
+use crate::store::HoldReply;
+use crate::store::postgres::{PgStore, PgTake};
+use crate::store::redis::{CustomerLimit, RedisStore};
+use crate::telemetry::metric;
+
+/// How many times a take is retried after granting missing pools. One
+/// grant settles a pool, so a second "need grant" means a concurrent reload.
+const GRANT_ATTEMPTS: usize = 3;
+
+/// A pool's counts across Redis and Postgres.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolView {
+    /// The pool.
+    pub pool: PoolId,
+    /// Capacity (lowered to the pool's ceiling, if it has one); `None` when
+    /// unlimited.
+    pub capacity: Option<i64>,
+    /// Units sold, on either path.
+    pub sold: i64,
+    /// Units in active holds.
+    pub held: i64,
+    /// Units in doubt after a store failure.
+    pub in_doubt: i64,
+    /// Units that can be taken now (0 when unlimited).
+    pub available: i64,
+    /// Units currently delegated to Redis.
+    pub granted_to_redis: i64,
+    /// The epoch of that grant.
+    pub epoch: i64,
+    /// Available units at or below which a low-stock alert fires.
+    pub low_stock_threshold: Option<i64>,
+}
+
+/// A request to take units: a hold, or a claim when `ttl` is `None`.
+#[derive(Debug, Clone)]
+pub struct Take {
+    /// The hold or claim id.
+    pub id: HoldId,
+    /// The job taking.
+    pub job: Job,
+    /// What to take.
+    pub lines: Lines,
+    /// How long to hold; `None` to sell at once (a claim).
+    pub ttl: Option<Duration>,
+    /// The customer's limit, if the pool's owner set one.
+    pub customer: Option<CustomerLimit>,
+    /// The caller's reference (cart, session).
+    pub reference: String,
+}
+
+/// The engine. Cheap to share behind an `Arc`.
+pub struct Engine {
+    redis: RedisStore,
+    pg: PgStore,
+    /// Serialises grants, so that a pool being loaded is never mistaken for
+    /// a pool that Redis lost.
+    grant_lock: Mutex<()>,
+    circuit: Circuit,
+    policy: GrantPolicy,
+    max_extensions: u32,
+}
+
+impl Engine {
+    /// An engine over the two stores.
+    pub fn new(redis: RedisStore, pg: PgStore, policy: GrantPolicy, max_extensions: u32) -> Self {
+        metrics::gauge!(metric::CIRCUIT_OPEN).set(0.0);
+        Self {
+            redis,
+            pg,
+            grant_lock: Mutex::new(()),
+            circuit: Circuit::default(),
+            policy,
+            max_extensions,
+        }
+    }
+
+    /// The Redis store.
+    pub fn redis(&self) -> &RedisStore {
+        &self.redis
+    }
+
+    /// The Postgres store.
+    pub fn pg(&self) -> &PgStore {
+        &self.pg
+    }
+
+    /// The circuit in front of Redis.
+    pub fn circuit(&self) -> &Circuit {
+        &self.circuit
+    }
+
+    /// Takes units: holds them for `ttl`, or sells them at once when `ttl` is
+    /// `None`. All-or-nothing across the lines; business refusals are
+    /// outcomes, not errors. Served by Redis, or by the Postgres fallback
+    /// while Redis fails.
+    pub async fn take(&self, tenant: &TenantId, take: &Take) -> Result<TakeOutcome, Error> {
+        if self.circuit.closed() {
+            match self.take_redis(tenant, take).await {
+                Err(Error::RedisUnavailable(why)) => {
+                    // The call may or may not have run in Redis; if it did, the
+                    // drainer finds the twin and keeps one.
+                    tracing::warn!(%tenant, id = %take.id, error = %why, "redis failed; taking from the fallback");
+                    self.circuit.failure();
+                }
+                other => return other,
+            }
+        }
+        self.take_pg(tenant, take).await
+    }
+
+    async fn take_redis(&self, tenant: &TenantId, take: &Take) -> Result<TakeOutcome, Error> {
+        for _ in 0..GRANT_ATTEMPTS {
+            let reply = match take.ttl {
+                Some(ttl) => {
+                    self.redis
+                        .reserve(
+                            tenant,
+                            &take.id,
+                            take.job,
+                            ttl,
+                            &take.lines,
+                            take.customer.as_ref(),
+                            &take.reference,
+                        )
+                        .await?
+                }
+                None => {
+                    self.redis
+                        .claim(
+                            tenant,
+                            &take.id,
+                            take.job,
+                            &take.lines,
+                            take.customer.as_ref(),
+                        )
+                        .await?
+                }
+            };
+            self.circuit.success();
+            if let HoldReply::NeedGrant(pools) = &reply {
+                let needed: Vec<(PoolId, i64)> = take
+                    .lines
+                    .as_slice()
+                    .iter()
+                    .filter(|l| pools.contains(&l.pool))
+                    .map(|l| (l.pool.clone(), l.quantity.get()))
+                    .collect();
+                self.grant(tenant, &needed).await?;
+                continue;
+            }
+            let outcome = outcome(take, reply)?;
+            metrics::counter!(metric::SERVED_BY, "path" => "redis").increment(1);
+            return Ok(outcome);
+        }
+        Err(Error::Unavailable(
+            "pools kept changing while being loaded; retry with the same id".into(),
+        ))
+    }
+
+    async fn take_pg(&self, tenant: &TenantId, take: &Take) -> Result<TakeOutcome, Error> {
+        if take.customer.is_some() {
+            return Err(Error::Unavailable(
+                "this sale limits units per customer, which only the fast path can enforce; retry with the same id shortly".into(),
+            ));
+        }
+        let t = PgTake {
+            id: &take.id,
+            job: take.job,
+            lines: &take.lines,
+            ttl: take.ttl,
+            reference: &take.reference,
+        };
+        let reply = self.pg.fallback_take(tenant, &t).await?;
+        let outcome = outcome(take, reply)?;
+        metrics::counter!(metric::SERVED_BY, "path" => "postgres").increment(1);
+        Ok(outcome)
+    }
+
+    /// Runs a call about an existing hold where the hold lives: Redis first
+    /// (and the fallback when Redis does not have it: a hold made during an
+    /// outage), or only the fallback while the circuit is open, in which
+    /// case a hold the fallback does not have may be in Redis: UNAVAILABLE,
+    /// retry with the same id.
+    async fn on_hold(
+        &self,
+        id: &HoldId,
+        redis: impl Future<Output = Result<HoldReply, Error>>,
+        pg: impl Future<Output = Result<HoldReply, Error>>,
+    ) -> Result<Hold, Error> {
+        if self.circuit.closed() {
+            match redis.await {
+                Ok(HoldReply::NoHold) => {
+                    self.circuit.success();
+                    return settle(id, pg.await?);
+                }
+                Err(Error::RedisUnavailable(why)) => {
+                    tracing::warn!(hold = %id, error = %why, "redis failed; looking in the fallback");
+                    self.circuit.failure();
+                }
+                Ok(reply) => {
+                    self.circuit.success();
+                    return settle(id, reply);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match pg.await? {
+            HoldReply::NoHold => Err(Error::Unavailable(format!(
+                "hold {id} is not in the fallback and Redis is unreachable; retry with the same id"
+            ))),
+            reply => settle(id, reply),
+        }
+    }
+
+    /// Sells an active hold's units, once. With an order id, a hold already
+    /// consumed by a different order is refused.
+    pub async fn commit(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        order_id: &str,
+    ) -> Result<Hold, Error> {
+        let hold = self
+            .on_hold(
+                id,
+                self.redis.commit(tenant, id, job, order_id),
+                self.pg.fallback_commit(tenant, id, job, order_id),
+            )
+            .await?;
+        metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "committed")
+            .increment(1);
+        Ok(hold)
+    }
+
+    /// Gives an active hold's units back. Idempotent; a committed hold is
+    /// refused.
+    pub async fn release(&self, tenant: &TenantId, id: &HoldId, job: Job) -> Result<Hold, Error> {
+        let hold = self
+            .on_hold(
+                id,
+                self.redis.release(tenant, id, job),
+                self.pg.fallback_release(tenant, id, job),
+            )
+            .await?;
+        metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "released")
+            .increment(1);
+        Ok(hold)
+    }
+
+    /// Moves an active hold's expiry to `ttl` from now, within the server's
+    /// extension budget.
+    pub async fn extend(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        ttl: Duration,
+        extension_id: &str,
+    ) -> Result<Hold, Error> {
+        self.extend_within(tenant, id, job, ttl, extension_id, self.max_extensions)
+            .await
+    }
+
+    /// [`Engine::extend`] with this call's own extension budget, for jobs
+    /// whose holds may be refreshed any number of times (sale locks).
+    pub async fn extend_within(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        ttl: Duration,
+        extension_id: &str,
+        max: u32,
+    ) -> Result<Hold, Error> {
+        self.on_hold(
+            id,
+            self.redis.extend(tenant, id, job, ttl, max, extension_id),
+            self.pg
+                .fallback_extend(tenant, id, job, ttl, max, extension_id),
+        )
+        .await
+    }
+
+    /// Reads a hold.
+    pub async fn get_hold(&self, tenant: &TenantId, id: &HoldId, job: Job) -> Result<Hold, Error> {
+        self.on_hold(
+            id,
+            self.redis.get_hold(tenant, id, job),
+            self.pg.fallback_get(tenant, id, job),
+        )
+        .await
+    }
+}
+
+/// Turns a store's answer to a take into the outcome.
+fn outcome(take: &Take, reply: HoldReply) -> Result<TakeOutcome, Error> {
+    let outcome = match reply {
+        HoldReply::Hold(hold) => TakeOutcome::Taken(hold),
+        HoldReply::Short(short) => TakeOutcome::SoldOut(short),
+        HoldReply::NotActive(pool) => TakeOutcome::NotActive(pool),
+        HoldReply::CustomerLimit(used) => TakeOutcome::CustomerLimit(used),
+        HoldReply::IdReused => {
+            return Err(Error::AlreadyExists(format!(
+                "id {} was already used for a different request; use a new id",
+                take.id
+            )));
+        }
+        other => {
+            return Err(Error::internal(format!(
+                "unexpected reply to a take: {other:?}"
+            )));
+        }
+    };
+    record_outcome(take, &outcome);
+    Ok(outcome)
+}
+
+/// Counts engine outcomes for the metrics.
+fn record_outcome(take: &Take, outcome: &TakeOutcome) {
+    let name = match (outcome, take.ttl) {
+        (TakeOutcome::Taken(_), None) => "claimed",
+        (TakeOutcome::Taken(_), Some(_)) => "reserved",
+        (TakeOutcome::SoldOut(_), _) => "sold_out",
+        (TakeOutcome::NotActive(_), _) => "not_active",
+        (TakeOutcome::CustomerLimit(_), _) => "customer_limit",
+    };
+    metrics::counter!(metric::ENGINE_OUTCOMES, "job" => take.job.as_str(), "outcome" => name)
+        .increment(1);
+}
+
+/// Turns a reply about an existing hold into the hold, or the error that
+/// says why the call does not fit the hold's life.
+fn settle(id: &HoldId, reply: HoldReply) -> Result<Hold, Error> {
+    match reply {
+        HoldReply::Hold(hold) => Ok(hold),
+        HoldReply::NoHold => Err(Error::NotFound(format!("hold {id}"))),
+        HoldReply::NotActiveHold(hold) => Err(Error::FailedPrecondition(format!(
+            "hold {id} is {}; only an active hold can change",
+            state_word(&hold)
+        ))),
+        HoldReply::OrderMismatch(hold) => Err(Error::FailedPrecondition(format!(
+            "hold {id} was already consumed by order {}",
+            hold.order_id
+        ))),
+        HoldReply::Committed(_) => Err(Error::FailedPrecondition(format!(
+            "hold {id} is committed; it cannot be released"
+        ))),
+        HoldReply::ExtendLimit(hold) => Err(Error::FailedPrecondition(format!(
+            "hold {id} was already extended {} time(s), the most allowed",
+            hold.extensions
+        ))),
+        HoldReply::StaleEpoch(pool) => Err(Error::FailedPrecondition(format!(
+            "hold {id} was made before pool {pool} was reloaded after a Redis failure; its units are in doubt"
+        ))),
+        other => Err(Error::internal(format!(
+            "unexpected reply about hold {id}: {other:?}"
+        ))),
+    }
+}
+
+fn state_word(hold: &Hold) -> &'static str {
+    use crate::domain::HoldState::*;
+    match hold.state {
+        Active => "active",
+        Committed => "committed",
+        Released => "released",
+        Expired => "expired",
+    }
+}

@@ -1,0 +1,65 @@
+//! The Redis watch: while the circuit is open, probes Redis and closes the
+//! circuit when it answers; every round it checks the marker key that tells
+//! whether Redis came back empty (or was replaced), and if so checks every
+//! pool's grant, so lost grants are counted in doubt at once rather than
+//! when a pool is next used. It also keeps the in-doubt gauge current.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::engine::Engine;
+use crate::telemetry::metric;
+
+/// How often Redis is probed.
+const INTERVAL: Duration = Duration::from_millis(200);
+/// How often the in-doubt gauge is refreshed from Postgres.
+const GAUGE_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs until `stop` turns true.
+pub async fn run(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gauge_at = Instant::now() - GAUGE_EVERY;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
+        match engine.redis().check_marker().await {
+            Ok(kept) => {
+                if !kept {
+                    match engine.recover_pools().await {
+                        Ok(n) => tracing::info!(
+                            pools = n,
+                            "Redis has no marker (new or emptied): checked every pool's grant"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot check pools after Redis came back empty; will retry");
+                            // Retry next round: drop the marker we just set.
+                            let _ = engine.redis().clear_marker().await;
+                            continue;
+                        }
+                    }
+                }
+                engine.circuit().close();
+            }
+            Err(e) => {
+                if engine.circuit().closed() {
+                    tracing::warn!(error = %e, "Redis probe failed");
+                }
+                engine.circuit().failure();
+            }
+        }
+        if gauge_at.elapsed() >= GAUGE_EVERY {
+            gauge_at = Instant::now();
+            if let Ok(n) = engine.pg().total_in_doubt().await {
+                metrics::gauge!(metric::IN_DOUBT_UNITS).set(n as f64);
+            }
+        }
+    }
+}

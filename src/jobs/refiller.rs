@@ -1,0 +1,41 @@
+//! The refiller: grants Redis another chunk of each pool a script flagged
+//! as running low, ahead of need, so takes rarely wait for a grant.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::Tenants;
+use crate::engine::Engine;
+
+/// How often flagged pools are looked at.
+const INTERVAL: Duration = Duration::from_millis(50);
+
+/// Runs until `stop` turns true.
+pub async fn run(engine: Arc<Engine>, tenants: Arc<Tenants>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => break,
+        }
+        if *stop.borrow() || !engine.circuit().closed() {
+            continue;
+        }
+        for tenant in tenants.list().await {
+            let pools = match engine.redis().pop_refills(&tenant, 100).await {
+                Ok(p) if p.is_empty() => continue,
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(%tenant, error = %e, "cannot read refill flags");
+                    continue;
+                }
+            };
+            if let Err(e) = engine.sync(&tenant, &pools).await {
+                tracing::warn!(%tenant, error = %e, "refill failed; the next take that runs dry asks again");
+            }
+        }
+    }
+}

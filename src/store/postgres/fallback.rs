@@ -1,0 +1,586 @@
+//! The Postgres fallback (ESCROW.md): while Redis is unreachable, holds are
+//! taken here, from the share of each pool that was never delegated to
+//! Redis, with conditional UPDATEs that re-check the escrow invariant on the
+//! pool's own row. Each operation is one transaction that also writes its
+//! audit row, so the fallback's events need no drainer.
+//!
+//! Every operation on a hold id first takes a transaction-scoped advisory
+//! lock on (tenant, hold id); the drainer takes the same lock when it
+//! records a Redis event, so a hold that reached both stores (a retried
+//! in-doubt call) is always noticed by one side or the other.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction};
+
+use super::PgStore;
+use super::listings::record_lock_sale;
+use crate::domain::{CardId, Hold, HoldId, HoldState, Job, Lines, PoolId, Shortage, TenantId};
+use crate::error::Error;
+use crate::store::HoldReply;
+
+/// A take for the fallback.
+#[derive(Debug, Clone)]
+pub struct PgTake<'a> {
+    /// The hold or claim id.
+    pub id: &'a HoldId,
+    /// The job.
+    pub job: Job,
+    /// The lines.
+    pub lines: &'a Lines,
+    /// How long to hold; `None` sells at once.
+    pub ttl: Option<Duration>,
+    /// The caller's reference.
+    pub reference: &'a str,
+}
+
+#[derive(sqlx::FromRow)]
+struct HoldRow {
+    hold_id: String,
+    job: String,
+    state: String,
+    request: String,
+    lines: serde_json::Value,
+    expires_at: DateTime<Utc>,
+    extensions: i32,
+    extension_id: String,
+    reference: String,
+    order_id: String,
+    created_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+const HOLD_COLUMNS: &str = "hold_id, job, state::text AS state, request, lines, expires_at, extensions, extension_id, reference, order_id, created_at, finished_at";
+
+fn lines_of(v: &serde_json::Value) -> Vec<(String, i64)> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| {
+                    Some((l.get("pool")?.as_str()?.to_owned(), l.get("qty")?.as_i64()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl HoldRow {
+    fn hold(&self) -> Hold {
+        Hold {
+            id: HoldId::from_store(self.hold_id.clone()),
+            state: match self.state.as_str() {
+                "A" => HoldState::Active,
+                "C" => HoldState::Committed,
+                "R" => HoldState::Released,
+                _ => HoldState::Expired,
+            },
+            job: self.job.clone(),
+            lines: lines_of(&self.lines)
+                .into_iter()
+                .map(|(p, q)| (PoolId::from_store(p), q))
+                .collect(),
+            expires_at_ms: self.expires_at.timestamp_millis(),
+            extensions: u32::try_from(self.extensions).unwrap_or(0),
+            reference: self.reference.clone(),
+            order_id: self.order_id.clone(),
+            created_at_ms: self.created_at.timestamp_millis(),
+            finished_at_ms: self.finished_at.map_or(0, |t| t.timestamp_millis()),
+            // The fencing counter lives in Redis; a hold made while Redis
+            // is down has no token (0), which fenced systems treat as unfenced.
+            fence: 0,
+        }
+    }
+}
+
+fn fingerprint(t: &PgTake<'_>) -> String {
+    let lines: Vec<String> = t
+        .lines
+        .as_slice()
+        .iter()
+        .map(|l| format!("{}={}", l.pool, l.quantity.get()))
+        .collect();
+    format!(
+        "{}|{}|{}",
+        lines.join(","),
+        t.job.as_str(),
+        if t.ttl.is_some() { "hold" } else { "claim" }
+    )
+}
+
+async fn lock_id(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    id: &str,
+) -> Result<(), Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 7))")
+        .bind(tenant.as_str())
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Appends the fallback's own audit row.
+async fn audit(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    kind: &str,
+    row: &HoldRow,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO audit_log (tenant, event_id, kind, job, hold_id, lines, reference, order_id, at)
+         VALUES ($1, 'f' || nextval('fallback_event_ids'), $2, $3, $4, $5, $6, $7, now())",
+    )
+    .bind(tenant.as_str())
+    .bind(kind)
+    .bind(&row.job)
+    .bind(&row.hold_id)
+    .bind(&row.lines)
+    .bind(&row.reference)
+    .bind(&row.order_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Gives a fallback hold's units back to its pools (`sold`: it was committed).
+async fn give_back(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    lines: &serde_json::Value,
+    sold: bool,
+) -> Result<(), Error> {
+    let column = if sold { "sold_pg" } else { "held_pg" };
+    for (pool, qty) in lines_of(lines) {
+        sqlx::query(&format!(
+            "UPDATE pools SET {column} = {column} - $3 WHERE tenant = $1 AND pool_id = $2"
+        ))
+        .bind(tenant.as_str())
+        .bind(pool)
+        .bind(qty)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn find(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    id: &str,
+) -> Result<Option<HoldRow>, Error> {
+    Ok(sqlx::query_as::<_, HoldRow>(&format!(
+        "SELECT {HOLD_COLUMNS} FROM pg_holds WHERE tenant = $1 AND hold_id = $2 FOR UPDATE"
+    ))
+    .bind(tenant.as_str())
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// Ends the tenant's due fallback holds as expired (Postgres's clock), so
+/// no take ever counts them. Returns how many.
+async fn expire_due(tx: &mut Transaction<'_, Postgres>, tenant: &TenantId) -> Result<usize, Error> {
+    let due = sqlx::query_as::<_, HoldRow>(&format!(
+        "UPDATE pg_holds SET state = 'E', finished_at = now()
+         WHERE tenant = $1 AND state = 'A' AND expires_at <= now()
+         RETURNING {HOLD_COLUMNS}"
+    ))
+    .bind(tenant.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &due {
+        give_back(tx, tenant, &row.lines, false).await?;
+        audit(tx, tenant, "expired", row).await?;
+    }
+    Ok(due.len())
+}
+
+impl PgStore {
+    /// Takes units on the fallback path: holds them for `ttl`, or sells them
+    /// at once. Answers like the Redis scripts.
+    pub async fn fallback_take(
+        &self,
+        tenant: &TenantId,
+        t: &PgTake<'_>,
+    ) -> Result<HoldReply, Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_id(&mut tx, tenant, t.id.as_str()).await?;
+        if let Some(row) = find(&mut tx, tenant, t.id.as_str()).await? {
+            tx.rollback().await?;
+            if row.state == "D" {
+                return Err(Error::Unavailable(format!(
+                    "id {} was served by the fast path; retry when Redis is back",
+                    t.id
+                )));
+            }
+            return Ok(if row.request == fingerprint(t) {
+                HoldReply::Hold(row.hold())
+            } else {
+                HoldReply::IdReused
+            });
+        }
+        // An id Redis already served (and the drainer recorded) must not be
+        // taken twice: the client is retrying a call that succeeded.
+        let seen: Option<(i32,)> = sqlx::query_as(
+            "SELECT 1 FROM audit_log WHERE tenant = $1 AND hold_id = $2 AND kind IN ('reserved', 'claimed') AND event_id NOT LIKE 'f%' LIMIT 1",
+        )
+        .bind(tenant.as_str())
+        .bind(t.id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if seen.is_some() {
+            return Err(Error::Unavailable(format!(
+                "id {} was served by the fast path; retry when Redis is back",
+                t.id
+            )));
+        }
+        expire_due(&mut tx, tenant).await?;
+
+        // Lock the pools in a fixed order, then check every rule before any write.
+        let mut pools: Vec<&str> = t.lines.as_slice().iter().map(|l| l.pool.as_str()).collect();
+        pools.sort_unstable();
+        let rows: Vec<(String, Option<i64>, i64, bool)> = sqlx::query_as(
+            "SELECT pool_id,
+                    CASE WHEN capacity IS NULL THEN NULL ELSE
+                      LEAST(capacity, COALESCE(ceiling, capacity)) - sold_pg - held_pg - sold_prior - in_doubt - (granted - returned) END,
+                    0::bigint,
+                    (starts_at IS NULL OR now() >= starts_at) AND (ends_at IS NULL OR now() < ends_at)
+             FROM pools WHERE tenant = $1 AND pool_id = ANY($2) ORDER BY pool_id FOR UPDATE",
+        )
+        .bind(tenant.as_str())
+        .bind(&pools)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut short = Vec::new();
+        for l in t.lines.as_slice() {
+            let Some((_, free, _, open)) = rows.iter().find(|r| r.0 == l.pool.as_str()) else {
+                return Err(Error::NotFound(format!("pool {}", l.pool)));
+            };
+            if !open {
+                return Ok(HoldReply::NotActive(l.pool.clone()));
+            }
+            if let Some(free) = free
+                && *free < l.quantity.get()
+            {
+                short.push(Shortage {
+                    pool: l.pool.clone(),
+                    requested: l.quantity.get(),
+                    available: (*free).max(0),
+                });
+            }
+        }
+        if !short.is_empty() {
+            return Ok(HoldReply::Short(short));
+        }
+        let column = if t.ttl.is_some() {
+            "held_pg"
+        } else {
+            "sold_pg"
+        };
+        for l in t.lines.as_slice() {
+            // The guard re-checks the invariant on the row itself.
+            let done = sqlx::query(&format!(
+                "UPDATE pools SET {column} = {column} + $3
+                 WHERE tenant = $1 AND pool_id = $2
+                   AND (capacity IS NULL OR
+                        LEAST(capacity, COALESCE(ceiling, capacity)) - sold_pg - held_pg - sold_prior - in_doubt - (granted - returned) >= $3)"
+            ))
+            .bind(tenant.as_str())
+            .bind(l.pool.as_str())
+            .bind(l.quantity.get())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done != 1 {
+                return Err(Error::internal(format!(
+                    "fallback guard refused {} after its check",
+                    l.pool
+                )));
+            }
+        }
+        let lines: serde_json::Value = t
+            .lines
+            .as_slice()
+            .iter()
+            .map(|l| serde_json::json!({ "pool": l.pool.as_str(), "qty": l.quantity.get(), "epoch": 0 }))
+            .collect();
+        let ttl_ms = t
+            .ttl
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let row = sqlx::query_as::<_, HoldRow>(&format!(
+            "INSERT INTO pg_holds (tenant, hold_id, job, state, request, lines, expires_at, reference, finished_at)
+             VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7::double precision / 1000), $8,
+                     CASE WHEN $4 = 'C' THEN now() END)
+             RETURNING {HOLD_COLUMNS}"
+        ))
+        .bind(tenant.as_str())
+        .bind(t.id.as_str())
+        .bind(t.job.as_str())
+        .bind(if t.ttl.is_some() { "A" } else { "C" })
+        .bind(fingerprint(t))
+        .bind(&lines)
+        .bind(ttl_ms)
+        .bind(t.reference)
+        .fetch_one(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            tenant,
+            if t.ttl.is_some() {
+                "reserved"
+            } else {
+                "claimed"
+            },
+            &row,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(HoldReply::Hold(row.hold()))
+    }
+
+    /// Commits a fallback hold; `NoHold` when the fallback never had it.
+    pub async fn fallback_commit(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        order_id: &str,
+    ) -> Result<HoldReply, Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_id(&mut tx, tenant, id.as_str()).await?;
+        expire_due(&mut tx, tenant).await?;
+        let Some(row) = find(&mut tx, tenant, id.as_str())
+            .await?
+            .filter(|r| r.job == job.as_str() && r.state != "D")
+        else {
+            return Ok(HoldReply::NoHold);
+        };
+        match row.state.as_str() {
+            "C" if !order_id.is_empty() && !row.order_id.is_empty() && row.order_id != order_id => {
+                Ok(HoldReply::OrderMismatch(row.hold()))
+            }
+            "C" => Ok(HoldReply::Hold(row.hold())),
+            "A" => {
+                for (pool, qty) in lines_of(&row.lines) {
+                    sqlx::query("UPDATE pools SET held_pg = held_pg - $3, sold_pg = sold_pg + $3 WHERE tenant = $1 AND pool_id = $2")
+                        .bind(tenant.as_str())
+                        .bind(pool)
+                        .bind(qty)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let row = sqlx::query_as::<_, HoldRow>(&format!(
+                    "UPDATE pg_holds SET state = 'C', order_id = $3, finished_at = now() WHERE tenant = $1 AND hold_id = $2 RETURNING {HOLD_COLUMNS}"
+                ))
+                .bind(tenant.as_str())
+                .bind(id.as_str())
+                .bind(order_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                audit(&mut tx, tenant, "committed", &row).await?;
+                if job == Job::Lock {
+                    // A sale lock completed here sells its cards in this
+                    // transaction, as the drainer does for Redis's commits.
+                    let cards: Vec<CardId> = lines_of(&row.lines)
+                        .iter()
+                        .filter_map(|(pool, _)| CardId::of_pool(pool))
+                        .collect();
+                    record_lock_sale(
+                        &mut tx,
+                        tenant,
+                        &row.reference,
+                        id.as_str(),
+                        &cards,
+                        Utc::now(),
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(HoldReply::Hold(row.hold()))
+            }
+            _ => {
+                tx.commit().await?;
+                Ok(HoldReply::NotActiveHold(row.hold()))
+            }
+        }
+    }
+
+    /// Releases a fallback hold; `NoHold` when the fallback never had it.
+    pub async fn fallback_release(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+    ) -> Result<HoldReply, Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_id(&mut tx, tenant, id.as_str()).await?;
+        expire_due(&mut tx, tenant).await?;
+        let Some(row) = find(&mut tx, tenant, id.as_str())
+            .await?
+            .filter(|r| r.job == job.as_str() && r.state != "D")
+        else {
+            return Ok(HoldReply::NoHold);
+        };
+        match row.state.as_str() {
+            "C" => Ok(HoldReply::Committed(row.hold())),
+            "A" => {
+                give_back(&mut tx, tenant, &row.lines, false).await?;
+                let row = sqlx::query_as::<_, HoldRow>(&format!(
+                    "UPDATE pg_holds SET state = 'R', finished_at = now() WHERE tenant = $1 AND hold_id = $2 RETURNING {HOLD_COLUMNS}"
+                ))
+                .bind(tenant.as_str())
+                .bind(id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+                audit(&mut tx, tenant, "released", &row).await?;
+                tx.commit().await?;
+                Ok(HoldReply::Hold(row.hold()))
+            }
+            _ => {
+                tx.commit().await?;
+                Ok(HoldReply::Hold(row.hold()))
+            }
+        }
+    }
+
+    /// Extends a fallback hold; `NoHold` when the fallback never had it.
+    pub async fn fallback_extend(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        ttl: Duration,
+        max_extensions: u32,
+        extension_id: &str,
+    ) -> Result<HoldReply, Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_id(&mut tx, tenant, id.as_str()).await?;
+        expire_due(&mut tx, tenant).await?;
+        let Some(row) = find(&mut tx, tenant, id.as_str())
+            .await?
+            .filter(|r| r.job == job.as_str() && r.state != "D")
+        else {
+            return Ok(HoldReply::NoHold);
+        };
+        if !extension_id.is_empty() && row.extension_id == extension_id {
+            return Ok(HoldReply::Hold(row.hold()));
+        }
+        if row.state != "A" {
+            tx.commit().await?;
+            return Ok(HoldReply::NotActiveHold(row.hold()));
+        }
+        if u32::try_from(row.extensions).unwrap_or(u32::MAX) >= max_extensions {
+            return Ok(HoldReply::ExtendLimit(row.hold()));
+        }
+        let row = sqlx::query_as::<_, HoldRow>(&format!(
+            "UPDATE pg_holds SET expires_at = GREATEST(expires_at, now() + make_interval(secs => $3::double precision / 1000)),
+                    extensions = extensions + 1, extension_id = $4
+             WHERE tenant = $1 AND hold_id = $2 RETURNING {HOLD_COLUMNS}"
+        ))
+        .bind(tenant.as_str())
+        .bind(id.as_str())
+        .bind(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+        .bind(extension_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        audit(&mut tx, tenant, "extended", &row).await?;
+        tx.commit().await?;
+        Ok(HoldReply::Hold(row.hold()))
+    }
+
+    /// Reads a fallback hold (expiring it first if due).
+    pub async fn fallback_get(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+    ) -> Result<HoldReply, Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_id(&mut tx, tenant, id.as_str()).await?;
+        expire_due(&mut tx, tenant).await?;
+        let row = find(&mut tx, tenant, id.as_str())
+            .await?
+            .filter(|r| r.job == job.as_str() && r.state != "D");
+        tx.commit().await?;
+        Ok(row.map_or(HoldReply::NoHold, |r| HoldReply::Hold(r.hold())))
+    }
+
+    /// The sweeper's pass over the fallback: ends due holds. Returns how
+    /// many.
+    pub async fn fallback_sweep(&self, tenant: &TenantId) -> Result<usize, Error> {
+        let mut tx = self.pool.begin().await?;
+        let n = expire_due(&mut tx, tenant).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+}
+
+/// What the drainer must do about a fallback twin of a hold Redis also has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Twin {
+    /// None, or nothing to do.
+    None,
+    /// The fallback twin was active and was undone; Redis's stands.
+    Undone,
+    /// The fallback twin was committed (with this order id): Redis's twin
+    /// must be committed too before the fallback one is undone.
+    Committed(String),
+    /// The fallback twin was released or expired: Redis's twin should be
+    /// released.
+    Ended,
+}
+
+impl PgStore {
+    /// Called by the drainer, inside its transaction, for a Redis
+    /// `reserved` or `claimed` event: finds a fallback twin of the same id
+    /// and undoes it when Redis's twin is at least as far along.
+    pub(super) async fn settle_twin(
+        tx: &mut Transaction<'_, Postgres>,
+        tenant: &TenantId,
+        hold_id: &str,
+        redis_sold: bool,
+    ) -> Result<Twin, Error> {
+        lock_id(tx, tenant, hold_id).await?;
+        let Some(row) = find(tx, tenant, hold_id).await? else {
+            return Ok(Twin::None);
+        };
+        let undo = match (row.state.as_str(), redis_sold) {
+            ("A", _) => Some(false),
+            ("C", true) => Some(true),
+            ("C", false) => return Ok(Twin::Committed(row.order_id.clone())),
+            ("R" | "E", false) => return Ok(Twin::Ended),
+            _ => None,
+        };
+        let Some(sold) = undo else {
+            return Ok(Twin::None);
+        };
+        give_back(tx, tenant, &row.lines, sold).await?;
+        sqlx::query("UPDATE pg_holds SET state = 'D', finished_at = now() WHERE tenant = $1 AND hold_id = $2")
+            .bind(tenant.as_str())
+            .bind(hold_id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(Twin::Undone)
+    }
+
+    /// Undoes a committed fallback twin once Redis's twin is committed.
+    pub async fn undo_committed_twin(&self, tenant: &TenantId, hold_id: &str) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_id(&mut tx, tenant, hold_id).await?;
+        if let Some(row) = find(&mut tx, tenant, hold_id)
+            .await?
+            .filter(|r| r.state == "C")
+        {
+            give_back(&mut tx, tenant, &row.lines, true).await?;
+            sqlx::query("UPDATE pg_holds SET state = 'D', finished_at = now() WHERE tenant = $1 AND hold_id = $2")
+                .bind(tenant.as_str())
+                .bind(hold_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
