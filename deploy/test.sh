@@ -38,5 +38,9 @@ export HOLDFAST_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 export HOLDFAST_TEST_DATABASE_URL="postgres://holdfast@127.0.0.1:$PG_PORT/holdfast"
 export PATH="$ROOT/target/debug:$PATH"
 
+# Show what tests print (the fault suite's per-scenario lines and its
+# closing `faults: ...` summary).
+export RUST_TEST_NOCAPTURE=1
+
 log "cargo test"
 cargo test --manifest-path "$ROOT/Cargo.toml" --quiet "$@"

@@ -173,7 +173,7 @@ impl Postgres {
         std::fs::create_dir_all(&p.dir).unwrap();
         let _ = Command::new("chown").arg("postgres").arg(&p.dir).output();
         let d = p.dir.to_str().unwrap();
-        run(&mut as_pg(&[
+        run(as_pg(&[
             pg_bin("initdb").to_str().unwrap(),
             "-D",
             d,
@@ -205,7 +205,7 @@ impl Postgres {
             self.port
         );
         let log = format!("{d}/log");
-        run(&mut as_pg(&[
+        run(as_pg(&[
             pg_bin("pg_ctl").to_str().unwrap(),
             "-D",
             d,
@@ -221,7 +221,7 @@ impl Postgres {
 
     pub fn stop(&self) {
         let d = self.dir.to_str().unwrap();
-        run(&mut as_pg(&[
+        run(as_pg(&[
             pg_bin("pg_ctl").to_str().unwrap(),
             "-D",
             d,
@@ -330,7 +330,10 @@ async fn pump(
         } = net
         {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            if counter.fetch_add(1, Ordering::Relaxed) % reset_one_in == 0 {
+            if counter
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(reset_one_in)
+            {
                 break;
             }
         }
