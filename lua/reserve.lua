@@ -10,12 +10,13 @@
 --       7 customer key suffix ("cust:<scope>:<customer>") or ""
 --       8 customer limit (ignored when 7 is "")
 --       9 reference (cart, session) or ""
+--       10 most active holds the tenant may have (a memory bound)
 -- Returns the hold view (lib.lua hold_view) when held, or a repeat of the
 --       first answer; otherwise one of NEED_GRANT, NOT_ACTIVE, SHORT,
---       CUSTOMER_LIMIT, ID_REUSED (lib.lua).
+--       CUSTOMER_LIMIT, ID_REUSED (lib.lua), or { 'TOO_MANY_HOLDS', n }.
 
 local hold_id, job, ttl, lines_arg = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-local ck, limit, ref = ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local ck, limit, ref, max_active = ARGV[7], tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
 local hk = P .. 'hold:' .. hold_id
 local rq = lines_arg .. '|' .. ck .. '|' .. job
 
@@ -28,6 +29,10 @@ local lines = cjson.decode(lines_arg)
 local stop = admit(hk, rq, lines, now, ck, limit)
 if stop then
   return stop
+end
+local active = redis.call('ZCARD', P .. 'exp')
+if active >= max_active then
+  return { 'TOO_MANY_HOLDS', tostring(active) }
 end
 
 -- 3. Take the units; the pool remembers its latest holder (which names the

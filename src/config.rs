@@ -154,6 +154,20 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_MAX_QUANTITY", default_value_t = 1_000_000)]
     pub max_quantity: i64,
 
+    /// Most active holds one tenant may have at once (a memory bound);
+    /// more are refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "HOLDFAST_MAX_ACTIVE_HOLDS_PER_TENANT",
+        default_value_t = 1_000_000
+    )]
+    pub max_active_holds_per_tenant: u64,
+
+    /// Largest request message, bytes; larger ones are refused by the gRPC
+    /// layer with OUT_OF_RANGE before they are parsed (a memory bound).
+    #[arg(long, env = "HOLDFAST_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
+    pub max_request_bytes: usize,
+
     /// How long finished holds and claims are remembered, so that a retry
     /// with the same id returns the first answer, seconds.
     #[arg(long, env = "HOLDFAST_RETENTION_SECS", default_value_t = 86_400)]

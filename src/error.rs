@@ -30,6 +30,9 @@ pub enum Error {
     /// twice, commit a released hold...); the message says why.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// RESOURCE_EXHAUSTED: a per-tenant bound was reached (active holds).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// UNAUTHENTICATED: no credential, or not a valid one.
     #[error("{0}")]
     Unauthenticated(String),
@@ -108,6 +111,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Status::not_found(msg),
             Error::AlreadyExists(_) => Status::already_exists(msg),
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
             Error::PermissionDenied(_) => Status::permission_denied(msg),
             Error::Unavailable(_) | Error::RedisUnavailable(_) => {

@@ -103,6 +103,7 @@ impl Application {
             timeouts,
         )
         .await?;
+        let redis = redis.with_max_active_holds(args.max_active_holds_per_tenant);
         warn_about_redis_settings(&redis).await;
 
         let engine = Arc::new(Engine::new(
@@ -259,17 +260,24 @@ impl Application {
             stop_rx,
         );
         let admin = AdminApi::new(engine.clone(), auth);
+        let max_request = self.args.max_request_bytes;
         let served = Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(FlashSaleServiceServer::new(flash))
-            .add_service(ReservationServiceServer::new(reservations))
-            .add_service(SlotServiceServer::new(slots))
-            .add_service(SaleLockServiceServer::new(sale_locks))
-            .add_service(ChannelServiceServer::new(channel_api))
-            .add_service(EventServiceServer::new(events))
-            .add_service(AdminServiceServer::new(admin))
+            .add_service(FlashSaleServiceServer::new(flash).max_decoding_message_size(max_request))
+            .add_service(
+                ReservationServiceServer::new(reservations).max_decoding_message_size(max_request),
+            )
+            .add_service(SlotServiceServer::new(slots).max_decoding_message_size(max_request))
+            .add_service(
+                SaleLockServiceServer::new(sale_locks).max_decoding_message_size(max_request),
+            )
+            .add_service(
+                ChannelServiceServer::new(channel_api).max_decoding_message_size(max_request),
+            )
+            .add_service(EventServiceServer::new(events).max_decoding_message_size(max_request))
+            .add_service(AdminServiceServer::new(admin).max_decoding_message_size(max_request))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal)
             .await;
 

@@ -330,6 +330,11 @@ fn outcome(take: &Take, reply: HoldReply) -> Result<TakeOutcome, Error> {
                 take.id
             )));
         }
+        HoldReply::TooManyHolds(n) => {
+            return Err(Error::ResourceExhausted(format!(
+                "this tenant has {n} active holds, its limit; commit or release some first"
+            )));
+        }
         other => {
             return Err(Error::internal(format!(
                 "unexpected reply to a take: {other:?}"

@@ -35,4 +35,6 @@ pub enum HoldReply {
     ExtendLimit(Hold),
     /// A pool of the hold was reloaded after Redis lost data.
     StaleEpoch(PoolId),
+    /// The tenant already has this many active holds, its limit.
+    TooManyHolds(i64),
 }

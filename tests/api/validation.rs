@@ -4,7 +4,7 @@
 use holdfast::grpc::pb::{self, ClaimLine};
 use tonic::Code;
 
-use crate::helpers::{TestApp, cart_hold, claim, lines_of, spawn_app};
+use crate::helpers::{TestApp, cart_hold, claim, lines_of, spawn_app, spawn_app_with};
 
 /// Runs a bad claim and checks its status, its message, and that neither
 /// the stock nor the audit log moved.
@@ -249,5 +249,70 @@ async fn invalid_argument_carries_a_bad_request_detail_naming_the_field() {
     let details = err.get_error_details();
     let bad = details.bad_request().expect("a BadRequest detail");
     assert_eq!(bad.field_violations[0].field, "lines[0].quantity");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_active_hold_cap_is_told_resource_exhausted() {
+    let app = spawn_app_with(|a| a.max_active_holds_per_tenant = 2).await;
+    app.live_sale("s", &[("p", Some(100))], 0).await;
+    for id in ["h1", "h2"] {
+        app.flash()
+            .create_cart_hold(cart_hold(id, "s", &[("p", 1)], 60))
+            .await
+            .unwrap();
+    }
+    let before = app.stock("s", "p").await;
+    let err = app
+        .flash()
+        .create_cart_hold(cart_hold("h3", "s", &[("p", 1)], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(err.message().contains("active holds"), "{}", err.message());
+    assert_eq!(
+        app.stock("s", "p").await,
+        before,
+        "the refusal took nothing"
+    );
+
+    // Finishing a hold frees its place under the cap.
+    app.flash()
+        .release_cart_hold(pb::ReleaseCartHoldRequest {
+            hold_id: "h1".into(),
+        })
+        .await
+        .unwrap();
+    app.flash()
+        .create_cart_hold(cart_hold("h3", "s", &[("p", 1)], 60))
+        .await
+        .expect("a place freed by release is usable");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_before_it_is_parsed() {
+    let app = spawn_app_with(|a| a.max_request_bytes = 4096).await;
+    app.live_sale("s", &[("p", Some(10))], 0).await;
+    let lines: Vec<(String, i64)> = (0..400).map(|i| (format!("product-{i:04}"), 1)).collect();
+    let refs: Vec<(&str, i64)> = lines.iter().map(|(p, q)| (p.as_str(), *q)).collect();
+    let before = (app.stock("s", "p").await, app.audit_count().await);
+    let err = app
+        .flash()
+        .claim(claim("big", "s", &refs))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert!(err.message().contains("4096"), "{}", err.message());
+    assert_eq!(
+        (app.stock("s", "p").await, app.audit_count().await),
+        before,
+        "an oversized request changed nothing"
+    );
+    // A normal request on the same connection still works.
+    app.flash()
+        .claim(claim("small", "s", &[("p", 1)]))
+        .await
+        .unwrap();
     app.shutdown().await;
 }

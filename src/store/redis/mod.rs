@@ -80,6 +80,7 @@ pub struct RedisStore {
     pool: deadpool_redis::Pool,
     keys: Keys,
     retention_ms: i64,
+    max_active_holds: u64,
 }
 
 impl RedisStore {
@@ -120,7 +121,15 @@ impl RedisStore {
             pool,
             keys: Keys::new(prefix),
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+            max_active_holds: u64::MAX >> 12,
         })
+    }
+
+    /// Bounds the active holds one tenant may have, so no tenant can
+    /// exhaust Redis's memory.
+    pub fn with_max_active_holds(mut self, n: u64) -> Self {
+        self.max_active_holds = n;
+        self
     }
 
     /// The key names.
@@ -195,7 +204,8 @@ impl RedisStore {
                     .arg(lines_json(lines))
                     .arg(ck)
                     .arg(limit)
-                    .arg(reference);
+                    .arg(reference)
+                    .arg(self.max_active_holds);
             })
             .await?;
         reply::hold_reply(id, &v)
