@@ -1,18 +1,18 @@
 -- claim.lua: take units and sell them in one step (reserve + commit).
 --
 -- KEYS  none (see reserve.lua)
--- ARGV  1 prefix, 2 retention ms (see lib.lua)
---       3 claim id (shares the hold id namespace)
---       4 job
---       5 lines as JSON: [[pool_id, qty], ...]
---       6 customer key suffix or ""
---       7 customer limit
+-- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
+--       4 claim id (shares the hold id namespace)
+--       5 job
+--       6 lines as JSON: [[pool_id, qty], ...]
+--       7 customer key suffix or ""
+--       8 customer limit
 -- Returns the hold view of the claim (state C) when claimed, or a repeat of
 --       the first answer; otherwise NEED_GRANT, NOT_ACTIVE, SHORT,
 --       CUSTOMER_LIMIT or ID_REUSED (lib.lua).
 
-local claim_id, job, lines_arg = ARGV[3], ARGV[4], ARGV[5]
-local ck, limit = ARGV[6], tonumber(ARGV[7])
+local claim_id, job, lines_arg = ARGV[4], ARGV[5], ARGV[6]
+local ck, limit = ARGV[7], tonumber(ARGV[8])
 local hk = P .. 'hold:' .. claim_id
 local rq = lines_arg .. '|' .. ck .. '|claim:' .. job
 

@@ -1,10 +1,10 @@
 -- commit.lua: sell the units of an active hold.
 --
 -- KEYS  none (see reserve.lua)
--- ARGV  1 prefix, 2 retention ms (see lib.lua)
---       3 hold id
---       4 job the hold must belong to
---       5 order id, or "" (stock reservations are consumed by an order; a
+-- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
+--       4 hold id
+--       5 job the hold must belong to
+--       6 order id, or "" (stock reservations are consumed by an order; a
 --         consumed hold refuses a different order id)
 -- Returns the hold view (state C) when committed now or before with the
 --       same order id; otherwise
@@ -13,7 +13,7 @@
 --       { 'ORDER_MISMATCH', <hold view> }   committed under another order id
 --       { 'STALE_EPOCH', pool_id }           a pool was reloaded after a loss
 
-local hold_id, job, order_id = ARGV[3], ARGV[4], ARGV[5]
+local hold_id, job, order_id = ARGV[4], ARGV[5], ARGV[6]
 local hk = P .. 'hold:' .. hold_id
 
 -- 1. Time, and expired holds out of the way (this one too, if its time is up).

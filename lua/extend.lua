@@ -1,18 +1,18 @@
 -- extend.lua: move an active hold's expiry, a bounded number of times.
 --
 -- KEYS  none (see reserve.lua)
--- ARGV  1 prefix, 2 retention ms (see lib.lua)
---       3 hold id
---       4 job the hold must belong to
---       5 new time to live from now, ms (never shortens the hold)
---       6 most extensions allowed for this hold
---       7 extension id: a retry with the id of the last extension answers
+-- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
+--       4 hold id
+--       5 job the hold must belong to
+--       6 new time to live from now, ms (never shortens the hold)
+--       7 most extensions allowed for this hold
+--       8 extension id: a retry with the id of the last extension answers
 --         as the first time instead of counting as another extension
 -- Returns the hold view; otherwise { 'NO_HOLD' },
 --       { 'NOT_ACTIVE_HOLD', <hold view> } (committed, released or expired)
 --       or { 'EXTEND_LIMIT', <hold view> }.
 
-local hold_id, job, ttl, max_ext, xid = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local hold_id, job, ttl, max_ext, xid = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local hk = P .. 'hold:' .. hold_id
 
 -- 1. Time, and expired holds out of the way.

@@ -2,14 +2,14 @@
 -- even before the sweeper reaches it, because this finalises it first).
 --
 -- KEYS  none (see reserve.lua)
--- ARGV  1 prefix, 2 retention ms (see lib.lua)
---       3 hold id
---       4 job the hold must belong to
+-- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
+--       4 hold id
+--       5 job the hold must belong to
 -- Returns the hold view, or { 'NO_HOLD' }.
 
-local hk = P .. 'hold:' .. ARGV[3]
+local hk = P .. 'hold:' .. ARGV[4]
 expire_due(now_ms())
-if not hold_state(hk, ARGV[4]) then
+if not hold_state(hk, ARGV[5]) then
   return { 'NO_HOLD' }
 end
 return hold_view(hk)

@@ -2,8 +2,8 @@
 -- a refused lock can name each conflicting card and the channel holding it.
 --
 -- KEYS  none (see reserve.lua)
--- ARGV  1 prefix, 2 retention ms (see lib.lua)
---       3.. pool ids
+-- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
+--       4.. pool ids
 -- Returns one entry per pool: { sold, held, holder_id, holder_state,
 --       holder_ref, holder_job } (the last four '' when the pool has no
 --       remembered holder, or the holder was forgotten after retention).
@@ -12,7 +12,7 @@
 
 expire_due(now_ms())
 local out = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local p = redis.call('HMGET', P .. 'pool:' .. ARGV[i], 'sold', 'held', 'by')
   local by = p[3] or ''
   local h = { false, false, false }

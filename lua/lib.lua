@@ -7,6 +7,9 @@
 --   ARGV[1]  the tenant's key prefix, e.g. "hf:{acme}:" (the braces are the
 --            Redis Cluster hash tag: one tenant, one slot)
 --   ARGV[2]  how long a finished hold is remembered for idempotent retries (ms)
+--   ARGV[3]  now, ms since the Unix epoch: Redis's clock as the daemon follows
+--            it on its monotonic clock (src/store/redis/clock.rs), so a step
+--            of Redis's wall clock cannot end holds early
 --
 -- Keys under the prefix (src/store/redis/keys.rs names the same ones):
 --   pool:<pool_id>  hash  grant ret sold held epoch full unl from until low armed lim lw pgf
@@ -19,26 +22,25 @@
 --   events          stream, one entry per state change
 --   cust:<scope>    string, units a customer has in a sale (per-customer limit)
 --
--- Time comes from Redis (TIME), never from the daemon. Every script checks
+-- Time is ARGV[3], never TIME read here (see above). Every script checks
 -- everything before it writes anything: a Lua error after a write keeps the
 -- write.
 
 local P = ARGV[1]
 local RETENTION_MS = tonumber(ARGV[2])
+local NOW_MS = tonumber(ARGV[3])
 
--- Milliseconds since the epoch, from the Redis server's clock.
+-- Milliseconds since the epoch on Redis's timeline (ARGV[3]).
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return NOW_MS
 end
 
 -- The tenant's next fencing token: one more than the last, and never less
--- than the Redis clock in microseconds, so tokens keep growing even after
--- Redis lost its data (and the counter with it). Exact in Lua's doubles
--- (below 2^53 until the year 2255); written with %.0f, never as 1e+15.
+-- than the clock in microseconds, so tokens keep growing even after Redis
+-- lost its data (and the counter with it). Exact in Lua's doubles (below
+-- 2^53 until the year 2255); written with %.0f, never as 1e+15.
 local function next_fence()
-  local t = redis.call('TIME')
-  local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local floor = NOW_MS * 1000
   local last = tonumber(redis.call('GET', P .. 'fence') or '0')
   local fence = string.format('%.0f', math.max(last + 1, floor))
   redis.call('SET', P .. 'fence', fence)

@@ -1,13 +1,13 @@
 -- release.lua: give an active hold's units back. Idempotent.
 --
 -- KEYS  none (see reserve.lua)
--- ARGV  1 prefix, 2 retention ms (see lib.lua)
---       3 hold id
---       4 job the hold must belong to
+-- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
+--       4 hold id
+--       5 job the hold must belong to
 -- Returns the hold view (state R, or E when it had already expired);
 --       otherwise { 'NO_HOLD' } or { 'COMMITTED', <hold view> }.
 
-local hold_id, job = ARGV[3], ARGV[4]
+local hold_id, job = ARGV[4], ARGV[5]
 local hk = P .. 'hold:' .. hold_id
 
 -- 1. Time, and expired holds out of the way.

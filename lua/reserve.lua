@@ -2,21 +2,21 @@
 --
 -- KEYS  none are named up front: every key is built from the tenant prefix in
 --       ARGV[1], so all of them share the tenant's hash slot.
--- ARGV  1 prefix, 2 retention ms (see lib.lua)
---       3 hold id
---       4 job ("flash", "stock", "lock", "slot")
---       5 time to live, ms
---       6 lines as JSON: [[pool_id, qty], ...] (validated by the caller)
---       7 customer key suffix ("cust:<scope>:<customer>") or ""
---       8 customer limit (ignored when 7 is "")
---       9 reference (cart, session) or ""
---       10 most active holds the tenant may have (a memory bound)
+-- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
+--       4 hold id
+--       5 job ("flash", "stock", "lock", "slot")
+--       6 time to live, ms
+--       7 lines as JSON: [[pool_id, qty], ...] (validated by the caller)
+--       8 customer key suffix ("cust:<scope>:<customer>") or ""
+--       9 customer limit (ignored when 8 is "")
+--       10 reference (cart, session) or ""
+--       11 most active holds the tenant may have (a memory bound)
 -- Returns the hold view (lib.lua hold_view) when held, or a repeat of the
 --       first answer; otherwise one of NEED_GRANT, NOT_ACTIVE, SHORT,
 --       CUSTOMER_LIMIT, ID_REUSED (lib.lua), or { 'TOO_MANY_HOLDS', n }.
 
-local hold_id, job, ttl, lines_arg = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-local ck, limit, ref, max_active = ARGV[7], tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
+local hold_id, job, ttl, lines_arg = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local ck, limit, ref, max_active = ARGV[8], tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
 local hk = P .. 'hold:' .. hold_id
 local rq = lines_arg .. '|' .. ck .. '|' .. job
 

@@ -3,16 +3,16 @@
 -- records `returned = max(returned, r)`). Used when stock is lowered.
 --
 -- KEYS  none (see reserve.lua)
--- ARGV  1 prefix, 2 retention ms (see lib.lua)
---       3 pool id
---       4 epoch the caller believes current
---       5 units to return
+-- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
+--       4 pool id
+--       5 epoch the caller believes current
+--       6 units to return
 -- Returns { 'RETURNED', returned } with the new cumulative count,
 --       { 'SHORT', available } when Redis has fewer free units than asked,
 --       or { 'NO_POOL' } when Redis does not run this pool in that epoch.
 
-local pk = P .. 'pool:' .. ARGV[3]
-local epoch, k = ARGV[4], tonumber(ARGV[5])
+local pk = P .. 'pool:' .. ARGV[4]
+local epoch, k = ARGV[5], tonumber(ARGV[6])
 
 -- 1. Expired holds out of the way, then the check.
 expire_due(now_ms())

@@ -4,11 +4,11 @@
 -- call touches the tenant.
 --
 -- KEYS  none (see reserve.lua)
--- ARGV  1 prefix, 2 retention ms (see lib.lua)
---       3 most holds to finalise in this call
+-- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
+--       4 most holds to finalise in this call
 -- Returns { finalised, still_due, lag_ms_of_oldest_finalised }.
 
-local limit = tonumber(ARGV[3])
+local limit = tonumber(ARGV[4])
 local now = now_ms()
 local oldest = redis.call('ZRANGE', P .. 'exp', 0, 0, 'WITHSCORES')
 local lag = 0

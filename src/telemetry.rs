@@ -48,6 +48,9 @@ pub mod metric {
     pub const OUTBOX_FAILURES: &str = "holdfast_outbox_delivery_failures_total";
     /// Histogram: time spent waiting for a store connection, by pool.
     pub const POOL_WAIT_SECONDS: &str = "holdfast_pool_wait_seconds";
+    /// Gauge: Redis's clock minus the engine's, seconds, when Redis's clock
+    /// was stepped (0 while they agree; see store/redis/clock.rs).
+    pub const REDIS_CLOCK_OFFSET: &str = "holdfast_redis_clock_offset_seconds";
 }
 
 /// Buckets for latency histograms: 50 µs to 5 s.
@@ -121,6 +124,24 @@ pub fn describe_metrics() {
     describe_gauge!(
         IN_DOUBT_UNITS,
         "Units kept unavailable after a store failure, awaiting an operator"
+    );
+    describe_counter!(
+        SERVED_BY,
+        "Requests served, by path (redis, or postgres while the fallback serves)"
+    );
+    describe_gauge!(
+        CIRCUIT_OPEN,
+        "1 while the Redis circuit is open and the Postgres fallback serves"
+    );
+    describe_histogram!(
+        POOL_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time spent waiting for a store connection, by pool"
+    );
+    describe_gauge!(
+        REDIS_CLOCK_OFFSET,
+        Unit::Seconds,
+        "Redis's clock minus the engine's when Redis's clock was stepped (not followed)"
     );
 }
 

@@ -2,7 +2,8 @@
 //! circuit when it answers; every round it checks the marker key that tells
 //! whether Redis came back empty (or was replaced), and if so checks every
 //! pool's grant, so lost grants are counted in doubt at once rather than
-//! when a pool is next used. It also keeps the in-doubt gauge current.
+//! when a pool is next used. It also compares Redis's clock with the
+//! engine's (store/redis/clock.rs), and keeps the in-doubt gauge current.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ pub async fn run(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gauge_at = Instant::now() - GAUGE_EVERY;
+    let mut step_ms: Option<i64> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -47,6 +49,10 @@ pub async fn run(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
                     }
                 }
                 engine.circuit().close();
+                if let Ok(step) = engine.redis().observe_clock().await {
+                    report_step(step_ms, step);
+                    step_ms = step;
+                }
             }
             Err(e) => {
                 if engine.circuit().closed() {
@@ -61,5 +67,26 @@ pub async fn run(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
                 metrics::gauge!(metric::IN_DOUBT_UNITS).set(n as f64);
             }
         }
+    }
+}
+
+/// Logs a step of Redis's clock when it is first seen (or moves again) and
+/// when it ends, and keeps the offset gauge current.
+fn report_step(before: Option<i64>, now: Option<i64>) {
+    let seconds = now.unwrap_or(0) as f64 / 1000.0;
+    metrics::gauge!(metric::REDIS_CLOCK_OFFSET).set(seconds);
+    let moved = match (before, now) {
+        (None, Some(_)) => true,
+        (Some(a), Some(b)) => (a - b).abs() >= crate::store::redis::STEP_MS,
+        _ => false,
+    };
+    if moved {
+        tracing::warn!(
+            offset_seconds = seconds,
+            "Redis's clock was stepped; holdfast keeps its own (holds end on time, not early). \
+             Fix the Redis host's clock (NTP) and restart holdfast to re-anchor"
+        );
+    } else if before.is_some() && now.is_none() {
+        tracing::info!("Redis's clock agrees with holdfast's again");
     }
 }

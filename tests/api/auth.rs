@@ -2,7 +2,6 @@
 //! tenant's things are NOT_FOUND.
 
 use holdfast::grpc::pb::{self, Outcome};
-use holdfast::store::postgres::PgStore;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
@@ -160,26 +159,54 @@ async fn missing_or_wrong_keys_are_unauthenticated_and_roles_are_enforced() {
     app.shutdown().await;
 }
 
+/// Runs `holdfast keys ...` against the test's database: (stdout, stderr).
+async fn keys_cli(app: &crate::helpers::TestApp, args: &[&str]) -> (String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .arg("keys")
+        .args(args)
+        .env("HOLDFAST_DATABASE_URL", &app.database_url)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "holdfast keys {args:?}: {stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
 #[tokio::test]
-async fn keys_stored_in_postgres_authenticate_until_revoked() {
+async fn keys_made_by_the_cli_authenticate_until_revoked() {
     let app = spawn_app_with(|a| {
         a.dev = false;
         a.api_keys = vec![STORE_A_ADMIN.into()];
     })
     .await;
-    let pg = PgStore::from_pool(app.pg.clone());
-    let (key_id, key, hash) = holdfast::grpc::auth::new_key();
-    let tenant = holdfast::domain::TenantId::parse("store-c").unwrap();
-    pg.insert_api_key(&key_id, &tenant, "admin", &hash)
+    let (stdout, stderr) =
+        keys_cli(&app, &["create", "--tenant", "store-c", "--role", "admin"]).await;
+    let key = stdout.trim().to_string();
+    let key_id = stderr
+        .split_whitespace()
+        .skip_while(|w| *w != "key")
+        .nth(1)
+        .expect("the key id is printed")
+        .to_string();
+    assert!(
+        key.starts_with(&format!("hf_{key_id}_")),
+        "{key} / {stderr}"
+    );
+    let (hash,): (Vec<u8>,) = sqlx::query_as("SELECT key_hash FROM api_keys WHERE key_id = $1")
+        .bind(&key_id)
+        .fetch_one(&app.pg)
         .await
         .unwrap();
+    assert_eq!(hash.len(), 32, "a SHA-256 digest, not the key, is stored");
+    assert!(!String::from_utf8_lossy(&hash).contains(&key_id));
     let spec = format!("store-c:admin:{key}");
     let mut flash = app.flash();
     flash
         .create_sale(with_key(sale("c-sale"), &spec))
         .await
         .unwrap();
-    assert!(pg.revoke_api_key(&key_id).await.unwrap());
+    keys_cli(&app, &["revoke", &key_id]).await;
     // The daemon trusts a looked-up key for a few seconds; then it is gone.
     app.eventually("the revoked key to be refused", || {
         let mut flash = flash.clone();

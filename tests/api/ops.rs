@@ -144,6 +144,22 @@ async fn a_scrape_parses_and_counters_move_with_calls() {
             &["method=\"Claim\""]
         ) > 0.0
     );
+    // The drainer writes the claims to Postgres (a transaction: a wait on
+    // the Postgres pool) after reading them on a pooled Redis connection.
+    let waits = |s: &[(String, f64)], pool: &str| {
+        value(
+            s,
+            "holdfast_pool_wait_seconds_count",
+            &[&format!("pool=\"{pool}\"")],
+        )
+    };
+    app.eventually("pool waits recorded for both stores", || async {
+        let now = samples(&scrape(&app).await);
+        (waits(&now, "postgres") > waits(&before, "postgres")
+            && waits(&now, "redis") > waits(&before, "redis"))
+        .then_some(())
+    })
+    .await;
     app.shutdown().await;
 }
 

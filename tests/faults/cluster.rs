@@ -44,14 +44,21 @@ fn signal(pid: u32, sig: &str) {
 pub struct Redis {
     pub port: u16,
     dir: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Redis {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with_env(dir, Vec::new())
+    }
+
+    /// A Redis whose process gets `env` (the clock test preloads a shim).
+    pub fn start_with_env(dir: &Path, env: Vec<(String, String)>) -> Self {
         let mut r = Redis {
             port: free_port(),
             dir: dir.join("redis"),
+            env,
             child: None,
         };
         std::fs::create_dir_all(&r.dir).unwrap();
@@ -73,6 +80,7 @@ impl Redis {
             ])
             .args(["--save", "", "--maxmemory-policy", "noeviction", "--dir"])
             .arg(&self.dir)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server runs (deploy/test.sh installs it)");

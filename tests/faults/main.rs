@@ -6,6 +6,7 @@
 //! that no hold outlived its TTL plus the sweep bound, and that retries sold
 //! nothing twice. Run alone with `./deploy/test.sh --test faults`.
 
+mod clock;
 mod cluster;
 mod load;
 

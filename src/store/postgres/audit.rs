@@ -24,7 +24,7 @@ impl PgStore {
         tenant: &TenantId,
         events: &[Event],
     ) -> Result<(usize, Vec<(String, String, Twin)>), Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let mut new = 0;
         let mut follow_ups = Vec::new();
         for e in events {

@@ -99,7 +99,7 @@ impl PgStore {
     /// afterwards (existing channels are never overwritten).
     pub async fn ensure_channels(&self, workspace: &TenantId) -> Result<(), Error> {
         self.ensure_tenant(workspace).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for (slug, name, exclusive, for_sale) in DEFAULT_CHANNELS {
             sqlx::query(
                 "INSERT INTO channels (workspace, slug, name, exclusive, for_sale) VALUES ($1, $2, $3, $4, $5)

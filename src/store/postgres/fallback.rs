@@ -205,7 +205,7 @@ impl PgStore {
         tenant: &TenantId,
         t: &PgTake<'_>,
     ) -> Result<HoldReply, Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, t.id.as_str()).await?;
         if let Some(row) = find(&mut tx, tenant, t.id.as_str()).await? {
             tx.rollback().await?;
@@ -348,7 +348,7 @@ impl PgStore {
         job: Job,
         order_id: &str,
     ) -> Result<HoldReply, Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, id.as_str()).await?;
         expire_due(&mut tx, tenant).await?;
         let Some(row) = find(&mut tx, tenant, id.as_str())
@@ -414,7 +414,7 @@ impl PgStore {
         id: &HoldId,
         job: Job,
     ) -> Result<HoldReply, Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, id.as_str()).await?;
         expire_due(&mut tx, tenant).await?;
         let Some(row) = find(&mut tx, tenant, id.as_str())
@@ -455,7 +455,7 @@ impl PgStore {
         max_extensions: u32,
         extension_id: &str,
     ) -> Result<HoldReply, Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, id.as_str()).await?;
         expire_due(&mut tx, tenant).await?;
         let Some(row) = find(&mut tx, tenant, id.as_str())
@@ -497,7 +497,7 @@ impl PgStore {
         id: &HoldId,
         job: Job,
     ) -> Result<HoldReply, Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, id.as_str()).await?;
         expire_due(&mut tx, tenant).await?;
         let row = find(&mut tx, tenant, id.as_str())
@@ -510,7 +510,7 @@ impl PgStore {
     /// The sweeper's pass over the fallback: ends due holds. Returns how
     /// many.
     pub async fn fallback_sweep(&self, tenant: &TenantId) -> Result<usize, Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let n = expire_due(&mut tx, tenant).await?;
         tx.commit().await?;
         Ok(n)
@@ -567,7 +567,7 @@ impl PgStore {
 
     /// Undoes a committed fallback twin once Redis's twin is committed.
     pub async fn undo_committed_twin(&self, tenant: &TenantId, hold_id: &str) -> Result<(), Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, hold_id).await?;
         if let Some(row) = find(&mut tx, tenant, hold_id)
             .await?

@@ -79,7 +79,7 @@ impl PgStore {
         let ws = workspace.as_str();
         let mut ids: Vec<&str> = cards.iter().map(|c| c.card_id.as_str()).collect();
         ids.sort_unstable();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let dual: Option<(bool,)> =
             sqlx::query_as("SELECT dual_listing FROM channel_settings WHERE workspace = $1")
                 .bind(ws)
@@ -200,7 +200,7 @@ impl PgStore {
         cards: Option<&[CardId]>,
     ) -> Result<Vec<CardId>, Error> {
         let ids: Option<Vec<&str>> = cards.map(|c| c.iter().map(CardId::as_str).collect());
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let rows: Vec<(String, String)> = sqlx::query_as(
             "UPDATE card_channels SET status = 'inactive', disengaged_at = now()
              WHERE workspace = $1 AND channel = $2 AND status = 'active'
@@ -245,7 +245,7 @@ impl PgStore {
     ) -> Result<Drift, Error> {
         let ws = workspace.as_str();
         let listed: Vec<&str> = satellite_cards.iter().map(CardId::as_str).collect();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let cleared: Vec<(String,)> = sqlx::query_as(
             "UPDATE card_channels SET status = 'inactive', disengaged_at = now()
              WHERE workspace = $1 AND channel = $2 AND status = 'active' AND NOT (card_id = ANY($3))

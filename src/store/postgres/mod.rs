@@ -62,6 +62,17 @@ impl PgStore {
         Self { pool }
     }
 
+    /// Starts a transaction, recording how long the pool made us wait for
+    /// a connection (the `holdfast_pool_wait_seconds{pool="postgres"}`
+    /// histogram: a busy pool shows there first).
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        let started = std::time::Instant::now();
+        let tx = self.pool.begin().await;
+        metrics::histogram!(crate::telemetry::metric::POOL_WAIT_SECONDS, "pool" => "postgres")
+            .record(started.elapsed().as_secs_f64());
+        tx
+    }
+
     /// The underlying pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool

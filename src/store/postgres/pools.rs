@@ -204,7 +204,7 @@ impl PgStore {
         tenant: &TenantId,
         adj: &CapacityChange<'_>,
     ) -> Result<AdjustOutcome, Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO stock_adjustments (tenant, adjustment_id, pool_id, delta, reason) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT DO NOTHING",

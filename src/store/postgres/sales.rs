@@ -37,7 +37,7 @@ impl PgStore {
     /// definition under the same id is ALREADY_EXISTS.
     pub async fn create_sale(&self, tenant: &TenantId, sale: &NewSale) -> Result<SaleRow, Error> {
         self.ensure_tenant(tenant).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO sales (tenant, sale_id, name, starts_at, ends_at, per_customer_limit)
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",

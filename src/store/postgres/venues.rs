@@ -74,7 +74,7 @@ impl PgStore {
         venue_id: &str,
         hours: &[(u32, u32, u32)],
     ) -> Result<(), Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM venue_hours WHERE tenant = $1 AND venue_id = $2")
             .bind(tenant.as_str())
             .bind(venue_id)
@@ -103,7 +103,7 @@ impl PgStore {
         day: NaiveDate,
         hours: Option<&[(u32, u32)]>,
     ) -> Result<(), Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM venue_overrides WHERE tenant = $1 AND venue_id = $2 AND day = $3")
             .bind(tenant.as_str())
             .bind(venue_id)

@@ -3,6 +3,7 @@
 //! queued for a pooled connection each) and a small pool for the blocking
 //! stream reads of the drainer.
 
+mod clock;
 mod events;
 mod keys;
 mod reply;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation, Value};
 
+pub use clock::{RedisClock, STEP_MS};
 pub use events::decode_event;
 pub use keys::Keys;
 pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply};
@@ -81,6 +83,7 @@ pub struct RedisStore {
     keys: Keys,
     retention_ms: i64,
     max_active_holds: u64,
+    clock: RedisClock,
 }
 
 impl RedisStore {
@@ -98,7 +101,10 @@ impl RedisStore {
             .set_connection_timeout(Some(timeouts.connect))
             .set_response_timeout(Some(timeouts.response))
             .set_number_of_retries(1);
-        let con = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let mut con = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let clock = read_time(&mut con)
+            .await
+            .map(|(ms, at)| RedisClock::anchored(ms, at))?;
         // Bounded waits everywhere: a frozen Redis must not strand a pooled
         // connection (the recycle check times out and the connection is
         // dropped instead of handed out again).
@@ -122,6 +128,7 @@ impl RedisStore {
             keys: Keys::new(prefix),
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
             max_active_holds: u64::MAX >> 12,
+            clock,
         })
     }
 
@@ -140,7 +147,11 @@ impl RedisStore {
     /// A pooled connection, for blocking commands that must not stall the
     /// multiplexed one.
     pub async fn pooled(&self) -> Result<deadpool_redis::Connection, Error> {
-        Ok(self.pool.get().await?)
+        let started = Instant::now();
+        let con = self.pool.get().await;
+        metrics::histogram!(metric::POOL_WAIT_SECONDS, "pool" => "redis")
+            .record(started.elapsed().as_secs_f64());
+        Ok(con?)
     }
 
     /// A connection of its own, for a long-lived blocking reader (a Watch
@@ -162,7 +173,30 @@ impl RedisStore {
         self.con.clone()
     }
 
-    /// Runs `script` for `tenant` with the standard first two arguments,
+    /// The engine's clock (Redis's, followed on this host's monotonic clock).
+    pub fn clock(&self) -> &RedisClock {
+        &self.clock
+    }
+
+    /// Reads Redis's clock and compares it with ours: `Some(step)` (Redis
+    /// minus ours, ms) when Redis's clock has been stepped and is not being
+    /// followed.
+    pub async fn observe_clock(&self) -> Result<Option<i64>, Error> {
+        let (ms, at) = read_time(&mut self.con.clone()).await?;
+        Ok(self.clock.observe(ms, at))
+    }
+
+    /// A script invocation with the arguments every script starts with
+    /// (lib.lua): the tenant's prefix, the retention and the clock.
+    fn invocation<'a>(&self, script: &'a Script, tenant: &TenantId) -> ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        inv.arg(self.keys.tenant(tenant))
+            .arg(self.retention_ms)
+            .arg(self.clock.now_ms());
+        inv
+    }
+
+    /// Runs `script` for `tenant` with the standard first arguments,
     /// timing it.
     async fn run(
         &self,
@@ -171,8 +205,7 @@ impl RedisStore {
         tenant: &TenantId,
         args: impl FnOnce(&mut ScriptInvocation<'_>),
     ) -> Result<Value, Error> {
-        let mut inv = script.prepare_invoke();
-        inv.arg(self.keys.tenant(tenant)).arg(self.retention_ms);
+        let mut inv = self.invocation(script, tenant);
         args(&mut inv);
         let started = Instant::now();
         let mut con = self.con.clone();
@@ -308,8 +341,7 @@ impl RedisStore {
         tenant: &TenantId,
         pools: &[PoolId],
     ) -> Result<Vec<Option<RedisPool>>, Error> {
-        let mut inv = scripts::GET_POOLS.prepare_invoke();
-        inv.arg(self.keys.tenant(tenant)).arg(self.retention_ms);
+        let mut inv = self.invocation(&scripts::GET_POOLS, tenant);
         for p in pools {
             inv.arg(p.as_str());
         }
@@ -440,4 +472,13 @@ fn lines_json(lines: &Lines) -> String {
         .collect();
     // Serialising strings and integers cannot fail.
     serde_json::to_string(&v).expect("lines serialise")
+}
+
+/// Redis's clock in ms, and the instant halfway through the round trip that
+/// read it.
+async fn read_time(con: &mut ConnectionManager) -> Result<(i64, Instant), Error> {
+    let sent = Instant::now();
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(con).await?;
+    let at = sent + sent.elapsed() / 2;
+    Ok((secs * 1000 + micros / 1000, at))
 }
