@@ -12,6 +12,7 @@ mod flash_sale;
 mod holds;
 mod locks;
 mod ops;
+mod properties;
 mod reservations;
 mod satellite;
 mod slots;
