@@ -168,6 +168,21 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_MAX_REQUEST_BYTES", default_value_t = 1 << 20)]
     pub max_request_bytes: usize,
 
+    /// PEM certificate chain for TLS on the gRPC port (with --tls-key);
+    /// without both, gRPC is plaintext (for loopback or a TLS-terminating
+    /// proxy).
+    #[arg(long, env = "HOLDFAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "HOLDFAST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate(s): when set, every client must present a
+    /// certificate signed by one of them (mutual TLS). Needs --tls-cert.
+    #[arg(long, env = "HOLDFAST_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
     /// How long finished holds and claims are remembered, so that a retry
     /// with the same id returns the first answer, seconds.
     #[arg(long, env = "HOLDFAST_RETENTION_SECS", default_value_t = 86_400)]

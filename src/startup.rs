@@ -54,6 +54,7 @@ pub struct Application {
     metrics: TcpListener,
     engine: Arc<Engine>,
     auth: Arc<Auth>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Application {
@@ -62,6 +63,7 @@ impl Application {
     pub async fn build(args: ServeArgs) -> anyhow::Result<Self> {
         // The recorder first, so every metric set while building is kept.
         let _ = telemetry::metrics_handle();
+        let tls = crate::tls::server_config(&args)?;
         let pg = PgStore::connect(
             &args.db.database_url,
             args.pg_max_connections,
@@ -115,6 +117,7 @@ impl Application {
         let grpc = TcpListener::bind(args.grpc_addr).await?;
         let metrics = TcpListener::bind(args.metrics_addr).await?;
         Ok(Self {
+            tls,
             args,
             grpc,
             metrics,
@@ -213,7 +216,7 @@ impl Application {
         }
 
         let addr = self.grpc.local_addr()?;
-        tracing::info!(%addr, metrics = %metrics_addr, "holdfast serving");
+        tracing::info!(%addr, metrics = %metrics_addr, tls = self.tls.is_some(), "holdfast serving");
         let signal = {
             let health = health.clone();
             let stop_tx = stop_tx.clone();
@@ -261,7 +264,11 @@ impl Application {
         );
         let admin = AdminApi::new(engine.clone(), auth);
         let max_request = self.args.max_request_bytes;
-        let served = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = self.tls {
+            server = server.tls_config(tls)?;
+        }
+        let served = server
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

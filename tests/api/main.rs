@@ -16,4 +16,5 @@ mod properties;
 mod reservations;
 mod satellite;
 mod slots;
+mod tls;
 mod validation;

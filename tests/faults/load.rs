@@ -174,12 +174,15 @@ impl Load {
             }
         };
         let acked: Vec<String> = records.acked.keys().cloned().collect();
-        // Let the drainer catch up (bounded: what Redis lost never comes).
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // Let the drainer catch up: until every event in Redis's stream has
+        // been written to Postgres and acknowledged (what Redis lost never
+        // comes, so a slow machine must not count a late event as lost).
+        let deadline = Instant::now() + Duration::from_secs(60);
         let mut present: Vec<String>;
         loop {
+            let drained = self.stream_drained().await;
             present = present_ids(&pg, &acked).await;
-            if present.len() == acked.len() || Instant::now() > deadline {
+            if present.len() == acked.len() || drained || Instant::now() > deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -241,6 +244,30 @@ impl Load {
 impl Load {
     /// Active holds in Redis whose expiry is more than the sweep bound (1 s)
     /// past, by Redis's clock.
+    /// True when the drainer has read and acknowledged every event in the
+    /// tenant's stream (it acknowledges only after Postgres committed).
+    async fn stream_drained(&self) -> bool {
+        use redis::AsyncCommands;
+        use redis::streams::{StreamInfoGroupsReply, StreamInfoStreamReply};
+        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{}", self.redis_port))
+        else {
+            return false;
+        };
+        let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+            return false;
+        };
+        let key = "hf:{dev}:events";
+        let stream: redis::RedisResult<StreamInfoStreamReply> = con.xinfo_stream(key).await;
+        let groups: redis::RedisResult<StreamInfoGroupsReply> = con.xinfo_groups(key).await;
+        match (stream, groups) {
+            (Ok(stream), Ok(groups)) => groups
+                .groups
+                .iter()
+                .any(|g| g.pending == 0 && g.last_delivered_id == stream.last_generated_id),
+            _ => false,
+        }
+    }
+
     async fn late_in_redis(&self) -> i64 {
         let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.redis_port)).unwrap();
         let mut con = client.get_multiplexed_async_connection().await.unwrap();
