@@ -51,6 +51,16 @@ ensure_py_tools() {
   fi
 }
 
+# What deploy/check.sh needs: promtool (Debian's prometheus package; the
+# service it ships is not started here) and PyYAML.
+ensure_check_tools() {
+  command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
+  if ! python3 -c 'import yaml' 2>/dev/null; then
+    log "pip install pyyaml"
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore pyyaml
+  fi
+}
+
 # Postgres refuses to run as root: use the postgres system user when we are
 # root (the Debian package creates it), else ourselves.
 pg_user() {

@@ -3,7 +3,8 @@
 #
 # Installs what is missing, starts one Redis and one Postgres on free
 # loopback ports in a temporary folder (each test then makes its own
-# database and Redis key prefix), runs the checks and the whole test suite,
+# database and Redis key prefix), runs the checks (buf lint, the deploy
+# files: deploy/check.sh, fmt, clippy) and the whole test suite,
 # and stops the servers whatever happens.
 source "$(dirname "$0")/lib.sh"
 
@@ -23,6 +24,8 @@ trap cleanup EXIT
 
 log "buf lint"
 (cd "$ROOT/proto" && buf lint)
+
+"$ROOT/deploy/check.sh"
 
 log "cargo fmt --check"
 cargo fmt --manifest-path "$ROOT/Cargo.toml" --check

@@ -34,6 +34,8 @@ const ROUND_LIMIT: Duration = Duration::from_secs(5);
 /// How long drained events stay in the stream (for subscribers that
 /// resume from an id).
 const KEEP: Duration = Duration::from_secs(3600);
+/// How often the backlog gauge is sampled (XINFO per tenant stream).
+const LAG_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs until `stop` turns true.
 pub async fn run(
@@ -49,6 +51,7 @@ pub async fn run(
         consumer,
         grouped: HashMap::new(),
         pending_first: true,
+        lag_sampled: std::time::Instant::now() - LAG_EVERY,
     };
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -98,6 +101,8 @@ struct Drainer {
     grouped: HashMap<String, TenantId>,
     /// Re-read our unacknowledged events before new ones.
     pending_first: bool,
+    /// When the lag gauge was last sampled.
+    lag_sampled: std::time::Instant,
 }
 
 impl Drainer {
@@ -171,11 +176,36 @@ impl Drainer {
             }
         }
         metrics::counter!(metric::DRAINED_EVENTS).increment(new as u64);
+        if self.lag_sampled.elapsed() >= LAG_EVERY {
+            self.lag_sampled = std::time::Instant::now();
+            let mut backlog = 0;
+            for key in &keys {
+                backlog += backlog_of(&mut con, key).await;
+            }
+            metrics::gauge!(metric::DRAINER_LAG_EVENTS).set(backlog as f64);
+        }
         if self.pending_first && read == 0 {
             self.pending_first = false;
         }
         Ok(new)
     }
+}
+
+/// Events of one stream not yet written to Postgres: delivered but not
+/// acknowledged, plus not yet delivered (Redis 7's `lag`; unknown counts
+/// as none rather than failing the round).
+async fn backlog_of(con: &mut deadpool_redis::Connection, key: &str) -> usize {
+    let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
+        con.xinfo_groups(key).await;
+    groups
+        .map(|g| {
+            g.groups
+                .iter()
+                .filter(|g| g.name == GROUP)
+                .map(|g| g.pending + g.lag.unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 impl Drainer {

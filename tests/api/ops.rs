@@ -153,12 +153,16 @@ async fn a_scrape_parses_and_counters_move_with_calls() {
             &[&format!("pool=\"{pool}\"")],
         )
     };
-    app.eventually("pool waits recorded for both stores", || async {
-        let now = samples(&scrape(&app).await);
-        (waits(&now, "postgres") > waits(&before, "postgres")
-            && waits(&now, "redis") > waits(&before, "redis"))
-        .then_some(())
-    })
+    app.eventually(
+        "pool waits for both stores and the drainer's backlog",
+        || async {
+            let now = samples(&scrape(&app).await);
+            (waits(&now, "postgres") > waits(&before, "postgres")
+                && waits(&now, "redis") > waits(&before, "redis")
+                && now.iter().any(|(n, _)| n == "holdfast_drainer_lag_events"))
+            .then_some(())
+        },
+    )
     .await;
     app.shutdown().await;
 }
