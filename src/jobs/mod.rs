@@ -22,8 +22,45 @@ pub mod sweeper;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+use tokio::time::{Interval, MissedTickBehavior};
+
 use crate::domain::TenantId;
 use crate::store::postgres::PgStore;
+
+/// A job's rounds: one every interval (a slow round delays the next rather
+/// than causing a burst) until the stop signal.
+pub struct Rounds {
+    ticker: Interval,
+    stop: watch::Receiver<bool>,
+}
+
+impl Rounds {
+    /// Rounds every `interval`, the first at once.
+    pub fn every(interval: Duration, stop: watch::Receiver<bool>) -> Self {
+        Self::with(tokio::time::interval(interval), stop)
+    }
+
+    /// Rounds every `interval`, the first one interval from now.
+    pub fn every_after(interval: Duration, stop: watch::Receiver<bool>) -> Self {
+        let first = tokio::time::Instant::now() + interval;
+        Self::with(tokio::time::interval_at(first, interval), stop)
+    }
+
+    fn with(mut ticker: Interval, stop: watch::Receiver<bool>) -> Self {
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self { ticker, stop }
+    }
+
+    /// Waits for the next round: false once the daemon is stopping.
+    pub async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.ticker.tick() => {}
+            _ = self.stop.changed() => return false,
+        }
+        !*self.stop.borrow()
+    }
+}
 
 /// How often the list of tenants is read again.
 const TENANT_REFRESH: Duration = Duration::from_secs(1);

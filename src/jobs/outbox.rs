@@ -10,6 +10,8 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
+
+use super::Rounds;
 use tokio::task::JoinSet;
 
 use crate::error::Error;
@@ -48,18 +50,10 @@ pub async fn run(
     pg: PgStore,
     client: SatelliteClient,
     settings: OutboxSettings,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(settings.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => break,
-        }
-        if *stop.borrow() {
-            break;
-        }
+    let mut rounds = Rounds::every(settings.interval, stop);
+    while rounds.next().await {
         if let Err(e) = round(&pg, &client, &settings).await {
             tracing::warn!(error = %e, "outbox round failed; deliveries stay pending");
         }

@@ -8,22 +8,16 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::Rounds;
+
 use crate::domain::{ChannelSlug, TenantId};
 use crate::services::channels::Channels;
 
 /// Runs until `stop` turns true; the first round is one interval after
 /// start.
-pub async fn run(channels: Arc<Channels>, interval: Duration, mut stop: watch::Receiver<bool>) {
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => break,
-        }
-        if *stop.borrow() {
-            break;
-        }
+pub async fn run(channels: Arc<Channels>, interval: Duration, stop: watch::Receiver<bool>) {
+    let mut rounds = Rounds::every_after(interval, stop);
+    while rounds.next().await {
         round(&channels).await;
     }
     tracing::debug!("reconciler stopped");

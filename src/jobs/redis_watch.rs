@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::Rounds;
+
 use crate::engine::Engine;
 use crate::telemetry::metric;
 
@@ -19,19 +21,11 @@ const INTERVAL: Duration = Duration::from_millis(200);
 const GAUGE_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs until `stop` turns true.
-pub async fn run(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
-    let mut ticker = tokio::time::interval(INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+pub async fn run(engine: Arc<Engine>, stop: watch::Receiver<bool>) {
+    let mut rounds = Rounds::every(INTERVAL, stop);
     let mut gauge_at = Instant::now() - GAUGE_EVERY;
     let mut step_ms: Option<i64> = None;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => break,
-        }
-        if *stop.borrow() {
-            break;
-        }
+    while rounds.next().await {
         match engine.redis().check_marker().await {
             Ok(kept) => {
                 if !kept {

@@ -6,22 +6,17 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Tenants;
+use super::{Rounds, Tenants};
 use crate::engine::Engine;
 
 /// How often flagged pools are looked at.
 const INTERVAL: Duration = Duration::from_millis(50);
 
 /// Runs until `stop` turns true.
-pub async fn run(engine: Arc<Engine>, tenants: Arc<Tenants>, mut stop: watch::Receiver<bool>) {
-    let mut ticker = tokio::time::interval(INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => break,
-        }
-        if *stop.borrow() || !engine.circuit().closed() {
+pub async fn run(engine: Arc<Engine>, tenants: Arc<Tenants>, stop: watch::Receiver<bool>) {
+    let mut rounds = Rounds::every(INTERVAL, stop);
+    while rounds.next().await {
+        if !engine.circuit().closed() {
             continue;
         }
         for tenant in tenants.list().await {

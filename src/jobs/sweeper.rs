@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Tenants;
+use super::{Rounds, Tenants};
 use crate::domain::TenantId;
 use crate::engine::Engine;
 use crate::telemetry::metric;
@@ -28,19 +28,11 @@ pub async fn run(
     engine: Arc<Engine>,
     tenants: Arc<Tenants>,
     interval: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rounds = Rounds::every(interval, stop);
     let mut round: u32 = 0;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => break,
-        }
-        if *stop.borrow() {
-            break;
-        }
+    while rounds.next().await {
         round = round.wrapping_add(1);
         for tenant in tenants.list().await {
             if engine.circuit().closed() {

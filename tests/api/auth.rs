@@ -3,23 +3,12 @@
 
 use holdfast::grpc::pb::{self, Outcome};
 use tonic::Code;
-use tonic::metadata::MetadataValue;
 
-use crate::helpers::{claim, spawn_app_with};
+use crate::helpers::{claim, spawn_app_with, with_key};
 
 const STORE_A_ADMIN: &str = "store-a:admin:key-for-store-a-admin";
 const STORE_B_ADMIN: &str = "store-b:admin:key-for-store-b-admin";
 const STORE_A_CHECKOUT: &str = "store-a:checkout:key-for-store-a-checkout";
-
-fn with_key<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    let secret = key.rsplit(':').next().unwrap();
-    req.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {secret}")).unwrap(),
-    );
-    req
-}
 
 fn sale(id: &str) -> pb::CreateSaleRequest {
     let now = chrono::Utc::now().timestamp();

@@ -352,3 +352,15 @@ pub fn cart_hold(
         }),
     }
 }
+
+/// `msg` sent with the API key of a `TENANT:ROLE:KEY` spec (as given to
+/// `--api-key`).
+pub fn with_key<T>(msg: T, spec: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let secret = spec.rsplit(':').next().unwrap();
+    req.metadata_mut().insert(
+        "authorization",
+        tonic::metadata::MetadataValue::try_from(format!("Bearer {secret}")).unwrap(),
+    );
+    req
+}

@@ -2,12 +2,11 @@
 
 use holdfast::grpc::pb::{self, AcquireOutcome, CardConflictReason, ListingStatus, SaleLockState};
 use tonic::Code;
-use tonic::metadata::MetadataValue;
 
 use crate::cards::{
     acquire, card, delivered, deliveries, dual_listing, engage, lock, satellite, status_on,
 };
-use crate::helpers::{spawn_app, spawn_app_with};
+use crate::helpers::{spawn_app, spawn_app_with, with_key};
 
 fn lock_ref(r: &str) -> pb::CompleteSaleLocksRequest {
     pb::CompleteSaleLocksRequest {
@@ -373,16 +372,6 @@ const WS_A: &str = "ws-a:admin:key-for-workspace-a-admin";
 const WS_B: &str = "ws-b:admin:key-for-workspace-b-admin";
 const WS_A_CHECKOUT: &str = "ws-a:checkout:key-for-workspace-a-checkout";
 
-fn as_key<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    let secret = key.rsplit(':').next().unwrap();
-    req.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {secret}")).unwrap(),
-    );
-    req
-}
-
 #[tokio::test]
 async fn another_workspaces_locks_and_cards_are_not_found() {
     let app = spawn_app_with(|a| {
@@ -400,7 +389,7 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
         }],
     };
     let err = channels
-        .engage(as_key(engage.clone(), WS_A_CHECKOUT))
+        .engage(with_key(engage.clone(), WS_A_CHECKOUT))
         .await
         .unwrap_err();
     assert_eq!(
@@ -408,9 +397,12 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
         Code::PermissionDenied,
         "channels are an admin's"
     );
-    channels.engage(as_key(engage.clone(), WS_A)).await.unwrap();
+    channels
+        .engage(with_key(engage.clone(), WS_A))
+        .await
+        .unwrap();
     let a = locks
-        .acquire_sale_locks(as_key(
+        .acquire_sale_locks(with_key(
             acquire("lock-a", "storefront", &["card-1"], 60),
             WS_A_CHECKOUT,
         ))
@@ -424,17 +416,17 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
     };
     let codes = [
         locks
-            .get_sale_lock(as_key(get, WS_B))
+            .get_sale_lock(with_key(get, WS_B))
             .await
             .unwrap_err()
             .code(),
         locks
-            .complete_sale_locks(as_key(lock_ref("lock-a"), WS_B))
+            .complete_sale_locks(with_key(lock_ref("lock-a"), WS_B))
             .await
             .unwrap_err()
             .code(),
         locks
-            .release_sale_locks(as_key(
+            .release_sale_locks(with_key(
                 pb::ReleaseSaleLocksRequest {
                     lock_ref: "lock-a".into(),
                 },
@@ -444,7 +436,7 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
             .unwrap_err()
             .code(),
         channels
-            .get_card_channels(as_key(
+            .get_card_channels(with_key(
                 pb::GetCardChannelsRequest {
                     card_ids: vec!["card-1".into()],
                 },
@@ -454,7 +446,7 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
             .unwrap_err()
             .code(),
         locks
-            .acquire_sale_locks(as_key(
+            .acquire_sale_locks(with_key(
                 acquire("lock-b", "storefront", &["card-1"], 60),
                 WS_B,
             ))
@@ -466,9 +458,9 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
 
     // B's own card of the same id is a different card: B can lock it while
     // A's lock holds A's.
-    channels.engage(as_key(engage, WS_B)).await.unwrap();
+    channels.engage(with_key(engage, WS_B)).await.unwrap();
     let b = locks
-        .acquire_sale_locks(as_key(
+        .acquire_sale_locks(with_key(
             acquire("lock-a", "storefront", &["card-1"], 60),
             WS_B,
         ))
