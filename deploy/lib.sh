@@ -79,12 +79,14 @@ as_pg() {
 
 # start_redis DIR PORT: a Redis with the settings the promises rely on
 # (noeviction; AOF with appendfsync always), daemonised, data in DIR.
+# REDIS_AOF=no turns the AOF off (the benchmark measures the engine, as
+# its Redis baseline does, without the disk).
 start_redis() {
   local dir="$1" port="$2"
   mkdir -p "$dir"
   redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --daemonize yes \
     --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" \
-    --maxmemory-policy noeviction --appendonly yes --appendfsync always \
+    --maxmemory-policy noeviction --appendonly "${REDIS_AOF:-yes}" --appendfsync always \
     --save "" >/dev/null
   for _ in $(seq 50); do
     redis-cli -p "$port" ping >/dev/null 2>&1 && return 0

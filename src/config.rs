@@ -31,6 +31,9 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Load-test a daemon over gRPC beside its physical limits (see
+    /// deploy/BENCHMARKS.md; deploy/bench.sh runs it with its own servers).
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// `holdfast keys ...`

@@ -33,6 +33,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod engine;

@@ -25,6 +25,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { command } => keys(command).await,
+        Command::Bench(args) => {
+            telemetry::init_tracing(LogFormat::Text);
+            holdfast::bench::run(*args).await
+        }
     }
 }
 

@@ -244,6 +244,37 @@ impl RedisStore {
         reply::hold_reply(id, &v)
     }
 
+    /// The `EVALSHA` command line the engine sends for a one-unit claim
+    /// (`claim.lua`) or a 60 s hold (`reserve.lua`) of `pool`, with
+    /// redis-benchmark's `__rand_int__` in the id: the benchmark's Redis
+    /// baseline runs exactly the engine's script and arguments.
+    pub fn one_unit_command(&self, tenant: &TenantId, claim: bool, pool: &str) -> Vec<String> {
+        let lines = serde_json::json!([[pool, 1]]).to_string();
+        let (script, job) = if claim {
+            (&scripts::CLAIM, Job::Flash)
+        } else {
+            (&scripts::RESERVE, Job::Stock)
+        };
+        let mut argv = vec![
+            "EVALSHA".to_string(),
+            script.get_hash().to_string(),
+            "0".into(),
+            self.keys.tenant(tenant),
+            self.retention_ms.to_string(),
+            self.clock.now_ms().to_string(),
+            "bench__rand_int__".into(),
+            job.as_str().into(),
+        ];
+        if !claim {
+            argv.push("60000".into());
+        }
+        argv.extend([lines, String::new(), "0".into()]);
+        if !claim {
+            argv.extend([String::new(), self.max_active_holds.to_string()]);
+        }
+        argv
+    }
+
     /// Takes and sells units in one step (`claim.lua`).
     pub async fn claim(
         &self,

@@ -1,0 +1,134 @@
+//! The limits holdfast is measured against, in the same run on the same
+//! machine: the engine's own Lua script through `redis-benchmark`, a no-op
+//! RPC (health check) through the same tonic stack and load driver, and
+//! the Postgres alternative through `pgbench`.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::Context;
+use tokio::process::Command;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::load::{Done, Plan, Run, drive};
+
+/// The no-op RPC: `grpc.health.v1.Health/Check`, answered from memory.
+pub async fn noop(channels: &[Channel], plan: &Plan) -> Run {
+    drive(channels, plan, |ch, _| async move {
+        HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        Ok(Done::ok("served", 0))
+    })
+    .await
+}
+
+/// `argv` (an `EVALSHA` command line) through `redis-benchmark` at
+/// `clients` connections, no pipelining: requests per second.
+pub async fn redis_script(
+    host: &str,
+    port: u16,
+    clients: usize,
+    requests: u64,
+    argv: &[String],
+) -> anyhow::Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", host, "-p", &port.to_string()])
+        .args(["-c", &clients.to_string(), "-n", &requests.to_string()])
+        .args(["-r", "1000000000000", "--csv"])
+        .args(argv)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("redis-benchmark (Debian's redis-tools) runs")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // --csv: a header, then "test","rps",...; the test's name is the
+    // command line, which may hold commas (JSON), so count from the end:
+    // rps is followed by six latency columns.
+    text.lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.trim().trim_matches('"').split("\",\"").collect();
+            fields
+                .len()
+                .checked_sub(7)
+                .and_then(|i| fields[i].parse::<f64>().ok())
+        })
+        .next_back()
+        .with_context(|| format!("no rate in redis-benchmark's output: {text}"))
+}
+
+/// The Postgres alternative a user would write instead of holdfast.
+pub enum PgAlternative {
+    /// A conditional UPDATE of one hot row (a claim).
+    HotRowClaim,
+    /// A hold (conditional UPDATE + INSERT) then its commit, two
+    /// transactions, as a reservation table does.
+    ReserveThenCommit,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS bench_stock (id int PRIMARY KEY, cap bigint NOT NULL, sold bigint NOT NULL DEFAULT 0, held bigint NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS bench_holds (hold_id text PRIMARY KEY, product int NOT NULL, qty int NOT NULL, state char NOT NULL DEFAULT 'A', expires_at timestamptz NOT NULL);
+TRUNCATE bench_holds;
+INSERT INTO bench_stock (id, cap) VALUES (1, 1000000000000), (2, 1000000000000) ON CONFLICT (id) DO UPDATE SET sold = 0, held = 0;
+";
+
+const CLAIM_SQL: &str =
+    "UPDATE bench_stock SET sold = sold + 1 WHERE id = 1 AND sold + 1 <= cap;\n";
+
+const RESERVE_COMMIT_SQL: &str = "\\set h random(1, 1000000000000)
+BEGIN;
+UPDATE bench_stock SET held = held + 1 WHERE id = 2 AND sold + held + 1 <= cap;
+INSERT INTO bench_holds (hold_id, product, qty, expires_at) VALUES (:client_id || '-' || :h, 2, 1, now() + interval '60 seconds');
+COMMIT;
+BEGIN;
+UPDATE bench_holds SET state = 'C' WHERE hold_id = :client_id || '-' || :h AND state = 'A' AND expires_at > now();
+UPDATE bench_stock SET held = held - 1, sold = sold + 1 WHERE id = 2;
+COMMIT;
+";
+
+/// `alt` through `pgbench` at `clients` connections for `seconds`:
+/// operations (script runs) per second.
+pub async fn pgbench(
+    pgbench: &Path,
+    database_url: &str,
+    dir: &Path,
+    alt: &PgAlternative,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<f64> {
+    let pool = sqlx::PgPool::connect(database_url).await?;
+    sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+    pool.close().await;
+    let script = dir.join("pg_alternative.sql");
+    std::fs::write(
+        &script,
+        match alt {
+            PgAlternative::HotRowClaim => CLAIM_SQL,
+            PgAlternative::ReserveThenCommit => RESERVE_COMMIT_SQL,
+        },
+    )?;
+    let out = Command::new(pgbench)
+        .args(["-n", "-c", &clients.to_string(), "-j", "2"])
+        .args(["-T", &seconds.to_string(), "-f"])
+        .arg(&script)
+        .arg(database_url)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("pgbench (Postgres's bin folder) runs")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .with_context(|| {
+            format!(
+                "no tps in pgbench's output: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}

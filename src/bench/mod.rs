@@ -1,0 +1,351 @@
+//! `holdfast bench`: the load generator (it stands in for ghz, which no
+//! registry here ships). It drives a daemon over real gRPC with N clients
+//! for each named workload, and measures in the same run the limits that
+//! bound it — the engine's own Lua script through `redis-benchmark`, a
+//! no-op RPC through the same tonic stack — and the Postgres alternative
+//! through `pgbench`, so its figures are ratios that survive a noisy,
+//! shared machine. deploy/bench.sh runs it with its own Redis and Postgres;
+//! deploy/BENCHMARKS.md records the figures.
+
+mod baselines;
+mod load;
+mod probes;
+mod report;
+mod workloads;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tonic::transport::Channel;
+
+use crate::domain::TenantId;
+use crate::store::redis::RedisStore;
+use load::Plan;
+pub use probes::Probe;
+use report::{Line, ServerStats};
+pub use workloads::Workload;
+
+/// `holdfast bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Workloads to run (comma-separated); all of them when absent.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub workload: Vec<Workload>,
+
+    /// Seconds each measured run lasts.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+
+    /// Concurrent clients (in-flight calls).
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+
+    /// HTTP/2 connections the clients share.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+
+    /// A running daemon to drive (http://host:port). Without it the bench
+    /// starts `holdfast serve --dev` itself on --redis-url and
+    /// --database-url, and reports its CPU time and peak memory.
+    #[arg(long, env = "HOLDFAST_BENCH_ADDR")]
+    pub addr: Option<String>,
+
+    /// API key for --addr (sent as `authorization: Bearer`).
+    #[arg(long, env = "HOLDFAST_BENCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Redis the daemon uses (for the started daemon and the
+    /// redis-benchmark baseline).
+    #[arg(
+        long,
+        env = "HOLDFAST_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// Postgres the daemon uses (for the started daemon and the pgbench
+    /// baseline, which makes its own bench_* tables).
+    #[arg(
+        long,
+        env = "HOLDFAST_DATABASE_URL",
+        default_value = "postgres://holdfast@127.0.0.1:5432/holdfast"
+    )]
+    pub database_url: String,
+
+    /// Probes to run after the workloads (comma-separated): memory,
+    /// batch, expiry. With probes and no --workload, only the probes run.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub probe: Vec<Probe>,
+
+    /// Holds the memory and expiry probes make.
+    #[arg(long, default_value_t = 100_000)]
+    pub holds: u64,
+
+    /// Skip the three baselines (only drive holdfast).
+    #[arg(long)]
+    pub no_baselines: bool,
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("holdfast-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run_in(&args, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut daemon = match &args.addr {
+        Some(_) => None,
+        None => Some(Daemon::start(args, dir)?),
+    };
+    let addr = match (&args.addr, &daemon) {
+        (Some(a), _) => a.clone(),
+        (None, Some(d)) => format!("http://127.0.0.1:{}", d.port),
+        (None, None) => unreachable!("a daemon was started"),
+    };
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        channels.push(connect(&addr).await?);
+    }
+    let caller = workloads::Caller {
+        key: args.api_key.as_deref().map(Arc::from),
+        tag: Arc::from(format!("{:06x}", rand::random::<u32>() & 0xff_ffff).as_str()),
+    };
+    let redis = RedisStore::connect(
+        &args.redis_url,
+        "hf",
+        // The daemon's default retention, so the baseline's arguments are
+        // the daemon's.
+        Duration::from_secs(86_400),
+        Default::default(),
+    )
+    .await
+    .ok();
+    let list = if args.workload.is_empty() && !args.probe.is_empty() {
+        Vec::new()
+    } else if args.workload.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        args.workload.clone()
+    };
+    let plan = Plan {
+        clients: args.clients,
+        duration: Duration::from_secs(args.duration),
+        rate: None,
+    };
+    println!(
+        "bench: clients={} connections={} duration={}s cores={} target={addr}",
+        args.clients,
+        args.connections,
+        args.duration,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for w in list {
+        workloads::setup(w, &channels[0], &caller)
+            .await
+            .with_context(|| format!("setting up {}", w.name()))?;
+        // A short warm-up: connections, script cache, pool grants.
+        let warm = Plan {
+            duration: Duration::from_secs(1),
+            ..plan.clone()
+        };
+        workloads::run(w, &channels, &warm, &caller).await;
+        let before = daemon.as_ref().map(|d| ServerStats::read(d.pid()));
+        let measured = workloads::run(w, &channels, &plan, &caller).await;
+        let server = match (&daemon, before) {
+            (Some(d), Some(Ok(b))) => ServerStats::read(d.pid()).ok().map(|a| a.since(&b)),
+            _ => None,
+        };
+        let mut line = Line::new(w, &measured, server);
+        if !args.no_baselines {
+            measure_baselines(
+                args,
+                w,
+                &channels,
+                &plan,
+                &caller,
+                redis.as_ref(),
+                dir,
+                &mut line,
+            )
+            .await;
+        }
+        line.print();
+    }
+    let metrics = daemon.as_ref().map(|d| format!("127.0.0.1:{}", d.metrics));
+    for probe in &args.probe {
+        workloads::setup(Workload::ClaimHot, &channels[0], &caller).await?;
+        probes::run(
+            *probe,
+            &channels,
+            &caller,
+            &args.redis_url,
+            metrics.as_deref(),
+            args.clients,
+            args.holds,
+        )
+        .await
+        .with_context(|| format!("probe {probe:?}"))?;
+    }
+    if let Some(d) = daemon.as_mut() {
+        d.stop();
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure_baselines(
+    args: &BenchArgs,
+    w: Workload,
+    channels: &[Channel],
+    plan: &Plan,
+    caller: &workloads::Caller,
+    redis: Option<&RedisStore>,
+    dir: &std::path::Path,
+    line: &mut Line,
+) {
+    let rpcs = f64::from(w.rpcs());
+    line.grpc_limit = Some(baselines::noop(channels, plan).await.rate() / rpcs);
+    if let Some(redis) = redis {
+        let tenant = TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant");
+        let argv = redis.one_unit_command(&tenant, w.claims(), &workloads::hot_pool(w, caller));
+        let (host, port) = host_port(&args.redis_url);
+        match baselines::redis_script(&host, port, args.clients, 100_000, &argv).await {
+            Ok(r) => line.redis_limit = Some(r / rpcs),
+            Err(e) => eprintln!("bench: redis baseline skipped: {e:#}"),
+        }
+    }
+    let alt = if w.claims() {
+        baselines::PgAlternative::HotRowClaim
+    } else {
+        baselines::PgAlternative::ReserveThenCommit
+    };
+    match baselines::pgbench(
+        &pgbench_path(),
+        &args.database_url,
+        dir,
+        &alt,
+        args.clients,
+        args.duration.min(10),
+    )
+    .await
+    {
+        Ok(r) => line.pg_alt = Some(r),
+        Err(e) => eprintln!("bench: pgbench baseline skipped: {e:#}"),
+    }
+    // Latency at half of the measured peak, beside the no-op's at the
+    // same rate.
+    let half = Plan {
+        rate: Some(line.rps / 2.0),
+        duration: Duration::from_secs((args.duration / 2).max(2)),
+        ..plan.clone()
+    };
+    let at_half = workloads::run(w, channels, &half, caller).await;
+    let noop_half = baselines::noop(
+        channels,
+        &Plan {
+            rate: Some(line.rps * rpcs / 2.0),
+            ..half.clone()
+        },
+    )
+    .await;
+    line.half_load_p99 = Some((at_half.ms(0.99), noop_half.ms(0.99)));
+}
+
+/// Host and port of a `redis://[user:pass@]host[:port][/db]` URL.
+fn host_port(url: &str) -> (String, u16) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.split('/').next().unwrap_or(rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    match rest.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(6379)),
+        None => (rest.to_string(), 6379),
+    }
+}
+
+/// pgbench from PATH, else from the newest Postgres bin folder.
+fn pgbench_path() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin/pgbench")).collect())
+        .unwrap_or_default();
+    found.retain(|p| p.exists());
+    found.sort();
+    found.pop().unwrap_or_else(|| PathBuf::from("pgbench"))
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let endpoint = Channel::from_shared(addr.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    for _ in 0..150 {
+        if let Ok(ch) = endpoint.connect().await {
+            return Ok(ch);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("cannot connect to {addr}")
+}
+
+/// The daemon the bench starts: this binary, `serve --dev`, as a child
+/// process so its CPU time and memory are its own.
+struct Daemon {
+    child: std::process::Child,
+    port: u16,
+    metrics: u16,
+}
+
+impl Daemon {
+    fn start(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let metrics = free_port()?;
+        let log = std::fs::File::create(dir.join("holdfast.log"))?;
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--dev", "--log-format", "text"])
+            .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+            .args(["--redis-url", &args.redis_url])
+            .args(["--database-url", &args.database_url])
+            // Grants big enough that neither holdfast nor the raw script
+            // baseline waits on Postgres mid-run (the default chunk of
+            // 1,000 adds one grant per 1,000 units, off the hot path).
+            .args(["--grant-chunk", "10000000"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start holdfast serve")?;
+        Ok(Self {
+            child,
+            port,
+            metrics,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

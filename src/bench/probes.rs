@@ -1,0 +1,284 @@
+//! Measurements beside the workloads: Redis memory per active hold, what
+//! a 100-line reserve costs against ten single-line ones, and a burst of
+//! holds expiring in the same second (sweeper lag, and claims meanwhile).
+
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use redis::AsyncCommands;
+use tonic::transport::Channel;
+
+use super::load::{Plan, drive};
+use super::workloads::{Caller, Workload};
+use crate::grpc::pb;
+
+/// A probe's name on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Probe {
+    /// Redis bytes per active single-line hold (INFO memory over N holds).
+    Memory,
+    /// One 100-line reserve against ten single-line reserves.
+    Batch,
+    /// N holds expiring within the same second: sweeper lag, claim rate.
+    Expiry,
+}
+
+fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        reservation_id: id,
+        reference: String::new(),
+        lines: products
+            .iter()
+            .map(|p| pb::ReservationLine {
+                key: Some(pb::StockKey {
+                    product_id: p.clone(),
+                    variant_id: String::new(),
+                }),
+                quantity: 1,
+            })
+            .collect(),
+        ttl: Some(prost_types::Duration {
+            seconds: (ttl_ms / 1000) as i64,
+            nanos: ((ttl_ms % 1000) * 1_000_000) as i32,
+        }),
+    }
+}
+
+async fn stock(ch: &Channel, c: &Caller, product: &str, on_hand: i64) -> anyhow::Result<()> {
+    pb::reservation_service_client::ReservationServiceClient::new(ch.clone())
+        .set_stock(c.req(pb::SetStockRequest {
+            key: Some(pb::StockKey {
+                product_id: product.into(),
+                variant_id: String::new(),
+            }),
+            on_hand,
+            adjustment_id: format!("a{}{product}", c.tag),
+            reason: "bench".into(),
+        }))
+        .await?;
+    Ok(())
+}
+
+/// Makes `n` single-line holds of `product` from `clients` tasks, each
+/// with `ttl_ms(i)`; returns how many were made.
+async fn make_holds(
+    channels: &[Channel],
+    c: &Caller,
+    product: &str,
+    prefix: &str,
+    n: u64,
+    clients: usize,
+    ttl_ms: impl Fn() -> u64 + Send + Sync + 'static,
+) -> u64 {
+    let plan = Plan {
+        clients,
+        duration: Duration::from_secs(120),
+        rate: None,
+    };
+    let (c2, product, prefix) = (c.clone(), vec![product.to_string()], prefix.to_string());
+    let ttl_ms = std::sync::Arc::new(ttl_ms);
+    let run = drive(channels, &plan, move |ch, i| {
+        let (c, product, prefix, ttl_ms) =
+            (c2.clone(), product.clone(), prefix.clone(), ttl_ms.clone());
+        async move {
+            if i >= n {
+                return Err(tonic::Status::cancelled("done"));
+            }
+            let req = reserve_req(format!("{prefix}{i}"), &product, ttl_ms());
+            pb::reservation_service_client::ReservationServiceClient::new(ch)
+                .reserve(c.req(req))
+                .await?;
+            Ok(super::load::Done::ok("held", 1))
+        }
+    })
+    .await;
+    run.units
+}
+
+/// The sweeper-lag histogram's cumulative buckets from the daemon's
+/// /metrics: (upper bound in seconds, count).
+async fn sweeper_buckets(metrics: &str) -> Vec<(f64, f64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(metrics).await else {
+        return Vec::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body).await;
+    body.lines()
+        .filter_map(|l| l.strip_prefix("holdfast_sweeper_lag_seconds_bucket{le=\""))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound at or below which 99% of the observations between two
+/// scrapes fall.
+fn p99_between(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let was = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, n)| *n);
+            (*le, n - was)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    (total > 0.0).then(|| {
+        delta
+            .iter()
+            .find(|(_, n)| *n >= 0.99 * total)
+            .map(|(le, _)| *le)
+    })?
+}
+
+async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<i64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(con).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no used_memory in INFO"))
+}
+
+/// Runs `probe` and prints its `bench-probe:` line.
+pub async fn run(
+    probe: Probe,
+    channels: &[Channel],
+    c: &Caller,
+    redis_url: &str,
+    metrics: Option<&str>,
+    clients: usize,
+    holds: u64,
+) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let ch = &channels[0];
+    match probe {
+        Probe::Memory => {
+            let product = format!("mem{}", c.tag);
+            stock(ch, c, &product, holds as i64 * 2).await?;
+            // One hold first, so the pool and scripts exist before counting.
+            make_holds(channels, c, &product, &format!("m{}w", c.tag), 1, 1, || {
+                600_000
+            })
+            .await;
+            let before = used_memory(&mut con).await?;
+            let made = make_holds(
+                channels,
+                c,
+                &product,
+                &format!("m{}n", c.tag),
+                holds,
+                clients,
+                || 600_000,
+            )
+            .await;
+            let after = used_memory(&mut con).await?;
+            let active: u64 = con.zcard("hf:{dev}:exp").await?;
+            println!(
+                "bench-probe: memory holds={made} active_holds={active} bytes_per_hold={:.0}",
+                (after - before) as f64 / made.max(1) as f64
+            );
+        }
+        Probe::Batch => {
+            let products: Vec<String> = (0..100).map(|i| format!("bt{}p{i}", c.tag)).collect();
+            for p in &products {
+                stock(ch, c, p, 1_000_000).await?;
+            }
+            let mut client =
+                pb::reservation_service_client::ReservationServiceClient::new(ch.clone());
+            let rounds = 200u32;
+            // Warm both paths, then time them one call at a time.
+            for (i, n) in [(0u32, 100usize), (1, 1)] {
+                client
+                    .reserve(c.req(reserve_req(
+                        format!("bw{}{i}", c.tag),
+                        &products[..n],
+                        60_000,
+                    )))
+                    .await?;
+            }
+            let started = Instant::now();
+            for r in 0..rounds {
+                client
+                    .reserve(c.req(reserve_req(format!("bb{}{r}", c.tag), &products, 60_000)))
+                    .await?;
+            }
+            let batch = started.elapsed() / rounds;
+            let started = Instant::now();
+            for r in 0..rounds * 10 {
+                let p = &products[(r % 100) as usize..(r % 100) as usize + 1];
+                client
+                    .reserve(c.req(reserve_req(format!("bs{}{r}", c.tag), p, 60_000)))
+                    .await?;
+            }
+            let single = started.elapsed() / rounds;
+            println!(
+                "bench-probe: batch lines=100 batch_us={} ten_single_us={} ratio={:.2}",
+                batch.as_micros(),
+                single.as_micros(),
+                batch.as_secs_f64() / single.as_secs_f64()
+            );
+        }
+        Probe::Expiry => {
+            let product = format!("exp{}", c.tag);
+            stock(ch, c, &product, holds as i64 * 2).await?;
+            // Every hold expires at the same wall-clock second, however
+            // long making them takes (at most 60 s from now).
+            let target = std::time::SystemTime::now() + Duration::from_secs(60);
+            let made = make_holds(
+                channels,
+                c,
+                &product,
+                &format!("x{}n", c.tag),
+                holds,
+                clients,
+                move || {
+                    target
+                        .duration_since(std::time::SystemTime::now())
+                        .map_or(1_000, |d| d.as_millis().max(1_000) as u64)
+                },
+            )
+            .await;
+            let claim_plan = Plan {
+                clients,
+                duration: Duration::from_secs(3),
+                rate: None,
+            };
+            let normal = super::workloads::run(Workload::ClaimHot, channels, &claim_plan, c).await;
+            let wait = target
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+                .saturating_sub(Duration::from_millis(500));
+            let lag_before = match metrics {
+                Some(m) => sweeper_buckets(m).await,
+                None => Vec::new(),
+            };
+            tokio::time::sleep(wait).await;
+            let during = super::workloads::run(Workload::ClaimHot, channels, &claim_plan, c).await;
+            let left: u64 = con.zcard("hf:{dev}:exp").await?;
+            let lag_after = match metrics {
+                Some(m) => sweeper_buckets(m).await,
+                None => Vec::new(),
+            };
+            let p99 = p99_between(&lag_before, &lag_after)
+                .map_or("unknown".to_string(), |s| format!("<={s}"));
+            println!(
+                "bench-probe: expiry holds={made} sweeper_lag_p99_s={p99} still_active_after_3s={left} claim_rate_before={:.0} claim_rate_during={:.0} ratio={:.2}",
+                normal.rate(),
+                during.rate(),
+                during.rate() / normal.rate()
+            );
+        }
+    }
+    Ok(())
+}

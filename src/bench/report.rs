@@ -1,0 +1,138 @@
+//! One workload's figures, printed as a detail line and the summary line
+//! the issue asks for:
+//! `bench: workload=W rps=X redis_limit=R grpc_limit=G pg_alt=P ratio_limit=... ratio_pg=...`
+
+use super::load::Run;
+use super::workloads::Workload;
+
+/// The server process's CPU time and peak memory, from /proc.
+pub struct ServerStats {
+    /// CPU seconds (user + system).
+    pub cpu_secs: f64,
+    /// Peak resident memory (VmHWM), KiB.
+    pub peak_rss_kib: u64,
+}
+
+impl ServerStats {
+    /// Reads `pid`'s counters (Linux).
+    pub fn read(pid: u32) -> std::io::Result<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces): utime is
+        // the 14th field overall, stime the 15th, in clock ticks (100/s on
+        // Linux's usual USER_HZ).
+        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let peak_rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        Ok(Self {
+            cpu_secs: (ticks(11) + ticks(12)) / 100.0,
+            peak_rss_kib,
+        })
+    }
+
+    /// CPU used since `before`; the peak as it stands now.
+    pub fn since(self, before: &ServerStats) -> ServerStats {
+        ServerStats {
+            cpu_secs: self.cpu_secs - before.cpu_secs,
+            peak_rss_kib: self.peak_rss_kib,
+        }
+    }
+}
+
+/// One workload's report.
+pub struct Line {
+    pub workload: Workload,
+    /// Operations per second (a two-step workload's pair counts once).
+    pub rps: f64,
+    pub units_per_sec: f64,
+    pub p: [f64; 5],
+    pub outcomes: String,
+    pub server: Option<ServerStats>,
+    pub elapsed_secs: f64,
+    pub redis_limit: Option<f64>,
+    pub grpc_limit: Option<f64>,
+    pub pg_alt: Option<f64>,
+    /// p99 at half the peak rate: (holdfast, no-op), ms.
+    pub half_load_p99: Option<(f64, f64)>,
+}
+
+impl Line {
+    pub fn new(workload: Workload, run: &Run, server: Option<ServerStats>) -> Self {
+        let secs = run.elapsed.as_secs_f64();
+        Self {
+            workload,
+            rps: run.rate(),
+            units_per_sec: run.units as f64 / secs,
+            p: [0.5, 0.9, 0.99, 0.999, 1.0].map(|q| run.ms(q)),
+            outcomes: run
+                .outcomes
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            server,
+            elapsed_secs: secs,
+            redis_limit: None,
+            grpc_limit: None,
+            pg_alt: None,
+            half_load_p99: None,
+        }
+    }
+
+    pub fn print(&self) {
+        let w = self.workload.name();
+        let server = self
+            .server
+            .as_ref()
+            .map_or(String::from("server=external"), |s| {
+                format!(
+                    "server_cpu={:.0}% server_peak_rss_mib={:.1}",
+                    100.0 * s.cpu_secs / self.elapsed_secs,
+                    s.peak_rss_kib as f64 / 1024.0
+                )
+            });
+        let half = self.half_load_p99.map_or(String::new(), |(h, n)| {
+            format!(
+                " p99_at_half_ms={h:.2} noop_p99_at_half_ms={n:.2} ratio_p99_half={:.2}",
+                h / n
+            )
+        });
+        println!(
+            "bench-detail: workload={w} ops_per_sec={:.0} units_per_sec={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} outcomes={} {server}{half}",
+            self.rps,
+            self.units_per_sec,
+            self.p[0],
+            self.p[1],
+            self.p[2],
+            self.p[3],
+            self.p[4],
+            self.outcomes
+        );
+        let num = |v: Option<f64>| v.map_or("NaN".to_string(), |v| format!("{v:.0}"));
+        let ratio =
+            |v: Option<f64>| v.map_or("NaN".to_string(), |v| format!("{:.2}", self.rps / v));
+        let limit = match (self.redis_limit, self.grpc_limit) {
+            (Some(r), Some(g)) => Some(r.min(g)),
+            (r, g) => r.or(g),
+        };
+        println!(
+            "bench: workload={w} rps={:.0} redis_limit={} grpc_limit={} pg_alt={} ratio_limit={} ratio_pg={}",
+            self.rps,
+            num(self.redis_limit),
+            num(self.grpc_limit),
+            num(self.pg_alt),
+            ratio(limit),
+            ratio(self.pg_alt)
+        );
+    }
+}

@@ -1,0 +1,392 @@
+//! The named workloads: each sets up what it needs through the public API
+//! (as a user would) and then drives one hot operation.
+
+use std::sync::Arc;
+
+use clap::ValueEnum;
+use tonic::Request;
+use tonic::transport::Channel;
+
+use super::load::{Done, Plan, Run, drive};
+use crate::grpc::pb::{self, Outcome};
+
+/// A workload's name on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Flash-sale claims of one unit of one hot product (never sells out).
+    ClaimHot,
+    /// The same, on a cap of 1,000 units: sells out early.
+    ClaimSellout,
+    /// Claims spread over 10,000 products.
+    Claim10k,
+    /// Reserve one unit of stock, then consume the reservation.
+    ReserveCommit,
+    /// Reserve one unit of stock, then release it.
+    ReserveRelease,
+    /// Sale lock on a distinct card, then complete it.
+    LockComplete,
+    /// Reserve a time-window slot, then confirm it.
+    SlotConfirm,
+}
+
+impl Workload {
+    /// Every workload, in report order.
+    pub const ALL: [Workload; 7] = [
+        Workload::ClaimHot,
+        Workload::ClaimSellout,
+        Workload::Claim10k,
+        Workload::ReserveCommit,
+        Workload::ReserveRelease,
+        Workload::LockComplete,
+        Workload::SlotConfirm,
+    ];
+
+    /// The name, as typed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::ClaimHot => "claim-hot",
+            Workload::ClaimSellout => "claim-sellout",
+            Workload::Claim10k => "claim-10k",
+            Workload::ReserveCommit => "reserve-commit",
+            Workload::ReserveRelease => "reserve-release",
+            Workload::LockComplete => "lock-complete",
+            Workload::SlotConfirm => "slot-confirm",
+        }
+    }
+
+    /// RPCs per operation (two-step workloads make two).
+    pub fn rpcs(self) -> u32 {
+        match self {
+            Workload::ClaimHot | Workload::ClaimSellout | Workload::Claim10k => 1,
+            _ => 2,
+        }
+    }
+
+    /// True when the hot script is `claim.lua` (else `reserve.lua`).
+    pub fn claims(self) -> bool {
+        self.rpcs() == 1
+    }
+}
+
+/// Who calls, with what key, under which tag (every id of a run carries
+/// it, so runs never collide).
+#[derive(Clone)]
+pub struct Caller {
+    pub key: Option<Arc<str>>,
+    pub tag: Arc<str>,
+}
+
+impl Caller {
+    /// `msg` with the caller's key, if any.
+    pub fn req<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        if let Some(key) = &self.key
+            && let Ok(v) = format!("Bearer {key}").parse()
+        {
+            req.metadata_mut().insert("authorization", v);
+        }
+        req
+    }
+}
+
+/// Cards engaged for `lock-complete` (each operation sells one).
+const CARDS: u64 = 40_000;
+/// Sales and products per sale of `claim-10k`.
+const SALES_10K: u64 = 20;
+const PRODUCTS_PER_SALE: u64 = 500;
+
+fn sale(id: String, products: Vec<(String, i64)>) -> pb::CreateSaleRequest {
+    let now = chrono::Utc::now().timestamp();
+    pb::CreateSaleRequest {
+        sale_id: id.clone(),
+        name: id,
+        starts_at: Some(prost_types::Timestamp {
+            seconds: now - 60,
+            nanos: 0,
+        }),
+        ends_at: Some(prost_types::Timestamp {
+            seconds: now + 24 * 3600,
+            nanos: 0,
+        }),
+        products: products
+            .into_iter()
+            .map(|(product_id, cap)| pb::SaleProduct {
+                product_id,
+                unit_cap: Some(cap),
+            })
+            .collect(),
+        per_customer_limit: 0,
+    }
+}
+
+fn ttl(seconds: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds, nanos: 0 })
+}
+
+/// The pool the workload's Redis baseline exercises, as the engine names
+/// it (for the `claim.lua` / `reserve.lua` command line).
+pub fn hot_pool(w: Workload, caller: &Caller) -> String {
+    let tag = &caller.tag;
+    match w {
+        Workload::ClaimHot | Workload::ClaimSellout | Workload::Claim10k => {
+            format!("sale/b{tag}hot/hot")
+        }
+        _ => format!("stock/sku{tag}"),
+    }
+}
+
+/// Creates a sale; one that exists already (an earlier workload of the
+/// run made it) is fine.
+async fn create_sale(
+    flash: &mut pb::flash_sale_service_client::FlashSaleServiceClient<Channel>,
+    caller: &Caller,
+    req: pb::CreateSaleRequest,
+) -> anyhow::Result<()> {
+    match flash.create_sale(caller.req(req)).await {
+        Err(s) if s.code() != tonic::Code::AlreadyExists => Err(s.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Creates what `w` needs. Runs once, before the clock starts.
+pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result<()> {
+    let tag = &caller.tag;
+    let mut flash = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch.clone());
+    // The hot sale and stock exist for every workload: the Redis baseline
+    // runs against them.
+    create_sale(
+        &mut flash,
+        caller,
+        sale(format!("b{tag}hot"), vec![("hot".into(), 100_000_000)]),
+    )
+    .await?;
+    let mut stock = pb::reservation_service_client::ReservationServiceClient::new(ch.clone());
+    stock
+        .set_stock(caller.req(pb::SetStockRequest {
+            key: Some(pb::StockKey {
+                product_id: format!("sku{tag}"),
+                variant_id: String::new(),
+            }),
+            on_hand: 1_000_000,
+            adjustment_id: format!("a{tag}"),
+            reason: "bench".into(),
+        }))
+        .await?;
+    match w {
+        Workload::ClaimSellout => {
+            create_sale(
+                &mut flash,
+                caller,
+                sale(format!("b{tag}out"), vec![("hot".into(), 1_000)]),
+            )
+            .await?;
+        }
+        Workload::Claim10k => {
+            for s in 0..SALES_10K {
+                let products = (0..PRODUCTS_PER_SALE)
+                    .map(|p| (format!("p{p}"), 1_000_000))
+                    .collect();
+                create_sale(&mut flash, caller, sale(format!("b{tag}k{s}"), products)).await?;
+            }
+        }
+        Workload::LockComplete => {
+            let mut channels = pb::channel_service_client::ChannelServiceClient::new(ch.clone());
+            for batch in 0..CARDS / 5_000 {
+                let cards = (batch * 5_000..(batch + 1) * 5_000)
+                    .map(|c| pb::EngageCard {
+                        card_id: format!("c{tag}n{c}"),
+                        external_ref: String::new(),
+                        metadata_json: String::new(),
+                    })
+                    .collect();
+                channels
+                    .engage(caller.req(pb::EngageRequest {
+                        channel: "storefront".into(),
+                        cards,
+                    }))
+                    .await?;
+            }
+        }
+        Workload::SlotConfirm => {
+            let mut slots = pb::slot_service_client::SlotServiceClient::new(ch.clone());
+            slots
+                .set_venue(caller.req(pb::SetVenueRequest {
+                    venue_id: format!("v{tag}"),
+                    time_zone: "UTC".into(),
+                    window_minutes: 60,
+                }))
+                .await?;
+            let hours = (1..=7)
+                .flat_map(|weekday| {
+                    (0..24).map(move |hour| pb::HourSlots {
+                        weekday,
+                        hour,
+                        slots_per_hour: 1_000_000,
+                    })
+                })
+                .collect();
+            slots
+                .set_schedule(caller.req(pb::SetScheduleRequest {
+                    venue_id: format!("v{tag}"),
+                    hours,
+                }))
+                .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Drives `w` over `channels` per `plan`.
+pub async fn run(w: Workload, channels: &[Channel], plan: &Plan, caller: &Caller) -> Run {
+    let c = caller.clone();
+    match w {
+        Workload::ClaimHot | Workload::ClaimSellout | Workload::Claim10k => {
+            drive(channels, plan, move |ch, n| {
+                let c = c.clone();
+                async move {
+                    let tag = &c.tag;
+                    let (sale_id, product) = match w {
+                        Workload::ClaimHot => (format!("b{tag}hot"), "hot".to_string()),
+                        Workload::ClaimSellout => (format!("b{tag}out"), "hot".to_string()),
+                        _ => (
+                            format!("b{tag}k{}", n % SALES_10K),
+                            format!("p{}", (n / SALES_10K) % PRODUCTS_PER_SALE),
+                        ),
+                    };
+                    let r = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch)
+                        .claim(c.req(pb::ClaimRequest {
+                            claim_id: format!("c{tag}n{n}"),
+                            sale_id,
+                            customer_id: String::new(),
+                            lines: vec![pb::ClaimLine {
+                                product_id: product,
+                                quantity: 1,
+                            }],
+                        }))
+                        .await?
+                        .into_inner();
+                    Ok(match r.outcome() {
+                        Outcome::Ok => Done::ok("claimed", 1),
+                        Outcome::SoldOut => Done::ok("sold_out", 0),
+                        _ => Done::ok("other", 0),
+                    })
+                }
+            })
+            .await
+        }
+        Workload::ReserveCommit | Workload::ReserveRelease => {
+            drive(channels, plan, move |ch, n| {
+                let c = c.clone();
+                async move { reserve_then(w, ch, n, &c).await }
+            })
+            .await
+        }
+        Workload::LockComplete => {
+            drive(channels, plan, move |ch, n| {
+                let c = c.clone();
+                async move { lock_then_complete(ch, n, &c).await }
+            })
+            .await
+        }
+        Workload::SlotConfirm => {
+            drive(channels, plan, move |ch, n| {
+                let c = c.clone();
+                async move { slot_then_confirm(ch, n, &c).await }
+            })
+            .await
+        }
+    }
+}
+
+async fn reserve_then(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
+    let tag = &c.tag;
+    let mut client = pb::reservation_service_client::ReservationServiceClient::new(ch);
+    let id = format!("r{tag}n{n}");
+    let r = client
+        .reserve(c.req(pb::ReserveRequest {
+            reservation_id: id.clone(),
+            reference: String::new(),
+            lines: vec![pb::ReservationLine {
+                key: Some(pb::StockKey {
+                    product_id: format!("sku{tag}"),
+                    variant_id: String::new(),
+                }),
+                quantity: 1,
+            }],
+            ttl: ttl(60),
+        }))
+        .await?
+        .into_inner();
+    if r.outcome() != pb::ReserveOutcome::Reserved {
+        return Ok(Done::ok("short", 0));
+    }
+    if w == Workload::ReserveCommit {
+        client
+            .consume_reservation(c.req(pb::ConsumeReservationRequest {
+                reservation_id: id,
+                order_id: format!("o{n}"),
+            }))
+            .await?;
+        Ok(Done::ok("consumed", 1))
+    } else {
+        client
+            .release_reservation(c.req(pb::ReleaseReservationRequest { reservation_id: id }))
+            .await?;
+        Ok(Done::ok("released", 0))
+    }
+}
+
+async fn lock_then_complete(ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
+    if n >= CARDS {
+        return Ok(Done::ok("no_cards_left", 0));
+    }
+    let tag = &c.tag;
+    let mut client = pb::sale_lock_service_client::SaleLockServiceClient::new(ch);
+    let lock_ref = format!("l{tag}n{n}");
+    let r = client
+        .acquire_sale_locks(c.req(pb::AcquireSaleLocksRequest {
+            lock_ref: lock_ref.clone(),
+            channel: "storefront".into(),
+            card_ids: vec![format!("c{tag}n{n}")],
+            ttl: ttl(60),
+        }))
+        .await?
+        .into_inner();
+    if r.outcome() != pb::AcquireOutcome::Acquired {
+        return Ok(Done::ok("conflict", 0));
+    }
+    client
+        .complete_sale_locks(c.req(pb::CompleteSaleLocksRequest {
+            lock_ref,
+            order_id: format!("o{n}"),
+        }))
+        .await?;
+    Ok(Done::ok("sold", 1))
+}
+
+async fn slot_then_confirm(ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
+    let tag = &c.tag;
+    let mut client = pb::slot_service_client::SlotServiceClient::new(ch);
+    let id = format!("s{tag}n{n}");
+    let r = client
+        .reserve_slot(c.req(pb::ReserveSlotRequest {
+            reservation_id: id.clone(),
+            venue_id: format!("v{tag}"),
+            at: None,
+            ttl: ttl(60),
+            reference: String::new(),
+        }))
+        .await?
+        .into_inner();
+    if r.outcome() != pb::SlotOutcome::Reserved {
+        return Ok(Done::ok("full", 0));
+    }
+    client
+        .confirm_slot(c.req(pb::ConfirmSlotRequest {
+            reservation_id: id,
+            payment_id: format!("p{n}"),
+        }))
+        .await?;
+    Ok(Done::ok("confirmed", 1))
+}
