@@ -101,6 +101,17 @@ impl Line {
                     s.peak_rss_kib as f64 / 1024.0
                 )
             });
+        // Redis and the gRPC stack share this machine's cores with the
+        // load generator: holdfast pays both costs at once, so beside
+        // min(R, G) the report gives the bound of doing both in series.
+        let serial = match (self.redis_limit, self.grpc_limit) {
+            (Some(r), Some(g)) => format!(
+                " serial_limit={:.0} ratio_serial={:.2}",
+                1.0 / (1.0 / r + 1.0 / g),
+                self.rps * (1.0 / r + 1.0 / g)
+            ),
+            _ => String::new(),
+        };
         let half = self.half_load_p99.map_or(String::new(), |(h, n)| {
             format!(
                 " p99_at_half_ms={h:.2} noop_p99_at_half_ms={n:.2} ratio_p99_half={:.2}",
@@ -108,7 +119,7 @@ impl Line {
             )
         });
         println!(
-            "bench-detail: workload={w} ops_per_sec={:.0} units_per_sec={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} outcomes={} {server}{half}",
+            "bench-detail: workload={w} ops_per_sec={:.0} units_per_sec={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} outcomes={} {server}{serial}{half}",
             self.rps,
             self.units_per_sec,
             self.p[0],
