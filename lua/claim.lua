@@ -22,7 +22,7 @@ expire_due(now)
 
 -- 2. A repeated id answers as the first time; then every rule.
 local lines = cjson.decode(lines_arg)
-local stop = admit(hk, rq, lines, now, ck, limit)
+local stop = busy_if_due(admit(hk, rq, lines, now, ck, limit), now)
 if stop then
   return stop
 end

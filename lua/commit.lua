@@ -19,6 +19,7 @@ local hk = P .. 'hold:' .. hold_id
 -- 1. Time, and expired holds out of the way (this one too, if its time is up).
 local now = now_ms()
 expire_due(now)
+expire_hold(hold_id, now)
 
 -- 2. Is there an active hold to commit?
 local st = hold_state(hk, job)

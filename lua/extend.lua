@@ -18,6 +18,7 @@ local hk = P .. 'hold:' .. hold_id
 -- 1. Time, and expired holds out of the way.
 local now = now_ms()
 expire_due(now)
+expire_hold(hold_id, now)
 
 -- 2. Checks: an active hold, a retry, the extension budget.
 local h = redis.call('HMGET', hk, 'st', 'ext', 'xid', 'exp', 'job', 'ln', 'ref')

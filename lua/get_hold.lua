@@ -9,6 +9,7 @@
 
 local hk = P .. 'hold:' .. ARGV[4]
 expire_due(now_ms())
+expire_hold(ARGV[4], now_ms())
 if not hold_state(hk, ARGV[5]) then
   return { 'NO_HOLD' }
 end

@@ -116,17 +116,38 @@ end
 
 -- Finalises every hold whose time is up (at most `limit`, or all when
 -- limit is nil), so no script ever counts an expired hold. Returns how many.
+-- Finalises up to `limit` (default DUE_LIMIT) of the tenant's due holds,
+-- oldest first; returns how many. Bounded so that a burst of expiries (100k
+-- holds ending in the same second) never makes one script block Redis: the
+-- sweeper finishes them in batches, and a take that comes up short while
+-- some are still due answers BUSY (see busy_if_due) instead of refusing.
+local DUE_LIMIT = 100
 local function expire_due(now, limit)
-  local due
-  if limit then
-    due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, limit)
-  else
-    due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now)
-  end
+  local due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, limit or DUE_LIMIT)
   for _, id in ipairs(due) do
     finish(id, 'E', now, 'expired')
   end
   return #due
+end
+
+-- Finalises one hold if it is due, whatever else is: an operation on a
+-- hold must see it expired the instant its time is up.
+local function expire_hold(id, now)
+  local at = redis.call('ZSCORE', P .. 'exp', id)
+  if at and tonumber(at) <= now then
+    finish(id, 'E', now, 'expired')
+  end
+end
+
+-- A refusal that units of unfinalised expired holds might turn around
+-- becomes { 'BUSY' }: the engine sweeps and retries, so expired holds
+-- never block a take, even in a burst.
+local function busy_if_due(stop, now)
+  if stop and (stop[1] == 'SHORT' or stop[1] == 'CUSTOMER_LIMIT' or stop[1] == 'TOO_MANY_HOLDS')
+      and #redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, 1) > 0 then
+    return { 'BUSY' }
+  end
+  return stop
 end
 
 -- Checks that every line (a list of {pool_id, qty}) can be taken now.

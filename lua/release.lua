@@ -13,6 +13,7 @@ local hk = P .. 'hold:' .. hold_id
 -- 1. Time, and expired holds out of the way.
 local now = now_ms()
 expire_due(now)
+expire_hold(hold_id, now)
 
 -- 2. Only an active hold changes; a finished one answers as it is.
 local st = hold_state(hk, job)

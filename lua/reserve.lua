@@ -26,13 +26,13 @@ expire_due(now)
 
 -- 2. A repeated id answers as the first time; then every rule, before any write.
 local lines = cjson.decode(lines_arg)
-local stop = admit(hk, rq, lines, now, ck, limit)
+local stop = busy_if_due(admit(hk, rq, lines, now, ck, limit), now)
 if stop then
   return stop
 end
 local active = redis.call('ZCARD', P .. 'exp')
 if active >= max_active then
-  return { 'TOO_MANY_HOLDS', tostring(active) }
+  return busy_if_due({ 'TOO_MANY_HOLDS', tostring(active) }, now)
 end
 
 -- 3. Take the units; the pool remembers its latest holder (which names the

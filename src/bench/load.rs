@@ -46,13 +46,15 @@ impl Run {
     }
 }
 
-/// How to drive: clients, connections, for how long, and optionally at
-/// what total rate (calls per second) instead of as fast as possible.
+/// How to drive: clients, for how long (or how many calls, whichever
+/// ends first), and optionally at what total rate (calls per second)
+/// instead of as fast as possible.
 #[derive(Clone)]
 pub struct Plan {
     pub clients: usize,
     pub duration: Duration,
     pub rate: Option<f64>,
+    pub max_calls: Option<u64>,
 }
 
 /// Runs `op(channel, n)` (n: a number unique to the call, for ids) from
@@ -71,6 +73,7 @@ where
         let channel = channels[c % channels.len()].clone();
         let op = op.clone();
         let next = next.clone();
+        let max_calls = plan.max_calls;
         let pace = plan
             .rate
             .map(|r| Duration::from_secs_f64(plan.clients as f64 / r.max(1.0)));
@@ -88,6 +91,9 @@ where
                     t.tick().await;
                 }
                 let n = next.fetch_add(1, Ordering::Relaxed);
+                if max_calls.is_some_and(|m| n >= m) {
+                    break;
+                }
                 let t0 = Instant::now();
                 let result = op(channel.clone(), n).await;
                 let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);

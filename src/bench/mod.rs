@@ -138,6 +138,7 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         clients: args.clients,
         duration: Duration::from_secs(args.duration),
         rate: None,
+        max_calls: None,
     };
     println!(
         "bench: clients={} connections={} duration={}s cores={} target={addr}",

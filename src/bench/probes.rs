@@ -74,6 +74,7 @@ async fn make_holds(
         clients,
         duration: Duration::from_secs(120),
         rate: None,
+        max_calls: Some(n),
     };
     let (c2, product, prefix) = (c.clone(), vec![product.to_string()], prefix.to_string());
     let ttl_ms = std::sync::Arc::new(ttl_ms);
@@ -81,9 +82,6 @@ async fn make_holds(
         let (c, product, prefix, ttl_ms) =
             (c2.clone(), product.clone(), prefix.clone(), ttl_ms.clone());
         async move {
-            if i >= n {
-                return Err(tonic::Status::cancelled("done"));
-            }
             let req = reserve_req(format!("{prefix}{i}"), &product, ttl_ms());
             pb::reservation_service_client::ReservationServiceClient::new(ch)
                 .reserve(c.req(req))
@@ -253,6 +251,7 @@ pub async fn run(
                 clients,
                 duration: Duration::from_secs(3),
                 rate: None,
+                max_calls: None,
             };
             let normal = super::workloads::run(Workload::ClaimHot, channels, &claim_plan, c).await;
             let wait = target

@@ -30,6 +30,10 @@ use crate::telemetry::metric;
 /// How many times a take is retried after granting missing pools. One
 /// grant settles a pool, so a second "need grant" means a concurrent reload.
 const GRANT_ATTEMPTS: usize = 3;
+/// Holds one sweep script finalises, and how many such batches one
+/// [`Engine::finish_due`] runs at most (200,000 holds).
+const SWEEP_BATCH: u32 = 500;
+const SWEEP_BATCHES: usize = 400;
 
 /// A pool's counts across Redis and Postgres.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +165,10 @@ impl Engine {
                 }
             };
             self.circuit.success();
+            if let HoldReply::Busy = reply {
+                self.finish_due(tenant).await?;
+                continue;
+            }
             if let HoldReply::NeedGrant(pools) = &reply {
                 let needed: Vec<(PoolId, i64)> = take
                     .lines
@@ -178,6 +186,27 @@ impl Engine {
         }
         Err(Error::Unavailable(
             "pools kept changing while being loaded; retry with the same id".into(),
+        ))
+    }
+
+    /// Finalises the tenant's expired holds in bounded batches (each one
+    /// short script, so Redis keeps serving everyone else meanwhile) until
+    /// none is due: the sweeper's round, and what a take answered BUSY
+    /// waits for.
+    pub async fn finish_due(&self, tenant: &TenantId) -> Result<(), Error> {
+        for _ in 0..SWEEP_BATCHES {
+            let (finalised, still_due, lag_ms) = self.redis.sweep(tenant, SWEEP_BATCH).await?;
+            if finalised > 0 {
+                metrics::counter!(metric::ENGINE_OUTCOMES, "job" => "any", "outcome" => "expired")
+                    .increment(finalised.unsigned_abs());
+                metrics::histogram!(metric::SWEEPER_LAG_SECONDS).record(lag_ms as f64 / 1000.0);
+            }
+            if still_due == 0 {
+                return Ok(());
+            }
+        }
+        Err(Error::Unavailable(
+            "too many holds are expiring at once to answer now; retry with the same id".into(),
         ))
     }
 

@@ -14,11 +14,7 @@ use tokio::sync::watch;
 use super::{Rounds, Tenants};
 use crate::domain::TenantId;
 use crate::engine::Engine;
-use crate::telemetry::metric;
 
-/// Most holds one script call finalises, so a burst of expiries never
-/// blocks Redis for long; the sweeper calls again while more are due.
-const BATCH: u32 = 500;
 /// The fallback's holds are swept every this many rounds (they are rare,
 /// and a Postgres round trip per tenant is not free).
 const FALLBACK_EVERY: u32 = 4;
@@ -49,21 +45,7 @@ pub async fn run(
 }
 
 async fn sweep_redis(engine: &Engine, tenant: &TenantId) {
-    loop {
-        match engine.redis().sweep(tenant, BATCH).await {
-            Ok((finalised, left, lag_ms)) => {
-                if finalised > 0 {
-                    metrics::counter!(metric::ENGINE_OUTCOMES, "job" => "any", "outcome" => "expired").increment(finalised.unsigned_abs());
-                    metrics::histogram!(metric::SWEEPER_LAG_SECONDS).record(lag_ms as f64 / 1000.0);
-                }
-                if left == 0 {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(%tenant, error = %e, "sweep failed; will retry");
-                return;
-            }
-        }
+    if let Err(e) = engine.finish_due(tenant).await {
+        tracing::warn!(%tenant, error = %e, "sweep failed; will retry");
     }
 }

@@ -37,4 +37,7 @@ pub enum HoldReply {
     StaleEpoch(PoolId),
     /// The tenant already has this many active holds, its limit.
     TooManyHolds(i64),
+    /// Refused, but expired holds still waiting to be finalised might have
+    /// freed what was missing: sweep, then ask again.
+    Busy,
 }

@@ -93,6 +93,7 @@ pub fn hold_reply(id: &HoldId, v: &Value) -> Result<HoldReply, Error> {
         }
         "CUSTOMER_LIMIT" => HoldReply::CustomerLimit(rest.first().and_then(int).ok_or_else(bad)?),
         "ID_REUSED" => HoldReply::IdReused,
+        "BUSY" => HoldReply::Busy,
         "TOO_MANY_HOLDS" => HoldReply::TooManyHolds(rest.first().and_then(int).ok_or_else(bad)?),
         "NO_HOLD" => HoldReply::NoHold,
         "NOT_ACTIVE_HOLD" => HoldReply::NotActiveHold(nested(0)?),
