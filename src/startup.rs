@@ -285,7 +285,7 @@ impl Application {
             )
             .add_service(EventServiceServer::new(events).max_decoding_message_size(max_request))
             .add_service(AdminServiceServer::new(admin).max_decoding_message_size(max_request))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal)
+            .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(self.grpc)), signal)
             .await;
 
         let _ = stop_tx.send(true);
@@ -344,4 +344,20 @@ async fn warn_about_redis_settings(redis: &RedisStore) {
         ),
     }
     let _: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut con).await;
+}
+
+/// Accepted connections with Nagle's algorithm off: otherwise a response
+/// written in more than one segment (a 100-line reservation's) waits for
+/// the client's delayed ACK, 40 ms per call (deploy/BENCHMARKS.md).
+fn nodelay(
+    incoming: TcpListenerStream,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    incoming.map(|s| {
+        s.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        })
+    })
 }
