@@ -57,6 +57,11 @@ pub struct Plan {
     pub max_calls: Option<u64>,
 }
 
+/// Call numbers, unique across every run of the process: warm-ups, runs and
+/// workloads never repeat an id (a repeat would be an idempotent replay, or
+/// a refusal, not the operation being measured).
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
 /// Runs `op(channel, n)` (n: a number unique to the call, for ids) from
 /// `plan.clients` tasks spread over `channels` until the time is up.
 pub async fn drive<F, Fut>(channels: &[Channel], plan: &Plan, op: F) -> Run
@@ -65,14 +70,13 @@ where
     Fut: Future<Output = Result<Done, tonic::Status>> + Send + 'static,
 {
     let op = Arc::new(op);
-    let next = Arc::new(AtomicU64::new(0));
+    let next = &NEXT;
     let started = Instant::now();
     let deadline = started + plan.duration;
     let mut tasks = Vec::with_capacity(plan.clients);
     for c in 0..plan.clients {
         let channel = channels[c % channels.len()].clone();
         let op = op.clone();
-        let next = next.clone();
         let max_calls = plan.max_calls;
         let pace = plan
             .rate
