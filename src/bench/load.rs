@@ -71,6 +71,7 @@ where
 {
     let op = Arc::new(op);
     let next = &NEXT;
+    let issued = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + plan.duration;
     let mut tasks = Vec::with_capacity(plan.clients);
@@ -78,6 +79,7 @@ where
         let channel = channels[c % channels.len()].clone();
         let op = op.clone();
         let max_calls = plan.max_calls;
+        let issued = issued.clone();
         let pace = plan
             .rate
             .map(|r| Duration::from_secs_f64(plan.clients as f64 / r.max(1.0)));
@@ -94,10 +96,10 @@ where
                 if let Some(t) = ticker.as_mut() {
                     t.tick().await;
                 }
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if max_calls.is_some_and(|m| n >= m) {
+                if max_calls.is_some_and(|m| issued.fetch_add(1, Ordering::Relaxed) >= m) {
                     break;
                 }
+                let n = next.fetch_add(1, Ordering::Relaxed);
                 let t0 = Instant::now();
                 let result = op(channel.clone(), n).await;
                 let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);

@@ -223,7 +223,7 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
                     (0..24).map(move |hour| pb::HourSlots {
                         weekday,
                         hour,
-                        slots_per_hour: 1_000_000,
+                        slots_per_hour: 100_000,
                     })
                 })
                 .collect();

@@ -69,6 +69,19 @@ impl FlashSales {
     /// Creates a sale (idempotent by sale id and definition).
     pub async fn create_sale(&self, tenant: &TenantId, sale: NewSale) -> Result<SaleView, Error> {
         let stored = self.engine.pg().create_sale(tenant, &sale).await?;
+        // Grant every pool to Redis now rather than on each pool's first
+        // claim: grants are serial, so a stampede over thousands of fresh
+        // pools would queue behind them (deploy/BENCHMARKS.md, claim-10k).
+        // The sale exists either way; a pool left ungranted is granted on
+        // first use.
+        let pools: Vec<PoolId> = stored
+            .products
+            .iter()
+            .map(|(p, _)| product_pool(&stored.sale_id, p))
+            .collect();
+        if let Err(e) = self.engine.sync(tenant, &pools).await {
+            tracing::warn!(%tenant, sale = %stored.sale_id, error = %e, "cannot grant the sale's pools yet; they are granted on first use");
+        }
         self.view(tenant, Arc::new(stored)).await
     }
 
