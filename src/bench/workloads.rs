@@ -18,6 +18,7 @@ pub enum Workload {
     /// The same, on a cap of 1,000 units: sells out early.
     ClaimSellout,
     /// Claims spread over 10,000 products.
+    #[value(name = "claim-10k")]
     Claim10k,
     /// Reserve one unit of stock, then consume the reservation.
     ReserveCommit,
