@@ -9,26 +9,10 @@ source "$(dirname "$0")/lib.sh"
 
 ensure_servers
 
-TMP="$(mktemp -d /tmp/holdfast-bench.XXXXXX)"
-chmod 755 "$TMP"
-REDIS_PORT="$(free_port)"
-PG_PORT="$(free_port)"
-cleanup() {
-  stop_redis "$TMP/redis" "$REDIS_PORT"
-  stop_postgres "$TMP/pg"
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
 log "cargo build --release"
 cargo build --manifest-path "$ROOT/Cargo.toml" --release --quiet
 
-log "starting Redis on 127.0.0.1:$REDIS_PORT and Postgres on 127.0.0.1:$PG_PORT"
-REDIS_AOF=no start_redis "$TMP/redis" "$REDIS_PORT"
-start_postgres "$TMP/pg" "$PG_PORT"
-
-export HOLDFAST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
-export HOLDFAST_DATABASE_URL="postgres://holdfast@127.0.0.1:$PG_PORT/holdfast"
+REDIS_AOF=no start_servers bench
 export PATH="$(pg_bindir):$PATH"
 
 log "holdfast bench $*"

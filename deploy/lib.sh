@@ -124,6 +124,23 @@ stop_postgres() {
   [ -f "$dir/postmaster.pid" ] && as_pg "$bin/pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 || true
 }
 
+# start_servers NAME: a Redis and a Postgres on free loopback ports in a
+# temporary folder, both stopped (and the folder removed) when the script
+# exits. Sets TMP, REDIS_PORT, PG_PORT, HOLDFAST_REDIS_URL and
+# HOLDFAST_DATABASE_URL. REDIS_AOF and PG_FSYNC pass through.
+start_servers() {
+  TMP="$(mktemp -d "/tmp/holdfast-$1.XXXXXX")"
+  chmod 755 "$TMP"
+  REDIS_PORT="$(free_port)"
+  PG_PORT="$(free_port)"
+  trap 'stop_redis "$TMP/redis" "$REDIS_PORT"; stop_postgres "$TMP/pg"; rm -rf "$TMP"' EXIT
+  log "starting Redis on 127.0.0.1:$REDIS_PORT and Postgres on 127.0.0.1:$PG_PORT"
+  start_redis "$TMP/redis" "$REDIS_PORT"
+  start_postgres "$TMP/pg" "$PG_PORT"
+  export HOLDFAST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+  export HOLDFAST_DATABASE_URL="postgres://holdfast@127.0.0.1:$PG_PORT/holdfast"
+}
+
 # A free TCP port on loopback.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'

@@ -11,17 +11,6 @@ source "$(dirname "$0")/lib.sh"
 ensure_servers
 ensure_py_tools
 
-TMP="$(mktemp -d /tmp/holdfast-test.XXXXXX)"
-chmod 755 "$TMP"
-REDIS_PORT="$(free_port)"
-PG_PORT="$(free_port)"
-cleanup() {
-  stop_redis "$TMP/redis" "$REDIS_PORT"
-  stop_postgres "$TMP/pg"
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
 log "buf lint"
 (cd "$ROOT/proto" && buf lint)
 
@@ -33,12 +22,9 @@ cargo fmt --manifest-path "$ROOT/Cargo.toml" --check
 log "cargo clippy"
 cargo clippy --manifest-path "$ROOT/Cargo.toml" --all-targets --quiet -- -D warnings
 
-log "starting Redis on 127.0.0.1:$REDIS_PORT and Postgres on 127.0.0.1:$PG_PORT"
-start_redis "$TMP/redis" "$REDIS_PORT"
-PG_FSYNC=off start_postgres "$TMP/pg" "$PG_PORT"
-
-export HOLDFAST_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
-export HOLDFAST_TEST_DATABASE_URL="postgres://holdfast@127.0.0.1:$PG_PORT/holdfast"
+PG_FSYNC=off start_servers test
+export HOLDFAST_TEST_REDIS_URL="$HOLDFAST_REDIS_URL"
+export HOLDFAST_TEST_DATABASE_URL="$HOLDFAST_DATABASE_URL"
 export PATH="$ROOT/target/debug:$PATH"
 
 # Show what tests print (the fault suite's per-scenario lines and its
