@@ -181,6 +181,24 @@ async fn find(
 
 /// Ends the tenant's due fallback holds as expired (Postgres's clock), so
 /// no take ever counts them. Returns how many.
+/// Opens a transaction on one fallback hold of `job`: takes the id's lock,
+/// ends the tenant's due holds (so the hold reads as it stands now), and
+/// finds it; `None` when the fallback never had it (or it was undone).
+async fn open_hold(
+    pg: &PgStore,
+    tenant: &TenantId,
+    id: &HoldId,
+    job: Job,
+) -> Result<(Transaction<'static, Postgres>, Option<HoldRow>), Error> {
+    let mut tx = pg.begin().await?;
+    lock_id(&mut tx, tenant, id.as_str()).await?;
+    expire_due(&mut tx, tenant).await?;
+    let row = find(&mut tx, tenant, id.as_str())
+        .await?
+        .filter(|r| r.job == job.as_str() && r.state != "D");
+    Ok((tx, row))
+}
+
 async fn expire_due(tx: &mut Transaction<'_, Postgres>, tenant: &TenantId) -> Result<usize, Error> {
     let due = sqlx::query_as::<_, HoldRow>(&format!(
         "UPDATE pg_holds SET state = 'E', finished_at = now()
@@ -348,13 +366,8 @@ impl PgStore {
         job: Job,
         order_id: &str,
     ) -> Result<HoldReply, Error> {
-        let mut tx = self.begin().await?;
-        lock_id(&mut tx, tenant, id.as_str()).await?;
-        expire_due(&mut tx, tenant).await?;
-        let Some(row) = find(&mut tx, tenant, id.as_str())
-            .await?
-            .filter(|r| r.job == job.as_str() && r.state != "D")
-        else {
+        let (mut tx, row) = open_hold(self, tenant, id, job).await?;
+        let Some(row) = row else {
             return Ok(HoldReply::NoHold);
         };
         match row.state.as_str() {
@@ -414,13 +427,8 @@ impl PgStore {
         id: &HoldId,
         job: Job,
     ) -> Result<HoldReply, Error> {
-        let mut tx = self.begin().await?;
-        lock_id(&mut tx, tenant, id.as_str()).await?;
-        expire_due(&mut tx, tenant).await?;
-        let Some(row) = find(&mut tx, tenant, id.as_str())
-            .await?
-            .filter(|r| r.job == job.as_str() && r.state != "D")
-        else {
+        let (mut tx, row) = open_hold(self, tenant, id, job).await?;
+        let Some(row) = row else {
             return Ok(HoldReply::NoHold);
         };
         match row.state.as_str() {
@@ -455,13 +463,8 @@ impl PgStore {
         max_extensions: u32,
         extension_id: &str,
     ) -> Result<HoldReply, Error> {
-        let mut tx = self.begin().await?;
-        lock_id(&mut tx, tenant, id.as_str()).await?;
-        expire_due(&mut tx, tenant).await?;
-        let Some(row) = find(&mut tx, tenant, id.as_str())
-            .await?
-            .filter(|r| r.job == job.as_str() && r.state != "D")
-        else {
+        let (mut tx, row) = open_hold(self, tenant, id, job).await?;
+        let Some(row) = row else {
             return Ok(HoldReply::NoHold);
         };
         if !extension_id.is_empty() && row.extension_id == extension_id {
@@ -497,12 +500,7 @@ impl PgStore {
         id: &HoldId,
         job: Job,
     ) -> Result<HoldReply, Error> {
-        let mut tx = self.begin().await?;
-        lock_id(&mut tx, tenant, id.as_str()).await?;
-        expire_due(&mut tx, tenant).await?;
-        let row = find(&mut tx, tenant, id.as_str())
-            .await?
-            .filter(|r| r.job == job.as_str() && r.state != "D");
+        let (tx, row) = open_hold(self, tenant, id, job).await?;
         tx.commit().await?;
         Ok(row.map_or(HoldReply::NoHold, |r| HoldReply::Hold(r.hold())))
     }
