@@ -114,18 +114,26 @@ local function finish(hold_id, state, now, kind)
   emit(now, kind, h[4], hold_id, h[1], { 'r', h[5] or '' })
 end
 
--- Finalises every hold whose time is up (at most `limit`, or all when
--- limit is nil), so no script ever counts an expired hold. Returns how many.
--- Finalises up to `limit` (default DUE_LIMIT) of the tenant's due holds,
--- oldest first; returns how many. Bounded so that a burst of expiries (100k
--- holds ending in the same second) never makes one script block Redis: the
--- sweeper finishes them in batches, and a take that comes up short while
--- some are still due answers BUSY (see busy_if_due) instead of refusing.
+-- Finalises up to `limit` of the tenant's due holds, oldest first; returns
+-- how many. Without a limit it spends from one budget of DUE_LIMIT per
+-- script call, shared by every operation of a batch (batch.lua), so that a
+-- burst of expiries (100k holds ending in the same second) never makes one
+-- call block Redis: the sweeper finishes them in bounded batches, and a take
+-- that comes up short while some are still due answers BUSY (see
+-- busy_if_due) instead of refusing.
 local DUE_LIMIT = 100
+local due_budget = DUE_LIMIT
 local function expire_due(now, limit)
-  local due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, limit or DUE_LIMIT)
+  local n = limit or due_budget
+  if n <= 0 then
+    return 0
+  end
+  local due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, n)
   for _, id in ipairs(due) do
     finish(id, 'E', now, 'expired')
+  end
+  if not limit then
+    due_budget = due_budget - #due
   end
   return #due
 end

@@ -25,6 +25,8 @@ pub mod metric {
     pub const ENGINE_OUTCOMES: &str = "holdfast_engine_outcomes_total";
     /// Histogram: Redis script latency by script.
     pub const REDIS_SCRIPT_SECONDS: &str = "holdfast_redis_script_duration_seconds";
+    /// Histogram: hold operations per coalesced Redis call (store/redis/batch.rs).
+    pub const REDIS_BATCH_OPS: &str = "holdfast_redis_batch_ops";
     /// Counter: events the drainer wrote to Postgres.
     pub const DRAINED_EVENTS: &str = "holdfast_drainer_events_total";
     /// Gauge: events in the streams not yet written to Postgres.
@@ -59,6 +61,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0,
 ];
 
+/// Buckets for batch sizes: 1 to the coalescer's most (128).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once) and describes every
@@ -70,6 +75,8 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 // Only fails for an empty bucket list, which this is not.
                 .expect("latency buckets are valid")
+                .set_buckets_for_metric(Matcher::Suffix("_ops".into()), BATCH_BUCKETS)
+                .expect("batch buckets are valid")
                 .install_recorder()
                 // Only fails if another recorder was installed; this is the one place.
                 .expect("no other metrics recorder is installed");
@@ -92,7 +99,11 @@ pub fn describe_metrics() {
     describe_histogram!(
         REDIS_SCRIPT_SECONDS,
         Unit::Seconds,
-        "Redis Lua script latency by script"
+        "Redis Lua script latency by script (per operation: from queued to answered)"
+    );
+    describe_histogram!(
+        REDIS_BATCH_OPS,
+        "Hold operations sent to Redis in one coalesced script call"
     );
     describe_counter!(DRAINED_EVENTS, "Events the drainer wrote to Postgres");
     describe_gauge!(

@@ -215,9 +215,13 @@ async fn measure_baselines(
     line.grpc_limit = Some(baselines::noop(channels, plan).await.rate() / rpcs);
     if let Some(redis) = redis {
         let tenant = TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant");
-        let argv = redis.one_unit_command(&tenant, w.claims(), &workloads::hot_pool(w, caller));
         let (host, port) = host_port(&args.redis_url);
-        match baselines::redis_script(&host, port, args.clients, 100_000, &argv).await {
+        let pool = workloads::hot_pool(w, caller);
+        let rate = match redis.one_unit_command(&tenant, w.claims(), &pool).await {
+            Ok(argv) => baselines::redis_script(&host, port, args.clients, 100_000, &argv).await,
+            Err(e) => Err(e.into()),
+        };
+        match rate {
             Ok(r) => line.redis_limit = Some(r / rpcs),
             Err(e) => eprintln!("bench: redis baseline skipped: {e:#}"),
         }

@@ -1,8 +1,10 @@
 //! Redis, the fast path. One [`RedisStore`] per daemon: a multiplexed
 //! connection for the scripts (concurrent calls are pipelined on it, not
-//! queued for a pooled connection each) and a small pool for the blocking
-//! stream reads of the drainer.
+//! queued for a pooled connection each; concurrent hold operations are
+//! coalesced into one call, see `batch.rs`) and a small pool for the
+//! blocking stream reads of the drainer.
 
+mod batch;
 mod clock;
 mod events;
 mod keys;
@@ -13,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation, Value};
+
+use batch::{Batcher, OpArgs};
 
 pub use clock::{RedisClock, STEP_MS};
 pub use events::decode_event;
@@ -79,6 +83,7 @@ pub struct PoolGrant {
 pub struct RedisStore {
     client: redis::Client,
     con: ConnectionManager,
+    batcher: Batcher,
     pool: deadpool_redis::Pool,
     keys: Keys,
     retention_ms: i64,
@@ -121,12 +126,22 @@ impl RedisStore {
         let pool = pool_config
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .map_err(|e| Error::internal(format!("redis pool: {e}")))?;
+        let keys = Keys::new(prefix);
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let batcher = {
+            let (keys, clock) = (keys.clone(), clock.clone());
+            let invocation = move |tenant: &TenantId| {
+                first_args(&scripts::BATCH, &keys, tenant, retention_ms, &clock)
+            };
+            Batcher::start(con.clone(), Box::new(invocation), timeouts.response)
+        };
         Ok(Self {
             client,
             con,
+            batcher,
             pool,
-            keys: Keys::new(prefix),
-            retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+            keys,
+            retention_ms,
             max_active_holds: u64::MAX >> 12,
             clock,
         })
@@ -189,11 +204,20 @@ impl RedisStore {
     /// A script invocation with the arguments every script starts with
     /// (lib.lua): the tenant's prefix, the retention and the clock.
     fn invocation<'a>(&self, script: &'a Script, tenant: &TenantId) -> ScriptInvocation<'a> {
-        let mut inv = script.prepare_invoke();
-        inv.arg(self.keys.tenant(tenant))
-            .arg(self.retention_ms)
-            .arg(self.clock.now_ms());
-        inv
+        first_args(script, &self.keys, tenant, self.retention_ms, &self.clock)
+    }
+
+    /// Runs hold operation `op` for `tenant` through the coalescer, which
+    /// may send it in one call with others (`batch.rs`).
+    async fn batched(
+        &self,
+        op: &'static str,
+        tenant: &TenantId,
+        args: impl FnOnce(&mut OpArgs),
+    ) -> Result<Value, Error> {
+        let mut a = OpArgs::default();
+        args(&mut a);
+        self.batcher.call(tenant, op, a).await
     }
 
     /// Runs `script` for `tenant` with the standard first arguments,
@@ -230,7 +254,7 @@ impl RedisStore {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let (ck, limit) = customer_args(customer);
         let v = self
-            .run("reserve", &scripts::RESERVE, tenant, |i| {
+            .batched("reserve", tenant, |i| {
                 i.arg(id.as_str())
                     .arg(job.as_str())
                     .arg(ttl_ms)
@@ -244,17 +268,25 @@ impl RedisStore {
         reply::hold_reply(id, &v)
     }
 
-    /// The `EVALSHA` command line the engine sends for a one-unit claim
-    /// (`claim.lua`) or a 60 s hold (`reserve.lua`) of `pool`, with
-    /// redis-benchmark's `__rand_int__` in the id: the benchmark's Redis
-    /// baseline runs exactly the engine's script and arguments.
-    pub fn one_unit_command(&self, tenant: &TenantId, claim: bool, pool: &str) -> Vec<String> {
+    /// The `EVALSHA` command line of a one-unit claim (`claim.lua`) or a
+    /// 60 s hold (`reserve.lua`) of `pool` on its own, with the engine's
+    /// arguments and redis-benchmark's `__rand_int__` in the id; the script
+    /// is loaded into Redis first. The benchmark's Redis baseline: the
+    /// engine's script, one call per operation (the engine itself sends
+    /// them coalesced, `batch.rs`).
+    pub async fn one_unit_command(
+        &self,
+        tenant: &TenantId,
+        claim: bool,
+        pool: &str,
+    ) -> Result<Vec<String>, Error> {
         let lines = serde_json::json!([[pool, 1]]).to_string();
         let (script, job) = if claim {
             (&scripts::CLAIM, Job::Flash)
         } else {
             (&scripts::RESERVE, Job::Stock)
         };
+        script.load_async(&mut self.con.clone()).await?;
         let mut argv = vec![
             "EVALSHA".to_string(),
             script.get_hash().to_string(),
@@ -272,7 +304,7 @@ impl RedisStore {
         if !claim {
             argv.extend([String::new(), self.max_active_holds.to_string()]);
         }
-        argv
+        Ok(argv)
     }
 
     /// Takes and sells units in one step (`claim.lua`).
@@ -286,7 +318,7 @@ impl RedisStore {
     ) -> Result<HoldReply, Error> {
         let (ck, limit) = customer_args(customer);
         let v = self
-            .run("claim", &scripts::CLAIM, tenant, |i| {
+            .batched("claim", tenant, |i| {
                 i.arg(id.as_str())
                     .arg(job.as_str())
                     .arg(lines_json(lines))
@@ -306,7 +338,7 @@ impl RedisStore {
         order_id: &str,
     ) -> Result<HoldReply, Error> {
         let v = self
-            .run("commit", &scripts::COMMIT, tenant, |i| {
+            .batched("commit", tenant, |i| {
                 i.arg(id.as_str()).arg(job.as_str()).arg(order_id);
             })
             .await?;
@@ -321,7 +353,7 @@ impl RedisStore {
         job: Job,
     ) -> Result<HoldReply, Error> {
         let v = self
-            .run("release", &scripts::RELEASE, tenant, |i| {
+            .batched("release", tenant, |i| {
                 i.arg(id.as_str()).arg(job.as_str());
             })
             .await?;
@@ -340,7 +372,7 @@ impl RedisStore {
     ) -> Result<HoldReply, Error> {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let v = self
-            .run("extend", &scripts::EXTEND, tenant, |i| {
+            .batched("extend", tenant, |i| {
                 i.arg(id.as_str())
                     .arg(job.as_str())
                     .arg(ttl_ms)
@@ -359,7 +391,7 @@ impl RedisStore {
         job: Job,
     ) -> Result<HoldReply, Error> {
         let v = self
-            .run("get_hold", &scripts::GET_HOLD, tenant, |i| {
+            .batched("get_hold", tenant, |i| {
                 i.arg(id.as_str()).arg(job.as_str());
             })
             .await?;
@@ -481,6 +513,22 @@ impl RedisStore {
             .await?;
         reply::sweep_reply(&v)
     }
+}
+
+/// `script` with the arguments every script starts with (lib.lua): the
+/// tenant's prefix, the retention and the clock.
+fn first_args<'a>(
+    script: &'a Script,
+    keys: &Keys,
+    tenant: &TenantId,
+    retention_ms: i64,
+    clock: &RedisClock,
+) -> ScriptInvocation<'a> {
+    let mut inv = script.prepare_invoke();
+    inv.arg(keys.tenant(tenant))
+        .arg(retention_ms)
+        .arg(clock.now_ms());
+    inv
 }
 
 fn flag(b: bool) -> &'static str {

@@ -1,6 +1,7 @@
 //! The Lua scripts, built once and called by SHA (`EVALSHA`, reloaded on
 //! `NOSCRIPT` by [`redis::Script`]). Each operation's file under `lua/` is
-//! prefixed with `lua/lib.lua`, the helpers they share.
+//! prefixed with `lua/lib.lua`, the helpers they share; [`BATCH`] holds the
+//! hold operations as functions, to run several in one call.
 
 use std::sync::LazyLock;
 
@@ -18,18 +19,39 @@ macro_rules! script {
     };
 }
 
+/// An operation's file as a local function of its own `ARGV`, for
+/// [`BATCH`]: its top-level `return` becomes the function's.
+macro_rules! op {
+    ($name:literal) => {
+        concat!(
+            "\nlocal function op_",
+            $name,
+            "(ARGV)\n",
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $name, ".lua")),
+            "\nend\n"
+        )
+    };
+}
+
+/// The hold operations in one script (`lua/batch.lua`): each runs as its
+/// own script would, one after the other, in one atomic call.
+pub static BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/lib.lua")),
+        op!("reserve"),
+        op!("claim"),
+        op!("commit"),
+        op!("release"),
+        op!("extend"),
+        op!("get_hold"),
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/batch.lua"))
+    ))
+});
+
 /// Hold units from pools, all-or-nothing.
 pub static RESERVE: LazyLock<Script> = script!("reserve.lua");
 /// Take and sell units in one step.
 pub static CLAIM: LazyLock<Script> = script!("claim.lua");
-/// Sell an active hold's units.
-pub static COMMIT: LazyLock<Script> = script!("commit.lua");
-/// Give an active hold's units back.
-pub static RELEASE: LazyLock<Script> = script!("release.lua");
-/// Move an active hold's expiry.
-pub static EXTEND: LazyLock<Script> = script!("extend.lua");
-/// Read a hold.
-pub static GET_HOLD: LazyLock<Script> = script!("get_hold.lua");
 /// Read pools' counts.
 pub static GET_POOLS: LazyLock<Script> = script!("get_pools.lua");
 /// Record a pool's grant from Postgres.

@@ -1,0 +1,384 @@
+//! The coalescer: concurrent hold operations of one tenant ride to Redis in
+//! one script call (`lua/batch.lua`).
+//!
+//! Under a stampede every request is a small script call, and the cost of
+//! each is mostly not the script: it is a system call to send it, one to
+//! read the answer, and Redis parsing and dispatching a command. So at most
+//! [`IN_FLIGHT`] calls are on their way at once; whatever arrives meanwhile
+//! queues, and goes as one call when a slot frees. Nothing waits on a timer:
+//! a lone request goes at once, and the busier the daemon, the bigger the
+//! batches. Each operation in a batch runs exactly as its own script would
+//! (`scripts::BATCH`), and gets its own reply.
+//!
+//! A batch holds one tenant's operations (one hash slot, so it would run on
+//! a Redis Cluster too). A call that queued for longer than the response
+//! timeout is answered UNAVAILABLE without being sent: it never ran, and
+//! the caller's retry by id is safe.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::{ScriptInvocation, ToRedisArgs, Value};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::domain::TenantId;
+use crate::error::Error;
+use crate::telemetry::metric;
+
+/// Batch calls on their way to Redis at once: one being answered while the
+/// next is sent keeps Redis busy without splitting the queue into small
+/// batches.
+const IN_FLIGHT: usize = 2;
+/// Operations in one call, at most: bounds how long one call holds Redis.
+const MAX_OPS: usize = 128;
+/// Requests that may wait for the coalescer before callers wait to queue.
+const QUEUE: usize = 4096;
+
+/// One operation's own arguments (its script's `ARGV[4..]`), built like a
+/// [`ScriptInvocation`]'s.
+#[derive(Debug, Default)]
+pub struct OpArgs(Vec<Vec<u8>>);
+
+impl OpArgs {
+    /// Appends an argument.
+    pub fn arg<T: ToRedisArgs>(&mut self, value: T) -> &mut Self {
+        value.write_redis_args(&mut self.0);
+        self
+    }
+}
+
+/// Makes the invocation of `scripts::BATCH` for a tenant, with the first
+/// arguments every script takes (prefix, retention, now).
+pub type Invocation = Box<dyn Fn(&TenantId) -> ScriptInvocation<'static> + Send + Sync>;
+
+struct Queued {
+    tenant: TenantId,
+    op: &'static str,
+    args: OpArgs,
+    at: Instant,
+    reply: oneshot::Sender<Result<Value, Error>>,
+}
+
+/// The handle the store calls through; cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Queued>,
+    /// Script calls sent so far (each carrying one or more operations):
+    /// what the tests check coalescing by.
+    #[cfg(test)]
+    sent: Arc<AtomicU64>,
+}
+
+impl Batcher {
+    /// Starts the coalescer's task on the current runtime; it ends when the
+    /// last handle is dropped.
+    pub fn start(con: ConnectionManager, invocation: Invocation, timeout: Duration) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let sent = Arc::new(AtomicU64::new(0));
+        let coalescer = Coalescer {
+            sent: Arc::clone(&sent),
+            con,
+            invocation: Arc::new(invocation),
+            timeout,
+            slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+        };
+        tokio::spawn(coalescer.run(rx));
+        Self {
+            tx,
+            #[cfg(test)]
+            sent,
+        }
+    }
+
+    /// Runs operation `op` (a key of batch.lua's `OPS`) for `tenant` and
+    /// returns its script's reply.
+    pub async fn call(
+        &self,
+        tenant: &TenantId,
+        op: &'static str,
+        args: OpArgs,
+    ) -> Result<Value, Error> {
+        let (reply, rx) = oneshot::channel();
+        let queued = Queued {
+            tenant: tenant.clone(),
+            op,
+            args,
+            at: Instant::now(),
+            reply,
+        };
+        let gone = || Error::RedisUnavailable("redis coalescer stopped".into());
+        self.tx.send(queued).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+struct Coalescer {
+    sent: Arc<AtomicU64>,
+    con: ConnectionManager,
+    invocation: Arc<Invocation>,
+    timeout: Duration,
+    slots: Arc<Semaphore>,
+}
+
+impl Coalescer {
+    async fn run(self, mut rx: mpsc::Receiver<Queued>) {
+        let mut waiting = VecDeque::new();
+        loop {
+            let slot = Arc::clone(&self.slots)
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            if waiting.is_empty() {
+                match rx.recv().await {
+                    Some(q) => waiting.push_back(q),
+                    None => return,
+                }
+            }
+            while waiting.len() < MAX_OPS * 4 {
+                match rx.try_recv() {
+                    Ok(q) => waiting.push_back(q),
+                    Err(_) => break,
+                }
+            }
+            let batch = take_batch(&mut waiting);
+            let con = self.con.clone();
+            let invocation = Arc::clone(&self.invocation);
+            let timeout = self.timeout;
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                send(con, &invocation, timeout, batch).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// The oldest waiting operation and, in order, up to [`MAX_OPS`] - 1 more
+/// of the same tenant; the others keep their places.
+fn take_batch(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
+    let tenant = waiting.front().map(|q| q.tenant.clone());
+    let mut batch = Vec::new();
+    let mut rest = VecDeque::with_capacity(waiting.len());
+    for q in waiting.drain(..) {
+        if batch.len() < MAX_OPS && Some(&q.tenant) == tenant.as_ref() {
+            batch.push(q);
+        } else {
+            rest.push_back(q);
+        }
+    }
+    *waiting = rest;
+    batch
+}
+
+async fn send(
+    mut con: ConnectionManager,
+    invocation: &Invocation,
+    timeout: Duration,
+    batch: Vec<Queued>,
+) {
+    let (stale, batch): (Vec<_>, Vec<_>) =
+        batch.into_iter().partition(|q| q.at.elapsed() > timeout);
+    for q in stale {
+        let _ = q.reply.send(Err(Error::RedisUnavailable(format!(
+            "redis busy: the call waited over {timeout:?} to be sent (not sent; retry by id)"
+        ))));
+    }
+    let Some(first) = batch.first() else {
+        return;
+    };
+    let mut inv = invocation(&first.tenant);
+    for q in &batch {
+        inv.arg(q.op).arg(q.args.0.len());
+        for a in &q.args.0 {
+            inv.arg(a.as_slice());
+        }
+    }
+    metrics::histogram!(metric::REDIS_BATCH_OPS).record(batch.len() as f64);
+    let sent = Instant::now();
+    let result = inv.invoke_async::<Value>(&mut con).await;
+    metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => "batch")
+        .record(sent.elapsed().as_secs_f64());
+    match result {
+        Ok(Value::Array(replies)) if replies.len() == batch.len() => {
+            for (q, v) in batch.into_iter().zip(replies) {
+                metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => q.op)
+                    .record(q.at.elapsed().as_secs_f64());
+                let _ = q.reply.send(script_error(q.op, v));
+            }
+        }
+        Ok(other) => {
+            let why = format!("batch of {} answered {other:?}", batch.len());
+            for q in batch {
+                let _ = q.reply.send(Err(Error::internal(why.clone())));
+            }
+        }
+        Err(e) => {
+            let e = Error::from(e);
+            for q in batch {
+                let _ = q.reply.send(Err(share(&e)));
+            }
+        }
+    }
+}
+
+/// An operation's reply, or the error it raised in Redis (batch.lua
+/// answers `{ 'SCRIPT_ERROR', message }` for it, and runs the others).
+fn script_error(op: &str, v: Value) -> Result<Value, Error> {
+    if let Value::Array(items) = &v
+        && let [Value::BulkString(tag), why] = items.as_slice()
+        && tag.as_slice() == b"SCRIPT_ERROR"
+    {
+        let why = match why {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            other => format!("{other:?}"),
+        };
+        return Err(Error::internal(format!("{op} script failed: {why}")));
+    }
+    Ok(v)
+}
+
+/// The same error for each caller of a failed batch (errors are not Clone:
+/// an internal one carries its cause, which is logged once per caller).
+fn share(e: &Error) -> Error {
+    match e {
+        Error::RedisUnavailable(why) => Error::RedisUnavailable(why.clone()),
+        other => Error::internal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redis::scripts;
+
+    /// The Redis the test command starts (deploy/test.sh).
+    async fn redis() -> ConnectionManager {
+        let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
+            .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
+        let client = redis::Client::open(url).expect("a valid Redis URL");
+        ConnectionManager::new(client).await.expect("Redis is up")
+    }
+
+    fn tenant(name: &str) -> TenantId {
+        TenantId::parse(name).expect("a valid tenant id")
+    }
+
+    fn queued(t: &str, op: &'static str) -> Queued {
+        Queued {
+            tenant: tenant(t),
+            op,
+            args: OpArgs::default(),
+            at: Instant::now(),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn invocation_for(prefix: String) -> Invocation {
+        Box::new(move |t: &TenantId| {
+            let mut inv = scripts::BATCH.prepare_invoke();
+            inv.arg(format!("{prefix}:{{{t}}}:"))
+                .arg(60_000)
+                .arg(1_000_000);
+            inv
+        })
+    }
+
+    fn tag(v: &Value) -> String {
+        match v {
+            Value::Array(items) => match items.first() {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            },
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_the_oldest_tenants_operations_in_order_and_leaves_the_rest_queued() {
+        let mut waiting: VecDeque<Queued> = ["a", "b", "a", "b", "a"]
+            .into_iter()
+            .zip(["claim", "commit", "release", "extend", "get_hold"])
+            .map(|(t, op)| queued(t, op))
+            .collect();
+        let batch = take_batch(&mut waiting);
+        let ops: Vec<_> = batch.iter().map(|q| q.op).collect();
+        assert_eq!(ops, ["claim", "release", "get_hold"]);
+        let rest: Vec<_> = waiting
+            .iter()
+            .map(|q| (q.tenant.to_string(), q.op))
+            .collect();
+        assert_eq!(rest, [("b".into(), "commit"), ("b".into(), "extend")]);
+    }
+
+    #[test]
+    fn a_batch_never_holds_more_than_max_ops() {
+        let mut waiting: VecDeque<Queued> =
+            (0..MAX_OPS + 3).map(|_| queued("a", "get_hold")).collect();
+        assert_eq!(take_batch(&mut waiting).len(), MAX_OPS);
+        assert_eq!(waiting.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_operation_that_raises_fails_alone_and_the_others_still_answer() {
+        let mut con = redis().await;
+        let prefix = format!("batchtest{}", rand::random::<u32>());
+        let invocation = invocation_for(prefix);
+        let mut inv = invocation(&tenant("acme"));
+        // get_hold of an unknown hold; an unknown operation; a claim whose
+        // lines are not JSON (cjson raises); get_hold again.
+        inv.arg("get_hold").arg(2).arg("h1").arg("flash");
+        inv.arg("no_such_op").arg(0);
+        inv.arg("claim")
+            .arg(5)
+            .arg("c1")
+            .arg("flash")
+            .arg("{not json")
+            .arg("")
+            .arg(0);
+        inv.arg("get_hold").arg(2).arg("h2").arg("flash");
+        let replies = match inv
+            .invoke_async::<Value>(&mut con)
+            .await
+            .expect("the batch runs")
+        {
+            Value::Array(r) => r,
+            other => panic!("expected one reply per operation, got {other:?}"),
+        };
+        let tags: Vec<_> = replies.iter().map(tag).collect();
+        assert_eq!(tags, ["NO_HOLD", "SCRIPT_ERROR", "SCRIPT_ERROR", "NO_HOLD"]);
+        let err = script_error("claim", replies[2].clone()).expect_err("a raised error");
+        assert!(err.to_string().contains("claim script failed"), "{err}");
+        assert!(script_error("get_hold", replies[0].clone()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_each_get_their_own_reply_in_fewer_redis_calls() {
+        let con = redis().await;
+        let prefix = format!("batchtest{}", rand::random::<u32>());
+        let batcher = Batcher::start(con, invocation_for(prefix), Duration::from_secs(5));
+        let calls = (0..200).map(|i| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                let mut args = OpArgs::default();
+                args.arg(format!("h{i}")).arg("flash");
+                (i, batcher.call(&tenant("acme"), "get_hold", args).await)
+            })
+        });
+        let mut answered = 0;
+        for call in calls.collect::<Vec<_>>() {
+            let (i, reply) = call.await.expect("the call task finishes");
+            let reply = reply.unwrap_or_else(|e| panic!("call {i} failed: {e}"));
+            assert_eq!(tag(&reply), "NO_HOLD", "call {i}");
+            answered += 1;
+        }
+        assert_eq!(answered, 200);
+        let sent = batcher.sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            sent < 200,
+            "200 concurrent calls went as {sent} Redis calls"
+        );
+    }
+}
