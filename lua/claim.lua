@@ -35,7 +35,7 @@ if ck ~= '' then
   redis.call('INCRBY', P .. ck, total(lines))
 end
 local ln = cjson.encode(lines)
-redis.call('HSET', hk, 'st', 'C', 'job', job, 'rq', rq, 'ln', ln, 'exp', now, 'ext', 0,
+redis.call('HSET', hk, 'st', 'C', 'job', job, 'rq', request_digest(rq), 'ln', ln, 'exp', now,
   'cat', now, 'fin', now)
 redis.call('PEXPIRE', hk, RETENTION_MS)
 

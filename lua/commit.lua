@@ -50,7 +50,9 @@ for _, l in ipairs(lines) do
   redis.call('HINCRBY', pk, 'held', -l[2])
   redis.call('HINCRBY', pk, 'sold', l[2])
 end
-redis.call('HSET', hk, 'st', 'C', 'oid', order_id, 'fin', now)
+local fields = { 'HSET', hk, 'st', 'C', 'fin', now }
+put_unless_empty(fields, 'oid', order_id)
+redis.call(unpack(fields))
 redis.call('PEXPIRE', hk, RETENTION_MS)
 redis.call('ZREM', P .. 'exp', hold_id)
 

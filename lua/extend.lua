@@ -31,13 +31,14 @@ end
 if h[1] ~= 'A' then
   return { 'NOT_ACTIVE_HOLD', hold_view(hk) }
 end
-if tonumber(h[2]) >= max_ext then
+local ext = tonumber(h[2] or '0')
+if ext >= max_ext then
   return { 'EXTEND_LIMIT', hold_view(hk) }
 end
 
 -- 3. Move the expiry, log it, answer.
 local exp = math.max(tonumber(h[4]), now + ttl)
-redis.call('HSET', hk, 'exp', exp, 'ext', tonumber(h[2]) + 1, 'xid', xid)
+redis.call('HSET', hk, 'exp', exp, 'ext', ext + 1, 'xid', xid)
 redis.call('ZADD', P .. 'exp', exp, hold_id)
 emit(now, 'extended', h[5], hold_id, h[6], { 'r', h[7] or '' })
 return hold_view(hk)

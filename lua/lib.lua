@@ -17,6 +17,10 @@
 --                         pool, its one holder while held = 1)
 --   refill          set   pools whose headroom fell to their low-water mark (lw)
 --   hold:<hold_id>  hash  st job rq ln exp ext xid ck cq ref oid cat fin fence
+--                         (rq is a digest of the request, see request_digest;
+--                         ext, xid, ck, cq, ref and oid are absent while empty
+--                         or zero: a hold is mostly these few bytes, and
+--                         memory per hold bounds how many a tenant can have)
 --   fence           string, the tenant's last fencing token (see next_fence)
 --   exp             zset  hold_id -> expires_at (ms) of every ACTIVE hold
 --   events          stream, one entry per state change
@@ -48,14 +52,37 @@ local function next_fence()
 end
 
 -- Appends one event to the tenant's stream. `fields` is a flat list of extra
--- field/value pairs (reference, order id, customer).
+-- field/value pairs (reference, order id, customer); empty ones are left
+-- out (the reader takes a missing field as empty), since the stream keeps
+-- every event for an hour after it is drained.
 local function emit(now, kind, job, hold_id, lines_json, fields)
   local args = { 'XADD', P .. 'events', '*', 'k', kind, 'j', job, 'h', hold_id,
     'l', lines_json, 't', tostring(now) }
-  for _, v in ipairs(fields or {}) do
-    args[#args + 1] = v
+  fields = fields or {}
+  for i = 1, #fields, 2 do
+    if fields[i + 1] ~= '' then
+      args[#args + 1] = fields[i]
+      args[#args + 1] = fields[i + 1]
+    end
   end
   return redis.call(unpack(args))
+end
+
+-- Appends `name, value` to the flat list `args` unless value is '' or 0,
+-- for hold fields that are absent while empty (see the key list above).
+local function put_unless_empty(args, name, value)
+  if value ~= '' and value ~= 0 and value ~= '0' then
+    args[#args + 1] = name
+    args[#args + 1] = value
+  end
+end
+
+-- What a hold remembers of the request that made it, so that a retry with
+-- the same id and the same request answers as the first time and a
+-- different request under the same id is refused: 64 bits of its SHA-1,
+-- not the request itself (lines can be long; a hold should be small).
+local function request_digest(rq)
+  return string.sub(redis.sha1hex(rq), 1, 16)
 end
 
 -- The reply shape of a hold, decoded strictly by src/store/redis/reply.rs:
@@ -90,28 +117,50 @@ local function check_low(pool_id, now)
   end
 end
 
--- Ends an ACTIVE hold as released ('R') or expired ('E'): gives its units
--- back to every pool of the epoch it took them from, gives the customer's
--- units back, and logs the event.
-local function finish(hold_id, state, now, kind)
-  local hk = P .. 'hold:' .. hold_id
-  local h = redis.call('HMGET', hk, 'ln', 'ck', 'cq', 'job', 'ref')
-  local lines = cjson.decode(h[1])
-  for _, l in ipairs(lines) do
-    local pk = P .. 'pool:' .. l[1]
-    -- A pool reloaded under a newer epoch no longer counts this hold.
-    if redis.call('HGET', pk, 'epoch') == tostring(l[3]) then
-      redis.call('HINCRBY', pk, 'held', -l[2])
-      check_low(l[1], now)
+-- Ends ACTIVE holds as released ('R') or expired ('E'): gives their units
+-- back to every pool of the epoch they took them from, gives the customers'
+-- units back, and logs one event per hold. Pools are updated once per
+-- call, not once per hold, and the expiry index in one ZREM, because the
+-- sweeper ends holds hundreds at a time (a burst of expiries is mostly
+-- this loop).
+local function finish_all(hold_ids, state, now, kind)
+  local back, order = {}, {}
+  for _, hold_id in ipairs(hold_ids) do
+    local hk = P .. 'hold:' .. hold_id
+    local h = redis.call('HMGET', hk, 'ln', 'ck', 'cq', 'job', 'ref')
+    for _, l in ipairs(cjson.decode(h[1])) do
+      local at = l[1] .. '\0' .. tostring(l[3])
+      if not back[at] then
+        back[at] = { l[1], tostring(l[3]), 0 }
+        order[#order + 1] = at
+      end
+      back[at][3] = back[at][3] + l[2]
+    end
+    if h[2] and h[2] ~= '' then
+      redis.call('DECRBY', P .. h[2], h[3])
+    end
+    redis.call('HSET', hk, 'st', state, 'fin', now)
+    redis.call('PEXPIRE', hk, RETENTION_MS)
+    emit(now, kind, h[4], hold_id, h[1], { 'r', h[5] or '' })
+  end
+  for _, at in ipairs(order) do
+    local pool_id, epoch, qty = back[at][1], back[at][2], back[at][3]
+    local pk = P .. 'pool:' .. pool_id
+    -- A pool reloaded under a newer epoch no longer counts these holds.
+    if redis.call('HGET', pk, 'epoch') == epoch then
+      redis.call('HINCRBY', pk, 'held', -qty)
+      check_low(pool_id, now)
     end
   end
-  if h[2] and h[2] ~= '' then
-    redis.call('DECRBY', P .. h[2], h[3])
+  -- ZREM takes many members; unpack is bounded by Lua's C stack (~8000).
+  for i = 1, #hold_ids, 1000 do
+    redis.call('ZREM', P .. 'exp', unpack(hold_ids, i, math.min(i + 999, #hold_ids)))
   end
-  redis.call('HSET', hk, 'st', state, 'fin', now)
-  redis.call('PEXPIRE', hk, RETENTION_MS)
-  redis.call('ZREM', P .. 'exp', hold_id)
-  emit(now, kind, h[4], hold_id, h[1], { 'r', h[5] or '' })
+end
+
+-- Ends one ACTIVE hold (see finish_all).
+local function finish(hold_id, state, now, kind)
+  finish_all({ hold_id }, state, now, kind)
 end
 
 -- Finalises up to `limit` of the tenant's due holds, oldest first; returns
@@ -129,8 +178,8 @@ local function expire_due(now, limit)
     return 0
   end
   local due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, n)
-  for _, id in ipairs(due) do
-    finish(id, 'E', now, 'expired')
+  if #due > 0 then
+    finish_all(due, 'E', now, 'expired')
   end
   if not limit then
     due_budget = due_budget - #due
@@ -257,7 +306,7 @@ end
 -- Returns a reply when the call must stop here, else nil.
 local function admit(hk, rq, lines, now, ck, limit)
   if redis.call('EXISTS', hk) == 1 then
-    if redis.call('HGET', hk, 'rq') == rq then
+    if redis.call('HGET', hk, 'rq') == request_digest(rq) then
       return hold_view(hk)
     end
     return { 'ID_REUSED' }

@@ -48,8 +48,14 @@ if ck ~= '' then
 end
 local ln = cjson.encode(lines)
 local exp = now + ttl
-redis.call('HSET', hk, 'st', 'A', 'job', job, 'rq', rq, 'ln', ln, 'exp', exp, 'ext', 0,
-  'ck', ck, 'cq', total(lines), 'ref', ref, 'cat', now, 'fence', fence)
+local fields = { 'HSET', hk, 'st', 'A', 'job', job, 'rq', request_digest(rq), 'ln', ln, 'exp', exp,
+  'cat', now, 'fence', fence }
+put_unless_empty(fields, 'ref', ref)
+if ck ~= '' then
+  put_unless_empty(fields, 'ck', ck)
+  put_unless_empty(fields, 'cq', total(lines))
+end
+redis.call(unpack(fields))
 redis.call('ZADD', P .. 'exp', exp, hold_id)
 
 -- 4. Log it, and answer.
