@@ -1,7 +1,10 @@
 //! The audit log and the write-back of sold counts: the drainer's one
 //! transaction per batch of events.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction};
 
 use super::PgStore;
 use super::fallback::Twin;
@@ -25,71 +28,32 @@ impl PgStore {
         events: &[Event],
     ) -> Result<(usize, Vec<(String, String, Twin)>), Error> {
         let mut tx = self.begin().await?;
-        let mut new = 0;
+        let new = insert_new(&mut tx, tenant, events).await?;
+        let fresh: Vec<&Event> = events
+            .iter()
+            .filter(|e| new.contains(e.event_id.as_str()))
+            .collect();
         let mut follow_ups = Vec::new();
-        for e in events {
-            let lines =
-                serde_json::to_value(&e.lines).map_err(|err| Error::Internal(err.into()))?;
-            let inserted = sqlx::query(
-                "INSERT INTO audit_log (tenant, event_id, kind, job, hold_id, lines, reference, order_id, customer, at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (tenant, event_id) DO NOTHING",
-            )
-            .bind(tenant.as_str())
-            .bind(&e.event_id)
-            .bind(&e.kind)
-            .bind(&e.job)
-            .bind(&e.hold_id)
-            .bind(lines)
-            .bind(&e.reference)
-            .bind(&e.order_id)
-            .bind(&e.customer)
-            .bind(e.at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                continue;
-            }
-            new += 1;
-            if matches!(e.kind.as_str(), "reserved" | "claimed") {
-                match PgStore::settle_twin(&mut tx, tenant, &e.hold_id, e.kind == "claimed").await?
-                {
-                    Twin::None | Twin::Undone => {}
-                    twin => follow_ups.push((e.hold_id.clone(), e.job.clone(), twin)),
-                }
-            }
-            if e.sells() && e.job == Job::Lock.as_str() {
-                let cards: Vec<CardId> = e
-                    .lines
-                    .iter()
-                    .filter_map(|l| CardId::of_pool(&l.pool))
-                    .collect();
-                record_lock_sale(&mut tx, tenant, &e.reference, &e.hold_id, &cards, e.at).await?;
-            }
-            if e.sells() {
-                for l in &e.lines {
-                    // Write-back changes what Postgres reports, never what it
-                    // may sell: the units are already inside `granted`. A late
-                    // report for a closed epoch turns in-doubt units into sold.
-                    sqlx::query(
-                        "UPDATE pools SET
-                             reported_sold = reported_sold + CASE WHEN epoch = $3 THEN $4 ELSE 0 END,
-                             sold_prior = sold_prior + CASE WHEN epoch = $3 THEN 0 ELSE LEAST(in_doubt, $4) END,
-                             in_doubt = in_doubt - CASE WHEN epoch = $3 THEN 0 ELSE LEAST(in_doubt, $4) END
-                         WHERE tenant = $1 AND pool_id = $2",
-                    )
-                    .bind(tenant.as_str())
-                    .bind(&l.pool)
-                    .bind(l.epoch)
-                    .bind(l.qty)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+        for e in twins(&mut tx, tenant, &fresh).await? {
+            match PgStore::settle_twin(&mut tx, tenant, &e.hold_id, e.kind == "claimed").await? {
+                Twin::None | Twin::Undone => {}
+                twin => follow_ups.push((e.hold_id.clone(), e.job.clone(), twin)),
             }
         }
+        for e in fresh
+            .iter()
+            .filter(|e| e.sells() && e.job == Job::Lock.as_str())
+        {
+            let cards: Vec<CardId> = e
+                .lines
+                .iter()
+                .filter_map(|l| CardId::of_pool(&l.pool))
+                .collect();
+            record_lock_sale(&mut tx, tenant, &e.reference, &e.hold_id, &cards, e.at).await?;
+        }
+        write_back(&mut tx, tenant, &fresh).await?;
         tx.commit().await?;
-        Ok((new, follow_ups))
+        Ok((fresh.len(), follow_ups))
     }
 
     /// One page of the audit log, oldest first, after row id `after`.
@@ -217,4 +181,137 @@ struct EventRow {
     order_id: String,
     customer: String,
     at: DateTime<Utc>,
+}
+
+/// Inserts the audit rows of `events` in stream order, in one statement;
+/// returns the ids of those that were new (a re-read event is skipped).
+async fn insert_new(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    events: &[Event],
+) -> Result<HashSet<String>, Error> {
+    let mut lines = Vec::with_capacity(events.len());
+    for e in events {
+        lines.push(serde_json::to_value(&e.lines).map_err(|err| Error::Internal(err.into()))?);
+    }
+    let column = |f: fn(&Event) -> &str| events.iter().map(f).collect::<Vec<&str>>();
+    let at: Vec<DateTime<Utc>> = events.iter().map(|e| e.at).collect();
+    let new: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO audit_log (tenant, event_id, kind, job, hold_id, lines, reference, order_id, customer, at)
+         SELECT $1, e.event_id, e.kind, e.job, e.hold_id, e.lines, e.reference, e.order_id, e.customer, e.at
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::text[], $9::text[], $10::timestamptz[])
+              WITH ORDINALITY AS e(event_id, kind, job, hold_id, lines, reference, order_id, customer, at, n)
+         ORDER BY e.n
+         ON CONFLICT (tenant, event_id) DO NOTHING
+         RETURNING event_id",
+    )
+    .bind(tenant.as_str())
+    .bind(column(|e| &e.event_id))
+    .bind(column(|e| &e.kind))
+    .bind(column(|e| &e.job))
+    .bind(column(|e| &e.hold_id))
+    .bind(lines)
+    .bind(column(|e| &e.reference))
+    .bind(column(|e| &e.order_id))
+    .bind(column(|e| &e.customer))
+    .bind(at)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(new.into_iter().collect())
+}
+
+/// The new `reserved` and `claimed` events whose hold id the fallback also
+/// served. The ids' locks are taken first, in one statement and in a fixed
+/// order (the fallback takes the same lock before it serves an id), so a
+/// fallback transaction on one of them either committed before this look
+/// or waits for this transaction, as with one event at a time.
+async fn twins<'e>(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    fresh: &[&'e Event],
+) -> Result<Vec<&'e Event>, Error> {
+    let takes: Vec<&'e Event> = fresh
+        .iter()
+        .copied()
+        .filter(|e| matches!(e.kind.as_str(), "reserved" | "claimed"))
+        .collect();
+    if takes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = takes.iter().map(|e| e.hold_id.as_str()).collect();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(k)
+         FROM (SELECT DISTINCT hashtextextended($1 || '/' || id, 7) AS k FROM UNNEST($2::text[]) AS id) ks
+         ORDER BY k",
+    )
+    .bind(tenant.as_str())
+    .bind(&ids)
+    .execute(&mut **tx)
+    .await?;
+    let served: HashSet<String> =
+        sqlx::query_scalar("SELECT hold_id FROM pg_holds WHERE tenant = $1 AND hold_id = ANY($2)")
+            .bind(tenant.as_str())
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
+    Ok(takes
+        .into_iter()
+        .filter(|e| served.contains(&e.hold_id))
+        .collect())
+}
+
+/// Writes back what the new events sold, one row update per pool.
+///
+/// Write-back changes what Postgres reports, never what it may sell: the
+/// units are already inside `granted`. A late report for a closed epoch
+/// turns in-doubt units into sold. Summing per pool first is the same as
+/// applying the events one by one: reports for the current epoch add up,
+/// and late ones take min(in_doubt, their sum) out of doubt.
+async fn write_back(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    fresh: &[&Event],
+) -> Result<(), Error> {
+    let mut sold: HashMap<(&str, i64), i64> = HashMap::new();
+    for e in fresh.iter().filter(|e| e.sells()) {
+        for l in &e.lines {
+            *sold.entry((l.pool.as_str(), l.epoch)).or_default() += l.qty;
+        }
+    }
+    if sold.is_empty() {
+        return Ok(());
+    }
+    let (keys, qty): (Vec<_>, Vec<i64>) = sold.into_iter().unzip();
+    let (pools, epochs): (Vec<&str>, Vec<i64>) = keys.into_iter().unzip();
+    // The rows are locked first, so the next statement's snapshot sees the
+    // epoch each pool has now, and no one moves it meanwhile.
+    sqlx::query(
+        "SELECT 1 FROM pools WHERE tenant = $1 AND pool_id = ANY($2) ORDER BY pool_id FOR UPDATE",
+    )
+    .bind(tenant.as_str())
+    .bind(&pools)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE pools p SET
+             reported_sold = p.reported_sold + v.same,
+             sold_prior = p.sold_prior + LEAST(p.in_doubt, v.late),
+             in_doubt = p.in_doubt - LEAST(p.in_doubt, v.late)
+         FROM (SELECT r.pool_id,
+                      COALESCE(SUM(r.qty) FILTER (WHERE r.epoch = c.epoch), 0) AS same,
+                      COALESCE(SUM(r.qty) FILTER (WHERE r.epoch <> c.epoch), 0) AS late
+               FROM UNNEST($2::text[], $3::bigint[], $4::bigint[]) AS r(pool_id, epoch, qty)
+               JOIN pools c ON c.tenant = $1 AND c.pool_id = r.pool_id
+               GROUP BY r.pool_id) v
+         WHERE p.tenant = $1 AND p.pool_id = v.pool_id",
+    )
+    .bind(tenant.as_str())
+    .bind(&pools)
+    .bind(&epochs)
+    .bind(&qty)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
