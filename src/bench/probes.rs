@@ -147,6 +147,20 @@ async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Res
         .ok_or_else(|| anyhow::anyhow!("no used_memory in INFO"))
 }
 
+/// What the tenant's event stream takes (every entry counted: SAMPLES 0).
+/// The stream keeps each event for an hour after it is drained, so part of
+/// what a burst of holds costs is its log, not the holds.
+async fn stream_memory(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<i64> {
+    let bytes: Option<i64> = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg("hf:{dev}:events")
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async(con)
+        .await?;
+    Ok(bytes.unwrap_or(0))
+}
+
 /// Runs `probe` and prints its `bench-probe:` line.
 pub async fn run(
     probe: Probe,
@@ -170,6 +184,7 @@ pub async fn run(
             })
             .await;
             let before = used_memory(&mut con).await?;
+            let stream_before = stream_memory(&mut con).await?;
             let made = make_holds(
                 channels,
                 c,
@@ -181,10 +196,14 @@ pub async fn run(
             )
             .await;
             let after = used_memory(&mut con).await?;
+            let stream = stream_memory(&mut con).await? - stream_before;
             let active: u64 = con.zcard("hf:{dev}:exp").await?;
+            let per = |bytes: i64| bytes as f64 / made.max(1) as f64;
             println!(
-                "bench-probe: memory holds={made} active_holds={active} bytes_per_hold={:.0}",
-                (after - before) as f64 / made.max(1) as f64
+                "bench-probe: memory holds={made} active_holds={active} bytes_per_hold={:.0} of_which_event_log={:.0} hold_state={:.0}",
+                per(after - before),
+                per(stream),
+                per(after - before - stream)
             );
         }
         Probe::Batch => {

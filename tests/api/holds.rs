@@ -420,3 +420,49 @@ async fn an_unknown_hold_is_not_found() {
     }
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_active_hold_keeps_only_what_it_needs_in_redis() {
+    // Memory per hold bounds how many holds one Redis can carry (the
+    // benchmark's memory probe measures the whole cost; this pins the part
+    // that is the hold itself, which MEMORY USAGE reports exactly).
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    app.flash()
+        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 60))
+        .await
+        .unwrap();
+    let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}:{{dev}}:hold:h", app.redis_prefix);
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    for empty in ["ref", "ck", "cq", "ext", "xid", "oid"] {
+        assert!(
+            !names.contains(&empty),
+            "{empty} stored while empty: {fields:?}"
+        );
+    }
+    let rq = &fields
+        .iter()
+        .find(|(k, _)| k == "rq")
+        .expect("a request digest")
+        .1;
+    assert_eq!(rq.len(), 16, "the request is kept as a 64-bit digest: {rq}");
+    let bytes: i64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    println!("memory: one single-line hold key uses {bytes} bytes");
+    assert!(
+        bytes <= 256,
+        "a single-line hold uses {bytes} bytes of Redis"
+    );
+    app.shutdown().await;
+}
