@@ -11,8 +11,9 @@
 //! nothing of ours.
 //!
 //! - [`domain`]: pools, holds, ids, quantities and outcomes. No I/O.
-//! - [`store`]: Redis (the fast path: keys, Lua scripts, strict reply
-//!   decoding) and Postgres (pools and their escrow ledger, sales, audit log,
+//! - [`store`]: Redis (the fast path: keys, Lua scripts, the coalescer that
+//!   sends concurrent hold operations as one call, strict reply decoding) and
+//!   Postgres (pools and their escrow ledger, sales, audit log,
 //!   API keys).
 //! - [`engine`]: the hold engine's use cases: reserve, commit, release,
 //!   extend, claim, reads; it grants Redis its share of a pool on demand.

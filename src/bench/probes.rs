@@ -283,7 +283,12 @@ pub async fn run(
             };
             tokio::time::sleep(wait).await;
             let during = super::workloads::run(Workload::ClaimHot, channels, &claim_plan, c).await;
-            let left: u64 = con.zcard("hf:{dev}:exp").await?;
+            // Only this probe's holds: those due by the target second (the
+            // memory probe's, if it ran, are due ten minutes later).
+            let due_by = target
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64 + 1_000);
+            let left: u64 = con.zcount("hf:{dev}:exp", "-inf", due_by).await?;
             let lag_after = match metrics {
                 Some(m) => sweeper_buckets(m).await,
                 None => Vec::new(),
