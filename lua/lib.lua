@@ -170,11 +170,17 @@ end
 -- call block Redis: the sweeper finishes them in bounded batches, and a take
 -- that comes up short while some are still due answers BUSY (see
 -- busy_if_due) instead of refusing.
+--
+-- Once a look found fewer due holds than it could take, none is left due
+-- for the rest of the call: every operation of a batch shares one `now`,
+-- and none makes a hold due at it (a ttl is at least 1 ms). The later
+-- operations of a batch skip the look.
 local DUE_LIMIT = 100
 local due_budget = DUE_LIMIT
+local none_due = false
 local function expire_due(now, limit)
   local n = limit or due_budget
-  if n <= 0 then
+  if n <= 0 or none_due then
     return 0
   end
   local due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, n)
@@ -184,6 +190,7 @@ local function expire_due(now, limit)
   if not limit then
     due_budget = due_budget - #due
   end
+  none_due = #due < n
   return #due
 end
 
