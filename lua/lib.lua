@@ -205,9 +205,11 @@ end
 
 -- A refusal that units of unfinalised expired holds might turn around
 -- becomes { 'BUSY' }: the engine sweeps and retries, so expired holds
--- never block a take, even in a burst.
+-- never block a take, even in a burst. When expire_due already knows none
+-- is left due, a sold-out answer needs no second look.
 local function busy_if_due(stop, now)
   if stop and (stop[1] == 'SHORT' or stop[1] == 'CUSTOMER_LIMIT' or stop[1] == 'TOO_MANY_HOLDS')
+      and not none_due
       and #redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, 1) > 0 then
     return { 'BUSY' }
   end
