@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use crate::domain::channel::PERSONAL;
-use crate::domain::{CardId, Channel, ChannelSlug, TenantId};
+use crate::domain::{CardId, Channel, ChannelSlug, PoolId, TenantId};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::satellite::SatelliteClient;
@@ -147,7 +147,22 @@ impl Channels {
         cards: &[EngageCard],
     ) -> Result<EngageOutcome, Error> {
         let channel = self.sale_channel(ws, "channel", slug).await?;
-        self.pg().engage(ws, &channel, cards).await
+        let outcome = self.pg().engage(ws, &channel, cards).await?;
+        if let EngageOutcome::Engaged { engaged, .. } = &outcome
+            && !engaged.is_empty()
+        {
+            // Grant the new cards' pools to Redis now rather than on each
+            // card's first lock: grants are serial, so a checkout rush over
+            // fresh cards would queue behind them (deploy/BENCHMARKS.md,
+            // lock-complete), as CreateSale does for a sale's products. The
+            // cards are live either way; one left ungranted is granted on
+            // its first lock.
+            let pools: Vec<PoolId> = engaged.iter().map(CardId::pool).collect();
+            if let Err(e) = self.engine.sync(ws, &pools).await {
+                tracing::warn!(%ws, channel = %slug, error = %e, "cannot grant the engaged cards' pools yet; they are granted on first lock");
+            }
+        }
+        Ok(outcome)
     }
 
     /// Disengages cards from a channel, or every card (`None`). Unknown

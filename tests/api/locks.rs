@@ -544,3 +544,31 @@ async fn a_sale_committed_in_redis_just_before_a_crash_reaches_postgres_exactly_
     assert_eq!(ebay.received("bulk-disengage").len(), 1);
     again.shutdown().await;
 }
+
+#[tokio::test]
+async fn engaging_a_card_grants_it_to_redis_before_its_first_lock() {
+    // Grants are serial; a checkout rush over fresh cards must not queue
+    // behind one grant per card, so Engage grants them up front.
+    let app = spawn_app().await;
+    engage(&app, "storefront", &["card-1", "card-2"]).await;
+    let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    for card in ["card-1", "card-2"] {
+        let key = format!("{}:{{dev}}:pool:card/{card}", app.redis_prefix);
+        let grant: Option<i64> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("grant")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(grant, Some(1), "{card} is granted to Redis at Engage");
+    }
+    let a = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-a", "storefront", &["card-1", "card-2"], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.outcome(), AcquireOutcome::Acquired);
+    app.shutdown().await;
+}
