@@ -34,6 +34,6 @@ export HOLDFAST_DATABASE_URL="postgres://holdfast@127.0.0.1:$PG_PORT/holdfast"
 log "serving gRPC on ${HOLDFAST_GRPC_ADDR:-127.0.0.1:50051}, metrics on ${HOLDFAST_METRICS_ADDR:-127.0.0.1:9464}; Ctrl-C stops"
 "$ROOT/target/release/holdfast" serve --dev "$@" &
 pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid; stop_all' EXIT
+trap 'kill -TERM $pid 2>/dev/null || true; wait $pid || true; stop_all' EXIT
 trap 'exit 0' INT TERM
 wait $pid
