@@ -6,8 +6,8 @@
 //! (or was released) before payment gets one try at a fresh slot in the same
 //! window, so the confirmed count never exceeds the window's capacity.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -106,7 +106,16 @@ pub enum SlotOutcome {
 pub struct Slots {
     engine: Arc<Engine>,
     max_id_len: usize,
+    /// Window pools known to exist in Postgres. Pools are never deleted
+    /// and a schedule change updates existing windows itself, so a known
+    /// window needs neither the schedule read nor the insert again: that
+    /// was two Postgres round trips on every reservation.
+    known_windows: RwLock<HashSet<(TenantId, PoolId)>>,
 }
+
+/// Known windows remembered at most; past it the set starts over (each
+/// window then costs its two round trips once more).
+const KNOWN_WINDOWS: usize = 100_000;
 
 fn window_pool(venue_id: &str, w: &Window) -> PoolId {
     PoolId::from_parts(&["slot", venue_id, &w.start.timestamp().to_string()])
@@ -115,7 +124,11 @@ fn window_pool(venue_id: &str, w: &Window) -> PoolId {
 impl Slots {
     /// Slots on top of `engine`.
     pub fn new(engine: Arc<Engine>, max_id_len: usize) -> Self {
-        Self { engine, max_id_len }
+        Self {
+            engine,
+            max_id_len,
+            known_windows: RwLock::default(),
+        }
     }
 
     /// Creates or updates a venue.
@@ -361,6 +374,18 @@ impl Slots {
         w: &Window,
     ) -> Result<PoolId, Error> {
         let pool = window_pool(&venue.venue_id, w);
+        let key = (tenant.clone(), pool);
+        // A poisoned lock only means a panic elsewhere mid-insert; the set
+        // is a cache, so its contents are still usable.
+        if self
+            .known_windows
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&key)
+        {
+            return Ok(key.1);
+        }
+        let pool = key.1.clone();
         let capacity = self
             .schedule(tenant, &venue.venue_id)
             .await?
@@ -378,6 +403,14 @@ impl Slots {
                 },
             )
             .await?;
+        let mut known = self
+            .known_windows
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if known.len() >= KNOWN_WINDOWS {
+            known.clear();
+        }
+        known.insert(key);
         Ok(pool)
     }
 
