@@ -90,8 +90,7 @@ async fn history_older_than_the_redis_stream_comes_from_postgres() {
         .await
         .unwrap();
     // Simulate retention: drop the stream's oldest entries (all drained).
-    let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = app.redis().await;
     let key = format!("{}:{{dev}}:events", app.redis_prefix);
     let _: i64 = redis::cmd("XTRIM")
         .arg(&key)

@@ -296,10 +296,16 @@ impl TestApp {
             .expect("the product")
     }
 
+    /// A connection to the tests' Redis, to look at what the daemon stored
+    /// (the test's keys are under `redis_prefix`).
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(redis_url()).unwrap();
+        client.get_multiplexed_async_connection().await.unwrap()
+    }
+
     /// The Redis server's clock, ms.
     pub async fn redis_now_ms(&self) -> i64 {
-        let client = redis::Client::open(redis_url()).unwrap();
-        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let mut con = self.redis().await;
         let (s, us): (i64, i64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
         s * 1000 + us / 1000
     }

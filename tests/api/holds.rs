@@ -432,8 +432,7 @@ async fn an_active_hold_keeps_only_what_it_needs_in_redis() {
         .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 60))
         .await
         .unwrap();
-    let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = app.redis().await;
     let key = format!("{}:{{dev}}:hold:h", app.redis_prefix);
     let fields: Vec<(String, String)> = redis::cmd("HGETALL")
         .arg(&key)

@@ -551,8 +551,7 @@ async fn engaging_a_card_grants_it_to_redis_before_its_first_lock() {
     // behind one grant per card, so Engage grants them up front.
     let app = spawn_app().await;
     engage(&app, "storefront", &["card-1", "card-2"]).await;
-    let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let mut con = app.redis().await;
     for card in ["card-1", "card-2"] {
         let key = format!("{}:{{dev}}:pool:card/{card}", app.redis_prefix);
         let grant: Option<i64> = redis::cmd("HGET")
