@@ -8,6 +8,7 @@
 //! deploy/BENCHMARKS.md records the figures.
 
 mod baselines;
+mod fallback;
 mod load;
 mod probes;
 mod report;
@@ -77,7 +78,8 @@ pub struct BenchArgs {
     pub database_url: String,
 
     /// Probes to run after the workloads (comma-separated): memory,
-    /// batch, expiry. With probes and no --workload, only the probes run.
+    /// batch, expiry, fallback (freezes Redis, so it runs last). With
+    /// probes and no --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
@@ -180,8 +182,26 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         line.print();
     }
     let metrics = daemon.as_ref().map(|d| format!("127.0.0.1:{}", d.metrics));
-    for probe in &args.probe {
+    // The fallback probe freezes Redis, and the daemon then has an outage
+    // to recover from: it goes last.
+    let mut order = args.probe.clone();
+    order.sort_by_key(|p| *p == Probe::Fallback);
+    for probe in &order {
         workloads::setup(Workload::ClaimHot, &channels[0], &caller).await?;
+        if *probe == Probe::Fallback {
+            let setup = fallback::Setup {
+                redis_url: &args.redis_url,
+                database_url: &args.database_url,
+                pgbench: &pgbench_path(),
+                dir,
+                clients: args.clients,
+                duration: Duration::from_secs(args.duration),
+            };
+            fallback::run(&channels, &caller, &setup)
+                .await
+                .context("probe fallback")?;
+            continue;
+        }
         probes::run(
             *probe,
             &channels,

@@ -21,6 +21,10 @@ pub enum Probe {
     Batch,
     /// N holds expiring within the same second: sweeper lag, claim rate.
     Expiry,
+    /// Claims served by the Postgres fallback while Redis is frozen,
+    /// against pgbench's hot-row UPDATE (needs Redis on loopback; runs in
+    /// `fallback.rs`).
+    Fallback,
 }
 
 fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -175,6 +179,7 @@ pub async fn run(
     let mut con = client.get_multiplexed_async_connection().await?;
     let ch = &channels[0];
     match probe {
+        Probe::Fallback => unreachable!("bench::run sends the fallback probe to fallback::run"),
         Probe::Memory => {
             let product = format!("mem{}", c.tag);
             stock(ch, c, &product, holds as i64 * 2).await?;
