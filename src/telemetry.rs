@@ -27,6 +27,8 @@ pub mod metric {
     pub const REDIS_SCRIPT_SECONDS: &str = "holdfast_redis_script_duration_seconds";
     /// Histogram: hold operations per coalesced Redis call (store/redis/batch.rs).
     pub const REDIS_BATCH_OPS: &str = "holdfast_redis_batch_ops";
+    /// Histogram: takes per coalesced fallback transaction (store/postgres/take_queue.rs).
+    pub const PG_BATCH_TAKES: &str = "holdfast_fallback_batch_takes";
     /// Counter: events the drainer wrote to Postgres.
     pub const DRAINED_EVENTS: &str = "holdfast_drainer_events_total";
     /// Gauge: events in the streams not yet written to Postgres.
@@ -104,6 +106,10 @@ pub fn describe_metrics() {
     describe_histogram!(
         REDIS_BATCH_OPS,
         "Hold operations sent to Redis in one coalesced script call"
+    );
+    describe_histogram!(
+        PG_BATCH_TAKES,
+        "Takes the Postgres fallback ran in one coalesced transaction"
     );
     describe_counter!(DRAINED_EVENTS, "Events the drainer wrote to Postgres");
     describe_gauge!(

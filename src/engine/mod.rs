@@ -23,7 +23,7 @@ pub use escrow::GrantPolicy;
 use crate::domain::{Hold, HoldId, Job, Lines, PoolId, TakeOutcome, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
-use crate::store::postgres::{PgStore, PgTake};
+use crate::store::postgres::{PgStore, PgTake, TakeQueue};
 use crate::store::redis::{CustomerLimit, RedisStore};
 use crate::telemetry::metric;
 
@@ -80,6 +80,8 @@ pub struct Take {
 pub struct Engine {
     redis: RedisStore,
     pg: PgStore,
+    /// Gathers concurrent fallback takes into shared transactions.
+    fallback: TakeQueue,
     /// Serialises grants, so that a pool being loaded is never mistaken for
     /// a pool that Redis lost.
     grant_lock: Mutex<()>,
@@ -89,11 +91,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine over the two stores.
+    /// An engine over the two stores. Starts the fallback's coalescer, so
+    /// it must be called on a Tokio runtime.
     pub fn new(redis: RedisStore, pg: PgStore, policy: GrantPolicy, max_extensions: u32) -> Self {
         metrics::gauge!(metric::CIRCUIT_OPEN).set(0.0);
         Self {
             redis,
+            fallback: TakeQueue::start(pg.clone()),
             pg,
             grant_lock: Mutex::new(()),
             circuit: Circuit::default(),
@@ -217,13 +221,13 @@ impl Engine {
             ));
         }
         let t = PgTake {
-            id: &take.id,
+            id: take.id.clone(),
             job: take.job,
-            lines: &take.lines,
+            lines: take.lines.clone(),
             ttl: take.ttl,
-            reference: &take.reference,
+            reference: take.reference.clone(),
         };
-        let reply = self.pg.fallback_take(tenant, &t).await?;
+        let reply = self.fallback.take(tenant, t).await?;
         let outcome = outcome(take, reply)?;
         metrics::counter!(metric::SERVED_BY, "path" => "postgres").increment(1);
         Ok(outcome)

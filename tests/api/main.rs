@@ -8,6 +8,7 @@ mod auth;
 mod cards;
 mod channels;
 mod events;
+mod fallback;
 mod flash_sale;
 mod holds;
 mod locks;

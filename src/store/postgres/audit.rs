@@ -239,15 +239,7 @@ async fn twins<'e>(
         return Ok(Vec::new());
     }
     let ids: Vec<&str> = takes.iter().map(|e| e.hold_id.as_str()).collect();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(k)
-         FROM (SELECT DISTINCT hashtextextended($1 || '/' || id, 7) AS k FROM UNNEST($2::text[]) AS id) ks
-         ORDER BY k",
-    )
-    .bind(tenant.as_str())
-    .bind(&ids)
-    .execute(&mut **tx)
-    .await?;
+    super::fallback::lock_ids(tx, tenant, &ids).await?;
     let served: HashSet<String> =
         sqlx::query_scalar("SELECT hold_id FROM pg_holds WHERE tenant = $1 AND hold_id = ANY($2)")
             .bind(tenant.as_str())

@@ -11,6 +11,7 @@ mod listings;
 mod outbox;
 mod pools;
 mod sales;
+mod take_queue;
 mod venues;
 
 use std::time::Duration;
@@ -26,6 +27,7 @@ pub use listings::{Drift, DriftRow, EngageCard, EngageOutcome};
 pub use outbox::{DeliveryRow, DueDelivery};
 pub use pools::{AdjustOutcome, CapacityChange, NewPool, PoolRow};
 pub use sales::{NewSale, SaleRow, product_pool};
+pub use take_queue::TakeQueue;
 pub use venues::{ScheduleRows, VenueRow};
 
 use crate::domain::TenantId;

@@ -26,6 +26,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::domain::TenantId;
 use crate::error::Error;
+use crate::store::coalesce::{Tenanted, next_batch};
 use crate::telemetry::metric;
 
 /// Batch calls on their way to Redis at once: one being answered while the
@@ -131,19 +132,9 @@ impl Coalescer {
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            if waiting.is_empty() {
-                match rx.recv().await {
-                    Some(q) => waiting.push_back(q),
-                    None => return,
-                }
-            }
-            while waiting.len() < MAX_OPS * 4 {
-                match rx.try_recv() {
-                    Ok(q) => waiting.push_back(q),
-                    Err(_) => break,
-                }
-            }
-            let batch = take_batch(&mut waiting);
+            let Some(batch) = next_batch(&mut rx, &mut waiting, MAX_OPS).await else {
+                return;
+            };
             let con = self.con.clone();
             let invocation = Arc::clone(&self.invocation);
             let timeout = self.timeout;
@@ -156,21 +147,10 @@ impl Coalescer {
     }
 }
 
-/// The oldest waiting operation and, in order, up to [`MAX_OPS`] - 1 more
-/// of the same tenant; the others keep their places.
-fn take_batch(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
-    let tenant = waiting.front().map(|q| q.tenant.clone());
-    let mut batch = Vec::new();
-    let mut rest = VecDeque::with_capacity(waiting.len());
-    for q in waiting.drain(..) {
-        if batch.len() < MAX_OPS && Some(&q.tenant) == tenant.as_ref() {
-            batch.push(q);
-        } else {
-            rest.push_back(q);
-        }
+impl Tenanted for Queued {
+    fn tenant(&self) -> &TenantId {
+        &self.tenant
     }
-    *waiting = rest;
-    batch
 }
 
 async fn send(
@@ -303,7 +283,7 @@ mod tests {
             .zip(["claim", "commit", "release", "extend", "get_hold"])
             .map(|(t, op)| queued(t, op))
             .collect();
-        let batch = take_batch(&mut waiting);
+        let batch = crate::store::coalesce::take_batch(&mut waiting, MAX_OPS);
         let ops: Vec<_> = batch.iter().map(|q| q.op).collect();
         assert_eq!(ops, ["claim", "release", "get_hold"]);
         let rest: Vec<_> = waiting
@@ -317,7 +297,10 @@ mod tests {
     fn a_batch_never_holds_more_than_max_ops() {
         let mut waiting: VecDeque<Queued> =
             (0..MAX_OPS + 3).map(|_| queued("a", "get_hold")).collect();
-        assert_eq!(take_batch(&mut waiting).len(), MAX_OPS);
+        assert_eq!(
+            crate::store::coalesce::take_batch(&mut waiting, MAX_OPS).len(),
+            MAX_OPS
+        );
         assert_eq!(waiting.len(), 3);
     }
 

@@ -9,6 +9,8 @@
 //! records a Redis event, so a hold that reached both stores (a retried
 //! in-doubt call) is always noticed by one side or the other.
 
+mod take;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,24 +18,11 @@ use sqlx::{Postgres, Transaction};
 
 use super::PgStore;
 use super::listings::record_lock_sale;
-use crate::domain::{CardId, Hold, HoldId, HoldState, Job, Lines, PoolId, Shortage, TenantId};
+use crate::domain::{CardId, Hold, HoldId, HoldState, Job, PoolId, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
-
-/// A take for the fallback.
-#[derive(Debug, Clone)]
-pub struct PgTake<'a> {
-    /// The hold or claim id.
-    pub id: &'a HoldId,
-    /// The job.
-    pub job: Job,
-    /// The lines.
-    pub lines: &'a Lines,
-    /// How long to hold; `None` sells at once.
-    pub ttl: Option<Duration>,
-    /// The caller's reference.
-    pub reference: &'a str,
-}
+pub use take::PgTake;
+pub(super) use take::lock_ids;
 
 #[derive(sqlx::FromRow)]
 struct HoldRow {
@@ -93,7 +82,7 @@ impl HoldRow {
     }
 }
 
-fn fingerprint(t: &PgTake<'_>) -> String {
+fn fingerprint(t: &PgTake) -> String {
     let lines: Vec<String> = t
         .lines
         .as_slice()
@@ -179,8 +168,6 @@ async fn find(
     .await?)
 }
 
-/// Ends the tenant's due fallback holds as expired (Postgres's clock), so
-/// no take ever counts them. Returns how many.
 /// Opens a transaction on one fallback hold of `job`: takes the id's lock,
 /// ends the tenant's due holds (so the hold reads as it stands now), and
 /// finds it; `None` when the fallback never had it (or it was undone).
@@ -199,6 +186,8 @@ async fn open_hold(
     Ok((tx, row))
 }
 
+/// Ends the tenant's due fallback holds as expired (Postgres's clock), so
+/// no take ever counts them. Returns how many.
 async fn expire_due(tx: &mut Transaction<'_, Postgres>, tenant: &TenantId) -> Result<usize, Error> {
     let due = sqlx::query_as::<_, HoldRow>(&format!(
         "UPDATE pg_holds SET state = 'E', finished_at = now()
@@ -216,148 +205,6 @@ async fn expire_due(tx: &mut Transaction<'_, Postgres>, tenant: &TenantId) -> Re
 }
 
 impl PgStore {
-    /// Takes units on the fallback path: holds them for `ttl`, or sells them
-    /// at once. Answers like the Redis scripts.
-    pub async fn fallback_take(
-        &self,
-        tenant: &TenantId,
-        t: &PgTake<'_>,
-    ) -> Result<HoldReply, Error> {
-        let mut tx = self.begin().await?;
-        lock_id(&mut tx, tenant, t.id.as_str()).await?;
-        if let Some(row) = find(&mut tx, tenant, t.id.as_str()).await? {
-            tx.rollback().await?;
-            if row.state == "D" {
-                return Err(Error::Unavailable(format!(
-                    "id {} was served by the fast path; retry when Redis is back",
-                    t.id
-                )));
-            }
-            return Ok(if row.request == fingerprint(t) {
-                HoldReply::Hold(row.hold())
-            } else {
-                HoldReply::IdReused
-            });
-        }
-        // An id Redis already served (and the drainer recorded) must not be
-        // taken twice: the client is retrying a call that succeeded.
-        let seen: Option<(i32,)> = sqlx::query_as(
-            "SELECT 1 FROM audit_log WHERE tenant = $1 AND hold_id = $2 AND kind IN ('reserved', 'claimed') AND event_id NOT LIKE 'f%' LIMIT 1",
-        )
-        .bind(tenant.as_str())
-        .bind(t.id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if seen.is_some() {
-            return Err(Error::Unavailable(format!(
-                "id {} was served by the fast path; retry when Redis is back",
-                t.id
-            )));
-        }
-        expire_due(&mut tx, tenant).await?;
-
-        // Lock the pools in a fixed order, then check every rule before any write.
-        let mut pools: Vec<&str> = t.lines.as_slice().iter().map(|l| l.pool.as_str()).collect();
-        pools.sort_unstable();
-        let rows: Vec<(String, Option<i64>, i64, bool)> = sqlx::query_as(
-            "SELECT pool_id,
-                    CASE WHEN capacity IS NULL THEN NULL ELSE
-                      LEAST(capacity, COALESCE(ceiling, capacity)) - sold_pg - held_pg - sold_prior - in_doubt - (granted - returned) END,
-                    0::bigint,
-                    (starts_at IS NULL OR now() >= starts_at) AND (ends_at IS NULL OR now() < ends_at)
-             FROM pools WHERE tenant = $1 AND pool_id = ANY($2) ORDER BY pool_id FOR UPDATE",
-        )
-        .bind(tenant.as_str())
-        .bind(&pools)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut short = Vec::new();
-        for l in t.lines.as_slice() {
-            let Some((_, free, _, open)) = rows.iter().find(|r| r.0 == l.pool.as_str()) else {
-                return Err(Error::NotFound(format!("pool {}", l.pool)));
-            };
-            if !open {
-                return Ok(HoldReply::NotActive(l.pool.clone()));
-            }
-            if let Some(free) = free
-                && *free < l.quantity.get()
-            {
-                short.push(Shortage {
-                    pool: l.pool.clone(),
-                    requested: l.quantity.get(),
-                    available: (*free).max(0),
-                });
-            }
-        }
-        if !short.is_empty() {
-            return Ok(HoldReply::Short(short));
-        }
-        let column = if t.ttl.is_some() {
-            "held_pg"
-        } else {
-            "sold_pg"
-        };
-        for l in t.lines.as_slice() {
-            // The guard re-checks the invariant on the row itself.
-            let done = sqlx::query(&format!(
-                "UPDATE pools SET {column} = {column} + $3
-                 WHERE tenant = $1 AND pool_id = $2
-                   AND (capacity IS NULL OR
-                        LEAST(capacity, COALESCE(ceiling, capacity)) - sold_pg - held_pg - sold_prior - in_doubt - (granted - returned) >= $3)"
-            ))
-            .bind(tenant.as_str())
-            .bind(l.pool.as_str())
-            .bind(l.quantity.get())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if done != 1 {
-                return Err(Error::internal(format!(
-                    "fallback guard refused {} after its check",
-                    l.pool
-                )));
-            }
-        }
-        let lines: serde_json::Value = t
-            .lines
-            .as_slice()
-            .iter()
-            .map(|l| serde_json::json!({ "pool": l.pool.as_str(), "qty": l.quantity.get(), "epoch": 0 }))
-            .collect();
-        let ttl_ms = t
-            .ttl
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let row = sqlx::query_as::<_, HoldRow>(&format!(
-            "INSERT INTO pg_holds (tenant, hold_id, job, state, request, lines, expires_at, reference, finished_at)
-             VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7::double precision / 1000), $8,
-                     CASE WHEN $4 = 'C' THEN now() END)
-             RETURNING {HOLD_COLUMNS}"
-        ))
-        .bind(tenant.as_str())
-        .bind(t.id.as_str())
-        .bind(t.job.as_str())
-        .bind(if t.ttl.is_some() { "A" } else { "C" })
-        .bind(fingerprint(t))
-        .bind(&lines)
-        .bind(ttl_ms)
-        .bind(t.reference)
-        .fetch_one(&mut *tx)
-        .await?;
-        audit(
-            &mut tx,
-            tenant,
-            if t.ttl.is_some() {
-                "reserved"
-            } else {
-                "claimed"
-            },
-            &row,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(HoldReply::Hold(row.hold()))
-    }
-
     /// Commits a fallback hold; `NoHold` when the fallback never had it.
     pub async fn fallback_commit(
         &self,

@@ -1,0 +1,113 @@
+//! The fallback's coalescer: while Redis is down, takes that arrive while
+//! [`IN_FLIGHT`] fallback transactions are running wait, and go together
+//! as one transaction of `fallback/take.rs` when one ends. A flash sale's
+//! claims all contend for one pool row, so per-claim transactions would
+//! queue on its lock one commit at a time; a batch takes that lock once.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{PgStore, PgTake};
+use crate::domain::TenantId;
+use crate::error::Error;
+use crate::store::HoldReply;
+use crate::store::coalesce::{Tenanted, next_batch};
+use crate::telemetry::metric;
+
+/// Fallback transactions running at once: one holding the hot pool row
+/// while the next prepares (ids locked, replays read) keeps that row busy,
+/// and four let other tenants' and pools' batches run beside them. Each
+/// takes one Postgres connection.
+const IN_FLIGHT: usize = 4;
+/// Takes in one transaction, at most: bounds how long it holds a pool.
+const MAX_TAKES: usize = 64;
+/// Takes that may wait before callers wait to queue.
+const QUEUE: usize = 4096;
+
+struct Queued {
+    tenant: TenantId,
+    take: PgTake,
+    reply: oneshot::Sender<Result<HoldReply, Error>>,
+}
+
+impl Tenanted for Queued {
+    fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+}
+
+/// The handle the engine takes through; cheap to clone.
+#[derive(Clone)]
+pub struct TakeQueue {
+    tx: mpsc::Sender<Queued>,
+}
+
+impl TakeQueue {
+    /// Starts the coalescer's task on the current runtime; it ends when the
+    /// last handle is dropped.
+    pub fn start(pg: PgStore) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Queued>(QUEUE);
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        tokio::spawn(async move {
+            let mut waiting = VecDeque::new();
+            loop {
+                let slot = Arc::clone(&slots)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
+                let Some(batch) = next_batch(&mut rx, &mut waiting, MAX_TAKES).await else {
+                    return;
+                };
+                let pg = pg.clone();
+                tokio::spawn(async move {
+                    run(&pg, batch).await;
+                    drop(slot);
+                });
+            }
+        });
+        Self { tx }
+    }
+
+    /// Takes on the fallback path, as [`PgStore::fallback_take`] does.
+    pub async fn take(&self, tenant: &TenantId, take: PgTake) -> Result<HoldReply, Error> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || Error::Unavailable("the fallback's queue stopped".into());
+        self.tx
+            .send(Queued {
+                tenant: tenant.clone(),
+                take,
+                reply,
+            })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+async fn run(pg: &PgStore, batch: Vec<Queued>) {
+    let Some(tenant) = batch.first().map(|q| q.tenant.clone()) else {
+        return;
+    };
+    metrics::histogram!(metric::PG_BATCH_TAKES).record(batch.len() as f64);
+    let (takes, replies): (Vec<PgTake>, Vec<_>) =
+        batch.into_iter().map(|q| (q.take, q.reply)).unzip();
+    match pg.fallback_takes(&tenant, &takes).await {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+        }
+        Err(e) => {
+            // Nothing was written: every caller may retry by id.
+            let why = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(match &e {
+                    Error::Unavailable(_) => Error::Unavailable(why.clone()),
+                    _ => Error::internal(why.clone()),
+                }));
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The Postgres fallback's batched takes (store/postgres/fallback/take.rs):
+//! takes gathered into one transaction answer exactly as if each had run
+//! alone, in order. The fault suite drives the same path end to end with
+//! Redis frozen; these pin down the batch's own rules.
+
+use holdfast::domain::{HoldId, Job, Line, Lines, PoolId, Quantity, TenantId};
+use holdfast::error::Error;
+use holdfast::store::HoldReply;
+use holdfast::store::postgres::{PgStore, PgTake, product_pool};
+
+use crate::helpers::spawn_app_with;
+
+fn take(id: &str, lines: &[(&PoolId, i64)], ttl_secs: Option<u64>) -> PgTake {
+    let lines = lines
+        .iter()
+        .map(|(pool, q)| Line {
+            pool: (*pool).clone(),
+            quantity: Quantity::parse("quantity", *q, 1_000).unwrap(),
+        })
+        .collect();
+    PgTake {
+        id: HoldId::parse("id", id, 128).unwrap(),
+        job: Job::Flash,
+        lines: Lines::parse("lines", lines, 100).unwrap(),
+        ttl: ttl_secs.map(std::time::Duration::from_secs),
+        reference: String::new(),
+    }
+}
+
+/// What the fallback may still give from `pool` (the share never granted
+/// to Redis, less what it sold or holds itself).
+async fn fallback_free(pg: &sqlx::PgPool, pool: &PoolId) -> i64 {
+    sqlx::query_scalar(
+        "SELECT capacity - sold_pg - held_pg - sold_prior - in_doubt - (granted - returned)
+         FROM pools WHERE tenant = 'dev' AND pool_id = $1",
+    )
+    .bind(pool.as_str())
+    .fetch_one(pg)
+    .await
+    .unwrap()
+}
+
+async fn pg_totals(pg: &sqlx::PgPool, pool: &PoolId) -> (i64, i64) {
+    sqlx::query_as("SELECT sold_pg, held_pg FROM pools WHERE tenant = 'dev' AND pool_id = $1")
+        .bind(pool.as_str())
+        .fetch_one(pg)
+        .await
+        .unwrap()
+}
+
+fn held_id(answer: &Result<HoldReply, Error>) -> Option<String> {
+    match answer {
+        Ok(HoldReply::Hold(h)) => Some(h.id.as_str().to_string()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_fallback_takes_answers_as_if_each_ran_alone_in_order() {
+    // A grant of one unit at a time leaves most of each pool to Postgres.
+    let app = spawn_app_with(|a| a.grant_chunk = 1).await;
+    app.live_sale("s", &[("p", Some(10)), ("q", Some(10))], 0)
+        .await;
+    let pg = PgStore::from_pool(app.pg.clone());
+    let dev = TenantId::parse("dev").unwrap();
+    let (p, q) = (product_pool("s", "p"), product_pool("s", "q"));
+    let free = fallback_free(&app.pg, &p).await;
+    assert!(free >= 4, "the fallback has units of p to give ({free})");
+    let unknown = product_pool("s", "nope");
+
+    // `free` - 1 claims of one unit, a two-line hold that fits p's last
+    // unit, a claim that no longer fits, a repeat of the first id, a
+    // reused id with another request, and a pool that does not exist.
+    let mut takes: Vec<PgTake> = (0..free - 1)
+        .map(|i| take(&format!("c{i}"), &[(&p, 1)], None))
+        .collect();
+    takes.push(take("two-lines", &[(&q, 2), (&p, 1)], Some(60)));
+    takes.push(take("late", &[(&p, 1)], None));
+    takes.push(take("c0", &[(&p, 1)], None));
+    takes.push(take("c1", &[(&p, 2)], None));
+    takes.push(take("lost", &[(&unknown, 1)], None));
+    let answers = pg.fallback_takes(&dev, &takes).await.unwrap();
+    assert_eq!(answers.len(), takes.len());
+
+    let n = takes.len();
+    for (i, a) in answers[..free as usize - 1].iter().enumerate() {
+        assert_eq!(held_id(a), Some(format!("c{i}")), "claim c{i}: {a:?}");
+    }
+    assert_eq!(held_id(&answers[n - 5]).as_deref(), Some("two-lines"));
+    match &answers[n - 4] {
+        Ok(HoldReply::Short(s)) => {
+            assert_eq!((s.len(), s[0].requested, s[0].available), (1, 1, 0));
+        }
+        other => panic!("the claim after the last unit is short, not {other:?}"),
+    }
+    assert_eq!(
+        held_id(&answers[n - 3]).as_deref(),
+        Some("c0"),
+        "a repeated id replays its hold"
+    );
+    assert!(
+        matches!(answers[n - 2], Ok(HoldReply::IdReused)),
+        "{:?}",
+        answers[n - 2]
+    );
+    assert!(
+        matches!(answers[n - 1], Err(Error::NotFound(_))),
+        "{:?}",
+        answers[n - 1]
+    );
+
+    // Written once each: p sold free - 1 and holds 1, q holds 2, and one
+    // audit row per take.
+    assert_eq!(pg_totals(&app.pg, &p).await, (free - 1, 1));
+    assert_eq!(pg_totals(&app.pg, &q).await, (0, 2));
+    assert_eq!(fallback_free(&app.pg, &p).await, 0);
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE tenant = 'dev' AND event_id LIKE 'f%' AND kind IN ('claimed', 'reserved')",
+    )
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    assert_eq!(audited, free);
+
+    // The whole batch again (every client retrying) changes nothing.
+    let again = pg.fallback_takes(&dev, &takes).await.unwrap();
+    for (i, a) in again[..free as usize - 1].iter().enumerate() {
+        assert_eq!(held_id(a), Some(format!("c{i}")));
+    }
+    assert_eq!(held_id(&again[n - 5]).as_deref(), Some("two-lines"));
+    assert_eq!(pg_totals(&app.pg, &p).await, (free - 1, 1));
+    assert_eq!(pg_totals(&app.pg, &q).await, (0, 2));
+    app.shutdown().await;
+}
