@@ -32,7 +32,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys { command } => keys(command).await,
         Command::Bench(args) => {
             telemetry::init_tracing(LogFormat::Text);
-            holdfast::bench::run(*args).await
+            // Interrupted, the bench's future is dropped, and with it what
+            // it started: the daemon child is killed and a frozen Redis
+            // thawed.
+            tokio::select! {
+                done = holdfast::bench::run(*args) => done,
+                _ = shutdown_signal() => anyhow::bail!("bench interrupted; the daemon it started is stopped"),
+            }
         }
     }
 }

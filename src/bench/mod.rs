@@ -94,11 +94,26 @@ pub struct BenchArgs {
 
 /// Runs the benchmark and prints its report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("holdfast-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let result = run_in(&args, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let dir = Scratch::create()?;
+    run_in(&args, &dir.0).await
+}
+
+/// The bench's temporary folder, removed when the run ends or is dropped
+/// (interrupted).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn create() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("holdfast-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
