@@ -81,12 +81,7 @@ impl Channels {
     ) -> Result<Channel, Error> {
         let channel = self.channel(ws, slug).await?;
         if !channel.for_sale {
-            return Err(Error::invalid(
-                field,
-                format!(
-                    "{slug} is not for sale: a card is in the personal collection while it is live nowhere else"
-                ),
-            ));
+            return Err(not_for_sale(field, slug));
         }
         Ok(channel)
     }
@@ -296,4 +291,14 @@ impl Channels {
             None => Ok(()),
         }
     }
+}
+
+/// The refusal of a channel cards cannot be sold on.
+pub fn not_for_sale(field: &str, slug: &ChannelSlug) -> Error {
+    Error::invalid(
+        field,
+        format!(
+            "{slug} is not for sale: a card is in the personal collection while it is live nowhere else"
+        ),
+    )
 }

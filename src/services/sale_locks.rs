@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::{
-    CardId, ChannelSlug, Hold, HoldId, HoldState, Job, Line, Lines, ListingStatus, Quantity,
-    TakeOutcome, TenantId,
+    CardId, ChannelSlug, Hold, HoldId, HoldState, Job, Line, Lines, Quantity, TakeOutcome, TenantId,
 };
 use crate::engine::{Engine, Take};
 use crate::error::Error;
-use crate::services::channels::Channels;
+use crate::services::channels::{Channels, not_for_sale};
+use crate::store::postgres::CardOnChannel;
 
 /// How often a refused batch is retried when a card it was refused for has
 /// become free before its holder could be named.
@@ -96,14 +96,15 @@ impl SaleLocks {
         cards: Vec<CardId>,
         ttl: Duration,
     ) -> Result<AcquireOutcome, Error> {
-        self.channels.sale_channel(ws, "channel", channel).await?;
+        self.channels.ensure(ws).await?;
+        let states = self.states(ws, channel, &cards).await?;
         // The same lockRef again: a retry, or a refresh of the TTL.
         match self.engine.get_hold(ws, &lock_ref, Job::Lock).await {
             Ok(hold) => return self.again(ws, hold, channel, &cards, ttl).await,
             Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        let refused = self.refused(ws, channel, &cards).await?;
+        let refused = refused(&cards, states)?;
         if !refused.is_empty() {
             return Ok(AcquireOutcome::Conflict(refused));
         }
@@ -178,34 +179,24 @@ impl SaleLocks {
         Ok(AcquireOutcome::Acquired(SaleLock::of(hold)))
     }
 
-    /// Cards Postgres already refuses: sold, or not live on `channel`.
-    /// A card the workspace does not know is NOT_FOUND.
-    async fn refused(
+    /// The cards as Postgres sees them on `channel`, read once per acquire.
+    /// An unknown channel is NOT_FOUND; one not for sale INVALID_ARGUMENT.
+    async fn states(
         &self,
         ws: &TenantId,
         channel: &ChannelSlug,
         cards: &[CardId],
-    ) -> Result<Vec<(CardId, CardConflict)>, Error> {
-        let states = self.engine.pg().card_states(ws, cards).await?;
-        if let Some(unknown) = cards
-            .iter()
-            .find(|c| !states.iter().any(|s| s.card_id == **c))
+    ) -> Result<Vec<CardOnChannel>, Error> {
+        match self
+            .engine
+            .pg()
+            .cards_on_channel(ws, channel, cards)
+            .await?
         {
-            return Err(Error::NotFound(format!("card {unknown}")));
+            None => Err(Error::NotFound(format!("channel {channel}"))),
+            Some((false, _)) => Err(not_for_sale("channel", channel)),
+            Some((true, states)) => Ok(states),
         }
-        Ok(states
-            .into_iter()
-            .filter_map(|s| {
-                if s.sold_channel.is_some() {
-                    return Some((s.card_id, CardConflict::Sold(s.sold_channel)));
-                }
-                let live = s
-                    .listings
-                    .iter()
-                    .any(|l| l.channel == *channel && l.status == ListingStatus::Active);
-                (!live).then_some((s.card_id, CardConflict::NotListed))
-            })
-            .collect())
     }
 
     /// Names who holds or sold each card Redis refused; empty when they all
@@ -313,4 +304,25 @@ fn lock_words(e: Error) -> Error {
         ),
         other => other,
     }
+}
+
+/// Cards Postgres already refuses: sold, or not live on the channel. A
+/// card the workspace does not know is NOT_FOUND.
+fn refused(
+    cards: &[CardId],
+    states: Vec<CardOnChannel>,
+) -> Result<Vec<(CardId, CardConflict)>, Error> {
+    if let Some(unknown) = cards
+        .iter()
+        .find(|c| !states.iter().any(|s| s.card_id == **c))
+    {
+        return Err(Error::NotFound(format!("card {unknown}")));
+    }
+    Ok(states
+        .into_iter()
+        .filter_map(|s| match s.sold_channel {
+            Some(sold) => Some((s.card_id, CardConflict::Sold(Some(sold)))),
+            None => (!s.live).then_some((s.card_id, CardConflict::NotListed)),
+        })
+        .collect())
 }

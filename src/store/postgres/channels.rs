@@ -94,7 +94,57 @@ pub struct CardState {
     pub listings: Vec<Listing>,
 }
 
+/// What a sale lock needs to know of one card on the calling channel.
+#[derive(Debug, Clone)]
+pub struct CardOnChannel {
+    /// The card.
+    pub card_id: CardId,
+    /// The channel it sold on, if it did.
+    pub sold_channel: Option<ChannelSlug>,
+    /// Whether it is live (an active listing) on the calling channel.
+    pub live: bool,
+}
+
 impl PgStore {
+    /// Whether `channel` is for sale (`None`: the registry does not have
+    /// it), and each known card's state on it: one query, because a sale
+    /// lock asks it before every acquire.
+    pub async fn cards_on_channel(
+        &self,
+        workspace: &TenantId,
+        channel: &ChannelSlug,
+        cards: &[CardId],
+    ) -> Result<Option<(bool, Vec<CardOnChannel>)>, Error> {
+        let ids: Vec<&str> = cards.iter().map(CardId::as_str).collect();
+        let rows: Vec<(bool, Option<String>, Option<String>, bool)> = sqlx::query_as(
+            "SELECT ch.for_sale, c.card_id, c.sold_channel,
+                    EXISTS (SELECT 1 FROM card_channels l
+                            WHERE l.workspace = $1 AND l.card_id = c.card_id AND l.channel = $3 AND l.status = 'active')
+             FROM channels ch
+             LEFT JOIN cards c ON c.workspace = $1 AND c.card_id = ANY($2)
+             WHERE ch.workspace = $1 AND ch.slug = $3",
+        )
+        .bind(workspace.as_str())
+        .bind(&ids)
+        .bind(channel.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(for_sale) = rows.first().map(|r| r.0) else {
+            return Ok(None);
+        };
+        let known = rows
+            .into_iter()
+            .filter_map(|(_, card, sold, live)| {
+                Some(CardOnChannel {
+                    card_id: CardId::from_store(card?),
+                    sold_channel: sold.map(ChannelSlug::from_store),
+                    live,
+                })
+            })
+            .collect();
+        Ok(Some((for_sale, known)))
+    }
+
     /// Seeds a workspace's registry and settings on first use; harmless
     /// afterwards (existing channels are never overwritten).
     pub async fn ensure_channels(&self, workspace: &TenantId) -> Result<(), Error> {

@@ -20,7 +20,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 pub use audit::{AuditFilter, AuditRow};
-pub use channels::{CardState, Listing, Satellite};
+pub use channels::{CardOnChannel, CardState, Listing, Satellite};
 pub use fallback::{PgTake, Twin};
 pub use keys::ApiKeyRow;
 pub use listings::{Drift, DriftRow, EngageCard, EngageOutcome};

@@ -171,19 +171,35 @@ async fn find(
 /// Opens a transaction on one fallback hold of `job`: takes the id's lock,
 /// ends the tenant's due holds (so the hold reads as it stands now), and
 /// finds it; `None` when the fallback never had it (or it was undone).
+///
+/// Most lookups that reach the fallback are for ids it never had: Redis
+/// had no such hold either, because the id is new (a sale lock's acquire
+/// looks its lockRef up first). One indexed read, outside any transaction,
+/// answers those; a hold inserted just after it is one that did not exist
+/// yet when the call was answered.
 async fn open_hold(
     pg: &PgStore,
     tenant: &TenantId,
     id: &HoldId,
     job: Job,
-) -> Result<(Transaction<'static, Postgres>, Option<HoldRow>), Error> {
+) -> Result<Option<(Transaction<'static, Postgres>, HoldRow)>, Error> {
+    let known: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_holds WHERE tenant = $1 AND hold_id = $2)",
+    )
+    .bind(tenant.as_str())
+    .bind(id.as_str())
+    .fetch_one(pg.pool())
+    .await?;
+    if !known {
+        return Ok(None);
+    }
     let mut tx = pg.begin().await?;
     lock_id(&mut tx, tenant, id.as_str()).await?;
     expire_due(&mut tx, tenant).await?;
     let row = find(&mut tx, tenant, id.as_str())
         .await?
         .filter(|r| r.job == job.as_str() && r.state != "D");
-    Ok((tx, row))
+    Ok(row.map(|r| (tx, r)))
 }
 
 /// Ends the tenant's due fallback holds as expired (Postgres's clock), so
@@ -213,8 +229,7 @@ impl PgStore {
         job: Job,
         order_id: &str,
     ) -> Result<HoldReply, Error> {
-        let (mut tx, row) = open_hold(self, tenant, id, job).await?;
-        let Some(row) = row else {
+        let Some((mut tx, row)) = open_hold(self, tenant, id, job).await? else {
             return Ok(HoldReply::NoHold);
         };
         match row.state.as_str() {
@@ -274,8 +289,7 @@ impl PgStore {
         id: &HoldId,
         job: Job,
     ) -> Result<HoldReply, Error> {
-        let (mut tx, row) = open_hold(self, tenant, id, job).await?;
-        let Some(row) = row else {
+        let Some((mut tx, row)) = open_hold(self, tenant, id, job).await? else {
             return Ok(HoldReply::NoHold);
         };
         match row.state.as_str() {
@@ -310,8 +324,7 @@ impl PgStore {
         max_extensions: u32,
         extension_id: &str,
     ) -> Result<HoldReply, Error> {
-        let (mut tx, row) = open_hold(self, tenant, id, job).await?;
-        let Some(row) = row else {
+        let Some((mut tx, row)) = open_hold(self, tenant, id, job).await? else {
             return Ok(HoldReply::NoHold);
         };
         if !extension_id.is_empty() && row.extension_id == extension_id {
@@ -347,9 +360,11 @@ impl PgStore {
         id: &HoldId,
         job: Job,
     ) -> Result<HoldReply, Error> {
-        let (tx, row) = open_hold(self, tenant, id, job).await?;
+        let Some((tx, row)) = open_hold(self, tenant, id, job).await? else {
+            return Ok(HoldReply::NoHold);
+        };
         tx.commit().await?;
-        Ok(row.map_or(HoldReply::NoHold, |r| HoldReply::Hold(r.hold())))
+        Ok(HoldReply::Hold(row.hold()))
     }
 
     /// The sweeper's pass over the fallback: ends due holds. Returns how
