@@ -83,6 +83,16 @@ impl EventService for EventApi {
         })
         .await?
         .into_inner();
+        // "From now" is fixed here, before the subscriber gets its stream:
+        // an event of a call it makes right after subscribing is after it.
+        let start = match after {
+            Some(after) => Start::After(after),
+            None => Start::At(
+                latest(&self.redis, &tenant)
+                    .await
+                    .map_err(|e| Status::from(Error::from(e)))?,
+            ),
+        };
         let (tx, rx) = mpsc::channel(BUFFER + 1);
         let pump = Pump {
             redis: self.redis.clone(),
@@ -92,9 +102,37 @@ impl EventService for EventApi {
             stopping: self.stopping.clone(),
             last_sent: None,
         };
-        tokio::spawn(pump.run(after));
+        tokio::spawn(pump.run(start));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Where a subscription starts.
+#[derive(Clone, Copy)]
+enum Start {
+    /// After this event id (the client's cursor): replayed from Postgres
+    /// where Redis no longer keeps it.
+    After((u64, u64)),
+    /// After the stream's newest entry when the subscription was accepted
+    /// (`(0, 0)` for an empty stream).
+    At((u64, u64)),
+}
+
+/// The id of the tenant's newest event in Redis, `(0, 0)` when none.
+async fn latest(redis: &RedisStore, tenant: &TenantId) -> Result<(u64, u64), redis::RedisError> {
+    let last: StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(redis.keys().events(tenant))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut redis.multiplexed())
+        .await?;
+    Ok(last
+        .ids
+        .first()
+        .and_then(|e| parse_event_id(&e.id))
+        .unwrap_or((0, 0)))
 }
 
 /// One subscriber's reader.
@@ -128,8 +166,8 @@ impl From<redis::RedisError> for Stop {
 }
 
 impl Pump {
-    async fn run(mut self, after: Option<(u64, u64)>) {
-        if let Err(Stop::Status(status)) = self.stream(after).await {
+    async fn run(mut self, start: Start) {
+        if let Err(Stop::Status(status)) = self.stream(start).await {
             let _ = self.tx.send(Err(status)).await;
         }
     }
@@ -161,7 +199,7 @@ impl Pump {
         Ok(())
     }
 
-    async fn stream(&mut self, after: Option<(u64, u64)>) -> Result<(), Stop> {
+    async fn stream(&mut self, start: Start) -> Result<(), Stop> {
         let mut con = self.redis.dedicated(BLOCK + Duration::from_secs(2)).await?;
         let key = self.redis.keys().events(&self.tenant);
         let first: StreamRangeReply = redis::cmd("XRANGE")
@@ -176,8 +214,8 @@ impl Pump {
         // Whether the cursor names an entry read from the stream (rather than
         // a replayed or starting point).
         let mut cursor_in_stream = false;
-        let mut cursor = match after {
-            Some(after) => {
+        let mut cursor = match start {
+            Start::After(after) => {
                 // Older than Redis keeps: replay from Postgres up to the stream's start.
                 if first.is_none_or(|f| f > after) {
                     let mut from = after;
@@ -200,20 +238,7 @@ impl Pump {
                     after
                 }
             }
-            None => {
-                let last: StreamRangeReply = redis::cmd("XREVRANGE")
-                    .arg(&key)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query_async(&mut con)
-                    .await?;
-                last.ids
-                    .first()
-                    .and_then(|e| parse_event_id(&e.id))
-                    .unwrap_or((0, 0))
-            }
+            Start::At(now) => now,
         };
         loop {
             if *self.stopping.borrow() {
