@@ -8,7 +8,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::PgStore;
 use super::fallback::Twin;
-use super::listings::record_lock_sale;
+use super::lock_sales::{LockSale, record_lock_sales};
 use crate::domain::{CardId, Event, Job, TenantId};
 use crate::error::Error;
 
@@ -40,17 +40,21 @@ impl PgStore {
                 twin => follow_ups.push((e.hold_id.clone(), e.job.clone(), twin)),
             }
         }
-        for e in fresh
+        let sales: Vec<LockSale<'_>> = fresh
             .iter()
             .filter(|e| e.sells() && e.job == Job::Lock.as_str())
-        {
-            let cards: Vec<CardId> = e
-                .lines
-                .iter()
-                .filter_map(|l| CardId::of_pool(&l.pool))
-                .collect();
-            record_lock_sale(&mut tx, tenant, &e.reference, &e.hold_id, &cards, e.at).await?;
-        }
+            .map(|e| LockSale {
+                channel: &e.reference,
+                lock_ref: &e.hold_id,
+                cards: e
+                    .lines
+                    .iter()
+                    .filter_map(|l| CardId::of_pool(&l.pool))
+                    .collect(),
+                at: e.at,
+            })
+            .collect();
+        record_lock_sales(&mut tx, tenant, &sales).await?;
         write_back(&mut tx, tenant, &fresh).await?;
         tx.commit().await?;
         Ok((fresh.len(), follow_ups))

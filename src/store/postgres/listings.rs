@@ -3,8 +3,6 @@
 //! one transaction with the outbox rows that tell the satellites, so a
 //! change and its webhook are never one without the other.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::{Postgres, Transaction};
@@ -342,91 +340,8 @@ impl PgStore {
     }
 }
 
-/// The sale transition, run by the drainer inside the transaction that
-/// records a sale lock's `committed` event (so exactly once per event):
-/// the cards become sold on the lock's channel, every other live listing
-/// of them inactive, and each affected satellite gets one `bulk-disengage`
-/// listing its cards.
-pub(super) async fn record_lock_sale(
-    tx: &mut Transaction<'_, Postgres>,
-    workspace: &TenantId,
-    channel: &str,
-    lock_ref: &str,
-    cards: &[CardId],
-    at: DateTime<Utc>,
-) -> Result<(), Error> {
-    let ws = workspace.as_str();
-    let ids: Vec<&str> = cards.iter().map(CardId::as_str).collect();
-    // The channel and cards exist (a lock needs a listing); these inserts
-    // only guard the foreign keys below, so that no state of the tables can
-    // make this event fail forever and stall the drainer.
-    sqlx::query(
-        "INSERT INTO channels (workspace, slug, name) VALUES ($1, $2, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(ws)
-    .bind(channel)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO cards (workspace, card_id) SELECT $1, c FROM unnest($2::text[]) AS c ON CONFLICT DO NOTHING",
-    )
-    .bind(ws)
-    .bind(&ids)
-    .execute(&mut **tx)
-    .await?;
-    let sold: Vec<(String,)> = sqlx::query_as(
-        "UPDATE cards SET sold_channel = $3, sold_lock_ref = $4, sold_at = $5
-         WHERE workspace = $1 AND card_id = ANY($2) AND sold_channel IS NULL
-         RETURNING card_id",
-    )
-    .bind(ws)
-    .bind(&ids)
-    .bind(channel)
-    .bind(lock_ref)
-    .bind(at)
-    .fetch_all(&mut **tx)
-    .await?;
-    if sold.len() != ids.len() {
-        // A card's pool has capacity 1, so this means a Redis epoch was
-        // lost and the card sold twice: keep the first sale on record.
-        tracing::error!(%workspace, lock_ref, "a sale lock completed on cards already sold; keeping the first sale");
-    }
-    let sold: Vec<String> = sold.into_iter().map(|(c,)| c).collect();
-    sqlx::query(
-        "INSERT INTO card_channels (workspace, card_id, channel, status, disengaged_at)
-         SELECT $1, c, $2, 'sold', $3 FROM unnest($4::text[]) AS c
-         ON CONFLICT (workspace, card_id, channel) DO UPDATE SET status = 'sold', disengaged_at = $3",
-    )
-    .bind(ws)
-    .bind(channel)
-    .bind(at)
-    .bind(&sold)
-    .execute(&mut **tx)
-    .await?;
-    let pulled: Vec<(String, String, String)> = sqlx::query_as(
-        "UPDATE card_channels SET status = 'inactive', disengaged_at = $3
-         WHERE workspace = $1 AND card_id = ANY($4) AND channel <> $2 AND status = 'active'
-         RETURNING channel, card_id, external_ref",
-    )
-    .bind(ws)
-    .bind(channel)
-    .bind(at)
-    .bind(&sold)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut by_channel: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    for (ch, card, external_ref) in pulled {
-        by_channel.entry(ch).or_default().push((card, external_ref));
-    }
-    for (ch, mut rows) in by_channel {
-        rows.sort();
-        let body = json!({"reason": "sold", "sold_on": channel, "lock_ref": lock_ref, "cards": card_refs(&rows)});
-        enqueue(tx, ws, &ch, "bulk-disengage", body, at).await?;
-    }
-    Ok(())
-}
-
-fn card_refs(rows: &[(String, String)]) -> Vec<serde_json::Value> {
+/// The `cards` of a webhook body: (card id, external ref) pairs.
+pub(super) fn card_refs(rows: &[(String, String)]) -> Vec<serde_json::Value> {
     rows.iter()
         .map(|(c, r)| json!({"card_id": c, "external_ref": r}))
         .collect()
@@ -435,7 +350,7 @@ fn card_refs(rows: &[(String, String)]) -> Vec<serde_json::Value> {
 /// Adds a webhook for `channel`'s satellite to the outbox, in the caller's
 /// transaction. A channel without a satellite gets none: reconcile is how
 /// a satellite configured later catches up.
-async fn enqueue(
+pub(super) async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
     workspace: &str,
     channel: &str,

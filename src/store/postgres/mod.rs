@@ -8,6 +8,7 @@ mod channels;
 mod fallback;
 mod keys;
 mod listings;
+mod lock_sales;
 mod outbox;
 mod pools;
 mod sales;

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 
 use super::PgStore;
-use super::listings::record_lock_sale;
+use super::lock_sales::{LockSale, record_lock_sales};
 use crate::domain::{CardId, Hold, HoldId, HoldState, Job, PoolId, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
@@ -258,19 +258,16 @@ impl PgStore {
                 if job == Job::Lock {
                     // A sale lock completed here sells its cards in this
                     // transaction, as the drainer does for Redis's commits.
-                    let cards: Vec<CardId> = lines_of(&row.lines)
-                        .iter()
-                        .filter_map(|(pool, _)| CardId::of_pool(pool))
-                        .collect();
-                    record_lock_sale(
-                        &mut tx,
-                        tenant,
-                        &row.reference,
-                        id.as_str(),
-                        &cards,
-                        Utc::now(),
-                    )
-                    .await?;
+                    let sale = LockSale {
+                        channel: &row.reference,
+                        lock_ref: id.as_str(),
+                        cards: lines_of(&row.lines)
+                            .iter()
+                            .filter_map(|(pool, _)| CardId::of_pool(pool))
+                            .collect(),
+                        at: Utc::now(),
+                    };
+                    record_lock_sales(&mut tx, tenant, &[sale]).await?;
                 }
                 tx.commit().await?;
                 Ok(HoldReply::Hold(row.hold()))
