@@ -23,6 +23,10 @@ pub struct GrantPolicy {
     pub chunk: i64,
 }
 
+/// Pools granted per Postgres transaction when many are loaded at once
+/// (a sale's products, an Engage's cards).
+const GRANT_PART: usize = 100;
+
 impl Default for GrantPolicy {
     fn default() -> Self {
         Self {
@@ -206,6 +210,9 @@ impl Engine {
         let pools: Vec<PoolId> = needed.iter().map(|(p, _)| p.clone()).collect();
         let rows = self.pg.get_pools(tenant, &pools).await?;
         let in_redis = self.redis.get_pools(tenant, &pools).await?;
+        // First what each pool needs, then every grant in one Postgres
+        // transaction, then each pool to Redis (Postgres first).
+        let mut plans = Vec::with_capacity(needed.len());
         for ((pool, need), redis) in needed.iter().zip(in_redis) {
             let mut row = rows
                 .iter()
@@ -227,47 +234,85 @@ impl Engine {
                 Some(r) if !lost && r.epoch == row.epoch => r.grant - r.returned - r.sold - r.held,
                 _ => 0,
             };
-            let mut granted = row.granted;
-            let mut chunk = 0;
             let undelegated = row.undelegated().unwrap_or(0);
-            if undelegated > 0
+            let chunk = if undelegated > 0
                 && (headroom < *need || headroom <= self.policy.low_water(undelegated))
             {
-                chunk = self.policy.size(undelegated, *need - headroom);
-                granted = self
-                    .pg
-                    .grant(tenant, pool, row.epoch, chunk)
-                    .await?
-                    .ok_or_else(|| {
-                        Error::Unavailable(format!("pool {pool} changed while granting; retry"))
-                    })?;
-            }
-            let window = (
-                row.starts_at.map_or(0, |t| t.timestamp_millis()),
-                row.ends_at.map_or(0, |t| t.timestamp_millis()),
-            );
-            let grant = PoolGrant {
-                epoch: row.epoch,
-                granted,
-                full: undelegated - chunk <= 0,
-                unlimited: row.capacity.is_none(),
-                window_ms: window,
-                low_stock_threshold: row.low_stock_threshold,
-                ceiling: row.ceiling,
-                low_water: self.policy.low_water(undelegated - chunk),
-                undelegated: undelegated - chunk,
+                self.policy.size(undelegated, *need - headroom)
+            } else {
+                0
             };
-            match self.redis.grant(tenant, pool, &grant).await? {
-                GrantReply::Loaded | GrantReply::Granted(_) => {}
-                GrantReply::Stale(e) => {
-                    return Err(Error::internal(format!(
-                        "redis runs epoch {e} of pool {pool}, newer than postgres's {}",
-                        row.epoch
-                    )));
-                }
-            }
-            tracing::debug!(%tenant, %pool, epoch = row.epoch, granted, chunk, "granted pool to redis");
+            plans.push((pool, row, chunk));
         }
+        // A refused grant fails the call, but only after the others of its
+        // part reached Redis: a grant Postgres recorded and Redis never got
+        // would later read as lost (in doubt: never resold, but not sold
+        // either). So the grants go in parts, each recorded in Postgres
+        // just before it goes to Redis, and a Redis failure stops before
+        // the next part: at most one part's grants are left in the air.
+        let mut refused = None;
+        for part in plans.chunks(GRANT_PART) {
+            let asks: Vec<(&PoolId, i64, i64)> = part
+                .iter()
+                .filter(|(_, _, chunk)| *chunk > 0)
+                .map(|(pool, row, chunk)| (*pool, row.epoch, *chunk))
+                .collect();
+            let granted = self.pg.grant(tenant, &asks).await?;
+            for (pool, row, chunk) in part {
+                let (granted, chunk) = match (*chunk, granted.get(pool.as_str())) {
+                    (0, _) => (row.granted, 0),
+                    (chunk, Some(g)) => (*g, chunk),
+                    (_, None) => {
+                        refused.get_or_insert_with(|| (*pool).clone());
+                        continue;
+                    }
+                };
+                self.load(tenant, pool, row, granted, chunk).await?;
+            }
+        }
+        match refused {
+            Some(pool) => Err(Error::Unavailable(format!(
+                "pool {pool} changed while granting; retry"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends one pool's grant (already recorded in Postgres) to Redis.
+    async fn load(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        row: &PoolRow,
+        granted: i64,
+        chunk: i64,
+    ) -> Result<(), Error> {
+        let undelegated = row.undelegated().unwrap_or(0);
+        let window = (
+            row.starts_at.map_or(0, |t| t.timestamp_millis()),
+            row.ends_at.map_or(0, |t| t.timestamp_millis()),
+        );
+        let grant = PoolGrant {
+            epoch: row.epoch,
+            granted,
+            full: undelegated - chunk <= 0,
+            unlimited: row.capacity.is_none(),
+            window_ms: window,
+            low_stock_threshold: row.low_stock_threshold,
+            ceiling: row.ceiling,
+            low_water: self.policy.low_water(undelegated - chunk),
+            undelegated: undelegated - chunk,
+        };
+        match self.redis.grant(tenant, pool, &grant).await? {
+            GrantReply::Loaded | GrantReply::Granted(_) => {}
+            GrantReply::Stale(e) => {
+                return Err(Error::internal(format!(
+                    "redis runs epoch {e} of pool {pool}, newer than postgres's {}",
+                    row.epoch
+                )));
+            }
+        }
+        tracing::debug!(%tenant, %pool, epoch = row.epoch, granted, chunk, "granted pool to redis");
         Ok(())
     }
 }

@@ -549,10 +549,21 @@ async fn a_sale_committed_in_redis_just_before_a_crash_reaches_postgres_exactly_
 async fn engaging_a_card_grants_it_to_redis_before_its_first_lock() {
     // Grants are serial; a checkout rush over fresh cards must not queue
     // behind one grant per card, so Engage grants them up front.
+    // 250 cards: the grants go to Postgres in parts of 100, each part to
+    // Redis right after, so every part must arrive.
     let app = spawn_app().await;
-    engage(&app, "storefront", &["card-1", "card-2"]).await;
+    let names: Vec<String> = (1..=250).map(|i| format!("card-{i}")).collect();
+    let cards: Vec<&str> = names.iter().map(String::as_str).collect();
+    engage(&app, "storefront", &cards).await;
+    let granted: i64 = sqlx::query_scalar(
+        "SELECT sum(granted)::bigint FROM pools WHERE tenant = 'dev' AND pool_id LIKE 'card/%'",
+    )
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    assert_eq!(granted, 250, "each card's one unit is granted in Postgres");
     let mut con = app.redis().await;
-    for card in ["card-1", "card-2"] {
+    for card in &cards {
         let key = format!("{}:{{dev}}:pool:card/{card}", app.redis_prefix);
         let grant: Option<i64> = redis::cmd("HGET")
             .arg(&key)

@@ -1,5 +1,7 @@
 //! Pools and their escrow ledger (ESCROW.md).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 
@@ -114,31 +116,54 @@ impl PgStore {
         Ok(rows)
     }
 
-    /// Delegates `k` more units to Redis in `epoch` (ESCROW.md "Refill":
-    /// Postgres first). The guard re-checks the invariant on the row itself,
-    /// so two daemons granting at once cannot overdraw. Returns the new
-    /// cumulative grant, or `None` when the guard refused.
+    /// Delegates more units to Redis, for each `(pool, epoch, k)`: `k` more
+    /// in `epoch` (ESCROW.md "Refill": Postgres first). The guard re-checks
+    /// the invariant on each row itself, so two daemons granting at once
+    /// cannot overdraw. Returns the new cumulative grant of each pool
+    /// granted; a pool the guard refused (or whose epoch moved) is absent.
+    ///
+    /// One transaction for all of them: engaging thousands of cards, or
+    /// creating a sale of many products, grants each one, and a commit per
+    /// pool made that a flush to disk per pool. The rows are locked in pool
+    /// order first, as every multi-pool writer does, so that this never
+    /// deadlocks with a fallback take.
     pub async fn grant(
         &self,
         tenant: &TenantId,
-        pool: &PoolId,
-        epoch: i64,
-        k: i64,
-    ) -> Result<Option<i64>, Error> {
-        let row: Option<(i64,)> = sqlx::query_as(
-            "UPDATE pools SET granted = granted + $4
-             WHERE tenant = $1 AND pool_id = $2 AND epoch = $3
-               AND (capacity IS NULL
-                    OR sold_pg + held_pg + sold_prior + in_doubt + (granted + $4 - returned) <= capacity)
-             RETURNING granted",
+        asks: &[(&PoolId, i64, i64)],
+    ) -> Result<HashMap<String, i64>, Error> {
+        if asks.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut sorted = asks.to_vec();
+        sorted.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let pools: Vec<&str> = sorted.iter().map(|a| a.0.as_str()).collect();
+        let epochs: Vec<i64> = sorted.iter().map(|a| a.1).collect();
+        let ks: Vec<i64> = sorted.iter().map(|a| a.2).collect();
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "SELECT 1 FROM pools WHERE tenant = $1 AND pool_id = ANY($2) ORDER BY pool_id FOR UPDATE",
         )
         .bind(tenant.as_str())
-        .bind(pool.as_str())
-        .bind(epoch)
-        .bind(k)
-        .fetch_optional(&self.pool)
+        .bind(&pools)
+        .execute(&mut *tx)
         .await?;
-        Ok(row.map(|r| r.0))
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "UPDATE pools p SET granted = p.granted + d.k
+             FROM UNNEST($2::text[], $3::bigint[], $4::bigint[]) AS d(pool, epoch, k)
+             WHERE p.tenant = $1 AND p.pool_id = d.pool AND p.epoch = d.epoch
+               AND (p.capacity IS NULL
+                    OR p.sold_pg + p.held_pg + p.sold_prior + p.in_doubt + (p.granted + d.k - p.returned) <= p.capacity)
+             RETURNING p.pool_id, p.granted",
+        )
+        .bind(tenant.as_str())
+        .bind(&pools)
+        .bind(&epochs)
+        .bind(&ks)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Opens a new epoch after Redis lost the pool (ESCROW.md "Losing
