@@ -117,9 +117,13 @@ impl PgStore {
     ) -> Result<Option<(bool, Vec<CardOnChannel>)>, Error> {
         let ids: Vec<&str> = cards.iter().map(CardId::as_str).collect();
         let rows: Vec<(bool, Option<String>, Option<String>, bool)> = sqlx::query_as(
+            // The listing is read by its whole unique key and its status
+            // compared after: with `status = 'active'` inside, the planner
+            // may take the partial index of the channel's active listings
+            // and walk every card live there (it did, under lock-complete).
             "SELECT ch.for_sale, c.card_id, c.sold_channel,
-                    EXISTS (SELECT 1 FROM card_channels l
-                            WHERE l.workspace = $1 AND l.card_id = c.card_id AND l.channel = $3 AND l.status = 'active')
+                    (SELECT l.status FROM card_channels l
+                     WHERE l.workspace = $1 AND l.card_id = c.card_id AND l.channel = $3) IS NOT DISTINCT FROM 'active'
              FROM channels ch
              LEFT JOIN cards c ON c.workspace = $1 AND c.card_id = ANY($2)
              WHERE ch.workspace = $1 AND ch.slug = $3",
