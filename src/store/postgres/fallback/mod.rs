@@ -102,12 +102,7 @@ async fn lock_id(
     tenant: &TenantId,
     id: &str,
 ) -> Result<(), Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 7))")
-        .bind(tenant.as_str())
-        .bind(id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    lock_ids(tx, tenant, &[id]).await
 }
 
 /// Appends the fallback's own audit row.
