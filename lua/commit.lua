@@ -54,7 +54,8 @@ local fields = { 'HSET', hk, 'st', 'C', 'fin', now }
 put_unless_empty(fields, 'oid', order_id)
 redis.call(unpack(fields))
 redis.call('PEXPIRE', hk, RETENTION_MS)
-redis.call('ZREM', P .. 'exp', hold_id)
+-- Its expiry index entry stays until its bucket comes due (lib.lua).
+redis.call('DECR', P .. 'active')
 
 -- 4. Log it, and answer.
 local h = redis.call('HMGET', hk, 'job', 'ref', 'ck')

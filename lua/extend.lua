@@ -39,6 +39,9 @@ end
 -- 3. Move the expiry, log it, answer.
 local exp = math.max(tonumber(h[4]), now + ttl)
 redis.call('HSET', hk, 'exp', exp, 'ext', ext + 1, 'xid', xid)
-redis.call('ZADD', P .. 'exp', exp, hold_id)
+-- An expiry in the same bucket is found there already (lib.lua, index_expiry).
+if math.floor(exp / DUE_BUCKET_MS) ~= math.floor(tonumber(h[4]) / DUE_BUCKET_MS) then
+  index_expiry(hold_id, exp)
+end
 emit(now, 'extended', h[5], hold_id, h[6], { 'r', h[7] or '' })
 return hold_view(hk)

@@ -22,7 +22,11 @@
 --                         or zero: a hold is mostly these few bytes, and
 --                         memory per hold bounds how many a tenant can have)
 --   fence           string, the tenant's last fencing token (see next_fence)
---   exp             zset  hold_id -> expires_at (ms) of every ACTIVE hold
+--   due             zset  bucket -> its first ms: the expiry index, in buckets
+--                         of DUE_BUCKET_MS (see index_expiry)
+--   due:<bucket>    list  ids of holds whose expiry fell in the bucket when
+--                         they were made or extended
+--   active          string, how many holds are ACTIVE
 --   events          stream, one entry per state change
 --   cust:<scope>    string, units a customer has in a sale (per-customer limit)
 --
@@ -117,31 +121,72 @@ local function check_low(pool_id, now)
   end
 end
 
--- Ends ACTIVE holds as released ('R') or expired ('E'): gives their units
--- back to every pool of the epoch they took them from, gives the customers'
--- units back, and logs one event per hold. Pools are updated once per
--- call, not once per hold, and the expiry index in one ZREM, because the
--- sweeper ends holds hundreds at a time (a burst of expiries is mostly
--- this loop).
-local function finish_all(hold_ids, state, now, kind)
+-- The expiry index keeps hold ids in lists, one per DUE_BUCKET_MS of
+-- expiry time, and the buckets in a sorted set: a list entry costs about 10
+-- bytes where a sorted-set entry per hold cost 111, and memory per hold
+-- bounds how many a tenant can have. An entry is never removed early: a
+-- hold that ends (or is extended into a later bucket) leaves a stale entry
+-- that is skipped when its bucket comes due. A hold's own `exp` is what
+-- says whether it is due; the index only says where to look.
+--
+-- A bucket is "full" once its last millisecond has passed: every hold in
+-- it is due. Only the first bucket can be partly due (the one that holds
+-- now); takes pop full buckets, and look into the partial one only when a
+-- refusal depends on it (busy_if_due), so the hot path never scans it.
+local DUE_BUCKET_MS = 50
+
+-- Files `hold_id` under the bucket of `exp` (ms).
+local function index_expiry(hold_id, exp)
+  local b = string.format('%d', math.floor(exp / DUE_BUCKET_MS))
+  redis.call('RPUSH', P .. 'due:' .. b, hold_id)
+  redis.call('ZADD', P .. 'due', 'NX', tonumber(b) * DUE_BUCKET_MS, b)
+end
+
+-- The first bucket as { bucket, first_ms, full }, or nil when none starts
+-- by `now`.
+local function first_due_bucket(now)
+  local first = redis.call('ZRANGE', P .. 'due', 0, 0, 'WITHSCORES')
+  if not first[1] or tonumber(first[2]) > now then
+    return nil
+  end
+  local from = tonumber(first[2])
+  return { first[1], from, from + DUE_BUCKET_MS <= now + 1 }
+end
+
+-- Ends those of `hold_ids` that are ACTIVE and, with `due_by`, due by then,
+-- as released ('R') or expired ('E'): gives their units back to every pool
+-- of the epoch they took them from, gives the customers' units back, and
+-- logs one event per hold. Pools are updated once per call, not once per
+-- hold, because the sweeper ends holds hundreds at a time (a burst of
+-- expiries is mostly this loop). Returns how many it ended and the
+-- earliest expiry among them (for the sweeper's lag).
+local function finish_all(hold_ids, state, now, kind, due_by)
   local back, order = {}, {}
+  local ended, earliest = 0, nil
   for _, hold_id in ipairs(hold_ids) do
     local hk = P .. 'hold:' .. hold_id
-    local h = redis.call('HMGET', hk, 'ln', 'ck', 'cq', 'job', 'ref')
-    for _, l in ipairs(cjson.decode(h[1])) do
-      local at = l[1] .. '\0' .. tostring(l[3])
-      if not back[at] then
-        back[at] = { l[1], tostring(l[3]), 0 }
-        order[#order + 1] = at
+    local h = redis.call('HMGET', hk, 'st', 'exp', 'ln', 'ck', 'cq', 'job', 'ref')
+    local exp = tonumber(h[2] or '0')
+    if h[1] == 'A' and (not due_by or exp <= due_by) then
+      ended = ended + 1
+      if not earliest or exp < earliest then
+        earliest = exp
       end
-      back[at][3] = back[at][3] + l[2]
+      for _, l in ipairs(cjson.decode(h[3])) do
+        local at = l[1] .. '\0' .. tostring(l[3])
+        if not back[at] then
+          back[at] = { l[1], tostring(l[3]), 0 }
+          order[#order + 1] = at
+        end
+        back[at][3] = back[at][3] + l[2]
+      end
+      if h[4] and h[4] ~= '' then
+        redis.call('DECRBY', P .. h[4], h[5])
+      end
+      redis.call('HSET', hk, 'st', state, 'fin', now)
+      redis.call('PEXPIRE', hk, RETENTION_MS)
+      emit(now, kind, h[6], hold_id, h[3], { 'r', h[7] or '' })
     end
-    if h[2] and h[2] ~= '' then
-      redis.call('DECRBY', P .. h[2], h[3])
-    end
-    redis.call('HSET', hk, 'st', state, 'fin', now)
-    redis.call('PEXPIRE', hk, RETENTION_MS)
-    emit(now, kind, h[4], hold_id, h[1], { 'r', h[5] or '' })
   end
   for _, at in ipairs(order) do
     local pool_id, epoch, qty = back[at][1], back[at][2], back[at][3]
@@ -152,10 +197,10 @@ local function finish_all(hold_ids, state, now, kind)
       check_low(pool_id, now)
     end
   end
-  -- ZREM takes many members; unpack is bounded by Lua's C stack (~8000).
-  for i = 1, #hold_ids, 1000 do
-    redis.call('ZREM', P .. 'exp', unpack(hold_ids, i, math.min(i + 999, #hold_ids)))
+  if ended > 0 then
+    redis.call('DECRBY', P .. 'active', ended)
   end
+  return ended, earliest
 end
 
 -- Ends one ACTIVE hold (see finish_all).
@@ -163,55 +208,92 @@ local function finish(hold_id, state, now, kind)
   finish_all({ hold_id }, state, now, kind)
 end
 
--- Finalises up to `limit` of the tenant's due holds, oldest first; returns
--- how many. Without a limit it spends from one budget of DUE_LIMIT per
--- script call, shared by every operation of a batch (batch.lua), so that a
--- burst of expiries (100k holds ending in the same second) never makes one
--- call block Redis: the sweeper finishes them in bounded batches, and a take
--- that comes up short while some are still due answers BUSY (see
--- busy_if_due) instead of refusing.
+-- Finalises up to `limit` of the tenant's due holds, oldest bucket first,
+-- from full buckets only; returns how many, and the earliest expiry among
+-- them. Without a limit it spends from one budget of DUE_LIMIT index
+-- entries per script call, shared by every operation of a batch
+-- (batch.lua), so that a burst of expiries (100k holds ending in the same
+-- second) never makes one call block Redis: the sweeper finishes them in
+-- bounded batches, and a take that comes up short while some are still due
+-- answers BUSY (see busy_if_due) instead of refusing.
 --
--- Once a look found fewer due holds than it could take, none is left due
--- for the rest of the call: every operation of a batch shares one `now`,
--- and none makes a hold due at it (a ttl is at least 1 ms). The later
--- operations of a batch skip the look.
+-- Once a look found no full bucket left, none is left for the rest of the
+-- call: every operation of a batch shares one `now`. The later operations
+-- of a batch skip the look.
 local DUE_LIMIT = 100
 local due_budget = DUE_LIMIT
 local none_due = false
 local function expire_due(now, limit)
   local n = limit or due_budget
-  if n <= 0 or none_due then
-    return 0
+  local ended, earliest = 0, nil
+  while n > 0 and not none_due do
+    local b = first_due_bucket(now)
+    if not b or not b[3] then
+      none_due = true
+      break
+    end
+    local lk = P .. 'due:' .. b[1]
+    local ids = redis.call('LPOP', lk, n)
+    if not ids or #ids < n then
+      -- The list is gone (Redis deletes an empty list): so is its bucket.
+      redis.call('ZREM', P .. 'due', b[1])
+    end
+    if ids then
+      n = n - #ids
+      if not limit then
+        due_budget = due_budget - #ids
+      end
+      local e, at = finish_all(ids, 'E', now, 'expired', now)
+      ended = ended + e
+      if at and (not earliest or at < earliest) then
+        earliest = at
+      end
+    end
   end
-  local due = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, n)
-  if #due > 0 then
-    finish_all(due, 'E', now, 'expired')
+  return ended, earliest
+end
+
+-- The ids of the partial bucket's holds that are due at `now`, up to
+-- `limit` (nil: all). The scan is bounded by the holds made in one
+-- DUE_BUCKET_MS.
+local function due_in_partial(now, limit)
+  local b = first_due_bucket(now)
+  local due = {}
+  if not b or b[3] then
+    return due
   end
-  if not limit then
-    due_budget = due_budget - #due
+  for _, id in ipairs(redis.call('LRANGE', P .. 'due:' .. b[1], 0, -1)) do
+    local h = redis.call('HMGET', P .. 'hold:' .. id, 'st', 'exp')
+    if h[1] == 'A' and tonumber(h[2]) <= now then
+      due[#due + 1] = id
+      if limit and #due >= limit then
+        break
+      end
+    end
   end
-  none_due = #due < n
-  return #due
+  return due
 end
 
 -- Finalises one hold if it is due, whatever else is: an operation on a
 -- hold must see it expired the instant its time is up.
 local function expire_hold(id, now)
-  local at = redis.call('ZSCORE', P .. 'exp', id)
-  if at and tonumber(at) <= now then
-    finish(id, 'E', now, 'expired')
-  end
+  finish_all({ id }, 'E', now, 'expired', now)
 end
 
 -- A refusal that units of unfinalised expired holds might turn around
--- becomes { 'BUSY' }: the engine sweeps and retries, so expired holds
--- never block a take, even in a burst. When expire_due already knows none
--- is left due, a sold-out answer needs no second look.
+-- becomes { 'BUSY' }: the engine sweeps (sweep.lua finalises every due hold,
+-- the partial bucket's too) and retries, so expired holds never block a
+-- take, even in a burst. Once a look found none due, the rest of the call
+-- (same `now`) needs no second look.
+local partial_clear = false
 local function busy_if_due(stop, now)
   if stop and (stop[1] == 'SHORT' or stop[1] == 'CUSTOMER_LIMIT' or stop[1] == 'TOO_MANY_HOLDS')
-      and not none_due
-      and #redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, 1) > 0 then
-    return { 'BUSY' }
+      and not partial_clear then
+    local b = first_due_bucket(now)
+    if b and (b[3] or #due_in_partial(now, 1) > 0) then
+      return { 'BUSY' }
+    end
+    partial_clear = true
   end
   return stop
 end

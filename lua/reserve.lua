@@ -30,7 +30,7 @@ local stop = busy_if_due(admit(hk, rq, lines, now, ck, limit), now)
 if stop then
   return stop
 end
-local active = redis.call('ZCARD', P .. 'exp')
+local active = tonumber(redis.call('GET', P .. 'active') or '0')
 if active >= max_active then
   return busy_if_due({ 'TOO_MANY_HOLDS', tostring(active) }, now)
 end
@@ -56,7 +56,8 @@ if ck ~= '' then
   put_unless_empty(fields, 'cq', total(lines))
 end
 redis.call(unpack(fields))
-redis.call('ZADD', P .. 'exp', exp, hold_id)
+redis.call('INCR', P .. 'active')
+index_expiry(hold_id, exp)
 
 -- 4. Log it, and answer.
 emit(now, 'reserved', job, hold_id, ln, { 'r', ref, 'c', ck })

@@ -1,20 +1,36 @@
--- sweep.lua: finalise holds whose time is up (the sweeper's one call).
+-- sweep.lua: finalise holds whose time is up (the sweeper's one call, and
+-- what a take that answered BUSY waits for).
 -- Scripts already treat an expired hold as absent; this makes the EXPIRED
 -- state and its event real within the sweep interval even when no other
 -- call touches the tenant.
 --
 -- KEYS  none (see reserve.lua)
 -- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
---       4 most holds to finalise in this call
--- Returns { finalised, still_due, lag_ms_of_oldest_finalised }.
+--       4 most holds to finalise in this call, from full buckets and from
+--         the partial one each (lib.lua, the expiry index)
+-- Returns { finalised, still_due (1 when some may be left, else 0),
+--           lag_ms_of_oldest_finalised }.
 
 local limit = tonumber(ARGV[4])
 local now = now_ms()
-local oldest = redis.call('ZRANGE', P .. 'exp', 0, 0, 'WITHSCORES')
-local lag = 0
-if oldest[2] and tonumber(oldest[2]) <= now then
-  lag = now - tonumber(oldest[2])
+local n, earliest = expire_due(now, limit)
+local left = 0
+if none_due then
+  -- Every full bucket is done: the partial one's due holds too.
+  local due = due_in_partial(now, limit)
+  local m, at = finish_all(due, 'E', now, 'expired', now)
+  n = n + m
+  if at and (not earliest or at < earliest) then
+    earliest = at
+  end
+  if #due >= limit then
+    left = 1
+  end
+else
+  left = 1
 end
-local n = expire_due(now, limit)
-local left = redis.call('ZCOUNT', P .. 'exp', '-inf', now)
+local lag = 0
+if earliest then
+  lag = now - earliest
+end
 return { n, left, lag }

@@ -202,7 +202,8 @@ pub async fn run(
             .await;
             let after = used_memory(&mut con).await?;
             let stream = stream_memory(&mut con).await? - stream_before;
-            let active: u64 = con.zcard("hf:{dev}:exp").await?;
+            let active: Option<u64> = con.get("hf:{dev}:active").await?;
+            let active = active.unwrap_or(0);
             let per = |bytes: i64| bytes as f64 / made.max(1) as f64;
             println!(
                 "bench-probe: memory holds={made} active_holds={active} bytes_per_hold={:.0} of_which_event_log={:.0} hold_state={:.0}",
@@ -293,7 +294,13 @@ pub async fn run(
             let due_by = target
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64 + 1_000);
-            let left: u64 = con.zcount("hf:{dev}:exp", "-inf", due_by).await?;
+            let left = crate::store::redis::overdue_holds(
+                &mut con,
+                "hf:{dev}:",
+                due_by as i64,
+                &format!("x{}n", c.tag),
+            )
+            .await?;
             let lag_after = match metrics {
                 Some(m) => sweeper_buckets(m).await,
                 None => Vec::new(),

@@ -319,6 +319,114 @@ async fn an_expired_hold_never_blocks_a_claim_even_before_the_sweeper_runs() {
     app.shutdown().await;
 }
 
+/// The expiry index files holds in 50 ms buckets (lua/lib.lua), and takes
+/// only pop buckets whose last millisecond has passed: a claim in the
+/// bucket that holds "now" must still see a hold that expired a moment ago
+/// as gone. Each round races a claim against a fresh expiry, until one
+/// claim provably ran inside its expiry's bucket (usually the first round).
+#[tokio::test]
+async fn a_hold_that_expired_a_moment_ago_never_blocks_a_claim() {
+    const BUCKET_MS: i64 = 50;
+    let app = spawn_app_with(|a| a.sweep_interval_ms = 3_600_000).await;
+    let mut inside = None;
+    for round in 0..10 {
+        let sale = format!("s{round}");
+        app.live_sale(&sale, &[("p", Some(1))], 0).await;
+        let hold = app
+            .flash()
+            .create_cart_hold(cart_hold(&format!("h{round}"), &sale, &[("p", 1)], 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .hold
+            .unwrap();
+        let expires = hold.expires_at.unwrap();
+        let expires_ms = expires.seconds * 1000 + i64::from(expires.nanos / 1_000_000);
+        while app.redis_now_ms().await <= expires_ms + 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let resp = app
+            .flash()
+            .claim(claim(&format!("c{round}"), &sale, &[("p", 1)]))
+            .await
+            .unwrap()
+            .into_inner();
+        let after = app.redis_now_ms().await;
+        assert_eq!(
+            resp.outcome(),
+            Outcome::Ok,
+            "round {round}: the hold expired at {expires_ms}, the claim answered by {after}"
+        );
+        if after / BUCKET_MS == expires_ms / BUCKET_MS && after % BUCKET_MS < BUCKET_MS - 1 {
+            inside = Some(round);
+            break;
+        }
+    }
+    assert!(
+        inside.is_some(),
+        "no claim ran inside its expiry's bucket in 10 rounds"
+    );
+    app.shutdown().await;
+}
+
+/// An extension files the hold again under its new expiry; the entry under
+/// the old one is stale, and the sweep that reaches it must leave the hold
+/// alone.
+#[tokio::test]
+async fn an_extended_hold_outlives_its_first_expiry() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(1))], 0).await;
+    let hold = app
+        .flash()
+        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    let first = hold.expires_at.unwrap();
+    let first_ms = first.seconds * 1000 + i64::from(first.nanos / 1_000_000);
+    app.flash()
+        .extend_cart_hold(pb::ExtendCartHoldRequest {
+            hold_id: "h".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0,
+            }),
+            extension_id: "x".into(),
+        })
+        .await
+        .unwrap();
+    // Past the first expiry by several sweep intervals.
+    app.eventually(
+        "the first expiry, and then some, on the Redis clock",
+        || async { (app.redis_now_ms().await > first_ms + 500).then_some(()) },
+    )
+    .await;
+    let read = app
+        .flash()
+        .get_cart_hold(hold_req("h"))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(read.state(), HoldState::Active);
+    assert_eq!(
+        app.flash()
+            .claim(claim("c", "s", &[("p", 1)]))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome(),
+        Outcome::SoldOut,
+        "the extended hold still holds its unit"
+    );
+    let stock = app.stock("s", "p").await;
+    assert_eq!((stock.sold, stock.held), (0, 1));
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_sweeper_finalises_an_expired_hold_within_a_second_with_its_audit_row() {
     let app = spawn_app().await;

@@ -273,16 +273,14 @@ impl Load {
         let mut con = client.get_multiplexed_async_connection().await.unwrap();
         let (s, us): (i64, i64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
         let now_ms = s * 1000 + us / 1000;
-        let late: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg("hf:{dev}:exp")
-            .arg("-inf")
-            .arg(now_ms - 1000)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        late.iter()
-            .filter(|id| id.starts_with(&format!("{}-", self.sale)))
-            .count() as i64
+        holdfast::store::redis::overdue_holds(
+            &mut con,
+            "hf:{dev}:",
+            now_ms - 1000,
+            &format!("{}-", self.sale),
+        )
+        .await
+        .unwrap()
     }
 }
 

@@ -515,6 +515,29 @@ impl RedisStore {
     }
 }
 
+/// How many ACTIVE holds of the tenant whose keys start with `tenant_prefix`
+/// (`hf:{dev}:`), with ids starting with `id_prefix`, were due by `due_by_ms`
+/// on Redis's clock and are still not finalised. The sweeper's promise is
+/// that this drops to zero within a sweep interval; the fault suite and the
+/// bench's expiry probe check it from outside the daemon. It reads every
+/// bucket of the expiry index due by then: not for the hot path.
+pub async fn overdue_holds(
+    con: &mut impl redis::aio::ConnectionLike,
+    tenant_prefix: &str,
+    due_by_ms: i64,
+    id_prefix: &str,
+) -> redis::RedisResult<i64> {
+    scripts::OVERDUE
+        .prepare_invoke()
+        .arg(tenant_prefix)
+        .arg(0)
+        .arg(due_by_ms)
+        .arg(due_by_ms)
+        .arg(id_prefix)
+        .invoke_async(con)
+        .await
+}
+
 /// `script` with the arguments every script starts with (lib.lua): the
 /// tenant's prefix, the retention and the clock.
 fn first_args<'a>(

@@ -62,3 +62,5 @@ pub static RETURN: LazyLock<Script> = script!("return.lua");
 pub static SWEEP: LazyLock<Script> = script!("sweep.lua");
 /// Read who holds or sold capacity-1 pools (cards).
 pub static HOLDERS: LazyLock<Script> = script!("holders.lua");
+/// Count active holds past their expiry (a check, see [`super::overdue_holds`]).
+pub static OVERDUE: LazyLock<Script> = script!("overdue.lua");
