@@ -191,6 +191,13 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_RETENTION_SECS", default_value_t = 86_400)]
     pub retention_secs: u64,
 
+    /// How long events stay in Redis's stream after they are written to
+    /// Postgres, seconds. A Watch that resumes from a newer id reads Redis;
+    /// from an older one, Postgres's audit log first. Each event costs about
+    /// 90 bytes of Redis memory while kept.
+    #[arg(long, env = "HOLDFAST_EVENT_KEEP_SECS", default_value_t = 60)]
+    pub event_keep_secs: u64,
+
     /// How often the sweeper finalises expired holds, milliseconds.
     #[arg(long, env = "HOLDFAST_SWEEP_INTERVAL_MS", default_value_t = 100)]
     pub sweep_interval_ms: u64,

@@ -190,6 +190,7 @@ impl Application {
                 engine.pg().clone(),
                 tenants.clone(),
                 format!("holdfast-{}", self.args.redis_prefix),
+                Duration::from_secs(self.args.event_keep_secs),
                 stop_rx.clone(),
             )),
             tokio::spawn(sweeper::run(

@@ -31,9 +31,6 @@ const BATCH: usize = 500;
 const BLOCK: Duration = Duration::from_millis(100);
 /// The longest one read-and-write round may take.
 const ROUND_LIMIT: Duration = Duration::from_secs(5);
-/// How long drained events stay in the stream (for subscribers that
-/// resume from an id).
-const KEEP: Duration = Duration::from_secs(3600);
 /// How often the backlog gauge is sampled (XINFO per tenant stream).
 const LAG_EVERY: Duration = Duration::from_secs(1);
 
@@ -43,12 +40,14 @@ pub async fn run(
     pg: PgStore,
     tenants: Arc<Tenants>,
     consumer: String,
+    keep: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut drainer = Drainer {
         redis,
         pg,
         consumer,
+        keep,
         grouped: HashMap::new(),
         pending_first: true,
         lag_sampled: std::time::Instant::now() - LAG_EVERY,
@@ -97,6 +96,9 @@ struct Drainer {
     redis: RedisStore,
     pg: PgStore,
     consumer: String,
+    /// How long drained events stay in the stream, for subscribers that
+    /// resume from an id (older ones come from Postgres).
+    keep: Duration,
     /// Streams whose consumer group exists, by key, with their tenant.
     grouped: HashMap<String, TenantId>,
     /// Re-read our unacknowledged events before new ones.
@@ -163,24 +165,15 @@ impl Drainer {
             if let Some(last) = events.last() {
                 let age = (Utc::now() - last.at).num_milliseconds().max(0) as f64 / 1000.0;
                 metrics::gauge!(metric::DRAINER_LAG_SECONDS).set(age);
-                let keep_from = last.at.timestamp_millis() - KEEP.as_millis() as i64;
-                if keep_from > 0 {
-                    let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
-                        .arg(&stream.key)
-                        .arg("MINID")
-                        .arg("~")
-                        .arg(keep_from)
-                        .query_async(&mut *con)
-                        .await;
-                }
             }
         }
         metrics::counter!(metric::DRAINED_EVENTS).increment(new as u64);
         if self.lag_sampled.elapsed() >= LAG_EVERY {
             self.lag_sampled = std::time::Instant::now();
             let mut backlog = 0;
+            let keep_from = Utc::now().timestamp_millis() - self.keep.as_millis() as i64;
             for key in &keys {
-                backlog += backlog_of(&mut con, key).await;
+                backlog += tend(&mut con, key, keep_from).await;
             }
             metrics::gauge!(metric::DRAINER_LAG_EVENTS).set(backlog as f64);
         }
@@ -191,21 +184,66 @@ impl Drainer {
     }
 }
 
-/// Events of one stream not yet written to Postgres: delivered but not
-/// acknowledged, plus not yet delivered (Redis 7's `lag`; unknown counts
-/// as none rather than failing the round).
-async fn backlog_of(con: &mut deadpool_redis::Connection, key: &str) -> usize {
+/// Tends one stream once per LAG_EVERY: returns its events not yet written
+/// to Postgres (delivered but not acknowledged, plus not yet delivered:
+/// Redis 7's `lag`; unknown counts as none rather than failing the round),
+/// and drops the entries older than `keep_from` (ms) that are written.
+///
+/// An entry leaves Redis only once it is in Postgres: the trim stops at the
+/// group's last delivered id and at the oldest one some consumer still has
+/// pending, even when another daemon's drainer read it and stalled.
+/// Trimming is approximate (`~`, whole nodes at a time) and best-effort: a
+/// failed trim only keeps events longer.
+async fn tend(con: &mut deadpool_redis::Connection, key: &str, keep_from: i64) -> usize {
     let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
         con.xinfo_groups(key).await;
-    groups
-        .map(|g| {
-            g.groups
-                .iter()
-                .filter(|g| g.name == GROUP)
-                .map(|g| g.pending + g.lag.unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0)
+    let Some(group) = groups
+        .ok()
+        .and_then(|g| g.groups.into_iter().find(|g| g.name == GROUP))
+    else {
+        return 0;
+    };
+    let backlog = group.pending + group.lag.unwrap_or(0);
+    let oldest_pending = if group.pending > 0 {
+        let pending: redis::RedisResult<redis::streams::StreamPendingReply> =
+            con.xpending(key, GROUP).await;
+        match pending {
+            Ok(redis::streams::StreamPendingReply::Data(d)) => Some(d.start_id),
+            _ => return backlog,
+        }
+    } else {
+        None
+    };
+    let until = trim_point(
+        keep_from,
+        &group.last_delivered_id,
+        oldest_pending.as_deref(),
+    );
+    if until > 0 {
+        let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
+            .arg(key)
+            .arg("MINID")
+            .arg("~")
+            .arg(until)
+            .query_async(con)
+            .await;
+    }
+    backlog
+}
+
+/// Where a trim of drained entries may stop (entries with an id below this
+/// many ms go): at `keep_from`, but never past the group's last delivered
+/// id (later entries are not read yet) or the oldest pending one (read, not
+/// yet in Postgres). 0, trim nothing, when an id does not parse.
+fn trim_point(keep_from: i64, last_delivered: &str, oldest_pending: Option<&str>) -> i64 {
+    let ms = |id: &str| -> i64 {
+        id.split('-')
+            .next()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0)
+    };
+    let until = keep_from.min(ms(last_delivered));
+    oldest_pending.map_or(until, |id| until.min(ms(id)))
 }
 
 impl Drainer {
@@ -238,5 +276,26 @@ impl Drainer {
         }
         tracing::warn!(%tenant, hold_id, "a retried call reached both Redis and the fallback; kept one");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_point;
+
+    #[test]
+    fn a_trim_keeps_what_is_kept_unread_or_pending() {
+        assert_eq!(trim_point(1_000, "5000-0", None), 1_000, "kept by time");
+        assert_eq!(trim_point(9_000, "5000-3", None), 5_000, "not read yet");
+        assert_eq!(
+            trim_point(9_000, "8000-0", Some("2000-7")),
+            2_000,
+            "read by a drainer that has not written it to Postgres"
+        );
+        assert_eq!(
+            trim_point(9_000, "garbage", None),
+            0,
+            "unknown: trim nothing"
+        );
     }
 }

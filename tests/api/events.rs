@@ -4,7 +4,9 @@
 use holdfast::grpc::pb::{self, Outcome};
 use tokio_stream::StreamExt;
 
-use crate::helpers::{claim, spawn_app};
+use redis::AsyncCommands;
+
+use crate::helpers::{claim, spawn_app, spawn_app_with};
 
 async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
     tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
@@ -118,6 +120,49 @@ async fn history_older_than_the_redis_stream_comes_from_postgres() {
         .unwrap();
     ids.push(next(&mut stream).await.hold_id);
     assert_eq!(ids, vec!["c1", "c2", "c3", "c4"]);
+    app.shutdown().await;
+}
+
+/// With no keep, the drainer trims what it has written to Postgres (whole
+/// stream nodes of 100 entries at a time), and a Watch from the oldest id
+/// still sees every event, in order, from the audit log first.
+#[tokio::test]
+async fn drained_events_leave_redis_and_a_watch_from_the_start_still_sees_them() {
+    const CLAIMS: usize = 300;
+    let app = spawn_app_with(|a| a.event_keep_secs = 0).await;
+    app.live_sale("k", &[("p", Some(1_000))], 0).await;
+    for i in 0..CLAIMS {
+        app.flash()
+            .claim(claim(&format!("c{i}"), "k", &[("p", 1)]))
+            .await
+            .unwrap();
+    }
+    let con = app.redis().await;
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    app.eventually("drained events trimmed from the stream", || {
+        let mut con = con.clone();
+        let key = key.clone();
+        async move {
+            let len: usize = con.xlen(&key).await.unwrap();
+            (len < CLAIMS).then_some(())
+        }
+    })
+    .await;
+    let (first,): (String,) = sqlx::query_as("SELECT event_id FROM audit_log ORDER BY id LIMIT 1")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    let mut stream = app
+        .events()
+        .watch(pb::WatchRequest {
+            after_event_id: first,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 1..CLAIMS {
+        assert_eq!(next(&mut stream).await.hold_id, format!("c{i}"));
+    }
     app.shutdown().await;
 }
 
