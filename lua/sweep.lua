@@ -8,14 +8,18 @@
 -- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
 --       4 most holds to finalise in this call, from full buckets and from
 --         the partial one each (lib.lua, the expiry index)
+--       5 '1' to finalise the partial bucket's due holds too (what a take
+--         that answered BUSY needs), '0' to leave them for when their
+--         bucket is full (the sweeper's rounds: finding them means reading
+--         every hold of the bucket)
 -- Returns { finalised, still_due (1 when some may be left, else 0),
 --           lag_ms_of_oldest_finalised }.
 
-local limit = tonumber(ARGV[4])
+local limit, now_too = tonumber(ARGV[4]), ARGV[5] == '1'
 local now = now_ms()
 local n, earliest = expire_due(now, limit)
 local left = 0
-if none_due then
+if none_due and now_too then
   -- Every full bucket is done: the partial one's due holds too.
   local due = due_in_partial(now, limit)
   local m, at = finish_all(due, 'E', now, 'expired', now)
@@ -26,7 +30,7 @@ if none_due then
   if #due >= limit then
     left = 1
   end
-else
+elseif not none_due then
   left = 1
 end
 local lag = 0

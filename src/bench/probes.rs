@@ -152,8 +152,9 @@ async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Res
 }
 
 /// What the tenant's event stream takes (every entry counted: SAMPLES 0).
-/// The stream keeps each event for an hour after it is drained, so part of
-/// what a burst of holds costs is its log, not the holds.
+/// The stream keeps each event for `--event-keep-secs` after it is
+/// drained, so part of what a burst of holds costs for that long is its
+/// log, not the holds.
 async fn stream_memory(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<i64> {
     let bytes: Option<i64> = redis::cmd("MEMORY")
         .arg("USAGE")
@@ -163,6 +164,23 @@ async fn stream_memory(con: &mut redis::aio::MultiplexedConnection) -> anyhow::R
         .query_async(con)
         .await?;
     Ok(bytes.unwrap_or(0))
+}
+
+/// Waits (at most two minutes) until the drainer has trimmed all but 5% of
+/// the `grown` bytes the stream gained over `before`; false if it did not.
+async fn events_trimmed(
+    con: &mut redis::aio::MultiplexedConnection,
+    before: i64,
+    grown: i64,
+) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if stream_memory(con).await? <= before + grown / 20 {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(false)
 }
 
 /// Runs `probe` and prints its `bench-probe:` line.
@@ -205,8 +223,17 @@ pub async fn run(
             let active: Option<u64> = con.get("hf:{dev}:active").await?;
             let active = active.unwrap_or(0);
             let per = |bytes: i64| bytes as f64 / made.max(1) as f64;
+            // Then what the holds cost once their events are in Postgres
+            // and past the keep (60 s by default): the steady state of holds
+            // that live longer than that.
+            let trimmed = events_trimmed(&mut con, stream_before, stream).await?;
+            let steady = if trimmed {
+                format!("{:.0}", per(used_memory(&mut con).await? - before))
+            } else {
+                "unknown".to_string()
+            };
             println!(
-                "bench-probe: memory holds={made} active_holds={active} bytes_per_hold={:.0} of_which_event_log={:.0} hold_state={:.0}",
+                "bench-probe: memory holds={made} active_holds={active} bytes_per_hold={:.0} of_which_event_log={:.0} hold_state={:.0} bytes_per_hold_events_trimmed={steady}",
                 per(after - before),
                 per(stream),
                 per(after - before - stream)

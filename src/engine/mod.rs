@@ -170,7 +170,7 @@ impl Engine {
             };
             self.circuit.success();
             if let HoldReply::Busy = reply {
-                self.finish_due(tenant).await?;
+                self.finish_due(tenant, true).await?;
                 continue;
             }
             if let HoldReply::NeedGrant(pools) = &reply {
@@ -196,10 +196,14 @@ impl Engine {
     /// Finalises the tenant's expired holds in bounded batches (each one
     /// short script, so Redis keeps serving everyone else meanwhile) until
     /// none is due: the sweeper's round, and what a take answered BUSY
-    /// waits for.
-    pub async fn finish_due(&self, tenant: &TenantId) -> Result<(), Error> {
+    /// waits for. `now_too`: also the holds due in the expiry bucket that
+    /// holds "now" (lua/lib.lua), which a take's refusal depends on; the
+    /// sweeper leaves them for the round after their bucket ends (50 ms),
+    /// since finding them means reading every hold of that bucket.
+    pub async fn finish_due(&self, tenant: &TenantId, now_too: bool) -> Result<(), Error> {
         for _ in 0..SWEEP_BATCHES {
-            let (finalised, still_due, lag_ms) = self.redis.sweep(tenant, SWEEP_BATCH).await?;
+            let (finalised, still_due, lag_ms) =
+                self.redis.sweep(tenant, SWEEP_BATCH, now_too).await?;
             if finalised > 0 {
                 metrics::counter!(metric::ENGINE_OUTCOMES, "job" => "any", "outcome" => "expired")
                     .increment(finalised.unsigned_abs());

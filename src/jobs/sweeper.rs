@@ -45,7 +45,7 @@ pub async fn run(
 }
 
 async fn sweep_redis(engine: &Engine, tenant: &TenantId) {
-    if let Err(e) = engine.finish_due(tenant).await {
+    if let Err(e) = engine.finish_due(tenant, false).await {
         tracing::warn!(%tenant, error = %e, "sweep failed; will retry");
     }
 }

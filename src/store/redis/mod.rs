@@ -503,12 +503,18 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Finalises up to `limit` expired holds of a tenant (`sweep.lua`):
-    /// (finalised, still due, lag of the oldest in ms).
-    pub async fn sweep(&self, tenant: &TenantId, limit: u32) -> Result<(i64, i64, i64), Error> {
+    /// Finalises up to `limit` expired holds of a tenant (`sweep.lua`), from
+    /// the expiry buckets that have ended and, with `now_too`, from the one
+    /// that holds now: (finalised, still due, lag of the oldest in ms).
+    pub async fn sweep(
+        &self,
+        tenant: &TenantId,
+        limit: u32,
+        now_too: bool,
+    ) -> Result<(i64, i64, i64), Error> {
         let v = self
             .run("sweep", &scripts::SWEEP, tenant, |i| {
-                i.arg(limit);
+                i.arg(limit).arg(flag(now_too));
             })
             .await?;
         reply::sweep_reply(&v)
