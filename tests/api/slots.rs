@@ -270,6 +270,55 @@ async fn an_expired_reservation_frees_its_slot_and_late_confirmation_takes_one_o
     app.shutdown().await;
 }
 
+/// Reservations remember the venue they read for a second (src/services/
+/// slots.rs); a change made through the daemon applies to the very next
+/// one.
+#[tokio::test]
+async fn a_venues_new_time_zone_applies_to_the_next_reservation() {
+    let app = spawn_app().await;
+    let mut c = app.slots();
+    let set_zone = |zone: &str| pb::SetVenueRequest {
+        venue_id: "club".into(),
+        time_zone: zone.into(),
+        window_minutes: 15,
+    };
+    c.set_venue(set_zone("UTC")).await.unwrap();
+    // Open 10:00-11:00 local time only, every day.
+    let hours = (1..=7)
+        .map(|d| pb::HourSlots {
+            weekday: d,
+            hour: 10,
+            slots_per_hour: 4,
+        })
+        .collect();
+    c.set_schedule(pb::SetScheduleRequest {
+        venue_id: "club".into(),
+        hours,
+    })
+    .await
+    .unwrap();
+    let at = tomorrow(); // 10:05 UTC
+    let a = c.reserve_slot(reserve("a", "club", at, 600)).await.unwrap();
+    assert_eq!(a.into_inner().outcome(), SlotOutcome::Reserved);
+
+    // In Tokyo, 10:20 UTC is 19:20: closed.
+    c.set_venue(set_zone("Asia/Tokyo")).await.unwrap();
+    let later = prost_types::Timestamp {
+        seconds: at.seconds + 15 * 60,
+        nanos: 0,
+    };
+    let b = c
+        .reserve_slot(reserve("b", "club", later, 600))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.into_inner().outcome(),
+        SlotOutcome::Closed,
+        "the window is read on Tokyo's clock"
+    );
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn windows_follow_the_venues_clock_across_a_dst_change() {
     let app = spawn_app().await;
