@@ -6,7 +6,16 @@ use tokio_stream::StreamExt;
 
 use redis::AsyncCommands;
 
-use crate::helpers::{claim, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, claim, spawn_app, spawn_app_with};
+
+/// A Watch of the tenant's events after `after_event_id` ("" for from now).
+async fn watch(app: &TestApp, after_event_id: String) -> tonic::Streaming<pb::WatchResponse> {
+    app.events()
+        .watch(pb::WatchRequest { after_event_id })
+        .await
+        .unwrap()
+        .into_inner()
+}
 
 async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
     tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
@@ -20,14 +29,7 @@ async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResp
 async fn a_subscriber_that_resumes_from_its_last_id_sees_every_event_exactly_once() {
     let app = spawn_app().await;
     app.live_sale("w", &[("p", Some(100))], 0).await;
-    let mut stream = app
-        .events()
-        .watch(pb::WatchRequest {
-            after_event_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&app, String::new()).await;
     for i in 0..5 {
         let r = app
             .flash()
@@ -51,14 +53,7 @@ async fn a_subscriber_that_resumes_from_its_last_id_sees_every_event_exactly_onc
             .await
             .unwrap();
     }
-    let mut resumed = app
-        .events()
-        .watch(pb::WatchRequest {
-            after_event_id: last,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut resumed = watch(&app, last).await;
     for _ in 0..5 {
         seen.push(next(&mut resumed).await);
     }
@@ -102,14 +97,7 @@ async fn history_older_than_the_redis_stream_comes_from_postgres() {
         .await
         .unwrap();
 
-    let mut stream = app
-        .events()
-        .watch(pb::WatchRequest {
-            after_event_id: first,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&app, first).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(next(&mut stream).await.hold_id);
@@ -152,14 +140,7 @@ async fn drained_events_leave_redis_and_a_watch_from_the_start_still_sees_them()
         .fetch_one(&app.pg)
         .await
         .unwrap();
-    let mut stream = app
-        .events()
-        .watch(pb::WatchRequest {
-            after_event_id: first,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&app, first).await;
     for i in 1..CLAIMS {
         assert_eq!(next(&mut stream).await.hold_id, format!("c{i}"));
     }

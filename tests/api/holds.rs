@@ -4,10 +4,26 @@
 use holdfast::grpc::pb::{self, HoldState, Outcome};
 use tonic::Code;
 
-use crate::helpers::{cart_hold, claim, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, cart_hold, claim, spawn_app, spawn_app_with};
 
 fn hold_req(id: &str) -> pb::GetCartHoldRequest {
     pb::GetCartHoldRequest { hold_id: id.into() }
+}
+
+async fn make_hold(app: &TestApp, req: pb::CreateCartHoldRequest) -> pb::CartHold {
+    app.flash()
+        .create_cart_hold(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap()
+}
+
+/// A hold's expiry, ms since the epoch (Redis's timeline).
+fn expiry_ms(hold: &pb::CartHold) -> i64 {
+    let at = hold.expires_at.unwrap();
+    at.seconds * 1000 + i64::from(at.nanos / 1_000_000)
 }
 
 #[tokio::test]
@@ -129,14 +145,7 @@ async fn a_released_hold_frees_its_units_and_cannot_be_committed() {
 async fn a_hold_extends_once_and_a_retried_extension_is_not_a_second_one() {
     let app = spawn_app().await;
     app.live_sale("s", &[("p", Some(5))], 0).await;
-    let hold = app
-        .flash()
-        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 60))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let hold = make_hold(&app, cart_hold("h", "s", &[("p", 1)], 60)).await;
     let extend = |id: &str| pb::ExtendCartHoldRequest {
         hold_id: "h".into(),
         ttl: Some(prost_types::Duration {
@@ -242,8 +251,7 @@ async fn a_burst_of_expired_holds_never_blocks_a_claim() {
         .into_inner()
         .hold
         .unwrap();
-    let expires = last.expires_at.unwrap();
-    let expires_ms = expires.seconds * 1000 + i64::from(expires.nanos / 1_000_000);
+    let expires_ms = expiry_ms(&last);
     app.eventually("every hold's expiry on the Redis clock", || async {
         (app.redis_now_ms().await > expires_ms + 50).then_some(())
     })
@@ -268,16 +276,8 @@ async fn an_expired_hold_never_blocks_a_claim_even_before_the_sweeper_runs() {
     // The sweeper is kept away, so only the scripts' own rule is at work.
     let app = spawn_app_with(|a| a.sweep_interval_ms = 3_600_000).await;
     app.live_sale("s", &[("p", Some(1))], 0).await;
-    let hold = app
-        .flash()
-        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
-    let expires = hold.expires_at.unwrap();
-    let expires_ms = expires.seconds * 1000 + i64::from(expires.nanos / 1_000_000);
+    let hold = make_hold(&app, cart_hold("h", "s", &[("p", 1)], 1)).await;
+    let expires_ms = expiry_ms(&hold);
     assert_eq!(
         app.flash()
             .claim(claim("early", "s", &[("p", 1)]))
@@ -332,16 +332,8 @@ async fn a_hold_that_expired_a_moment_ago_never_blocks_a_claim() {
     for round in 0..10 {
         let sale = format!("s{round}");
         app.live_sale(&sale, &[("p", Some(1))], 0).await;
-        let hold = app
-            .flash()
-            .create_cart_hold(cart_hold(&format!("h{round}"), &sale, &[("p", 1)], 1))
-            .await
-            .unwrap()
-            .into_inner()
-            .hold
-            .unwrap();
-        let expires = hold.expires_at.unwrap();
-        let expires_ms = expires.seconds * 1000 + i64::from(expires.nanos / 1_000_000);
+        let hold = make_hold(&app, cart_hold(&format!("h{round}"), &sale, &[("p", 1)], 1)).await;
+        let expires_ms = expiry_ms(&hold);
         while app.redis_now_ms().await <= expires_ms + 1 {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
@@ -376,16 +368,8 @@ async fn a_hold_that_expired_a_moment_ago_never_blocks_a_claim() {
 async fn an_extended_hold_outlives_its_first_expiry() {
     let app = spawn_app().await;
     app.live_sale("s", &[("p", Some(1))], 0).await;
-    let hold = app
-        .flash()
-        .create_cart_hold(cart_hold("h", "s", &[("p", 1)], 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
-    let first = hold.expires_at.unwrap();
-    let first_ms = first.seconds * 1000 + i64::from(first.nanos / 1_000_000);
+    let hold = make_hold(&app, cart_hold("h", "s", &[("p", 1)], 1)).await;
+    let first_ms = expiry_ms(&hold);
     app.flash()
         .extend_cart_hold(pb::ExtendCartHoldRequest {
             hold_id: "h".into(),
@@ -431,16 +415,8 @@ async fn an_extended_hold_outlives_its_first_expiry() {
 async fn the_sweeper_finalises_an_expired_hold_within_a_second_with_its_audit_row() {
     let app = spawn_app().await;
     app.live_sale("s", &[("p", Some(5))], 0).await;
-    let hold = app
-        .flash()
-        .create_cart_hold(cart_hold("h", "s", &[("p", 2)], 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
-    let expires = hold.expires_at.unwrap();
-    let expires_ms = expires.seconds * 1000 + i64::from(expires.nanos / 1_000_000);
+    let hold = make_hold(&app, cart_hold("h", "s", &[("p", 2)], 1)).await;
+    let expires_ms = expiry_ms(&hold);
 
     // No call touches the tenant: the audit row can only come from the sweeper.
     let at: chrono::DateTime<chrono::Utc> = app
