@@ -17,6 +17,18 @@
 
 local limit, now_too = tonumber(ARGV[4]), ARGV[5] == '1'
 local now = now_ms()
+
+-- Holds made before the expiry index was bucketed (a sorted set `exp` of
+-- hold id -> expiry, counted by ZCARD) move into the buckets, `limit` per
+-- call, so an upgraded Redis keeps every promise within a few rounds.
+local legacy = redis.call('ZRANGE', P .. 'exp', 0, limit - 1, 'WITHSCORES')
+for i = 1, #legacy, 2 do
+  if redis.call('HGET', P .. 'hold:' .. legacy[i], 'st') == 'A' then
+    index_expiry(legacy[i], tonumber(legacy[i + 1]))
+    redis.call('INCR', P .. 'active')
+  end
+  redis.call('ZREM', P .. 'exp', legacy[i])
+end
 local n, earliest = expire_due(now, limit)
 local left = 0
 if none_due and now_too then

@@ -449,6 +449,53 @@ async fn the_sweeper_finalises_an_expired_hold_within_a_second_with_its_audit_ro
     app.shutdown().await;
 }
 
+/// A Redis written by a build before the bucketed expiry index has its
+/// active holds in a sorted set `exp`; the sweeper moves them into the
+/// buckets, and then finalises them like any other.
+#[tokio::test]
+async fn a_hold_in_the_old_expiry_index_is_still_swept() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    let hold = make_hold(&app, cart_hold("h", "s", &[("p", 2)], 2)).await;
+    let expires_ms = expiry_ms(&hold);
+    // Rewrite the index as the old build kept it.
+    let prefix = format!("{}:{{dev}}:", app.redis_prefix);
+    let mut con = app.redis().await;
+    let _: () = redis::Script::new(
+        r"local P = ARGV[1]
+          for _, b in ipairs(redis.call('ZRANGE', P .. 'due', 0, -1)) do
+            redis.call('DEL', P .. 'due:' .. b)
+          end
+          redis.call('DEL', P .. 'due', P .. 'active')
+          redis.call('ZADD', P .. 'exp', ARGV[2], 'h')",
+    )
+    .arg(&prefix)
+    .arg(expires_ms)
+    .invoke_async(&mut con)
+    .await
+    .unwrap();
+
+    // No call touches the tenant: the audit row can only come from the sweeper.
+    app.eventually("the expired event in the audit log", || async {
+        sqlx::query_as::<_, (i64,)>(
+            "SELECT 1::int8 FROM audit_log WHERE hold_id = 'h' AND kind = 'expired'",
+        )
+        .fetch_optional(&app.pg)
+        .await
+        .unwrap()
+    })
+    .await;
+    let left: (bool, i64) = redis::pipe()
+        .exists(format!("{prefix}exp"))
+        .get(format!("{prefix}active"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(left, (false, 0), "the old index is gone, no hold counted");
+    assert_eq!(app.stock("s", "p").await.held, 0);
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn holds_in_an_unlimited_sale_are_advisory() {
     let app = spawn_app().await;
