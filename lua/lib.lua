@@ -254,24 +254,35 @@ local function expire_due(now, limit)
 end
 
 -- The ids of the partial bucket's holds that are due at `now`, up to
--- `limit` (nil: all). The scan is bounded by the holds made in one
--- DUE_BUCKET_MS.
+-- `limit`. The scan is bounded by the holds made in one DUE_BUCKET_MS, and
+-- reads the list a page at a time, so finding the first due hold of a
+-- burst's bucket (ids in the order they were made, mostly the order they
+-- expire) does not copy the whole list.
+local PAGE = 500
 local function due_in_partial(now, limit)
   local b = first_due_bucket(now)
   local due = {}
   if not b or b[3] then
     return due
   end
-  for _, id in ipairs(redis.call('LRANGE', P .. 'due:' .. b[1], 0, -1)) do
-    local h = redis.call('HMGET', P .. 'hold:' .. id, 'st', 'exp')
-    if h[1] == 'A' and tonumber(h[2]) <= now then
-      due[#due + 1] = id
-      if limit and #due >= limit then
-        break
+  local lk = P .. 'due:' .. b[1]
+  local from = 0
+  while true do
+    local ids = redis.call('LRANGE', lk, from, from + PAGE - 1)
+    for _, id in ipairs(ids) do
+      local h = redis.call('HMGET', P .. 'hold:' .. id, 'st', 'exp')
+      if h[1] == 'A' and tonumber(h[2]) <= now then
+        due[#due + 1] = id
+        if #due >= limit then
+          return due
+        end
       end
     end
+    if #ids < PAGE then
+      return due
+    end
+    from = from + PAGE
   end
-  return due
 end
 
 -- Finalises one hold if it is due, whatever else is: an operation on a
