@@ -28,8 +28,9 @@ if stop then
 end
 
 -- 3. Sell the units; remember the answer for retries.
+local sold = {}
 for _, l in ipairs(lines) do
-  redis.call('HINCRBY', P .. 'pool:' .. l[1], 'sold', l[2])
+  sold[l[1]] = redis.call('HINCRBY', P .. 'pool:' .. l[1], 'sold', l[2])
 end
 if ck ~= '' then
   redis.call('INCRBY', P .. ck, total(lines))
@@ -41,8 +42,5 @@ redis.call('PEXPIRE', hk, RETENTION_MS)
 
 -- 4. Log it, and answer.
 emit(now, 'claimed', job, claim_id, ln, { 'c', ck })
-for _, l in ipairs(lines) do
-  check_low(l[1], now)
-end
-want_refill(lines)
-return hold_view(hk)
+after_take(lines, 'sold', sold, now)
+return new_hold_view('C', job, ln, now, '', now, now, '0')

@@ -98,26 +98,45 @@ local function hold_view(hold_key)
     h[10] or '0' }
 end
 
+-- The view of a hold just written by reserve or claim, from what they
+-- wrote (a new hold has no extensions and no order id), so the answer needs
+-- no read back. Numbers as HMGET would return them: decimal strings.
+local function new_hold_view(st, job, ln, exp, ref, cat, fin, fence)
+  local function dec(n)
+    return string.format('%d', n)
+  end
+  return { 'HOLD', st, job, ln, dec(exp), '0', ref, '', dec(cat), dec(fin), fence }
+end
+
 -- Emits a `low_stock` event once per crossing of a pool's low-stock
 -- threshold (field `low`), and re-arms when availability rises above it.
 -- Available = Redis's headroom (grant - ret - sold - held: reserved units
 -- count as gone) + what Postgres had left to grant at the last grant (`pgf`).
-local function check_low(pool_id, now)
-  local pk = P .. 'pool:' .. pool_id
-  local p = redis.call('HMGET', pk, 'low', 'armed', 'grant', 'ret', 'sold', 'held', 'pgf', 'epoch')
-  if not p[1] or tonumber(p[1]) < 0 then
+-- `low` and `armed` are the pool's fields (strings, `low` absent when the
+-- pool has no threshold), `avail` as above; check_low reads them, a take
+-- passes what it already read (see after_take).
+local function low_alert(pool_id, low, armed, avail, epoch, now)
+  if not low or tonumber(low) < 0 then
     return
   end
-  local low = tonumber(p[1])
-  local avail = tonumber(p[3]) - tonumber(p[4]) - tonumber(p[5]) - tonumber(p[6]) + tonumber(p[7] or '0')
-  if avail <= low then
-    if p[2] ~= '0' then
+  local pk = P .. 'pool:' .. pool_id
+  if avail <= tonumber(low) then
+    if armed ~= '0' then
       redis.call('HSET', pk, 'armed', '0')
-      emit(now, 'low_stock', 'stock', '', cjson.encode({ { pool_id, avail, tonumber(p[8]) } }),
-        { 'r', 'threshold=' .. p[1] })
+      emit(now, 'low_stock', 'stock', '', cjson.encode({ { pool_id, avail, tonumber(epoch) } }),
+        { 'r', 'threshold=' .. low })
     end
-  elseif p[2] == '0' then
+  elseif armed == '0' then
     redis.call('HSET', pk, 'armed', '1')
+  end
+end
+
+local function check_low(pool_id, now)
+  local p = redis.call('HMGET', P .. 'pool:' .. pool_id, 'low', 'armed', 'grant', 'ret', 'sold', 'held', 'pgf',
+    'epoch')
+  if p[1] then
+    local avail = tonumber(p[3]) - tonumber(p[4]) - tonumber(p[5]) - tonumber(p[6]) + tonumber(p[7] or '0')
+    low_alert(pool_id, p[1], p[2], avail, p[8], now)
   end
 end
 
@@ -316,11 +335,18 @@ end
 --   { 'NOT_ACTIVE', pool_id }        outside the pool's sale window
 --   { 'SHORT', pool_id, qty, available, ... }   sold out
 -- `check_window` is false for operations that finish an existing hold.
+--
+-- What it read is kept in `read_pools` (pool id -> the HMGET below) until
+-- the next check_lines: the take that follows changes only the field it
+-- increments, so after_take needs no second read of any pool.
+local read_pools = {}
 local function check_lines(lines, now, check_window)
   local need, short = {}, {}
+  read_pools = {}
   for _, l in ipairs(lines) do
     local p = redis.call('HMGET', P .. 'pool:' .. l[1],
-      'grant', 'ret', 'sold', 'held', 'epoch', 'full', 'unl', 'from', 'until', 'lim')
+      'grant', 'ret', 'sold', 'held', 'epoch', 'full', 'unl', 'from', 'until', 'lim', 'low', 'armed', 'pgf', 'lw')
+    read_pools[l[1]] = p
     if not p[1] or not p[5] then
       need[#need + 1] = l[1]
     else
@@ -385,13 +411,30 @@ end
 -- Flags the pools whose grant is running low (headroom at or below `lw`)
 -- for the refiller (src/jobs/refiller.rs), so a take rarely has to wait for
 -- a grant. Pools that hold all Postgres could give (`full`) never ask.
-local function want_refill(lines)
+-- `headroom` is grant - ret - sold - held, `full` and `lw` the pool's fields.
+local function want_refill(pool_id, headroom, full, lw)
+  if full ~= '1' and lw and headroom <= tonumber(lw) then
+    redis.call('SADD', P .. 'refill', pool_id)
+  end
+end
+
+-- What follows a take of `lines` (reserve, claim), from the pools as
+-- check_lines read them plus what the take added to `field` ('held' or
+-- 'sold'; `now_at[pool_id]` is the field's new value, from HINCRBY): the
+-- low-stock alert and the refill flag.
+local function after_take(lines, field, now_at, now)
   for _, l in ipairs(lines) do
-    local p = redis.call('HMGET', P .. 'pool:' .. l[1], 'grant', 'ret', 'sold', 'held', 'full', 'lw')
-    if p[5] ~= '1' and p[6] and
-        tonumber(p[1]) - tonumber(p[2]) - tonumber(p[3]) - tonumber(p[4]) <= tonumber(p[6]) then
-      redis.call('SADD', P .. 'refill', l[1])
+    local p = read_pools[l[1]]
+    local grant, ret = tonumber(p[1]), tonumber(p[2])
+    local sold, held = tonumber(p[3]), tonumber(p[4])
+    if field == 'sold' then
+      sold = now_at[l[1]]
+    else
+      held = now_at[l[1]]
     end
+    local headroom = grant - ret - sold - held
+    low_alert(l[1], p[11], p[12], headroom + tonumber(p[13] or '0'), p[5], now)
+    want_refill(l[1], headroom, p[6], p[14])
   end
 end
 

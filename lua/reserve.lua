@@ -38,8 +38,9 @@ end
 -- 3. Take the units; the pool remembers its latest holder (which names the
 -- holder of a capacity-1 pool: holders.lua), and the hold gets the tenant's
 -- next fencing token.
+local held = {}
 for _, l in ipairs(lines) do
-  redis.call('HINCRBY', P .. 'pool:' .. l[1], 'held', l[2])
+  held[l[1]] = redis.call('HINCRBY', P .. 'pool:' .. l[1], 'held', l[2])
   redis.call('HSET', P .. 'pool:' .. l[1], 'by', hold_id)
 end
 local fence = next_fence()
@@ -61,8 +62,5 @@ index_expiry(hold_id, exp)
 
 -- 4. Log it, and answer.
 emit(now, 'reserved', job, hold_id, ln, { 'r', ref, 'c', ck })
-for _, l in ipairs(lines) do
-  check_low(l[1], now)
-end
-want_refill(lines)
-return hold_view(hk)
+after_take(lines, 'held', held, now)
+return new_hold_view('A', job, ln, exp, ref, now, 0, fence)

@@ -257,6 +257,34 @@ async fn a_batch_that_lacks_stock_on_any_line_names_each_short_line() {
     app.shutdown().await;
 }
 
+/// reserve.lua builds its answer from what it wrote; a retry and a read
+/// rebuild it from the stored hold. All three must agree, field for field.
+#[tokio::test]
+async fn a_reservations_answer_its_retry_and_its_read_agree() {
+    let app = spawn_app().await;
+    set_stock(&app, "book", "", 10).await;
+    let req = reserve("r1", "cart-9", &[("book", "", 3)], 60);
+    let first = app
+        .reservations()
+        .reserve(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let again = app.reservations().reserve(req).await.unwrap().into_inner();
+    assert_eq!(again, first, "a retry answers exactly as the first call");
+    let read = app
+        .reservations()
+        .get_reservation(pb::GetReservationRequest {
+            reservation_id: "r1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.reservation, first.reservation);
+    assert_eq!(first.reservation.unwrap().reference, "cart-9");
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn consume_decrements_stock_once_under_retries_and_concurrent_duplicates() {
     let app = spawn_app().await;
