@@ -40,7 +40,7 @@ end
 local exp = math.max(tonumber(h[4]), now + ttl)
 redis.call('HSET', hk, 'exp', exp, 'ext', ext + 1, 'xid', xid)
 -- An expiry in the same bucket is found there already (lib.lua, index_expiry).
-if math.floor(exp / DUE_BUCKET_MS) ~= math.floor(tonumber(h[4]) / DUE_BUCKET_MS) then
+if bucket_of(exp) ~= bucket_of(tonumber(h[4])) then
   index_expiry(hold_id, exp)
 end
 emit(now, 'extended', h[5], hold_id, h[6], { 'r', h[7] or '' })

@@ -154,11 +154,24 @@ end
 -- refusal depends on it (busy_if_due), so the hot path never scans it.
 local DUE_BUCKET_MS = 50
 
+-- The bucket of an expiry (ms), as the decimal string that names it.
+local function bucket_of(exp)
+  return string.format('%d', math.floor(exp / DUE_BUCKET_MS))
+end
+
 -- Files `hold_id` under the bucket of `exp` (ms).
 local function index_expiry(hold_id, exp)
-  local b = string.format('%d', math.floor(exp / DUE_BUCKET_MS))
+  local b = bucket_of(exp)
   redis.call('RPUSH', P .. 'due:' .. b, hold_id)
   redis.call('ZADD', P .. 'due', 'NX', tonumber(b) * DUE_BUCKET_MS, b)
+end
+
+-- The earlier of two times, either of which may be nil.
+local function earlier(a, b)
+  if not a or (b and b < a) then
+    return b
+  end
+  return a
 end
 
 -- The first bucket as { bucket, first_ms, full }, or nil when none starts
@@ -188,9 +201,7 @@ local function finish_all(hold_ids, state, now, kind, due_by)
     local exp = tonumber(h[2] or '0')
     if h[1] == 'A' and (not due_by or exp <= due_by) then
       ended = ended + 1
-      if not earliest or exp < earliest then
-        earliest = exp
-      end
+      earliest = earlier(earliest, exp)
       for _, l in ipairs(cjson.decode(h[3])) do
         local at = l[1] .. '\0' .. tostring(l[3])
         if not back[at] then
@@ -264,9 +275,7 @@ local function expire_due(now, limit)
       end
       local e, at = finish_all(ids, 'E', now, 'expired', now)
       ended = ended + e
-      if at and (not earliest or at < earliest) then
-        earliest = at
-      end
+      earliest = earlier(earliest, at)
     end
   end
   return ended, earliest

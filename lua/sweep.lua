@@ -36,9 +36,7 @@ if none_due and now_too then
   local due = due_in_partial(now, limit)
   local m, at = finish_all(due, 'E', now, 'expired', now)
   n = n + m
-  if at and (not earliest or at < earliest) then
-    earliest = at
-  end
+  earliest = earlier(earliest, at)
   if #due >= limit then
     left = 1
   end

@@ -16,7 +16,7 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio::sync::watch;
 
 use super::Tenants;
-use crate::domain::{HoldId, HoldState, Job, TenantId};
+use crate::domain::{HoldId, HoldState, Job, TenantId, parse_event_id};
 use crate::error::Error;
 use crate::store::HoldReply;
 use crate::store::postgres::{PgStore, Twin};
@@ -237,9 +237,8 @@ async fn tend(con: &mut deadpool_redis::Connection, key: &str, keep_from: i64) -
 /// yet in Postgres). 0, trim nothing, when an id does not parse.
 fn trim_point(keep_from: i64, last_delivered: &str, oldest_pending: Option<&str>) -> i64 {
     let ms = |id: &str| -> i64 {
-        id.split('-')
-            .next()
-            .and_then(|ms| ms.parse().ok())
+        parse_event_id(id)
+            .and_then(|(ms, _)| i64::try_from(ms).ok())
             .unwrap_or(0)
     };
     let until = keep_from.min(ms(last_delivered));
