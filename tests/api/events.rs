@@ -147,6 +147,71 @@ async fn drained_events_leave_redis_and_a_watch_from_the_start_still_sees_them()
     app.shutdown().await;
 }
 
+/// The trim never drops an event some drainer has read but not written to
+/// Postgres: here a "stalled" consumer of the drainers' group holds one
+/// entry pending while 600 claims go through and are trimmed around it.
+#[tokio::test]
+async fn the_trim_keeps_an_event_that_a_stalled_drainer_has_not_written() {
+    let app = spawn_app_with(|a| a.event_keep_secs = 0).await;
+    app.live_sale("k", &[("p", Some(1_000))], 0).await;
+    let claims = |from: usize| {
+        let app = &app;
+        async move {
+            for i in from..from + 300 {
+                app.flash()
+                    .claim(claim(&format!("c{i}"), "k", &[("p", 1)]))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let mut con = app.redis().await;
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let drained = || {
+        let mut con = con.clone();
+        let key = key.clone();
+        async move {
+            let groups: redis::streams::StreamInfoGroupsReply =
+                con.xinfo_groups(&key).await.unwrap();
+            groups
+                .groups
+                .iter()
+                .any(|g| g.pending == 0 && g.lag == Some(0))
+                .then_some(())
+        }
+    };
+    claims(0).await;
+    app.eventually("every event drained", drained).await;
+    // One more entry, delivered at once to a consumer that never writes it.
+    let stalled: String = redis::Script::new(
+        r"local id = redis.call('XADD', KEYS[1], '*', 'k', 'claimed', 'h', 'stalled')
+          redis.call('XREADGROUP', 'GROUP', 'drainer', 'stalled', 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+          return id",
+    )
+    .key(&key)
+    .invoke_async(&mut con)
+    .await
+    .unwrap();
+    claims(300).await;
+    app.eventually("the events around it trimmed", || {
+        let mut con = con.clone();
+        let key = key.clone();
+        async move {
+            let len: usize = con.xlen(&key).await.unwrap();
+            (len < 601).then_some(())
+        }
+    })
+    .await;
+    let kept: redis::streams::StreamRangeReply =
+        con.xrange(&key, &stalled, &stalled).await.unwrap();
+    assert_eq!(
+        kept.ids.len(),
+        1,
+        "the pending entry {stalled} is still there"
+    );
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_malformed_resume_id_is_invalid_argument() {
     let app = spawn_app().await;
