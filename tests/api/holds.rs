@@ -20,6 +20,21 @@ async fn make_hold(app: &TestApp, req: pb::CreateCartHoldRequest) -> pb::CartHol
         .unwrap()
 }
 
+/// When the audit log recorded `hold_id`'s expiry, once it has.
+async fn expired_at(app: &TestApp, hold_id: &str) -> chrono::DateTime<chrono::Utc> {
+    app.eventually("the expired event in the audit log", || async {
+        sqlx::query_as::<_, (chrono::DateTime<chrono::Utc>,)>(
+            "SELECT at FROM audit_log WHERE hold_id = $1 AND kind = 'expired'",
+        )
+        .bind(hold_id)
+        .fetch_optional(&app.pg)
+        .await
+        .unwrap()
+        .map(|r| r.0)
+    })
+    .await
+}
+
 /// A hold's expiry, ms since the epoch (Redis's timeline).
 fn expiry_ms(hold: &pb::CartHold) -> i64 {
     let at = hold.expires_at.unwrap();
@@ -419,17 +434,7 @@ async fn the_sweeper_finalises_an_expired_hold_within_a_second_with_its_audit_ro
     let expires_ms = expiry_ms(&hold);
 
     // No call touches the tenant: the audit row can only come from the sweeper.
-    let at: chrono::DateTime<chrono::Utc> = app
-        .eventually("the expired event in the audit log", || async {
-            sqlx::query_as::<_, (chrono::DateTime<chrono::Utc>,)>(
-                "SELECT at FROM audit_log WHERE hold_id = 'h' AND kind = 'expired'",
-            )
-            .fetch_optional(&app.pg)
-            .await
-            .unwrap()
-            .map(|r| r.0)
-        })
-        .await;
+    let at = expired_at(&app, "h").await;
     // Both times are Redis's: the promise is finalisation within 1 s of expiry.
     let lag_ms = at.timestamp_millis() - expires_ms;
     assert!(
@@ -476,15 +481,7 @@ async fn a_hold_in_the_old_expiry_index_is_still_swept() {
     .unwrap();
 
     // No call touches the tenant: the audit row can only come from the sweeper.
-    app.eventually("the expired event in the audit log", || async {
-        sqlx::query_as::<_, (i64,)>(
-            "SELECT 1::int8 FROM audit_log WHERE hold_id = 'h' AND kind = 'expired'",
-        )
-        .fetch_optional(&app.pg)
-        .await
-        .unwrap()
-    })
-    .await;
+    expired_at(&app, "h").await;
     let left: (bool, i64) = redis::pipe()
         .exists(format!("{prefix}exp"))
         .get(format!("{prefix}active"))
