@@ -352,6 +352,23 @@ impl Engine {
         )
         .await
     }
+
+    /// Reads a hold from Redis alone: NOT_FOUND when Redis does not have it,
+    /// even if the fallback does. For callers that know their hold cannot
+    /// be the fallback's (a sale lock on cards Redis runs).
+    pub async fn get_hold_in_redis(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+    ) -> Result<Hold, Error> {
+        self.on_hold(
+            id,
+            self.redis.get_hold(tenant, id, job),
+            std::future::ready(Ok(HoldReply::NoHold)),
+        )
+        .await
+    }
 }
 
 /// Turns a store's answer to a take into the outcome.

@@ -352,7 +352,9 @@ impl ChannelService for ChannelApi {
                 .engage(&caller.tenant, &channel, &cards)
                 .await?
             {
-                EngageOutcome::Engaged { engaged, already } => {
+                EngageOutcome::Engaged {
+                    engaged, already, ..
+                } => {
                     resp.set_outcome(pb::EngageOutcome::Engaged);
                     resp.engaged_card_ids = ids(&engaged);
                     resp.already_active_card_ids = ids(&already);

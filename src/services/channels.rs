@@ -12,6 +12,7 @@ use crate::domain::{CardId, Channel, ChannelSlug, PoolId, TenantId};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::satellite::SatelliteClient;
+use crate::services::listing_mirror;
 use crate::store::postgres::{
     CardState, DeliveryRow, Drift, DriftRow, EngageCard, EngageOutcome, PgStore, Satellite,
 };
@@ -143,18 +144,27 @@ impl Channels {
     ) -> Result<EngageOutcome, Error> {
         let channel = self.sale_channel(ws, "channel", slug).await?;
         let outcome = self.pg().engage(ws, &channel, cards).await?;
-        if let EngageOutcome::Engaged { engaged, .. } = &outcome
-            && !engaged.is_empty()
+        if let EngageOutcome::Engaged {
+            engaged,
+            already,
+            version,
+        } = &outcome
         {
-            // Grant the new cards' pools to Redis now rather than on each
+            // Grant the cards' pools to Redis now rather than on each
             // card's first lock: grants are serial, so a checkout rush over
             // fresh cards would queue behind them (deploy/BENCHMARKS.md,
             // lock-complete), as CreateSale does for a sale's products. The
             // cards are live either way; one left ungranted is granted on
-            // its first lock.
-            let pools: Vec<PoolId> = engaged.iter().map(CardId::pool).collect();
-            if let Err(e) = self.engine.sync(ws, &pools).await {
-                tracing::warn!(%ws, channel = %slug, error = %e, "cannot grant the engaged cards' pools yet; they are granted on first lock");
+            // its first lock, and checked in Postgres until engaged again.
+            let cards: Vec<CardId> = engaged.iter().chain(already).cloned().collect();
+            let pools: Vec<PoolId> = cards.iter().map(CardId::pool).collect();
+            match self.engine.sync(ws, &pools).await {
+                Ok(()) => {
+                    listing_mirror::record_live(&self.engine, ws, slug, *version, &cards).await
+                }
+                Err(e) => {
+                    tracing::warn!(%ws, channel = %slug, error = %e, "cannot grant the engaged cards' pools yet; they are granted on first lock");
+                }
             }
         }
         Ok(outcome)
@@ -172,7 +182,12 @@ impl Channels {
         if let Some(cards) = cards {
             self.known(ws, cards).await?;
         }
-        self.pg().disengage(ws, slug, cards).await
+        let engine = &self.engine;
+        self.pg()
+            .disengage(ws, slug, cards, async |version, gone| {
+                listing_mirror::record_gone(engine, ws, slug, version, gone).await
+            })
+            .await
     }
 
     /// Reconciles a channel with its satellite's canonical list: the one
@@ -200,7 +215,12 @@ impl Channels {
                 self.pull(&sat).await?
             }
         };
-        self.pg().reconcile(ws, slug, &listed).await
+        let engine = &self.engine;
+        self.pg()
+            .reconcile(ws, slug, &listed, async |version, gone| {
+                listing_mirror::record_gone(engine, ws, slug, version, gone).await
+            })
+            .await
     }
 
     /// Pulls a satellite's canonical list, checking each id.

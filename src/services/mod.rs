@@ -4,6 +4,7 @@
 
 pub mod channels;
 pub mod flash_sale;
+pub mod listing_mirror;
 pub mod reservations;
 pub mod sale_locks;
 pub mod slots;

@@ -15,6 +15,7 @@ use crate::domain::{
 use crate::engine::{Engine, Take};
 use crate::error::Error;
 use crate::services::channels::{Channels, not_for_sale};
+use crate::services::listing_mirror;
 use crate::store::postgres::CardOnChannel;
 
 /// How often a refused batch is retried when a card it was refused for has
@@ -97,16 +98,35 @@ impl SaleLocks {
         ttl: Duration,
     ) -> Result<AcquireOutcome, Error> {
         self.channels.ensure(ws).await?;
-        let states = self.states(ws, channel, &cards).await?;
-        // The same lockRef again: a retry, or a refresh of the TTL.
-        match self.engine.get_hold(ws, &lock_ref, Job::Lock).await {
+        // Cards the listing mirror knows to be live here need no Postgres;
+        // the others are checked there (services/listing_mirror.rs).
+        let mirrored = listing_mirror::all_live(&self.engine, ws, channel, &cards).await;
+        let states = match mirrored {
+            true => None,
+            false => Some(self.states(ws, channel, &cards).await?),
+        };
+        // The same lockRef again: a retry, or a refresh of the TTL. On the
+        // mirrored path only Redis is asked: its cards are Redis's, so a
+        // lock the fallback made under this lockRef is looked for only if
+        // Redis refuses them to nobody (below).
+        let existing = match mirrored {
+            true => {
+                self.engine
+                    .get_hold_in_redis(ws, &lock_ref, Job::Lock)
+                    .await
+            }
+            false => self.engine.get_hold(ws, &lock_ref, Job::Lock).await,
+        };
+        match existing {
             Ok(hold) => return self.again(ws, hold, channel, &cards, ttl).await,
             Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        let refused = refused(&cards, states)?;
-        if !refused.is_empty() {
-            return Ok(AcquireOutcome::Conflict(refused));
+        if let Some(states) = states {
+            let refused = refused(&cards, states)?;
+            if !refused.is_empty() {
+                return Ok(AcquireOutcome::Conflict(refused));
+            }
         }
         let one = Quantity::parse("quantity", 1, 1)?;
         let lines = cards
@@ -139,6 +159,15 @@ impl SaleLocks {
                     let named = self.holders(ws, &cards).await?;
                     if !named.is_empty() {
                         return Ok(AcquireOutcome::Conflict(named));
+                    }
+                    if mirrored {
+                        // Refused by Redis with no holder there: a lock
+                        // the fallback made, perhaps under this lockRef.
+                        match self.engine.get_hold(ws, &lock_ref, Job::Lock).await {
+                            Ok(hold) => return self.again(ws, hold, channel, &cards, ttl).await,
+                            Err(Error::NotFound(_)) => {}
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
                 other => {

@@ -303,6 +303,19 @@ impl TestApp {
         client.get_multiplexed_async_connection().await.unwrap()
     }
 
+    /// The daemon's own Redis store over the tests' Redis, to call a
+    /// script as the daemon would.
+    pub async fn redis_store(&self) -> holdfast::store::redis::RedisStore {
+        holdfast::store::redis::RedisStore::connect(
+            &redis_url(),
+            &self.redis_prefix,
+            std::time::Duration::from_secs(3600),
+            holdfast::store::redis::RedisTimeouts::default(),
+        )
+        .await
+        .unwrap()
+    }
+
     /// The Redis server's clock, ms.
     pub async fn redis_now_ms(&self) -> i64 {
         let mut con = self.redis().await;

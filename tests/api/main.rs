@@ -11,6 +11,7 @@ mod events;
 mod fallback;
 mod flash_sale;
 mod holds;
+mod listing_mirror;
 mod locks;
 mod ops;
 mod properties;

@@ -33,6 +33,9 @@ pub enum EngageOutcome {
         engaged: Vec<CardId>,
         /// Cards that were live there already (left as they were).
         already: Vec<CardId>,
+        /// The change's number from the `listing_version` sequence, for
+        /// the listing mirror (src/services/listing_mirror.rs).
+        version: i64,
     },
     /// The rules refused these cards; nothing changed.
     Conflicts(Vec<(CardId, EngageConflict)>),
@@ -158,6 +161,9 @@ impl PgStore {
         .bind(&metas)
         .fetch_all(&mut *tx)
         .await?;
+        // Taken while the upsert holds every listing row of the batch, so a
+        // change that follows this one on these rows gets a larger number.
+        let version = next_version(&mut tx).await?;
         // Each card is a capacity-1 pool, so a sale lock can take it.
         sqlx::query(
             "INSERT INTO pools (tenant, pool_id, job, capacity)
@@ -194,17 +200,25 @@ impl PgStore {
             .map(|c| c.card_id.clone())
             .filter(|c| !engaged.contains(c))
             .collect();
-        Ok(EngageOutcome::Engaged { engaged, already })
+        Ok(EngageOutcome::Engaged {
+            engaged,
+            already,
+            version,
+        })
     }
 
     /// Takes cards off a channel (all its live cards when `cards` is
     /// `None`: a bulk wipe). Returns the cards that were live there; the
-    /// others are left as they are.
+    /// others are left as they are. `before_commit` gets the change's
+    /// version and those cards while their rows are still locked, and the
+    /// change commits only if it succeeds (the listing mirror forgets them
+    /// first: src/services/listing_mirror.rs).
     pub async fn disengage(
         &self,
         workspace: &TenantId,
         channel: &ChannelSlug,
         cards: Option<&[CardId]>,
+        before_commit: impl AsyncFnOnce(i64, &[CardId]) -> Result<(), Error>,
     ) -> Result<Vec<CardId>, Error> {
         let ids: Option<Vec<&str>> = cards.map(|c| c.iter().map(CardId::as_str).collect());
         let mut tx = self.begin().await?;
@@ -232,23 +246,29 @@ impl PgStore {
             )
             .await?;
         }
-        tx.commit().await?;
-        Ok(rows
+        let delisted: Vec<CardId> = rows
             .into_iter()
             .map(|(c, _)| CardId::from_store(c))
-            .collect())
+            .collect();
+        if !delisted.is_empty() {
+            before_commit(next_version(&mut tx).await?, &delisted).await?;
+        }
+        tx.commit().await?;
+        Ok(delisted)
     }
 
     /// Compares a channel's live cards with the satellite's canonical list:
     /// cards live here that the satellite no longer has are cleared
     /// (inactive); cards the satellite lists that are not live here are
     /// reported, and those already sold get a `bulk-disengage` so the
-    /// satellite pulls them. Both directions are recorded as drift.
+    /// satellite pulls them. Both directions are recorded as drift. The
+    /// cleared cards go to `before_commit` as in [`PgStore::disengage`].
     pub async fn reconcile(
         &self,
         workspace: &TenantId,
         channel: &ChannelSlug,
         satellite_cards: &[CardId],
+        before_commit: impl AsyncFnOnce(i64, &[CardId]) -> Result<(), Error>,
     ) -> Result<Drift, Error> {
         let ws = workspace.as_str();
         let listed: Vec<&str> = satellite_cards.iter().map(CardId::as_str).collect();
@@ -316,9 +336,13 @@ impl PgStore {
             )
             .await?;
         }
+        let cleared: Vec<CardId> = cleared.into_iter().map(CardId::from_store).collect();
+        if !cleared.is_empty() {
+            before_commit(next_version(&mut tx).await?, &cleared).await?;
+        }
         tx.commit().await?;
         Ok(Drift {
-            missing_on_satellite: cleared.into_iter().map(CardId::from_store).collect(),
+            missing_on_satellite: cleared,
             unknown_to_holdfast: unknown
                 .into_iter()
                 .map(|(c, _)| CardId::from_store(c))
@@ -347,6 +371,15 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?)
     }
+}
+
+/// The next number of the `listing_version` sequence. Called after the
+/// change has locked its listing rows, so numbers follow the order in
+/// which Postgres applies changes to any one listing.
+async fn next_version(tx: &mut Transaction<'_, Postgres>) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar("SELECT nextval('listing_version')")
+        .fetch_one(&mut **tx)
+        .await?)
 }
 
 /// The `cards` of a webhook body: (card id, external ref) pairs.

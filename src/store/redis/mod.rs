@@ -23,7 +23,7 @@ pub use events::decode_event;
 pub use keys::Keys;
 pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply};
 
-use crate::domain::{HoldId, Job, Lines, PoolId, TenantId};
+use crate::domain::{CardId, ChannelSlug, HoldId, Job, Lines, PoolId, TenantId};
 use crate::error::Error;
 use crate::telemetry::metric;
 
@@ -423,6 +423,47 @@ impl RedisStore {
             })
             .await?;
         reply::holders_reply(&v, pools.len())
+    }
+
+    /// Reads the listing mirror of `cards` on `channel` (`get_listings.lua`):
+    /// each card's mirrored version, positive when live.
+    pub async fn listings(
+        &self,
+        tenant: &TenantId,
+        channel: &ChannelSlug,
+        cards: &[CardId],
+    ) -> Result<Vec<Option<i64>>, Error> {
+        let v = self
+            .run("get_listings", &scripts::GET_LISTINGS, tenant, |i| {
+                i.arg(channel.as_str());
+                for c in cards {
+                    i.arg(c.as_str());
+                }
+            })
+            .await?;
+        reply::listings_reply(&v, cards.len())
+    }
+
+    /// Writes `cards`' state on `channel` into the listing mirror, as of
+    /// `version` (`set_listings.lua`): entries holding a newer version are
+    /// left alone. Returns how many changed.
+    pub async fn set_listings(
+        &self,
+        tenant: &TenantId,
+        channel: &ChannelSlug,
+        version: i64,
+        live: bool,
+        cards: &[CardId],
+    ) -> Result<i64, Error> {
+        let v = self
+            .run("set_listings", &scripts::SET_LISTINGS, tenant, |i| {
+                i.arg(channel.as_str()).arg(version).arg(flag(live));
+                for c in cards {
+                    i.arg(c.as_str());
+                }
+            })
+            .await?;
+        reply::int_reply("set_listings", &v)
     }
 
     /// Records a grant from Postgres (`grant.lua`).

@@ -1,0 +1,101 @@
+//! The listing mirror: which channels each card is live on, copied from
+//! Postgres (`card_channels`, the system of record) into Redis, so that a
+//! sale lock on cards that are live where the checkout runs never waits for
+//! Postgres (deploy/BENCHMARKS.md, lock-complete).
+//!
+//! The copy is trusted in one direction only. "Live on this channel" lets
+//! an acquire skip Postgres; anything else (not live, never copied, Redis
+//! unreachable) sends it to Postgres as before. So a copy that is missing
+//! or says too little only costs speed; the one copy that must never be
+//! wrong is a stale "live", and three rules keep it out:
+//!
+//! 1. A change that takes a card off a channel (disengage, reconcile)
+//!    writes "not live" *before* it commits, while it holds the listing
+//!    rows, and does not commit if Redis cannot take the write: that change
+//!    answers UNAVAILABLE (retry it) while Redis is unreachable.
+//! 2. A change that puts a card on a channel (engage) writes "live" only
+//!    *after* it commits, and only once Redis runs the card's pool (so a
+//!    lock on it is Redis's to refuse; the rare lock the Postgres fallback
+//!    made during an outage is looked for when Redis refuses a card that
+//!    nobody there holds: `SaleLocks::acquire`).
+//! 3. Each write carries the change's number from Postgres's
+//!    `listing_version` sequence, taken while the change held the rows;
+//!    `set_listings.lua` keeps the newer of two writes, so an engage whose
+//!    write arrives after a later disengage's cannot undo it.
+//!
+//! A sale needs no write: it sells the card's one unit, which Redis then
+//! refuses to every channel. A Redis that comes back empty has no copies:
+//! locks read Postgres until the cards are engaged again (engaging a live
+//! card is harmless and copies it).
+
+use crate::domain::{CardId, ChannelSlug, TenantId};
+use crate::engine::Engine;
+use crate::error::Error;
+
+/// Cards per mirror write, so that wiping a large channel is many short
+/// scripts rather than one that stalls Redis for everyone else.
+const WRITE_CHUNK: usize = 1_000;
+
+/// Whether the mirror says every one of `cards` is live on `channel`. Any
+/// doubt (a card never copied, Redis unreachable) is `false`: ask Postgres.
+pub async fn all_live(
+    engine: &Engine,
+    ws: &TenantId,
+    channel: &ChannelSlug,
+    cards: &[CardId],
+) -> bool {
+    if !engine.circuit().closed() {
+        return false;
+    }
+    match engine.redis().listings(ws, channel, cards).await {
+        Ok(versions) => versions.iter().all(|v| v.is_some_and(|v| v > 0)),
+        Err(e) => {
+            tracing::debug!(%ws, %channel, error = %e, "listing mirror unreadable; asking postgres");
+            false
+        }
+    }
+}
+
+/// Copies "live" after an engage committed (rule 2). Best effort: a card
+/// left uncopied is checked in Postgres.
+pub async fn record_live(
+    engine: &Engine,
+    ws: &TenantId,
+    channel: &ChannelSlug,
+    version: i64,
+    cards: &[CardId],
+) {
+    for part in cards.chunks(WRITE_CHUNK) {
+        if let Err(e) = engine
+            .redis()
+            .set_listings(ws, channel, version, true, part)
+            .await
+        {
+            tracing::warn!(%ws, %channel, error = %e, "cannot copy engaged cards to the listing mirror; their locks read postgres");
+            return;
+        }
+    }
+}
+
+/// Copies "not live" before a delisting commits (rule 1): an error here
+/// must stop the commit.
+pub async fn record_gone(
+    engine: &Engine,
+    ws: &TenantId,
+    channel: &ChannelSlug,
+    version: i64,
+    cards: &[CardId],
+) -> Result<(), Error> {
+    for part in cards.chunks(WRITE_CHUNK) {
+        engine
+            .redis()
+            .set_listings(ws, channel, version, false, part)
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "cannot reach Redis to stop sale locks on the delisted cards ({e}); nothing changed, retry"
+                ))
+            })?;
+    }
+    Ok(())
+}
