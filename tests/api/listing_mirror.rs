@@ -37,6 +37,18 @@ async fn refused_as_not_listed(app: &TestApp, lock_ref: &str, channel: &str, car
     );
 }
 
+/// Takes `cards` off `channel` (every card there when empty).
+async fn disengage(app: &TestApp, channel: &str, cards: &[&str]) {
+    app.channels()
+        .disengage(pb::DisengageRequest {
+            channel: channel.into(),
+            card_ids: cards.iter().map(|c| (*c).to_owned()).collect(),
+            all_cards: cards.is_empty(),
+        })
+        .await
+        .unwrap();
+}
+
 async fn release(app: &TestApp, lock_ref: &str) {
     app.locks()
         .release_sale_locks(pb::ReleaseSaleLocksRequest {
@@ -59,28 +71,14 @@ async fn a_card_disengaged_from_a_channel_cannot_be_locked_there_at_once() {
     lock(&app, "lock-a", "storefront", &["card-1", "card-2"]).await;
     release(&app, "lock-a").await;
 
-    app.channels()
-        .disengage(pb::DisengageRequest {
-            channel: "storefront".into(),
-            card_ids: vec!["card-1".into()],
-            all_cards: false,
-        })
-        .await
-        .unwrap();
+    disengage(&app, "storefront", &["card-1"]).await;
     refused_as_not_listed(&app, "lock-b", "storefront", &["card-1"]).await;
     // Its neighbour is still live, and still lockable.
     lock(&app, "lock-c", "storefront", &["card-2"]).await;
     release(&app, "lock-c").await;
 
     // A wipe of the channel takes the rest.
-    app.channels()
-        .disengage(pb::DisengageRequest {
-            channel: "storefront".into(),
-            card_ids: vec![],
-            all_cards: true,
-        })
-        .await
-        .unwrap();
+    disengage(&app, "storefront", &[]).await;
     refused_as_not_listed(&app, "lock-d", "storefront", &["card-2"]).await;
 
     // Engaged again, both lock again.
@@ -114,14 +112,7 @@ async fn a_late_copy_of_an_engage_never_undoes_a_later_disengage() {
     let app = spawn_app().await;
     engage(&app, "storefront", &["card-1"]).await;
     let engaged = mirrored(&app, "card-1", "storefront").await.unwrap();
-    app.channels()
-        .disengage(pb::DisengageRequest {
-            channel: "storefront".into(),
-            card_ids: vec!["card-1".into()],
-            all_cards: false,
-        })
-        .await
-        .unwrap();
+    disengage(&app, "storefront", &["card-1"]).await;
     let gone = mirrored(&app, "card-1", "storefront").await.unwrap();
     assert!(gone < 0 && -gone > engaged, "{engaged} then {gone}");
 

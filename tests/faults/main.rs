@@ -8,6 +8,7 @@
 
 mod clock;
 mod cluster;
+mod delist;
 mod load;
 
 use std::time::{Duration, Instant};

@@ -1,0 +1,121 @@
+//! A delisting must reach the listing mirror in Redis before it counts
+//! (src/services/listing_mirror.rs): while Redis is unreachable, Disengage
+//! answers UNAVAILABLE and changes nothing, and once Redis is back the
+//! card it takes off a channel cannot be locked there.
+
+use std::time::Duration;
+
+use holdfast::grpc::pb::channel_service_client::ChannelServiceClient;
+use holdfast::grpc::pb::sale_lock_service_client::SaleLockServiceClient;
+use holdfast::grpc::pb::{self, AcquireOutcome, CardConflictReason};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::TempDir;
+use crate::cluster::{Daemon, Postgres, Redis};
+
+fn disengage(card: &str) -> pb::DisengageRequest {
+    pb::DisengageRequest {
+        channel: "storefront".into(),
+        card_ids: vec![card.into()],
+        all_cards: false,
+    }
+}
+
+fn acquire(lock_ref: &str, card: &str) -> pb::AcquireSaleLocksRequest {
+    pb::AcquireSaleLocksRequest {
+        lock_ref: lock_ref.into(),
+        channel: "storefront".into(),
+        card_ids: vec![card.into()],
+        ttl: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+    }
+}
+
+async fn live_on_storefront(channels: &mut ChannelServiceClient<Channel>, card: &str) -> bool {
+    channels
+        .get_card_channels(pb::GetCardChannelsRequest {
+            card_ids: vec![card.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cards
+        .remove(0)
+        .active_channels
+        .iter()
+        .any(|c| c == "storefront")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delisting_while_redis_is_frozen_changes_nothing() {
+    let dir = std::env::temp_dir().join(format!("holdfast-delist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::process::Command::new("chmod")
+        .arg("777")
+        .arg(&dir)
+        .output();
+    let _dir = TempDir(dir.clone());
+    let redis = Redis::start(&dir);
+    let pg = Postgres::start(&dir);
+    let daemon = Daemon::start(&dir, redis.port, &pg.url());
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut channels = ChannelServiceClient::new(channel.clone());
+    let mut locks = SaleLockServiceClient::new(channel);
+    channels
+        .engage(pb::EngageRequest {
+            channel: "storefront".into(),
+            cards: vec![pb::EngageCard {
+                card_id: "card-1".into(),
+                external_ref: String::new(),
+                metadata_json: String::new(),
+            }],
+        })
+        .await
+        .unwrap();
+
+    redis.freeze();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        channels.disengage(disengage("card-1")),
+    )
+    .await
+    .expect("the disengage answers while Redis is frozen")
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        live_on_storefront(&mut channels, "card-1").await,
+        "nothing changed in Postgres"
+    );
+    redis.thaw();
+
+    // Retried with Redis back, it counts, and the mirror says so at once.
+    let started = std::time::Instant::now();
+    loop {
+        match channels.disengage(disengage("card-1")).await {
+            Ok(r) => {
+                assert_eq!(r.into_inner().disengaged_card_ids, vec!["card-1"]);
+                break;
+            }
+            Err(e) if e.code() == Code::Unavailable => {
+                assert!(started.elapsed() < Duration::from_secs(10), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let r = locks
+        .acquire_sale_locks(acquire("lock-a", "card-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), AcquireOutcome::Conflict, "{r:?}");
+    assert_eq!(r.conflicts[0].reason(), CardConflictReason::NotListed);
+    drop(daemon);
+}
