@@ -152,12 +152,13 @@ impl SaleLocks {
                 // A concurrent call with this lockRef from another channel won.
                 TakeOutcome::Taken(_) => return Err(reused(&lock_ref)),
                 TakeOutcome::SoldOut(short) => {
-                    let cards: Vec<CardId> = short
+                    let refused: Vec<CardId> = short
                         .iter()
                         .filter_map(|s| CardId::of_pool(s.pool.as_str()))
                         .collect();
-                    let named = self.holders(ws, &cards).await?;
+                    let named = self.holders(ws, &refused).await?;
                     if !named.is_empty() {
+                        let named = self.name_sellers(ws, channel, named).await?;
                         return Ok(AcquireOutcome::Conflict(named));
                     }
                     if mirrored {
@@ -263,6 +264,39 @@ impl SaleLocks {
                 }
             })
             .collect())
+    }
+
+    /// Fills in the channel of each card Redis says is sold but no longer
+    /// remembers who sold (the selling lock is past `--retention-secs`),
+    /// from Postgres, which records every sale for good.
+    async fn name_sellers(
+        &self,
+        ws: &TenantId,
+        channel: &ChannelSlug,
+        mut named: Vec<(CardId, CardConflict)>,
+    ) -> Result<Vec<(CardId, CardConflict)>, Error> {
+        let unnamed: Vec<CardId> = named
+            .iter()
+            .filter(|(_, why)| *why == CardConflict::Sold(None))
+            .map(|(card, _)| card.clone())
+            .collect();
+        if unnamed.is_empty() {
+            return Ok(named);
+        }
+        let states = match self.states(ws, channel, &unnamed).await {
+            Ok(states) => states,
+            // The answer is still right without the channel.
+            Err(Error::Unavailable(_)) => return Ok(named),
+            Err(e) => return Err(e),
+        };
+        for (card, why) in &mut named {
+            if let Some(s) = states.iter().find(|s| s.card_id == *card)
+                && s.sold_channel.is_some()
+            {
+                *why = CardConflict::Sold(s.sold_channel.clone());
+            }
+        }
+        Ok(named)
     }
 
     /// Completes a lock: its cards are sold on its channel. Refused with

@@ -2,9 +2,9 @@
 //! cards live on the checkout's channel skips Postgres, so the copy in
 //! Redis must never say "live" where Postgres no longer does.
 
-use holdfast::grpc::pb::{self, AcquireOutcome, CardConflictReason};
+use holdfast::grpc::pb::{self, AcquireOutcome, CardConflictReason, ListingStatus};
 
-use crate::cards::{acquire, engage, lock};
+use crate::cards::{acquire, card, engage, lock, status_on};
 use crate::helpers::{TestApp, spawn_app};
 
 /// The mirror's entry for `card` on `channel`: its version, negative when
@@ -156,5 +156,43 @@ async fn a_card_missing_from_the_mirror_is_checked_in_postgres() {
             .await
             .is_some_and(|v| v > 0)
     );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_card_sold_long_ago_is_refused_with_the_channel_it_sold_on() {
+    // Redis forgets the lock that sold a card after --retention-secs; the
+    // refusal still names the channel, from Postgres's record of the sale.
+    let app = spawn_app().await;
+    engage(&app, "storefront", &["card-1"]).await;
+    lock(&app, "lock-a", "storefront", &["card-1"]).await;
+    app.locks()
+        .complete_sale_locks(pb::CompleteSaleLocksRequest {
+            lock_ref: "lock-a".into(),
+            order_id: String::new(),
+        })
+        .await
+        .unwrap();
+    app.eventually("the sale in postgres", || async {
+        (status_on(&card(&app, "card-1").await, "storefront") == Some(ListingStatus::Sold))
+            .then_some(())
+    })
+    .await;
+    let key = format!("{}:{{dev}}:hold:lock-a", app.redis_prefix);
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+
+    let r = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-b", "storefront", &["card-1"], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), AcquireOutcome::Conflict, "{r:?}");
+    assert_eq!(r.conflicts[0].reason(), CardConflictReason::Sold);
+    assert_eq!(r.conflicts[0].channel, "storefront");
     app.shutdown().await;
 }
