@@ -24,9 +24,13 @@
 //!    write arrives after a later disengage's cannot undo it.
 //!
 //! A sale needs no write: it sells the card's one unit, which Redis then
-//! refuses to every channel. A Redis that comes back empty has no copies:
-//! locks read Postgres until the cards are engaged again (engaging a live
-//! card is harmless and copies it).
+//! refuses to every channel. A card with no copy (engaged before the
+//! mirror existed, or Redis came back empty) is checked in Postgres, and
+//! that acquire then copies it ([`repair`]) under a share lock on its
+//! listing rows, so that a delisting waits for the copy and overrides it
+//! with its larger version.
+
+use std::sync::Arc;
 
 use crate::domain::{CardId, ChannelSlug, TenantId};
 use crate::engine::Engine;
@@ -98,4 +102,27 @@ pub async fn record_gone(
             })?;
     }
     Ok(())
+}
+
+/// Copies `cards`' listings on `channel` from Postgres, in the background:
+/// called by an acquire that had to ask Postgres, so the next acquire of
+/// these cards does not.
+pub fn repair(engine: Arc<Engine>, ws: TenantId, channel: ChannelSlug, cards: Vec<CardId>) {
+    tokio::spawn(async move {
+        let copied = engine
+            .pg()
+            .with_live_listings(&ws, &channel, &cards, async |version, live| {
+                for part in live.chunks(WRITE_CHUNK) {
+                    engine
+                        .redis()
+                        .set_listings(&ws, &channel, version, true, part)
+                        .await?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = copied {
+            tracing::debug!(%ws, %channel, error = %e, "cannot copy listings to the mirror; the next acquire asks postgres again");
+        }
+    });
 }

@@ -127,6 +127,14 @@ impl SaleLocks {
             if !refused.is_empty() {
                 return Ok(AcquireOutcome::Conflict(refused));
             }
+            if self.engine.circuit().closed() {
+                listing_mirror::repair(
+                    self.engine.clone(),
+                    ws.clone(),
+                    channel.clone(),
+                    cards.clone(),
+                );
+            }
         }
         let one = Quantity::parse("quantity", 1, 1)?;
         let lines = cards

@@ -135,7 +135,8 @@ async fn a_late_copy_of_an_engage_never_undoes_a_later_disengage() {
 #[tokio::test]
 async fn a_card_missing_from_the_mirror_is_checked_in_postgres() {
     // What a Redis that came back empty, or cards engaged before the
-    // mirror existed, look like: no copy, so Postgres decides.
+    // mirror existed, look like: no copy, so Postgres decides, and the
+    // acquire copies them.
     let app = spawn_app().await;
     engage(&app, "storefront", &["card-1", "card-2"]).await;
     let key = format!("{}:{{dev}}:listed:card-1", app.redis_prefix);
@@ -149,13 +150,16 @@ async fn a_card_missing_from_the_mirror_is_checked_in_postgres() {
     // A retry of the same lock answers as the first call did.
     let again = lock(&app, "lock-b", "storefront", &["card-1", "card-2"]).await;
     assert_eq!(again.lock_ref, "lock-b");
-    // Engaging a live card again copies it.
-    engage(&app, "storefront", &["card-1"]).await;
-    assert!(
+    // That acquire copied them, so the next one skips Postgres.
+    app.eventually("the copy of card-1", || async {
         mirrored(&app, "card-1", "storefront")
             .await
-            .is_some_and(|v| v > 0)
-    );
+            .filter(|v| *v > 0)
+    })
+    .await;
+    // A copy that a delisting overtook stays overtaken.
+    disengage(&app, "storefront", &["card-2"]).await;
+    refused_as_not_listed(&app, "lock-c", "storefront", &["card-2"]).await;
     app.shutdown().await;
 }
 

@@ -257,6 +257,38 @@ impl PgStore {
         Ok(delisted)
     }
 
+    /// Hands `copy` the cards of `cards` live on `channel` and a fresh
+    /// version, while a share lock on their listing rows keeps any
+    /// delisting of them waiting until `copy` is done: the listing
+    /// mirror's repair (src/services/listing_mirror.rs), which a later
+    /// delisting's larger version then overrides.
+    pub async fn with_live_listings(
+        &self,
+        workspace: &TenantId,
+        channel: &ChannelSlug,
+        cards: &[CardId],
+        copy: impl AsyncFnOnce(i64, &[CardId]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let ids: Vec<&str> = cards.iter().map(CardId::as_str).collect();
+        let mut tx = self.begin().await?;
+        let live: Vec<(String,)> = sqlx::query_as(
+            "SELECT card_id FROM card_channels
+             WHERE workspace = $1 AND channel = $2 AND card_id = ANY($3) AND status = 'active'
+             ORDER BY card_id FOR SHARE",
+        )
+        .bind(workspace.as_str())
+        .bind(channel.as_str())
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let live: Vec<CardId> = live.into_iter().map(|(c,)| CardId::from_store(c)).collect();
+        if !live.is_empty() {
+            copy(next_version(&mut tx).await?, &live).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Compares a channel's live cards with the satellite's canonical list:
     /// cards live here that the satellite no longer has are cleared
     /// (inactive); cards the satellite lists that are not live here are
