@@ -60,6 +60,25 @@ pub async fn all_live(
     }
 }
 
+/// Writes `cards`' state on `channel` as of `version`, in parts of
+/// [`WRITE_CHUNK`].
+async fn write(
+    engine: &Engine,
+    ws: &TenantId,
+    channel: &ChannelSlug,
+    version: i64,
+    live: bool,
+    cards: &[CardId],
+) -> Result<(), Error> {
+    for part in cards.chunks(WRITE_CHUNK) {
+        engine
+            .redis()
+            .set_listings(ws, channel, version, live, part)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Copies "live" after an engage committed (rule 2). Best effort: a card
 /// left uncopied is checked in Postgres.
 pub async fn record_live(
@@ -69,15 +88,8 @@ pub async fn record_live(
     version: i64,
     cards: &[CardId],
 ) {
-    for part in cards.chunks(WRITE_CHUNK) {
-        if let Err(e) = engine
-            .redis()
-            .set_listings(ws, channel, version, true, part)
-            .await
-        {
-            tracing::warn!(%ws, %channel, error = %e, "cannot copy engaged cards to the listing mirror; their locks read postgres");
-            return;
-        }
+    if let Err(e) = write(engine, ws, channel, version, true, cards).await {
+        tracing::warn!(%ws, %channel, error = %e, "cannot copy engaged cards to the listing mirror; their locks read postgres");
     }
 }
 
@@ -90,18 +102,13 @@ pub async fn record_gone(
     version: i64,
     cards: &[CardId],
 ) -> Result<(), Error> {
-    for part in cards.chunks(WRITE_CHUNK) {
-        engine
-            .redis()
-            .set_listings(ws, channel, version, false, part)
-            .await
-            .map_err(|e| {
-                Error::Unavailable(format!(
-                    "cannot reach Redis to stop sale locks on the delisted cards ({e}); nothing changed, retry"
-                ))
-            })?;
-    }
-    Ok(())
+    write(engine, ws, channel, version, false, cards)
+        .await
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot reach Redis to stop sale locks on the delisted cards ({e}); nothing changed, retry"
+            ))
+        })
 }
 
 /// Copies `cards`' listings on `channel` from Postgres, in the background:
@@ -112,13 +119,7 @@ pub fn repair(engine: Arc<Engine>, ws: TenantId, channel: ChannelSlug, cards: Ve
         let copied = engine
             .pg()
             .with_live_listings(&ws, &channel, &cards, async |version, live| {
-                for part in live.chunks(WRITE_CHUNK) {
-                    engine
-                        .redis()
-                        .set_listings(&ws, &channel, version, true, part)
-                        .await?;
-                }
-                Ok(())
+                write(&engine, &ws, &channel, version, true, live).await
             })
             .await;
         if let Err(e) = copied {

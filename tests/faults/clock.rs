@@ -75,10 +75,8 @@ async fn reported_offset(daemon: &Daemon) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_step_of_redis_clock_ends_no_hold_early() {
-    let dir = std::env::temp_dir().join(format!("holdfast-clock-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _ = Command::new("chmod").arg("777").arg(&dir).output();
-    let _dir = TempDir(dir.clone());
+    let tmp = TempDir::new("clock");
+    let dir = tmp.0.clone();
     let shift = dir.join("shift");
     std::fs::write(&shift, "0").unwrap();
     let shim = build_shim(&dir);

@@ -51,13 +51,8 @@ async fn live_on_storefront(channels: &mut ChannelServiceClient<Channel>, card: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delisting_while_redis_is_frozen_changes_nothing() {
-    let dir = std::env::temp_dir().join(format!("holdfast-delist-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _ = std::process::Command::new("chmod")
-        .arg("777")
-        .arg(&dir)
-        .output();
-    let _dir = TempDir(dir.clone());
+    let tmp = TempDir::new("delist");
+    let dir = tmp.0.clone();
     let redis = Redis::start(&dir);
     let pg = Postgres::start(&dir);
     let daemon = Daemon::start(&dir, redis.port, &pg.url());

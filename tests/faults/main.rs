@@ -42,6 +42,20 @@ struct Cluster {
 /// A temporary folder, removed on drop.
 struct TempDir(std::path::PathBuf);
 
+impl TempDir {
+    /// `holdfast-<name>-<pid>` under the system's temporary folder, open
+    /// to every user (Postgres runs as its own).
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("holdfast-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::process::Command::new("chmod")
+            .arg("777")
+            .arg(&dir)
+            .output();
+        Self(dir)
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -98,12 +112,8 @@ impl Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn faults() {
-    let dir = std::env::temp_dir().join(format!("holdfast-faults-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _ = std::process::Command::new("chmod")
-        .arg("777")
-        .arg(&dir)
-        .output();
+    let tmp = TempDir::new("faults");
+    let dir = tmp.0.clone();
     let redis = Redis::start(&dir);
     let pg = Postgres::start(&dir);
     let proxy = Proxy::start(redis.port).await;
@@ -113,7 +123,7 @@ async fn faults() {
         pg,
         proxy,
         daemon,
-        _dir: TempDir(dir),
+        _dir: tmp,
     };
 
     let scenarios = [
