@@ -155,7 +155,8 @@ impl Channels {
             // fresh cards would queue behind them (deploy/BENCHMARKS.md,
             // lock-complete), as CreateSale does for a sale's products. The
             // cards are live either way; one left ungranted is granted on
-            // its first lock, and checked in Postgres until engaged again.
+            // its first lock, which checks it in Postgres and copies it to
+            // the listing mirror (services/listing_mirror.rs, `repair`).
             let cards: Vec<CardId> = engaged.iter().chain(already).cloned().collect();
             let pools: Vec<PoolId> = cards.iter().map(CardId::pool).collect();
             match self.engine.sync(ws, &pools).await {
