@@ -25,5 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("holdfast_descriptor.bin"))
         .compile_protos(&protos, &[PathBuf::from("proto")])?;
     println!("cargo:rerun-if-changed=proto");
+    // `sqlx::migrate!()` embeds `migrations/` at compile time but cannot
+    // tell cargo to watch it: without this, a new migration file alone
+    // leaves a stale binary that never runs it (sqlx's documented advice).
+    println!("cargo:rerun-if-changed=migrations");
     Ok(())
 }
