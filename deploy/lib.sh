@@ -112,7 +112,7 @@ start_postgres() {
     as_pg "$bin/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 >/dev/null
   fi
   as_pg "$bin/pg_ctl" -D "$dir" -l "$dir/postgres.log" -w -t 30 \
-    -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='$dir' -c max_connections=300 -c fsync=${PG_FSYNC:-on}" start >/dev/null
+    -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='$dir' -c max_connections=300 -c fsync=${PG_FSYNC:-on} ${PG_OPTS:-}" start >/dev/null
   psql -h 127.0.0.1 -p "$port" -U postgres -qtAc "SELECT 1 FROM pg_roles WHERE rolname='holdfast'" | grep -q 1 ||
     psql -h 127.0.0.1 -p "$port" -U postgres -qc "CREATE ROLE holdfast LOGIN SUPERUSER" >/dev/null
   psql -h 127.0.0.1 -p "$port" -U postgres -qtAc "SELECT 1 FROM pg_database WHERE datname='holdfast'" | grep -q 1 ||
@@ -127,7 +127,9 @@ stop_postgres() {
 # start_servers NAME: a Redis and a Postgres on free loopback ports in a
 # temporary folder, both stopped (and the folder removed) when the script
 # exits. Sets TMP, REDIS_PORT, PG_PORT, HOLDFAST_REDIS_URL and
-# HOLDFAST_DATABASE_URL. REDIS_AOF and PG_FSYNC pass through.
+# HOLDFAST_DATABASE_URL. REDIS_AOF, PG_FSYNC and PG_OPTS (more server
+# settings, e.g. "-c shared_preload_libraries=pg_stat_statements" to see
+# where Postgres's time goes during a bench) pass through.
 start_servers() {
   TMP="$(mktemp -d "/tmp/holdfast-$1.XXXXXX")"
   chmod 755 "$TMP"
