@@ -5,10 +5,11 @@
 
 use holdfast::domain::{HoldId, Job, Line, Lines, PoolId, Quantity, TenantId};
 use holdfast::error::Error;
+use holdfast::grpc::pb::Outcome;
 use holdfast::store::HoldReply;
 use holdfast::store::postgres::{PgStore, PgTake, product_pool};
 
-use crate::helpers::spawn_app_with;
+use crate::helpers::{claim, spawn_app_with};
 
 fn take(id: &str, lines: &[(&PoolId, i64)], ttl_secs: Option<u64>) -> PgTake {
     let lines = lines
@@ -130,5 +131,66 @@ async fn a_batch_of_fallback_takes_answers_as_if_each_ran_alone_in_order() {
     assert_eq!(held_id(&again[n - 5]).as_deref(), Some("two-lines"));
     assert_eq!(pg_totals(&app.pg, &p).await, (free - 1, 1));
     assert_eq!(pg_totals(&app.pg, &q).await, (0, 2));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_id_the_fast_path_served_is_not_taken_again_by_the_fallback() {
+    let app = spawn_app_with(|a| a.grant_chunk = 1).await;
+    app.live_sale("s", &[("p", Some(10))], 0).await;
+    let p = product_pool("s", "p");
+    let served = app
+        .flash()
+        .claim(claim("once", "s", &[("p", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(served.outcome(), Outcome::Ok);
+    app.eventually("the claim's audit row", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_log WHERE hold_id = 'once' AND kind = 'claimed'",
+        )
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+
+    // The client retries through a Redis outage: the fallback must answer
+    // "retry later", not sell a second unit for the same id.
+    let pg = PgStore::from_pool(app.pg.clone());
+    let dev = TenantId::parse("dev").unwrap();
+    let free = fallback_free(&app.pg, &p).await;
+    let answers = pg
+        .fallback_takes(&dev, &[take("once", &[(&p, 1)], None)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&answers[0], Err(Error::Unavailable(m)) if m.contains("fast path")),
+        "{:?}",
+        answers[0]
+    );
+    assert_eq!(pg_totals(&app.pg, &p).await, (0, 0));
+    assert_eq!(fallback_free(&app.pg, &p).await, free);
+
+    // That look-up has an index to use (migrations/0008): without one, every
+    // fallback take would scan the whole audit log.
+    let mut tx = app.pg.begin().await.unwrap();
+    sqlx::query("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN {}",
+        holdfast::store::postgres::SERVED_BY_FAST_PATH
+    ))
+    .bind("dev")
+    .bind(vec!["once"])
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("audit_log_takes"), "{plan}");
     app.shutdown().await;
 }

@@ -22,7 +22,7 @@ use sqlx::postgres::PgPoolOptions;
 
 pub use audit::{AuditFilter, AuditRow};
 pub use channels::{CardOnChannel, CardState, Listing, Satellite};
-pub use fallback::{PgTake, Twin};
+pub use fallback::{PgTake, SERVED_BY_FAST_PATH, Twin};
 pub use keys::ApiKeyRow;
 pub use listings::{Drift, DriftRow, EngageCard, EngageOutcome};
 pub use outbox::{DeliveryRow, DueDelivery};

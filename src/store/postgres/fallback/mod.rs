@@ -21,8 +21,8 @@ use super::lock_sales::{LockSale, record_lock_sales};
 use crate::domain::{CardId, Hold, HoldId, HoldState, Job, PoolId, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
-pub use take::PgTake;
 pub(super) use take::lock_ids;
+pub use take::{PgTake, SERVED_BY_FAST_PATH};
 
 #[derive(sqlx::FromRow)]
 struct HoldRow {
