@@ -14,14 +14,21 @@ use tonic_health::pb::health_client::HealthClient;
 
 use super::load::{Done, Plan, Run, drive};
 
-/// The no-op RPC: `grpc.health.v1.Health/Check`, answered from memory.
-pub async fn noop(channels: &[Channel], plan: &Plan) -> Run {
-    drive(channels, plan, |ch, _| async move {
-        HealthClient::new(ch)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await?;
+/// The no-op RPC: `grpc.health.v1.Health/Check`, answered from memory,
+/// `steps` times in a row per operation. A two-step workload's operation
+/// is two calls in a row (reserve, then commit), so its latency is set
+/// beside two no-ops in a row, not one: the same shape, at the same rate
+/// of operations and of calls.
+pub async fn noop(channels: &[Channel], plan: &Plan, steps: u32) -> Run {
+    drive(channels, plan, move |ch, _| async move {
+        let mut health = HealthClient::new(ch);
+        for _ in 0..steps {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+        }
         Ok(Done::ok("served", 0))
     })
     .await

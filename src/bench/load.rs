@@ -80,6 +80,7 @@ where
         let op = op.clone();
         let max_calls = plan.max_calls;
         let issued = issued.clone();
+        let share = c as f64 / plan.clients as f64;
         let pace = plan
             .rate
             .map(|r| Duration::from_secs_f64(plan.clients as f64 / r.max(1.0)));
@@ -87,8 +88,14 @@ where
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
             let (mut calls, mut units) = (0u64, 0u64);
+            // Each client's ticks are offset by its share of the period, so
+            // calls arrive spread evenly, as from independent shoppers. With
+            // every client on the same phase they came in bursts of
+            // `clients` at once, and a burst's last call waited for the
+            // whole burst: that measured the burst, not the load.
             let mut ticker = pace.map(|p| {
-                let mut t = tokio::time::interval(p);
+                let first = tokio::time::Instant::now() + p.mul_f64(share);
+                let mut t = tokio::time::interval_at(first, p);
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 t
             });

@@ -45,6 +45,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub clients: usize,
 
+    /// Operations per second, in all, spread evenly over the clients;
+    /// absent: as fast as they go. At a set rate the latencies are those
+    /// of a steady load below the peak (ghz's `-r`).
+    #[arg(long)]
+    pub rate: Option<f64>,
+
     /// HTTP/2 connections the clients share.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
@@ -154,7 +160,7 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     let plan = Plan {
         clients: args.clients,
         duration: Duration::from_secs(args.duration),
-        rate: None,
+        rate: args.rate,
         max_calls: None,
     };
     println!(
@@ -247,7 +253,12 @@ async fn measure_baselines(
     line: &mut Line,
 ) {
     let rpcs = f64::from(w.rpcs());
-    line.grpc_limit = Some(baselines::noop(channels, plan).await.rate() / rpcs);
+    // A limit is a peak, whatever --rate the workload ran at.
+    let flat_out = Plan {
+        rate: None,
+        ..plan.clone()
+    };
+    line.grpc_limit = Some(baselines::noop(channels, &flat_out, 1).await.rate() / rpcs);
     if let Some(redis) = redis {
         let tenant = TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant");
         let (host, port) = host_port(&args.redis_url);
@@ -280,21 +291,15 @@ async fn measure_baselines(
         Err(e) => eprintln!("bench: pgbench baseline skipped: {e:#}"),
     }
     // Latency at half of the measured peak, beside the no-op's at the
-    // same rate.
+    // same rate of operations, each made of as many calls as the
+    // workload's.
     let half = Plan {
         rate: Some(line.rps / 2.0),
         duration: Duration::from_secs((args.duration / 2).max(2)),
         ..plan.clone()
     };
     let at_half = workloads::run(w, channels, &half, caller).await;
-    let noop_half = baselines::noop(
-        channels,
-        &Plan {
-            rate: Some(line.rps * rpcs / 2.0),
-            ..half.clone()
-        },
-    )
-    .await;
+    let noop_half = baselines::noop(channels, &half, w.rpcs()).await;
     line.half_load_p99 = Some((at_half.ms(0.99), noop_half.ms(0.99)));
 }
 
