@@ -29,6 +29,14 @@ pub const GROUP: &str = "drainer";
 const BATCH: usize = 500;
 /// How long one read blocks waiting for events.
 const BLOCK: Duration = Duration::from_millis(100);
+/// After a round that read less than a full batch, how long the drainer
+/// lets events gather before it reads again. Each round costs the same
+/// eight Postgres round trips and one XACK however many events it carries,
+/// so under a steady load below the peak, reading as soon as one event
+/// arrives spent most of the daemon's and Postgres's CPU on rounds of one
+/// or two events (deploy/BENCHMARKS.md, 2026-12-03). The price is at most
+/// this much more drain lag; a full batch reads again at once.
+const GATHER: Duration = Duration::from_millis(10);
 /// The longest one read-and-write round may take.
 const ROUND_LIMIT: Duration = Duration::from_secs(5);
 /// How often the backlog gauge is sampled (XINFO per tenant stream).
@@ -67,7 +75,15 @@ pub async fn run(
             _ = stop.changed() => break,
         };
         match round {
-            Ok(_) => backoff = Duration::from_millis(50),
+            Ok(fullest) => {
+                backoff = Duration::from_millis(50);
+                if fullest > 0 && fullest < BATCH {
+                    tokio::select! {
+                        _ = tokio::time::sleep(GATHER) => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+            }
             Err(e) => {
                 metrics::counter!(metric::DRAINER_ERRORS).increment(1);
                 tracing::warn!(error = %e, retry_in = ?backoff, "drainer round failed; events stay pending and will be retried");
@@ -108,7 +124,8 @@ struct Drainer {
 }
 
 impl Drainer {
-    /// One read and write; returns how many events were new to Postgres.
+    /// One read and write; returns the most events one stream gave (a
+    /// full batch means more are waiting).
     async fn round(&mut self, tenants: &[TenantId]) -> Result<usize, Error> {
         if tenants.is_empty() {
             return Ok(0);
@@ -142,6 +159,7 @@ impl Drainer {
         let reply: Option<StreamReadReply> = con.xread_options(&keys, &ids, &opts).await?;
         let mut new = 0;
         let mut read = 0;
+        let mut fullest = 0;
         for stream in reply.map(|r| r.keys).unwrap_or_default() {
             let Some(tenant) = self.grouped.get(&stream.key).cloned() else {
                 continue;
@@ -150,6 +168,7 @@ impl Drainer {
                 continue;
             }
             read += stream.ids.len();
+            fullest = fullest.max(stream.ids.len());
             let events = stream
                 .ids
                 .iter()
@@ -180,7 +199,7 @@ impl Drainer {
         if self.pending_first && read == 0 {
             self.pending_first = false;
         }
-        Ok(new)
+        Ok(fullest)
     }
 }
 
