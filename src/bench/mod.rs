@@ -8,6 +8,7 @@
 //! deploy/BENCHMARKS.md records the figures.
 
 mod baselines;
+mod cpu;
 mod fallback;
 mod load;
 mod probes;
@@ -163,6 +164,12 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         rate: args.rate,
         max_calls: None,
     };
+    let watched = cpu::Watched::find(
+        daemon.as_ref().map(Daemon::pid),
+        &args.redis_url,
+        &args.database_url,
+    )
+    .await;
     println!(
         "bench: clients={} connections={} duration={}s cores={} target={addr}",
         args.clients,
@@ -181,12 +188,15 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         };
         workloads::run(w, &channels, &warm, &caller).await;
         let before = daemon.as_ref().map(|d| ServerStats::read(d.pid()));
+        let cpu_before = watched.sample();
         let measured = workloads::run(w, &channels, &plan, &caller).await;
+        let cpu = cpu_before.per_op(&watched.sample(), measured.calls);
         let server = match (&daemon, before) {
             (Some(d), Some(Ok(b))) => ServerStats::read(d.pid()).ok().map(|a| a.since(&b)),
             _ => None,
         };
         let mut line = Line::new(w, &measured, server);
+        line.cpu_us_per_op = cpu;
         if !args.no_baselines {
             measure_baselines(
                 args,

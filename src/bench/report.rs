@@ -62,6 +62,9 @@ pub struct Line {
     pub redis_limit: Option<f64>,
     pub grpc_limit: Option<f64>,
     pub pg_alt: Option<f64>,
+    /// CPU µs per operation by process, "loadgen:30,daemon:45,..."
+    /// (src/bench/cpu.rs).
+    pub cpu_us_per_op: String,
     /// p99 at half the peak rate: (holdfast, no-op), ms.
     pub half_load_p99: Option<(f64, f64)>,
 }
@@ -86,6 +89,7 @@ impl Line {
             grpc_limit: None,
             pg_alt: None,
             half_load_p99: None,
+            cpu_us_per_op: String::new(),
         }
     }
 
@@ -119,7 +123,7 @@ impl Line {
             )
         });
         println!(
-            "bench-detail: workload={w} ops_per_sec={:.0} units_per_sec={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} outcomes={} {server}{serial}{half}",
+            "bench-detail: workload={w} ops_per_sec={:.0} units_per_sec={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} outcomes={} {server} cpu_us_per_op={}{serial}{half}",
             self.rps,
             self.units_per_sec,
             self.p[0],
@@ -127,7 +131,8 @@ impl Line {
             self.p[2],
             self.p[3],
             self.p[4],
-            self.outcomes
+            self.outcomes,
+            self.cpu_us_per_op
         );
         let num = |v: Option<f64>| v.map_or("NaN".to_string(), |v| format!("{v:.0}"));
         let ratio =
