@@ -1,0 +1,14 @@
+-- A pool's row is rewritten all the time (the drainer's write-back, once
+-- per batch for every pool the batch sold from; grants; the fallback), and
+-- none of those writes touches an indexed column. Packed full, a page has
+-- no room for the new version, so every update went to another page with a
+-- new primary-key entry, and the table and its index filled with dead
+-- versions faster than autovacuum cleared them: after a 5 s claim-10k run
+-- the 10,000 pools took 7.8 MB (624 kB freshly copied), and locking a
+-- batch's 500 pool rows took 25 ms instead of 0.1
+-- (deploy/BENCHMARKS.md, 2026-12-03). Pages kept half empty let an update
+-- stay on its page (a HOT update: no index entry, pruned in place).
+--
+-- This changes new pages only; an existing table keeps its packing until
+-- it is rewritten (VACUUM FULL pools, or pg_repack, in a quiet hour).
+ALTER TABLE pools SET (fillfactor = 50);
