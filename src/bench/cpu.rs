@@ -107,25 +107,30 @@ async fn postmaster_pid(url: &str) -> Option<u32> {
     parent
 }
 
-/// What /proc/PID/stat says that matters here.
-struct Stat {
+/// What /proc/PID/stat says that matters here (also to
+/// `report::ServerStats`).
+pub(super) struct Stat {
     ppid: u32,
+    /// utime + stime: the process's own CPU, in ticks.
+    pub own: u64,
     /// utime + stime + cutime + cstime: the process's own CPU and that of
     /// its children that have exited (a backend that ended mid-run still
     /// counts, through the postmaster).
     ticks: u64,
 }
 
-fn stat(pid: u32) -> Option<Stat> {
+pub(super) fn stat(pid: u32) -> Option<Stat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the command name (which may hold spaces and parentheses):
     // state, ppid, ... utime is the 14th field overall, so index 11 here.
     let (_, rest) = text.rsplit_once(')')?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    let own = n(11)? + n(12)?;
     Some(Stat {
         ppid: u32::try_from(n(1)?).ok()?,
-        ticks: n(11)? + n(12)? + n(13)? + n(14)?,
+        own,
+        ticks: own + n(13)? + n(14)?,
     })
 }
 

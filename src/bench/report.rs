@@ -16,18 +16,9 @@ pub struct ServerStats {
 impl ServerStats {
     /// Reads `pid`'s counters (Linux).
     pub fn read(pid: u32) -> std::io::Result<Self> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name (which may hold spaces): utime is
-        // the 14th field overall, stime the 15th, in clock ticks (100/s on
-        // Linux's usual USER_HZ).
-        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
+        let own = super::cpu::stat(pid)
+            .ok_or_else(|| std::io::Error::other(format!("no /proc/{pid}/stat")))?
+            .own;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let peak_rss_kib = status
             .lines()
@@ -35,7 +26,8 @@ impl ServerStats {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0);
         Ok(Self {
-            cpu_secs: (ticks(11) + ticks(12)) / 100.0,
+            // USER_HZ is 100 on Linux.
+            cpu_secs: own as f64 / 100.0,
             peak_rss_kib,
         })
     }
