@@ -49,7 +49,7 @@ pub struct BenchArgs {
     /// Operations per second, in all, spread evenly over the clients;
     /// absent: as fast as they go. At a set rate the latencies are those
     /// of a steady load below the peak (ghz's `-r`).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_rate)]
     pub rate: Option<f64>,
 
     /// HTTP/2 connections the clients share.
@@ -97,6 +97,17 @@ pub struct BenchArgs {
     /// Skip the three baselines (only drive holdfast).
     #[arg(long)]
     pub no_baselines: bool,
+}
+
+/// `--rate`: a finite number above zero (0 or a negative rate would
+/// otherwise be quietly taken as one call a second).
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate: give operations per second above 0"
+        )),
+    }
 }
 
 /// Runs the benchmark and prints its report.
@@ -403,4 +414,18 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::positive_rate;
+
+    #[test]
+    fn a_rate_must_be_a_finite_number_above_zero() {
+        assert_eq!(positive_rate("250"), Ok(250.0));
+        assert_eq!(positive_rate("0.5"), Ok(0.5));
+        for bad in ["0", "-5", "nan", "inf", "abc", ""] {
+            assert!(positive_rate(bad).is_err(), "{bad} was taken");
+        }
+    }
 }
