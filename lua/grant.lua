@@ -14,17 +14,32 @@
 --       12 ceiling on sold + held (-1: none)
 --       13 low-water mark: headroom at which a take asks for a refill
 --       14 units Postgres still has to grant after this grant
+--       15 prior: the cumulative units of this epoch Postgres had already
+--         delegated before this grant, which Redis must hold
 -- Returns { 'LOADED' } when the pool was new here (or of an older epoch,
 --       which is dropped), { 'GRANTED', grant } when the grant was raised
---       (never lowered: a late or repeated call is harmless), or
---       { 'STALE', epoch } when Redis already runs a newer epoch.
+--       (never lowered: a late or repeated call is harmless),
+--       { 'STALE', epoch } when Redis already runs a newer epoch, or
+--       { 'LOST' } when Redis holds less of this epoch than `prior` (it lost
+--       data: restarted empty, or an older AOF was restored), changing
+--       nothing. The check is here, not in the caller, because only this
+--       script sees the pool in the same instant as it writes it: a caller
+--       that read the pool before Redis restarted empty would otherwise
+--       load the old epoch afresh, and Redis would sell its lost share again.
 
 local pk = P .. 'pool:' .. ARGV[4]
-local epoch, granted = tonumber(ARGV[5]), tonumber(ARGV[6])
+local epoch, granted, prior = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[15])
 
 local cur = redis.call('HMGET', pk, 'epoch', 'grant')
 if cur[1] and tonumber(cur[1]) > epoch then
   return { 'STALE', cur[1] }
+end
+local have = 0
+if cur[1] and tonumber(cur[1]) == epoch then
+  have = tonumber(cur[2])
+end
+if have < prior then
+  return { 'LOST' }
 end
 if not cur[1] or tonumber(cur[1]) < epoch then
   redis.call('DEL', pk)

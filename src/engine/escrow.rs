@@ -206,32 +206,50 @@ impl Engine {
         Ok(outcome)
     }
 
+    /// Brings pools to Redis. A pool Redis turns out to have lost data of
+    /// (its load answered `Lost`) now has a new epoch in Postgres and is
+    /// planned and loaded once more, from nothing.
     async fn sync_locked(&self, tenant: &TenantId, needed: &[(PoolId, i64)]) -> Result<(), Error> {
+        let lost = self.sync_pass(tenant, needed).await?;
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let again: Vec<(PoolId, i64)> = needed
+            .iter()
+            .filter(|(p, _)| lost.contains(p))
+            .cloned()
+            .collect();
+        match self.sync_pass(tenant, &again).await?.first() {
+            None => Ok(()),
+            Some(pool) => Err(Error::Unavailable(format!(
+                "redis lost pool {pool} again while it was being reloaded; retry"
+            ))),
+        }
+    }
+
+    /// One pass of [`Self::sync_locked`]; returns the pools whose load found
+    /// that Redis lost data (each given a new epoch, not loaded).
+    async fn sync_pass(
+        &self,
+        tenant: &TenantId,
+        needed: &[(PoolId, i64)],
+    ) -> Result<Vec<PoolId>, Error> {
         let pools: Vec<PoolId> = needed.iter().map(|(p, _)| p.clone()).collect();
         let rows = self.pg.get_pools(tenant, &pools).await?;
         let in_redis = self.redis.get_pools(tenant, &pools).await?;
         // First what each pool needs, then every grant in one Postgres
-        // transaction, then each pool to Redis (Postgres first).
+        // transaction, then each pool to Redis (Postgres first). Whether
+        // Redis lost data is not judged from this read but by the load
+        // itself (grant.lua): Redis may restart empty between the two.
         let mut plans = Vec::with_capacity(needed.len());
         for ((pool, need), redis) in needed.iter().zip(in_redis) {
-            let mut row = rows
+            let row = rows
                 .iter()
                 .find(|r| r.pool_id == pool.as_str())
                 .cloned()
                 .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
-            // Pools are never deleted from Redis while they hold a grant, and
-            // grants only grow, so a missing pool with a grant outstanding, or
-            // a grant below Postgres's, means Redis lost data (ESCROW.md).
-            let lost = match &redis {
-                None => row.outstanding_grant() > 0,
-                Some(r) => r.epoch == row.epoch && r.grant < row.granted,
-            };
-            if lost {
-                tracing::warn!(%tenant, %pool, epoch = row.epoch, "redis lost this pool's grant; opening a new epoch, the outstanding grant is in doubt");
-                row = self.pg.open_epoch(tenant, pool, row.epoch).await?;
-            }
             let headroom = match &redis {
-                Some(r) if !lost && r.epoch == row.epoch => r.grant - r.returned - r.sold - r.held,
+                Some(r) if r.epoch == row.epoch => r.grant - r.returned - r.sold - r.held,
                 _ => 0,
             };
             let undelegated = row.undelegated().unwrap_or(0);
@@ -251,6 +269,7 @@ impl Engine {
         // just before it goes to Redis, and a Redis failure stops before
         // the next part: at most one part's grants are left in the air.
         let mut refused = None;
+        let mut lost = Vec::new();
         for part in plans.chunks(GRANT_PART) {
             let asks: Vec<(&PoolId, i64, i64)> = part
                 .iter()
@@ -267,18 +286,23 @@ impl Engine {
                         continue;
                     }
                 };
-                self.load(tenant, pool, row, granted, chunk).await?;
+                if !self.load(tenant, pool, row, granted, chunk).await? {
+                    lost.push((*pool).clone());
+                }
             }
         }
         match refused {
             Some(pool) => Err(Error::Unavailable(format!(
                 "pool {pool} changed while granting; retry"
             ))),
-            None => Ok(()),
+            None => Ok(lost),
         }
     }
 
-    /// Sends one pool's grant (already recorded in Postgres) to Redis.
+    /// Sends one pool's grant (already recorded in Postgres) to Redis; false
+    /// when Redis lost data of the pool's epoch, which is then closed
+    /// (ESCROW.md "Losing Redis": its outstanding grant goes in doubt, less
+    /// this `chunk`, which Redis refused and so never had).
     async fn load(
         &self,
         tenant: &TenantId,
@@ -286,7 +310,7 @@ impl Engine {
         row: &PoolRow,
         granted: i64,
         chunk: i64,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let undelegated = row.undelegated().unwrap_or(0);
         let window = (
             row.starts_at.map_or(0, |t| t.timestamp_millis()),
@@ -295,6 +319,7 @@ impl Engine {
         let grant = PoolGrant {
             epoch: row.epoch,
             granted,
+            prior: row.granted,
             full: undelegated - chunk <= 0,
             unlimited: row.capacity.is_none(),
             window_ms: window,
@@ -305,6 +330,11 @@ impl Engine {
         };
         match self.redis.grant(tenant, pool, &grant).await? {
             GrantReply::Loaded | GrantReply::Granted(_) => {}
+            GrantReply::Lost => {
+                tracing::warn!(%tenant, %pool, epoch = row.epoch, "redis lost this pool's grant; opening a new epoch, the outstanding grant is in doubt");
+                self.pg.open_epoch(tenant, pool, row.epoch, chunk).await?;
+                return Ok(false);
+            }
             GrantReply::Stale(e) => {
                 return Err(Error::internal(format!(
                     "redis runs epoch {e} of pool {pool}, newer than postgres's {}",
@@ -313,7 +343,7 @@ impl Engine {
             }
         }
         tracing::debug!(%tenant, %pool, epoch = row.epoch, granted, chunk, "granted pool to redis");
-        Ok(())
+        Ok(true)
     }
 }
 

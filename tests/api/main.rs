@@ -15,6 +15,7 @@ mod listing_mirror;
 mod locks;
 mod ops;
 mod properties;
+mod redis_loss;
 mod reservations;
 mod satellite;
 mod slots;

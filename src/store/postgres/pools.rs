@@ -168,17 +168,19 @@ impl PgStore {
 
     /// Opens a new epoch after Redis lost the pool (ESCROW.md "Losing
     /// Redis"): what the old epoch had granted and not reported sold becomes
-    /// in doubt, never resold until an operator resolves it.
+    /// in doubt, never resold until an operator resolves it; except the
+    /// last `unsent` units granted, which Redis refused, so never had.
     pub async fn open_epoch(
         &self,
         tenant: &TenantId,
         pool: &PoolId,
         lost_epoch: i64,
+        unsent: i64,
     ) -> Result<PoolRow, Error> {
         let row = sqlx::query_as::<_, PoolRow>(&format!(
             "UPDATE pools SET
                  epoch = epoch + 1,
-                 in_doubt = in_doubt + GREATEST(granted - returned - reported_sold, 0),
+                 in_doubt = in_doubt + GREATEST(granted - $4 - returned - reported_sold, 0),
                  sold_prior = sold_prior + reported_sold,
                  granted = 0, returned = 0, reported_sold = 0
              WHERE tenant = $1 AND pool_id = $2 AND epoch = $3
@@ -187,6 +189,7 @@ impl PgStore {
         .bind(tenant.as_str())
         .bind(pool.as_str())
         .bind(lost_epoch)
+        .bind(unsent)
         .fetch_optional(&self.pool)
         .await?;
         match row {

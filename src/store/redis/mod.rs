@@ -62,6 +62,9 @@ pub struct PoolGrant {
     pub epoch: i64,
     /// Cumulative units granted in that epoch.
     pub granted: i64,
+    /// Cumulative units of that epoch delegated before this grant: what
+    /// Redis must already hold, or it lost data (`GrantReply::Lost`).
+    pub prior: i64,
     /// Nothing is left in Postgres to grant.
     pub full: bool,
     /// The pool has no capacity limit.
@@ -485,7 +488,8 @@ impl RedisStore {
                     .arg(g.low_stock_threshold.unwrap_or(-1))
                     .arg(g.ceiling.unwrap_or(-1))
                     .arg(g.low_water)
-                    .arg(g.undelegated);
+                    .arg(g.undelegated)
+                    .arg(g.prior);
             })
             .await?;
         reply::grant_reply(&v)

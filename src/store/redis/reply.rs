@@ -249,6 +249,9 @@ pub enum GrantReply {
     Granted(i64),
     /// Redis runs a newer epoch than the one granted.
     Stale(i64),
+    /// Redis holds less of this epoch than Postgres had delegated before
+    /// this grant: it lost data, and nothing was changed.
+    Lost,
 }
 
 /// Decodes `grant.lua`'s reply.
@@ -259,6 +262,7 @@ pub fn grant_reply(v: &Value) -> Result<GrantReply, Error> {
         (Some("LOADED"), None) => Ok(GrantReply::Loaded),
         (Some("GRANTED"), Some(n)) => Ok(GrantReply::Granted(n)),
         (Some("STALE"), Some(n)) => Ok(GrantReply::Stale(n)),
+        (Some("LOST"), None) => Ok(GrantReply::Lost),
         _ => Err(bad()),
     }
 }

@@ -1,0 +1,138 @@
+//! Redis losing data (ESCROW.md "Losing Redis"): a pool whose grant Redis
+//! no longer has is never sold again from that grant. Its outstanding units
+//! go in doubt and the pool starts a new epoch. The fault suite restarts a
+//! real Redis empty under load; these pin the rule down one step at a time.
+
+use holdfast::domain::{PoolId, TenantId};
+use holdfast::grpc::pb::{GetPoolRequest, Outcome, Pool};
+use holdfast::store::redis::{GrantReply, PoolGrant};
+use redis::AsyncCommands;
+
+use crate::helpers::{TestApp, claim, spawn_app};
+
+async fn get_pool(app: &TestApp, pool: &str) -> Pool {
+    app.admin()
+        .get_pool(GetPoolRequest {
+            pool_id: pool.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pool
+        .unwrap()
+}
+
+/// The Redis key of one of the test tenant's pools.
+async fn pool_key(app: &TestApp, pool: &str) -> String {
+    let store = app.redis_store().await;
+    let dev = TenantId::parse("dev").unwrap();
+    format!("{}pool:{pool}", store.keys().tenant(&dev))
+}
+
+#[tokio::test]
+async fn a_pool_redis_lost_is_reloaded_in_a_new_epoch_with_its_grant_in_doubt() {
+    let app = spawn_app().await;
+    app.live_sale("lost", &[("p", Some(10))], 0).await;
+    let r = app
+        .flash()
+        .claim(claim("before", "lost", &[("p", 2)]))
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref().outcome(), Outcome::Ok);
+    app.eventually("the drainer wrote the sale back", || async {
+        (app.pg_sold("lost", "p").await == 2).then_some(())
+    })
+    .await;
+    let before = get_pool(&app, "sale/lost/p").await;
+    assert_eq!(
+        before.granted_to_redis, 5,
+        "half the capacity went to Redis"
+    );
+
+    // Redis loses the pool (as after a restart with no AOF). The daemon's
+    // marker key is untouched, so no recovery pass runs: the next take must
+    // find the loss by itself.
+    let mut con = app.redis().await;
+    let gone: i64 = con.del(pool_key(&app, "sale/lost/p").await).await.unwrap();
+    assert_eq!(gone, 1, "the pool was in Redis");
+
+    let r = app
+        .flash()
+        .claim(claim("after", "lost", &[("p", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(r.get_ref().outcome(), Outcome::Ok, "sales go on");
+    let after = get_pool(&app, "sale/lost/p").await;
+    assert_eq!(after.epoch, before.epoch + 1, "a new epoch");
+    assert_eq!(
+        after.in_doubt, 3,
+        "the lost grant less what was reported sold (5 - 2) is in doubt"
+    );
+    assert_eq!(after.sold, 3);
+
+    // What is left to sell: 10 - 3 sold - 3 in doubt = 4, and not one more.
+    let mut ok = 0;
+    for i in 0..8 {
+        let r = app
+            .flash()
+            .claim(claim(&format!("rest-{i}"), "lost", &[("p", 1)]))
+            .await
+            .unwrap();
+        match r.get_ref().outcome() {
+            Outcome::Ok => ok += 1,
+            Outcome::SoldOut => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(ok, 4, "the units in doubt are never sold again");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_grant_that_finds_redis_without_what_postgres_delegated_loads_nothing() {
+    // The race the engine cannot see from its own reads: it reads the pool
+    // in Redis, Redis restarts empty, then the grant arrives. The script
+    // must refuse it rather than load the old epoch afresh.
+    let app = spawn_app().await;
+    let store = app.redis_store().await;
+    let dev = TenantId::parse("dev").unwrap();
+    let pool = PoolId::parse("pool", "sale/race/p").unwrap();
+    let key = pool_key(&app, pool.as_str()).await;
+    let grant = |granted, prior| PoolGrant {
+        epoch: 1,
+        granted,
+        prior,
+        full: false,
+        unlimited: false,
+        window_ms: (0, 0),
+        low_stock_threshold: None,
+        ceiling: None,
+        low_water: 1,
+        undelegated: 10,
+    };
+    let mut con = app.redis().await;
+
+    let reply = store.grant(&dev, &pool, &grant(8, 5)).await.unwrap();
+    assert_eq!(
+        reply,
+        GrantReply::Lost,
+        "Redis lacks the 5 units delegated before"
+    );
+    let exists: bool = con.exists(&key).await.unwrap();
+    assert!(!exists, "a refused grant loads nothing");
+
+    let reply = store.grant(&dev, &pool, &grant(5, 0)).await.unwrap();
+    assert_eq!(reply, GrantReply::Loaded, "a first grant loads the pool");
+    let reply = store.grant(&dev, &pool, &grant(8, 5)).await.unwrap();
+    assert_eq!(reply, GrantReply::Granted(8), "the next one raises it");
+
+    let reply = store.grant(&dev, &pool, &grant(12, 9)).await.unwrap();
+    assert_eq!(
+        reply,
+        GrantReply::Lost,
+        "Redis holds 8 of the 9 delegated (an older AOF restored)"
+    );
+    let held: i64 = con.hget(&key, "grant").await.unwrap();
+    assert_eq!(held, 8, "and the refused grant changed nothing");
+    app.shutdown().await;
+}
