@@ -35,6 +35,8 @@ pub struct Report {
     pub in_doubt: i64,
     pub late_holds: i64,
     pub duplicates: i64,
+    /// Units Redis reported sold beyond what its epoch was granted.
+    pub beyond_grant: i64,
 }
 
 impl Report {
@@ -47,6 +49,7 @@ impl Report {
         self.in_doubt += r.in_doubt;
         self.late_holds += r.late_holds;
         self.duplicates += r.duplicates;
+        self.beyond_grant += r.beyond_grant;
     }
 }
 
@@ -199,22 +202,33 @@ impl Load {
         };
         for product in PRODUCTS {
             let pool = format!("sale/{}/{product}", self.sale);
-            let (recorded, in_doubt, capacity): (i64, i64, i64) =
-                sqlx::query_as("SELECT sold_pg + sold_prior + reported_sold, in_doubt, capacity FROM pools WHERE pool_id = $1")
-                    .bind(&pool)
-                    .fetch_one(&pg)
-                    .await
-                    .unwrap();
+            let (recorded, in_doubt, capacity, beyond_grant): (i64, i64, i64, i64) =
+                sqlx::query_as(
+                    "SELECT sold_pg + sold_prior + reported_sold, in_doubt, capacity,
+                            GREATEST(reported_sold - (granted - returned), 0)
+                     FROM pools WHERE pool_id = $1",
+                )
+                .bind(&pool)
+                .fetch_one(&pg)
+                .await
+                .unwrap();
             let acked_units = records.acked.values().filter(|p| **p == product).count() as i64;
-            let lost_units = records
+            let lost: Vec<&String> = records
                 .acked
                 .iter()
                 .filter(|(id, p)| **p == product && !present.contains(id))
-                .count() as i64;
+                .map(|(id, _)| id)
+                .collect();
+            let lost_units = lost.len() as i64;
             report.oversold +=
                 (recorded + in_doubt - capacity).max(0) + (acked_units - capacity).max(0);
             report.lost_acked += (lost_units - in_doubt).max(0);
             report.in_doubt += in_doubt;
+            // Escrow: Redis never sells more of an epoch than it was granted.
+            report.beyond_grant += beyond_grant;
+            if lost_units > in_doubt {
+                explain_lost(&pg, &pool, &lost).await;
+            }
         }
         let prefix = format!("{}-%", self.sale);
         let (late,): (i64,) = sqlx::query_as(
@@ -282,6 +296,36 @@ impl Load {
         .await
         .unwrap()
     }
+}
+
+/// Prints what Postgres knows of acknowledged sales it lacks, so that a
+/// failed run says where to look.
+async fn explain_lost(pg: &PgPool, pool: &str, lost: &[&String]) {
+    let counts: (i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT epoch, granted, returned, reported_sold, sold_prior, sold_pg, held_pg, in_doubt FROM pools WHERE pool_id = $1",
+    )
+    .bind(pool)
+    .fetch_one(pg)
+    .await
+    .unwrap();
+    let audit: Vec<(String, String, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT hold_id, kind, event_id, lines FROM audit_log WHERE hold_id = ANY($1) ORDER BY id",
+    )
+    .bind(lost)
+    .fetch_all(pg)
+    .await
+    .unwrap();
+    let fallback: Vec<(String, String)> =
+        sqlx::query_as("SELECT hold_id, state::text FROM pg_holds WHERE hold_id = ANY($1)")
+            .bind(lost)
+            .fetch_all(pg)
+            .await
+            .unwrap();
+    println!(
+        "lost: pool={pool} acked_but_absent={lost:?} \
+         (epoch, granted, returned, reported_sold, sold_prior, sold_pg, held_pg, in_doubt)={counts:?} \
+         audit={audit:?} pg_holds={fallback:?}"
+    );
 }
 
 async fn present_ids(pg: &PgPool, ids: &[String]) -> Vec<String> {

@@ -2,8 +2,9 @@
 //! loopback, sustained load from concurrent clients that retry with the same
 //! id, and one fault at a time. After each scenario it checks, from Postgres
 //! and from the clients' own records, that no pool sold more than its
-//! capacity, that every acknowledged sale is present (or counted in doubt),
-//! that no hold outlived its TTL plus the sweep bound, and that retries sold
+//! capacity, that Redis sold no more of an epoch than it was granted, that
+//! every acknowledged sale is present (or counted in doubt), that no hold
+//! outlived its TTL plus the sweep bound, and that retries sold
 //! nothing twice. Run alone with `./deploy/test.sh --test faults`.
 
 mod clock;
@@ -168,7 +169,7 @@ async fn faults() {
         let served = (fallback_served(&cluster.daemon).await - served_before).max(0.0);
         let report = load.finish().await;
         println!(
-            "fault: scenario={name} requests={} successes={} errors={} failover_ms={} back_ms={} oversold={} lost_acked={} in_doubt={} late_holds={} duplicates={} fallback_served={served}",
+            "fault: scenario={name} requests={} successes={} errors={} failover_ms={} back_ms={} oversold={} lost_acked={} in_doubt={} late_holds={} duplicates={} beyond_grant={} fallback_served={served}",
             report.requests,
             report.successes,
             report.errors,
@@ -179,6 +180,7 @@ async fn faults() {
             report.in_doubt,
             report.late_holds,
             report.duplicates,
+            report.beyond_grant,
         );
         total.add(&report);
     }
@@ -196,5 +198,9 @@ async fn faults() {
         "a hold outlived its TTL plus the sweep bound"
     );
     assert_eq!(total.duplicates, 0, "a retried id was sold twice");
+    assert_eq!(
+        total.beyond_grant, 0,
+        "Redis sold more of an epoch than Postgres granted it"
+    );
     assert!(total.successes > 0, "the load made progress");
 }
