@@ -36,8 +36,9 @@ if ck ~= '' then
   redis.call('INCRBY', P .. ck, total(lines))
 end
 local ln = cjson.encode(lines)
-redis.call('HSET', hk, 'st', 'C', 'job', job, 'rq', request_digest(rq), 'ln', ln, 'exp', now,
-  'cat', now, 'fin', now)
+local at = ms(now)
+redis.call('HSET', hk, 'st', 'C', 'job', job, 'rq', request_digest(rq), 'ln', ln, 'exp', at,
+  'cat', at, 'fin', at)
 redis.call('PEXPIRE', hk, RETENTION_MS)
 
 -- 4. Log it, and answer.

@@ -50,7 +50,7 @@ for _, l in ipairs(lines) do
   redis.call('HINCRBY', pk, 'held', -l[2])
   redis.call('HINCRBY', pk, 'sold', l[2])
 end
-local fields = { 'HSET', hk, 'st', 'C', 'fin', now }
+local fields = { 'HSET', hk, 'st', 'C', 'fin', ms(now) }
 put_unless_empty(fields, 'oid', order_id)
 redis.call(unpack(fields))
 redis.call('PEXPIRE', hk, RETENTION_MS)

@@ -35,12 +35,25 @@
 -- write.
 
 local P = ARGV[1]
-local RETENTION_MS = tonumber(ARGV[2])
+-- The retention as given (a decimal string): it is only ever passed on to
+-- PEXPIRE, and a Lua number passed to redis.call is formatted by printf.
+local RETENTION_MS = ARGV[2]
 local NOW_MS = tonumber(ARGV[3])
 
 -- Milliseconds since the epoch on Redis's timeline (ARGV[3]).
 local function now_ms()
   return NOW_MS
+end
+
+-- A time in ms as the decimal string Redis stores. Now is ARGV[3] as
+-- given: a claim writes it four times and answers with it three, and
+-- formatting a Lua number (in redis.call or here) goes through glibc's
+-- printf (deploy/BENCHMARKS.md, 2026-12-03, afternoon).
+local function ms(n)
+  if n == NOW_MS then
+    return ARGV[3]
+  end
+  return string.format('%d', n)
 end
 
 -- The tenant's next fencing token: one more than the last, and never less
@@ -61,7 +74,7 @@ end
 -- every event for an hour after it is drained.
 local function emit(now, kind, job, hold_id, lines_json, fields)
   local args = { 'XADD', P .. 'events', '*', 'k', kind, 'j', job, 'h', hold_id,
-    'l', lines_json, 't', tostring(now) }
+    'l', lines_json, 't', ms(now) }
   fields = fields or {}
   for i = 1, #fields, 2 do
     if fields[i + 1] ~= '' then
@@ -102,10 +115,7 @@ end
 -- wrote (a new hold has no extensions and no order id), so the answer needs
 -- no read back. Numbers as HMGET would return them: decimal strings.
 local function new_hold_view(st, job, ln, exp, ref, cat, fin, fence)
-  local function dec(n)
-    return string.format('%d', n)
-  end
-  return { 'HOLD', st, job, ln, dec(exp), '0', ref, '', dec(cat), dec(fin), fence }
+  return { 'HOLD', st, job, ln, ms(exp), '0', ref, '', ms(cat), ms(fin), fence }
 end
 
 -- Emits a `low_stock` event once per crossing of a pool's low-stock
@@ -213,7 +223,7 @@ local function finish_all(hold_ids, state, now, kind, due_by)
       if h[4] and h[4] ~= '' then
         redis.call('DECRBY', P .. h[4], h[5])
       end
-      redis.call('HSET', hk, 'st', state, 'fin', now)
+      redis.call('HSET', hk, 'st', state, 'fin', ms(now))
       redis.call('PEXPIRE', hk, RETENTION_MS)
       emit(now, kind, h[6], hold_id, h[3], { 'r', h[7] or '' })
     end

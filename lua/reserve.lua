@@ -50,7 +50,7 @@ end
 local ln = cjson.encode(lines)
 local exp = now + ttl
 local fields = { 'HSET', hk, 'st', 'A', 'job', job, 'rq', request_digest(rq), 'ln', ln, 'exp', exp,
-  'cat', now, 'fence', fence }
+  'cat', ms(now), 'fence', fence }
 put_unless_empty(fields, 'ref', ref)
 if ck ~= '' then
   put_unless_empty(fields, 'ck', ck)
