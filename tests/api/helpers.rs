@@ -296,6 +296,19 @@ impl TestApp {
             .expect("the product")
     }
 
+    /// A pool as `AdminService.GetPool` shows it (both stores' counts).
+    pub async fn pool(&self, pool_id: &str) -> pb::Pool {
+        self.admin()
+            .get_pool(pb::GetPoolRequest {
+                pool_id: pool_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pool
+            .unwrap()
+    }
+
     /// A connection to the tests' Redis, to look at what the daemon stored
     /// (the test's keys are under `redis_prefix`).
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {

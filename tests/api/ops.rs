@@ -268,16 +268,7 @@ async fn admin_get_pool_shows_the_grant_and_the_counts() {
         .claim(claim("c", "g", &[("p", 2)]))
         .await
         .unwrap();
-    let pool = app
-        .admin()
-        .get_pool(GetPoolRequest {
-            pool_id: "sale/g/p".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pool
-        .unwrap();
+    let pool = app.pool("sale/g/p").await;
     assert_eq!(
         (
             pool.capacity,

@@ -4,23 +4,11 @@
 //! real Redis empty under load; these pin the rule down one step at a time.
 
 use holdfast::domain::{PoolId, TenantId};
-use holdfast::grpc::pb::{GetPoolRequest, Outcome, Pool};
+use holdfast::grpc::pb::Outcome;
 use holdfast::store::redis::{GrantReply, PoolGrant};
 use redis::AsyncCommands;
 
 use crate::helpers::{TestApp, claim, spawn_app};
-
-async fn get_pool(app: &TestApp, pool: &str) -> Pool {
-    app.admin()
-        .get_pool(GetPoolRequest {
-            pool_id: pool.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pool
-        .unwrap()
-}
 
 /// The Redis key of one of the test tenant's pools.
 async fn pool_key(app: &TestApp, pool: &str) -> String {
@@ -43,7 +31,7 @@ async fn a_pool_redis_lost_is_reloaded_in_a_new_epoch_with_its_grant_in_doubt() 
         (app.pg_sold("lost", "p").await == 2).then_some(())
     })
     .await;
-    let before = get_pool(&app, "sale/lost/p").await;
+    let before = app.pool("sale/lost/p").await;
     assert_eq!(
         before.granted_to_redis, 5,
         "half the capacity went to Redis"
@@ -62,7 +50,7 @@ async fn a_pool_redis_lost_is_reloaded_in_a_new_epoch_with_its_grant_in_doubt() 
         .await
         .unwrap();
     assert_eq!(r.get_ref().outcome(), Outcome::Ok, "sales go on");
-    let after = get_pool(&app, "sale/lost/p").await;
+    let after = app.pool("sale/lost/p").await;
     assert_eq!(after.epoch, before.epoch + 1, "a new epoch");
     assert_eq!(
         after.in_doubt, 3,
