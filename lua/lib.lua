@@ -29,6 +29,9 @@
 --   active          string, how many holds are ACTIVE
 --   events          stream, one entry per state change
 --   cust:<scope>    string, units a customer has in a sale (per-customer limit)
+--   listed:<card>   hash  channel -> the listing mirror's version: positive
+--                         while the card is live there, negative once not
+--                         (src/services/listing_mirror.rs)
 --
 -- Time is ARGV[3], never TIME read here (see above). Every script checks
 -- everything before it writes anything: a Lua error after a write keeps the

@@ -11,18 +11,42 @@
 --       9 customer limit (ignored when 8 is "")
 --       10 reference (cart, session) or ""
 --       11 most active holds the tenant may have (a memory bound)
+--       12 optional: a channel, for a sale lock (src/services/sale_locks.rs)
+--       13.. with 12: the card ids the lines take, which must all be live on
+--       that channel in the listing mirror (src/services/listing_mirror.rs)
 -- Returns the hold view (lib.lua hold_view) when held, or a repeat of the
 --       first answer; otherwise one of NEED_GRANT, NOT_ACTIVE, SHORT,
 --       CUSTOMER_LIMIT, ID_REUSED (lib.lua), or { 'TOO_MANY_HOLDS', n }.
+--       With a channel, before anything else: { 'UNLISTED' } when a card is
+--       not mirrored live there (nothing changed: the caller asks Postgres),
+--       and { 'AGAIN', hold view } when the id already names a hold of this
+--       job, whatever its request (the caller judges a repeat or a refresh).
 
 local hold_id, job, ttl, lines_arg = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local ck, limit, ref, max_active = ARGV[8], tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
+local channel = ARGV[12] or ''
 local hk = P .. 'hold:' .. hold_id
 local rq = lines_arg .. '|' .. ck .. '|' .. job
 
 -- 1. Time, and expired holds out of the way.
 local now = now_ms()
 expire_due(now)
+
+-- 1b. A sale lock's own checks, so that an acquire is one call: the mirror
+-- must say every card is live on the channel, and an earlier lock under
+-- this id is answered as it stands now.
+if channel ~= '' then
+  for i = 13, #ARGV do
+    local version = redis.call('HGET', P .. 'listed:' .. ARGV[i], channel)
+    if not version or tonumber(version) <= 0 then
+      return { 'UNLISTED' }
+    end
+  end
+  expire_hold(hold_id, now)
+  if hold_state(hk, job) then
+    return { 'AGAIN', hold_view(hk) }
+  end
+end
 
 -- 2. A repeated id answers as the first time; then every rule, before any write.
 local lines = cjson.decode(lines_arg)

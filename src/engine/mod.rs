@@ -24,7 +24,7 @@ use crate::domain::{Hold, HoldId, Job, Lines, PoolId, TakeOutcome, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
 use crate::store::postgres::{PgStore, PgTake, TakeQueue};
-use crate::store::redis::{CustomerLimit, RedisStore};
+use crate::store::redis::{CustomerLimit, Listed, RedisStore};
 use crate::telemetry::metric;
 
 /// How many times a take is retried after granting missing pools. One
@@ -74,6 +74,19 @@ pub struct Take {
     pub customer: Option<CustomerLimit>,
     /// The caller's reference (cart, session).
     pub reference: String,
+}
+
+/// What [`Engine::take_if_listed`] found.
+#[derive(Debug)]
+pub enum ListedTake {
+    /// Redis cannot vouch for the cards' listings (or cannot be reached):
+    /// nothing changed; check them in Postgres.
+    NotMirrored,
+    /// The id already names a hold of the take's job; the hold as it
+    /// stands, for the caller to judge (a retry, a refresh, a reuse).
+    Again(Hold),
+    /// Taken, or refused, as [`Engine::take`] answers.
+    Took(TakeOutcome),
 }
 
 /// The engine. Cheap to share behind an `Arc`.
@@ -141,6 +154,47 @@ impl Engine {
     }
 
     async fn take_redis(&self, tenant: &TenantId, take: &Take) -> Result<TakeOutcome, Error> {
+        let reply = self.take_redis_reply(tenant, take, None).await?;
+        served_by_redis(take, reply)
+    }
+
+    /// A sale lock's take in one Redis call (`reserve.lua` with a channel):
+    /// Redis checks the listing mirror, answers an earlier lock under the
+    /// same id, or takes the cards. Redis alone: `NotMirrored` when the
+    /// mirror does not vouch for every card or Redis cannot answer, and
+    /// the caller checks Postgres and takes the usual way.
+    pub async fn take_if_listed(
+        &self,
+        tenant: &TenantId,
+        take: &Take,
+        listed: Listed<'_>,
+    ) -> Result<ListedTake, Error> {
+        if !self.circuit.closed() {
+            return Ok(ListedTake::NotMirrored);
+        }
+        let reply = match self.take_redis_reply(tenant, take, Some(listed)).await {
+            Err(Error::RedisUnavailable(why)) => {
+                tracing::warn!(%tenant, id = %take.id, error = %why, "redis failed; checking the lock in postgres");
+                self.circuit.failure();
+                return Ok(ListedTake::NotMirrored);
+            }
+            reply => reply?,
+        };
+        Ok(match reply {
+            HoldReply::Unlisted => ListedTake::NotMirrored,
+            HoldReply::Again(hold) => ListedTake::Again(hold),
+            reply => ListedTake::Took(served_by_redis(take, reply)?),
+        })
+    }
+
+    /// Sends a take to Redis until it answers something other than "sweep
+    /// first" or "grant first", doing either in between.
+    async fn take_redis_reply(
+        &self,
+        tenant: &TenantId,
+        take: &Take,
+        listed: Option<Listed<'_>>,
+    ) -> Result<HoldReply, Error> {
         for _ in 0..GRANT_ATTEMPTS {
             let reply = match take.ttl {
                 Some(ttl) => {
@@ -153,10 +207,12 @@ impl Engine {
                             &take.lines,
                             take.customer.as_ref(),
                             &take.reference,
+                            listed,
                         )
                         .await?
                 }
                 None => {
+                    debug_assert!(listed.is_none(), "a claim has no listing condition");
                     self.redis
                         .claim(
                             tenant,
@@ -184,9 +240,7 @@ impl Engine {
                 self.grant(tenant, &needed).await?;
                 continue;
             }
-            let outcome = outcome(take, reply)?;
-            metrics::counter!(metric::SERVED_BY, "path" => "redis").increment(1);
-            return Ok(outcome);
+            return Ok(reply);
         }
         Err(Error::Unavailable(
             "pools kept changing while being loaded; retry with the same id".into(),
@@ -352,23 +406,13 @@ impl Engine {
         )
         .await
     }
+}
 
-    /// Reads a hold from Redis alone: NOT_FOUND when Redis does not have it,
-    /// even if the fallback does. For callers that know their hold cannot
-    /// be the fallback's (a sale lock on cards Redis runs).
-    pub async fn get_hold_in_redis(
-        &self,
-        tenant: &TenantId,
-        id: &HoldId,
-        job: Job,
-    ) -> Result<Hold, Error> {
-        self.on_hold(
-            id,
-            self.redis.get_hold(tenant, id, job),
-            std::future::ready(Ok(HoldReply::NoHold)),
-        )
-        .await
-    }
+/// The outcome of a take Redis answered, counted as served there.
+fn served_by_redis(take: &Take, reply: HoldReply) -> Result<TakeOutcome, Error> {
+    let outcome = outcome(take, reply)?;
+    metrics::counter!(metric::SERVED_BY, "path" => "redis").increment(1);
+    Ok(outcome)
 }
 
 /// Turns a store's answer to a take into the outcome.

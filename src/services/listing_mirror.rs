@@ -40,26 +40,6 @@ use crate::error::Error;
 /// scripts rather than one that stalls Redis for everyone else.
 const WRITE_CHUNK: usize = 1_000;
 
-/// Whether the mirror says every one of `cards` is live on `channel`. Any
-/// doubt (a card never copied, Redis unreachable) is `false`: ask Postgres.
-pub async fn all_live(
-    engine: &Engine,
-    ws: &TenantId,
-    channel: &ChannelSlug,
-    cards: &[CardId],
-) -> bool {
-    if !engine.circuit().closed() {
-        return false;
-    }
-    match engine.redis().listings(ws, channel, cards).await {
-        Ok(versions) => versions.iter().all(|v| v.is_some_and(|v| v > 0)),
-        Err(e) => {
-            tracing::debug!(%ws, %channel, error = %e, "listing mirror unreadable; asking postgres");
-            false
-        }
-    }
-}
-
 /// Writes `cards`' state on `channel` as of `version`, in parts of
 /// [`WRITE_CHUNK`].
 async fn write(

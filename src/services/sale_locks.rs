@@ -12,11 +12,12 @@ use std::time::Duration;
 use crate::domain::{
     CardId, ChannelSlug, Hold, HoldId, HoldState, Job, Line, Lines, Quantity, TakeOutcome, TenantId,
 };
-use crate::engine::{Engine, Take};
+use crate::engine::{Engine, ListedTake, Take};
 use crate::error::Error;
 use crate::services::channels::{Channels, not_for_sale};
 use crate::services::listing_mirror;
 use crate::store::postgres::CardOnChannel;
+use crate::store::redis::Listed;
 
 /// How often a refused batch is retried when a card it was refused for has
 /// become free before its holder could be named.
@@ -98,44 +99,6 @@ impl SaleLocks {
         ttl: Duration,
     ) -> Result<AcquireOutcome, Error> {
         self.channels.ensure(ws).await?;
-        // Cards the listing mirror knows to be live here need no Postgres;
-        // the others are checked there (services/listing_mirror.rs).
-        let mirrored = listing_mirror::all_live(&self.engine, ws, channel, &cards).await;
-        let states = match mirrored {
-            true => None,
-            false => Some(self.states(ws, channel, &cards).await?),
-        };
-        // The same lockRef again: a retry, or a refresh of the TTL. On the
-        // mirrored path only Redis is asked: its cards are Redis's, so a
-        // lock the fallback made under this lockRef is looked for only if
-        // Redis refuses them to nobody (below).
-        let existing = match mirrored {
-            true => {
-                self.engine
-                    .get_hold_in_redis(ws, &lock_ref, Job::Lock)
-                    .await
-            }
-            false => self.engine.get_hold(ws, &lock_ref, Job::Lock).await,
-        };
-        match existing {
-            Ok(hold) => return self.again(ws, hold, channel, &cards, ttl).await,
-            Err(Error::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
-        if let Some(states) = states {
-            let refused = refused(&cards, states)?;
-            if !refused.is_empty() {
-                return Ok(AcquireOutcome::Conflict(refused));
-            }
-            if self.engine.circuit().closed() {
-                listing_mirror::repair(
-                    self.engine.clone(),
-                    ws.clone(),
-                    channel.clone(),
-                    cards.clone(),
-                );
-            }
-        }
         let one = Quantity::parse("quantity", 1, 1)?;
         let lines = cards
             .iter()
@@ -152,8 +115,47 @@ impl SaleLocks {
             customer: None,
             reference: channel.to_string(),
         };
+        // Cards the listing mirror knows to be live here need no Postgres:
+        // one Redis call checks the mirror, answers an earlier lock under
+        // this lockRef, or takes the cards (services/listing_mirror.rs).
+        // Otherwise the cards are checked in Postgres, and an earlier lock
+        // is looked for in both stores (the fallback may have made it).
+        let listed = Listed {
+            channel,
+            cards: &cards,
+        };
+        let mut first = match self.engine.take_if_listed(ws, &take, listed).await? {
+            ListedTake::Again(hold) => return self.again(ws, hold, channel, &cards, ttl).await,
+            ListedTake::Took(outcome) => Some(outcome),
+            ListedTake::NotMirrored => None,
+        };
+        let mirrored = first.is_some();
+        if !mirrored {
+            let states = self.states(ws, channel, &cards).await?;
+            match self.engine.get_hold(ws, &lock_ref, Job::Lock).await {
+                Ok(hold) => return self.again(ws, hold, channel, &cards, ttl).await,
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            let refused = refused(&cards, states)?;
+            if !refused.is_empty() {
+                return Ok(AcquireOutcome::Conflict(refused));
+            }
+            if self.engine.circuit().closed() {
+                listing_mirror::repair(
+                    self.engine.clone(),
+                    ws.clone(),
+                    channel.clone(),
+                    cards.clone(),
+                );
+            }
+        }
         for _ in 0..ATTEMPTS {
-            match self.engine.take(ws, &take).await? {
+            let outcome = match first.take() {
+                Some(outcome) => outcome,
+                None => self.engine.take(ws, &take).await?,
+            };
+            match outcome {
                 TakeOutcome::Taken(hold) if hold.reference == channel.as_str() => {
                     return Ok(AcquireOutcome::Acquired(SaleLock::of(hold)));
                 }

@@ -41,4 +41,9 @@ pub enum HoldReply {
     /// Refused, but expired holds still waiting to be finalised might have
     /// freed what was missing: sweep, then ask again.
     Busy,
+    /// A sale lock's card is not mirrored live on its channel; nothing
+    /// changed (ask Postgres).
+    Unlisted,
+    /// A sale lock's id already names a lock; the lock as it stands.
+    Again(Hold),
 }

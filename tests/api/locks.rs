@@ -274,6 +274,14 @@ async fn acquiring_again_is_idempotent_and_refreshes_release_is_idempotent() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
+    // A released lock is not taken again under its old lockRef.
+    let err = app
+        .locks()
+        .acquire_sale_locks(acquire("lock-a", "storefront", &["card-1", "card-2"], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("released"), "{err:?}");
     // Released cards are free at once, for any channel's checkout.
     lock(&app, "lock-b", "storefront", &["card-1", "card-2"]).await;
     app.shutdown().await;

@@ -27,6 +27,16 @@ use crate::domain::{CardId, ChannelSlug, HoldId, Job, Lines, PoolId, TenantId};
 use crate::error::Error;
 use crate::telemetry::metric;
 
+/// A sale lock's condition on its take: the listing mirror says every one
+/// of `cards` is live on `channel` (src/services/listing_mirror.rs).
+#[derive(Debug, Clone, Copy)]
+pub struct Listed<'a> {
+    /// The channel the lock is taken on.
+    pub channel: &'a ChannelSlug,
+    /// The cards the take's lines are the pools of.
+    pub cards: &'a [CardId],
+}
+
 /// How long one Redis call may take before it fails (and the caller gets
 /// UNAVAILABLE, safe to retry by id).
 #[derive(Debug, Clone)]
@@ -242,7 +252,9 @@ impl RedisStore {
         Ok(result?)
     }
 
-    /// Holds units (`reserve.lua`).
+    /// Holds units (`reserve.lua`); for a sale lock, only if the listing
+    /// mirror says `listed`'s cards are live on its channel (else
+    /// `Unlisted`), and an existing lock under `id` is answered `Again`.
     #[allow(clippy::too_many_arguments)]
     pub async fn reserve(
         &self,
@@ -253,6 +265,7 @@ impl RedisStore {
         lines: &Lines,
         customer: Option<&CustomerLimit>,
         reference: &str,
+        listed: Option<Listed<'_>>,
     ) -> Result<HoldReply, Error> {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let (ck, limit) = customer_args(customer);
@@ -266,6 +279,12 @@ impl RedisStore {
                     .arg(limit)
                     .arg(reference)
                     .arg(self.max_active_holds);
+                if let Some(listed) = listed {
+                    i.arg(listed.channel.as_str());
+                    for card in listed.cards {
+                        i.arg(card.as_str());
+                    }
+                }
             })
             .await?;
         reply::hold_reply(id, &v)
@@ -426,25 +445,6 @@ impl RedisStore {
             })
             .await?;
         reply::holders_reply(&v, pools.len())
-    }
-
-    /// Reads the listing mirror of `cards` on `channel` (`get_listings.lua`):
-    /// each card's mirrored version, positive when live.
-    pub async fn listings(
-        &self,
-        tenant: &TenantId,
-        channel: &ChannelSlug,
-        cards: &[CardId],
-    ) -> Result<Vec<Option<i64>>, Error> {
-        let v = self
-            .run("get_listings", &scripts::GET_LISTINGS, tenant, |i| {
-                i.arg(channel.as_str());
-                for c in cards {
-                    i.arg(c.as_str());
-                }
-            })
-            .await?;
-        reply::listings_reply(&v, cards.len())
     }
 
     /// Writes `cards`' state on `channel` into the listing mirror, as of

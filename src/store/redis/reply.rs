@@ -94,6 +94,8 @@ pub fn hold_reply(id: &HoldId, v: &Value) -> Result<HoldReply, Error> {
         "CUSTOMER_LIMIT" => HoldReply::CustomerLimit(rest.first().and_then(int).ok_or_else(bad)?),
         "ID_REUSED" => HoldReply::IdReused,
         "BUSY" => HoldReply::Busy,
+        "UNLISTED" => HoldReply::Unlisted,
+        "AGAIN" => HoldReply::Again(nested(0)?),
         "TOO_MANY_HOLDS" => HoldReply::TooManyHolds(rest.first().and_then(int).ok_or_else(bad)?),
         "NO_HOLD" => HoldReply::NoHold,
         "NOT_ACTIVE_HOLD" => HoldReply::NotActiveHold(nested(0)?),
@@ -190,23 +192,6 @@ pub fn holders_reply(v: &Value, asked: usize) -> Result<Vec<Holder>, Error> {
 /// Decodes a script that answers one integer.
 pub fn int_reply(what: &str, v: &Value) -> Result<i64, Error> {
     int(v).ok_or_else(|| shape(what, v))
-}
-
-/// Decodes `get_listings.lua`: one mirrored version per asked card
-/// (positive: live), `None` when never mirrored.
-pub fn listings_reply(v: &Value, asked: usize) -> Result<Vec<Option<i64>>, Error> {
-    let bad = || shape("get_listings", v);
-    let entries = items(v).ok_or_else(bad)?;
-    if entries.len() != asked {
-        return Err(bad());
-    }
-    entries
-        .iter()
-        .map(|e| match text(e).ok_or_else(bad)?.as_str() {
-            "" => Ok(None),
-            n => n.parse().map(Some).map_err(|_| bad()),
-        })
-        .collect()
 }
 
 /// Decodes `get_pools.lua`: one entry per asked pool, empty when absent.

@@ -62,8 +62,6 @@ pub static RETURN: LazyLock<Script> = script!("return.lua");
 pub static SWEEP: LazyLock<Script> = script!("sweep.lua");
 /// Read who holds or sold capacity-1 pools (cards).
 pub static HOLDERS: LazyLock<Script> = script!("holders.lua");
-/// Read cards' listing mirror on a channel.
-pub static GET_LISTINGS: LazyLock<Script> = script!("get_listings.lua");
 /// Write cards' listing mirror on a channel, unless newer.
 pub static SET_LISTINGS: LazyLock<Script> = script!("set_listings.lua");
 /// Count active holds past their expiry (a check, see [`super::overdue_holds`]).
