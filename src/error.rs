@@ -90,12 +90,26 @@ impl From<deadpool_redis::PoolError> for Error {
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Error::Unavailable(format!("postgres unreachable: {e}"))
-            }
-            other => Error::Internal(other.into()),
+        if postgres_away(&e) {
+            Error::Unavailable(format!("postgres unavailable, retry: {e}"))
+        } else {
+            Error::Internal(e.into())
         }
+    }
+}
+
+/// Whether Postgres could not serve the call but will again: it cannot be
+/// reached, or it ended the session because it is shutting down,
+/// restarting or starting up (SQLSTATE class 08, and 57P01-57P03). A caller
+/// should retry these with the same id (UNAVAILABLE), as after a timeout,
+/// not report a bug (INTERNAL): the ended transaction was rolled back.
+fn postgres_away(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
     }
 }
 

@@ -689,3 +689,63 @@ async fn bad_reservation_input_is_refused_and_changes_nothing() {
     assert_eq!(level(&app, "p", "").await, before);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_call_postgres_ends_mid_transaction_is_unavailable_and_changes_nothing() {
+    let app = spawn_app().await;
+    set_stock(&app, "lamp", "", 10).await;
+    // Postgres ends the session of the next stock change while it waits
+    // for a lock, as it does when it shuts down or restarts (SQLSTATE
+    // 57P01): a caller must hear "retry", not "bug".
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("LOCK TABLE pools IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut client = app.reservations();
+    let change = tokio::spawn(async move {
+        client
+            .set_stock(pb::SetStockRequest {
+                key: key("lamp", ""),
+                on_hand: 3,
+                adjustment_id: "to-3".into(),
+                reason: "recount".into(),
+            })
+            .await
+    });
+    let waiting: i32 = app
+        .eventually("the stock change waits for the lock", async || {
+            sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_optional(&app.pg)
+            .await
+            .unwrap()
+        })
+        .await;
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(waiting)
+        .execute(&app.pg)
+        .await
+        .unwrap();
+    let err = change.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("retry"), "{err:?}");
+    blocker.rollback().await.unwrap();
+    assert_eq!(level(&app, "lamp", "").await.on_hand, 10, "nothing changed");
+    // The retry, with the same adjustment id, applies it.
+    let retried = app
+        .reservations()
+        .set_stock(pb::SetStockRequest {
+            key: key("lamp", ""),
+            on_hand: 3,
+            adjustment_id: "to-3".into(),
+            reason: "recount".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.level.unwrap().on_hand, 3);
+    app.shutdown().await;
+}
