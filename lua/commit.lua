@@ -16,27 +16,28 @@
 local hold_id, job, order_id = ARGV[4], ARGV[5], ARGV[6]
 local hk = P .. 'hold:' .. hold_id
 
--- 1. Time, and expired holds out of the way (this one too, if its time is up).
+-- 1. Time, expired holds out of the way, and this hold as it is now (read
+-- once: lib.lua, HOLD_FIELDS).
 local now = now_ms()
 expire_due(now)
-expire_hold(hold_id, now)
+local h = current_hold(hold_id, job, now)
 
 -- 2. Is there an active hold to commit?
-local st = hold_state(hk, job)
-if not st then
+if not h then
   return { 'NO_HOLD' }
 end
+local st = h[1]
 if st == 'C' then
-  local oid = redis.call('HGET', hk, 'oid') or ''
+  local oid = h[7] or ''
   if order_id ~= '' and oid ~= '' and oid ~= order_id then
-    return { 'ORDER_MISMATCH', hold_view(hk) }
+    return { 'ORDER_MISMATCH', view_of(h) }
   end
-  return hold_view(hk)
+  return view_of(h)
 end
 if st ~= 'A' then
-  return { 'NOT_ACTIVE_HOLD', hold_view(hk) }
+  return { 'NOT_ACTIVE_HOLD', view_of(h) }
 end
-local ln = redis.call('HGET', hk, 'ln')
+local ln = h[3]
 local lines = cjson.decode(ln)
 for _, l in ipairs(lines) do
   if redis.call('HGET', P .. 'pool:' .. l[1], 'epoch') ~= tostring(l[3]) then
@@ -50,14 +51,18 @@ for _, l in ipairs(lines) do
   redis.call('HINCRBY', pk, 'held', -l[2])
   redis.call('HINCRBY', pk, 'sold', l[2])
 end
-local fields = { 'HSET', hk, 'st', 'C', 'fin', ms(now) }
+local fin = ms(now)
+local fields = { 'HSET', hk, 'st', 'C', 'fin', fin }
 put_unless_empty(fields, 'oid', order_id)
 redis.call(unpack(fields))
 redis.call('PEXPIRE', hk, RETENTION_MS)
 -- Its expiry index entry stays until its bucket comes due (lib.lua).
 redis.call('DECR', P .. 'active')
 
--- 4. Log it, and answer.
-local h = redis.call('HMGET', hk, 'job', 'ref', 'ck')
-emit(now, 'committed', h[1], hold_id, ln, { 'r', h[2] or '', 'o', order_id, 'c', h[3] or '' })
-return hold_view(hk)
+-- 4. Log it, and answer with what was read and written.
+emit(now, 'committed', job, hold_id, ln, { 'r', h[6] or '', 'o', order_id, 'c', h[11] or '' })
+h[1], h[9] = 'C', fin
+if order_id ~= '' then
+  h[7] = order_id
+end
+return view_of(h)

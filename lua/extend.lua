@@ -15,33 +15,34 @@
 local hold_id, job, ttl, max_ext, xid = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local hk = P .. 'hold:' .. hold_id
 
--- 1. Time, and expired holds out of the way.
+-- 1. Time, expired holds out of the way, and this hold as it is now.
 local now = now_ms()
 expire_due(now)
-expire_hold(hold_id, now)
+local h = current_hold(hold_id, job, now)
 
 -- 2. Checks: an active hold, a retry, the extension budget.
-local h = redis.call('HMGET', hk, 'st', 'ext', 'xid', 'exp', 'job', 'ln', 'ref')
-if not h[1] or h[5] ~= job then
+if not h then
   return { 'NO_HOLD' }
 end
-if xid ~= '' and h[3] == xid then
-  return hold_view(hk)
+if xid ~= '' and h[12] == xid then
+  return view_of(h)
 end
 if h[1] ~= 'A' then
-  return { 'NOT_ACTIVE_HOLD', hold_view(hk) }
+  return { 'NOT_ACTIVE_HOLD', view_of(h) }
 end
-local ext = tonumber(h[2] or '0')
+local ext = tonumber(h[5] or '0')
 if ext >= max_ext then
-  return { 'EXTEND_LIMIT', hold_view(hk) }
+  return { 'EXTEND_LIMIT', view_of(h) }
 end
 
 -- 3. Move the expiry, log it, answer.
-local exp = math.max(tonumber(h[4]), now + ttl)
-redis.call('HSET', hk, 'exp', exp, 'ext', ext + 1, 'xid', xid)
+local was = tonumber(h[4])
+local exp = math.max(was, now + ttl)
+h[4], h[5] = ms(exp), tostring(ext + 1)
+redis.call('HSET', hk, 'exp', h[4], 'ext', h[5], 'xid', xid)
 -- An expiry in the same bucket is found there already (lib.lua, index_expiry).
-if bucket_of(exp) ~= bucket_of(tonumber(h[4])) then
+if bucket_of(exp) ~= bucket_of(was) then
   index_expiry(hold_id, exp)
 end
-emit(now, 'extended', h[5], hold_id, h[6], { 'r', h[7] or '' })
-return hold_view(hk)
+emit(now, 'extended', job, hold_id, h[3], { 'r', h[6] or '' })
+return view_of(h)

@@ -7,10 +7,9 @@
 --       5 job the hold must belong to
 -- Returns the hold view, or { 'NO_HOLD' }.
 
-local hk = P .. 'hold:' .. ARGV[4]
 expire_due(now_ms())
-expire_hold(ARGV[4], now_ms())
-if not hold_state(hk, ARGV[5]) then
+local h = current_hold(ARGV[4], ARGV[5], now_ms())
+if not h then
   return { 'NO_HOLD' }
 end
-return hold_view(hk)
+return view_of(h)

@@ -105,13 +105,26 @@ local function request_digest(rq)
   return string.sub(redis.sha1hex(rq), 1, 16)
 end
 
+-- A hold's fields as one HMGET returns them: first the view's (below), in
+-- its order, then the customer key and the last extension id. An operation
+-- on a hold reads it once (read_hold, current_hold) and builds its answer
+-- from what it read and wrote: each redis.call costs, and a commit used to
+-- read its hold five times.
+local HOLD_FIELDS = { 'st', 'job', 'ln', 'exp', 'ext', 'ref', 'oid', 'cat', 'fin', 'fence', 'ck', 'xid' }
+local function read_hold(hold_key)
+  return redis.call('HMGET', hold_key, unpack(HOLD_FIELDS))
+end
+
 -- The reply shape of a hold, decoded strictly by src/store/redis/reply.rs:
 -- { 'HOLD', st, job, lines_json, expires_at, extensions, ref, order_id,
---   created_at, finished_at, fence }
-local function hold_view(hold_key)
-  local h = redis.call('HMGET', hold_key, 'st', 'job', 'ln', 'exp', 'ext', 'ref', 'oid', 'cat', 'fin', 'fence')
+--   created_at, finished_at, fence }, from a read_hold.
+local function view_of(h)
   return { 'HOLD', h[1], h[2], h[3], h[4] or '0', h[5] or '0', h[6] or '', h[7] or '', h[8] or '0', h[9] or '0',
     h[10] or '0' }
+end
+
+local function hold_view(hold_key)
+  return view_of(read_hold(hold_key))
 end
 
 -- The view of a hold just written by reserve or claim, from what they
@@ -332,6 +345,22 @@ local function expire_hold(id, now)
   finish_all({ id }, 'E', now, 'expired', now)
 end
 
+-- Hold `hold_id` of `job` as read_hold reads it, finalised first if its
+-- time is up (see expire_hold); nil when there is no such hold, or it is
+-- another job's: a service never sees, or touches, another job's holds.
+local function current_hold(hold_id, job, now)
+  local hk = P .. 'hold:' .. hold_id
+  local h = read_hold(hk)
+  if not h[1] or h[2] ~= job then
+    return nil
+  end
+  if h[1] == 'A' and tonumber(h[4]) <= now then
+    expire_hold(hold_id, now)
+    h = read_hold(hk)
+  end
+  return h
+end
+
 -- A refusal that units of unfinalised expired holds might turn around
 -- becomes { 'BUSY' }: the engine sweeps (sweep.lua finalises every due hold,
 -- the partial bucket's too) and retries, so expired holds never block a
@@ -418,16 +447,6 @@ local function check_customer(ck, limit, qty)
     return { 'CUSTOMER_LIMIT', tostring(used) }
   end
   return nil
-end
-
--- The state of hold `hk` if it exists and belongs to `job`, else nil: a
--- service never sees, or touches, another job's holds.
-local function hold_state(hk, job)
-  local h = redis.call('HMGET', hk, 'st', 'job')
-  if not h[1] or h[2] ~= job then
-    return nil
-  end
-  return h[1]
 end
 
 -- Flags the pools whose grant is running low (headroom at or below `lw`)

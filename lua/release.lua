@@ -8,23 +8,22 @@
 --       otherwise { 'NO_HOLD' } or { 'COMMITTED', <hold view> }.
 
 local hold_id, job = ARGV[4], ARGV[5]
-local hk = P .. 'hold:' .. hold_id
 
--- 1. Time, and expired holds out of the way.
+-- 1. Time, expired holds out of the way, and this hold as it is now.
 local now = now_ms()
 expire_due(now)
-expire_hold(hold_id, now)
+local h = current_hold(hold_id, job, now)
 
 -- 2. Only an active hold changes; a finished one answers as it is.
-local st = hold_state(hk, job)
-if not st then
+if not h then
   return { 'NO_HOLD' }
 end
-if st == 'C' then
-  return { 'COMMITTED', hold_view(hk) }
+if h[1] == 'C' then
+  return { 'COMMITTED', view_of(h) }
 end
-if st == 'A' then
+if h[1] == 'A' then
   -- 3. Give the units back and log it.
   finish(hold_id, 'R', now, 'released')
+  h[1], h[9] = 'R', ms(now)
 end
-return hold_view(hk)
+return view_of(h)

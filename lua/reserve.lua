@@ -42,9 +42,9 @@ if channel ~= '' then
       return { 'UNLISTED' }
     end
   end
-  expire_hold(hold_id, now)
-  if hold_state(hk, job) then
-    return { 'AGAIN', hold_view(hk) }
+  local h = current_hold(hold_id, job, now)
+  if h then
+    return { 'AGAIN', view_of(h) }
   end
 end
 

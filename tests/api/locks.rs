@@ -282,8 +282,29 @@ async fn acquiring_again_is_idempotent_and_refreshes_release_is_idempotent() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("released"), "{err:?}");
+    // Every answer is what a read then finds (lua/lib.lua, HOLD_FIELDS).
+    let get = async |lock_ref: &str| {
+        app.locks()
+            .get_sale_lock(pb::GetSaleLockRequest {
+                lock_ref: lock_ref.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .lock
+            .unwrap()
+    };
+    assert!(released.finished_at.is_some());
+    assert_eq!(released, get("lock-a").await);
     // Released cards are free at once, for any channel's checkout.
-    lock(&app, "lock-b", "storefront", &["card-1", "card-2"]).await;
+    let acquired = lock(&app, "lock-b", "storefront", &["card-1", "card-2"]).await;
+    assert_eq!(acquired, get("lock-b").await);
+    let completed = app.locks().complete_sale_locks(lock_ref("lock-b")).await;
+    let completed = completed.unwrap().into_inner().lock.unwrap();
+    assert_eq!(completed.state(), SaleLockState::Completed);
+    assert_eq!(completed.fencing_token, acquired.fencing_token);
+    assert!(completed.finished_at.is_some());
+    assert_eq!(completed, get("lock-b").await);
     app.shutdown().await;
 }
 
