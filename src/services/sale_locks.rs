@@ -99,27 +99,10 @@ impl SaleLocks {
         ttl: Duration,
     ) -> Result<AcquireOutcome, Error> {
         self.channels.ensure(ws).await?;
-        let one = Quantity::parse("quantity", 1, 1)?;
-        let lines = cards
-            .iter()
-            .map(|c| Line {
-                pool: c.pool(),
-                quantity: one,
-            })
-            .collect();
-        let take = Take {
-            id: lock_ref.clone(),
-            job: Job::Lock,
-            lines: Lines::parse("card_ids", lines, self.max_batch)?,
-            ttl: Some(ttl),
-            customer: None,
-            reference: channel.to_string(),
-        };
+        let take = self.lock_take(&lock_ref, channel, &cards, ttl)?;
         // Cards the listing mirror knows to be live here need no Postgres:
         // one Redis call checks the mirror, answers an earlier lock under
         // this lockRef, or takes the cards (services/listing_mirror.rs).
-        // Otherwise the cards are checked in Postgres, and an earlier lock
-        // is looked for in both stores (the fallback may have made it).
         let listed = Listed {
             channel,
             cards: &cards,
@@ -130,25 +113,12 @@ impl SaleLocks {
             ListedTake::NotMirrored => None,
         };
         let mirrored = first.is_some();
-        if !mirrored {
-            let states = self.states(ws, channel, &cards).await?;
-            match self.engine.get_hold(ws, &lock_ref, Job::Lock).await {
-                Ok(hold) => return self.again(ws, hold, channel, &cards, ttl).await,
-                Err(Error::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-            let refused = refused(&cards, states)?;
-            if !refused.is_empty() {
-                return Ok(AcquireOutcome::Conflict(refused));
-            }
-            if self.engine.circuit().closed() {
-                listing_mirror::repair(
-                    self.engine.clone(),
-                    ws.clone(),
-                    channel.clone(),
-                    cards.clone(),
-                );
-            }
+        if !mirrored
+            && let Some(answer) = self
+                .ask_postgres(ws, &lock_ref, channel, &cards, ttl)
+                .await?
+        {
+            return Ok(answer);
         }
         for _ in 0..ATTEMPTS {
             let outcome = match first.take() {
@@ -171,14 +141,10 @@ impl SaleLocks {
                         let named = self.name_sellers(ws, channel, named).await?;
                         return Ok(AcquireOutcome::Conflict(named));
                     }
-                    if mirrored {
-                        // Refused by Redis with no holder there: a lock
-                        // the fallback made, perhaps under this lockRef.
-                        match self.engine.get_hold(ws, &lock_ref, Job::Lock).await {
-                            Ok(hold) => return self.again(ws, hold, channel, &cards, ttl).await,
-                            Err(Error::NotFound(_)) => {}
-                            Err(e) => return Err(e),
-                        }
+                    // Refused by Redis with no holder there: a lock the
+                    // fallback made, perhaps under this lockRef.
+                    if mirrored && let Some(hold) = self.existing(ws, &lock_ref).await? {
+                        return self.again(ws, hold, channel, &cards, ttl).await;
                     }
                 }
                 other => {
@@ -191,6 +157,73 @@ impl SaleLocks {
         Err(Error::Unavailable(
             "the cards kept changing hands; retry with the same lock_ref".into(),
         ))
+    }
+
+    /// The take under a sale lock: one unit of each card's pool, held for
+    /// `ttl`, with the channel as its reference.
+    fn lock_take(
+        &self,
+        lock_ref: &HoldId,
+        channel: &ChannelSlug,
+        cards: &[CardId],
+        ttl: Duration,
+    ) -> Result<Take, Error> {
+        let one = Quantity::parse("quantity", 1, 1)?;
+        let lines = cards
+            .iter()
+            .map(|c| Line {
+                pool: c.pool(),
+                quantity: one,
+            })
+            .collect();
+        Ok(Take {
+            id: lock_ref.clone(),
+            job: Job::Lock,
+            lines: Lines::parse("card_ids", lines, self.max_batch)?,
+            ttl: Some(ttl),
+            customer: None,
+            reference: channel.to_string(),
+        })
+    }
+
+    /// The acquire's checks when the listing mirror could not vouch for
+    /// the cards: their listings in Postgres, and an earlier lock under
+    /// this lockRef in either store (the fallback may have made it). The
+    /// answer, when one of them decides it; `None` to go on and take.
+    async fn ask_postgres(
+        &self,
+        ws: &TenantId,
+        lock_ref: &HoldId,
+        channel: &ChannelSlug,
+        cards: &[CardId],
+        ttl: Duration,
+    ) -> Result<Option<AcquireOutcome>, Error> {
+        let states = self.states(ws, channel, cards).await?;
+        if let Some(hold) = self.existing(ws, lock_ref).await? {
+            return self.again(ws, hold, channel, cards, ttl).await.map(Some);
+        }
+        let refused = refused(cards, states)?;
+        if !refused.is_empty() {
+            return Ok(Some(AcquireOutcome::Conflict(refused)));
+        }
+        if self.engine.circuit().closed() {
+            listing_mirror::repair(
+                self.engine.clone(),
+                ws.clone(),
+                channel.clone(),
+                cards.to_vec(),
+            );
+        }
+        Ok(None)
+    }
+
+    /// The lock under `lock_ref`, in Redis or the fallback, if there is one.
+    async fn existing(&self, ws: &TenantId, lock_ref: &HoldId) -> Result<Option<Hold>, Error> {
+        match self.engine.get_hold(ws, lock_ref, Job::Lock).await {
+            Ok(hold) => Ok(Some(hold)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// An acquire with a lockRef that exists: the same request refreshes an
