@@ -13,8 +13,8 @@
 --
 -- Keys under the prefix (src/store/redis/keys.rs names the same ones):
 --   pool:<pool_id>  hash  grant ret sold held epoch full unl from until low armed lim lw pgf
---                         by (the hold that last took units: for a capacity-1
---                         pool, its one holder while held = 1)
+--                         by (a card's pool only: the sale lock that last took it, its
+--                         one holder while held = 1)
 --   refill          set   pools whose headroom fell to their low-water mark (lw)
 --   hold:<hold_id>  hash  st job rq ln exp ext xid ck cq ref oid cat fin fence
 --                         (rq is a digest of the request, see request_digest;

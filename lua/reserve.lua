@@ -59,13 +59,16 @@ if active >= max_active then
   return busy_if_due({ 'TOO_MANY_HOLDS', tostring(active) }, now)
 end
 
--- 3. Take the units; the pool remembers its latest holder (which names the
--- holder of a capacity-1 pool: holders.lua), and the hold gets the tenant's
--- next fencing token.
+-- 3. Take the units, and the hold gets the tenant's next fencing token. A
+-- card's pool (capacity 1, taken only by sale locks) remembers its latest
+-- holder, which names who holds or sold it (holders.lua); no other job's
+-- pool is ever asked, so no other take pays for the write.
 local held = {}
 for _, l in ipairs(lines) do
   held[l[1]] = redis.call('HINCRBY', P .. 'pool:' .. l[1], 'held', l[2])
-  redis.call('HSET', P .. 'pool:' .. l[1], 'by', hold_id)
+  if job == 'lock' then
+    redis.call('HSET', P .. 'pool:' .. l[1], 'by', hold_id)
+  end
 end
 local fence = next_fence()
 if ck ~= '' then
