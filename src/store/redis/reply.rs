@@ -30,7 +30,7 @@ fn shape(what: &str, v: &Value) -> Error {
     Error::internal(format!("unexpected script reply for {what}: {v:?}"))
 }
 
-fn text(v: &Value) -> Option<String> {
+pub(super) fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
