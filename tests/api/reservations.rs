@@ -761,17 +761,14 @@ async fn a_call_postgres_ends_mid_transaction_is_unavailable_and_changes_nothing
         .execute(&mut *blocker)
         .await
         .unwrap();
+    let to_3 = || pb::SetStockRequest {
+        key: key("lamp", ""),
+        on_hand: 3,
+        adjustment_id: "to-3".into(),
+        reason: "recount".into(),
+    };
     let mut client = app.reservations();
-    let change = tokio::spawn(async move {
-        client
-            .set_stock(pb::SetStockRequest {
-                key: key("lamp", ""),
-                on_hand: 3,
-                adjustment_id: "to-3".into(),
-                reason: "recount".into(),
-            })
-            .await
-    });
+    let change = tokio::spawn(async move { client.set_stock(to_3()).await });
     let waiting: i32 = app
         .eventually("the stock change waits for the lock", async || {
             sqlx::query_scalar(
@@ -794,17 +791,8 @@ async fn a_call_postgres_ends_mid_transaction_is_unavailable_and_changes_nothing
     blocker.rollback().await.unwrap();
     assert_eq!(level(&app, "lamp", "").await.on_hand, 10, "nothing changed");
     // The retry, with the same adjustment id, applies it.
-    let retried = app
-        .reservations()
-        .set_stock(pb::SetStockRequest {
-            key: key("lamp", ""),
-            on_hand: 3,
-            adjustment_id: "to-3".into(),
-            reason: "recount".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let retried = app.reservations().set_stock(to_3()).await;
+    let retried = retried.unwrap().into_inner();
     assert_eq!(retried.level.unwrap().on_hand, 3);
     app.shutdown().await;
 }
