@@ -143,14 +143,30 @@ async fn engage_follows_exclusivity_and_dual_listing_all_or_nothing() {
 }
 
 #[tokio::test]
-async fn a_batch_of_thousands_engages_at_once() {
+async fn a_batch_of_thousands_engages_at_once_and_refreshes_the_planner_statistics() {
     let app = spawn_app().await;
+    // Tables the planner has never seen analyzed; a large load must not
+    // leave them so until autovacuum comes (PgStore::engage).
+    let analyzed = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_user_tables
+             WHERE relname IN ('cards', 'card_channels', 'pools') AND last_analyze IS NOT NULL",
+        )
+        .fetch_one(&app.pg)
+        .await
+        .unwrap()
+    };
+    assert_eq!(analyzed().await, 0);
     let ids: Vec<String> = (0..3000).map(|i| format!("card-{i}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let r = engage(&app, "thisorthat", &refs).await;
     assert_eq!(r.engaged_card_ids.len(), 3000);
     let r = try_engage(&app, "showcase", &refs[2990..]).await;
     assert_eq!(r.conflicts.len(), 10);
+    app.eventually("the card tables analyzed", async || {
+        (analyzed().await == 3).then_some(())
+    })
+    .await;
     app.shutdown().await;
 }
 
