@@ -12,6 +12,7 @@ mod cpu;
 mod fallback;
 mod load;
 mod probes;
+mod redis_time;
 mod report;
 mod workloads;
 
@@ -181,6 +182,12 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         &args.database_url,
     )
     .await;
+    // Redis's per-command counters (src/bench/redis_time.rs), on a
+    // connection of the bench's own so that reading them is not measured.
+    let mut stats_con = match redis::Client::open(args.redis_url.as_str()) {
+        Ok(client) => client.get_multiplexed_async_connection().await.ok(),
+        Err(_) => None,
+    };
     println!(
         "bench: clients={} connections={} duration={}s cores={} target={addr}",
         args.clients,
@@ -199,15 +206,20 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         };
         workloads::run(w, &channels, &warm, &caller).await;
         let before = daemon.as_ref().map(|d| ServerStats::read(d.pid()));
+        let redis_before = redis_snapshot(stats_con.as_mut()).await;
         let cpu_before = watched.sample();
         let measured = workloads::run(w, &channels, &plan, &caller).await;
         let cpu = cpu_before.per_op(&watched.sample(), measured.calls);
+        let redis_after = redis_snapshot(stats_con.as_mut()).await;
         let server = match (&daemon, before) {
             (Some(d), Some(Ok(b))) => ServerStats::read(d.pid()).ok().map(|a| a.since(&b)),
             _ => None,
         };
         let mut line = Line::new(w, &measured, server);
         line.cpu_us_per_op = cpu;
+        if let (Some(b), Some(a)) = (redis_before, redis_after) {
+            line.redis_us_per_op = b.per_op(&a, measured.calls);
+        }
         if !args.no_baselines {
             measure_baselines(
                 args,
@@ -260,6 +272,13 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         d.stop();
     }
     Ok(())
+}
+
+/// Redis's command counters, when the bench has a connection to read them.
+async fn redis_snapshot(
+    con: Option<&mut redis::aio::MultiplexedConnection>,
+) -> Option<redis_time::Snapshot> {
+    redis_time::Snapshot::read(con?).await
 }
 
 #[allow(clippy::too_many_arguments)]

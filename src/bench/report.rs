@@ -57,6 +57,10 @@ pub struct Line {
     /// CPU µs per operation by process, "loadgen:30,daemon:45,..."
     /// (src/bench/cpu.rs).
     pub cpu_us_per_op: String,
+    /// Redis's time and calls per operation by command, costliest first,
+    /// "evalsha=24.1/0.050 ..." (src/bench/redis_time.rs); empty when
+    /// Redis's counters could not be read.
+    pub redis_us_per_op: String,
     /// p99 at half the peak rate: (holdfast, no-op), ms.
     pub half_load_p99: Option<(f64, f64)>,
 }
@@ -82,6 +86,7 @@ impl Line {
             pg_alt: None,
             half_load_p99: None,
             cpu_us_per_op: String::new(),
+            redis_us_per_op: String::new(),
         }
     }
 
@@ -126,6 +131,12 @@ impl Line {
             self.outcomes,
             self.cpu_us_per_op
         );
+        if !self.redis_us_per_op.is_empty() {
+            println!(
+                "bench-redis: workload={w} us/calls_per_op: {}",
+                self.redis_us_per_op
+            );
+        }
         let num = |v: Option<f64>| v.map_or("NaN".to_string(), |v| format!("{v:.0}"));
         let ratio =
             |v: Option<f64>| v.map_or("NaN".to_string(), |v| format!("{:.2}", self.rps / v));
