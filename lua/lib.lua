@@ -20,7 +20,8 @@
 --                         (rq is a digest of the request, see request_digest;
 --                         ext, xid, ck, cq, ref and oid are absent while empty
 --                         or zero: a hold is mostly these few bytes, and
---                         memory per hold bounds how many a tenant can have)
+--                         memory per hold bounds how many a tenant can have;
+--                         a claim has no exp or fin, both its cat: see view_of)
 --   fence           string, the tenant's last fencing token (see next_fence)
 --   due             zset  bucket -> its first ms: the expiry index, in buckets
 --                         of DUE_BUCKET_MS (see index_expiry)
@@ -118,8 +119,19 @@ end
 -- The reply shape of a hold, decoded strictly by src/store/redis/reply.rs:
 -- { 'HOLD', st, job, lines_json, expires_at, extensions, ref, order_id,
 --   created_at, finished_at, fence }, from a read_hold.
+--
+-- Only a claim has no `exp`: it ends as it is made, so it stores neither
+-- its expiry nor its end, and both are its `cat`. A claim is remembered
+-- for the whole retention (a day by default) and flash sales make them by
+-- the million: the two fields were 32 of its 232 bytes (deploy/
+-- BENCHMARKS.md, 2026-12-04). Claims made before kept both, and read the
+-- same.
 local function view_of(h)
-  return { 'HOLD', h[1], h[2], h[3], h[4] or '0', h[5] or '0', h[6] or '', h[7] or '', h[8] or '0', h[9] or '0',
+  local exp, fin = h[4], h[9]
+  if not exp then
+    exp, fin = h[8], h[8]
+  end
+  return { 'HOLD', h[1], h[2], h[3], exp or '0', h[5] or '0', h[6] or '', h[7] or '', h[8] or '0', fin or '0',
     h[10] or '0' }
 end
 

@@ -454,6 +454,89 @@ async fn the_sweeper_finalises_an_expired_hold_within_a_second_with_its_audit_ro
     app.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_claim_is_remembered_by_five_fields_and_reads_as_it_answered() {
+    // A claim is kept for retries for the whole retention (a day by
+    // default), and a flash sale makes them by the million: it stores no
+    // expiry and no end, which are both its creation (lua/lib.lua,
+    // view_of).
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    let first = app
+        .flash()
+        .claim(claim("c", "s", &[("p", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.outcome(), Outcome::Ok);
+    let mut con = app.redis().await;
+    let key = |id: &str| format!("{}:{{dev}}:hold:{id}", app.redis_prefix);
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(key("c"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["cat", "job", "ln", "rq", "st"], "{fields:?}");
+    let bytes: i64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(key("c"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    println!("memory: one single-line claim key uses {bytes} bytes");
+
+    // Its retry and its read say what its answer said.
+    let again = app
+        .flash()
+        .claim(claim("c", "s", &[("p", 1)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, first);
+    let read = app
+        .flash()
+        .get_cart_hold(hold_req("c"))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(read.state(), HoldState::Committed);
+    assert_eq!(read.expires_at, first.claimed_at);
+
+    // A claim an earlier build made, with both fields, reads as it was
+    // stored.
+    let mut old: Vec<(String, String)> = fields.clone();
+    let claimed_ms: i64 = fields
+        .iter()
+        .find(|(k, _)| k == "cat")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    old.push(("exp".into(), (claimed_ms - 1_000).to_string()));
+    old.push(("fin".into(), claimed_ms.to_string()));
+    let _: () = redis::cmd("HSET")
+        .arg(key("old"))
+        .arg(&old)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let read = app
+        .flash()
+        .get_cart_hold(hold_req("old"))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(read.state(), HoldState::Committed);
+    assert_eq!(expiry_ms(&read), claimed_ms - 1_000);
+    app.shutdown().await;
+}
+
 /// A Redis written by a build before the bucketed expiry index has its
 /// active holds in a sorted set `exp`; the sweeper moves them into the
 /// buckets, and then finalises them like any other.
