@@ -15,7 +15,8 @@ use crate::grpc::pb;
 /// A probe's name on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Probe {
-    /// Redis bytes per active single-line hold (INFO memory over N holds).
+    /// Redis bytes per active single-line hold (INFO memory over N
+    /// holds), then per finished claim (N claims, kept for retries).
     Memory,
     /// One 100-line reserve against ten single-line reserves.
     Batch,
@@ -95,6 +96,46 @@ async fn make_holds(
     })
     .await;
     run.units
+}
+
+/// What a finished claim costs Redis: each is remembered for
+/// `--retention-secs` (a day by default) so that a retry answers as the
+/// first call did, and a flash sale makes them by the hundred thousand.
+/// Measured as the memory probe measures holds: right after, and once
+/// their events are past the keep. The bench's claim ids are 13-16
+/// characters; a UUID adds about 24 bytes.
+async fn claims_memory(
+    channels: &[Channel],
+    c: &Caller,
+    con: &mut redis::aio::MultiplexedConnection,
+    clients: usize,
+    n: u64,
+) -> anyhow::Result<()> {
+    let before = used_memory(con).await?;
+    let stream_before = stream_memory(con).await?;
+    let plan = Plan {
+        clients,
+        duration: Duration::from_secs(120),
+        rate: None,
+        max_calls: Some(n),
+    };
+    let made = super::workloads::run(Workload::ClaimHot, channels, &plan, c)
+        .await
+        .units;
+    let after = used_memory(con).await?;
+    let stream = stream_memory(con).await? - stream_before;
+    let per = |bytes: i64| bytes as f64 / made.max(1) as f64;
+    let steady = if events_trimmed(con, stream_before, stream).await? {
+        format!("{:.0}", per(used_memory(con).await? - before))
+    } else {
+        "unknown".to_string()
+    };
+    println!(
+        "bench-probe: memory claims={made} bytes_per_claim={:.0} of_which_event_log={:.0} bytes_per_claim_events_trimmed={steady}",
+        per(after - before),
+        per(stream)
+    );
+    Ok(())
 }
 
 /// The sweeper-lag histogram's cumulative buckets from the daemon's
@@ -238,6 +279,7 @@ pub async fn run(
                 per(stream),
                 per(after - before - stream)
             );
+            claims_memory(channels, c, &mut con, clients, holds).await?;
         }
         Probe::Batch => {
             let products: Vec<String> = (0..100).map(|i| format!("bt{}p{i}", c.tag)).collect();
