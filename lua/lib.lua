@@ -1,8 +1,11 @@
 -- lib.lua: helpers shared by every holdfast script.
 --
--- The Rust side prepends this file to each operation's script when it builds
--- it (src/store/redis/scripts.rs), so every operation is still one EVALSHA,
--- atomic on the server. Conventions for every script:
+-- The Rust side prepends this file to each script when it builds it
+-- (src/store/redis/scripts.rs), so every operation is still one call,
+-- atomic on the server: an EVALSHA, or for the hold operations an FCALL of
+-- the batch function, whose library defines all of this once when it is
+-- loaded rather than on every call. Either way a call starts with
+-- begin(ARGV) (at the end of this file). Conventions for every script:
 --
 --   ARGV[1]  the tenant's key prefix, e.g. "hf:{acme}:" (the braces are the
 --            Redis Cluster hash tag: one tenant, one slot)
@@ -38,11 +41,13 @@
 -- everything before it writes anything: a Lua error after a write keeps the
 -- write.
 
-local P = ARGV[1]
+-- The call's common arguments, set by begin(ARGV).
+local P
 -- The retention as given (a decimal string): it is only ever passed on to
 -- PEXPIRE, and a Lua number passed to redis.call is formatted by printf.
-local RETENTION_MS = ARGV[2]
-local NOW_MS = tonumber(ARGV[3])
+local RETENTION_MS
+-- Now, as a number and as given (ARGV[3]).
+local NOW_MS, NOW_TEXT
 
 -- Milliseconds since the epoch on Redis's timeline (ARGV[3]).
 local function now_ms()
@@ -55,7 +60,7 @@ end
 -- printf (deploy/BENCHMARKS.md, 2026-12-03, afternoon).
 local function ms(n)
   if n == NOW_MS then
-    return ARGV[3]
+    return NOW_TEXT
   end
   return string.format('%d', n)
 end
@@ -510,4 +515,14 @@ local function admit(hk, rq, lines, now, ck, limit)
     return { 'ID_REUSED' }
   end
   return check_lines(lines, now, true) or check_customer(ck, limit, total(lines))
+end
+
+-- Starts a call: its common arguments, and a fresh copy of the state that
+-- lasts one call (the due budget, what was found due, the pools read). A
+-- script's locals start fresh on every EVALSHA anyway; a function's
+-- library is loaded once and its locals live from call to call, so every
+-- one of them that a call changes is reset here.
+local function begin(argv)
+  P, RETENTION_MS, NOW_MS, NOW_TEXT = argv[1], argv[2], tonumber(argv[3]), argv[3]
+  due_budget, none_due, partial_clear, read_pools = DUE_LIMIT, false, false, {}
 end

@@ -1,5 +1,5 @@
 //! The coalescer: concurrent hold operations of one tenant ride to Redis in
-//! one script call (`lua/batch.lua`).
+//! one call of the batch function (`lua/batch.lua`).
 //!
 //! Under a stampede every request is a small script call, and the cost of
 //! each is mostly not the script: it is a system call to send it, one to
@@ -21,12 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use redis::{ScriptInvocation, ToRedisArgs, Value};
+use redis::{Cmd, ToRedisArgs, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::domain::TenantId;
 use crate::error::Error;
 use crate::store::coalesce::{Tenanted, next_batch};
+use crate::store::redis::scripts;
 use crate::telemetry::metric;
 
 /// Batch calls on their way to Redis at once: one being answered while the
@@ -39,7 +40,7 @@ const MAX_OPS: usize = 128;
 const QUEUE: usize = 4096;
 
 /// One operation's own arguments (its script's `ARGV[4..]`), built like a
-/// [`ScriptInvocation`]'s.
+/// [`Cmd`]'s.
 #[derive(Debug, Default)]
 pub struct OpArgs(Vec<Vec<u8>>);
 
@@ -51,9 +52,9 @@ impl OpArgs {
     }
 }
 
-/// Makes the invocation of `scripts::BATCH` for a tenant, with the first
+/// Makes the call of `scripts::BATCH` for a tenant, with the first
 /// arguments every script takes (prefix, retention, now).
-pub type Invocation = Box<dyn Fn(&TenantId) -> ScriptInvocation<'static> + Send + Sync>;
+pub type Invocation = Box<dyn Fn(&TenantId) -> Cmd + Send + Sync>;
 
 struct Queued {
     tenant: TenantId,
@@ -169,16 +170,16 @@ async fn send(
     let Some(first) = batch.first() else {
         return;
     };
-    let mut inv = invocation(&first.tenant);
+    let mut call = invocation(&first.tenant);
     for q in &batch {
-        inv.arg(q.op).arg(q.args.0.len());
+        call.arg(q.op).arg(q.args.0.len());
         for a in &q.args.0 {
-            inv.arg(a.as_slice());
+            call.arg(a.as_slice());
         }
     }
     metrics::histogram!(metric::REDIS_BATCH_OPS).record(batch.len() as f64);
     let sent = Instant::now();
-    let result = inv.invoke_async::<Value>(&mut con).await;
+    let result = scripts::fcall::<Value>(&mut con, &scripts::BATCH, &call).await;
     metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => "batch")
         .record(sent.elapsed().as_secs_f64());
     match result {
@@ -232,7 +233,6 @@ fn share(e: &Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::redis::scripts;
 
     /// The Redis the test command starts (deploy/test.sh).
     async fn redis() -> ConnectionManager {
@@ -258,11 +258,11 @@ mod tests {
 
     fn invocation_for(prefix: String) -> Invocation {
         Box::new(move |t: &TenantId| {
-            let mut inv = scripts::BATCH.prepare_invoke();
-            inv.arg(format!("{prefix}:{{{t}}}:"))
+            let mut call = scripts::BATCH.call();
+            call.arg(format!("{prefix}:{{{t}}}:"))
                 .arg(60_000)
                 .arg(1_000_000);
-            inv
+            call
         })
     }
 
@@ -309,21 +309,20 @@ mod tests {
         let mut con = redis().await;
         let prefix = format!("batchtest{}", rand::random::<u32>());
         let invocation = invocation_for(prefix);
-        let mut inv = invocation(&tenant("acme"));
+        let mut call = invocation(&tenant("acme"));
         // get_hold of an unknown hold; an unknown operation; a claim whose
         // lines are not JSON (cjson raises); get_hold again.
-        inv.arg("get_hold").arg(2).arg("h1").arg("flash");
-        inv.arg("no_such_op").arg(0);
-        inv.arg("claim")
+        call.arg("get_hold").arg(2).arg("h1").arg("flash");
+        call.arg("no_such_op").arg(0);
+        call.arg("claim")
             .arg(5)
             .arg("c1")
             .arg("flash")
             .arg("{not json")
             .arg("")
             .arg(0);
-        inv.arg("get_hold").arg(2).arg("h2").arg("flash");
-        let replies = match inv
-            .invoke_async::<Value>(&mut con)
+        call.arg("get_hold").arg(2).arg("h2").arg("flash");
+        let replies = match scripts::fcall::<Value>(&mut con, &scripts::BATCH, &call)
             .await
             .expect("the batch runs")
         {
@@ -335,6 +334,50 @@ mod tests {
         let err = script_error("claim", replies[2].clone()).expect_err("a raised error");
         assert!(err.to_string().contains("claim script failed"), "{err}");
         assert!(script_error("get_hold", replies[0].clone()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_library_redis_does_not_have_is_loaded_and_the_call_made_again() {
+        // A library of its own (its digest differs from every other's), so
+        // that deleting it disturbs no other test's daemon.
+        let lib = scripts::Library::new(&format!(
+            "redis.register_function('HOLDFAST_BATCH', function(KEYS, ARGV) return ARGV[1] .. '-{}' end)",
+            rand::random::<u32>()
+        ));
+        let name = lib
+            .text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("#!lua name="))
+            .expect("the first line names the library")
+            .to_string();
+        let mut con = redis().await;
+        let mut call = lib.call();
+        call.arg("echo");
+        // Never loaded: the call loads it, and answers.
+        let first: String = scripts::fcall(&mut con, &lib, &call)
+            .await
+            .expect("loaded on first use");
+        assert!(first.starts_with("echo-"), "{first}");
+        // Gone, as from a Redis that lost its data: loaded again.
+        let _: () = redis::cmd("FUNCTION")
+            .arg("DELETE")
+            .arg(&name)
+            .query_async(&mut con)
+            .await
+            .expect("the library was there");
+        let again: String = scripts::fcall(&mut con, &lib, &call)
+            .await
+            .expect("loaded again");
+        assert_eq!(again, first);
+        // Loading a library that is there already is no error.
+        scripts::load(&mut con, &lib).await.expect("already there");
+        let _: () = redis::cmd("FUNCTION")
+            .arg("DELETE")
+            .arg(&name)
+            .query_async(&mut con)
+            .await
+            .expect("cleaned up");
     }
 
     #[tokio::test]

@@ -141,10 +141,28 @@ impl RedisStore {
             .map_err(|e| Error::internal(format!("redis pool: {e}")))?;
         let keys = Keys::new(prefix);
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        // Loaded now so that the first hold operation does not pay for it
+        // (it is loaded again whenever Redis turns out not to have it).
+        match scripts::load(&mut con.clone(), &scripts::BATCH).await {
+            Err(e) if e.detail().is_some_and(|d| d.starts_with("unknown command")) => {
+                return Err(Error::invalid(
+                    "redis_url",
+                    "this Redis has no functions (FUNCTION LOAD, FCALL): holdfast needs Redis 7.0 or later",
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the batch library yet; it is loaded on first use")
+            }
+            Ok(()) => {}
+        }
         let batcher = {
             let (keys, clock) = (keys.clone(), clock.clone());
             let invocation = move |tenant: &TenantId| {
-                first_args(&scripts::BATCH, &keys, tenant, retention_ms, &clock)
+                let mut call = scripts::BATCH.call();
+                call.arg(keys.tenant(tenant))
+                    .arg(retention_ms)
+                    .arg(clock.now_ms());
+                call
             };
             Batcher::start(con.clone(), Box::new(invocation), timeouts.response)
         };
