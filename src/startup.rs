@@ -158,6 +158,14 @@ impl Application {
         let engine = self.engine.clone();
         let auth = self.auth.clone();
 
+        // Before the first call is served: a Redis that is new to this
+        // daemon or came back empty has every pool's grant checked, so no
+        // call races that recovery and finds a pool as it was before it.
+        // The Redis watch checks again every round; a Redis that does not
+        // answer now is left to it.
+        if let Ok(false) = engine.redis().check_marker().await {
+            let _ = redis_watch::recover(&engine).await;
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         for service in SERVICES.iter().chain(&[""]) {
             health

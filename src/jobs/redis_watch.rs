@@ -20,6 +20,28 @@ const INTERVAL: Duration = Duration::from_millis(200);
 /// How often the in-doubt gauge is refreshed from Postgres.
 const GAUGE_EVERY: Duration = Duration::from_secs(2);
 
+/// Checks every pool's grant against Redis after `check_marker` found
+/// Redis without this daemon's marker (new, or come back empty). On
+/// failure the marker goes again, so that the next check retries. The
+/// daemon runs a first check before it serves (src/startup.rs), then this
+/// job every round.
+pub async fn recover(engine: &Engine) -> Result<(), crate::error::Error> {
+    match engine.recover_pools().await {
+        Ok(n) => {
+            tracing::info!(
+                pools = n,
+                "Redis has no marker (new or emptied): checked every pool's grant"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check pools after Redis came back empty; will retry");
+            let _ = engine.redis().clear_marker().await;
+            Err(e)
+        }
+    }
+}
+
 /// Runs until `stop` turns true.
 pub async fn run(engine: Arc<Engine>, stop: watch::Receiver<bool>) {
     let mut rounds = Rounds::every(INTERVAL, stop);
@@ -28,19 +50,8 @@ pub async fn run(engine: Arc<Engine>, stop: watch::Receiver<bool>) {
     while rounds.next().await {
         match engine.redis().check_marker().await {
             Ok(kept) => {
-                if !kept {
-                    match engine.recover_pools().await {
-                        Ok(n) => tracing::info!(
-                            pools = n,
-                            "Redis has no marker (new or emptied): checked every pool's grant"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot check pools after Redis came back empty; will retry");
-                            // Retry next round: drop the marker we just set.
-                            let _ = engine.redis().clear_marker().await;
-                            continue;
-                        }
-                    }
+                if !kept && recover(&engine).await.is_err() {
+                    continue;
                 }
                 engine.circuit().close();
                 if let Ok(step) = engine.redis().observe_clock().await {

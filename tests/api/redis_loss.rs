@@ -77,6 +77,36 @@ async fn a_pool_redis_lost_is_reloaded_in_a_new_epoch_with_its_grant_in_doubt() 
 }
 
 #[tokio::test]
+async fn a_daemon_started_on_an_emptied_redis_checks_its_pools_before_it_serves() {
+    let app = spawn_app().await;
+    app.live_sale("gone", &[("p", Some(10))], 0).await;
+    let before = app.pool("sale/gone/p").await;
+    assert_eq!(before.granted_to_redis, 5);
+    let args = holdfast::config::ServeArgs::for_test(
+        &crate::helpers::redis_url(),
+        &app.database_url,
+        &app.redis_prefix,
+    );
+    let (mut con, prefix) = (app.redis().await, app.redis_prefix.clone());
+    app.shutdown().await;
+
+    // Redis loses everything of this daemon's while it is down (a restart
+    // without persistence), the marker with it.
+    let keys: Vec<String> = con.keys(format!("{prefix}:*")).await.unwrap();
+    assert!(!keys.is_empty());
+    let _: i64 = con.del(&keys).await.unwrap();
+
+    // The first call after the restart already sees the recovery: the
+    // lost grant in doubt, the pool in a new epoch (no waiting: the daemon
+    // checked before it served).
+    let again = crate::helpers::start(args).await;
+    let after = again.pool("sale/gone/p").await;
+    assert_eq!(after.epoch, before.epoch + 1, "{after:?}");
+    assert_eq!(after.in_doubt, 5, "{after:?}");
+    again.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_grant_that_finds_redis_without_what_postgres_delegated_loads_nothing() {
     // The race the engine cannot see from its own reads: it reads the pool
     // in Redis, Redis restarts empty, then the grant arrives. The script
