@@ -128,8 +128,8 @@ end
 -- Only a claim has no `exp`: it ends as it is made, so it stores neither
 -- its expiry nor its end, and both are its `cat`. A claim is remembered
 -- for the whole retention (a day by default) and flash sales make them by
--- the million: the two fields were 32 of its 232 bytes (deploy/
--- BENCHMARKS.md, 2026-12-04). Claims made before kept both, and read the
+-- the million: the two fields were 32 of its 200 bytes (deploy/
+-- BENCHMARKS.md, 2026-12-03, late). Claims made before kept both, and read the
 -- same.
 local function view_of(h)
   local exp, fin = h[4], h[9]
