@@ -226,3 +226,52 @@ async fn a_malformed_resume_id_is_invalid_argument() {
     assert!(err.message().contains("after_event_id"));
     app.shutdown().await;
 }
+
+/// The drainer inserts a batch's audit rows taken to be new, and when one
+/// was recorded before (a batch read again after a crash between the
+/// commit and the acknowledgement) it records the others, and only their
+/// sold units, once.
+#[tokio::test]
+async fn a_batch_recorded_in_part_before_records_only_the_rest() {
+    use holdfast::domain::TenantId;
+    use holdfast::store::postgres::PgStore;
+    use holdfast::store::redis::decode_event;
+
+    let app = spawn_app().await;
+    app.live_sale("r", &[("p", Some(100))], 0).await;
+    for i in 0..3 {
+        app.flash()
+            .claim(claim(&format!("c{i}"), "r", &[("p", 2)]))
+            .await
+            .unwrap();
+    }
+    app.eventually("the claims written back", || async {
+        (app.pg_sold("r", "p").await == 6).then_some(())
+    })
+    .await;
+    let mut con = app.redis().await;
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let entries: redis::streams::StreamRangeReply = con.xrange_all(&key).await.unwrap();
+    let mut events: Vec<_> = entries
+        .ids
+        .iter()
+        .map(|e| decode_event(e).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3);
+    // One the drainer never read: a copy of the last under a later id.
+    let mut unseen = events[2].clone();
+    unseen.event_id = format!("{}9", events[2].event_id);
+    unseen.hold_id = "c3".into();
+    events.push(unseen);
+    let audited = app.audit_count().await;
+
+    let pg = PgStore::from_pool(app.pg.clone());
+    let dev = TenantId::parse("dev").unwrap();
+    assert_eq!(pg.record_events(&dev, &events).await.unwrap().0, 1);
+    assert_eq!(app.audit_count().await, audited + 1);
+    assert_eq!(app.pg_sold("r", "p").await, 8, "only the new claim's units");
+    assert_eq!(pg.record_events(&dev, &events).await.unwrap().0, 0);
+    assert_eq!(app.audit_count().await, audited + 1);
+    assert_eq!(app.pg_sold("r", "p").await, 8);
+    app.shutdown().await;
+}
