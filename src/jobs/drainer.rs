@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use redis::AsyncCommands;
-use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::streams::StreamReadOptions;
 use tokio::sync::watch;
 
 use super::Tenants;
@@ -20,7 +20,7 @@ use crate::domain::{HoldId, HoldState, Job, TenantId, parse_event_id};
 use crate::error::Error;
 use crate::store::HoldReply;
 use crate::store::postgres::{PgStore, Twin};
-use crate::store::redis::{RedisStore, decode_event};
+use crate::store::redis::{RedisStore, StreamEvents, decode_read};
 use crate::telemetry::metric;
 
 /// The consumer group's name.
@@ -156,31 +156,26 @@ impl Drainer {
         if !self.pending_first {
             opts = opts.block(BLOCK.as_millis() as usize);
         }
-        let reply: Option<StreamReadReply> = con.xread_options(&keys, &ids, &opts).await?;
+        let reply: redis::Value = con.xread_options(&keys, &ids, &opts).await?;
         let mut new = 0;
         let mut read = 0;
         let mut fullest = 0;
-        for stream in reply.map(|r| r.keys).unwrap_or_default() {
-            let Some(tenant) = self.grouped.get(&stream.key).cloned() else {
+        for StreamEvents { key, events } in decode_read(reply)? {
+            let Some(tenant) = self.grouped.get(&key).cloned() else {
                 continue;
             };
-            if stream.ids.is_empty() {
+            if events.is_empty() {
                 continue;
             }
-            read += stream.ids.len();
-            fullest = fullest.max(stream.ids.len());
-            let events = stream
-                .ids
-                .iter()
-                .map(decode_event)
-                .collect::<Result<Vec<_>, _>>()?;
+            read += events.len();
+            fullest = fullest.max(events.len());
             let (recorded, twins) = self.pg.record_events(&tenant, &events).await?;
             new += recorded;
             for (hold_id, job, twin) in twins {
                 self.settle_twin(&tenant, &hold_id, &job, twin).await?;
             }
-            let acked: Vec<&str> = stream.ids.iter().map(|e| e.id.as_str()).collect();
-            let _: i64 = con.xack(&stream.key, GROUP, &acked).await?;
+            let acked: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+            let _: i64 = con.xack(&key, GROUP, &acked).await?;
             if let Some(last) = events.last() {
                 let age = (Utc::now() - last.at).num_milliseconds().max(0) as f64 / 1000.0;
                 metrics::gauge!(metric::DRAINER_LAG_SECONDS).set(age);

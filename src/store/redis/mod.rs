@@ -19,7 +19,7 @@ use redis::{Script, ScriptInvocation, Value};
 use batch::{Batcher, OpArgs};
 
 pub use clock::{RedisClock, STEP_MS};
-pub use events::decode_event;
+pub use events::{StreamEvents, decode_event, decode_read};
 pub use keys::Keys;
 pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply};
 
