@@ -7,9 +7,10 @@
 --       6 lines as JSON: [[pool_id, qty], ...]
 --       7 customer key suffix or ""
 --       8 customer limit
--- Returns the hold view of the claim (state C) when claimed, or a repeat of
---       the first answer; otherwise NEED_GRANT, NOT_ACTIVE, SHORT,
---       CUSTOMER_LIMIT or ID_REUSED (lib.lua).
+-- Returns { 'CLAIMED', job, lines_json, claimed_at } when claimed, or the
+--       claim's hold view (state C: the same answer in full) on a repeat;
+--       otherwise NEED_GRANT, NOT_ACTIVE, SHORT, CUSTOMER_LIMIT or
+--       ID_REUSED (lib.lua).
 
 local claim_id, job, lines_arg = ARGV[4], ARGV[5], ARGV[6]
 local ck, limit = ARGV[7], tonumber(ARGV[8])
@@ -41,7 +42,10 @@ local ln = cjson.encode(lines)
 redis.call('HSET', hk, 'st', 'C', 'job', job, 'rq', request_digest(rq), 'ln', ln, 'cat', ms(now))
 redis.call('PEXPIRE', hk, RETENTION_MS)
 
--- 4. Log it, and answer.
+-- 4. Log it, and answer: a new claim's view is its job, lines and time
+-- alone (src/store/redis/reply.rs reads it as the view a retry answers),
+-- because a flash sale answers claims by the thousand a second and each
+-- element of a reply costs Redis and the daemon's parser.
 emit(now, 'claimed', job, claim_id, ln, { 'c', ck })
 after_take(lines, 'sold', sold, now)
-return new_hold_view('C', job, ln, now, '', now, now, '0')
+return { 'CLAIMED', job, ln, ms(now) }

@@ -676,3 +676,66 @@ async fn an_active_hold_keeps_only_what_it_needs_in_redis() {
     );
     app.shutdown().await;
 }
+
+/// A new claim answers in a short form (`claim.lua`) that the daemon reads
+/// as a whole hold: it must be exactly the hold its retry reads back.
+#[tokio::test]
+async fn a_new_claims_short_answer_is_the_hold_its_retry_reads() {
+    use holdfast::domain::{HoldId, Job, Line, Lines, PoolId, Quantity, TenantId};
+    use holdfast::store::HoldReply;
+    use holdfast::store::redis::{RedisStore, RedisTimeouts};
+
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    // The first claim brings the pool's grant into Redis.
+    app.flash()
+        .claim(claim("c0", "s", &[("p", 1)]))
+        .await
+        .unwrap();
+    let redis = RedisStore::connect(
+        &crate::helpers::redis_url(),
+        &app.redis_prefix,
+        std::time::Duration::from_secs(3600),
+        RedisTimeouts::default(),
+    )
+    .await
+    .unwrap();
+    let dev = TenantId::parse("dev").unwrap();
+    let id = HoldId::parse("claim_id", "c1", 64).unwrap();
+    let lines = Lines::parse(
+        "lines",
+        vec![Line {
+            pool: PoolId::from_store("sale/s/p".into()),
+            quantity: Quantity::parse("quantity", 2, 100).unwrap(),
+        }],
+        10,
+    )
+    .unwrap();
+    let hold = |r: HoldReply| match r {
+        HoldReply::Hold(h) => h,
+        other => panic!("not a hold: {other:?}"),
+    };
+    let first = hold(
+        redis
+            .claim(&dev, &id, Job::Flash, &lines, None)
+            .await
+            .unwrap(),
+    );
+    let again = hold(
+        redis
+            .claim(&dev, &id, Job::Flash, &lines, None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(first, again);
+    assert_eq!(first.state, holdfast::domain::HoldState::Committed);
+    assert_eq!(
+        first.lines,
+        vec![(PoolId::from_store("sale/s/p".into()), 2)]
+    );
+    assert_eq!(
+        (first.expires_at_ms, first.finished_at_ms),
+        (first.created_at_ms, first.created_at_ms)
+    );
+    app.shutdown().await;
+}

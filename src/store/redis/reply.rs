@@ -63,6 +63,7 @@ pub fn hold_reply(id: &HoldId, v: &Value) -> Result<HoldReply, Error> {
         |i: usize| -> Result<Hold, Error> { decode_hold(id, rest.get(i).ok_or_else(bad)?) };
     Ok(match tag.as_str() {
         "HOLD" => HoldReply::Hold(decode_hold(id, v)?),
+        "CLAIMED" => HoldReply::Hold(decode_claimed(id, v)?),
         "NEED_GRANT" => HoldReply::NeedGrant(
             rest.iter()
                 .map(|p| text(p).map(PoolId::from_store).ok_or_else(bad))
@@ -127,16 +128,11 @@ fn decode_hold(id: &HoldId, v: &Value) -> Result<Hold, Error> {
         Some("E") => HoldState::Expired,
         _ => return Err(bad()),
     };
-    let lines_json = text(&f[3]).ok_or_else(bad)?;
-    let lines: Vec<(String, i64, i64)> = serde_json::from_str(&lines_json).map_err(|_| bad())?;
     Ok(Hold {
         id: id.clone(),
         state,
         job: text(&f[2]).ok_or_else(bad)?,
-        lines: lines
-            .into_iter()
-            .map(|(p, q, _)| (PoolId::from_store(p), q))
-            .collect(),
+        lines: hold_lines(&f[3]).ok_or_else(bad)?,
         expires_at_ms: int(&f[4]).ok_or_else(bad)?,
         extensions: int(&f[5])
             .and_then(|n| u32::try_from(n).ok())
@@ -147,6 +143,43 @@ fn decode_hold(id: &HoldId, v: &Value) -> Result<Hold, Error> {
         finished_at_ms: int(&f[9]).ok_or_else(bad)?,
         fence: int(&f[10]).ok_or_else(bad)?,
     })
+}
+
+/// Decodes `claim.lua`'s answer to a new claim, `{ 'CLAIMED', job,
+/// lines_json, claimed_at }`, as the hold view its retry answers: a claim
+/// is committed as it is made, so it expires and finishes then, with no
+/// extension, reference, order id or fence (`lib.lua`, `view_of`).
+fn decode_claimed(id: &HoldId, v: &Value) -> Result<Hold, Error> {
+    let bad = || shape("a new claim", v);
+    let f = items(v).ok_or_else(bad)?;
+    if f.len() != 4 {
+        return Err(bad());
+    }
+    let at = int(&f[3]).ok_or_else(bad)?;
+    Ok(Hold {
+        id: id.clone(),
+        state: HoldState::Committed,
+        job: text(&f[1]).ok_or_else(bad)?,
+        lines: hold_lines(&f[2]).ok_or_else(bad)?,
+        expires_at_ms: at,
+        extensions: 0,
+        reference: String::new(),
+        order_id: String::new(),
+        created_at_ms: at,
+        finished_at_ms: at,
+        fence: 0,
+    })
+}
+
+/// A hold's lines from their JSON, `[[pool_id, qty, epoch], ...]`.
+fn hold_lines(v: &Value) -> Option<Vec<(PoolId, i64)>> {
+    let lines: Vec<(String, i64, i64)> = serde_json::from_str(&text(v)?).ok()?;
+    Some(
+        lines
+            .into_iter()
+            .map(|(p, q, _)| (PoolId::from_store(p), q))
+            .collect(),
+    )
 }
 
 /// Who holds or sold a capacity-1 pool (`holders.lua`).
@@ -324,6 +357,33 @@ mod tests {
         assert_eq!(h.expires_at_ms, 1000);
         assert_eq!(h.reference, "cart-1");
         assert_eq!(h.fence, 7);
+    }
+
+    #[test]
+    fn a_new_claims_short_answer_decodes_as_the_view_its_retry_reads() {
+        let lines = r#"[["sale/s/p",1,3]]"#;
+        let new = Value::Array(vec![s("CLAIMED"), s("flash"), s(lines), s("1700")]);
+        // What view_of makes of the stored claim (st, job, ln, cat).
+        let view = Value::Array(vec![
+            s("HOLD"),
+            s("C"),
+            s("flash"),
+            s(lines),
+            s("1700"),
+            s("0"),
+            s(""),
+            s(""),
+            s("1700"),
+            s("1700"),
+            s("0"),
+        ]);
+        let hold = |v: &Value| match hold_reply(&id(), v).unwrap() {
+            HoldReply::Hold(h) => h,
+            other => panic!("not a hold: {other:?}"),
+        };
+        assert_eq!(hold(&new), hold(&view));
+        let short = Value::Array(vec![s("CLAIMED"), s("flash"), s(lines)]);
+        assert!(matches!(hold_reply(&id(), &short), Err(Error::Internal(_))));
     }
 
     #[test]
