@@ -144,9 +144,10 @@ local function hold_view(hold_key)
   return view_of(read_hold(hold_key))
 end
 
--- The view of a hold just written by reserve or claim, from what they
--- wrote (a new hold has no extensions and no order id), so the answer needs
--- no read back. Numbers as HMGET would return them: decimal strings.
+-- The view of a hold just written by reserve, from what it wrote (a new
+-- hold has no extensions and no order id), so the answer needs no read
+-- back. Numbers as HMGET would return them: decimal strings. (A new claim
+-- answers shorter still: claim.lua.)
 local function new_hold_view(st, job, ln, exp, ref, cat, fin, fence)
   return { 'HOLD', st, job, ln, ms(exp), '0', ref, '', ms(cat), ms(fin), fence }
 end
