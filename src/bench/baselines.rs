@@ -68,35 +68,91 @@ pub async fn redis_script(
         .with_context(|| format!("no rate in redis-benchmark's output: {text}"))
 }
 
-/// The Postgres alternative a user would write instead of holdfast.
-pub enum PgAlternative {
-    /// A conditional UPDATE of one hot row (a claim).
-    HotRowClaim,
+/// The Postgres alternative a user would write instead of holdfast, shaped
+/// like the workload it stands beside: the same steps, over as many rows
+/// as the workload spreads over, with the same cap.
+///
+/// The shape matters as much as the statement: one hot row is bound by
+/// its row lock (each UPDATE waits for the last to commit), rows spread
+/// over thousands run side by side and share their commits' flushes, and
+/// a conditional UPDATE that finds the row sold out writes nothing, so its
+/// commit waits for no flush. Until 2026-12-04 every claim workload was
+/// set beside one hot row with no cap, which flattered holdfast on
+/// `claim-10k` and `claim-sellout` (deploy/BENCHMARKS.md, "2026-12-04,
+/// the Postgres alternative in the workload's shape").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgAlternative {
+    /// What one operation does.
+    pub steps: PgSteps,
+    /// Rows the operations pick from at random (1: one hot row).
+    pub rows: u32,
+    /// Each row's cap; never reached unless the workload sells out.
+    pub cap: i64,
+}
+
+/// The statements of one operation of the Postgres alternative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgSteps {
+    /// A conditional UPDATE (a claim).
+    Claim,
     /// A hold (conditional UPDATE + INSERT) then its commit, two
     /// transactions, as a reservation table does.
     ReserveThenCommit,
+    /// The same hold, then its release.
+    ReserveThenRelease,
 }
+
+/// A cap no run reaches.
+pub const UNCAPPED: i64 = 1_000_000_000_000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS bench_stock (id int PRIMARY KEY, cap bigint NOT NULL, sold bigint NOT NULL DEFAULT 0, held bigint NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS bench_holds (hold_id text PRIMARY KEY, product int NOT NULL, qty int NOT NULL, state char NOT NULL DEFAULT 'A', expires_at timestamptz NOT NULL);
-TRUNCATE bench_holds;
-INSERT INTO bench_stock (id, cap) VALUES (1, 1000000000000), (2, 1000000000000) ON CONFLICT (id) DO UPDATE SET sold = 0, held = 0;
+TRUNCATE bench_holds, bench_stock;
 ";
 
-const CLAIM_SQL: &str =
-    "UPDATE bench_stock SET sold = sold + 1 WHERE id = 1 AND sold + 1 <= cap;\n";
-
-const RESERVE_COMMIT_SQL: &str = "\\set h random(1, 1000000000000)
+/// The hold of the two-step alternatives: its first transaction, then the
+/// start of its second.
+const HOLD_SQL: &str = "\\set h random(1, 1000000000000)
 BEGIN;
-UPDATE bench_stock SET held = held + 1 WHERE id = 2 AND sold + held + 1 <= cap;
-INSERT INTO bench_holds (hold_id, product, qty, expires_at) VALUES (:client_id || '-' || :h, 2, 1, now() + interval '60 seconds');
+UPDATE bench_stock SET held = held + 1 WHERE id = :id AND sold + held + 1 <= cap;
+INSERT INTO bench_holds (hold_id, product, qty, expires_at) VALUES (:client_id || '-' || :h, :id, 1, now() + interval '60 seconds');
 COMMIT;
 BEGIN;
-UPDATE bench_holds SET state = 'C' WHERE hold_id = :client_id || '-' || :h AND state = 'A' AND expires_at > now();
-UPDATE bench_stock SET held = held - 1, sold = sold + 1 WHERE id = 2;
-COMMIT;
 ";
+
+impl PgAlternative {
+    /// The statements that make `rows` rows with their cap.
+    fn schema(&self) -> String {
+        format!(
+            "{SCHEMA}INSERT INTO bench_stock (id, cap) SELECT g, {} FROM generate_series(1, {}) g;",
+            self.cap, self.rows
+        )
+    }
+
+    /// The pgbench script of one operation.
+    fn script(&self) -> String {
+        let pick = format!("\\set id random(1, {})\n", self.rows);
+        let steps = match self.steps {
+            PgSteps::Claim => {
+                "UPDATE bench_stock SET sold = sold + 1 WHERE id = :id AND sold + 1 <= cap;\n".into()
+            }
+            PgSteps::ReserveThenCommit => format!(
+                "{HOLD_SQL}UPDATE bench_holds SET state = 'C' WHERE hold_id = :client_id || '-' || :h AND state = 'A' AND expires_at > now();
+UPDATE bench_stock SET held = held - 1, sold = sold + 1 WHERE id = :id;
+COMMIT;
+"
+            ),
+            PgSteps::ReserveThenRelease => format!(
+                "{HOLD_SQL}UPDATE bench_holds SET state = 'R' WHERE hold_id = :client_id || '-' || :h AND state = 'A';
+UPDATE bench_stock SET held = held - 1 WHERE id = :id;
+COMMIT;
+"
+            ),
+        };
+        pick + &steps
+    }
+}
 
 /// `alt` through `pgbench` at `clients` connections for `seconds`:
 /// operations (script runs) per second.
@@ -109,16 +165,10 @@ pub async fn pgbench(
     seconds: u64,
 ) -> anyhow::Result<f64> {
     let pool = sqlx::PgPool::connect(database_url).await?;
-    sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+    sqlx::raw_sql(&alt.schema()).execute(&pool).await?;
     pool.close().await;
     let script = dir.join("pg_alternative.sql");
-    std::fs::write(
-        &script,
-        match alt {
-            PgAlternative::HotRowClaim => CLAIM_SQL,
-            PgAlternative::ReserveThenCommit => RESERVE_COMMIT_SQL,
-        },
-    )?;
+    std::fs::write(&script, alt.script())?;
     let out = Command::new(pgbench)
         .args(["-n", "-c", &clients.to_string(), "-j", "2"])
         .args(["-T", &seconds.to_string(), "-f"])

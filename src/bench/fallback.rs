@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tonic::transport::Channel;
 
-use super::baselines::{self, PgAlternative};
+use super::baselines;
 use super::load::Plan;
 use super::workloads::{self, Caller, Workload};
 
@@ -49,7 +49,7 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
         s.pgbench,
         s.database_url,
         s.dir,
-        &PgAlternative::HotRowClaim,
+        &Workload::ClaimHot.pg_alternative(),
         s.clients,
         s.duration.as_secs().clamp(1, 10),
     )

@@ -312,16 +312,10 @@ async fn measure_baselines(
             Err(e) => eprintln!("bench: redis baseline skipped: {e:#}"),
         }
     }
-    let alt = if w.claims() {
-        baselines::PgAlternative::HotRowClaim
-    } else {
-        baselines::PgAlternative::ReserveThenCommit
-    };
-    match baselines::pgbench(
-        &pgbench_path(),
+    match pg_alternative(
+        w,
         &args.database_url,
         dir,
-        &alt,
         args.clients,
         args.duration.min(10),
     )
@@ -341,6 +335,21 @@ async fn measure_baselines(
     let at_half = workloads::run(w, channels, &half, caller).await;
     let noop_half = baselines::noop(channels, &half, w.rpcs()).await;
     line.half_load_p99 = Some((at_half.ms(0.99), noop_half.ms(0.99)));
+}
+
+/// What a shop without holdfast would run instead of `w`
+/// (`Workload::pg_alternative`), through `pgbench` at `clients` connections
+/// for `seconds`, in `bench_*` tables of `database_url`: operations per
+/// second. The bench's `pg_alt`.
+pub async fn pg_alternative(
+    w: Workload,
+    database_url: &str,
+    dir: &std::path::Path,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<f64> {
+    let alt = w.pg_alternative();
+    baselines::pgbench(&pgbench_path(), database_url, dir, &alt, clients, seconds).await
 }
 
 /// Host and port of a `redis://[user:pass@]host[:port][/db]` URL.

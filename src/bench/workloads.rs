@@ -7,6 +7,7 @@ use clap::ValueEnum;
 use tonic::Request;
 use tonic::transport::Channel;
 
+use super::baselines::{PgAlternative, PgSteps, UNCAPPED};
 use super::load::{Done, Plan, Run, drive};
 use crate::grpc::pb::{self, Outcome};
 
@@ -67,6 +68,28 @@ impl Workload {
     pub fn claims(self) -> bool {
         self.rpcs() == 1
     }
+
+    /// What a shop without holdfast would run instead: the same steps over
+    /// as many rows as this workload spreads over, with its cap.
+    pub fn pg_alternative(self) -> PgAlternative {
+        let (steps, rows, cap) = match self {
+            Workload::ClaimHot => (PgSteps::Claim, 1, UNCAPPED),
+            Workload::ClaimSellout => (PgSteps::Claim, 1, SELLOUT_CAP),
+            Workload::Claim10k => (PgSteps::Claim, SALES_10K * PRODUCTS_PER_SALE, UNCAPPED),
+            Workload::ReserveCommit => (PgSteps::ReserveThenCommit, 1, UNCAPPED),
+            Workload::ReserveRelease => (PgSteps::ReserveThenRelease, 1, UNCAPPED),
+            // Each card is its own row; a card sells once in holdfast, and
+            // a run sells far fewer than there are, so no cap is reached.
+            Workload::LockComplete => (PgSteps::ReserveThenCommit, CARDS, UNCAPPED),
+            // One venue's one window: every slot counts against one row.
+            Workload::SlotConfirm => (PgSteps::ReserveThenCommit, 1, UNCAPPED),
+        };
+        PgAlternative {
+            steps,
+            rows: u32::try_from(rows).expect("rows fit u32"),
+            cap,
+        }
+    }
 }
 
 /// Who calls, with what key, under which tag (every id of a run carries
@@ -97,6 +120,8 @@ const CARDS: u64 = 100_000;
 /// Sales and products per sale of `claim-10k`.
 const SALES_10K: u64 = 20;
 const PRODUCTS_PER_SALE: u64 = 500;
+/// The cap `claim-sellout` sells out of.
+const SELLOUT_CAP: i64 = 1_000;
 
 fn sale(id: String, products: Vec<(String, i64)>) -> pb::CreateSaleRequest {
     let now = chrono::Utc::now().timestamp();
@@ -180,7 +205,7 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
             create_sale(
                 &mut flash,
                 caller,
-                sale(format!("b{tag}out"), vec![("hot".into(), 1_000)]),
+                sale(format!("b{tag}out"), vec![("hot".into(), SELLOUT_CAP)]),
             )
             .await?;
         }

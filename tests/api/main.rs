@@ -5,6 +5,7 @@
 mod helpers;
 
 mod auth;
+mod bench;
 mod cards;
 mod channels;
 mod events;

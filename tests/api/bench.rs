@@ -1,0 +1,89 @@
+//! The benchmark's Postgres alternative (`holdfast bench`'s `pg_alt`) has
+//! the shape of the workload it stands beside: run through the real
+//! `pgbench` against the test Postgres, then read back what it did.
+
+use holdfast::bench::{Workload, pg_alternative};
+use sqlx::PgPool;
+
+use crate::helpers::{fresh_database, random_suffix};
+
+/// Runs `w`'s alternative for a second with a few clients; returns the
+/// database it ran in.
+async fn ran(w: Workload) -> PgPool {
+    let url = fresh_database().await;
+    let dir = std::env::temp_dir().join(format!("holdfast-alt-{}", random_suffix()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let tps = pg_alternative(w, &url, &dir, 4, 1).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let tps = tps.unwrap_or_else(|e| panic!("{} alternative: {e:#}", w.name()));
+    assert!(tps > 0.0, "{} alternative ran nothing", w.name());
+    PgPool::connect(&url).await.expect("connect")
+}
+
+/// (rows, rows sold from, units sold, units held)
+async fn stock(pg: &PgPool) -> (i64, i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE sold > 0), COALESCE(sum(sold), 0)::bigint, COALESCE(sum(held), 0)::bigint FROM bench_stock",
+    )
+    .fetch_one(pg)
+    .await
+    .expect("read bench_stock")
+}
+
+/// True when `sold` units picked at random among `rows` rows came from at
+/// least half as many rows as could have been picked (uniform picks come
+/// from ~63% or more); one hot row would be one.
+fn spread(from: i64, sold: i64, rows: i64) -> bool {
+    from * 2 >= sold.min(rows)
+}
+
+#[tokio::test]
+async fn the_postgres_alternative_has_the_shape_of_its_workload() {
+    // One hot row with claim-sellout's cap: sold out at exactly the cap.
+    let (rows, from, sold, _) = stock(&ran(Workload::ClaimSellout).await).await;
+    assert_eq!(
+        (rows, from, sold),
+        (1, 1, 1_000),
+        "claim-sellout's alternative sells out"
+    );
+
+    // claim-10k's claims spread over 10,000 rows, one unit a claim.
+    let (rows, from, sold, _) = stock(&ran(Workload::Claim10k).await).await;
+    assert_eq!(rows, 10_000);
+    assert!(sold >= 50, "a second of claims sells some: {sold}");
+    assert!(
+        spread(from, sold, rows),
+        "claims spread over the rows: {sold} units from {from} rows"
+    );
+
+    // claim-hot's: one row that never sells out.
+    let (rows, from, sold, _) = stock(&ran(Workload::ClaimHot).await).await;
+    assert_eq!((rows, from), (1, 1));
+    assert!(
+        sold > 1_000,
+        "claim-hot's alternative is not capped: {sold}"
+    );
+
+    // reserve-release's holds end released: nothing sold, nothing held.
+    let pg = ran(Workload::ReserveRelease).await;
+    let (_, _, sold, held) = stock(&pg).await;
+    let released: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_holds WHERE state = 'R'")
+        .fetch_one(&pg)
+        .await
+        .expect("read bench_holds");
+    assert_eq!((sold, held), (0, 0));
+    assert!(released > 0, "the holds were released");
+
+    // lock-complete's: each card its own row, each lock sold.
+    let pg = ran(Workload::LockComplete).await;
+    let (rows, from, sold, held) = stock(&pg).await;
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_holds WHERE state = 'C'")
+        .fetch_one(&pg)
+        .await
+        .expect("read bench_holds");
+    assert_eq!((rows, held, sold), (100_000, 0, committed));
+    assert!(
+        spread(from, sold, rows),
+        "locks spread over the cards: {sold} from {from}"
+    );
+}
