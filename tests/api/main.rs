@@ -15,6 +15,7 @@ mod holds;
 mod listing_mirror;
 mod locks;
 mod ops;
+mod pool_writers;
 mod properties;
 mod redis_loss;
 mod reservations;

@@ -11,6 +11,7 @@ use sqlx::{Postgres, Row, Transaction};
 use super::PgStore;
 use super::fallback::Twin;
 use super::lock_sales::{LockSale, record_lock_sales};
+use super::pools::lock_tenant_pools;
 use crate::domain::{CardId, Event, Job, TenantId};
 use crate::error::Error;
 
@@ -43,8 +44,15 @@ impl PgStore {
                 .filter(|e| new.contains(e.event_id.as_str()))
                 .collect()
         };
+        let twins = twins(&mut tx, tenant, &fresh).await?;
+        let reports = reports(&fresh);
+        // The pools are written from here on: the tenant's pool lock comes
+        // after the hold ids' (taken by `twins`) and before any row lock.
+        if !twins.is_empty() || !reports.is_empty() {
+            lock_tenant_pools(&mut tx, tenant).await?;
+        }
         let mut follow_ups = Vec::new();
-        for e in twins(&mut tx, tenant, &fresh).await? {
+        for e in twins {
             match PgStore::settle_twin(&mut tx, tenant, &e.hold_id, e.kind == "claimed").await? {
                 Twin::None | Twin::Undone => {}
                 twin => follow_ups.push((e.hold_id.clone(), e.job.clone(), twin)),
@@ -65,7 +73,7 @@ impl PgStore {
             })
             .collect();
         record_lock_sales(&mut tx, tenant, &sales).await?;
-        write_back(&mut tx, tenant, &fresh).await?;
+        write_back(&mut tx, tenant, &reports).await?;
         tx.commit().await?;
         Ok((fresh.len(), follow_ups))
     }
@@ -308,56 +316,143 @@ async fn twins<'e>(
         .collect())
 }
 
-/// Writes back what the new events sold, one row update per pool.
+/// What a batch of events sold from one pool, for the write-back: the
+/// units of the newest epoch the batch names for it, and those of older
+/// ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Report<'e> {
+    pool: &'e str,
+    epoch: i64,
+    qty: i64,
+    older: i64,
+}
+
+/// The new events' sales summed per pool, newest epoch apart from older.
+///
+/// Postgres opens every epoch (`open_epoch`) before Redis can sell in it,
+/// so no event names an epoch newer than its pool's row; only the newest
+/// one a batch names can be the row's current epoch.
+fn reports<'e>(fresh: &[&'e Event]) -> Vec<Report<'e>> {
+    let mut by_pool: HashMap<&str, Report<'e>> = HashMap::new();
+    for e in fresh.iter().filter(|e| e.sells()) {
+        for l in &e.lines {
+            let r = by_pool.entry(l.pool.as_str()).or_insert(Report {
+                pool: l.pool.as_str(),
+                epoch: l.epoch,
+                qty: 0,
+                older: 0,
+            });
+            match l.epoch.cmp(&r.epoch) {
+                std::cmp::Ordering::Equal => r.qty += l.qty,
+                std::cmp::Ordering::Less => r.older += l.qty,
+                std::cmp::Ordering::Greater => {
+                    r.older += r.qty;
+                    r.epoch = l.epoch;
+                    r.qty = l.qty;
+                }
+            }
+        }
+    }
+    by_pool.into_values().collect()
+}
+
+/// Writes back what the new events sold, one row update per pool; `tx`
+/// holds the tenant's pool lock.
 ///
 /// Write-back changes what Postgres reports, never what it may sell: the
 /// units are already inside `granted`. A late report for a closed epoch
 /// turns in-doubt units into sold. Summing per pool first is the same as
 /// applying the events one by one: reports for the current epoch add up,
 /// and late ones take min(in_doubt, their sum) out of doubt.
+///
+/// Which epoch is current is read from the row being updated, not from
+/// the statement's snapshot: an epoch opened meanwhile (a single-row
+/// write, which takes no pool lock) makes Postgres update the row as it
+/// stands now, recomputing every `SET` from it.
 async fn write_back(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
-    fresh: &[&Event],
+    reports: &[Report<'_>],
 ) -> Result<(), Error> {
-    let mut sold: HashMap<(&str, i64), i64> = HashMap::new();
-    for e in fresh.iter().filter(|e| e.sells()) {
-        for l in &e.lines {
-            *sold.entry((l.pool.as_str(), l.epoch)).or_default() += l.qty;
-        }
-    }
-    if sold.is_empty() {
+    if reports.is_empty() {
         return Ok(());
     }
-    let (keys, qty): (Vec<_>, Vec<i64>) = sold.into_iter().unzip();
-    let (pools, epochs): (Vec<&str>, Vec<i64>) = keys.into_iter().unzip();
-    // The rows are locked first, so the next statement's snapshot sees the
-    // epoch each pool has now, and no one moves it meanwhile.
-    sqlx::query(
-        "SELECT 1 FROM pools WHERE tenant = $1 AND pool_id = ANY($2) ORDER BY pool_id FOR UPDATE",
-    )
-    .bind(tenant.as_str())
-    .bind(&pools)
-    .execute(&mut **tx)
-    .await?;
+    let column = |f: fn(&Report<'_>) -> i64| reports.iter().map(f).collect::<Vec<i64>>();
+    let pools: Vec<&str> = reports.iter().map(|r| r.pool).collect();
     sqlx::query(
         "UPDATE pools p SET
-             reported_sold = p.reported_sold + v.same,
-             sold_prior = p.sold_prior + LEAST(p.in_doubt, v.late),
-             in_doubt = p.in_doubt - LEAST(p.in_doubt, v.late)
-         FROM (SELECT r.pool_id,
-                      COALESCE(SUM(r.qty) FILTER (WHERE r.epoch = c.epoch), 0) AS same,
-                      COALESCE(SUM(r.qty) FILTER (WHERE r.epoch <> c.epoch), 0) AS late
-               FROM UNNEST($2::text[], $3::bigint[], $4::bigint[]) AS r(pool_id, epoch, qty)
-               JOIN pools c ON c.tenant = $1 AND c.pool_id = r.pool_id
-               GROUP BY r.pool_id) v
+             reported_sold = p.reported_sold + CASE WHEN v.epoch = p.epoch THEN v.qty ELSE 0 END,
+             sold_prior = p.sold_prior
+                 + LEAST(p.in_doubt, v.older + CASE WHEN v.epoch = p.epoch THEN 0 ELSE v.qty END),
+             in_doubt = p.in_doubt
+                 - LEAST(p.in_doubt, v.older + CASE WHEN v.epoch = p.epoch THEN 0 ELSE v.qty END)
+         FROM UNNEST($2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS v(pool_id, epoch, qty, older)
          WHERE p.tenant = $1 AND p.pool_id = v.pool_id",
     )
     .bind(tenant.as_str())
     .bind(&pools)
-    .bind(&epochs)
-    .bind(&qty)
+    .bind(column(|r| r.epoch))
+    .bind(column(|r| r.qty))
+    .bind(column(|r| r.older))
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::EventLine;
+
+    fn sold(pool: &str, epoch: i64, qty: i64) -> Event {
+        Event {
+            event_id: format!("1-{epoch}{qty}"),
+            kind: "claimed".into(),
+            job: "flash".into(),
+            hold_id: "h".into(),
+            lines: vec![EventLine {
+                pool: pool.into(),
+                qty,
+                epoch,
+            }],
+            reference: String::new(),
+            order_id: String::new(),
+            customer: String::new(),
+            at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_batchs_sales_are_summed_per_pool_with_the_newest_epoch_apart() {
+        let events = [
+            sold("a", 2, 1),
+            sold("a", 1, 4),
+            sold("a", 3, 2),
+            sold("b", 5, 7),
+            sold("a", 3, 10),
+            sold("a", 2, 100),
+        ];
+        let mut released = sold("b", 5, 1000);
+        released.kind = "released".into();
+        let fresh: Vec<&Event> = events.iter().chain([&released]).collect();
+        let mut got = reports(&fresh);
+        got.sort_by_key(|r| r.pool);
+        assert_eq!(
+            got,
+            vec![
+                Report {
+                    pool: "a",
+                    epoch: 3,
+                    qty: 12,
+                    older: 105
+                },
+                Report {
+                    pool: "b",
+                    epoch: 5,
+                    qty: 7,
+                    older: 0
+                },
+            ]
+        );
+    }
 }

@@ -18,6 +18,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::PgStore;
 use super::lock_sales::{LockSale, record_lock_sales};
+use super::pools::lock_tenant_pools;
 use crate::domain::{CardId, Hold, HoldId, HoldState, Job, PoolId, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
@@ -190,6 +191,7 @@ async fn open_hold(
     }
     let mut tx = pg.begin().await?;
     lock_id(&mut tx, tenant, id.as_str()).await?;
+    lock_tenant_pools(&mut tx, tenant).await?;
     expire_due(&mut tx, tenant).await?;
     let row = find(&mut tx, tenant, id.as_str())
         .await?
@@ -198,7 +200,8 @@ async fn open_hold(
 }
 
 /// Ends the tenant's due fallback holds as expired (Postgres's clock), so
-/// no take ever counts them. Returns how many.
+/// no take ever counts them. Returns how many. `tx` holds the tenant's pool
+/// lock (`lock_tenant_pools`): the holds give their units back.
 async fn expire_due(tx: &mut Transaction<'_, Postgres>, tenant: &TenantId) -> Result<usize, Error> {
     let due = sqlx::query_as::<_, HoldRow>(&format!(
         "UPDATE pg_holds SET state = 'E', finished_at = now()
@@ -363,6 +366,7 @@ impl PgStore {
     /// many.
     pub async fn fallback_sweep(&self, tenant: &TenantId) -> Result<usize, Error> {
         let mut tx = self.begin().await?;
+        lock_tenant_pools(&mut tx, tenant).await?;
         let n = expire_due(&mut tx, tenant).await?;
         tx.commit().await?;
         Ok(n)
@@ -385,9 +389,10 @@ pub enum Twin {
 }
 
 impl PgStore {
-    /// Called by the drainer, inside its transaction, for a Redis
-    /// `reserved` or `claimed` event: finds a fallback twin of the same id
-    /// and undoes it when Redis's twin is at least as far along.
+    /// Called by the drainer, inside its transaction (holding the id's
+    /// lock, then the tenant's pool lock), for a Redis `reserved` or
+    /// `claimed` event: finds a fallback twin of the same id and undoes it
+    /// when Redis's twin is at least as far along.
     pub(super) async fn settle_twin(
         tx: &mut Transaction<'_, Postgres>,
         tenant: &TenantId,
@@ -421,6 +426,7 @@ impl PgStore {
     pub async fn undo_committed_twin(&self, tenant: &TenantId, hold_id: &str) -> Result<(), Error> {
         let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, hold_id).await?;
+        lock_tenant_pools(&mut tx, tenant).await?;
         if let Some(row) = find(&mut tx, tenant, hold_id)
             .await?
             .filter(|r| r.state == "C")
