@@ -252,9 +252,18 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_GRANT_FRACTION", default_value_t = 0.5)]
     pub grant_fraction: f64,
 
-    /// Most units one grant moves to Redis.
+    /// Most units one grant moves to Redis, for a pool that sells slowly.
     #[arg(long, env = "HOLDFAST_GRANT_CHUNK", default_value_t = 1000)]
     pub grant_chunk: i64,
+
+    /// Most units one grant moves to Redis for a pool that sells fast. A
+    /// pool's grants grow toward a second of its recent sales (at most four
+    /// times the last grant each time), so a flash sale's claims do not
+    /// wait for grants. What Redis holds when it is lost goes in doubt
+    /// until an operator resolves it, so this bounds that too; set it to
+    /// --grant-chunk for grants of a fixed size.
+    #[arg(long, env = "HOLDFAST_GRANT_MAX_CHUNK", default_value_t = 100_000)]
+    pub grant_max_chunk: i64,
 
     /// Most Postgres connections.
     #[arg(long, env = "HOLDFAST_PG_MAX_CONNECTIONS", default_value_t = 16)]
@@ -306,6 +315,7 @@ impl ServeArgs {
         crate::engine::GrantPolicy {
             fraction: self.grant_fraction.clamp(0.01, 1.0),
             chunk: self.grant_chunk.max(1),
+            max_chunk: self.grant_max_chunk.max(self.grant_chunk).max(1),
         }
     }
 

@@ -4,6 +4,9 @@
 //! so the fallback always keeps a share to sell from while Redis is down.
 //! Reads combine both stores' counts.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use super::{Engine, PoolView};
 use crate::domain::{PoolId, TenantId};
 use crate::error::Error;
@@ -11,17 +14,39 @@ use crate::store::postgres::{AdjustOutcome, CapacityChange, PoolRow};
 use crate::store::redis::{GrantReply, PoolGrant, RedisPool, ReturnReply};
 
 /// How much of a pool Redis is granted at a time. Redis gets
-/// `min(chunk, ceil(fraction x what Postgres has left))` (and at least what
+/// `min(limit, ceil(fraction x what Postgres has left))` (and at least what
 /// a take needs), so Postgres always keeps a share to sell from while Redis
 /// is down. A refill is asked for before Redis runs dry: when its headroom
-/// falls to half a chunk, a script flags the pool for the refiller.
+/// falls to half a grant, a script flags the pool for the refiller.
+///
+/// The limit is `chunk` for a pool that sells slowly, and grows for one
+/// that sells fast ([`GrantPolicy::limit`]): a grant is meant to last
+/// about a second (`PACE`) at the pool's recent rate. With a fixed chunk of 1,000
+/// a flash sale selling 15,000 units a second ran through half a chunk
+/// in 33 ms, faster than the refiller looks (every 50 ms), so claims
+/// waited for grants on the hot path: claim-hot's p99 was 29-37 ms
+/// against 9 ms with grants too big to run out (deploy/BENCHMARKS.md,
+/// 2026-12-04, "paced grants"). What Redis holds when it is lost goes in
+/// doubt, so `max_chunk` bounds that too.
 #[derive(Debug, Clone, Copy)]
 pub struct GrantPolicy {
     /// Share of what Postgres has left that one grant moves to Redis.
     pub fraction: f64,
-    /// Most units one grant moves.
+    /// Most units one grant moves to a pool that sells slowly.
     pub chunk: i64,
+    /// Most units one grant moves to a pool that sells fast.
+    pub max_chunk: i64,
 }
+
+/// How long one grant is meant to last at its pool's recent rate of sale.
+const PACE: Duration = Duration::from_secs(1);
+/// The most one grant's limit grows over the last grant's size: a pool
+/// that needed two grants in a moment (a large take just after a small
+/// grant) does not jump to `max_chunk` at once.
+const GROWTH: i64 = 4;
+/// Last grants older than this are forgotten (a pool sold this slowly is
+/// back at `chunk`).
+const FORGET: Duration = Duration::from_secs(60);
 
 /// Pools granted per Postgres transaction when many are loaded at once
 /// (a sale's products, an Engage's cards).
@@ -32,27 +57,56 @@ impl Default for GrantPolicy {
         Self {
             fraction: 0.5,
             chunk: 1000,
+            max_chunk: 100_000,
         }
     }
 }
 
 impl GrantPolicy {
-    /// Units to grant out of `undelegated`, at least `needed`.
-    pub fn size(&self, undelegated: i64, needed: i64) -> i64 {
+    /// Units to grant out of `undelegated` under `limit`, at least `needed`.
+    pub fn size(&self, limit: i64, undelegated: i64, needed: i64) -> i64 {
         let share = ((undelegated as f64) * self.fraction).ceil() as i64;
-        share.min(self.chunk).max(needed).max(1).min(undelegated)
+        share.min(limit).max(needed).max(1).min(undelegated)
     }
 
     /// Headroom at or below which Redis asks for more, given what Postgres
-    /// still has to give.
-    pub fn low_water(&self, undelegated: i64) -> i64 {
+    /// still has to give and the grant limit.
+    pub fn low_water(&self, limit: i64, undelegated: i64) -> i64 {
         if undelegated <= 0 {
             0
         } else {
-            (self.size(undelegated, 0) / 2).max(1)
+            (self.size(limit, undelegated, 0) / 2).max(1)
         }
     }
+
+    /// The most a pool's next grant moves, given its last grant (`units`
+    /// granted, `ago`): what the pool sold in the last grant's time, scaled
+    /// to `PACE`, at most `GROWTH` times the last grant, and between
+    /// `chunk` and `max_chunk`. A grant is asked for when half the last one
+    /// is left, so `units / ago` is about the rate the pool sells at.
+    pub fn limit(&self, last: Option<(i64, Duration)>) -> i64 {
+        let Some((units, ago)) = last else {
+            return self.chunk;
+        };
+        let ago = ago.max(Duration::from_millis(1)).as_secs_f64();
+        let at_rate = (units as f64 * PACE.as_secs_f64() / ago).ceil() as i64;
+        at_rate
+            .min(units.saturating_mul(GROWTH))
+            .min(self.max_chunk)
+            .max(self.chunk)
+    }
 }
+
+/// A pool's last grant, which sizes its next one.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LastGrant {
+    epoch: i64,
+    units: i64,
+    at: Instant,
+}
+
+/// The last grant of each pool this daemon granted, by tenant and pool.
+pub(super) type LastGrants = HashMap<(TenantId, PoolId), LastGrant>;
 
 impl Engine {
     /// Reads pools' counts across both stores, in the order asked. Unknown
@@ -253,14 +307,15 @@ impl Engine {
                 _ => 0,
             };
             let undelegated = row.undelegated().unwrap_or(0);
+            let limit = self.grant_limit(tenant, pool, row.epoch);
             let chunk = if undelegated > 0
-                && (headroom < *need || headroom <= self.policy.low_water(undelegated))
+                && (headroom < *need || headroom <= self.policy.low_water(limit, undelegated))
             {
-                self.policy.size(undelegated, *need - headroom)
+                self.policy.size(limit, undelegated, *need - headroom)
             } else {
                 0
             };
-            plans.push((pool, row, chunk));
+            plans.push((pool, row, chunk, limit));
         }
         // A refused grant fails the call, but only after the others of its
         // part reached Redis: a grant Postgres recorded and Redis never got
@@ -273,11 +328,11 @@ impl Engine {
         for part in plans.chunks(GRANT_PART) {
             let asks: Vec<(&PoolId, i64, i64)> = part
                 .iter()
-                .filter(|(_, _, chunk)| *chunk > 0)
-                .map(|(pool, row, chunk)| (*pool, row.epoch, *chunk))
+                .filter(|(_, _, chunk, _)| *chunk > 0)
+                .map(|(pool, row, chunk, _)| (*pool, row.epoch, *chunk))
                 .collect();
             let granted = self.pg.grant(tenant, &asks).await?;
-            for (pool, row, chunk) in part {
+            for (pool, row, chunk, limit) in part {
                 let (granted, chunk) = match (*chunk, granted.get(pool.as_str())) {
                     (0, _) => (row.granted, 0),
                     (chunk, Some(g)) => (*g, chunk),
@@ -286,8 +341,10 @@ impl Engine {
                         continue;
                     }
                 };
-                if !self.load(tenant, pool, row, granted, chunk).await? {
+                if !self.load(tenant, pool, row, granted, chunk, *limit).await? {
                     lost.push((*pool).clone());
+                } else if chunk > 0 {
+                    self.remember_grant(tenant, pool, row.epoch, chunk);
                 }
             }
         }
@@ -299,10 +356,42 @@ impl Engine {
         }
     }
 
+    /// The most `pool`'s next grant may move ([`GrantPolicy::limit`]).
+    fn grant_limit(&self, tenant: &TenantId, pool: &PoolId, epoch: i64) -> i64 {
+        let last = self
+            .last_grants
+            .lock()
+            .expect("grant memory")
+            .get(&(tenant.clone(), pool.clone()))
+            .copied();
+        self.policy.limit(
+            last.filter(|l| l.epoch == epoch)
+                .map(|l| (l.units, l.at.elapsed())),
+        )
+    }
+
+    /// Remembers `pool`'s grant of `units` now, to size the next one.
+    fn remember_grant(&self, tenant: &TenantId, pool: &PoolId, epoch: i64, units: i64) {
+        let mut last = self.last_grants.lock().expect("grant memory");
+        if last.len() >= 10_000 {
+            last.retain(|_, l| l.at.elapsed() < FORGET);
+        }
+        last.insert(
+            (tenant.clone(), pool.clone()),
+            LastGrant {
+                epoch,
+                units,
+                at: Instant::now(),
+            },
+        );
+    }
+
     /// Sends one pool's grant (already recorded in Postgres) to Redis; false
     /// when Redis lost data of the pool's epoch, which is then closed
     /// (ESCROW.md "Losing Redis": its outstanding grant goes in doubt, less
-    /// this `chunk`, which Redis refused and so never had).
+    /// this `chunk`, which Redis refused and so never had). `limit` is what
+    /// this grant was sized by; half of the next one under it is when
+    /// Redis asks for more.
     async fn load(
         &self,
         tenant: &TenantId,
@@ -310,6 +399,7 @@ impl Engine {
         row: &PoolRow,
         granted: i64,
         chunk: i64,
+        limit: i64,
     ) -> Result<bool, Error> {
         let undelegated = row.undelegated().unwrap_or(0);
         let window = (
@@ -325,7 +415,7 @@ impl Engine {
             window_ms: window,
             low_stock_threshold: row.low_stock_threshold,
             ceiling: row.ceiling,
-            low_water: self.policy.low_water(undelegated - chunk),
+            low_water: self.policy.low_water(limit, undelegated - chunk),
             undelegated: undelegated - chunk,
         };
         match self.redis.grant(tenant, pool, &grant).await? {
@@ -380,15 +470,32 @@ mod tests {
 
     #[test]
     fn a_grant_leaves_postgres_a_share_and_covers_what_a_take_needs() {
-        let p = GrantPolicy {
-            fraction: 0.5,
-            chunk: 1000,
-        };
-        assert_eq!(p.size(100, 0), 50);
-        assert_eq!(p.size(100_000, 0), 1000, "chunks are bounded");
-        assert_eq!(p.size(1, 0), 1, "a card is granted on demand");
-        assert_eq!(p.size(10, 8), 8, "a take gets what it needs");
-        assert_eq!(p.size(3, 8), 3, "never more than is left");
-        assert_eq!(p.low_water(0), 0);
+        let p = GrantPolicy::default();
+        assert_eq!(p.size(1000, 100, 0), 50);
+        assert_eq!(p.size(1000, 100_000, 0), 1000, "grants are bounded");
+        assert_eq!(p.size(1000, 1, 0), 1, "a card is granted on demand");
+        assert_eq!(p.size(1000, 10, 8), 8, "a take gets what it needs");
+        assert_eq!(p.size(1000, 3, 8), 3, "never more than is left");
+        assert_eq!(p.low_water(1000, 0), 0);
+        assert_eq!(p.low_water(1000, 100_000), 500);
+        assert_eq!(p.low_water(16_000, 100_000), 8_000);
+    }
+
+    #[test]
+    fn a_pool_that_sells_fast_is_granted_a_paces_worth_at_a_time() {
+        let p = GrantPolicy::default();
+        let ms = Duration::from_millis;
+        assert_eq!(p.limit(None), 1000, "a first grant is a chunk");
+        // 1,000 units gone in 50 ms is 20,000 a second: four times the
+        // last grant at most, then what a second of sales takes.
+        assert_eq!(p.limit(Some((1000, ms(50)))), 4000);
+        assert_eq!(p.limit(Some((4000, ms(250)))), 16_000);
+        assert_eq!(p.limit(Some((16_000, ms(800)))), 20_000);
+        // Never past max_chunk, never under chunk.
+        assert_eq!(p.limit(Some((90_000, ms(100)))), 100_000);
+        assert_eq!(p.limit(Some((1000, ms(0)))), 4000);
+        assert_eq!(p.limit(Some((20_000, Duration::from_secs(40)))), 1000);
+        // A pool that slowed down shrinks back.
+        assert_eq!(p.limit(Some((20_000, Duration::from_secs(4)))), 5000);
     }
 }

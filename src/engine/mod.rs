@@ -98,6 +98,8 @@ pub struct Engine {
     /// Serialises grants, so that a pool being loaded is never mistaken for
     /// a pool that Redis lost.
     grant_lock: Mutex<()>,
+    /// Each pool's last grant, which sizes the next (escrow.rs).
+    last_grants: std::sync::Mutex<escrow::LastGrants>,
     circuit: Circuit,
     policy: GrantPolicy,
     max_extensions: u32,
@@ -113,6 +115,7 @@ impl Engine {
             fallback: TakeQueue::start(pg.clone()),
             pg,
             grant_lock: Mutex::new(()),
+            last_grants: std::sync::Mutex::default(),
             circuit: Circuit::default(),
             policy,
             max_extensions,

@@ -59,7 +59,11 @@ fn held_id(answer: &Result<HoldReply, Error>) -> Option<String> {
 #[tokio::test]
 async fn a_batch_of_fallback_takes_answers_as_if_each_ran_alone_in_order() {
     // A grant of one unit at a time leaves most of each pool to Postgres.
-    let app = spawn_app_with(|a| a.grant_chunk = 1).await;
+    let app = spawn_app_with(|a| {
+        a.grant_chunk = 1;
+        a.grant_max_chunk = 1;
+    })
+    .await;
     app.live_sale("s", &[("p", Some(10)), ("q", Some(10))], 0)
         .await;
     let pg = PgStore::from_pool(app.pg.clone());
@@ -136,7 +140,11 @@ async fn a_batch_of_fallback_takes_answers_as_if_each_ran_alone_in_order() {
 
 #[tokio::test]
 async fn an_id_the_fast_path_served_is_not_taken_again_by_the_fallback() {
-    let app = spawn_app_with(|a| a.grant_chunk = 1).await;
+    let app = spawn_app_with(|a| {
+        a.grant_chunk = 1;
+        a.grant_max_chunk = 1;
+    })
+    .await;
     app.live_sale("s", &[("p", Some(10))], 0).await;
     let p = product_pool("s", "p");
     let served = app

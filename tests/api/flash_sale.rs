@@ -326,3 +326,52 @@ async fn an_acknowledged_claim_survives_a_daemon_restart() {
         .await;
     again.shutdown().await;
 }
+
+/// A pool that sells fast is granted more at a time (engine/escrow.rs
+/// `GrantPolicy::limit`), so claims stop waiting for grants, and never
+/// more than `--grant-max-chunk` at once.
+#[tokio::test]
+async fn a_pool_that_sells_fast_is_granted_more_at_a_time_up_to_the_most_allowed() {
+    let app = crate::helpers::spawn_app_with(|a| {
+        a.grant_chunk = 10;
+        a.grant_max_chunk = 200;
+    })
+    .await;
+    app.live_sale("fast", &[("p", Some(1_000_000))], 0).await;
+    let claims: usize = 600;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let mut flash = app.flash();
+        tasks.spawn(async move {
+            for i in (worker..claims).step_by(8) {
+                let r = flash
+                    .claim(claim(&format!("c{i}"), "fast", &[("p", 1)]))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(r.outcome(), Outcome::Ok);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    // What Postgres granted beyond what was sold is what Redis has left:
+    // at most the last grant and the half grant before it, and with
+    // grants of 10 it would be at most 20.
+    let granted: i64 = sqlx::query_scalar(
+        "SELECT granted FROM pools WHERE tenant = 'dev' AND pool_id = 'sale/fast/p'",
+    )
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    let left = granted - claims as i64;
+    assert!(
+        left > 40,
+        "grants grew past 4 chunks: {left} left of {granted}"
+    );
+    assert!(
+        left <= 300,
+        "no grant moved more than 200: {left} left of {granted}"
+    );
+}

@@ -378,7 +378,11 @@ impl Daemon {
             database_url,
             "--redis-timeout-ms",
             "300",
+            // Small grants of a fixed size, so that faults land between
+            // grants often.
             "--grant-chunk",
+            "20",
+            "--grant-max-chunk",
             "20",
         ]
         .iter()
