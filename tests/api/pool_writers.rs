@@ -1,9 +1,11 @@
 //! Every transaction that writes several pool rows takes its tenant's pool
 //! lock first (store/postgres/pools.rs `lock_tenant_pools`), so the
-//! drainer's write-back, grants and the fallback's takes may each lock
-//! their rows in any order and still never deadlock. Deadlocks only show
-//! under load, so this runs the three side by side, many times, on rows
-//! laid out against pool order.
+//! drainer's write-back and grants (alone) and the fallback's takes and
+//! commits (together, in pool order) never deadlock. Deadlocks only show
+//! under load, so this runs the four side by side, many times, on rows
+//! laid out against pool order, with holds whose lines run against it.
+
+use std::time::Duration;
 
 use holdfast::domain::{Event, EventLine, HoldId, Job, Line, Lines, PoolId, Quantity, TenantId};
 use holdfast::store::HoldReply;
@@ -35,7 +37,9 @@ fn claimed(event_id: String, pools: &[PoolId]) -> Event {
     }
 }
 
-fn claim_all(id: String, pools: &[PoolId]) -> PgTake {
+/// One fallback take of a unit from each of `pools`, in their order: a
+/// claim, or with a `ttl` a hold.
+fn take_all(id: String, pools: &[PoolId], ttl: Option<Duration>) -> PgTake {
     let lines = pools
         .iter()
         .map(|p| Line {
@@ -47,14 +51,25 @@ fn claim_all(id: String, pools: &[PoolId]) -> PgTake {
         id: HoldId::parse("id", &id, 128).unwrap(),
         job: Job::Flash,
         lines: Lines::parse("lines", lines, POOLS).unwrap(),
-        ttl: None,
+        ttl,
         reference: String::new(),
     }
 }
 
+/// A migrated database with the dev tenant and no daemon on it. These
+/// tests drive the store directly: a running daemon would find their
+/// pools granted in Postgres and absent from its Redis, take them for
+/// lost, and open new epochs.
+async fn quiet_database() -> sqlx::PgPool {
+    let app = spawn_app().await;
+    let pg = app.pg.clone();
+    app.shutdown().await;
+    pg
+}
+
 #[tokio::test]
 async fn pool_writers_of_one_tenant_never_deadlock() {
-    let app = spawn_app().await;
+    let db = quiet_database().await;
     let dev = TenantId::parse("dev").unwrap();
     // Inserted last id first: a statement that visits rows as they lie on
     // disk visits them against pool order.
@@ -63,7 +78,7 @@ async fn pool_writers_of_one_tenant_never_deadlock() {
          SELECT 'dev', 'w/' || lpad(g::text, 3, '0'), 'flash', 1000000 FROM generate_series($1, 1, -1) g",
     )
     .bind(POOLS as i32)
-    .execute(&app.pg)
+    .execute(&db)
     .await
     .unwrap();
     let pools: Vec<PoolId> = (1..=POOLS)
@@ -71,15 +86,11 @@ async fn pool_writers_of_one_tenant_never_deadlock() {
         .collect();
 
     let mut tasks = tokio::task::JoinSet::new();
-    for writer in 0..6 {
-        let (pg, dev, pools) = (
-            PgStore::from_pool(app.pg.clone()),
-            dev.clone(),
-            pools.clone(),
-        );
+    for writer in 0..8 {
+        let (pg, dev, pools) = (PgStore::from_pool(db.clone()), dev.clone(), pools.clone());
         tasks.spawn(async move {
             for round in 0..ROUNDS {
-                let done = match writer % 3 {
+                let done = match writer % 4 {
                     // The drainer recording a batch that sold from every pool.
                     0 => pg
                         .record_events(
@@ -97,10 +108,23 @@ async fn pool_writers_of_one_tenant_never_deadlock() {
                             .map(|g| assert_eq!(g.len(), POOLS))
                     }
                     // A fallback claim of one unit from every pool.
-                    _ => pg
-                        .fallback_take(&dev, &claim_all(format!("f{writer}-{round}"), &pools))
+                    2 => pg
+                        .fallback_take(&dev, &take_all(format!("f{writer}-{round}"), &pools, None))
                         .await
                         .map(|r| assert!(matches!(r, HoldReply::Hold(_)), "{r:?}")),
+                    // A fallback hold on every pool, in reverse, then its
+                    // commit.
+                    _ => {
+                        let id = format!("h{writer}-{round}");
+                        let reversed: Vec<PoolId> = pools.iter().rev().cloned().collect();
+                        let hold = take_all(id.clone(), &reversed, Some(Duration::from_secs(60)));
+                        let held = pg.fallback_take(&dev, &hold).await;
+                        assert!(matches!(held, Ok(HoldReply::Hold(_))), "{held:?}");
+                        let id = HoldId::parse("id", &id, 128).unwrap();
+                        pg.fallback_commit(&dev, &id, Job::Flash, "o")
+                            .await
+                            .map(|r| assert!(matches!(r, HoldReply::Hold(_)), "{r:?}"))
+                    }
                 };
                 done.unwrap_or_else(|e| panic!("writer {writer}, round {round}: {e}"));
             }
@@ -110,17 +134,18 @@ async fn pool_writers_of_one_tenant_never_deadlock() {
         done.expect("a writer failed");
     }
 
-    // Each wrote every pool exactly as often as it ran.
-    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT reported_sold, granted, sold_pg FROM pools WHERE tenant = 'dev' AND pool_id LIKE 'w/%'",
+    // Each wrote every pool exactly as often as it ran; the fallback's
+    // claims and its commits both sold.
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT reported_sold, granted, sold_pg, held_pg FROM pools WHERE tenant = 'dev' AND pool_id LIKE 'w/%'",
     )
-    .fetch_all(&app.pg)
+    .fetch_all(&db)
     .await
     .unwrap();
     let each = (2 * ROUNDS) as i64;
     assert_eq!(rows.len(), POOLS);
     assert!(
-        rows.iter().all(|r| *r == (each, each, each)),
+        rows.iter().all(|r| *r == (each, each, 2 * each, 0)),
         "{:?}",
         rows[0]
     );
@@ -133,19 +158,19 @@ async fn pool_writers_of_one_tenant_never_deadlock() {
 /// the new epoch's sales.
 #[tokio::test]
 async fn a_write_back_racing_a_new_epoch_counts_against_the_epoch_it_meets() {
-    let app = spawn_app().await;
+    let db = quiet_database().await;
     let dev = TenantId::parse("dev").unwrap();
     let pool = PoolId::from_store("e/1".into());
     sqlx::query(
         "INSERT INTO pools (tenant, pool_id, job, capacity, granted) VALUES ('dev', 'e/1', 'flash', 100, 10)",
     )
-    .execute(&app.pg)
+    .execute(&db)
     .await
     .unwrap();
 
     // Redis is lost: a new epoch opens (as `open_epoch` does), and holds
     // its row until it commits.
-    let mut opening = app.pg.begin().await.unwrap();
+    let mut opening = db.begin().await.unwrap();
     sqlx::query(
         "UPDATE pools SET epoch = epoch + 1, in_doubt = in_doubt + granted - returned - reported_sold,
              sold_prior = sold_prior + reported_sold, granted = 0, returned = 0, reported_sold = 0
@@ -157,7 +182,7 @@ async fn a_write_back_racing_a_new_epoch_counts_against_the_epoch_it_meets() {
 
     // Meanwhile the drainer records a unit sold in epoch 1, and waits for
     // the row.
-    let pg = PgStore::from_pool(app.pg.clone());
+    let pg = PgStore::from_pool(db.clone());
     let recording = tokio::spawn({
         let (dev, pool) = (dev.clone(), pool.clone());
         async move {
@@ -165,24 +190,31 @@ async fn a_write_back_racing_a_new_epoch_counts_against_the_epoch_it_meets() {
                 .await
         }
     });
-    app.eventually("the write-back waits for the row", || async {
+    // Until the write-back waits for the row.
+    loop {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
                AND query LIKE 'UPDATE pools p SET%'",
         )
-        .fetch_one(&app.pg)
+        .fetch_one(&db)
         .await
         .unwrap();
-        (waiting == 1).then_some(())
-    })
-    .await;
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            !recording.is_finished(),
+            "the write-back did not wait for the row"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     opening.commit().await.unwrap();
     recording.await.unwrap().unwrap();
 
     let row: (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT epoch, reported_sold, sold_prior, in_doubt FROM pools WHERE tenant = 'dev' AND pool_id = 'e/1'",
     )
-    .fetch_one(&app.pg)
+    .fetch_one(&db)
     .await
     .unwrap();
     assert_eq!(

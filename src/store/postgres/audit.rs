@@ -11,7 +11,7 @@ use sqlx::{Postgres, Row, Transaction};
 use super::PgStore;
 use super::fallback::Twin;
 use super::lock_sales::{LockSale, record_lock_sales};
-use super::pools::lock_tenant_pools;
+use super::pools::{PoolWrites, lock_tenant_pools};
 use crate::domain::{CardId, Event, Job, TenantId};
 use crate::error::Error;
 
@@ -49,7 +49,7 @@ impl PgStore {
         // The pools are written from here on: the tenant's pool lock comes
         // after the hold ids' (taken by `twins`) and before any row lock.
         if !twins.is_empty() || !reports.is_empty() {
-            lock_tenant_pools(&mut tx, tenant).await?;
+            lock_tenant_pools(&mut tx, tenant, PoolWrites::InAnyOrder).await?;
         }
         let mut follow_ups = Vec::new();
         for e in twins {

@@ -9,29 +9,52 @@ use super::PgStore;
 use crate::domain::{PoolId, TenantId};
 use crate::error::Error;
 
-/// Takes `tenant`'s pool lock until `tx` ends.
+/// How a transaction writes its pool rows, which says how it takes the
+/// tenant's pool lock (`lock_tenant_pools`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::store::postgres) enum PoolWrites {
+    /// Row by row in pool order (the fallback's takes, commits, releases
+    /// and expiries): such transactions never deadlock with each other, so
+    /// they share the lock.
+    InPoolOrder,
+    /// Many rows in one statement, in whatever order its plan visits them
+    /// (the drainer's write-back, grants): one at a time, alone.
+    InAnyOrder,
+}
+
+/// Takes `tenant`'s pool lock until `tx` ends: shared or exclusive, as
+/// `writes` says.
 ///
 /// The rule for writing pools: a transaction that writes more than one
 /// pool row, or a pool row and then other rows, takes this lock first:
 /// after the hold-id locks it needs (`fallback::lock_ids`), before any row
-/// lock. Such transactions of one tenant then run one at a time, and each
-/// may lock its pool rows in whatever order its statements visit them; a
-/// statement that writes one pool row on its own holds nothing while it
-/// waits, so it needs no lock.
+/// lock. Writers in pool order share it and cannot deadlock with each
+/// other (each waits only for rows after those it holds); a writer in any
+/// order holds it alone. A statement that writes one pool row on its own
+/// holds nothing while it waits, so it needs no lock.
 ///
-/// Before this lock, every such writer locked its pool rows in pool order
-/// with a `SELECT ... FOR UPDATE` before writing them, so that no two could
-/// deadlock. Locking a row writes to it, and for the drainer's write-back
-/// across many pools that pass cost Postgres as much as the write-back
-/// itself: claim-10k ran 12-25% faster without it (deploy/BENCHMARKS.md,
-/// 2026-12-04, "the write-back's lock pass"). Advisory locks per pool were
-/// no cheaper than the row locks (1.8 against 0.7 µs a pool for 500).
+/// Before this lock, every multi-pool writer locked its rows in pool order
+/// with a `SELECT ... FOR UPDATE` before writing them. Locking a row
+/// writes to it, and for the drainer's write-back across many pools that
+/// pass cost Postgres as much as the write-back itself: claim-10k ran
+/// 12-25% faster without it (deploy/BENCHMARKS.md, 2026-12-04, "the
+/// write-back's lock pass"). Advisory locks per pool were no cheaper than
+/// the row locks (1.8 against 0.7 µs a pool for 500).
 pub(in crate::store::postgres) async fn lock_tenant_pools(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
+    writes: PoolWrites,
 ) -> Result<(), Error> {
     // Its own hash seed keeps it apart from the hold-id locks.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('pools/' || $1, 9))")
+    let sql = match writes {
+        PoolWrites::InPoolOrder => {
+            "SELECT pg_advisory_xact_lock_shared(hashtextextended('pools/' || $1, 9))"
+        }
+        PoolWrites::InAnyOrder => {
+            "SELECT pg_advisory_xact_lock(hashtextextended('pools/' || $1, 9))"
+        }
+    };
+    sqlx::query(sql)
         .bind(tenant.as_str())
         .execute(&mut **tx)
         .await?;
@@ -168,7 +191,7 @@ impl PgStore {
         let epochs: Vec<i64> = asks.iter().map(|a| a.1).collect();
         let ks: Vec<i64> = asks.iter().map(|a| a.2).collect();
         let mut tx = self.begin().await?;
-        lock_tenant_pools(&mut tx, tenant).await?;
+        lock_tenant_pools(&mut tx, tenant, PoolWrites::InAnyOrder).await?;
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "UPDATE pools p SET granted = p.granted + d.k
              FROM UNNEST($2::text[], $3::bigint[], $4::bigint[]) AS d(pool, epoch, k)

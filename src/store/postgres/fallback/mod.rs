@@ -11,6 +11,7 @@
 
 mod take;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -18,7 +19,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::PgStore;
 use super::lock_sales::{LockSale, record_lock_sales};
-use super::pools::lock_tenant_pools;
+use super::pools::{PoolWrites, lock_tenant_pools};
 use crate::domain::{CardId, Hold, HoldId, HoldState, Job, PoolId, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
@@ -42,6 +43,16 @@ struct HoldRow {
 }
 
 const HOLD_COLUMNS: &str = "hold_id, job, state::text AS state, request, lines, expires_at, extensions, extension_id, reference, order_id, created_at, finished_at";
+
+/// `lines` summed per pool, in pool order: how a writer that shares the
+/// tenant's pool lock must write them.
+fn in_pool_order(lines: impl IntoIterator<Item = (String, i64)>) -> BTreeMap<String, i64> {
+    let mut by_pool = BTreeMap::new();
+    for (pool, qty) in lines {
+        *by_pool.entry(pool).or_insert(0) += qty;
+    }
+    by_pool
+}
 
 fn lines_of(v: &serde_json::Value) -> Vec<(String, i64)> {
     v.as_array()
@@ -129,15 +140,26 @@ async fn audit(
     Ok(())
 }
 
-/// Gives a fallback hold's units back to its pools (`sold`: it was committed).
+/// Gives a fallback hold's units back to its pools (`sold`: it was
+/// committed), in pool order (`PoolWrites::InPoolOrder`).
 async fn give_back(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
     lines: &serde_json::Value,
     sold: bool,
 ) -> Result<(), Error> {
+    give_back_all(tx, tenant, lines_of(lines), sold).await
+}
+
+/// Gives units back to their pools, summed per pool, in pool order.
+async fn give_back_all(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    lines: impl IntoIterator<Item = (String, i64)>,
+    sold: bool,
+) -> Result<(), Error> {
     let column = if sold { "sold_pg" } else { "held_pg" };
-    for (pool, qty) in lines_of(lines) {
+    for (pool, qty) in in_pool_order(lines) {
         sqlx::query(&format!(
             "UPDATE pools SET {column} = {column} - $3 WHERE tenant = $1 AND pool_id = $2"
         ))
@@ -191,7 +213,7 @@ async fn open_hold(
     }
     let mut tx = pg.begin().await?;
     lock_id(&mut tx, tenant, id.as_str()).await?;
-    lock_tenant_pools(&mut tx, tenant).await?;
+    lock_tenant_pools(&mut tx, tenant, PoolWrites::InPoolOrder).await?;
     expire_due(&mut tx, tenant).await?;
     let row = find(&mut tx, tenant, id.as_str())
         .await?
@@ -211,8 +233,14 @@ async fn expire_due(tx: &mut Transaction<'_, Postgres>, tenant: &TenantId) -> Re
     .bind(tenant.as_str())
     .fetch_all(&mut **tx)
     .await?;
+    give_back_all(
+        tx,
+        tenant,
+        due.iter().flat_map(|r| lines_of(&r.lines)),
+        false,
+    )
+    .await?;
     for row in &due {
-        give_back(tx, tenant, &row.lines, false).await?;
         audit(tx, tenant, "expired", row).await?;
     }
     Ok(due.len())
@@ -236,7 +264,7 @@ impl PgStore {
             }
             "C" => Ok(HoldReply::Hold(row.hold())),
             "A" => {
-                for (pool, qty) in lines_of(&row.lines) {
+                for (pool, qty) in in_pool_order(lines_of(&row.lines)) {
                     sqlx::query("UPDATE pools SET held_pg = held_pg - $3, sold_pg = sold_pg + $3 WHERE tenant = $1 AND pool_id = $2")
                         .bind(tenant.as_str())
                         .bind(pool)
@@ -366,7 +394,7 @@ impl PgStore {
     /// many.
     pub async fn fallback_sweep(&self, tenant: &TenantId) -> Result<usize, Error> {
         let mut tx = self.begin().await?;
-        lock_tenant_pools(&mut tx, tenant).await?;
+        lock_tenant_pools(&mut tx, tenant, PoolWrites::InPoolOrder).await?;
         let n = expire_due(&mut tx, tenant).await?;
         tx.commit().await?;
         Ok(n)
@@ -426,7 +454,7 @@ impl PgStore {
     pub async fn undo_committed_twin(&self, tenant: &TenantId, hold_id: &str) -> Result<(), Error> {
         let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, hold_id).await?;
-        lock_tenant_pools(&mut tx, tenant).await?;
+        lock_tenant_pools(&mut tx, tenant, PoolWrites::InPoolOrder).await?;
         if let Some(row) = find(&mut tx, tenant, hold_id)
             .await?
             .filter(|r| r.state == "C")

@@ -19,7 +19,7 @@ use crate::domain::{HoldId, Job, Lines, Shortage, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
 use crate::store::postgres::PgStore;
-use crate::store::postgres::pools::lock_tenant_pools;
+use crate::store::postgres::pools::{PoolWrites, lock_tenant_pools};
 
 /// A take for the fallback.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ impl PgStore {
         let mut tx = self.begin().await?;
         let ids: Vec<&str> = takes.iter().map(|t| t.id.as_str()).collect();
         lock_ids(&mut tx, tenant, &ids).await?;
-        lock_tenant_pools(&mut tx, tenant).await?;
+        lock_tenant_pools(&mut tx, tenant, PoolWrites::InPoolOrder).await?;
         let known: HashMap<String, HoldRow> = sqlx::query_as::<_, HoldRow>(&format!(
             "SELECT {HOLD_COLUMNS} FROM pg_holds WHERE tenant = $1 AND hold_id = ANY($2) FOR UPDATE"
         ))
@@ -222,10 +222,10 @@ pub(in crate::store::postgres) async fn lock_ids(
     Ok(())
 }
 
-/// Locks every pool the takes name and reads what each may still give.
-/// Holding these locks, the walk over the takes sees exactly what
-/// one-at-a-time transactions would have seen. (The caller holds the
-/// tenant's pool lock; the order here is only tidiness.)
+/// Locks every pool the takes name, in pool order (the caller shares the
+/// tenant's pool lock with other writers in pool order), and reads what
+/// each may still give. Holding these locks, the walk over the takes sees
+/// exactly what one-at-a-time transactions would have seen.
 async fn lock_pools(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
