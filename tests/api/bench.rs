@@ -30,6 +30,15 @@ async fn stock(pg: &PgPool) -> (i64, i64, i64, i64) {
     .expect("read bench_stock")
 }
 
+/// How many of the alternative's holds are in `state`.
+async fn holds_in(pg: &PgPool, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM bench_holds WHERE state = $1")
+        .bind(state)
+        .fetch_one(pg)
+        .await
+        .expect("read bench_holds")
+}
+
 /// True when `sold` units picked at random among `rows` rows came from at
 /// least half as many rows as could have been picked (uniform picks come
 /// from ~63% or more); one hot row would be one.
@@ -67,20 +76,14 @@ async fn the_postgres_alternative_has_the_shape_of_its_workload() {
     // reserve-release's holds end released: nothing sold, nothing held.
     let pg = ran(Workload::ReserveRelease).await;
     let (_, _, sold, held) = stock(&pg).await;
-    let released: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_holds WHERE state = 'R'")
-        .fetch_one(&pg)
-        .await
-        .expect("read bench_holds");
+    let released = holds_in(&pg, "R").await;
     assert_eq!((sold, held), (0, 0));
     assert!(released > 0, "the holds were released");
 
     // lock-complete's: each card its own row, each lock sold.
     let pg = ran(Workload::LockComplete).await;
     let (rows, from, sold, held) = stock(&pg).await;
-    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_holds WHERE state = 'C'")
-        .fetch_one(&pg)
-        .await
-        .expect("read bench_holds");
+    let committed = holds_in(&pg, "C").await;
     assert_eq!((rows, held, sold), (100_000, 0, committed));
     assert!(
         spread(from, sold, rows),
