@@ -683,7 +683,6 @@ async fn an_active_hold_keeps_only_what_it_needs_in_redis() {
 async fn a_new_claims_short_answer_is_the_hold_its_retry_reads() {
     use holdfast::domain::{HoldId, Job, Line, Lines, PoolId, Quantity, TenantId};
     use holdfast::store::HoldReply;
-    use holdfast::store::redis::{RedisStore, RedisTimeouts};
 
     let app = spawn_app().await;
     app.live_sale("s", &[("p", Some(5))], 0).await;
@@ -692,14 +691,7 @@ async fn a_new_claims_short_answer_is_the_hold_its_retry_reads() {
         .claim(claim("c0", "s", &[("p", 1)]))
         .await
         .unwrap();
-    let redis = RedisStore::connect(
-        &crate::helpers::redis_url(),
-        &app.redis_prefix,
-        std::time::Duration::from_secs(3600),
-        RedisTimeouts::default(),
-    )
-    .await
-    .unwrap();
+    let redis = app.redis_store().await;
     let dev = TenantId::parse("dev").unwrap();
     let id = HoldId::parse("claim_id", "c1", 64).unwrap();
     let lines = Lines::parse(
