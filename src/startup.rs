@@ -25,7 +25,9 @@ use crate::grpc::pb::slot_service_server::SlotServiceServer;
 use crate::grpc::{
     AdminApi, ChannelApi, EventApi, FlashSaleApi, ReservationApi, SaleLockApi, SlotApi, pb,
 };
-use crate::jobs::{Tenants, drainer, outbox, reconciler, redis_watch, refiller, sweeper};
+use crate::jobs::{
+    Tenants, drainer, outbox, reconciler, redis_watch, refiller, statistics, sweeper,
+};
 use crate::satellite::SatelliteClient;
 use crate::services::channels::Channels;
 use crate::services::flash_sale::FlashSales;
@@ -209,6 +211,7 @@ impl Application {
             )),
             tokio::spawn(refiller::run(engine.clone(), tenants, stop_rx.clone())),
             tokio::spawn(redis_watch::run(engine.clone(), stop_rx.clone())),
+            tokio::spawn(statistics::run(engine.pg().clone(), stop_rx.clone())),
             tokio::spawn(outbox::run(
                 engine.pg().clone(),
                 client,

@@ -11,12 +11,15 @@
 //! - [`outbox`]: delivers signed webhooks to satellites, with retries.
 //! - [`reconciler`]: pulls satellites' canonical card lists and clears
 //!   drift.
+//! - [`statistics`]: analyses holdfast's tables soon after a burst of
+//!   growth, so that batch statements keep their index plans.
 
 pub mod drainer;
 pub mod outbox;
 pub mod reconciler;
 pub mod redis_watch;
 pub mod refiller;
+pub mod statistics;
 pub mod sweeper;
 
 use std::sync::Mutex;

@@ -146,7 +146,7 @@ async fn engage_follows_exclusivity_and_dual_listing_all_or_nothing() {
 async fn a_batch_of_thousands_engages_at_once_and_refreshes_the_planner_statistics() {
     let app = spawn_app().await;
     // Tables the planner has never seen analyzed; a large load must not
-    // leave them so until autovacuum comes (PgStore::engage).
+    // leave them so until autovacuum comes (jobs/statistics.rs).
     let analyzed = async || -> i64 {
         sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_user_tables

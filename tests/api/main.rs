@@ -21,5 +21,6 @@ mod redis_loss;
 mod reservations;
 mod satellite;
 mod slots;
+mod statistics;
 mod tls;
 mod validation;

@@ -67,31 +67,7 @@ pub struct DriftRow {
     pub detected_at: DateTime<Utc>,
 }
 
-/// New cards in one Engage from which the card tables' planner statistics
-/// are refreshed at once (see [`PgStore::refresh_card_statistics`]).
-const ANALYZE_AFTER: u64 = 1_000;
-
 impl PgStore {
-    /// Refreshes the planner's statistics of the tables a catalogue load
-    /// grows, in the background. Until autovacuum first analyzes them (a
-    /// minute or more after the load), the planner takes them for a few
-    /// rows, and the batch statements that sell cards (lock_sales.rs) join
-    /// every row of a batch to every other: 104 µs per sold card under
-    /// lock-complete, against 9 with statistics (deploy/BENCHMARKS.md,
-    /// 2026-12-03, evening). `SKIP_LOCKED`: while one refresh runs, the
-    /// next Engage's is skipped, not queued on a pool connection.
-    fn refresh_card_statistics(&self) {
-        let pool = self.pool.clone();
-        tokio::spawn(async move {
-            let analyzed = sqlx::query("ANALYZE (SKIP_LOCKED) cards, card_channels, pools")
-                .execute(&pool)
-                .await;
-            if let Err(e) = analyzed {
-                tracing::debug!(error = %e, "cannot refresh the card tables' statistics; autovacuum will");
-            }
-        });
-    }
-
     /// Engages `cards` on `channel`, all-or-nothing against the listing
     /// rule. Cards are locked in id order, so concurrent batches touching
     /// one card queue rather than both passing the check.
@@ -111,14 +87,13 @@ impl PgStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         let dual = dual.is_some_and(|(d,)| d);
-        let added = sqlx::query(
+        sqlx::query(
             "INSERT INTO cards (workspace, card_id) SELECT $1, c FROM unnest($2::text[]) AS c ON CONFLICT DO NOTHING",
         )
         .bind(ws)
         .bind(&ids)
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .await?;
         let sold: Vec<(String, Option<String>)> = sqlx::query_as(
             "SELECT card_id, sold_channel FROM cards WHERE workspace = $1 AND card_id = ANY($2)
              ORDER BY card_id FOR UPDATE",
@@ -219,10 +194,9 @@ impl PgStore {
             )
             .await?;
         }
+        // A large load leaves the card tables' statistics stale until the
+        // statistics job analyses them (store/postgres/statistics.rs).
         tx.commit().await?;
-        if added >= ANALYZE_AFTER {
-            self.refresh_card_statistics();
-        }
         let already = cards
             .iter()
             .map(|c| c.card_id.clone())

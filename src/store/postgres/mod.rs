@@ -12,6 +12,7 @@ mod lock_sales;
 mod outbox;
 mod pools;
 mod sales;
+mod statistics;
 mod take_queue;
 mod venues;
 
@@ -28,6 +29,7 @@ pub use listings::{Drift, DriftRow, EngageCard, EngageOutcome};
 pub use outbox::{DeliveryRow, DueDelivery};
 pub use pools::{AdjustOutcome, CapacityChange, NewPool, PoolRow};
 pub use sales::{NewSale, SaleRow, product_pool};
+pub use statistics::TABLES;
 pub use take_queue::TakeQueue;
 pub use venues::{ScheduleRows, VenueRow};
 

@@ -1,0 +1,72 @@
+//! The statistics job (src/jobs/statistics.rs): a table that grew in a
+//! burst is analysed within moments, so batch statements keep their index
+//! plans.
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn every_table_is_watched() {
+    let app = spawn_app().await;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_stat_user_tables
+         WHERE schemaname = current_schema() AND relname NOT LIKE '\\_sqlx%'
+         ORDER BY relname",
+    )
+    .fetch_all(&app.pg)
+    .await
+    .unwrap();
+    assert_eq!(tables, holdfast::store::postgres::TABLES);
+    app.shutdown().await;
+}
+
+/// The plan of the fallback's pool look-up (fallback/take.rs `lock_pools`,
+/// the same shape as every batch's) for 16 of the tenant's pools.
+async fn pool_lookup_plan(app: &TestApp) -> String {
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT pool_id FROM pools WHERE tenant = $1 AND pool_id = ANY($2)
+         ORDER BY pool_id FOR UPDATE",
+    )
+    .bind("dev")
+    .bind(
+        (0..16)
+            .map(|p| format!("sale/big0/p{p}"))
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&app.pg)
+    .await
+    .unwrap();
+    plan.join("\n")
+}
+
+#[tokio::test]
+async fn a_catalogue_of_thousands_of_products_is_analysed_and_looked_up_by_key() {
+    let app = spawn_app().await;
+    let analysed = async || -> bool {
+        sqlx::query_scalar(
+            "SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'pools'",
+        )
+        .fetch_one(&app.pg)
+        .await
+        .unwrap()
+    };
+    assert!(!analysed().await);
+    let products: Vec<String> = (0..500).map(|p| format!("p{p}")).collect();
+    let caps: Vec<(&str, Option<i64>)> = products.iter().map(|p| (p.as_str(), Some(10))).collect();
+    for s in 0..6 {
+        app.live_sale(&format!("big{s}"), &caps, 0).await;
+    }
+    app.eventually("the pools analysed", async || {
+        analysed().await.then_some(())
+    })
+    .await;
+    // With statistics the look-up probes the index once per pool: every
+    // condition is an index condition. The planner that thought the
+    // tenant had a few pools scanned all of its 3,000 and filtered them.
+    let plan = pool_lookup_plan(&app).await;
+    assert!(
+        plan.lines()
+            .any(|l| l.contains("Index Cond") && l.contains("pool_id")),
+        "{plan}"
+    );
+    app.shutdown().await;
+}
