@@ -86,8 +86,10 @@ pub struct BenchArgs {
     pub database_url: String,
 
     /// Probes to run after the workloads (comma-separated): memory,
-    /// batch, expiry, fallback (freezes Redis, so it runs last). With
-    /// probes and no --workload, only the probes run.
+    /// batch, expiry, fallback (freezes Redis, so it runs last, and drives
+    /// the --workload workloads through the Postgres fallback, claim-hot
+    /// when none is named). With probes and no --workload, only the probes
+    /// run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
@@ -149,10 +151,7 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     for _ in 0..args.connections.max(1) {
         channels.push(connect(&addr).await?);
     }
-    let caller = workloads::Caller {
-        key: args.api_key.as_deref().map(Arc::from),
-        tag: Arc::from(format!("{:06x}", rand::random::<u32>() & 0xff_ffff).as_str()),
-    };
+    let caller = workloads::Caller::new(args.api_key.as_deref().map(Arc::from));
     let redis = RedisStore::connect(
         &args.redis_url,
         "hf",
@@ -243,6 +242,19 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     for probe in &order {
         workloads::setup(Workload::ClaimHot, &channels[0], &caller).await?;
         if *probe == Probe::Fallback {
+            let driven = if args.workload.is_empty() {
+                vec![Workload::ClaimHot]
+            } else {
+                args.workload.clone()
+            };
+            // Its own sales, stock and cards: the fallback serves only
+            // what Redis never held (a card Redis locked once keeps its
+            // unit there, README "Sale locks"), and the workloads above
+            // wore this run's cards out.
+            let fresh = workloads::Caller::new(caller.key.clone());
+            for &w in &driven {
+                workloads::setup(w, &channels[0], &fresh).await?;
+            }
             let setup = fallback::Setup {
                 redis_url: &args.redis_url,
                 database_url: &args.database_url,
@@ -250,8 +262,9 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
                 dir,
                 clients: args.clients,
                 duration: Duration::from_secs(args.duration),
+                workloads: &driven,
             };
-            fallback::run(&channels, &caller, &setup)
+            fallback::run(&channels, &fresh, &setup)
                 .await
                 .context("probe fallback")?;
             continue;

@@ -101,6 +101,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// A caller with `key` under a fresh random tag.
+    pub fn new(key: Option<Arc<str>>) -> Self {
+        let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+        Self {
+            key,
+            tag: Arc::from(tag.as_str()),
+        }
+    }
+
     /// `msg` with the caller's key, if any.
     pub fn req<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
