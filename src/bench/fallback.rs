@@ -32,7 +32,8 @@ pub struct Setup<'a> {
 
 /// Freezes Redis, drives each workload through the fallback, thaws Redis
 /// (also on error or panic), then runs each workload's pgbench alternative
-/// and prints one `bench-probe: fallback ...` line per workload.
+/// and prints one `bench-probe: fallback ...` line per workload, whose
+/// `rps` counts the calls answered without an error.
 pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Result<()> {
     let pid = loopback_redis_pid(s.redis_url).await?;
     let mut measured = Vec::new();
@@ -73,11 +74,11 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
         println!(
             "bench-probe: fallback workload={} rps={:.0} p50_ms={:.2} p99_ms={:.2} outcomes={} pg_alt={pg:.0} ratio_pg={:.2}",
             w.name(),
-            run.rate(),
+            run.answered_rate(),
             run.ms(0.5),
             run.ms(0.99),
             outcomes.join(","),
-            run.rate() / pg
+            run.answered_rate() / pg
         );
     }
     Ok(())

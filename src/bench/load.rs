@@ -40,6 +40,18 @@ impl Run {
         self.calls as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// Calls answered without an error, per second: what a run through a
+    /// fault delivered (`rate` counts a refusal as fast as a sale).
+    pub fn answered_rate(&self) -> f64 {
+        let errors: u64 = self
+            .outcomes
+            .iter()
+            .filter(|(outcome, _)| outcome.starts_with("error:"))
+            .map(|(_, n)| n)
+            .sum();
+        (self.calls - errors) as f64 / self.elapsed.as_secs_f64()
+    }
+
     /// Latency at quantile `q`, milliseconds.
     pub fn ms(&self, q: f64) -> f64 {
         self.latency.value_at_quantile(q) as f64 / 1000.0
@@ -143,4 +155,26 @@ where
     }
     run.elapsed = started.elapsed();
     run
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_through_a_fault_counts_only_what_was_answered() {
+        let run = Run {
+            elapsed: Duration::from_secs(2),
+            calls: 100,
+            units: 30,
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            outcomes: BTreeMap::from([
+                ("claimed".to_string(), 30),
+                ("sold_out".to_string(), 10),
+                ("error:Unavailable".to_string(), 60),
+            ]),
+        };
+        assert_eq!(run.rate(), 50.0);
+        assert_eq!(run.answered_rate(), 20.0);
+    }
 }

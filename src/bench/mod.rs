@@ -247,10 +247,10 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             } else {
                 args.workload.clone()
             };
-            // Its own sales, stock and cards: the fallback serves only
-            // what Redis never held (a card Redis locked once keeps its
-            // unit there, README "Sale locks"), and the workloads above
-            // wore this run's cards out.
+            // Sales, stock and cards of its own: the fallback sells only
+            // what was never granted to Redis, and the workloads above
+            // sold claim-sellout's cap and the cards out (an engaged
+            // card's unit is Redis's anyway: README, "Sale locks").
             let fresh = workloads::Caller::new(caller.key.clone());
             for &w in &driven {
                 workloads::setup(w, &channels[0], &fresh).await?;
