@@ -41,29 +41,35 @@ pub const TABLES: [&str; 18] = [
     "venues",
 ];
 
-/// Rows changed since the last analysis, beyond which a table is analysed
-/// again: a fixed part, so that small tables are left alone, and a share
-/// of the table, so that a large one is analysed about as often as it
-/// changes shape (autovacuum's defaults are 50 rows and a tenth).
-const STALE_ROWS: i64 = 500;
-const STALE_SHARE: f64 = 0.2;
+/// A table is analysed once it holds more than `GROWN_ROWS` rows beyond
+/// `GROWTH` times what its last analysis counted (none, if it never had
+/// one): each time it doubles. What the plans above need is an analysis
+/// of a table that has grown (the tenant's share of it); after that the
+/// planner scales its row counts to the table's pages. Growth, not
+/// changes: the write-back updates every pool it sells from (under
+/// claim-10k, 10,000 pools take 14,000 updates a second), and counting
+/// changes (`n_mod_since_analyze`, what autovacuum counts) against a
+/// fifth or all of a table cost claim-10k 4-9 µs of Postgres CPU a claim,
+/// 3 pairs by turns each (deploy/BENCHMARKS.md, "the fallback on every
+/// workload").
+const GROWN_ROWS: f64 = 500.0;
+const GROWTH: f64 = 2.0;
 
 impl PgStore {
-    /// Analyses those of [`TABLES`] that changed by more than
-    /// `STALE_ROWS + STALE_SHARE × rows` since their last analysis (by
-    /// anyone: autovacuum's count too), and returns their names. `SKIP_LOCKED`:
-    /// a table that autovacuum or another daemon is analysing is left to
-    /// it, not waited for.
+    /// Analyses those of [`TABLES`] that grew past `GROWN_ROWS + GROWTH ×`
+    /// the rows their last analysis counted, and returns their names.
+    /// `SKIP_LOCKED`: a table that autovacuum or another daemon is
+    /// analysing is left to it, not waited for.
     pub async fn refresh_statistics(&self) -> Result<Vec<String>, Error> {
         let stale: Vec<String> = sqlx::query_scalar(
             "SELECT s.relname::text FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
              WHERE s.schemaname = current_schema() AND s.relname = ANY($1)
-               AND s.n_mod_since_analyze > $2 + $3 * GREATEST(c.reltuples, 0)
+               AND s.n_live_tup > $2 + $3 * GREATEST(c.reltuples, 0)
              ORDER BY s.relname",
         )
         .bind(TABLES)
-        .bind(STALE_ROWS)
-        .bind(STALE_SHARE)
+        .bind(GROWN_ROWS)
+        .bind(GROWTH)
         .fetch_all(&self.pool)
         .await?;
         if !stale.is_empty() {
