@@ -70,3 +70,41 @@ async fn a_catalogue_of_thousands_of_products_is_analysed_and_looked_up_by_key()
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_table_whose_rows_only_change_is_left_to_autovacuum() {
+    let app = spawn_app().await;
+    let last_analyze = async || -> Option<chrono::DateTime<chrono::Utc>> {
+        sqlx::query_scalar("SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'pools'")
+            .fetch_one(&app.pg)
+            .await
+            .unwrap()
+    };
+    let products: Vec<String> = (0..500).map(|p| format!("p{p}")).collect();
+    let caps: Vec<(&str, Option<i64>)> = products.iter().map(|p| (p.as_str(), Some(10))).collect();
+    for s in 0..4 {
+        app.live_sale(&format!("big{s}"), &caps, 0).await;
+    }
+    let first = app
+        .eventually("the pools analysed", async || last_analyze().await)
+        .await;
+    // The write-back's kind of traffic: every pool's row updated, three
+    // times over (6,000 changes on a table of 2,000 rows), counted at once.
+    let mut con = app.pg.acquire().await.unwrap();
+    for _ in 0..3 {
+        sqlx::query("UPDATE pools SET reported_sold = reported_sold WHERE tenant = 'dev'")
+            .execute(&mut *con)
+            .await
+            .unwrap();
+    }
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *con)
+        .await
+        .unwrap();
+    drop(con);
+    let pg = holdfast::store::postgres::PgStore::from_pool(app.pg.clone());
+    let analysed = pg.refresh_statistics().await.unwrap();
+    assert!(!analysed.contains(&"pools".to_string()), "{analysed:?}");
+    assert_eq!(last_analyze().await, Some(first));
+    app.shutdown().await;
+}
