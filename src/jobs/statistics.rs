@@ -1,5 +1,5 @@
-//! The statistics keeper: analyses holdfast's tables soon after a burst of
-//! growth, so that batch statements keep their index plans
+//! The statistics keeper: analyses holdfast's tables soon after they grow,
+//! so that batch statements keep their index plans
 //! (store/postgres/statistics.rs says why autovacuum alone is too late).
 
 use std::time::Duration;
@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use super::Rounds;
 use crate::store::postgres::PgStore;
 
-/// How often the tables' change counts are read: one catalog query.
+/// How often the tables' sizes are read: one catalog query.
 const INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs until `stop` turns true.
