@@ -19,6 +19,16 @@ async fn every_table_is_watched() {
     app.shutdown().await;
 }
 
+/// Loads `sales` live sales of 500 products each, `big0`, `big1`...: a
+/// catalogue load, one pool per product.
+async fn catalogue(app: &TestApp, sales: usize) {
+    let products: Vec<String> = (0..500).map(|p| format!("p{p}")).collect();
+    let caps: Vec<(&str, Option<i64>)> = products.iter().map(|p| (p.as_str(), Some(10))).collect();
+    for s in 0..sales {
+        app.live_sale(&format!("big{s}"), &caps, 0).await;
+    }
+}
+
 /// The plan of the fallback's pool look-up (fallback/take.rs `lock_pools`,
 /// the same shape as every batch's) for 16 of the tenant's pools.
 async fn pool_lookup_plan(app: &TestApp) -> String {
@@ -50,11 +60,7 @@ async fn a_catalogue_of_thousands_of_products_is_analysed_and_looked_up_by_key()
         .unwrap()
     };
     assert!(!analysed().await);
-    let products: Vec<String> = (0..500).map(|p| format!("p{p}")).collect();
-    let caps: Vec<(&str, Option<i64>)> = products.iter().map(|p| (p.as_str(), Some(10))).collect();
-    for s in 0..6 {
-        app.live_sale(&format!("big{s}"), &caps, 0).await;
-    }
+    catalogue(&app, 6).await;
     app.eventually("the pools analysed", async || {
         analysed().await.then_some(())
     })
@@ -80,11 +86,7 @@ async fn a_table_whose_rows_only_change_is_left_to_autovacuum() {
             .await
             .unwrap()
     };
-    let products: Vec<String> = (0..500).map(|p| format!("p{p}")).collect();
-    let caps: Vec<(&str, Option<i64>)> = products.iter().map(|p| (p.as_str(), Some(10))).collect();
-    for s in 0..4 {
-        app.live_sale(&format!("big{s}"), &caps, 0).await;
-    }
+    catalogue(&app, 4).await;
     let first = app
         .eventually("the pools analysed", async || last_analyze().await)
         .await;
