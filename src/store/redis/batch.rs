@@ -11,13 +11,17 @@
 //! (`scripts::BATCH`), and gets its own reply.
 //!
 //! A batch holds one tenant's operations (one hash slot, so it would run on
-//! a Redis Cluster too). A call that queued for longer than the response
-//! timeout is answered UNAVAILABLE without being sent: it never ran, and
-//! the caller's retry by id is safe.
+//! a Redis Cluster too). A call is answered UNAVAILABLE without being sent
+//! when it queued for longer than the response timeout, or behind a call
+//! that Redis did not answer: it never ran, so the engine may serve it from
+//! the fallback at once, and a retry by id is safe. Sent, it would most
+//! likely wait out the timeout too: a Redis frozen mid-sale held the calls
+//! that queued behind its first unanswered one for two timeouts, not one
+//! (deploy/BENCHMARKS.md, "the failover probe").
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
@@ -86,6 +90,7 @@ impl Batcher {
             invocation: Arc::new(invocation),
             timeout,
             slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+            unanswered_at: Arc::default(),
         };
         tokio::spawn(coalescer.run(rx));
         Self {
@@ -123,6 +128,9 @@ struct Coalescer {
     invocation: Arc<Invocation>,
     timeout: Duration,
     slots: Arc<Semaphore>,
+    /// When Redis last failed to answer a call: the calls queued before
+    /// then are not sent.
+    unanswered_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Coalescer {
@@ -136,12 +144,17 @@ impl Coalescer {
             let Some(batch) = next_batch(&mut rx, &mut waiting, MAX_OPS).await else {
                 return;
             };
-            let con = self.con.clone();
-            let invocation = Arc::clone(&self.invocation);
-            let timeout = self.timeout;
-            self.sent.fetch_add(1, Ordering::Relaxed);
+            let sending = Sending {
+                con: self.con.clone(),
+                invocation: Arc::clone(&self.invocation),
+                timeout: self.timeout,
+                sent: Arc::clone(&self.sent),
+                unanswered_at: Arc::clone(&self.unanswered_at),
+            };
             tokio::spawn(async move {
-                send(con, &invocation, timeout, batch).await;
+                sending.send(batch).await;
+                // Released after `unanswered_at` is set, so the batch that
+                // takes this slot sees it.
                 drop(slot);
             });
         }
@@ -154,52 +167,71 @@ impl Tenanted for Queued {
     }
 }
 
-async fn send(
-    mut con: ConnectionManager,
-    invocation: &Invocation,
+/// What sending one batch needs from the coalescer.
+struct Sending {
+    con: ConnectionManager,
+    invocation: Arc<Invocation>,
     timeout: Duration,
-    batch: Vec<Queued>,
-) {
-    let (stale, batch): (Vec<_>, Vec<_>) =
-        batch.into_iter().partition(|q| q.at.elapsed() > timeout);
-    for q in stale {
-        let _ = q.reply.send(Err(Error::RedisUnavailable(format!(
-            "redis busy: the call waited over {timeout:?} to be sent (not sent; retry by id)"
-        ))));
-    }
-    let Some(first) = batch.first() else {
-        return;
-    };
-    let mut call = invocation(&first.tenant);
-    for q in &batch {
-        call.arg(q.op).arg(q.args.0.len());
-        for a in &q.args.0 {
-            call.arg(a.as_slice());
+    sent: Arc<AtomicU64>,
+    unanswered_at: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Sending {
+    async fn send(mut self, batch: Vec<Queued>) {
+        let unanswered_at = *self.unanswered_at.lock().unwrap_or_else(|e| e.into_inner());
+        let behind_unanswered = |q: &Queued| unanswered_at.is_some_and(|at| q.at <= at);
+        let (unsent, batch): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|q| behind_unanswered(q) || q.at.elapsed() > self.timeout);
+        for q in unsent {
+            let why = if behind_unanswered(&q) {
+                "redis did not answer the call before it".to_string()
+            } else {
+                format!("the call waited over {:?} to be sent", self.timeout)
+            };
+            let _ = q.reply.send(Err(Error::RedisUnavailable(format!(
+                "redis busy: {why} (not sent; retry by id)"
+            ))));
         }
-    }
-    metrics::histogram!(metric::REDIS_BATCH_OPS).record(batch.len() as f64);
-    let sent = Instant::now();
-    let result = scripts::fcall::<Value>(&mut con, &scripts::BATCH, &call).await;
-    metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => "batch")
-        .record(sent.elapsed().as_secs_f64());
-    match result {
-        Ok(Value::Array(replies)) if replies.len() == batch.len() => {
-            for (q, v) in batch.into_iter().zip(replies) {
-                metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => q.op)
-                    .record(q.at.elapsed().as_secs_f64());
-                let _ = q.reply.send(script_error(q.op, v));
+        let Some(first) = batch.first() else {
+            return;
+        };
+        let mut call = (self.invocation)(&first.tenant);
+        for q in &batch {
+            call.arg(q.op).arg(q.args.0.len());
+            for a in &q.args.0 {
+                call.arg(a.as_slice());
             }
         }
-        Ok(other) => {
-            let why = format!("batch of {} answered {other:?}", batch.len());
-            for q in batch {
-                let _ = q.reply.send(Err(Error::internal(why.clone())));
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(metric::REDIS_BATCH_OPS).record(batch.len() as f64);
+        let sent = Instant::now();
+        let result = scripts::fcall::<Value>(&mut self.con, &scripts::BATCH, &call).await;
+        metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => "batch")
+            .record(sent.elapsed().as_secs_f64());
+        match result {
+            Ok(Value::Array(replies)) if replies.len() == batch.len() => {
+                for (q, v) in batch.into_iter().zip(replies) {
+                    metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => q.op)
+                        .record(q.at.elapsed().as_secs_f64());
+                    let _ = q.reply.send(script_error(q.op, v));
+                }
             }
-        }
-        Err(e) => {
-            let e = Error::from(e);
-            for q in batch {
-                let _ = q.reply.send(Err(share(&e)));
+            Ok(other) => {
+                let why = format!("batch of {} answered {other:?}", batch.len());
+                for q in batch {
+                    let _ = q.reply.send(Err(Error::internal(why.clone())));
+                }
+            }
+            Err(e) => {
+                let e = Error::from(e);
+                if matches!(e, Error::RedisUnavailable(_)) {
+                    *self.unanswered_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Instant::now());
+                }
+                for q in batch {
+                    let _ = q.reply.send(Err(share(&e)));
+                }
             }
         }
     }
@@ -378,6 +410,117 @@ mod tests {
             .query_async(&mut con)
             .await
             .expect("cleaned up");
+    }
+
+    /// A relay to the test Redis that can hold every byte either way, as
+    /// a Redis frozen with SIGSTOP does: nothing lost, nothing answered
+    /// until it opens again.
+    struct Gate {
+        port: u16,
+        open: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl Gate {
+        async fn start() -> Self {
+            let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
+                .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
+            let target = url
+                .trim_start_matches("redis://")
+                .split('/')
+                .next()
+                .expect("a host:port")
+                .to_string();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("a free port");
+            let port = listener.local_addr().expect("bound").port();
+            let (open, _) = tokio::sync::watch::channel(true);
+            let gate = open.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let redis = tokio::net::TcpStream::connect(&target)
+                        .await
+                        .expect("the test Redis is up");
+                    let (cr, cw) = client.into_split();
+                    let (rr, rw) = redis.into_split();
+                    tokio::spawn(Self::pump(cr, rw, gate.subscribe()));
+                    tokio::spawn(Self::pump(rr, cw, gate.subscribe()));
+                }
+            });
+            Self { port, open }
+        }
+
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            mut open: tokio::sync::watch::Receiver<bool>,
+        ) {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = vec![0; 16 * 1024];
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                if open.wait_for(|o| *o).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+
+        fn set(&self, open: bool) {
+            self.open.send_replace(open);
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_queued_behind_a_call_redis_did_not_answer_are_not_sent() {
+        let gate = Gate::start().await;
+        let timeout = Duration::from_secs(2);
+        let client =
+            redis::Client::open(format!("redis://127.0.0.1:{}", gate.port)).expect("a valid URL");
+        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(timeout));
+        let con = ConnectionManager::new_with_config(client, config)
+            .await
+            .expect("Redis through the gate");
+        let prefix = format!("batchtest{}", rand::random::<u32>());
+        let batcher = Batcher::start(con, invocation_for(prefix), timeout);
+        let call = |i: u32| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                let mut args = OpArgs::default();
+                args.arg(format!("h{i}")).arg("flash");
+                batcher.call(&tenant("acme"), "get_hold", args).await
+            })
+        };
+        let sent = || batcher.sent.load(std::sync::atomic::Ordering::Relaxed);
+        gate.set(false);
+        // One call in each slot, each its own batch, sent to a Redis that
+        // does not answer...
+        let mut in_flight = Vec::new();
+        for i in 0..IN_FLIGHT {
+            in_flight.push(call(i as u32));
+            while sent() <= i as u64 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        // ...and more queued behind them, well before their timeout, and
+        // well within their own: these would be sent when a slot frees.
+        tokio::time::sleep(timeout / 2).await;
+        let queued: Vec<_> = (100..110).map(call).collect();
+        for c in in_flight {
+            let e = c.await.expect("the task ends").expect_err("no answer");
+            assert!(matches!(e, Error::RedisUnavailable(_)), "{e}");
+        }
+        for c in queued {
+            let e = c.await.expect("the task ends").expect_err("not sent");
+            assert!(
+                matches!(&e, Error::RedisUnavailable(why) if why.contains("not sent")),
+                "{e}"
+            );
+        }
+        assert_eq!(sent(), IN_FLIGHT as u64, "only the calls in flight went");
+        // Redis answers again: the next call goes, and is answered.
+        gate.set(true);
+        let reply = call(200).await.expect("the task ends").expect("answered");
+        assert_eq!(tag(&reply), "NO_HOLD");
+        assert_eq!(sent(), IN_FLIGHT as u64 + 1);
     }
 
     #[tokio::test]
