@@ -86,7 +86,7 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
 
 /// The pid of the Redis at `url`, which must be on this machine: the probe
 /// sends it signals.
-async fn loopback_redis_pid(url: &str) -> anyhow::Result<u32> {
+pub(super) async fn loopback_redis_pid(url: &str) -> anyhow::Result<u32> {
     let (host, _) = super::host_port(url);
     anyhow::ensure!(
         matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]"),
@@ -105,10 +105,10 @@ async fn loopback_redis_pid(url: &str) -> anyhow::Result<u32> {
 }
 
 /// Redis stopped with SIGSTOP until this is dropped (SIGCONT).
-struct Frozen(u32);
+pub(super) struct Frozen(u32);
 
 impl Frozen {
-    fn stop(pid: u32) -> anyhow::Result<Self> {
+    pub(super) fn stop(pid: u32) -> anyhow::Result<Self> {
         signal(pid, "STOP")?;
         Ok(Self(pid))
     }

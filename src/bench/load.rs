@@ -32,6 +32,50 @@ pub struct Run {
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
     pub outcomes: BTreeMap<String, u64>,
+    /// The calls by when they started, one [`Slice`] per [`SLICE`] of the
+    /// run: what a fault did, and when (src/bench/failover.rs).
+    pub timeline: Vec<Slice>,
+}
+
+/// The width of one [`Slice`] of a run's timeline.
+pub const SLICE: Duration = Duration::from_millis(100);
+
+/// The calls that started within one [`SLICE`] of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Slice {
+    /// Answered without a gRPC error.
+    pub answered: u64,
+    /// Answered with a gRPC error.
+    pub failed: u64,
+    /// The slowest of them, microseconds.
+    pub worst_us: u64,
+}
+
+impl Slice {
+    fn record(timeline: &mut Vec<Slice>, at: Duration, latency_us: u64, failed: bool) {
+        let i = (at.as_nanos() / SLICE.as_nanos()) as usize;
+        if timeline.len() <= i {
+            timeline.resize(i + 1, Slice::default());
+        }
+        let s = &mut timeline[i];
+        if failed {
+            s.failed += 1;
+        } else {
+            s.answered += 1;
+        }
+        s.worst_us = s.worst_us.max(latency_us);
+    }
+
+    fn merge(into: &mut Vec<Slice>, from: &[Slice]) {
+        if into.len() < from.len() {
+            into.resize(from.len(), Slice::default());
+        }
+        for (a, b) in into.iter_mut().zip(from) {
+            a.answered += b.answered;
+            a.failed += b.failed;
+            a.worst_us = a.worst_us.max(b.worst_us);
+        }
+    }
 }
 
 impl Run {
@@ -99,16 +143,22 @@ where
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+            let mut timeline = Vec::new();
             let (mut calls, mut units) = (0u64, 0u64);
             // Each client's ticks are offset by its share of the period, so
             // calls arrive spread evenly, as from independent shoppers. With
             // every client on the same phase they came in bursts of
             // `clients` at once, and a burst's last call waited for the
-            // whole burst: that measured the burst, not the load.
+            // whole burst: that measured the burst, not the load. A client
+            // whose call outlasted its period calls again at once, then
+            // keeps to its own phase (`Skip`): with `Delay` it took the
+            // phase of the moment its call returned, and every client a
+            // Redis freeze released at once went on in step, in bursts
+            // (deploy/BENCHMARKS.md, "the failover probe").
             let mut ticker = pace.map(|p| {
                 let first = tokio::time::Instant::now() + p.mul_f64(share);
                 let mut t = tokio::time::interval_at(first, p);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 t
             });
             while Instant::now() < deadline {
@@ -121,7 +171,9 @@ where
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let t0 = Instant::now();
                 let result = op(channel.clone(), n).await;
-                let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);
+                let us = t0.elapsed().as_micros().max(1) as u64;
+                let _ = hist.record(us);
+                Slice::record(&mut timeline, t0 - started, us, result.is_err());
                 calls += 1;
                 let name = match result {
                     Ok(done) => {
@@ -132,7 +184,7 @@ where
                 };
                 *outcomes.entry(name).or_default() += 1;
             }
-            (hist, outcomes, calls, units)
+            (hist, outcomes, timeline, calls, units)
         }));
     }
     let mut run = Run {
@@ -141,12 +193,14 @@ where
         units: 0,
         latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
         outcomes: BTreeMap::new(),
+        timeline: Vec::new(),
     };
     for t in tasks {
-        let Ok((hist, outcomes, calls, units)) = t.await else {
+        let Ok((hist, outcomes, timeline, calls, units)) = t.await else {
             continue;
         };
         let _ = run.latency.add(&hist);
+        Slice::merge(&mut run.timeline, &timeline);
         for (k, v) in outcomes {
             *run.outcomes.entry(k).or_default() += v;
         }
@@ -173,8 +227,36 @@ mod tests {
                 ("sold_out".to_string(), 10),
                 ("error:Unavailable".to_string(), 60),
             ]),
+            timeline: Vec::new(),
         };
         assert_eq!(run.rate(), 50.0);
         assert_eq!(run.answered_rate(), 20.0);
+    }
+
+    #[test]
+    fn calls_are_laid_out_by_when_they_started() {
+        let mut a = Vec::new();
+        Slice::record(&mut a, Duration::from_millis(30), 500, false);
+        Slice::record(&mut a, Duration::from_millis(250), 1_200_000, true);
+        Slice::record(&mut a, Duration::from_millis(299), 40, false);
+        let mut b = Vec::new();
+        Slice::record(&mut b, Duration::from_millis(99), 700, false);
+        Slice::merge(&mut b, &a);
+        assert_eq!(
+            b,
+            vec![
+                Slice {
+                    answered: 2,
+                    failed: 0,
+                    worst_us: 700
+                },
+                Slice::default(),
+                Slice {
+                    answered: 1,
+                    failed: 1,
+                    worst_us: 1_200_000
+                },
+            ]
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 mod baselines;
 mod cpu;
+mod failover;
 mod fallback;
 mod load;
 mod probes;
@@ -86,10 +87,11 @@ pub struct BenchArgs {
     pub database_url: String,
 
     /// Probes to run after the workloads (comma-separated): memory,
-    /// batch, expiry, fallback (freezes Redis, so it runs last, and drives
-    /// the --workload workloads through the Postgres fallback, claim-hot
-    /// when none is named). With probes and no --workload, only the probes
-    /// run.
+    /// batch, expiry, failover (claims at --rate, 1,000/s when absent,
+    /// through a Redis freeze of --duration seconds and its thaw), fallback
+    /// (drives the --workload workloads through the Postgres fallback,
+    /// claim-hot when none is named). The last two freeze Redis, so they
+    /// run last. With probes and no --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
@@ -235,12 +237,25 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         line.print();
     }
     let metrics = daemon.as_ref().map(|d| format!("127.0.0.1:{}", d.metrics));
-    // The fallback probe freezes Redis, and the daemon then has an outage
-    // to recover from: it goes last.
+    // The fallback and failover probes freeze Redis, and the daemon then
+    // has an outage to recover from: they go last.
     let mut order = args.probe.clone();
-    order.sort_by_key(|p| *p == Probe::Fallback);
+    order.sort_by_key(|p| matches!(p, Probe::Failover | Probe::Fallback));
     for probe in &order {
         workloads::setup(Workload::ClaimHot, &channels[0], &caller).await?;
+        if *probe == Probe::Failover {
+            let setup = failover::Setup {
+                redis_url: &args.redis_url,
+                metrics: metrics.as_deref(),
+                clients: args.clients,
+                rate: args.rate.unwrap_or(failover::DEFAULT_RATE),
+                outage: Duration::from_secs(args.duration),
+            };
+            failover::run(&channels, &caller, &setup)
+                .await
+                .context("probe failover")?;
+            continue;
+        }
         if *probe == Probe::Fallback {
             let driven = if args.workload.is_empty() {
                 vec![Workload::ClaimHot]

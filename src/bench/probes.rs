@@ -26,6 +26,11 @@ pub enum Probe {
     /// against pgbench's hot-row UPDATE (needs Redis on loopback; runs in
     /// `fallback.rs`).
     Fallback,
+    /// Claims at a steady rate (`--rate`, 1,000/s when absent) through a
+    /// Redis freeze of `--duration` seconds and its thaw: calls failed,
+    /// time until answered again, time until Redis serves again (needs
+    /// Redis on loopback; runs in `failover.rs`).
+    Failover,
 }
 
 fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -138,17 +143,32 @@ async fn claims_memory(
     Ok(())
 }
 
+/// The daemon's /metrics page at `metrics` (host:port); empty if it does
+/// not answer within a second.
+pub(super) async fn scrape(metrics: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let mut s = tokio::net::TcpStream::connect(metrics).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    tokio::time::timeout(Duration::from_secs(1), read)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// The sweeper-lag histogram's cumulative buckets from the daemon's
 /// /metrics: (upper bound in seconds, count).
 async fn sweeper_buckets(metrics: &str) -> Vec<(f64, f64)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(metrics).await else {
-        return Vec::new();
-    };
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body).await;
-    body.lines()
+    scrape(metrics)
+        .await
+        .lines()
         .filter_map(|l| l.strip_prefix("holdfast_sweeper_lag_seconds_bucket{le=\""))
         .filter_map(|rest| {
             let (le, count) = rest.split_once("\"} ")?;
@@ -238,7 +258,9 @@ pub async fn run(
     let mut con = client.get_multiplexed_async_connection().await?;
     let ch = &channels[0];
     match probe {
-        Probe::Fallback => unreachable!("bench::run sends the fallback probe to fallback::run"),
+        Probe::Fallback | Probe::Failover => {
+            unreachable!("bench::run sends the probes that freeze Redis to their own modules")
+        }
         Probe::Memory => {
             let product = format!("mem{}", c.tag);
             stock(ch, c, &product, holds as i64 * 2).await?;
