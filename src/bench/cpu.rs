@@ -77,7 +77,7 @@ impl Sample {
 }
 
 /// A pid whose /proc entry this process can read.
-fn is_local(pid: u32) -> bool {
+pub(super) fn is_local(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
 }
 
@@ -96,7 +96,7 @@ async fn redis_pid(url: &str) -> Option<u32> {
 }
 
 /// The postmaster: the parent of the backend serving a connection.
-async fn postmaster_pid(url: &str) -> Option<u32> {
+pub(super) async fn postmaster_pid(url: &str) -> Option<u32> {
     let mut con = sqlx::PgConnection::connect(url).await.ok()?;
     let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut con)
@@ -132,6 +132,11 @@ pub(super) fn stat(pid: u32) -> Option<Stat> {
         own,
         ticks: own + n(13)? + n(14)?,
     })
+}
+
+/// `pid`'s live children.
+pub(super) fn children_of(pid: u32) -> Vec<u32> {
+    children_by_parent().remove(&pid).unwrap_or_default()
 }
 
 /// Every live process's children, by parent pid.

@@ -1,10 +1,12 @@
-//! A Redis outage in the middle of a sale, as the shoppers see it: claims
-//! at a steady rate, Redis frozen with SIGSTOP for `--duration` seconds,
-//! then thawed. The fallback probe measures how fast the fallback serves
-//! once it does; this one measures the switches a user planning for an
-//! outage asks about next: how many calls fail while the daemon notices,
-//! how long until every call is answered again, and how long after Redis
-//! returns until it serves again.
+//! An outage of either store in the middle of a sale, as the shoppers see
+//! it: claims at a steady rate, Redis (`failover`) or Postgres
+//! (`pg-outage`) frozen with SIGSTOP for `--duration` seconds, then
+//! thawed. The fallback probe measures how fast the fallback serves once
+//! it does; this one measures what a user planning for an outage asks
+//! next: how many calls fail while the daemon notices, how long until
+//! every call is answered again, and how long after the store returns
+//! until the daemon is back to normal (Redis serving again; the drainer
+//! caught up with what Redis sold meanwhile).
 //!
 //! Calls are laid out by when they started (`Run::timeline`, 100 ms
 //! slices), so the switch is read to within a slice. A call that started
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
+use super::cpu;
 use super::fallback::{Frozen, loopback_redis_pid};
 use super::load::{Plan, SLICE, Slice};
 use super::probes::scrape;
@@ -31,21 +34,37 @@ pub const DEFAULT_RATE: f64 = 1_000.0;
 /// were answered without an error.
 const SERVED: f64 = 0.9;
 
-/// What the failover probe needs from the bench's arguments.
+/// The store an outage stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Redis,
+    Postgres,
+}
+
+/// The drainer has caught up once it writes events younger than this.
+const CAUGHT_UP_SECS: f64 = 0.5;
+
+/// What the outage probes need from the bench's arguments.
 pub struct Setup<'a> {
+    pub store: Store,
     pub redis_url: &'a str,
+    pub database_url: &'a str,
     /// The daemon's /metrics address, when the bench started it: the
-    /// circuit's state is read there.
+    /// circuit's state and the drainer's lag are read there.
     pub metrics: Option<&'a str>,
     pub clients: usize,
     pub rate: f64,
     pub outage: Duration,
 }
 
-/// Drives claim-hot at `s.rate` through a freeze and a thaw of Redis and
-/// prints one `bench-probe: failover ...` line.
+/// Drives claim-hot at `s.rate` through a freeze and a thaw of `s.store`
+/// and prints one `bench-probe: failover ...` (Redis) or `bench-probe:
+/// pg-outage ...` line.
 pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Result<()> {
-    let pid = loopback_redis_pid(s.redis_url).await?;
+    let redis = match s.store {
+        Store::Redis => Some(loopback_redis_pid(s.redis_url).await?),
+        Store::Postgres => None,
+    };
     let plan = Plan {
         clients: s.clients,
         duration: BEFORE + s.outage + AFTER,
@@ -54,14 +73,21 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
     };
     let faults = async {
         tokio::time::sleep(BEFORE).await;
-        let frozen = Frozen::stop(pid)?;
+        // Postgres's processes as they are now: backends come and go.
+        let pids = match redis {
+            Some(pid) => vec![pid],
+            None => postgres_pids(s.database_url).await?,
+        };
+        let frozen = Frozen::stop(pids)?;
         tokio::time::sleep(s.outage).await;
         drop(frozen);
         let thawed = Instant::now();
-        anyhow::Ok(match s.metrics {
-            Some(m) => circuit_closed(m, AFTER).await.then(|| thawed.elapsed()),
-            None => None,
-        })
+        let normal = match (s.metrics, s.store) {
+            (Some(m), Store::Redis) => circuit_closed(m, AFTER).await,
+            (Some(m), Store::Postgres) => drained(m, AFTER).await,
+            (None, _) => false,
+        };
+        anyhow::Ok(normal.then(|| thawed.elapsed()))
     };
     let (run, closed) = tokio::join!(
         workloads::run(Workload::ClaimHot, channels, &plan, c),
@@ -73,8 +99,12 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
     let offered = s.rate * SLICE.as_secs_f64();
     let o = Outage::read(&run.timeline, offered, freeze, thaw);
     let ms = |d: Option<Duration>| d.map_or("never".to_string(), |d| d.as_millis().to_string());
+    let (probe, normal) = match s.store {
+        Store::Redis => ("failover", "circuit_closed"),
+        Store::Postgres => ("pg-outage", "drained"),
+    };
     println!(
-        "bench-probe: failover rate={:.0} outage_s={} failed_before={} failed_during={} answered_again_ms={} worst_during_ms={} circuit_closed_after_thaw_ms={} failed_after={} worst_after_ms={} outcomes={}",
+        "bench-probe: {probe} rate={:.0} outage_s={} failed_before={} failed_during={} answered_again_ms={} worst_during_ms={} {normal}_after_thaw_ms={} failed_after={} worst_after_ms={} outcomes={}",
         s.rate,
         s.outage.as_secs(),
         o.failed[0],
@@ -93,6 +123,20 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
     Ok(())
 }
 
+/// The postmaster, then its children (backends and workers): the whole
+/// server stops, and the stopped postmaster starts no new backend.
+async fn postgres_pids(database_url: &str) -> anyhow::Result<Vec<u32>> {
+    let postmaster = cpu::postmaster_pid(database_url)
+        .await
+        .filter(|p| cpu::is_local(*p))
+        .ok_or_else(|| {
+            anyhow::anyhow!("the pg-outage probe freezes Postgres with SIGSTOP, so Postgres must run on this machine")
+        })?;
+    let mut pids = vec![postmaster];
+    pids.extend(cpu::children_of(postmaster));
+    Ok(pids)
+}
+
 fn slice_of(at: Duration) -> usize {
     (at.as_nanos() / SLICE.as_nanos()) as usize
 }
@@ -100,14 +144,43 @@ fn slice_of(at: Duration) -> usize {
 /// Polls the daemon's circuit gauge until it reads closed; false if it
 /// did not within `within`.
 async fn circuit_closed(metrics: &str, within: Duration) -> bool {
+    poll(metrics, within, "holdfast_redis_circuit_open", |open| {
+        open == 0.0
+    })
+    .await
+}
+
+/// Polls the drainer's lag (the age of the newest event it wrote) until it
+/// has written the events Redis kept while Postgres was away (the lag
+/// rises past [`CAUGHT_UP_SECS`]: the first write after the thaw is of
+/// events from the start of the outage) and then events younger than
+/// that; false if not within `within`.
+async fn drained(metrics: &str, within: Duration) -> bool {
+    let gauge = "holdfast_drainer_lag_seconds";
+    let until = Instant::now() + within;
+    poll(metrics, within, gauge, |lag| lag > CAUGHT_UP_SECS).await
+        && poll(
+            metrics,
+            until.saturating_duration_since(Instant::now()),
+            gauge,
+            |lag| lag < CAUGHT_UP_SECS,
+        )
+        .await
+}
+
+/// Polls the daemon's gauge `name` every 10 ms until `done` holds for its
+/// value; false if it did not within `within`.
+async fn poll(metrics: &str, within: Duration, name: &str, done: impl Fn(f64) -> bool) -> bool {
     let until = Instant::now() + within;
     while Instant::now() < until {
-        let body = scrape(metrics).await;
-        let open = body
-            .lines()
-            .find_map(|l| l.strip_prefix("holdfast_redis_circuit_open "))
-            .and_then(|v| v.trim().parse::<f64>().ok());
-        if open == Some(0.0) {
+        let value = scrape(metrics).await.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        });
+        if value.is_some_and(&done) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

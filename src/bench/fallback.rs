@@ -38,7 +38,7 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
     let pid = loopback_redis_pid(s.redis_url).await?;
     let mut measured = Vec::new();
     {
-        let _frozen = Frozen::stop(pid)?;
+        let _frozen = Frozen::stop(vec![pid])?;
         for (i, &w) in s.workloads.iter().enumerate() {
             // The first calls wait out --redis-timeout-ms and open the
             // circuit; the first warm-up absorbs them.
@@ -104,23 +104,36 @@ pub(super) async fn loopback_redis_pid(url: &str) -> anyhow::Result<u32> {
         .context("no process_id in Redis's INFO server")
 }
 
-/// Redis stopped with SIGSTOP until this is dropped (SIGCONT).
-pub(super) struct Frozen(u32);
+/// Processes (Redis, or Postgres's postmaster and backends) stopped with
+/// SIGSTOP until this is dropped (SIGCONT), in the order given.
+pub(super) struct Frozen(Vec<u32>);
 
 impl Frozen {
-    pub(super) fn stop(pid: u32) -> anyhow::Result<Self> {
-        signal(pid, "STOP")?;
-        Ok(Self(pid))
+    pub(super) fn stop(pids: Vec<u32>) -> anyhow::Result<Self> {
+        let mut frozen = Self(Vec::with_capacity(pids.len()));
+        for pid in pids {
+            match signal(pid, "STOP") {
+                Ok(()) => frozen.0.push(pid),
+                // A backend that ended since it was listed has nothing to
+                // stop.
+                Err(_) if !super::cpu::is_local(pid) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(frozen)
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        if let Err(e) = signal(self.0, "CONT") {
-            eprintln!(
-                "bench: could not thaw Redis (pid {}): {e:#}; run `kill -CONT {}`",
-                self.0, self.0
-            );
+        for &pid in &self.0 {
+            // A backend that was exiting when stopped (its connection
+            // closed) is reaped once the postmaster runs again.
+            if let Err(e) = signal(pid, "CONT")
+                && super::cpu::is_local(pid)
+            {
+                eprintln!("bench: could not thaw pid {pid}: {e:#}; run `kill -CONT {pid}`");
+            }
         }
     }
 }
@@ -129,6 +142,7 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
+        .stderr(std::process::Stdio::null())
         .status()
         .context("run kill")?;
     anyhow::ensure!(status.success(), "kill -{sig} {pid} failed");

@@ -87,11 +87,12 @@ pub struct BenchArgs {
     pub database_url: String,
 
     /// Probes to run after the workloads (comma-separated): memory,
-    /// batch, expiry, failover (claims at --rate, 1,000/s when absent,
-    /// through a Redis freeze of --duration seconds and its thaw), fallback
-    /// (drives the --workload workloads through the Postgres fallback,
-    /// claim-hot when none is named). The last two freeze Redis, so they
-    /// run last. With probes and no --workload, only the probes run.
+    /// batch, expiry, failover and pg-outage (claims at --rate, 1,000/s
+    /// when absent, through a freeze of --duration seconds of Redis or of
+    /// Postgres, and its thaw), fallback (drives the --workload workloads
+    /// through the Postgres fallback, claim-hot when none is named). The
+    /// last three freeze a store, so they run last. With probes and no
+    /// --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
@@ -102,6 +103,13 @@ pub struct BenchArgs {
     /// Skip the three baselines (only drive holdfast).
     #[arg(long)]
     pub no_baselines: bool,
+
+    /// An argument for the daemon the bench starts (repeatable), e.g.
+    /// `--serve-arg=--grant-chunk=1000` to run with the daemon's default
+    /// grants, or `--serve-arg=--redis-timeout-ms=250`. A --grant-chunk
+    /// given here replaces the bench's own (10,000,000).
+    #[arg(long, allow_hyphen_values = true)]
+    pub serve_arg: Vec<String>,
 }
 
 /// `--rate`: a finite number above zero (0 or a negative rate would
@@ -240,12 +248,18 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     // The fallback and failover probes freeze Redis, and the daemon then
     // has an outage to recover from: they go last.
     let mut order = args.probe.clone();
-    order.sort_by_key(|p| matches!(p, Probe::Failover | Probe::Fallback));
+    order.sort_by_key(|p| matches!(p, Probe::Failover | Probe::PgOutage | Probe::Fallback));
     for probe in &order {
         workloads::setup(Workload::ClaimHot, &channels[0], &caller).await?;
-        if *probe == Probe::Failover {
+        if let Probe::Failover | Probe::PgOutage = probe {
             let setup = failover::Setup {
+                store: if *probe == Probe::Failover {
+                    failover::Store::Redis
+                } else {
+                    failover::Store::Postgres
+                },
                 redis_url: &args.redis_url,
+                database_url: &args.database_url,
                 metrics: metrics.as_deref(),
                 clients: args.clients,
                 rate: args.rate.unwrap_or(failover::DEFAULT_RATE),
@@ -253,7 +267,7 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             };
             failover::run(&channels, &caller, &setup)
                 .await
-                .context("probe failover")?;
+                .with_context(|| format!("probe {probe:?}"))?;
             continue;
         }
         if *probe == Probe::Fallback {
@@ -427,16 +441,25 @@ impl Daemon {
         let port = free_port()?;
         let metrics = free_port()?;
         let log = std::fs::File::create(dir.join("holdfast.log"))?;
-        let child = std::process::Command::new(std::env::current_exe()?)
+        let mut serve = std::process::Command::new(std::env::current_exe()?);
+        serve
             .args(["serve", "--dev", "--log-format", "text"])
             .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
             .args(["--redis-url", &args.redis_url])
-            .args(["--database-url", &args.database_url])
+            .args(["--database-url", &args.database_url]);
+        let chunk_given = args
+            .serve_arg
+            .iter()
+            .any(|a| a == "--grant-chunk" || a.starts_with("--grant-chunk="));
+        if !chunk_given {
             // Grants big enough that neither holdfast nor the raw script
             // baseline waits on Postgres mid-run (the default chunk of
             // 1,000 adds one grant per 1,000 units, off the hot path).
-            .args(["--grant-chunk", "10000000"])
+            serve.args(["--grant-chunk", "10000000"]);
+        }
+        let child = serve
+            .args(&args.serve_arg)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -31,6 +31,10 @@ pub enum Probe {
     /// time until answered again, time until Redis serves again (needs
     /// Redis on loopback; runs in `failover.rs`).
     Failover,
+    /// The same through a Postgres freeze: calls failed, and the time
+    /// until the drainer has caught up after the thaw (needs Postgres on
+    /// this machine; runs in `failover.rs`).
+    PgOutage,
 }
 
 fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -258,7 +262,7 @@ pub async fn run(
     let mut con = client.get_multiplexed_async_connection().await?;
     let ch = &channels[0];
     match probe {
-        Probe::Fallback | Probe::Failover => {
+        Probe::Fallback | Probe::Failover | Probe::PgOutage => {
             unreachable!("bench::run sends the probes that freeze Redis to their own modules")
         }
         Probe::Memory => {
