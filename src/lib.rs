@@ -39,6 +39,8 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod gate;
 pub mod grpc;
 pub mod jobs;
 pub mod satellite;

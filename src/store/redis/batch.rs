@@ -412,66 +412,14 @@ mod tests {
             .expect("cleaned up");
     }
 
-    /// A relay to the test Redis that can hold every byte either way, as
-    /// a Redis frozen with SIGSTOP does: nothing lost, nothing answered
-    /// until it opens again.
-    struct Gate {
-        port: u16,
-        open: tokio::sync::watch::Sender<bool>,
-    }
-
-    impl Gate {
-        async fn start() -> Self {
-            let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
-                .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
-            let target = url
-                .trim_start_matches("redis://")
-                .split('/')
-                .next()
-                .expect("a host:port")
-                .to_string();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("a free port");
-            let port = listener.local_addr().expect("bound").port();
-            let (open, _) = tokio::sync::watch::channel(true);
-            let gate = open.clone();
-            tokio::spawn(async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    let redis = tokio::net::TcpStream::connect(&target)
-                        .await
-                        .expect("the test Redis is up");
-                    let (cr, cw) = client.into_split();
-                    let (rr, rw) = redis.into_split();
-                    tokio::spawn(Self::pump(cr, rw, gate.subscribe()));
-                    tokio::spawn(Self::pump(rr, cw, gate.subscribe()));
-                }
-            });
-            Self { port, open }
-        }
-
-        async fn pump(
-            mut from: tokio::net::tcp::OwnedReadHalf,
-            mut to: tokio::net::tcp::OwnedWriteHalf,
-            mut open: tokio::sync::watch::Receiver<bool>,
-        ) {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut buf = vec![0; 16 * 1024];
-            while let Ok(n @ 1..) = from.read(&mut buf).await {
-                if open.wait_for(|o| *o).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        }
-
-        fn set(&self, open: bool) {
-            self.open.send_replace(open);
-        }
-    }
-
     #[tokio::test]
     async fn calls_queued_behind_a_call_redis_did_not_answer_are_not_sent() {
-        let gate = Gate::start().await;
+        let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
+            .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
+        let redis = url.trim_start_matches("redis://").split('/').next();
+        let gate = crate::gate::Gate::start(redis.expect("host:port"))
+            .await
+            .expect("a relay to the test Redis");
         let timeout = Duration::from_secs(2);
         let client =
             redis::Client::open(format!("redis://127.0.0.1:{}", gate.port)).expect("a valid URL");
