@@ -110,12 +110,7 @@ impl Application {
         let redis = redis.with_max_active_holds(args.max_active_holds_per_tenant);
         warn_about_redis_settings(&redis).await;
 
-        let engine = Arc::new(Engine::new(
-            redis,
-            pg,
-            args.grant_policy(),
-            args.max_extensions,
-        ));
+        let engine = Engine::new(redis, pg, args.grant_policy(), args.max_extensions);
         let grpc = TcpListener::bind(args.grpc_addr).await?;
         let metrics = TcpListener::bind(args.metrics_addr).await?;
         Ok(Self {

@@ -5,6 +5,7 @@
 //! Reads combine both stores' counts.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Engine, PoolView};
@@ -47,6 +48,11 @@ const GROWTH: i64 = 4;
 /// Last grants older than this are forgotten (a pool sold this slowly is
 /// back at `chunk`).
 const FORGET: Duration = Duration::from_secs(60);
+
+/// The longest a take waits for a grant (for the grant lock, then for
+/// Postgres and Redis to record it): as long as it waits for a Postgres
+/// connection (startup.rs).
+const TAKE_WAITS_FOR_GRANT: Duration = Duration::from_secs(5);
 
 /// Pools granted per Postgres transaction when many are loaded at once
 /// (a sale's products, an Engage's cards).
@@ -141,23 +147,68 @@ impl Engine {
     }
 
     /// Delegates capacity to Redis for pools a script found short, `needed`
-    /// units each at least (ESCROW.md "Refill").
+    /// units each at least (ESCROW.md "Refill"), for a take: waits at most
+    /// [`TAKE_WAITS_FOR_GRANT`] for it, then answers UNAVAILABLE (the grant
+    /// goes on without the take, which a retry by id may find done).
     pub(super) async fn grant(
         &self,
         tenant: &TenantId,
         needed: &[(PoolId, i64)],
     ) -> Result<(), Error> {
-        let _serial = self.grant_lock.lock().await;
-        self.sync_locked(tenant, needed).await
+        self.in_escrow(tenant, needed.to_vec(), Some(TAKE_WAITS_FOR_GRANT))
+            .await
     }
 
     /// Brings Redis's copy of pools up to date with Postgres (grant,
     /// window, threshold, ceiling), granting a chunk where Redis runs low.
     /// Call after changing a pool in Postgres; the refiller calls it too.
     pub async fn sync(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<(), Error> {
-        let _serial = self.grant_lock.lock().await;
         let needed: Vec<(PoolId, i64)> = pools.iter().map(|p| (p.clone(), 0)).collect();
-        self.sync_locked(tenant, &needed).await
+        self.in_escrow(tenant, needed, None).await
+    }
+
+    /// Runs [`Self::sync_locked`] under `grant_lock`, in a task of its own:
+    /// a grant Postgres recorded must reach Redis, or the pool's next load
+    /// finds Redis short of it (`LOST`) and puts the grant in doubt. So the
+    /// grant is never cut half-way by its caller going away (a client's
+    /// deadline or hang-up drops the call's future). `wait` bounds how long
+    /// the caller waits, for the lock and then for the grant: against a
+    /// Postgres that hangs (frozen, or a network dropping packets) each
+    /// grant gave up after the pool's 5 s, one after another, so the n-th
+    /// take in the lock's queue waited 5n s (16.9 s in a 20 s freeze:
+    /// deploy/BENCHMARKS.md, "the pg-outage probe").
+    async fn in_escrow(
+        &self,
+        tenant: &TenantId,
+        needed: Vec<(PoolId, i64)>,
+        wait: Option<Duration>,
+    ) -> Result<(), Error> {
+        let until = wait.map(|w| tokio::time::Instant::now() + w);
+        let busy = || {
+            Error::Unavailable(
+                "postgres did not grant this pool more units in time; retry with the same id"
+                    .into(),
+            )
+        };
+        let lock = Arc::clone(&self.grant_lock).lock_owned();
+        let serial = match until {
+            Some(t) => tokio::time::timeout_at(t, lock).await.map_err(|_| busy())?,
+            None => lock.await,
+        };
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Error::Unavailable("the engine is shutting down".into()))?;
+        let tenant = tenant.clone();
+        let task = tokio::spawn(async move {
+            let _serial = serial;
+            me.sync_locked(&tenant, &needed).await
+        });
+        let joined = match until {
+            Some(t) => tokio::time::timeout_at(t, task).await.map_err(|_| busy())?,
+            None => task.await,
+        };
+        joined.map_err(|e| Error::internal(format!("a grant's task failed: {e}")))?
     }
 
     /// An operator states how many of a pool's in-doubt units were really

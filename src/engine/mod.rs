@@ -13,6 +13,7 @@ mod circuit;
 mod escrow;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -89,15 +90,18 @@ pub enum ListedTake {
     Took(TakeOutcome),
 }
 
-/// The engine. Cheap to share behind an `Arc`.
+/// The engine, shared behind an `Arc` ([`Engine::new`] makes one).
 pub struct Engine {
+    /// The engine itself, for work that must outlive the call that asked
+    /// for it (a grant: escrow.rs, `in_escrow`).
+    me: std::sync::Weak<Engine>,
     redis: RedisStore,
     pg: PgStore,
     /// Gathers concurrent fallback takes into shared transactions.
     fallback: TakeQueue,
     /// Serialises grants, so that a pool being loaded is never mistaken for
     /// a pool that Redis lost.
-    grant_lock: Mutex<()>,
+    grant_lock: Arc<Mutex<()>>,
     /// Each pool's last grant, which sizes the next (escrow.rs).
     last_grants: std::sync::Mutex<escrow::LastGrants>,
     circuit: Circuit,
@@ -108,18 +112,24 @@ pub struct Engine {
 impl Engine {
     /// An engine over the two stores. Starts the fallback's coalescer, so
     /// it must be called on a Tokio runtime.
-    pub fn new(redis: RedisStore, pg: PgStore, policy: GrantPolicy, max_extensions: u32) -> Self {
+    pub fn new(
+        redis: RedisStore,
+        pg: PgStore,
+        policy: GrantPolicy,
+        max_extensions: u32,
+    ) -> Arc<Self> {
         metrics::gauge!(metric::CIRCUIT_OPEN).set(0.0);
-        Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             redis,
             fallback: TakeQueue::start(pg.clone()),
             pg,
-            grant_lock: Mutex::new(()),
+            grant_lock: Arc::default(),
             last_grants: std::sync::Mutex::default(),
             circuit: Circuit::default(),
             policy,
             max_extensions,
-        }
+        })
     }
 
     /// The Redis store.

@@ -389,3 +389,70 @@ async fn a_pool_that_sells_fast_is_granted_more_at_a_time_up_to_the_most_allowed
         "no grant moved more than 200: {most_left} left at once"
     );
 }
+
+/// A Postgres that hangs (frozen, or behind a network that drops packets)
+/// must not hold claims that need a grant: each answers UNAVAILABLE in
+/// bounded time, however many wait, and once Postgres answers a retry is
+/// sold and no grant was lost. Before, claims queued behind the grant
+/// lock: 16.9 s in a 20 s freeze (deploy/BENCHMARKS.md, "the pg-outage
+/// probe").
+#[tokio::test]
+async fn claims_waiting_for_a_grant_from_a_hung_postgres_answer_unavailable_in_bounded_time() {
+    let database_url = crate::helpers::fresh_database().await;
+    let (user, rest) = database_url.split_once('@').expect("user@host:port/name");
+    let (server, name) = rest.split_once('/').expect("host:port/name");
+    let gate = holdfast::gate::Gate::start(server)
+        .await
+        .expect("a relay to the test Postgres");
+    let via_gate = format!("{user}@127.0.0.1:{}/{name}", gate.port);
+    let app = crate::helpers::spawn_app_with(|a| {
+        a.db.database_url = via_gate;
+        a.grant_chunk = 10;
+        a.grant_max_chunk = 10;
+    })
+    .await;
+    app.live_sale("drop", &[("tee", Some(100))], 0).await;
+    // The first claim reads the sale from Postgres (and keeps it).
+    let first = app.flash().claim(claim("c0", "drop", &[("tee", 1)])).await;
+    assert_eq!(first.expect("sold").into_inner().outcome(), Outcome::Ok);
+    // Postgres stops answering. Redis sells the rest of its grant (10)...
+    gate.set(false);
+    let rest = app.flash().claim(claim("c1", "drop", &[("tee", 9)])).await;
+    let rest = rest.expect("sold from Redis's grant, without Postgres");
+    assert_eq!(rest.into_inner().outcome(), Outcome::Ok);
+    // ...and then every claim needs a grant that Postgres does not answer.
+    // Each grant gave up only when the pool's wait for a connection did
+    // (5 s), one after another behind the grant lock, so the thirtieth
+    // claim waited 150 s; each now waits 5 s at most, lock included.
+    let mut waiting = tokio::task::JoinSet::new();
+    for i in 2..32 {
+        let mut flash = app.flash();
+        waiting.spawn(async move {
+            flash
+                .claim(claim(&format!("c{i}"), "drop", &[("tee", 1)]))
+                .await
+        });
+    }
+    let answers = tokio::time::timeout(std::time::Duration::from_secs(60), waiting.join_all())
+        .await
+        .expect("claims must not queue for a hung Postgres: 60 s is twelve times the bound");
+    for answer in answers {
+        let status = answer.expect_err("no grant, no claim");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+
+    // Postgres answers again: the retry is sold, and no grant was lost.
+    gate.set(true);
+    app.eventually("c2's retry sold once Postgres answers", || async {
+        let r = app
+            .flash()
+            .claim(claim("c2", "drop", &[("tee", 1)]))
+            .await
+            .ok()?;
+        (r.into_inner().outcome() == Outcome::Ok).then_some(())
+    })
+    .await;
+    let pool = app.pool("sale/drop/tee").await;
+    assert_eq!((pool.in_doubt, pool.sold), (0, 11), "{pool:?}");
+    app.shutdown().await;
+}
