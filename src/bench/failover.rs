@@ -89,11 +89,15 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
         };
         anyhow::Ok(normal.then(|| thawed.elapsed()))
     };
-    let (run, closed) = tokio::join!(
+    let (run, recovered) = tokio::join!(
         workloads::run(Workload::ClaimHot, channels, &plan, c),
         faults
     );
-    let closed = closed?;
+    let recovered = match (recovered?, s.metrics) {
+        (_, None) => "unmeasured".to_string(),
+        (None, Some(_)) => "never".to_string(),
+        (Some(d), Some(_)) => d.as_millis().to_string(),
+    };
     let freeze = slice_of(BEFORE);
     let thaw = slice_of(BEFORE + s.outage);
     let offered = s.rate * SLICE.as_secs_f64();
@@ -111,7 +115,7 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
         o.failed[1],
         ms(o.answered_again),
         o.worst_ms[1],
-        ms(closed),
+        recovered,
         o.failed[2],
         o.worst_ms[2],
         run.outcomes
