@@ -85,12 +85,14 @@ impl Batcher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let sent = Arc::new(AtomicU64::new(0));
         let coalescer = Coalescer {
-            sent: Arc::clone(&sent),
-            con,
-            invocation: Arc::new(invocation),
-            timeout,
+            sending: Sending {
+                con,
+                invocation: Arc::new(invocation),
+                timeout,
+                sent: Arc::clone(&sent),
+                unanswered_at: Arc::default(),
+            },
             slots: Arc::new(Semaphore::new(IN_FLIGHT)),
-            unanswered_at: Arc::default(),
         };
         tokio::spawn(coalescer.run(rx));
         Self {
@@ -123,14 +125,9 @@ impl Batcher {
 }
 
 struct Coalescer {
-    sent: Arc<AtomicU64>,
-    con: ConnectionManager,
-    invocation: Arc<Invocation>,
-    timeout: Duration,
+    /// What each batch is sent with (cloned per batch).
+    sending: Sending,
     slots: Arc<Semaphore>,
-    /// When Redis last failed to answer a call: the calls queued before
-    /// then are not sent.
-    unanswered_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Coalescer {
@@ -144,13 +141,7 @@ impl Coalescer {
             let Some(batch) = next_batch(&mut rx, &mut waiting, MAX_OPS).await else {
                 return;
             };
-            let sending = Sending {
-                con: self.con.clone(),
-                invocation: Arc::clone(&self.invocation),
-                timeout: self.timeout,
-                sent: Arc::clone(&self.sent),
-                unanswered_at: Arc::clone(&self.unanswered_at),
-            };
+            let sending = self.sending.clone();
             tokio::spawn(async move {
                 sending.send(batch).await;
                 // Released after `unanswered_at` is set, so the batch that
@@ -168,11 +159,15 @@ impl Tenanted for Queued {
 }
 
 /// What sending one batch needs from the coalescer.
+#[derive(Clone)]
 struct Sending {
     con: ConnectionManager,
     invocation: Arc<Invocation>,
     timeout: Duration,
+    /// Script calls sent (`Batcher::sent`).
     sent: Arc<AtomicU64>,
+    /// When Redis last failed to answer a call: the calls queued before
+    /// then are not sent.
     unanswered_at: Arc<Mutex<Option<Instant>>>,
 }
 
