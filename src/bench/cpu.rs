@@ -82,7 +82,7 @@ pub(super) fn is_local(pid: u32) -> bool {
 }
 
 /// Redis's `process_id` from `INFO server`.
-async fn redis_pid(url: &str) -> Option<u32> {
+pub(super) async fn redis_pid(url: &str) -> Option<u32> {
     let client = redis::Client::open(url).ok()?;
     let mut con = client.get_multiplexed_async_connection().await.ok()?;
     let info: String = redis::cmd("INFO")

@@ -84,24 +84,17 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
     Ok(())
 }
 
-/// The pid of the Redis at `url`, which must be on this machine: the probe
-/// sends it signals.
+/// The pid of the Redis at `url`, which must be on this machine: the
+/// probes that freeze it send it signals.
 pub(super) async fn loopback_redis_pid(url: &str) -> anyhow::Result<u32> {
     let (host, _) = super::host_port(url);
     anyhow::ensure!(
         matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]"),
-        "the fallback probe freezes Redis with SIGSTOP, so Redis must be on this machine's loopback (it is at {host})"
+        "this probe freezes Redis with SIGSTOP, so Redis must be on this machine's loopback (it is at {host})"
     );
-    let client = redis::Client::open(url)?;
-    let mut con = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut con)
-        .await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no process_id in Redis's INFO server")
+    super::cpu::redis_pid(url)
+        .await
+        .context("cannot read Redis's process_id from INFO server")
 }
 
 /// Processes (Redis, or Postgres's postmaster and backends) stopped with

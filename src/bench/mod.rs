@@ -245,19 +245,20 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         line.print();
     }
     let metrics = daemon.as_ref().map(|d| format!("127.0.0.1:{}", d.metrics));
-    // The fallback and failover probes freeze Redis, and the daemon then
-    // has an outage to recover from: they go last.
+    // The fallback, failover and pg-outage probes freeze a store, and the
+    // daemon then has an outage to recover from: they go last.
     let mut order = args.probe.clone();
     order.sort_by_key(|p| matches!(p, Probe::Failover | Probe::PgOutage | Probe::Fallback));
     for probe in &order {
         workloads::setup(Workload::ClaimHot, &channels[0], &caller).await?;
-        if let Probe::Failover | Probe::PgOutage = probe {
+        let frozen = match probe {
+            Probe::Failover => Some(failover::Store::Redis),
+            Probe::PgOutage => Some(failover::Store::Postgres),
+            _ => None,
+        };
+        if let Some(store) = frozen {
             let setup = failover::Setup {
-                store: if *probe == Probe::Failover {
-                    failover::Store::Redis
-                } else {
-                    failover::Store::Postgres
-                },
+                store,
                 redis_url: &args.redis_url,
                 database_url: &args.database_url,
                 metrics: metrics.as_deref(),

@@ -263,7 +263,7 @@ pub async fn run(
     let ch = &channels[0];
     match probe {
         Probe::Fallback | Probe::Failover | Probe::PgOutage => {
-            unreachable!("bench::run sends the probes that freeze Redis to their own modules")
+            unreachable!("bench::run sends the probes that freeze a store to their own modules")
         }
         Probe::Memory => {
             let product = format!("mem{}", c.tag);
