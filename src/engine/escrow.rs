@@ -5,6 +5,7 @@
 //! Reads combine both stores' counts.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,22 +168,40 @@ impl Engine {
         self.in_escrow(tenant, needed, None).await
     }
 
-    /// Runs [`Self::sync_locked`] under `grant_lock`, in a task of its own:
-    /// a grant Postgres recorded must reach Redis, or the pool's next load
-    /// finds Redis short of it (`LOST`) and puts the grant in doubt. So the
-    /// grant is never cut half-way by its caller going away (a client's
-    /// deadline or hang-up drops the call's future). `wait` bounds how long
-    /// the caller waits, for the lock and then for the grant: against a
-    /// Postgres that hangs (frozen, or a network dropping packets) each
-    /// grant gave up after the pool's 5 s, one after another, so the n-th
-    /// take in the lock's queue waited 5n s (16.9 s in a 20 s freeze:
-    /// deploy/BENCHMARKS.md, "the pg-outage probe").
+    /// Runs [`Self::sync_locked`] under `grant_lock` ([`Self::serially`]).
+    /// `wait` bounds how long the caller waits, for the lock and then for
+    /// the grant: against a Postgres that hangs (frozen, or a network
+    /// dropping packets) each grant gave up after the pool's 5 s, one after
+    /// another, so the n-th take in the lock's queue waited 5n s (16.9 s in
+    /// a 20 s freeze: deploy/BENCHMARKS.md, "the pg-outage probe").
     async fn in_escrow(
         &self,
         tenant: &TenantId,
         needed: Vec<(PoolId, i64)>,
         wait: Option<Duration>,
     ) -> Result<(), Error> {
+        let tenant = tenant.clone();
+        self.serially(wait, move |me| async move {
+            me.sync_locked(&tenant, &needed).await
+        })
+        .await
+    }
+
+    /// Runs `work` under `grant_lock`, in a task of its own. Everything
+    /// that moves units between the stores runs here, because it writes
+    /// one store and then the other, and must not stop half-way when its
+    /// caller goes away (a client's deadline or hang-up drops the call's
+    /// future): a grant Postgres recorded must reach Redis, or the pool's
+    /// next load finds Redis short of it (`LOST`) and puts it in doubt;
+    /// units Redis handed back must be recorded in Postgres, or neither
+    /// store sells them again. `wait`, if any, bounds how long the caller
+    /// waits, for the lock and then for the work, which goes on without it.
+    async fn serially<T, F, Fut>(&self, wait: Option<Duration>, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Engine>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
+    {
         let until = wait.map(|w| tokio::time::Instant::now() + w);
         let busy = || {
             Error::Unavailable(
@@ -199,27 +218,42 @@ impl Engine {
             .me
             .upgrade()
             .ok_or_else(|| Error::Unavailable("the engine is shutting down".into()))?;
-        let tenant = tenant.clone();
         let task = tokio::spawn(async move {
             let _serial = serial;
-            me.sync_locked(&tenant, &needed).await
+            work(me).await
         });
         let joined = match until {
             Some(t) => tokio::time::timeout_at(t, task).await.map_err(|_| busy())?,
             None => task.await,
         };
-        joined.map_err(|e| Error::internal(format!("a grant's task failed: {e}")))?
+        joined.map_err(|e| {
+            Error::internal(format!(
+                "a task moving units between the stores failed: {e}"
+            ))
+        })?
     }
 
     /// An operator states how many of a pool's in-doubt units were really
-    /// sold; the rest become available again.
+    /// sold; the rest become available again. Runs [`Self::serially`].
     pub async fn resolve_in_doubt(
         &self,
         tenant: &TenantId,
         pool: &PoolId,
         sold: i64,
     ) -> Result<(), Error> {
-        let _serial = self.grant_lock.lock().await;
+        let (tenant, pool) = (tenant.clone(), pool.clone());
+        self.serially(None, move |me| async move {
+            me.resolve_in_doubt_locked(&tenant, &pool, sold).await
+        })
+        .await
+    }
+
+    async fn resolve_in_doubt_locked(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        sold: i64,
+    ) -> Result<(), Error> {
         match self.pg.resolve_in_doubt(tenant, pool, sold).await? {
             Some(_) => {}
             None => {
@@ -246,10 +280,8 @@ impl Engine {
     pub async fn recover_pools(&self) -> Result<usize, Error> {
         let mut n = 0;
         for (tenant, pools) in self.pg.pools_with_grants().await? {
-            let _serial = self.grant_lock.lock().await;
-            let needed: Vec<(PoolId, i64)> = pools.into_iter().map(|p| (p, 0)).collect();
-            n += needed.len();
-            self.sync_locked(&tenant, &needed).await?;
+            n += pools.len();
+            self.sync(&tenant, &pools).await?;
         }
         Ok(n)
     }
@@ -259,7 +291,8 @@ impl Engine {
     /// granted to Redis. Shrinking: Redis hands back what Postgres lacks
     /// first (ESCROW.md "Return"), then Postgres lowers the capacity under
     /// its guard. Refused with FAILED_PRECONDITION when the pool would end up
-    /// with less than is sold and held.
+    /// with less than is sold and held. Runs [`Self::serially`], so a
+    /// change whose caller gave up still lands in both stores.
     pub async fn adjust_capacity(
         &self,
         tenant: &TenantId,
@@ -268,7 +301,30 @@ impl Engine {
         adjustment_id: &str,
         reason: &str,
     ) -> Result<AdjustOutcome, Error> {
-        let _serial = self.grant_lock.lock().await;
+        let (tenant, pool) = (tenant.clone(), pool.clone());
+        let (adjustment_id, reason) = (adjustment_id.to_owned(), reason.to_owned());
+        self.serially(None, move |me| async move {
+            me.adjust_capacity_locked(&tenant, &pool, delta, &adjustment_id, &reason)
+                .await
+        })
+        .await
+    }
+
+    async fn adjust_capacity_locked(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+        delta: i64,
+        adjustment_id: &str,
+        reason: &str,
+    ) -> Result<AdjustOutcome, Error> {
+        // A retry is answered from the record, before anything is weighed
+        // against the pool as it is now: since the change, its units may
+        // have been sold, and a retry that asked Redis for units back would
+        // be refused, or take units Postgres then never hears of.
+        if let Some(repeated) = self.pg.adjustment(tenant, adjustment_id).await? {
+            return Ok(repeated);
+        }
         let row = self
             .pg
             .get_pools(tenant, std::slice::from_ref(pool))

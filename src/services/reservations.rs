@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::domain::{Hold, HoldId, Job, Line, Lines, PoolId, Quantity, TakeOutcome, TenantId};
 use crate::engine::{Engine, PoolView, Take};
 use crate::error::Error;
-use crate::store::postgres::{AuditFilter, AuditRow, NewPool};
+use crate::store::postgres::{AdjustOutcome, AuditFilter, AuditRow, NewPool};
 
 /// A product, and optionally one of its variants (both valid names).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,12 +118,15 @@ impl Reservations {
             )
             .await?;
         let current = self.level(tenant, key).await?;
+        // Recorded even when nothing changes, so that the id is taken.
         let delta = on_hand - current.on_hand;
-        if delta != 0 {
-            self.engine
-                .adjust_capacity(tenant, &pool, delta, adjustment_id, reason)
-                .await?;
-        }
+        let outcome = self
+            .engine
+            .adjust_capacity(tenant, &pool, delta, adjustment_id, reason)
+            .await?;
+        // A retry is relative to the stock as it is now: only the product
+        // must be the same.
+        same_change(&outcome, &pool, None, adjustment_id)?;
         self.level(tenant, key).await
     }
 
@@ -136,9 +139,12 @@ impl Reservations {
         adjustment_id: &str,
         reason: &str,
     ) -> Result<StockLevel, Error> {
-        self.engine
-            .adjust_capacity(tenant, &key.pool(), delta, adjustment_id, reason)
+        let pool = key.pool();
+        let outcome = self
+            .engine
+            .adjust_capacity(tenant, &pool, delta, adjustment_id, reason)
             .await?;
+        same_change(&outcome, &pool, Some(delta), adjustment_id)?;
         self.level(tenant, key).await
     }
 
@@ -275,5 +281,27 @@ impl Reservations {
             limit,
         };
         self.engine.pg().audit_page(tenant, &filter).await
+    }
+}
+
+/// Whether an adjustment's `outcome` is this change: a retry (the id was
+/// used before for the same `pool` and, if given, `delta`) gets the stock
+/// as it is now; an id used before for another change is ALREADY_EXISTS.
+fn same_change(
+    outcome: &AdjustOutcome,
+    pool: &PoolId,
+    delta: Option<i64>,
+    adjustment_id: &str,
+) -> Result<(), Error> {
+    match outcome {
+        AdjustOutcome::Repeated {
+            pool_id,
+            delta: first,
+        } if pool_id != pool.as_str() || delta.is_some_and(|d| d != *first) => {
+            Err(Error::AlreadyExists(format!(
+                "adjustment_id {adjustment_id} was used for another change: {first:+} units of {pool_id}"
+            )))
+        }
+        _ => Ok(()),
     }
 }

@@ -796,3 +796,93 @@ async fn a_call_postgres_ends_mid_transaction_is_unavailable_and_changes_nothing
     assert_eq!(retried.level.unwrap().on_hand, 3);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_stock_change_whose_caller_gave_up_still_lands_in_both_stores() {
+    let app = spawn_app().await;
+    set_stock(&app, "vase", "", 10).await;
+    // Lowering 10 to 2 takes units back from Redis's grant, then records
+    // that in Postgres. Postgres is held up between the two, and the
+    // caller's deadline passes there: the change must still finish. Cut
+    // off, the units Redis gave back would be sold by neither store.
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("LOCK TABLE pools IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut shrink = tonic::Request::new(pb::AdjustStockRequest {
+        key: key("vase", ""),
+        delta: -8,
+        adjustment_id: "breakage".into(),
+        reason: "dropped".into(),
+    });
+    shrink.set_timeout(std::time::Duration::from_secs(1));
+    let mut client = app.reservations();
+    let change = tokio::spawn(async move { client.adjust_stock(shrink).await });
+    let _: i32 = app
+        .eventually("the stock change waits for the lock", async || {
+            sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_optional(&app.pg)
+            .await
+            .unwrap()
+        })
+        .await;
+    let err = change.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    blocker.rollback().await.unwrap();
+    app.eventually("the change lands without its caller", async || {
+        (level(&app, "vase", "").await.on_hand == 2).then_some(())
+    })
+    .await;
+    let l = level(&app, "vase", "").await;
+    assert_eq!((l.on_hand, l.available), (2, 2));
+    // Both units can be sold, and no more: none were lost between the stores.
+    let mut r = app.reservations();
+    let two = r
+        .reserve(reserve("v1", "cart-1", &[("vase", "", 2)], 60))
+        .await;
+    assert_eq!(
+        two.unwrap().into_inner().outcome(),
+        ReserveOutcome::Reserved
+    );
+    let one = r
+        .reserve(reserve("v2", "cart-2", &[("vase", "", 1)], 60))
+        .await;
+    let one = one.unwrap().into_inner().outcome();
+    assert_eq!(one, ReserveOutcome::InsufficientStock);
+    // The retry by adjustment id finds the change made, and makes no other.
+    let retried = r
+        .adjust_stock(pb::AdjustStockRequest {
+            key: key("vase", ""),
+            delta: -8,
+            adjustment_id: "breakage".into(),
+            reason: "dropped".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.level.unwrap().on_hand, 2);
+    // The same id for another change is not a retry.
+    let reused = r
+        .adjust_stock(pb::AdjustStockRequest {
+            key: key("vase", ""),
+            delta: -1,
+            adjustment_id: "breakage".into(),
+            reason: "dropped".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+    assert!(
+        reused.message().contains("-8 units of stock/vase"),
+        "{reused:?}"
+    );
+    assert_eq!(level(&app, "vase", "").await.on_hand, 2, "nothing changed");
+    app.shutdown().await;
+}

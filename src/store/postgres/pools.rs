@@ -291,13 +291,10 @@ impl PgStore {
         .rows_affected();
         if inserted == 0 {
             tx.rollback().await?;
-            let (pool_id, delta): (String, i64) =
-                sqlx::query_as("SELECT pool_id, delta FROM stock_adjustments WHERE tenant = $1 AND adjustment_id = $2")
-                    .bind(tenant.as_str())
-                    .bind(adj.adjustment_id)
-                    .fetch_one(&self.pool)
-                    .await?;
-            return Ok(AdjustOutcome::Repeated { pool_id, delta });
+            return self
+                .adjustment(tenant, adj.adjustment_id)
+                .await?
+                .ok_or_else(|| Error::internal("a stock adjustment vanished while read"));
         }
         if let Some((epoch, returned)) = adj.returned {
             sqlx::query("UPDATE pools SET returned = GREATEST(returned, $4) WHERE tenant = $1 AND pool_id = $2 AND epoch = $3")
@@ -331,6 +328,23 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(AdjustOutcome::Applied)
+    }
+
+    /// The change recorded under `adjustment_id`, as
+    /// [`AdjustOutcome::Repeated`]; `None` if there is none.
+    pub async fn adjustment(
+        &self,
+        tenant: &TenantId,
+        adjustment_id: &str,
+    ) -> Result<Option<AdjustOutcome>, Error> {
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT pool_id, delta FROM stock_adjustments WHERE tenant = $1 AND adjustment_id = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(adjustment_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(pool_id, delta)| AdjustOutcome::Repeated { pool_id, delta }))
     }
 
     /// Settles in-doubt units: `sold` of them were really sold, the rest
