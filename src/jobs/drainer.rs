@@ -39,8 +39,15 @@ const BLOCK: Duration = Duration::from_millis(100);
 const GATHER: Duration = Duration::from_millis(10);
 /// The longest one read-and-write round may take.
 const ROUND_LIMIT: Duration = Duration::from_secs(5);
-/// How often the backlog gauge is sampled (XINFO per tenant stream).
+/// How often the backlog gauge is sampled, and drained entries past the
+/// keep trimmed (XINFO per stream, [`tend`]).
 const LAG_EVERY: Duration = Duration::from_secs(1);
+/// How long after its last event a stream is still tended: long enough to
+/// trim that event once it is past the keep. Streams quiet for longer have
+/// nothing to trim and no backlog, and are left alone: tending every
+/// tenant's stream every second was a thousand round trips a second at a
+/// thousand idle shops (deploy/BENCHMARKS.md, "idle tenants").
+const TEND_AFTER_QUIET: Duration = Duration::from_secs(5);
 
 /// Runs until `stop` turns true.
 pub async fn run(
@@ -57,6 +64,7 @@ pub async fn run(
         consumer,
         keep,
         grouped: HashMap::new(),
+        lively: HashMap::new(),
         pending_first: true,
         lag_sampled: std::time::Instant::now() - LAG_EVERY,
     };
@@ -117,6 +125,9 @@ struct Drainer {
     keep: Duration,
     /// Streams whose consumer group exists, by key, with their tenant.
     grouped: HashMap<String, TenantId>,
+    /// When each stream last gave events (or was first seen, so that what
+    /// an earlier daemon left in it is trimmed): which streams to tend.
+    lively: HashMap<String, std::time::Instant>,
     /// Re-read our unacknowledged events before new ones.
     pending_first: bool,
     /// When the lag gauge was last sampled.
@@ -141,6 +152,8 @@ impl Drainer {
                     Err(e) if e.code() == Some("BUSYGROUP") => {}
                     Err(e) => return Err(e.into()),
                 }
+                self.lively
+                    .insert(slot.key().clone(), std::time::Instant::now());
                 slot.insert(t.clone());
             }
         }
@@ -168,6 +181,7 @@ impl Drainer {
                 continue;
             }
             read += events.len();
+            self.lively.insert(key.clone(), std::time::Instant::now());
             fullest = fullest.max(events.len());
             let (recorded, twins) = self.pg.record_events(&tenant, &events).await?;
             new += recorded;
@@ -186,7 +200,9 @@ impl Drainer {
             self.lag_sampled = std::time::Instant::now();
             let mut backlog = 0;
             let keep_from = Utc::now().timestamp_millis() - self.keep.as_millis() as i64;
-            for key in &keys {
+            let quiet = self.keep + TEND_AFTER_QUIET;
+            self.lively.retain(|_, at| at.elapsed() < quiet);
+            for key in self.lively.keys() {
                 backlog += tend(&mut con, key, keep_from).await;
             }
             metrics::gauge!(metric::DRAINER_LAG_EVENTS).set(backlog as f64);

@@ -19,15 +19,14 @@ pub async fn run(engine: Arc<Engine>, tenants: Arc<Tenants>, stop: watch::Receiv
         if !engine.circuit().closed() {
             continue;
         }
-        for tenant in tenants.list().await {
-            let pools = match engine.redis().pop_refills(&tenant, 100).await {
-                Ok(p) if p.is_empty() => continue,
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::debug!(%tenant, error = %e, "cannot read refill flags");
-                    continue;
-                }
-            };
+        let flagged = match engine.redis().pop_refills(&tenants.list().await, 100).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read refill flags");
+                continue;
+            }
+        };
+        for (tenant, pools) in flagged {
             if let Err(e) = engine.sync(&tenant, &pools).await {
                 tracing::warn!(%tenant, error = %e, "refill failed; the next take that runs dry asks again");
             }

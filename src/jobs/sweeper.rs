@@ -15,11 +15,14 @@ use super::{Rounds, Tenants};
 use crate::domain::TenantId;
 use crate::engine::Engine;
 
-/// The fallback's holds are swept every this many rounds (they are rare,
-/// and a Postgres round trip per tenant is not free).
+/// The fallback's due holds are looked for every this many rounds (they
+/// are rare).
 const FALLBACK_EVERY: u32 = 4;
 
-/// Runs until `stop` turns true.
+/// Runs until `stop` turns true. Each round asks each store once which
+/// tenants have holds due, and sweeps only those: a sweep per tenant per
+/// round made a thousand idle shops cost the machine's two cores
+/// (deploy/BENCHMARKS.md, "idle tenants").
 pub async fn run(
     engine: Arc<Engine>,
     tenants: Arc<Tenants>,
@@ -30,15 +33,20 @@ pub async fn run(
     let mut round: u32 = 0;
     while rounds.next().await {
         round = round.wrapping_add(1);
-        for tenant in tenants.list().await {
-            if engine.circuit().closed() {
-                sweep_redis(&engine, &tenant).await;
+        if engine.circuit().closed() {
+            match engine.redis().tenants_due(&tenants.list().await).await {
+                Ok(due) => {
+                    for tenant in due {
+                        sweep_redis(&engine, &tenant).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read which tenants have holds due; will retry")
+                }
             }
-            if round.is_multiple_of(FALLBACK_EVERY)
-                && let Err(e) = engine.pg().fallback_sweep(&tenant).await
-            {
-                tracing::debug!(%tenant, error = %e, "fallback sweep failed; will retry");
-            }
+        }
+        if round.is_multiple_of(FALLBACK_EVERY) {
+            sweep_fallback(&engine).await;
         }
     }
     tracing::debug!("sweeper stopped");
@@ -47,5 +55,20 @@ pub async fn run(
 async fn sweep_redis(engine: &Engine, tenant: &TenantId) {
     if let Err(e) = engine.finish_due(tenant, false).await {
         tracing::warn!(%tenant, error = %e, "sweep failed; will retry");
+    }
+}
+
+async fn sweep_fallback(engine: &Engine) {
+    let due = match engine.pg().fallback_tenants_due().await {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read which tenants have fallback holds due; will retry");
+            return;
+        }
+    };
+    for tenant in due {
+        if let Err(e) = engine.pg().fallback_sweep(&tenant).await {
+            tracing::debug!(%tenant, error = %e, "fallback sweep failed; will retry");
+        }
     }
 }

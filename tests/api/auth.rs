@@ -4,31 +4,14 @@
 use holdfast::grpc::pb::{self, Outcome};
 use tonic::Code;
 
-use crate::helpers::{claim, spawn_app_with, with_key};
+use crate::helpers::{claim, live_sale_request, spawn_app_with, with_key};
 
 const STORE_A_ADMIN: &str = "store-a:admin:key-for-store-a-admin";
 const STORE_B_ADMIN: &str = "store-b:admin:key-for-store-b-admin";
 const STORE_A_CHECKOUT: &str = "store-a:checkout:key-for-store-a-checkout";
 
 fn sale(id: &str) -> pb::CreateSaleRequest {
-    let now = chrono::Utc::now().timestamp();
-    pb::CreateSaleRequest {
-        sale_id: id.into(),
-        name: id.into(),
-        starts_at: Some(prost_types::Timestamp {
-            seconds: now - 60,
-            nanos: 0,
-        }),
-        ends_at: Some(prost_types::Timestamp {
-            seconds: now + 3600,
-            nanos: 0,
-        }),
-        products: vec![pb::SaleProduct {
-            product_id: "p".into(),
-            unit_cap: Some(5),
-        }],
-        per_customer_limit: 0,
-    }
+    live_sale_request(id, &[("p", Some(5))])
 }
 
 #[tokio::test]

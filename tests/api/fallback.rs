@@ -9,7 +9,7 @@ use holdfast::grpc::pb::Outcome;
 use holdfast::store::HoldReply;
 use holdfast::store::postgres::{PgStore, PgTake, product_pool};
 
-use crate::helpers::{claim, spawn_app_with};
+use crate::helpers::{cart_hold, claim, live_sale_request, spawn_app_with, with_key};
 
 fn take(id: &str, lines: &[(&PoolId, i64)], ttl_secs: Option<u64>) -> PgTake {
     let lines = lines
@@ -223,5 +223,103 @@ async fn an_id_the_fast_path_served_is_not_taken_again_by_the_fallback() {
     // with the stats of a log that has just grown (here: never analysed)
     // the planner once ANDed the tenant's whole range into the look-up.
     assert!(!plan.contains("audit_log_tenant_event_id_key"), "{plan}");
+    app.shutdown().await;
+}
+
+/// The sweeper asks each store once a round which tenants have holds due,
+/// and sweeps only those (src/jobs/sweeper.rs): among two hundred idle
+/// tenants, two stores' holds, in Redis and in the fallback, still end
+/// within the promise.
+#[tokio::test]
+async fn every_tenants_due_holds_are_swept_among_many_idle_tenants() {
+    const STORES: [&str; 2] = [
+        "store-a:admin:key-for-store-a-admin",
+        "store-b:admin:key-for-store-b-admin",
+    ];
+    let app = spawn_app_with(|a| {
+        a.dev = false;
+        a.api_keys = STORES.iter().map(|s| s.to_string()).collect();
+        a.grant_chunk = 1;
+        a.grant_max_chunk = 1;
+    })
+    .await;
+    sqlx::query("INSERT INTO tenants (id) SELECT 'idle' || g FROM generate_series(1, 200) g")
+        .execute(&app.pg)
+        .await
+        .unwrap();
+    let pg = PgStore::from_pool(app.pg.clone());
+    let mut redis_holds = Vec::new();
+    for spec in STORES {
+        let tenant = TenantId::parse(spec.split(':').next().unwrap()).unwrap();
+        app.flash()
+            .create_sale(with_key(live_sale_request("s", &[("p", Some(10))]), spec))
+            .await
+            .unwrap();
+        let held = app
+            .flash()
+            .create_cart_hold(with_key(cart_hold("in-redis", "s", &[("p", 1)], 1), spec))
+            .await
+            .unwrap()
+            .into_inner();
+        let expires = held.hold.unwrap().expires_at.unwrap();
+        redis_holds.push((
+            tenant.clone(),
+            expires.seconds * 1000 + i64::from(expires.nanos) / 1_000_000,
+        ));
+        let p = product_pool("s", "p");
+        let answer = pg
+            .fallback_take(&tenant, &take("in-postgres", &[(&p, 1)], Some(1)))
+            .await;
+        assert_eq!(
+            held_id(&answer).as_deref(),
+            Some("in-postgres"),
+            "{answer:?}"
+        );
+    }
+
+    for (tenant, expires_ms) in &redis_holds {
+        let at: chrono::DateTime<chrono::Utc> = app
+            .eventually(
+                "the Redis hold's expired event in the audit log",
+                async || {
+                    sqlx::query_scalar(
+                        "SELECT at FROM audit_log
+                     WHERE tenant = $1 AND hold_id = 'in-redis' AND kind = 'expired'",
+                    )
+                    .bind(tenant.as_str())
+                    .fetch_optional(&app.pg)
+                    .await
+                    .unwrap()
+                },
+            )
+            .await;
+        // Both times are Redis's: the promise is an end within 1 s of expiry.
+        let lag_ms = at.timestamp_millis() - expires_ms;
+        assert!(
+            (0..=1000).contains(&lag_ms),
+            "{tenant}: ended {lag_ms} ms after expiry"
+        );
+    }
+    for (tenant, _) in &redis_holds {
+        app.eventually("the fallback hold's end", async || {
+            let state: String = sqlx::query_scalar(
+                "SELECT state FROM pg_holds WHERE tenant = $1 AND hold_id = 'in-postgres'",
+            )
+            .bind(tenant.as_str())
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+            (state == "E").then_some(())
+        })
+        .await;
+        let held: i64 = sqlx::query_scalar(
+            "SELECT held_pg FROM pools WHERE tenant = $1 AND pool_id = 'sale/s/p'",
+        )
+        .bind(tenant.as_str())
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+        assert_eq!(held, 0, "{tenant}: the fallback hold gave its unit back");
+    }
     app.shutdown().await;
 }

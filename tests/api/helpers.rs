@@ -251,26 +251,13 @@ impl TestApp {
         to: i64,
     ) -> pb::Sale {
         self.flash()
-            .create_sale(pb::CreateSaleRequest {
-                sale_id: sale_id.into(),
-                name: format!("sale {sale_id}"),
-                starts_at: Some(prost_types::Timestamp {
-                    seconds: from,
-                    nanos: 0,
-                }),
-                ends_at: Some(prost_types::Timestamp {
-                    seconds: to,
-                    nanos: 0,
-                }),
-                products: products
-                    .iter()
-                    .map(|(id, cap)| SaleProduct {
-                        product_id: (*id).into(),
-                        unit_cap: *cap,
-                    })
-                    .collect(),
+            .create_sale(sale_request(
+                sale_id,
+                products,
                 per_customer_limit,
-            })
+                from,
+                to,
+            ))
             .await
             .expect("create the sale")
             .into_inner()
@@ -346,6 +333,42 @@ impl Drop for TestApp {
 }
 
 /// A claim request.
+/// A sale open between two unix times, as `TestApp::sale_between` creates it.
+pub fn sale_request(
+    sale_id: &str,
+    products: &[(&str, Option<i64>)],
+    per_customer_limit: u32,
+    from: i64,
+    to: i64,
+) -> pb::CreateSaleRequest {
+    pb::CreateSaleRequest {
+        sale_id: sale_id.into(),
+        name: format!("sale {sale_id}"),
+        starts_at: Some(prost_types::Timestamp {
+            seconds: from,
+            nanos: 0,
+        }),
+        ends_at: Some(prost_types::Timestamp {
+            seconds: to,
+            nanos: 0,
+        }),
+        products: products
+            .iter()
+            .map(|(id, cap)| SaleProduct {
+                product_id: (*id).into(),
+                unit_cap: *cap,
+            })
+            .collect(),
+        per_customer_limit,
+    }
+}
+
+/// A sale open from a minute ago for an hour, with no per-customer limit.
+pub fn live_sale_request(sale_id: &str, products: &[(&str, Option<i64>)]) -> pb::CreateSaleRequest {
+    let now = chrono::Utc::now().timestamp();
+    sale_request(sale_id, products, 0, now - 60, now + 3600)
+}
+
 pub fn claim(claim_id: &str, sale_id: &str, lines: &[(&str, i64)]) -> pb::ClaimRequest {
     pb::ClaimRequest {
         claim_id: claim_id.into(),

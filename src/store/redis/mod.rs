@@ -529,15 +529,73 @@ impl RedisStore {
         reply::return_reply(&v)
     }
 
-    /// Takes up to `count` pools flagged for a refill.
-    pub async fn pop_refills(&self, tenant: &TenantId, count: usize) -> Result<Vec<PoolId>, Error> {
+    /// Takes up to `count` pools flagged for a refill from each of
+    /// `tenants`, in one round trip; the tenants that had any, with them.
+    /// The refiller asks every 50 ms for every tenant, and a call per
+    /// tenant made a thousand idle shops cost a core (deploy/BENCHMARKS.md,
+    /// "idle tenants").
+    pub async fn pop_refills(
+        &self,
+        tenants: &[TenantId],
+        count: usize,
+    ) -> Result<Vec<(TenantId, Vec<PoolId>)>, Error> {
+        if tenants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for t in tenants {
+            pipe.cmd("SPOP")
+                .arg(format!("{}refill", self.keys.tenant(t)))
+                .arg(count);
+        }
         let mut con = self.con.clone();
-        let ids: Vec<String> = redis::cmd("SPOP")
-            .arg(format!("{}refill", self.keys.tenant(tenant)))
-            .arg(count)
-            .query_async(&mut con)
-            .await?;
-        Ok(ids.into_iter().map(PoolId::from_store).collect())
+        let popped: Vec<Vec<String>> = pipe.query_async(&mut con).await?;
+        Ok(tenants
+            .iter()
+            .zip(popped)
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(t, ids)| (t.clone(), ids.into_iter().map(PoolId::from_store).collect()))
+            .collect())
+    }
+
+    /// Those of `tenants` that may have holds due (by Redis's clock), in
+    /// one round trip: the first bucket of the expiry index has begun, or
+    /// the index from before buckets (`exp`) is not empty. The sweeper
+    /// runs its script only for these: a script call per tenant every
+    /// 100 ms, due or not, made idle shops cost Redis and the daemon a core
+    /// between them at a thousand tenants.
+    pub async fn tenants_due(&self, tenants: &[TenantId]) -> Result<Vec<TenantId>, Error> {
+        if tenants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for t in tenants {
+            let prefix = self.keys.tenant(t);
+            pipe.cmd("ZRANGE")
+                .arg(format!("{prefix}due"))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES")
+                .cmd("EXISTS")
+                .arg(format!("{prefix}exp"));
+        }
+        let mut con = self.con.clone();
+        let replies: Vec<redis::Value> = pipe.query_async(&mut con).await?;
+        let now = self.clock.now_ms() as f64;
+        let mut due = Vec::new();
+        for (t, pair) in tenants.iter().zip(replies.chunks(2)) {
+            let [first, legacy] = pair else {
+                return Err(Error::internal("redis answered a pipeline short"));
+            };
+            let first: Vec<(String, f64)> =
+                redis::from_redis_value_ref(first).map_err(redis::RedisError::from)?;
+            let legacy: bool =
+                redis::from_redis_value_ref(legacy).map_err(redis::RedisError::from)?;
+            if legacy || first.first().is_some_and(|(_, from)| *from <= now) {
+                due.push(t.clone());
+            }
+        }
+        Ok(due)
     }
 
     /// Answers when Redis answers, and tells whether Redis still has the

@@ -390,6 +390,16 @@ impl PgStore {
         Ok(HoldReply::Hold(row.hold()))
     }
 
+    /// The tenants with fallback holds due (`pg_holds_due` serves it).
+    pub async fn fallback_tenants_due(&self) -> Result<Vec<TenantId>, Error> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT tenant FROM pg_holds WHERE state = 'A' AND expires_at <= now()",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter().map(|id| TenantId::parse(id)).collect()
+    }
+
     /// The sweeper's pass over the fallback: ends due holds. Returns how
     /// many.
     pub async fn fallback_sweep(&self, tenant: &TenantId) -> Result<usize, Error> {
