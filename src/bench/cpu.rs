@@ -74,6 +74,22 @@ impl Sample {
             .collect::<Vec<_>>()
             .join(",")
     }
+
+    /// `name:percent` of one core for each process, between `self`
+    /// (before) and `after`, `elapsed` apart: "daemon:7.1,redis:5.2,...".
+    pub fn share(&self, after: &Sample, elapsed: std::time::Duration) -> String {
+        let secs = elapsed.as_secs_f64().max(0.001);
+        self.0
+            .iter()
+            .zip(&after.0)
+            .map(|((name, b), (_, a))| {
+                // A tick is 10 ms: a hundred a second is one core.
+                let pct = a.saturating_sub(*b) as f64 / secs;
+                format!("{name}:{pct:.1}")
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// A pid whose /proc entry this process can read.

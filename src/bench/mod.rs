@@ -11,6 +11,7 @@ mod baselines;
 mod cpu;
 mod failover;
 mod fallback;
+mod idle;
 mod load;
 mod probes;
 mod redis_time;
@@ -90,8 +91,10 @@ pub struct BenchArgs {
     /// batch, expiry, failover and pg-outage (claims at --rate, 1,000/s
     /// when absent, through a freeze of --duration seconds of Redis or of
     /// Postgres, and its thaw), fallback (drives the --workload workloads
-    /// through the Postgres fallback, claim-hot when none is named). The
-    /// last three freeze a store, so they run last. With probes and no
+    /// through the Postgres fallback, claim-hot when none is named), idle
+    /// (each process's CPU over --duration seconds of no traffic, then
+    /// again with --tenants idle tenants more). Failover, pg-outage and
+    /// fallback freeze a store, so they run last. With probes and no
     /// --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
@@ -99,6 +102,11 @@ pub struct BenchArgs {
     /// Holds the memory and expiry probes make.
     #[arg(long, default_value_t = 100_000)]
     pub holds: u64,
+
+    /// Tenants the idle probe adds (and removes after), which exist and
+    /// do nothing.
+    #[arg(long, default_value_t = 1_000)]
+    pub tenants: u32,
 
     /// Skip the three baselines (only drive holdfast).
     #[arg(long)]
@@ -269,6 +277,17 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             failover::run(&channels, &caller, &setup)
                 .await
                 .with_context(|| format!("probe {probe:?}"))?;
+            continue;
+        }
+        if *probe == Probe::Idle {
+            idle::run(
+                &watched,
+                &args.database_url,
+                args.tenants,
+                Duration::from_secs(args.duration),
+            )
+            .await
+            .context("probe idle")?;
             continue;
         }
         if *probe == Probe::Fallback {

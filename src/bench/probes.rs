@@ -35,6 +35,9 @@ pub enum Probe {
     /// until the drainer has caught up after the thaw (needs Postgres on
     /// this machine; runs in `failover.rs`).
     PgOutage,
+    /// Each process's CPU with no traffic, alone and with `--tenants`
+    /// more tenants that do nothing (runs in `idle.rs`).
+    Idle,
 }
 
 fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -262,7 +265,7 @@ pub async fn run(
     let mut con = client.get_multiplexed_async_connection().await?;
     let ch = &channels[0];
     match probe {
-        Probe::Fallback | Probe::Failover | Probe::PgOutage => {
+        Probe::Fallback | Probe::Failover | Probe::PgOutage | Probe::Idle => {
             unreachable!("bench::run sends the probes that freeze a store to their own modules")
         }
         Probe::Memory => {
