@@ -323,3 +323,66 @@ async fn every_tenants_due_holds_are_swept_among_many_idle_tenants() {
     }
     app.shutdown().await;
 }
+
+/// A batch that sells nothing locks no pool row (fallback/take.rs,
+/// `lock_pools`): after a sell-out the stampede's answers do not queue for
+/// the pool's lock behind a transaction that holds it, and a batch that can
+/// sell still takes the lock and sells exactly what is left.
+#[tokio::test]
+async fn a_sold_out_answer_waits_for_no_pool_lock() {
+    let app = spawn_app_with(|a| {
+        a.grant_chunk = 1;
+        a.grant_max_chunk = 1;
+    })
+    .await;
+    app.live_sale("s", &[("p", Some(6)), ("q", Some(6))], 0)
+        .await;
+    let pg = PgStore::from_pool(app.pg.clone());
+    let dev = TenantId::parse("dev").unwrap();
+    let (p, q) = (product_pool("s", "p"), product_pool("s", "q"));
+    let free = fallback_free(&app.pg, &p).await;
+    assert!(free >= 1, "the fallback has units of p to give ({free})");
+    let all = pg
+        .fallback_take(&dev, &take("all", &[(&p, free)], None))
+        .await;
+    assert_eq!(held_id(&all).as_deref(), Some("all"), "{all:?}");
+
+    // Another transaction holds both pools' rows, as a long write would.
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM pools WHERE tenant = 'dev' AND pool_id = ANY($1) FOR UPDATE")
+        .bind(vec![p.as_str(), q.as_str()])
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let guard = std::time::Duration::from_secs(30);
+    let late = tokio::time::timeout(
+        guard,
+        pg.fallback_take(&dev, &take("late", &[(&p, 1)], None)),
+    )
+    .await
+    .expect("a sold-out answer does not wait for the pool's lock");
+    match late {
+        Ok(HoldReply::Short(s)) => assert_eq!((s[0].requested, s[0].available), (1, 0)),
+        other => panic!("the claim after the sell-out is short, not {other:?}"),
+    }
+    // A take that can sell waits for the lock, then sells.
+    let (pg2, dev2, q2) = (pg.clone(), dev.clone(), q.clone());
+    let selling = tokio::spawn(async move {
+        pg2.fallback_take(&dev2, &take("q1", &[(&q2, 1)], None))
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !selling.is_finished(),
+        "a take that sells waits for the lock"
+    );
+    blocker.rollback().await.unwrap();
+    let sold = tokio::time::timeout(guard, selling).await.unwrap().unwrap();
+    assert_eq!(held_id(&sold).as_deref(), Some("q1"), "{sold:?}");
+    assert_eq!(
+        pg_totals(&app.pg, &p).await,
+        (free, 0),
+        "nothing more of p sold"
+    );
+    app.shutdown().await;
+}

@@ -232,10 +232,21 @@ pub(in crate::store::postgres) async fn lock_ids(
     Ok(())
 }
 
-/// Locks every pool the takes name, in pool order (the caller shares the
-/// tenant's pool lock with other writers in pool order), and reads what
-/// each may still give. Holding these locks, the walk over the takes sees
-/// exactly what one-at-a-time transactions would have seen.
+/// Reads what each pool the takes name may still give, locking (in pool
+/// order: the caller shares the tenant's pool lock with other writers in
+/// pool order) only the pools with units left. Holding these locks, the
+/// walk over the takes sees exactly what one-at-a-time transactions would
+/// have seen.
+///
+/// A pool with nothing left is read, not locked, and counts as empty: a
+/// take from it is answered short, as one that ran just before a
+/// concurrent release would be. A pool that had units when the statement
+/// began but none once its lock came free is skipped by the lock (Postgres
+/// checks the row again) and counts as empty too. So a batch that sells
+/// nothing locks no row and writes nothing, and its commit waits for no
+/// WAL flush: after a sell-out, while Redis is away, the stampede's
+/// answers no longer queue for the pools' locks and a flush each
+/// (deploy/BENCHMARKS.md, "sold out in the fallback").
 async fn lock_pools(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
@@ -247,12 +258,22 @@ async fn lock_pools(
         .collect();
     pools.sort_unstable();
     pools.dedup();
-    let rows: Vec<(String, Option<i64>, bool)> = sqlx::query_as(
-        "SELECT pool_id,
-                CASE WHEN capacity IS NULL THEN NULL ELSE
-                  LEAST(capacity, COALESCE(ceiling, capacity)) - sold_pg - held_pg - sold_prior - in_doubt - (granted - returned) END,
-                (starts_at IS NULL OR now() >= starts_at) AND (ends_at IS NULL OR now() < ends_at)
-         FROM pools WHERE tenant = $1 AND pool_id = ANY($2) ORDER BY pool_id FOR UPDATE",
+    let rows: Vec<(String, Option<i64>, bool, bool)> = sqlx::query_as(
+        "WITH locked AS MATERIALIZED (
+           SELECT pool_id,
+                  CASE WHEN capacity IS NULL THEN NULL ELSE
+                    LEAST(capacity, COALESCE(ceiling, capacity)) - sold_pg - held_pg - sold_prior - in_doubt - (granted - returned) END AS free
+           FROM pools
+           WHERE tenant = $1 AND pool_id = ANY($2)
+             AND (capacity IS NULL OR
+                  LEAST(capacity, COALESCE(ceiling, capacity)) - sold_pg - held_pg - sold_prior - in_doubt - (granted - returned) > 0)
+           ORDER BY pool_id FOR UPDATE
+         )
+         SELECT p.pool_id, l.free,
+                (p.starts_at IS NULL OR now() >= p.starts_at) AND (p.ends_at IS NULL OR now() < p.ends_at),
+                l.pool_id IS NOT NULL
+         FROM pools p LEFT JOIN locked l ON l.pool_id = p.pool_id
+         WHERE p.tenant = $1 AND p.pool_id = ANY($2)",
     )
     .bind(tenant.as_str())
     .bind(&pools)
@@ -260,7 +281,10 @@ async fn lock_pools(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(pool, free, open)| (pool, Room { free, open }))
+        .map(|(pool, free, open, locked)| {
+            let free = if locked { free } else { Some(0) };
+            (pool, Room { free, open })
+        })
         .collect())
 }
 
