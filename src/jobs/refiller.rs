@@ -11,15 +11,32 @@ use crate::engine::Engine;
 
 /// How often flagged pools are looked at.
 const INTERVAL: Duration = Duration::from_millis(50);
+/// Every this many rounds (1 s) the refiller looks at every tenant's
+/// flags; in between only at the tenants this daemon sent operations for
+/// since its last round, whose takes are what flag a pool here. Another
+/// daemon's takes are its own refiller's; a flag left by a daemon that
+/// stopped waits a second at most, and a take that finds its pool dry asks
+/// for a grant itself. Looking at every tenant every round was 20 SPOPs a
+/// second per tenant, half of what 10,000 idle shops cost
+/// (deploy/BENCHMARKS.md, "idle tenants").
+const EVERY_TENANT_EVERY: u32 = 20;
 
 /// Runs until `stop` turns true.
 pub async fn run(engine: Arc<Engine>, tenants: Arc<Tenants>, stop: watch::Receiver<bool>) {
     let mut rounds = Rounds::every(INTERVAL, stop);
+    let mut round: u32 = 0;
     while rounds.next().await {
+        round = round.wrapping_add(1);
+        let touched = engine.redis().tenants_touched();
         if !engine.circuit().closed() {
             continue;
         }
-        let flagged = match engine.redis().pop_refills(&tenants.list().await, 100).await {
+        let looked_at = if round.is_multiple_of(EVERY_TENANT_EVERY) {
+            tenants.list().await
+        } else {
+            touched
+        };
+        let flagged = match engine.redis().pop_refills(&looked_at, 100).await {
             Ok(f) => f,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read refill flags");

@@ -18,6 +18,10 @@ use crate::engine::Engine;
 /// The fallback's due holds are looked for every this many rounds (they
 /// are rare).
 const FALLBACK_EVERY: u32 = 4;
+/// The expiry index from before buckets (a Redis an older build wrote) is
+/// looked for every this many rounds: it holds what was active at the
+/// upgrade, and once swept it is gone.
+const OLD_INDEX_EVERY: u32 = 10;
 
 /// Runs until `stop` turns true. Each round asks each store once which
 /// tenants have holds due, and sweeps only those: a sweep per tenant per
@@ -34,7 +38,12 @@ pub async fn run(
     while rounds.next().await {
         round = round.wrapping_add(1);
         if engine.circuit().closed() {
-            match engine.redis().tenants_due(&tenants.list().await).await {
+            let old_index = round.is_multiple_of(OLD_INDEX_EVERY);
+            match engine
+                .redis()
+                .tenants_due(&tenants.list().await, old_index)
+                .await
+            {
                 Ok(due) => {
                     for tenant in due {
                         sweep_redis(&engine, &tenant).await;

@@ -456,3 +456,28 @@ async fn claims_waiting_for_a_grant_from_a_hung_postgres_answer_unavailable_in_b
     assert_eq!((pool.in_doubt, pool.sold), (0, 11), "{pool:?}");
     app.shutdown().await;
 }
+
+/// The refiller (src/jobs/refiller.rs) grants Redis its next chunk once a
+/// take leaves the pool at half a grant, before any take finds it dry.
+#[tokio::test]
+async fn the_refiller_grants_the_next_chunk_before_redis_runs_dry() {
+    let app = crate::helpers::spawn_app_with(|a| {
+        a.grant_chunk = 10;
+        a.grant_max_chunk = 10;
+    })
+    .await;
+    app.live_sale("r", &[("p", Some(1000))], 0).await;
+    assert_eq!(app.pool("sale/r/p").await.granted_to_redis, 10);
+    // Six of the ten: four left, at or below half a grant.
+    let six = app.flash().claim(claim("six", "r", &[("p", 6)])).await;
+    assert_eq!(six.unwrap().into_inner().outcome(), Outcome::Ok);
+    // No take ran dry, so only the refiller grants the next chunk.
+    let granted = app
+        .eventually("the refiller's grant", async || {
+            let g = app.pool("sale/r/p").await.granted_to_redis;
+            (g > 10).then_some(g)
+        })
+        .await;
+    assert_eq!(granted, 20, "one chunk more");
+    app.shutdown().await;
+}

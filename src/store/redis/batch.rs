@@ -19,7 +19,7 @@
 //! that queued behind its first unanswered one for two timeouts, not one
 //! (deploy/BENCHMARKS.md, "the failover probe").
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,10 +68,33 @@ struct Queued {
     reply: oneshot::Sender<Result<Value, Error>>,
 }
 
+/// The tenants the coalescer sent operations for since they were last
+/// taken. Only a take can flag a pool for a refill, so the refiller looks
+/// at these every round and at every tenant only now and then
+/// (src/jobs/refiller.rs). Marked once per batch call, not per operation.
+#[derive(Clone, Default)]
+struct Touched(Arc<Mutex<HashSet<TenantId>>>);
+
+impl Touched {
+    fn mark(&self, tenant: &TenantId) {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.contains(tenant) {
+            set.insert(tenant.clone());
+        }
+    }
+
+    /// The tenants marked since the last call, which forgets them.
+    fn take(&self) -> Vec<TenantId> {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *set).into_iter().collect()
+    }
+}
+
 /// The handle the store calls through; cheap to clone.
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<Queued>,
+    touched: Touched,
     /// Script calls sent so far (each carrying one or more operations):
     /// what the tests check coalescing by.
     #[cfg(test)]
@@ -84,6 +107,7 @@ impl Batcher {
     pub fn start(con: ConnectionManager, invocation: Invocation, timeout: Duration) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let sent = Arc::new(AtomicU64::new(0));
+        let touched = Touched::default();
         let coalescer = Coalescer {
             sending: Sending {
                 con,
@@ -91,15 +115,22 @@ impl Batcher {
                 timeout,
                 sent: Arc::clone(&sent),
                 unanswered_at: Arc::default(),
+                touched: touched.clone(),
             },
             slots: Arc::new(Semaphore::new(IN_FLIGHT)),
         };
         tokio::spawn(coalescer.run(rx));
         Self {
             tx,
+            touched,
             #[cfg(test)]
             sent,
         }
+    }
+
+    /// The tenants sent operations for since this was last asked.
+    pub fn touched(&self) -> Vec<TenantId> {
+        self.touched.take()
     }
 
     /// Runs operation `op` (a key of batch.lua's `OPS`) for `tenant` and
@@ -169,6 +200,8 @@ struct Sending {
     /// When Redis last failed to answer a call: the calls queued before
     /// then are not sent.
     unanswered_at: Arc<Mutex<Option<Instant>>>,
+    /// The tenants sent for (`Batcher::touched`).
+    touched: Touched,
 }
 
 impl Sending {
@@ -202,6 +235,8 @@ impl Sending {
         metrics::histogram!(metric::REDIS_BATCH_OPS).record(batch.len() as f64);
         let sent = Instant::now();
         let result = scripts::fcall::<Value>(&mut self.con, &scripts::BATCH, &call).await;
+        // After the call: a refill flag it set is then there to be found.
+        self.touched.mark(&first.tenant);
         metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => "batch")
             .record(sent.elapsed().as_secs_f64());
         match result {
@@ -492,5 +527,8 @@ mod tests {
             sent < 200,
             "200 concurrent calls went as {sent} Redis calls"
         );
+        // The refiller's list of tenants to look at: each once, then none.
+        assert_eq!(batcher.touched(), [tenant("acme")]);
+        assert!(batcher.touched().is_empty());
     }
 }

@@ -558,13 +558,23 @@ impl RedisStore {
             .collect())
     }
 
+    /// The tenants this daemon sent hold operations for since this was
+    /// last asked (and only a take flags a pool for a refill).
+    pub fn tenants_touched(&self) -> Vec<TenantId> {
+        self.batcher.touched()
+    }
+
     /// Those of `tenants` that may have holds due (by Redis's clock), in
-    /// one round trip: the first bucket of the expiry index has begun, or
-    /// the index from before buckets (`exp`) is not empty. The sweeper
-    /// runs its script only for these: a script call per tenant every
-    /// 100 ms, due or not, made idle shops cost Redis and the daemon a core
-    /// between them at a thousand tenants.
-    pub async fn tenants_due(&self, tenants: &[TenantId]) -> Result<Vec<TenantId>, Error> {
+    /// one round trip: the first bucket of the expiry index has begun, or,
+    /// with `legacy`, the index from before buckets (`exp`) is not empty.
+    /// The sweeper runs its script only for these: a script call per
+    /// tenant every 100 ms, due or not, made idle shops cost Redis and the
+    /// daemon a core between them at a thousand tenants.
+    pub async fn tenants_due(
+        &self,
+        tenants: &[TenantId],
+        legacy: bool,
+    ) -> Result<Vec<TenantId>, Error> {
         if tenants.is_empty() {
             return Ok(Vec::new());
         }
@@ -575,23 +585,24 @@ impl RedisStore {
                 .arg(format!("{prefix}due"))
                 .arg(0)
                 .arg(0)
-                .arg("WITHSCORES")
-                .cmd("EXISTS")
-                .arg(format!("{prefix}exp"));
+                .arg("WITHSCORES");
+            if legacy {
+                pipe.cmd("EXISTS").arg(format!("{prefix}exp"));
+            }
         }
         let mut con = self.con.clone();
         let replies: Vec<redis::Value> = pipe.query_async(&mut con).await?;
         let now = self.clock.now_ms() as f64;
+        let per_tenant = if legacy { 2 } else { 1 };
         let mut due = Vec::new();
-        for (t, pair) in tenants.iter().zip(replies.chunks(2)) {
-            let [first, legacy] = pair else {
-                return Err(Error::internal("redis answered a pipeline short"));
-            };
+        for (t, answers) in tenants.iter().zip(replies.chunks(per_tenant)) {
             let first: Vec<(String, f64)> =
-                redis::from_redis_value_ref(first).map_err(redis::RedisError::from)?;
-            let legacy: bool =
-                redis::from_redis_value_ref(legacy).map_err(redis::RedisError::from)?;
-            if legacy || first.first().is_some_and(|(_, from)| *from <= now) {
+                redis::from_redis_value_ref(&answers[0]).map_err(redis::RedisError::from)?;
+            let old_index: bool = match answers.get(1) {
+                Some(v) => redis::from_redis_value_ref(v).map_err(redis::RedisError::from)?,
+                None => false,
+            };
+            if old_index || first.first().is_some_and(|(_, from)| *from <= now) {
                 due.push(t.clone());
             }
         }
