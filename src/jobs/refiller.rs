@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use super::{Rounds, Tenants};
 use crate::engine::Engine;
+use crate::store::redis::Watcher;
 
 /// How often flagged pools are looked at.
 const INTERVAL: Duration = Duration::from_millis(50);
@@ -27,7 +28,7 @@ pub async fn run(engine: Arc<Engine>, tenants: Arc<Tenants>, stop: watch::Receiv
     let mut round: u32 = 0;
     while rounds.next().await {
         round = round.wrapping_add(1);
-        let touched = engine.redis().tenants_touched();
+        let touched = engine.redis().tenants_touched(Watcher::Refiller);
         if !engine.circuit().closed() {
             continue;
         }

@@ -6,6 +6,7 @@
 //! `expired` event, the audit row) within one sweep interval even when no
 //! call touches the tenant.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,19 +15,27 @@ use tokio::sync::watch;
 use super::{Rounds, Tenants};
 use crate::domain::TenantId;
 use crate::engine::Engine;
+use crate::store::redis::Watcher;
 
 /// The fallback's due holds are looked for every this many rounds (they
 /// are rare).
 const FALLBACK_EVERY: u32 = 4;
-/// The expiry index from before buckets (a Redis an older build wrote) is
-/// looked for every this many rounds: it holds what was active at the
-/// upgrade, and once swept it is gone.
-const OLD_INDEX_EVERY: u32 = 10;
+/// Every this many rounds (half a second at the default interval, so a
+/// hold another daemon made is still found within the second the promise
+/// gives) the sweeper looks at every tenant's expiry index, and for the
+/// index from before buckets (a Redis an older build wrote). In between it
+/// looks only at the tenants that had holds in the index last time, and
+/// those this daemon sent operations for since (the only way a hold is
+/// made here). Another daemon's holds are its own sweeper's to find each
+/// round; one a stopped daemon left is found within this many rounds.
+const EVERY_TENANT_EVERY: u32 = 5;
 
-/// Runs until `stop` turns true. Each round asks each store once which
-/// tenants have holds due, and sweeps only those: a sweep per tenant per
-/// round made a thousand idle shops cost the machine's two cores
-/// (deploy/BENCHMARKS.md, "idle tenants").
+/// Runs until `stop` turns true. Each round asks Redis once which of the
+/// tenants it looks at have holds due, and sweeps only those; each fourth,
+/// Postgres likewise for the fallback's holds. A sweep per tenant per
+/// round made a thousand idle shops cost the machine's two cores, and
+/// looking at each tenant's index every round was half of what ten
+/// thousand cost (deploy/BENCHMARKS.md, "idle tenants").
 pub async fn run(
     engine: Arc<Engine>,
     tenants: Arc<Tenants>,
@@ -35,24 +44,42 @@ pub async fn run(
 ) {
     let mut rounds = Rounds::every(interval, stop);
     let mut round: u32 = 0;
+    // Tenants that had holds in the expiry index when last looked at.
+    let mut holding: HashSet<TenantId> = HashSet::new();
     while rounds.next().await {
         round = round.wrapping_add(1);
+        let touched = engine.redis().tenants_touched(Watcher::Sweeper);
         if engine.circuit().closed() {
-            let old_index = round.is_multiple_of(OLD_INDEX_EVERY);
-            match engine
-                .redis()
-                .tenants_due(&tenants.list().await, old_index)
-                .await
-            {
-                Ok(due) => {
-                    for tenant in due {
-                        sweep_redis(&engine, &tenant).await;
+            let everyone = round.is_multiple_of(EVERY_TENANT_EVERY);
+            let looked_at: Vec<TenantId> = if everyone {
+                tenants.list().await
+            } else {
+                let mut some = touched;
+                some.retain(|t| !holding.contains(t));
+                some.extend(holding.iter().cloned());
+                some
+            };
+            match engine.redis().expiry_index(&looked_at, everyone).await {
+                Ok(indexed) => {
+                    for t in &looked_at {
+                        holding.remove(t);
+                    }
+                    for i in indexed {
+                        if i.due {
+                            sweep_redis(&engine, &i.tenant).await;
+                        }
+                        holding.insert(i.tenant);
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read which tenants have holds due; will retry")
+                    // Looked at again next round, with the holding ones.
+                    holding.extend(looked_at);
+                    tracing::warn!(error = %e, "cannot read which tenants have holds due; will retry");
                 }
             }
+        } else {
+            // Not lost while Redis is away: looked at once it is back.
+            holding.extend(touched);
         }
         if round.is_multiple_of(FALLBACK_EVERY) {
             sweep_fallback(&engine).await;

@@ -731,3 +731,30 @@ async fn a_new_claims_short_answer_is_the_hold_its_retry_reads() {
     );
     app.shutdown().await;
 }
+
+/// The sweeper looks every round only at tenants with holds and those its
+/// daemon sent operations for, and at every tenant each half second
+/// (src/jobs/sweeper.rs): a hold a daemon made before it stopped is still
+/// ended by another daemon on the same stores, which never saw it made.
+#[tokio::test]
+async fn a_hold_a_stopped_daemon_made_is_swept_by_the_next() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    let hold = make_hold(&app, cart_hold("orphan", "s", &[("p", 2)], 2)).await;
+    let expires_ms = expiry_ms(&hold);
+    let args = holdfast::config::ServeArgs::for_test(
+        &crate::helpers::redis_url(),
+        &app.database_url,
+        &app.redis_prefix,
+    );
+    app.shutdown().await;
+    let next = crate::helpers::start(args).await;
+    let at = expired_at(&next, "orphan").await;
+    let lag_ms = at.timestamp_millis() - expires_ms;
+    assert!(
+        (0..=1000).contains(&lag_ms),
+        "finalised {lag_ms} ms after expiry"
+    );
+    assert_eq!(next.stock("s", "p").await.held, 0);
+    next.shutdown().await;
+}

@@ -68,24 +68,39 @@ struct Queued {
     reply: oneshot::Sender<Result<Value, Error>>,
 }
 
-/// The tenants the coalescer sent operations for since they were last
-/// taken. Only a take can flag a pool for a refill, so the refiller looks
-/// at these every round and at every tenant only now and then
-/// (src/jobs/refiller.rs). Marked once per batch call, not per operation.
+/// A job that asks which tenants the coalescer sent operations for: each
+/// is told once about each tenant, since it last asked. Only operations
+/// the coalescer sends make holds or flag pools for a refill, so these
+/// jobs look at these tenants every round and at every tenant only now and
+/// then (src/jobs/refiller.rs, src/jobs/sweeper.rs).
+#[derive(Debug, Clone, Copy)]
+pub enum Watcher {
+    /// The refiller: a take may have flagged a pool.
+    Refiller,
+    /// The sweeper: a take may have made a hold.
+    Sweeper,
+}
+
+/// The tenants sent for, one set per [`Watcher`]. Marked once per batch
+/// call, not per operation.
 #[derive(Clone, Default)]
-struct Touched(Arc<Mutex<HashSet<TenantId>>>);
+struct Touched(Arc<[Mutex<HashSet<TenantId>>; 2]>);
 
 impl Touched {
     fn mark(&self, tenant: &TenantId) {
-        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if !set.contains(tenant) {
-            set.insert(tenant.clone());
+        for set in self.0.iter() {
+            let mut set = set.lock().unwrap_or_else(|e| e.into_inner());
+            if !set.contains(tenant) {
+                set.insert(tenant.clone());
+            }
         }
     }
 
-    /// The tenants marked since the last call, which forgets them.
-    fn take(&self) -> Vec<TenantId> {
-        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+    /// The tenants marked since `watcher` last asked.
+    fn take(&self, watcher: Watcher) -> Vec<TenantId> {
+        let mut set = self.0[watcher as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         std::mem::take(&mut *set).into_iter().collect()
     }
 }
@@ -128,9 +143,9 @@ impl Batcher {
         }
     }
 
-    /// The tenants sent operations for since this was last asked.
-    pub fn touched(&self) -> Vec<TenantId> {
-        self.touched.take()
+    /// The tenants sent operations for since `watcher` last asked.
+    pub fn touched(&self, watcher: Watcher) -> Vec<TenantId> {
+        self.touched.take(watcher)
     }
 
     /// Runs operation `op` (a key of batch.lua's `OPS`) for `tenant` and
@@ -527,8 +542,10 @@ mod tests {
             sent < 200,
             "200 concurrent calls went as {sent} Redis calls"
         );
-        // The refiller's list of tenants to look at: each once, then none.
-        assert_eq!(batcher.touched(), [tenant("acme")]);
-        assert!(batcher.touched().is_empty());
+        // The jobs' lists of tenants to look at: each once, then none.
+        for watcher in [Watcher::Refiller, Watcher::Sweeper] {
+            assert_eq!(batcher.touched(watcher), [tenant("acme")]);
+            assert!(batcher.touched(watcher).is_empty());
+        }
     }
 }

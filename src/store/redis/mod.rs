@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ScriptInvocation, Value};
 
+pub use batch::Watcher;
 use batch::{Batcher, OpArgs};
 
 pub use clock::{RedisClock, STEP_MS};
@@ -558,23 +559,24 @@ impl RedisStore {
             .collect())
     }
 
-    /// The tenants this daemon sent hold operations for since this was
-    /// last asked (and only a take flags a pool for a refill).
-    pub fn tenants_touched(&self) -> Vec<TenantId> {
-        self.batcher.touched()
+    /// The tenants this daemon sent hold operations for since `watcher`
+    /// last asked ([`Watcher`]).
+    pub fn tenants_touched(&self, watcher: Watcher) -> Vec<TenantId> {
+        self.batcher.touched(watcher)
     }
 
-    /// Those of `tenants` that may have holds due (by Redis's clock), in
-    /// one round trip: the first bucket of the expiry index has begun, or,
-    /// with `legacy`, the index from before buckets (`exp`) is not empty.
-    /// The sweeper runs its script only for these: a script call per
-    /// tenant every 100 ms, due or not, made idle shops cost Redis and the
-    /// daemon a core between them at a thousand tenants.
-    pub async fn tenants_due(
+    /// Which of `tenants` have holds in the expiry index, and which of
+    /// those may have some due (by Redis's clock), in one round trip: the
+    /// first bucket has begun, or, with `legacy`, the index from before
+    /// buckets (`exp`) is not empty. The sweeper runs its script only for
+    /// the due ones: a script call per tenant every 100 ms, due or not,
+    /// made idle shops cost Redis and the daemon a core between them at a
+    /// thousand tenants.
+    pub async fn expiry_index(
         &self,
         tenants: &[TenantId],
         legacy: bool,
-    ) -> Result<Vec<TenantId>, Error> {
+    ) -> Result<Vec<Indexed>, Error> {
         if tenants.is_empty() {
             return Ok(Vec::new());
         }
@@ -594,7 +596,7 @@ impl RedisStore {
         let replies: Vec<redis::Value> = pipe.query_async(&mut con).await?;
         let now = self.clock.now_ms() as f64;
         let per_tenant = if legacy { 2 } else { 1 };
-        let mut due = Vec::new();
+        let mut indexed = Vec::new();
         for (t, answers) in tenants.iter().zip(replies.chunks(per_tenant)) {
             let first: Vec<(String, f64)> =
                 redis::from_redis_value_ref(&answers[0]).map_err(redis::RedisError::from)?;
@@ -602,11 +604,15 @@ impl RedisStore {
                 Some(v) => redis::from_redis_value_ref(v).map_err(redis::RedisError::from)?,
                 None => false,
             };
-            if old_index || first.first().is_some_and(|(_, from)| *from <= now) {
-                due.push(t.clone());
+            let begun = first.first().is_some_and(|(_, from)| *from <= now);
+            if old_index || !first.is_empty() {
+                indexed.push(Indexed {
+                    tenant: t.clone(),
+                    due: old_index || begun,
+                });
             }
         }
-        Ok(due)
+        Ok(indexed)
     }
 
     /// Answers when Redis answers, and tells whether Redis still has the
@@ -651,6 +657,15 @@ impl RedisStore {
             .await?;
         reply::sweep_reply(&v)
     }
+}
+
+/// A tenant with holds in the expiry index ([`RedisStore::expiry_index`]).
+#[derive(Debug, Clone)]
+pub struct Indexed {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// Whether some of its holds may be due.
+    pub due: bool,
 }
 
 /// How many ACTIVE holds of the tenant whose keys start with `tenant_prefix`
