@@ -14,9 +14,10 @@ use sqlx::Connection;
 
 use super::cpu::Watched;
 
-/// Longer than the daemon's tenant list takes to be read again (1 s) and
-/// the drainer to make the new tenants' consumer groups.
-const SETTLE: Duration = Duration::from_secs(3);
+/// Longer than the daemon's tenant list takes to be read again (1 s), the
+/// drainer to make the new tenants' consumer groups, and its first tending
+/// of their streams (5 s): the probe measures the daemon settled.
+const SETTLE: Duration = Duration::from_secs(8);
 /// The idle tenants' ids start with this.
 const PREFIX: &str = "bench-idle-";
 

@@ -6,7 +6,7 @@
 //! commit. After a failure or a restart it first re-reads what it had read
 //! and not acknowledged. Postgres being down only makes it wait and retry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use crate::domain::{HoldId, HoldState, Job, TenantId, parse_event_id};
 use crate::error::Error;
 use crate::store::HoldReply;
 use crate::store::postgres::{PgStore, Twin};
-use crate::store::redis::{RedisStore, StreamEvents, decode_read};
+use crate::store::redis::{RedisStore, StreamEvents, Watcher, decode_read};
 use crate::telemetry::metric;
 
 /// The consumer group's name.
@@ -42,6 +42,17 @@ const ROUND_LIMIT: Duration = Duration::from_secs(5);
 /// How often the backlog gauge is sampled, and drained entries past the
 /// keep trimmed (XINFO per stream, [`tend`]).
 const LAG_EVERY: Duration = Duration::from_secs(1);
+/// How often the drainer reads every tenant's stream. In between it reads
+/// only the streams of the tenants this daemon sent operations for since
+/// its last round, and of those whose streams gave events in the last
+/// `LIVELY`: the streams new events can be in. Another daemon's events
+/// are its own drainer's to read each round; ones a stopped daemon left
+/// wait this long at most. An XREADGROUP over every stream each round
+/// was most of what ten thousand idle tenants cost (deploy/BENCHMARKS.md,
+/// "idle tenants").
+const EVERY_STREAM_EVERY: Duration = Duration::from_secs(1);
+/// How long after its last events a stream is still read every round.
+const LIVELY: Duration = Duration::from_secs(2);
 /// How long after its last event a stream is still tended: long enough to
 /// trim that event once it is past the keep. Streams quiet for longer have
 /// nothing to trim and no backlog, and are left alone: tending every
@@ -66,6 +77,7 @@ pub async fn run(
         grouped: HashMap::new(),
         lively: HashMap::new(),
         pending_first: true,
+        read_all_at: None,
         lag_sampled: std::time::Instant::now() - LAG_EVERY,
     };
     let mut backoff = Duration::from_millis(50);
@@ -73,7 +85,7 @@ pub async fn run(
         if *stop.borrow() {
             break;
         }
-        let list = tenants.list().await;
+        let list = drainer.streams_to_read(&tenants).await;
         // Bounded: a round stuck on a frozen Redis is abandoned (its events
         // stay pending and are read again).
         let round = tokio::select! {
@@ -125,16 +137,42 @@ struct Drainer {
     keep: Duration,
     /// Streams whose consumer group exists, by key, with their tenant.
     grouped: HashMap<String, TenantId>,
-    /// When each stream last gave events (or was first seen, so that what
-    /// an earlier daemon left in it is trimmed): which streams to tend.
+    /// When each stream last gave events (first seen counts as a keep
+    /// ago): which streams to read every round, and which to tend.
     lively: HashMap<String, std::time::Instant>,
     /// Re-read our unacknowledged events before new ones.
     pending_first: bool,
+    /// When the drainer last read every tenant's stream.
+    read_all_at: Option<std::time::Instant>,
     /// When the lag gauge was last sampled.
     lag_sampled: std::time::Instant,
 }
 
 impl Drainer {
+    /// The tenants whose streams this round reads: every tenant's each
+    /// `EVERY_STREAM_EVERY`, and while re-reading what was read and not
+    /// acknowledged (pending entries can be in any stream); otherwise
+    /// those sent for since the last round, and the lively ones.
+    async fn streams_to_read(&mut self, tenants: &Tenants) -> Vec<TenantId> {
+        let touched = self.redis.tenants_touched(Watcher::Drainer);
+        let due = self
+            .read_all_at
+            .is_none_or(|at| at.elapsed() >= EVERY_STREAM_EVERY);
+        if self.pending_first || due {
+            self.read_all_at = Some(std::time::Instant::now());
+            return tenants.list().await;
+        }
+        let mut list: HashSet<TenantId> = touched.into_iter().collect();
+        for (key, at) in &self.lively {
+            if at.elapsed() < LIVELY
+                && let Some(t) = self.grouped.get(key)
+            {
+                list.insert(t.clone());
+            }
+        }
+        list.into_iter().collect()
+    }
+
     /// One read and write; returns the most events one stream gave (a
     /// full batch means more are waiting).
     async fn round(&mut self, tenants: &[TenantId]) -> Result<usize, Error> {
@@ -152,8 +190,15 @@ impl Drainer {
                     Err(e) if e.code() == Some("BUSYGROUP") => {}
                     Err(e) => return Err(e.into()),
                 }
-                self.lively
-                    .insert(slot.key().clone(), std::time::Instant::now());
+                // As if its last events were a keep ago: tended for
+                // `TEND_AFTER_QUIET`, which trims what an earlier daemon
+                // left past the keep, and not read every round. (Entries
+                // younger than that go once the stream has events again.)
+                let now = std::time::Instant::now();
+                self.lively.insert(
+                    slot.key().clone(),
+                    now.checked_sub(self.keep).unwrap_or(now),
+                );
                 slot.insert(t.clone());
             }
         }

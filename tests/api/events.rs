@@ -275,3 +275,48 @@ async fn a_batch_recorded_in_part_before_records_only_the_rest() {
     assert_eq!(app.pg_sold("r", "p").await, 8);
     app.shutdown().await;
 }
+
+/// The drainer reads every round only the streams of tenants its daemon
+/// sent operations for and of those with recent events, and every stream
+/// once a second (src/jobs/drainer.rs): an event another daemon appended
+/// to a quiet tenant's stream still reaches Postgres.
+#[tokio::test]
+async fn an_event_another_daemon_appended_to_a_quiet_stream_is_drained() {
+    use holdfast::domain::{HoldId, Job, Line, Lines, Quantity, TenantId};
+    let app = spawn_app().await;
+    app.live_sale("q", &[("p", Some(10))], 0).await;
+    // Quiet for longer than a stream stays lively after its last events.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // Another daemon's store (its own coalescer) claims.
+    let other = app.redis_store().await;
+    let lines = vec![Line {
+        pool: holdfast::store::postgres::product_pool("q", "p"),
+        quantity: Quantity::parse("quantity", 1, 10).unwrap(),
+    }];
+    let reply = other
+        .claim(
+            &TenantId::parse("dev").unwrap(),
+            &HoldId::parse("claim_id", "elsewhere", 128).unwrap(),
+            Job::Flash,
+            &Lines::parse("lines", lines, 10).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(reply, holdfast::store::HoldReply::Hold(_)),
+        "{reply:?}"
+    );
+    app.eventually("the claim in the audit log", async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM audit_log WHERE hold_id = 'elsewhere' AND kind = 'claimed'",
+        )
+        .fetch_one(&app.pg)
+        .await
+        .unwrap()
+        .eq(&1)
+        .then_some(())
+    })
+    .await;
+    app.shutdown().await;
+}

@@ -332,7 +332,6 @@ impl Drop for TestApp {
     }
 }
 
-/// A claim request.
 /// A sale open between two unix times, as `TestApp::sale_between` creates it.
 pub fn sale_request(
     sale_id: &str,
@@ -369,6 +368,7 @@ pub fn live_sale_request(sale_id: &str, products: &[(&str, Option<i64>)]) -> pb:
     sale_request(sale_id, products, 0, now - 60, now + 3600)
 }
 
+/// A claim request.
 pub fn claim(claim_id: &str, sale_id: &str, lines: &[(&str, i64)]) -> pb::ClaimRequest {
     pb::ClaimRequest {
         claim_id: claim_id.into(),

@@ -79,12 +79,15 @@ pub enum Watcher {
     Refiller,
     /// The sweeper: a take may have made a hold.
     Sweeper,
+    /// The drainer: every operation but a read appends to the tenant's
+    /// event stream.
+    Drainer,
 }
 
 /// The tenants sent for, one set per [`Watcher`]. Marked once per batch
 /// call, not per operation.
 #[derive(Clone, Default)]
-struct Touched(Arc<[Mutex<HashSet<TenantId>>; 2]>);
+struct Touched(Arc<[Mutex<HashSet<TenantId>>; 3]>);
 
 impl Touched {
     fn mark(&self, tenant: &TenantId) {
@@ -146,6 +149,12 @@ impl Batcher {
     /// The tenants sent operations for since `watcher` last asked.
     pub fn touched(&self, watcher: Watcher) -> Vec<TenantId> {
         self.touched.take(watcher)
+    }
+
+    /// Counts `tenant` as sent for, by a script call of the store's own
+    /// (a sweep appends `expired` events, a grant `low_stock` ones).
+    pub fn touch(&self, tenant: &TenantId) {
+        self.touched.mark(tenant);
     }
 
     /// Runs operation `op` (a key of batch.lua's `OPS`) for `tenant` and
@@ -543,7 +552,7 @@ mod tests {
             "200 concurrent calls went as {sent} Redis calls"
         );
         // The jobs' lists of tenants to look at: each once, then none.
-        for watcher in [Watcher::Refiller, Watcher::Sweeper] {
+        for watcher in [Watcher::Refiller, Watcher::Sweeper, Watcher::Drainer] {
             assert_eq!(batcher.touched(watcher), [tenant("acme")]);
             assert!(batcher.touched(watcher).is_empty());
         }

@@ -268,6 +268,9 @@ impl RedisStore {
         let result = inv.invoke_async::<Value>(&mut con).await;
         metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => name)
             .record(started.elapsed().as_secs_f64());
+        // Scripts may append events too: the drainer reads this tenant's
+        // stream next round (src/jobs/drainer.rs).
+        self.batcher.touch(tenant);
         Ok(result?)
     }
 
