@@ -67,6 +67,31 @@ async fn level(app: &TestApp, product: &str, variant: &str) -> pb::StockLevel {
         .remove(0)
 }
 
+/// Another transaction holding the pools table, as a long write would:
+/// the next stock change waits for it in Postgres.
+async fn hold_pools(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("LOCK TABLE pools IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// The Postgres backend of the call waiting for a lock, once one is.
+async fn waiting_for_lock(app: &TestApp) -> i32 {
+    app.eventually("the stock change waits for the lock", async || {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_optional(&app.pg)
+        .await
+        .unwrap()
+    })
+    .await
+}
+
 fn consume(id: &str, order: &str) -> pb::ConsumeReservationRequest {
     pb::ConsumeReservationRequest {
         reservation_id: id.into(),
@@ -756,11 +781,7 @@ async fn a_call_postgres_ends_mid_transaction_is_unavailable_and_changes_nothing
     // Postgres ends the session of the next stock change while it waits
     // for a lock, as it does when it shuts down or restarts (SQLSTATE
     // 57P01): a caller must hear "retry", not "bug".
-    let mut blocker = app.pg.begin().await.unwrap();
-    sqlx::query("LOCK TABLE pools IN EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = hold_pools(&app).await;
     let to_3 = || pb::SetStockRequest {
         key: key("lamp", ""),
         on_hand: 3,
@@ -769,17 +790,7 @@ async fn a_call_postgres_ends_mid_transaction_is_unavailable_and_changes_nothing
     };
     let mut client = app.reservations();
     let change = tokio::spawn(async move { client.set_stock(to_3()).await });
-    let waiting: i32 = app
-        .eventually("the stock change waits for the lock", async || {
-            sqlx::query_scalar(
-                "SELECT pid FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_optional(&app.pg)
-            .await
-            .unwrap()
-        })
-        .await;
+    let waiting = waiting_for_lock(&app).await;
     sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(waiting)
         .execute(&app.pg)
@@ -805,11 +816,7 @@ async fn a_stock_change_whose_caller_gave_up_still_lands_in_both_stores() {
     // that in Postgres. Postgres is held up between the two, and the
     // caller's deadline passes there: the change must still finish. Cut
     // off, the units Redis gave back would be sold by neither store.
-    let mut blocker = app.pg.begin().await.unwrap();
-    sqlx::query("LOCK TABLE pools IN EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = hold_pools(&app).await;
     let mut shrink = tonic::Request::new(pb::AdjustStockRequest {
         key: key("vase", ""),
         delta: -8,
@@ -819,17 +826,7 @@ async fn a_stock_change_whose_caller_gave_up_still_lands_in_both_stores() {
     shrink.set_timeout(std::time::Duration::from_secs(1));
     let mut client = app.reservations();
     let change = tokio::spawn(async move { client.adjust_stock(shrink).await });
-    let _: i32 = app
-        .eventually("the stock change waits for the lock", async || {
-            sqlx::query_scalar(
-                "SELECT pid FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_optional(&app.pg)
-            .await
-            .unwrap()
-        })
-        .await;
+    waiting_for_lock(&app).await;
     let err = change.await.unwrap().unwrap_err();
     assert!(
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
