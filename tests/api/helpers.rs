@@ -188,12 +188,23 @@ impl TestApp {
     }
 
     /// Polls `f` until it returns `Some`, for at most 10 s.
-    pub async fn eventually<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    pub async fn eventually<T, F, Fut>(&self, what: &str, f: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        self.eventually_within(Duration::from_secs(10), what, f)
+            .await
+    }
+
+    /// Polls `f` until it returns `Some`, for at most `within`: a guard
+    /// against a hang, not a speed target.
+    pub async fn eventually_within<T, F, Fut>(&self, within: Duration, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(v) = f().await {
                 return v;
