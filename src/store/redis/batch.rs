@@ -68,11 +68,12 @@ struct Queued {
     reply: oneshot::Sender<Result<Value, Error>>,
 }
 
-/// A job that asks which tenants the coalescer sent operations for: each
-/// is told once about each tenant, since it last asked. Only operations
-/// the coalescer sends make holds or flag pools for a refill, so these
-/// jobs look at these tenants every round and at every tenant only now and
-/// then (src/jobs/refiller.rs, src/jobs/sweeper.rs).
+/// A job that asks which tenants the coalescer sent operations for (or the
+/// store ran its own scripts for): each is told once about each tenant,
+/// since it last asked. Only these calls make holds, flag pools for a
+/// refill or append events, so these jobs look at these tenants every
+/// round and at every tenant only now and then (src/jobs/refiller.rs,
+/// src/jobs/sweeper.rs, src/jobs/drainer.rs).
 #[derive(Debug, Clone, Copy)]
 pub enum Watcher {
     /// The refiller: a take may have flagged a pool.
@@ -85,7 +86,7 @@ pub enum Watcher {
 }
 
 /// The tenants sent for, one set per [`Watcher`]. Marked once per batch
-/// call, not per operation.
+/// call (not per operation) and once per script call of the store's own.
 #[derive(Clone, Default)]
 struct Touched(Arc<[Mutex<HashSet<TenantId>>; 3]>);
 

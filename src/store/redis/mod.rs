@@ -535,9 +535,9 @@ impl RedisStore {
 
     /// Takes up to `count` pools flagged for a refill from each of
     /// `tenants`, in one round trip; the tenants that had any, with them.
-    /// The refiller asks every 50 ms for every tenant, and a call per
-    /// tenant made a thousand idle shops cost a core (deploy/BENCHMARKS.md,
-    /// "idle tenants").
+    /// When the refiller asked with a call per tenant, every 50 ms, a
+    /// thousand idle shops cost a core (deploy/BENCHMARKS.md, "idle
+    /// tenants").
     pub async fn pop_refills(
         &self,
         tenants: &[TenantId],
@@ -562,8 +562,8 @@ impl RedisStore {
             .collect())
     }
 
-    /// The tenants this daemon sent hold operations for since `watcher`
-    /// last asked ([`Watcher`]).
+    /// The tenants this daemon sent hold operations or ran scripts for
+    /// since `watcher` last asked ([`Watcher`]).
     pub fn tenants_touched(&self, watcher: Watcher) -> Vec<TenantId> {
         self.batcher.touched(watcher)
     }
