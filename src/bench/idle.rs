@@ -1,8 +1,9 @@
 //! What a daemon costs with nothing to do, by how many tenants it serves:
 //! the question of a platform that runs one holdfast for many shops. The
-//! background jobs (sweeper, refiller, drainer) visit every tenant every
-//! round, so their cost grows with the tenants even when none of them
-//! sells anything. The probe measures each process's CPU over `--duration`
+//! background jobs (sweeper, refiller, drainer) look after every tenant,
+//! so their cost can grow with the tenants even when none of them sells
+//! anything (it did: deploy/BENCHMARKS.md, "idle tenants"). The probe
+//! measures each process's CPU over `--duration`
 //! seconds of no traffic with the tenants there are, then again with
 //! `--tenants` more that exist and do nothing, and removes those again
 //! so the rest of the run is not measured with them.
