@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
 /// one `writev` per response. Without it the connection's task queues
 /// behind the batch's streams and writes their responses together: under
 /// claim-hot half the `writev` calls, the daemon's CPU per claim a fifth
-/// less, and 7-18 % more claims a second (deploy/BENCHMARKS.md, "the LIFO
+/// less, and 7-16 % more claims a second (deploy/BENCHMARKS.md, "the LIFO
 /// slot"). The switch is unstable in tokio, so `.cargo/config.toml` builds
 /// with `--cfg tokio_unstable`; a build without it (RUSTFLAGS set by hand
 /// replaces that file's flags) keeps the slot and says so at startup.
