@@ -29,9 +29,8 @@ if stop then
 end
 
 -- 3. Sell the units; remember the answer for retries.
-local sold = {}
 for _, l in ipairs(lines) do
-  sold[l[1]] = redis.call('HINCRBY', P .. 'pool:' .. l[1], 'sold', l[2])
+  pool_add(l[1], 'sold', l[2])
 end
 if ck ~= '' then
   redis.call('INCRBY', P .. ck, total(lines))
@@ -47,5 +46,5 @@ redis.call('PEXPIRE', hk, RETENTION_MS)
 -- because a flash sale answers claims by the thousand a second and each
 -- element of a reply costs Redis and the daemon's parser.
 emit(now, 'claimed', job, claim_id, ln, { 'c', ck })
-after_take(lines, 'sold', sold, now)
+after_take(lines, now)
 return { 'CLAIMED', job, ln, ms(now) }

@@ -40,16 +40,15 @@ end
 local ln = h[3]
 local lines = cjson.decode(ln)
 for _, l in ipairs(lines) do
-  if redis.call('HGET', P .. 'pool:' .. l[1], 'epoch') ~= tostring(l[3]) then
+  if read_pool(l[1])[5] ~= tostring(l[3]) then
     return { 'STALE_EPOCH', l[1] }
   end
 end
 
 -- 3. Move the units from held to sold.
 for _, l in ipairs(lines) do
-  local pk = P .. 'pool:' .. l[1]
-  redis.call('HINCRBY', pk, 'held', -l[2])
-  redis.call('HINCRBY', pk, 'sold', l[2])
+  pool_add(l[1], 'held', -l[2])
+  pool_add(l[1], 'sold', l[2])
 end
 local fin = ms(now)
 local fields = { 'HSET', hk, 'st', 'C', 'fin', fin }
@@ -57,7 +56,7 @@ put_unless_empty(fields, 'oid', order_id)
 redis.call(unpack(fields))
 redis.call('PEXPIRE', hk, RETENTION_MS)
 -- Its expiry index entry stays until its bucket comes due (lib.lua).
-redis.call('DECR', P .. 'active')
+active_add(-1)
 
 -- 4. Log it, and answer with what was read and written.
 emit(now, 'committed', job, hold_id, ln, { 'r', h[6] or '', 'o', order_id, 'c', h[11] or '' })

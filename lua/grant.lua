@@ -45,11 +45,13 @@ if not cur[1] or tonumber(cur[1]) < epoch then
   redis.call('DEL', pk)
   redis.call('HSET', pk, 'grant', granted, 'ret', 0, 'sold', 0, 'held', 0, 'epoch', epoch,
     'full', ARGV[7], 'unl', ARGV[8], 'from', ARGV[9], 'until', ARGV[10], 'low', ARGV[11], 'armed', 1, 'lim', ARGV[12], 'lw', ARGV[13], 'pgf', ARGV[14])
+  forget_pool(ARGV[4])
   check_low(ARGV[4], now_ms())
   return { 'LOADED' }
 end
 local grant = math.max(tonumber(cur[2]), granted)
 redis.call('HSET', pk, 'grant', grant, 'full', ARGV[7], 'unl', ARGV[8], 'from', ARGV[9], 'until', ARGV[10],
   'low', ARGV[11], 'lim', ARGV[12], 'lw', ARGV[13], 'pgf', ARGV[14])
+forget_pool(ARGV[4])
 check_low(ARGV[4], now_ms())
 return { 'GRANTED', tostring(grant) }

@@ -69,12 +69,85 @@ end
 -- than the clock in microseconds, so tokens keep growing even after Redis
 -- lost its data (and the counter with it). Exact in Lua's doubles (below
 -- 2^53 until the year 2255); written with %.0f, never as 1e+15.
+--
+-- The last token is kept for the rest of the call (`fence_last`), so a
+-- batch of reserves reads the key once and writes it once each.
+local fence_last
 local function next_fence()
   local floor = NOW_MS * 1000
-  local last = tonumber(redis.call('GET', P .. 'fence') or '0')
-  local fence = string.format('%.0f', math.max(last + 1, floor))
+  if not fence_last then
+    fence_last = tonumber(redis.call('GET', P .. 'fence') or '0')
+  end
+  fence_last = math.max(fence_last + 1, floor)
+  local fence = string.format('%.0f', fence_last)
   redis.call('SET', P .. 'fence', fence)
   return fence
+end
+
+-- The tenant's count of ACTIVE holds, read once a call and kept current by
+-- active_add, the only way a script changes it.
+local active_n
+local function active_count()
+  if not active_n then
+    active_n = tonumber(redis.call('GET', P .. 'active') or '0')
+  end
+  return active_n
+end
+
+-- Adds `delta` to the count of ACTIVE holds; returns the new count.
+local function active_add(delta)
+  active_n = redis.call('INCRBY', P .. 'active', delta)
+  return active_n
+end
+
+-- A pool's fields as the rules read them, in this order (read_pool).
+local POOL_FIELDS = { 'grant', 'ret', 'sold', 'held', 'epoch', 'full', 'unl', 'from', 'until', 'lim', 'low', 'armed',
+  'pgf', 'lw' }
+-- The fields a script writes, by their place in POOL_FIELDS. (Written out:
+-- a function library's top level runs where `ipairs` is not defined.)
+local POOL_AT = { ret = 2, sold = 3, held = 4, full = 6, armed = 12 }
+
+-- What this call has read of each pool: pool id -> its POOL_FIELDS as HMGET
+-- returned them. A batch of claims on one hot pool reads it once, not once
+-- a claim: the 14-field read was the largest of a claim's calls, and each
+-- redis.call costs more to marshal than to run (deploy/BENCHMARKS.md,
+-- "Redis with symbols"). The copy stays true because every write to a
+-- pool's hash goes through pool_add or pool_set, or is followed by
+-- forget_pool (grant.lua, return.lua); the call is atomic, so nothing
+-- else writes it meanwhile.
+local pools = {}
+local function read_pool(pool_id)
+  local p = pools[pool_id]
+  if not p then
+    p = redis.call('HMGET', P .. 'pool:' .. pool_id, unpack(POOL_FIELDS))
+    pools[pool_id] = p
+  end
+  return p
+end
+
+-- HINCRBY of a pool's counter (`sold`, `held`, `ret`) that keeps the
+-- call's copy current; returns the new value.
+local function pool_add(pool_id, field, delta)
+  local v = redis.call('HINCRBY', P .. 'pool:' .. pool_id, field, delta)
+  local p = pools[pool_id]
+  if p then
+    p[POOL_AT[field]] = v
+  end
+  return v
+end
+
+-- HSET of one pool field that keeps the call's copy current.
+local function pool_set(pool_id, field, value)
+  redis.call('HSET', P .. 'pool:' .. pool_id, field, value)
+  local p = pools[pool_id]
+  if p and POOL_AT[field] then
+    p[POOL_AT[field]] = value
+  end
+end
+
+-- Drops the call's copy of a pool, after a script wrote its hash directly.
+local function forget_pool(pool_id)
+  pools[pool_id] = nil
 end
 
 -- Appends one event to the tenant's stream. `fields` is a flat list of extra
@@ -152,35 +225,32 @@ local function new_hold_view(st, job, ln, exp, ref, cat, fin, fence)
   return { 'HOLD', st, job, ln, ms(exp), '0', ref, '', ms(cat), ms(fin), fence }
 end
 
+-- A pool's headroom: grant - ret - sold - held (reserved units count as
+-- gone), from its fields as read_pool keeps them.
+local function headroom_of(p)
+  return tonumber(p[1]) - tonumber(p[2]) - tonumber(p[3]) - tonumber(p[4])
+end
+
 -- Emits a `low_stock` event once per crossing of a pool's low-stock
 -- threshold (field `low`), and re-arms when availability rises above it.
--- Available = Redis's headroom (grant - ret - sold - held: reserved units
--- count as gone) + what Postgres had left to grant at the last grant (`pgf`).
--- `low` and `armed` are the pool's fields (strings, `low` absent when the
--- pool has no threshold), `avail` as above; check_low reads them, a take
--- passes what it already read (see after_take).
-local function low_alert(pool_id, low, armed, avail, epoch, now)
-  if not low or tonumber(low) < 0 then
+-- Available = Redis's headroom + what Postgres had left to grant at the
+-- last grant (`pgf`). Reads the pool through read_pool, so after a take or
+-- a release (which keep the copy current) it costs no read.
+local function check_low(pool_id, now)
+  local p = read_pool(pool_id)
+  local low, armed = p[11], p[12]
+  if not p[1] or not low or tonumber(low) < 0 then
     return
   end
-  local pk = P .. 'pool:' .. pool_id
+  local avail = headroom_of(p) + tonumber(p[13] or '0')
   if avail <= tonumber(low) then
     if armed ~= '0' then
-      redis.call('HSET', pk, 'armed', '0')
-      emit(now, 'low_stock', 'stock', '', cjson.encode({ { pool_id, avail, tonumber(epoch) } }),
+      pool_set(pool_id, 'armed', '0')
+      emit(now, 'low_stock', 'stock', '', cjson.encode({ { pool_id, avail, tonumber(p[5]) } }),
         { 'r', 'threshold=' .. low })
     end
   elseif armed == '0' then
-    redis.call('HSET', pk, 'armed', '1')
-  end
-end
-
-local function check_low(pool_id, now)
-  local p = redis.call('HMGET', P .. 'pool:' .. pool_id, 'low', 'armed', 'grant', 'ret', 'sold', 'held', 'pgf',
-    'epoch')
-  if p[1] then
-    local avail = tonumber(p[3]) - tonumber(p[4]) - tonumber(p[5]) - tonumber(p[6]) + tonumber(p[7] or '0')
-    low_alert(pool_id, p[1], p[2], avail, p[8], now)
+    pool_set(pool_id, 'armed', '1')
   end
 end
 
@@ -264,15 +334,14 @@ local function finish_all(hold_ids, state, now, kind, due_by)
   end
   for _, at in ipairs(order) do
     local pool_id, epoch, qty = back[at][1], back[at][2], back[at][3]
-    local pk = P .. 'pool:' .. pool_id
     -- A pool reloaded under a newer epoch no longer counts these holds.
-    if redis.call('HGET', pk, 'epoch') == epoch then
-      redis.call('HINCRBY', pk, 'held', -qty)
+    if read_pool(pool_id)[5] == epoch then
+      pool_add(pool_id, 'held', -qty)
       check_low(pool_id, now)
     end
   end
   if ended > 0 then
-    redis.call('DECRBY', P .. 'active', ended)
+    active_add(-ended)
   end
   return ended, earliest
 end
@@ -404,18 +473,10 @@ end
 --   { 'NOT_ACTIVE', pool_id }        outside the pool's sale window
 --   { 'SHORT', pool_id, qty, available, ... }   sold out
 -- `check_window` is false for operations that finish an existing hold.
---
--- What it read is kept in `read_pools` (pool id -> the HMGET below) until
--- the next check_lines: the take that follows changes only the field it
--- increments, so after_take needs no second read of any pool.
-local read_pools = {}
 local function check_lines(lines, now, check_window)
   local need, short = {}, {}
-  read_pools = {}
   for _, l in ipairs(lines) do
-    local p = redis.call('HMGET', P .. 'pool:' .. l[1],
-      'grant', 'ret', 'sold', 'held', 'epoch', 'full', 'unl', 'from', 'until', 'lim', 'low', 'armed', 'pgf', 'lw')
-    read_pools[l[1]] = p
+    local p = read_pool(l[1])
     if not p[1] or not p[5] then
       need[#need + 1] = l[1]
     else
@@ -425,7 +486,7 @@ local function check_lines(lines, now, check_window)
       end
       l[3] = tonumber(p[5])
       if p[7] ~= '1' then
-        local avail = tonumber(p[1]) - tonumber(p[2]) - tonumber(p[3]) - tonumber(p[4])
+        local avail = headroom_of(p)
         local lim = tonumber(p[10] or '-1')
         -- A ceiling below the grant (a cut schedule) is final: no grant helps.
         local capped = lim >= 0 and lim - tonumber(p[3]) - tonumber(p[4]) < avail
@@ -477,23 +538,14 @@ local function want_refill(pool_id, headroom, full, lw)
   end
 end
 
--- What follows a take of `lines` (reserve, claim), from the pools as
--- check_lines read them plus what the take added to `field` ('held' or
--- 'sold'; `now_at[pool_id]` is the field's new value, from HINCRBY): the
--- low-stock alert and the refill flag.
-local function after_take(lines, field, now_at, now)
+-- What follows a take of `lines` (reserve, claim), once pool_add has
+-- counted it: the low-stock alert and the refill flag, from the pools as
+-- read_pool keeps them (no read).
+local function after_take(lines, now)
   for _, l in ipairs(lines) do
-    local p = read_pools[l[1]]
-    local grant, ret = tonumber(p[1]), tonumber(p[2])
-    local sold, held = tonumber(p[3]), tonumber(p[4])
-    if field == 'sold' then
-      sold = now_at[l[1]]
-    else
-      held = now_at[l[1]]
-    end
-    local headroom = grant - ret - sold - held
-    low_alert(l[1], p[11], p[12], headroom + tonumber(p[13] or '0'), p[5], now)
-    want_refill(l[1], headroom, p[6], p[14])
+    local p = read_pool(l[1])
+    check_low(l[1], now)
+    want_refill(l[1], headroom_of(p), p[6], p[14])
   end
 end
 
@@ -519,11 +571,13 @@ local function admit(hk, rq, lines, now, ck, limit)
 end
 
 -- Starts a call: its common arguments, and a fresh copy of the state that
--- lasts one call (the due budget, what was found due, the pools read). A
+-- lasts one call (the due budget, what was found due, the pools, the
+-- active count and the fence as read). A
 -- script's locals start fresh on every EVALSHA anyway; a function's
 -- library is loaded once and its locals live from call to call, so every
 -- one of them that a call changes is reset here.
 local function begin(argv)
   P, RETENTION_MS, NOW_MS, NOW_TEXT = argv[1], argv[2], tonumber(argv[3]), argv[3]
-  due_budget, none_due, partial_clear, read_pools = DUE_LIMIT, false, false, {}
+  due_budget, none_due, partial_clear = DUE_LIMIT, false, false
+  pools, active_n, fence_last = {}, nil, nil
 end

@@ -54,7 +54,7 @@ local stop = busy_if_due(admit(hk, rq, lines, now, ck, limit), now)
 if stop then
   return stop
 end
-local active = tonumber(redis.call('GET', P .. 'active') or '0')
+local active = active_count()
 if active >= max_active then
   return busy_if_due({ 'TOO_MANY_HOLDS', tostring(active) }, now)
 end
@@ -63,11 +63,10 @@ end
 -- card's pool (capacity 1, taken only by sale locks) remembers its latest
 -- holder, which names who holds or sold it (holders.lua); no other job's
 -- pool is ever asked, so no other take pays for the write.
-local held = {}
 for _, l in ipairs(lines) do
-  held[l[1]] = redis.call('HINCRBY', P .. 'pool:' .. l[1], 'held', l[2])
+  pool_add(l[1], 'held', l[2])
   if job == 'lock' then
-    redis.call('HSET', P .. 'pool:' .. l[1], 'by', hold_id)
+    pool_set(l[1], 'by', hold_id)
   end
 end
 local fence = next_fence()
@@ -84,10 +83,10 @@ if ck ~= '' then
   put_unless_empty(fields, 'cq', total(lines))
 end
 redis.call(unpack(fields))
-redis.call('INCR', P .. 'active')
+active_add(1)
 index_expiry(hold_id, exp)
 
 -- 4. Log it, and answer.
 emit(now, 'reserved', job, hold_id, ln, { 'r', ref, 'c', ck })
-after_take(lines, 'held', held, now)
+after_take(lines, now)
 return new_hold_view('A', job, ln, exp, ref, now, 0, fence)

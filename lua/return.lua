@@ -11,22 +11,21 @@
 --       { 'SHORT', available } when Redis has fewer free units than asked,
 --       or { 'NO_POOL' } when Redis does not run this pool in that epoch.
 
-local pk = P .. 'pool:' .. ARGV[4]
-local epoch, k = ARGV[5], tonumber(ARGV[6])
+local pool_id, epoch, k = ARGV[4], ARGV[5], tonumber(ARGV[6])
 
 -- 1. Expired holds out of the way, then the check.
 expire_due(now_ms())
-local p = redis.call('HMGET', pk, 'grant', 'ret', 'sold', 'held', 'epoch')
+local p = read_pool(pool_id)
 if not p[1] or p[5] ~= epoch then
   return { 'NO_POOL' }
 end
-local avail = tonumber(p[1]) - tonumber(p[2]) - tonumber(p[3]) - tonumber(p[4])
+local avail = headroom_of(p)
 if avail < k then
   return { 'SHORT', tostring(math.max(avail, 0)) }
 end
 
 -- 2. Give the units back. Until Postgres settles the new capacity the pool
 -- is no longer "full": a take that needs more asks for a grant and waits.
-local ret = redis.call('HINCRBY', pk, 'ret', k)
-redis.call('HSET', pk, 'full', '0')
+local ret = pool_add(pool_id, 'ret', k)
+pool_set(pool_id, 'full', '0')
 return { 'RETURNED', tostring(ret) }

@@ -25,7 +25,7 @@ local legacy = redis.call('ZRANGE', P .. 'exp', 0, limit - 1, 'WITHSCORES')
 for i = 1, #legacy, 2 do
   if redis.call('HGET', P .. 'hold:' .. legacy[i], 'st') == 'A' then
     index_expiry(legacy[i], tonumber(legacy[i + 1]))
-    redis.call('INCR', P .. 'active')
+    active_add(1)
   end
   redis.call('ZREM', P .. 'exp', legacy[i])
 end

@@ -151,3 +151,187 @@ pub static HOLDERS: LazyLock<Script> = script!("holders.lua");
 pub static SET_LISTINGS: LazyLock<Script> = script!("set_listings.lua");
 /// Count active holds past their expiry (a check, see [`super::overdue_holds`]).
 pub static OVERDUE: LazyLock<Script> = script!("overdue.lua");
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use redis::Value;
+    use redis::aio::ConnectionManager;
+
+    use super::*;
+
+    /// The Redis the test command starts (deploy/test.sh).
+    async fn redis() -> ConnectionManager {
+        let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
+            .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
+        let client = redis::Client::open(url).expect("a valid Redis URL");
+        ConnectionManager::new(client).await.expect("Redis is up")
+    }
+
+    /// A batch call under `prefix` at a fixed now (1,000 s), as the store
+    /// makes one (src/store/redis/mod.rs), with `ops` appended.
+    fn batch_call(prefix: &str, ops: &[(&str, Vec<&str>)]) -> redis::Cmd {
+        let mut call = BATCH.call();
+        call.arg(prefix).arg(60_000).arg(1_000_000);
+        for (name, args) in ops {
+            call.arg(*name).arg(args.len()).arg(args);
+        }
+        call
+    }
+
+    /// What a run left in Redis under `prefix`: each pool's hash, the
+    /// tenant's counters and refill set, and its events without their ids
+    /// (which are Redis's clock).
+    async fn state(con: &mut ConnectionManager, prefix: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for pool in ["p1", "p2"] {
+            let mut h: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(format!("{prefix}pool:{pool}"))
+                .query_async(con)
+                .await
+                .expect("HGETALL");
+            h.sort();
+            out.push(format!("{pool} {h:?}"));
+        }
+        for key in ["active", "fence"] {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(format!("{prefix}{key}"))
+                .query_async(con)
+                .await
+                .expect("GET");
+            out.push(format!("{key} {v:?}"));
+        }
+        let mut refill: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{prefix}refill"))
+            .query_async(con)
+            .await
+            .expect("SMEMBERS");
+        refill.sort();
+        out.push(format!("refill {refill:?}"));
+        let events: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(format!("{prefix}events"))
+            .arg("-")
+            .arg("+")
+            .query_async(con)
+            .await
+            .expect("XRANGE");
+        for (_, fields) in events {
+            let mut fields: Vec<_> = fields.into_iter().collect();
+            fields.sort();
+            out.push(format!("event {fields:?}"));
+        }
+        out
+    }
+
+    /// Two pools: p1 sold out for good past its grant of 10 (`full`), with
+    /// a low-stock alert at 6; p2 asks for more (a refill) at 2 left.
+    async fn pools(con: &mut ConnectionManager, prefix: &str) {
+        for (pool, grant, full, low, lw) in [("p1", 10, 1, 6, 0), ("p2", 5, 0, -1, 2)] {
+            let _: () = redis::cmd("HSET")
+                .arg(format!("{prefix}pool:{pool}"))
+                .arg(&[("grant", grant), ("ret", 0), ("sold", 0), ("held", 0)])
+                .arg(&[("epoch", 1), ("full", full), ("unl", 0), ("from", 0)])
+                .arg(&[("until", 0), ("low", low), ("armed", 1), ("lim", -1)])
+                .arg(&[("pgf", 0), ("lw", lw)])
+                .query_async(con)
+                .await
+                .expect("HSET");
+        }
+    }
+
+    fn tag(v: &Value) -> String {
+        match v {
+            Value::Array(items) => match items.first() {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            },
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// The library keeps what a call read of a pool, the `active` count and
+    /// the fence for the rest of the call (lib.lua, `read_pool`), so each
+    /// operation of a batch must see every earlier one's writes: the same
+    /// operations in one call answer, and leave Redis, exactly as they do
+    /// one call each.
+    #[tokio::test]
+    async fn a_batch_answers_and_writes_as_its_operations_one_call_each() {
+        let reserve = |id, lines| vec![id, "stock", "60000", lines, "", "0", "", "1000"];
+        let claim = |id, lines| vec![id, "flash", lines, "", "0"];
+        let ops = [
+            ("claim", claim("c1", r#"[["p1",3]]"#)),
+            ("reserve", reserve("h1", r#"[["p1",2]]"#)),
+            ("claim", claim("c2", r#"[["p1",3]]"#)),
+            ("commit", vec!["h1", "stock", "o1"]),
+            ("reserve", reserve("h2", r#"[["p1",3]]"#)),
+            ("reserve", reserve("h3", r#"[["p1",1]]"#)),
+            ("release", vec!["h3", "stock"]),
+            ("claim", claim("c3", r#"[["p1",2]]"#)),
+            ("claim", claim("c4", r#"[["p1",1]]"#)),
+            ("claim", claim("c1", r#"[["p1",3]]"#)),
+            ("claim", claim("c5", r#"[["p2",4]]"#)),
+        ];
+        let mut con = redis().await;
+        let run = rand::random::<u32>();
+        let (one, each) = (
+            format!("libtest{run}:{{one}}:"),
+            format!("libtest{run}:{{each}}:"),
+        );
+        pools(&mut con, &one).await;
+        pools(&mut con, &each).await;
+
+        let batched: Vec<Value> = fcall(&mut con, &BATCH, &batch_call(&one, &ops))
+            .await
+            .expect("the batch runs");
+        let mut alone = Vec::new();
+        for op in &ops {
+            let mut replies: Vec<Value> = fcall(
+                &mut con,
+                &BATCH,
+                &batch_call(&each, std::slice::from_ref(op)),
+            )
+            .await
+            .expect("the operation runs");
+            alone.push(replies.remove(0));
+        }
+
+        let tags: Vec<_> = batched.iter().map(tag).collect();
+        assert_eq!(
+            tags,
+            [
+                "CLAIMED", "HOLD", "CLAIMED", "HOLD", "SHORT", "HOLD", "HOLD", "CLAIMED", "SHORT",
+                "HOLD", "CLAIMED"
+            ]
+        );
+        assert_eq!(batched, alone, "one call answers as one call each");
+        let after = state(&mut con, &one).await;
+        assert_eq!(after, state(&mut con, &each).await, "and leaves the same");
+        // What both left: p1 sold out exactly (3 + 3 + 2 committed + 2),
+        // nothing held, one low-stock alert, p2 flagged for a refill.
+        assert!(after[0].contains(r#"("held", "0")"#), "{after:?}");
+        assert!(after[0].contains(r#"("sold", "10")"#), "{after:?}");
+        assert!(after[0].contains(r#"("armed", "0")"#), "{after:?}");
+        assert!(after[1].contains(r#"("sold", "4")"#), "{after:?}");
+        assert_eq!(after[2], r#"active Some("0")"#);
+        assert_eq!(after[4], r#"refill ["p2"]"#);
+        let kinds: Vec<_> = after[5..]
+            .iter()
+            .filter_map(|e| e.split(r#"("k", ""#).nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "claimed",
+                "reserved",
+                "low_stock",
+                "claimed",
+                "committed",
+                "reserved",
+                "released",
+                "claimed",
+                "claimed"
+            ]
+        );
+    }
+}
