@@ -103,9 +103,13 @@ end
 -- A pool's fields as the rules read them, in this order (read_pool).
 local POOL_FIELDS = { 'grant', 'ret', 'sold', 'held', 'epoch', 'full', 'unl', 'from', 'until', 'lim', 'low', 'armed',
   'pgf', 'lw' }
--- The fields a script writes, by their place in POOL_FIELDS. (Written out:
--- a function library's top level runs where `ipairs` is not defined.)
-local POOL_AT = { ret = 2, sold = 3, held = 4, full = 6, armed = 12 }
+-- Each of POOL_FIELDS by its place, for the writes that keep a copy
+-- current. (A numeric loop: a function library's top level runs where
+-- `ipairs` is not defined.)
+local POOL_AT = {}
+for i = 1, #POOL_FIELDS do
+  POOL_AT[POOL_FIELDS[i]] = i
+end
 
 -- What this call has read of each pool: pool id -> its POOL_FIELDS as HMGET
 -- returned them. A batch of claims on one hot pool reads it once, not once
@@ -113,8 +117,9 @@ local POOL_AT = { ret = 2, sold = 3, held = 4, full = 6, armed = 12 }
 -- redis.call costs more to marshal than to run (deploy/BENCHMARKS.md,
 -- "Redis with symbols"). The copy stays true because every write to a
 -- pool's hash goes through pool_add or pool_set, or is followed by
--- forget_pool (grant.lua, return.lua); the call is atomic, so nothing
--- else writes it meanwhile.
+-- forget_pool (grant.lua, which writes a pool whole); the call is atomic,
+-- so nothing else writes it meanwhile. A counter pool_add wrote is a Lua
+-- number in the copy where HMGET gave a string: read fields with tonumber.
 local pools = {}
 local function read_pool(pool_id)
   local p = pools[pool_id]
@@ -136,7 +141,8 @@ local function pool_add(pool_id, field, delta)
   return v
 end
 
--- HSET of one pool field that keeps the call's copy current.
+-- HSET of one pool field that keeps the call's copy current (a field
+-- outside POOL_FIELDS, such as a card's `by`, is not in the copy).
 local function pool_set(pool_id, field, value)
   redis.call('HSET', P .. 'pool:' .. pool_id, field, value)
   local p = pools[pool_id]
