@@ -320,14 +320,7 @@ fn share(e: &Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The Redis the test command starts (deploy/test.sh).
-    async fn redis() -> ConnectionManager {
-        let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
-            .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
-        let client = redis::Client::open(url).expect("a valid Redis URL");
-        ConnectionManager::new(client).await.expect("Redis is up")
-    }
+    use crate::store::redis::scripts::tests::{redis, tag};
 
     fn tenant(name: &str) -> TenantId {
         TenantId::parse(name).expect("a valid tenant id")
@@ -351,16 +344,6 @@ mod tests {
                 .arg(1_000_000);
             call
         })
-    }
-
-    fn tag(v: &Value) -> String {
-        match v {
-            Value::Array(items) => match items.first() {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                other => format!("{other:?}"),
-            },
-            other => format!("{other:?}"),
-        }
     }
 
     #[test]

@@ -153,7 +153,7 @@ pub static SET_LISTINGS: LazyLock<Script> = script!("set_listings.lua");
 pub static OVERDUE: LazyLock<Script> = script!("overdue.lua");
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::HashMap;
 
     use redis::Value;
@@ -162,7 +162,7 @@ mod tests {
     use super::*;
 
     /// The Redis the test command starts (deploy/test.sh).
-    async fn redis() -> ConnectionManager {
+    pub(in crate::store::redis) async fn redis() -> ConnectionManager {
         let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
             .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
         let client = redis::Client::open(url).expect("a valid Redis URL");
@@ -240,7 +240,9 @@ mod tests {
         }
     }
 
-    fn tag(v: &Value) -> String {
+    /// An answer's first element (its kind, e.g. `CLAIMED`), or the
+    /// whole value when it has none.
+    pub(in crate::store::redis) fn tag(v: &Value) -> String {
         match v {
             Value::Array(items) => match items.first() {
                 Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
