@@ -578,10 +578,10 @@ end
 
 -- Starts a call: its common arguments, and a fresh copy of the state that
 -- lasts one call (the due budget, what was found due, the pools, the
--- active count and the fence as read). A
--- script's locals start fresh on every EVALSHA anyway; a function's
--- library is loaded once and its locals live from call to call, so every
--- one of them that a call changes is reset here.
+-- active count and the fence as read). A script's locals start fresh on
+-- every EVALSHA anyway; a function's library is loaded once and its
+-- locals live from call to call, so every one of them that a call
+-- changes is reset here.
 local function begin(argv)
   P, RETENTION_MS, NOW_MS, NOW_TEXT = argv[1], argv[2], tonumber(argv[3]), argv[3]
   due_budget, none_due, partial_clear = DUE_LIMIT, false, false
