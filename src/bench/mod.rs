@@ -9,6 +9,7 @@
 
 mod baselines;
 mod cpu;
+mod expiry;
 mod failover;
 mod fallback;
 mod idle;
@@ -279,6 +280,19 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
                 .with_context(|| format!("probe {probe:?}"))?;
             continue;
         }
+        if *probe == Probe::Expiry {
+            let setup = expiry::Setup {
+                redis_url: &args.redis_url,
+                metrics: metrics.as_deref(),
+                watched: &watched,
+                clients: args.clients,
+                holds: args.holds,
+            };
+            expiry::run(&channels, &caller, &setup)
+                .await
+                .context("probe expiry")?;
+            continue;
+        }
         if *probe == Probe::Idle {
             idle::run(
                 &watched,
@@ -323,7 +337,6 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             &channels,
             &caller,
             &args.redis_url,
-            metrics.as_deref(),
             args.clients,
             args.holds,
         )

@@ -1,6 +1,8 @@
-//! Measurements beside the workloads: Redis memory per active hold, what
-//! a 100-line reserve costs against ten single-line ones, and a burst of
-//! holds expiring in the same second (sweeper lag, and claims meanwhile).
+//! Measurements beside the workloads: Redis memory per active hold, and
+//! what a 100-line reserve costs against ten single-line ones. The probes
+//! with more to them have modules of their own (expiry, fallback, failover
+//! and pg-outage, idle); the helpers here that make stock and holds serve
+//! them too.
 
 use std::time::{Duration, Instant};
 
@@ -40,7 +42,7 @@ pub enum Probe {
     Idle,
 }
 
-fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
+pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
     pb::ReserveRequest {
         reservation_id: id,
         reference: String::new(),
@@ -61,7 +63,12 @@ fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveReque
     }
 }
 
-async fn stock(ch: &Channel, c: &Caller, product: &str, on_hand: i64) -> anyhow::Result<()> {
+pub(super) async fn stock(
+    ch: &Channel,
+    c: &Caller,
+    product: &str,
+    on_hand: i64,
+) -> anyhow::Result<()> {
     pb::reservation_service_client::ReservationServiceClient::new(ch.clone())
         .set_stock(c.req(pb::SetStockRequest {
             key: Some(pb::StockKey {
@@ -78,7 +85,7 @@ async fn stock(ch: &Channel, c: &Caller, product: &str, on_hand: i64) -> anyhow:
 
 /// Makes `n` single-line holds of `product` from `clients` tasks, each
 /// with `ttl_ms(i)`; returns how many were made.
-async fn make_holds(
+pub(super) async fn make_holds(
     channels: &[Channel],
     c: &Caller,
     product: &str,
@@ -170,47 +177,6 @@ pub(super) async fn scrape(metrics: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The sweeper-lag histogram's cumulative buckets from the daemon's
-/// /metrics: (upper bound in seconds, count).
-async fn sweeper_buckets(metrics: &str) -> Vec<(f64, f64)> {
-    scrape(metrics)
-        .await
-        .lines()
-        .filter_map(|l| l.strip_prefix("holdfast_sweeper_lag_seconds_bucket{le=\""))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// The bucket bound at or below which 99% of the observations between two
-/// scrapes fall.
-fn p99_between(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<f64> {
-    let delta: Vec<(f64, f64)> = after
-        .iter()
-        .map(|(le, n)| {
-            let was = before
-                .iter()
-                .find(|(l, _)| l == le)
-                .map_or(0.0, |(_, n)| *n);
-            (*le, n - was)
-        })
-        .collect();
-    let total = delta.last()?.1;
-    (total > 0.0).then(|| {
-        delta
-            .iter()
-            .find(|(_, n)| *n >= 0.99 * total)
-            .map(|(le, _)| *le)
-    })?
-}
-
 async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<i64> {
     let info: String = redis::cmd("INFO").arg("memory").query_async(con).await?;
     info.lines()
@@ -257,7 +223,6 @@ pub async fn run(
     channels: &[Channel],
     c: &Caller,
     redis_url: &str,
-    metrics: Option<&str>,
     clients: usize,
     holds: u64,
 ) -> anyhow::Result<()> {
@@ -265,8 +230,8 @@ pub async fn run(
     let mut con = client.get_multiplexed_async_connection().await?;
     let ch = &channels[0];
     match probe {
-        Probe::Fallback | Probe::Failover | Probe::PgOutage | Probe::Idle => {
-            unreachable!("bench::run sends the probes that freeze a store to their own modules")
+        Probe::Fallback | Probe::Failover | Probe::PgOutage | Probe::Idle | Probe::Expiry => {
+            unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {
             let product = format!("mem{}", c.tag);
@@ -348,68 +313,6 @@ pub async fn run(
                 batch.as_micros(),
                 single.as_micros(),
                 batch.as_secs_f64() / single.as_secs_f64()
-            );
-        }
-        Probe::Expiry => {
-            let product = format!("exp{}", c.tag);
-            stock(ch, c, &product, holds as i64 * 2).await?;
-            // Every hold expires at the same wall-clock second, however
-            // long making them takes (at most 60 s from now).
-            let target = std::time::SystemTime::now() + Duration::from_secs(60);
-            let made = make_holds(
-                channels,
-                c,
-                &product,
-                &format!("x{}n", c.tag),
-                holds,
-                clients,
-                move || {
-                    target
-                        .duration_since(std::time::SystemTime::now())
-                        .map_or(1_000, |d| d.as_millis().max(1_000) as u64)
-                },
-            )
-            .await;
-            let claim_plan = Plan {
-                clients,
-                duration: Duration::from_secs(3),
-                rate: None,
-                max_calls: None,
-            };
-            let normal = super::workloads::run(Workload::ClaimHot, channels, &claim_plan, c).await;
-            let wait = target
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default()
-                .saturating_sub(Duration::from_millis(500));
-            let lag_before = match metrics {
-                Some(m) => sweeper_buckets(m).await,
-                None => Vec::new(),
-            };
-            tokio::time::sleep(wait).await;
-            let during = super::workloads::run(Workload::ClaimHot, channels, &claim_plan, c).await;
-            // Only this probe's holds: those due by the target second (the
-            // memory probe's, if it ran, are due ten minutes later).
-            let due_by = target
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64 + 1_000);
-            let left = crate::store::redis::overdue_holds(
-                &mut con,
-                "hf:{dev}:",
-                due_by as i64,
-                &format!("x{}n", c.tag),
-            )
-            .await?;
-            let lag_after = match metrics {
-                Some(m) => sweeper_buckets(m).await,
-                None => Vec::new(),
-            };
-            let p99 = p99_between(&lag_before, &lag_after)
-                .map_or("unknown".to_string(), |s| format!("<={s}"));
-            println!(
-                "bench-probe: expiry holds={made} sweeper_lag_p99_s={p99} still_active_after_3s={left} claim_rate_before={:.0} claim_rate_during={:.0} ratio={:.2}",
-                normal.rate(),
-                during.rate(),
-                during.rate() / normal.rate()
             );
         }
     }
