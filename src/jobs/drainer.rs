@@ -269,7 +269,10 @@ impl Drainer {
 /// pending, even when another daemon's drainer read it and stalled.
 /// Trimming is approximate (`~`, whole nodes at a time) and best-effort: a
 /// failed trim only keeps events longer.
-async fn tend(con: &mut deadpool_redis::Connection, key: &str, keep_from: i64) -> usize {
+async fn tend<C>(con: &mut C, key: &str, keep_from: i64) -> usize
+where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
     let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
         con.xinfo_groups(key).await;
     let Some(group) = groups
@@ -295,15 +298,42 @@ async fn tend(con: &mut deadpool_redis::Connection, key: &str, keep_from: i64) -
         oldest_pending.as_deref(),
     );
     if until > 0 {
-        let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
+        trim(con, key, until).await;
+    }
+    backlog
+}
+
+/// Entries one XTRIM drops at most. An approximate trim stops there even
+/// unasked (Redis's default LIMIT: 100 nodes of 100 entries), so a stream
+/// trimmed by one call a second fell behind any sale writing more than
+/// 10,000 events a second, and a burst's last tens of thousands stayed
+/// until new events came (deploy/BENCHMARKS.md, "a trim that fell
+/// behind"). Each call stays this short; the loop goes on until one drops
+/// nothing.
+const TRIM_STEP: usize = 10_000;
+/// The most calls one tend makes: a million entries a second.
+const TRIM_STEPS: usize = 100;
+
+/// Drops the entries of `key` below `until` (ms), whole nodes at a time,
+/// in calls of at most [`TRIM_STEP`] entries.
+async fn trim<C>(con: &mut C, key: &str, until: i64)
+where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
+    for _ in 0..TRIM_STEPS {
+        let dropped: redis::RedisResult<usize> = redis::cmd("XTRIM")
             .arg(key)
             .arg("MINID")
             .arg("~")
             .arg(until)
+            .arg("LIMIT")
+            .arg(TRIM_STEP)
             .query_async(con)
             .await;
+        if !matches!(dropped, Ok(n) if n > 0) {
+            return;
+        }
     }
-    backlog
 }
 
 /// Where a trim of drained entries may stop (entries with an id below this
@@ -355,7 +385,63 @@ impl Drainer {
 
 #[cfg(test)]
 mod tests {
-    use super::trim_point;
+    use super::{GROUP, TRIM_STEP, tend, trim_point};
+
+    /// The Redis the test command starts (deploy/test.sh).
+    async fn redis() -> redis::aio::MultiplexedConnection {
+        let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
+            .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
+        redis::Client::open(url)
+            .expect("a valid Redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis is up")
+    }
+
+    #[tokio::test]
+    async fn a_tend_trims_a_burst_larger_than_one_xtrim_drops() {
+        let mut con = redis().await;
+        let key = format!(
+            "test:drainer:{}:{}:events",
+            std::process::id(),
+            chrono::Utc::now().timestamp_micros()
+        );
+        // Two and a half trims' worth of events, long past any keep, all
+        // read and written by the group (nothing pending, nothing unread).
+        let burst = TRIM_STEP * 5 / 2;
+        let mut add = redis::pipe();
+        for ms in 1..=burst {
+            add.cmd("XADD")
+                .arg(&key)
+                .arg(format!("{ms}-0"))
+                .arg("k")
+                .arg("claimed")
+                .ignore();
+        }
+        add.cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg(GROUP)
+            .arg("$")
+            .ignore();
+        let () = add.query_async(&mut con).await.unwrap();
+
+        let backlog = tend(&mut con, &key, chrono::Utc::now().timestamp_millis()).await;
+
+        let left: usize = redis::cmd("XLEN")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(backlog, 0);
+        // The last delivered entry stays, and the node it is in.
+        assert!(left <= 100, "{left} of {burst} entries left after a tend");
+    }
 
     #[test]
     fn a_trim_keeps_what_is_kept_unread_or_pending() {
