@@ -387,20 +387,9 @@ impl Drainer {
 mod tests {
     use super::{GROUP, TRIM_STEP, tend, trim_point};
 
-    /// The Redis the test command starts (deploy/test.sh).
-    async fn redis() -> redis::aio::MultiplexedConnection {
-        let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
-            .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
-        redis::Client::open(url)
-            .expect("a valid Redis URL")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("Redis is up")
-    }
-
     #[tokio::test]
     async fn a_tend_trims_a_burst_larger_than_one_xtrim_drops() {
-        let mut con = redis().await;
+        let mut con = crate::store::redis::test_redis().await;
         let key = format!(
             "test:drainer:{}:{}:events",
             std::process::id(),

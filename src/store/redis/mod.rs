@@ -23,6 +23,8 @@ pub use clock::{RedisClock, STEP_MS};
 pub use events::{StreamEvents, decode_event, decode_read};
 pub use keys::Keys;
 pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply};
+#[cfg(test)]
+pub(crate) use scripts::tests::redis as test_redis;
 
 use crate::domain::{CardId, ChannelSlug, HoldId, Job, Lines, PoolId, TenantId};
 use crate::error::Error;

@@ -161,8 +161,9 @@ pub(super) mod tests {
 
     use super::*;
 
-    /// The Redis the test command starts (deploy/test.sh).
-    pub(in crate::store::redis) async fn redis() -> ConnectionManager {
+    /// The Redis the test command starts (deploy/test.sh); other modules'
+    /// tests reach it as `crate::store::redis::test_redis`.
+    pub(crate) async fn redis() -> ConnectionManager {
         let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
             .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
         let client = redis::Client::open(url).expect("a valid Redis URL");
