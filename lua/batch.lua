@@ -52,5 +52,6 @@ redis.register_function('HOLDFAST_BATCH', function(KEYS, ARGV)
     replies[#replies + 1] = reply or false
     i = i + 2 + n
   end
+  settle()
   return replies
 end)

@@ -5,7 +5,8 @@
 -- atomic on the server: an EVALSHA, or for the hold operations an FCALL of
 -- the batch function, whose library defines all of this once when it is
 -- loaded rather than on every call. Either way a call starts with
--- begin(ARGV) (at the end of this file). Conventions for every script:
+-- begin(ARGV) and ends with settle() (both at the end of this file), which
+-- makes the writes it owes. Conventions for every script:
 --
 --   ARGV[1]  the tenant's key prefix, e.g. "hf:{acme}:" (the braces are the
 --            Redis Cluster hash tag: one tenant, one slot)
@@ -65,13 +66,32 @@ local function ms(n)
   return string.format('%d', n)
 end
 
+-- Writes a call owes, made once at its end by settle(). The counters a
+-- call changes (a pool's `sold` and `held`, the tenant's `active` and
+-- `fence`) and the expiry index's lists are kept in the call's copies as
+-- it goes and written once each when it ends: a batch of 64 claims on a
+-- hot pool made 64 HINCRBYs of one field, each a redis.call that costs
+-- more to marshal than to run (deploy/BENCHMARKS.md, "Redis with
+-- symbols"). A call is atomic, so nothing reads the keys in between, and
+-- within the call every read goes through the copies (read_pool,
+-- active_count, next_fence). Once a script has written anything Redis
+-- refuses none of its later writes for memory, so the owed writes cannot
+-- fail where the call's own did not; an operation that raised an error
+-- still has its owed writes made, as its direct ones are kept.
+--
+-- owed_pool: pool id -> { field -> value }, and owed_pools its ids in the
+-- order first owed; owed_active and owed_fence: whether active_n and
+-- fence_last must be written; owed_due: bucket -> hold ids to append, and
+-- owed_buckets the buckets in order.
+local owed_pool, owed_pools, owed_active, owed_fence, owed_due, owed_buckets
+
 -- The tenant's next fencing token: one more than the last, and never less
 -- than the clock in microseconds, so tokens keep growing even after Redis
 -- lost its data (and the counter with it). Exact in Lua's doubles (below
 -- 2^53 until the year 2255); written with %.0f, never as 1e+15.
 --
 -- The last token is kept for the rest of the call (`fence_last`), so a
--- batch of reserves reads the key once and writes it once each.
+-- batch of reserves reads the key once and writes it once (settle).
 local fence_last
 local function next_fence()
   local floor = NOW_MS * 1000
@@ -79,9 +99,8 @@ local function next_fence()
     fence_last = tonumber(redis.call('GET', P .. 'fence') or '0')
   end
   fence_last = math.max(fence_last + 1, floor)
-  local fence = string.format('%.0f', fence_last)
-  redis.call('SET', P .. 'fence', fence)
-  return fence
+  owed_fence = true
+  return string.format('%.0f', fence_last)
 end
 
 -- The tenant's count of ACTIVE holds, read once a call and kept current by
@@ -94,9 +113,11 @@ local function active_count()
   return active_n
 end
 
--- Adds `delta` to the count of ACTIVE holds; returns the new count.
+-- Adds `delta` to the count of ACTIVE holds (written once, by settle);
+-- returns the new count.
 local function active_add(delta)
-  active_n = redis.call('INCRBY', P .. 'active', delta)
+  active_n = active_count() + delta
+  owed_active = true
   return active_n
 end
 
@@ -115,11 +136,13 @@ end
 -- returned them. A batch of claims on one hot pool reads it once, not once
 -- a claim: the 14-field read was the largest of a claim's calls, and each
 -- redis.call costs more to marshal than to run (deploy/BENCHMARKS.md,
--- "Redis with symbols"). The copy stays true because every write to a
--- pool's hash goes through pool_add or pool_set, or is followed by
--- forget_pool (grant.lua, which writes a pool whole); the call is atomic,
--- so nothing else writes it meanwhile. A counter pool_add wrote is a Lua
--- number in the copy where HMGET gave a string: read fields with tonumber.
+-- "Redis with symbols"). The copy stays true because every change to a
+-- pool's hash goes through pool_add or pool_set, which keep it and owe the
+-- write (settle makes it), or is a direct write followed by forget_pool
+-- (grant.lua, which writes a pool whole, before anything of the call is
+-- owed to it); the call is atomic, so nothing else writes it meanwhile. A
+-- counter pool_add changed is a Lua number in the copy where HMGET gave a
+-- string: read fields with tonumber.
 local pools = {}
 local function read_pool(pool_id)
   local p = pools[pool_id]
@@ -130,25 +153,38 @@ local function read_pool(pool_id)
   return p
 end
 
--- HINCRBY of a pool's counter (`sold`, `held`, `ret`) that keeps the
--- call's copy current; returns the new value.
-local function pool_add(pool_id, field, delta)
-  local v = redis.call('HINCRBY', P .. 'pool:' .. pool_id, field, delta)
-  local p = pools[pool_id]
-  if p then
-    p[POOL_AT[field]] = v
+-- Owes the write of one field of a pool's hash (see settle).
+local function owe_pool(pool_id, field, value)
+  local owed = owed_pool[pool_id]
+  if not owed then
+    owed = {}
+    owed_pool[pool_id] = owed
+    owed_pools[#owed_pools + 1] = pool_id
   end
+  owed[field] = value
+end
+
+-- Adds `delta` to a pool's counter (`sold`, `held`, `ret`) in the call's
+-- copy, and owes the write; returns the new value. Only pools the call
+-- has checked exist are counted in.
+local function pool_add(pool_id, field, delta)
+  local p = read_pool(pool_id)
+  local at = POOL_AT[field]
+  local v = tonumber(p[at] or '0') + delta
+  p[at] = v
+  owe_pool(pool_id, field, v)
   return v
 end
 
--- HSET of one pool field that keeps the call's copy current (a field
--- outside POOL_FIELDS, such as a card's `by`, is not in the copy).
+-- Sets one pool field, keeping the call's copy current (a field outside
+-- POOL_FIELDS, such as a card's `by`, is not in the copy), and owes the
+-- write.
 local function pool_set(pool_id, field, value)
-  redis.call('HSET', P .. 'pool:' .. pool_id, field, value)
   local p = pools[pool_id]
   if p and POOL_AT[field] then
     p[POOL_AT[field]] = value
   end
+  owe_pool(pool_id, field, value)
 end
 
 -- Drops the call's copy of a pool, after a script wrote its hash directly.
@@ -279,11 +315,19 @@ local function bucket_of(exp)
   return string.format('%d', math.floor(exp / DUE_BUCKET_MS))
 end
 
--- Files `hold_id` under the bucket of `exp` (ms).
+-- Files `hold_id` under the bucket of `exp` (ms), by the call's end
+-- (settle: one RPUSH and one ZADD a bucket, not a hold). Nothing of the
+-- call looks for it there before: `exp` is later than now (a TTL is at
+-- least a second), and the call only looks into buckets that hold now.
 local function index_expiry(hold_id, exp)
   local b = bucket_of(exp)
-  redis.call('RPUSH', P .. 'due:' .. b, hold_id)
-  redis.call('ZADD', P .. 'due', 'NX', tonumber(b) * DUE_BUCKET_MS, b)
+  local ids = owed_due[b]
+  if not ids then
+    ids = {}
+    owed_due[b] = ids
+    owed_buckets[#owed_buckets + 1] = b
+  end
+  ids[#ids + 1] = hold_id
 end
 
 -- The earlier of two times, either of which may be nil.
@@ -576,14 +620,45 @@ local function admit(hk, rq, lines, now, ck, limit)
   return check_lines(lines, now, true) or check_customer(ck, limit, total(lines))
 end
 
+-- Makes the writes the call owes (see owe_pool): each pool's changed
+-- fields in one HSET, the counters, and the expiry index's new entries a
+-- bucket at a time. Every call ends with it: batch.lua's function, and
+-- each script as scripts.rs wraps it.
+local PUSH_STEP = 1000
+local function settle()
+  for _, pool_id in ipairs(owed_pools) do
+    local args = { 'HSET', P .. 'pool:' .. pool_id }
+    for field, value in pairs(owed_pool[pool_id]) do
+      args[#args + 1] = field
+      args[#args + 1] = value
+    end
+    redis.call(unpack(args))
+  end
+  if owed_active then
+    redis.call('SET', P .. 'active', string.format('%d', active_n))
+  end
+  if owed_fence then
+    redis.call('SET', P .. 'fence', string.format('%.0f', fence_last))
+  end
+  for _, b in ipairs(owed_buckets) do
+    local ids = owed_due[b]
+    -- unpack puts every value on Lua's stack: a few thousand at a time.
+    for i = 1, #ids, PUSH_STEP do
+      redis.call('RPUSH', P .. 'due:' .. b, unpack(ids, i, math.min(i + PUSH_STEP - 1, #ids)))
+    end
+    redis.call('ZADD', P .. 'due', 'NX', tonumber(b) * DUE_BUCKET_MS, b)
+  end
+end
+
 -- Starts a call: its common arguments, and a fresh copy of the state that
 -- lasts one call (the due budget, what was found due, the pools, the
--- active count and the fence as read). A script's locals start fresh on
--- every EVALSHA anyway; a function's library is loaded once and its
--- locals live from call to call, so every one of them that a call
--- changes is reset here.
+-- active count and the fence as read, and the writes owed). A script's
+-- locals start fresh on every EVALSHA anyway; a function's library is
+-- loaded once and its locals live from call to call, so every one of them
+-- that a call changes is reset here.
 local function begin(argv)
   P, RETENTION_MS, NOW_MS, NOW_TEXT = argv[1], argv[2], tonumber(argv[3]), argv[3]
   due_budget, none_due, partial_clear = DUE_LIMIT, false, false
   pools, active_n, fence_last = {}, nil, nil
+  owed_pool, owed_pools, owed_active, owed_fence, owed_due, owed_buckets = {}, {}, false, false, {}, {}
 end

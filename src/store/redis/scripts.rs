@@ -10,13 +10,17 @@ use std::sync::LazyLock;
 use redis::{FromRedisValue, RedisError, RedisResult, Script};
 use sha2::{Digest, Sha256};
 
+/// A script: `lua/lib.lua`, then the operation's file as the body of a
+/// function whose answer is returned once the writes it owes are made
+/// (lib.lua, `settle`), even when the body raised an error after writing.
 macro_rules! script {
     ($file:literal) => {
         LazyLock::new(|| {
             Script::new(concat!(
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/lib.lua")),
-                "\nbegin(ARGV)\n",
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $file))
+                "\nbegin(ARGV)\nlocal ok, reply = pcall(function()\n",
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $file)),
+                "\nend)\nsettle()\nif not ok then\n  error(reply, 0)\nend\nreturn reply\n"
             ))
         })
     };
