@@ -67,20 +67,22 @@ local function ms(n)
 end
 
 -- Writes a call owes, made once at its end by settle(). The counters a
--- call changes (a pool's `sold` and `held`, the tenant's `active` and
--- `fence`) and the expiry index's lists are kept in the call's copies as
--- it goes and written once each when it ends: a batch of 64 claims on a
--- hot pool made 64 HINCRBYs of one field, each a redis.call that costs
--- more to marshal than to run (deploy/BENCHMARKS.md, "Redis with
--- symbols"). A call is atomic, so nothing reads the keys in between, and
--- within the call every read goes through the copies (read_pool,
--- active_count, next_fence). Once a script has written anything Redis
--- refuses none of its later writes for memory, so the owed writes cannot
--- fail where the call's own did not; an operation that raised an error
--- still has its owed writes made, as its direct ones are kept.
+-- call changes again and again (a pool's `sold` and `held`, the tenant's
+-- `active` and `fence`) and the expiry index's lists are kept in the
+-- call's copies as it goes and written once each when it ends: a batch of
+-- 64 claims on a hot pool made 64 HINCRBYs of one field, each a
+-- redis.call that costs more to marshal than to run (deploy/
+-- BENCHMARKS.md, "Redis with symbols"). A call is atomic, so nothing
+-- reads the keys in between, and within the call every read goes through
+-- the copies (read_pool, active_count, next_fence). Once a script has
+-- written anything Redis refuses none of its later writes for memory, so
+-- the owed writes cannot fail where the call's own did not; an operation
+-- that raised an error still has its owed writes made, as its direct ones
+-- are kept.
 --
--- owed_pool: pool id -> { field -> value }, and owed_pools its ids in the
--- order first owed; owed_active and owed_fence: whether active_n and
+-- owed_pool: pool id -> true once the call wrote the pool (owe_pool),
+-- then { field -> value } of what it owes, and owed_pools the ids that
+-- owe, in order; owed_active and owed_fence: whether active_n and
 -- fence_last must be written; owed_due: bucket -> hold ids to append, and
 -- owed_buckets the buckets in order.
 local owed_pool, owed_pools, owed_active, owed_fence, owed_due, owed_buckets
@@ -113,11 +115,16 @@ local function active_count()
   return active_n
 end
 
--- Adds `delta` to the count of ACTIVE holds (written once, by settle);
--- returns the new count.
+-- Adds `delta` to the count of ACTIVE holds; returns the new count. A
+-- call that has not read the count yet reads and writes it in one INCRBY;
+-- after that, settle writes it once.
 local function active_add(delta)
-  active_n = active_count() + delta
-  owed_active = true
+  if not active_n then
+    active_n = redis.call('INCRBY', P .. 'active', delta)
+  else
+    active_n = active_n + delta
+    owed_active = true
+  end
   return active_n
 end
 
@@ -153,38 +160,50 @@ local function read_pool(pool_id)
   return p
 end
 
--- Owes the write of one field of a pool's hash (see settle).
+-- The first change a call makes to a pool is written at once: that costs
+-- what owing it would, and a batch that changes many pools once each (a
+-- claim on each of 10,000 products) owes nothing. Each later change of
+-- the same pool is owed, and settle writes them in one HSET. Returns
+-- true when the change is owed, false when the caller writes it now.
 local function owe_pool(pool_id, field, value)
   local owed = owed_pool[pool_id]
   if not owed then
+    owed_pool[pool_id] = true
+    return false
+  end
+  if owed == true then
     owed = {}
     owed_pool[pool_id] = owed
     owed_pools[#owed_pools + 1] = pool_id
   end
   owed[field] = value
+  return true
 end
 
--- Adds `delta` to a pool's counter (`sold`, `held`, `ret`) in the call's
--- copy, and owes the write; returns the new value. Only pools the call
--- has checked exist are counted in.
+-- Adds `delta` to a pool's counter (`sold`, `held`, `ret`), keeping the
+-- call's copy current; returns the new value. Only pools the call has
+-- checked exist are counted in.
 local function pool_add(pool_id, field, delta)
   local p = read_pool(pool_id)
   local at = POOL_AT[field]
   local v = tonumber(p[at] or '0') + delta
   p[at] = v
-  owe_pool(pool_id, field, v)
+  if not owe_pool(pool_id, field, v) then
+    redis.call('HINCRBY', P .. 'pool:' .. pool_id, field, delta)
+  end
   return v
 end
 
 -- Sets one pool field, keeping the call's copy current (a field outside
--- POOL_FIELDS, such as a card's `by`, is not in the copy), and owes the
--- write.
+-- POOL_FIELDS, such as a card's `by`, is not in the copy).
 local function pool_set(pool_id, field, value)
   local p = pools[pool_id]
   if p and POOL_AT[field] then
     p[POOL_AT[field]] = value
   end
-  owe_pool(pool_id, field, value)
+  if not owe_pool(pool_id, field, value) then
+    redis.call('HSET', P .. 'pool:' .. pool_id, field, value)
+  end
 end
 
 -- Drops the call's copy of a pool, after a script wrote its hash directly.
