@@ -138,23 +138,30 @@ local POOL_AT = {}
 for i = 1, #POOL_FIELDS do
   POOL_AT[POOL_FIELDS[i]] = i
 end
+-- The places of POOL_FIELDS that hold numbers; the others (epoch, full,
+-- unl, armed) are compared as the strings they are stored as.
+local POOL_NUMBERS = { 1, 2, 3, 4, 8, 9, 10, 11, 13, 14 }
 
 -- What this call has read of each pool: pool id -> its POOL_FIELDS as HMGET
--- returned them. A batch of claims on one hot pool reads it once, not once
+-- returned them, the numbers among them (POOL_NUMBERS) as Lua numbers, or
+-- nil where absent: the rules of every claim of a batch read a dozen of
+-- them, and turning a string into a number is a strtod each time. A batch of claims on one hot pool reads it once, not once
 -- a claim: the 14-field read was the largest of a claim's calls, and each
 -- redis.call costs more to marshal than to run (deploy/BENCHMARKS.md,
 -- "Redis with symbols"). The copy stays true because every change to a
 -- pool's hash goes through pool_add or pool_set, which keep it and owe the
 -- write (settle makes it), or is a direct write followed by forget_pool
 -- (grant.lua, which writes a pool whole, before anything of the call is
--- owed to it); the call is atomic, so nothing else writes it meanwhile. A
--- counter pool_add changed is a Lua number in the copy where HMGET gave a
--- string: read fields with tonumber.
+-- owed to it); the call is atomic, so nothing else writes it meanwhile.
 local pools = {}
 local function read_pool(pool_id)
   local p = pools[pool_id]
   if not p then
     p = redis.call('HMGET', P .. 'pool:' .. pool_id, unpack(POOL_FIELDS))
+    for i = 1, #POOL_NUMBERS do
+      local at = POOL_NUMBERS[i]
+      p[at] = tonumber(p[at])
+    end
     pools[pool_id] = p
   end
   return p
@@ -186,7 +193,7 @@ end
 local function pool_add(pool_id, field, delta)
   local p = read_pool(pool_id)
   local at = POOL_AT[field]
-  local v = tonumber(p[at] or '0') + delta
+  local v = (p[at] or 0) + delta
   p[at] = v
   if not owe_pool(pool_id, field, v) then
     redis.call('HINCRBY', P .. 'pool:' .. pool_id, field, delta)
@@ -289,7 +296,7 @@ end
 -- A pool's headroom: grant - ret - sold - held (reserved units count as
 -- gone), from its fields as read_pool keeps them.
 local function headroom_of(p)
-  return tonumber(p[1]) - tonumber(p[2]) - tonumber(p[3]) - tonumber(p[4])
+  return p[1] - p[2] - p[3] - p[4]
 end
 
 -- Emits a `low_stock` event once per crossing of a pool's low-stock
@@ -300,11 +307,11 @@ end
 local function check_low(pool_id, now)
   local p = read_pool(pool_id)
   local low, armed = p[11], p[12]
-  if not p[1] or not low or tonumber(low) < 0 then
+  if not p[1] or not low or low < 0 then
     return
   end
-  local avail = headroom_of(p) + tonumber(p[13] or '0')
-  if avail <= tonumber(low) then
+  local avail = headroom_of(p) + (p[13] or 0)
+  if avail <= low then
     if armed ~= '0' then
       pool_set(pool_id, 'armed', '0')
       emit(now, 'low_stock', 'stock', '', cjson.encode({ { pool_id, avail, tonumber(p[5]) } }),
@@ -549,18 +556,18 @@ local function check_lines(lines, now, check_window)
     if not p[1] or not p[5] then
       need[#need + 1] = l[1]
     else
-      local from, till = tonumber(p[8] or '0'), tonumber(p[9] or '0')
+      local from, till = p[8] or 0, p[9] or 0
       if check_window and ((from > 0 and now < from) or (till > 0 and now >= till)) then
         return { 'NOT_ACTIVE', l[1] }
       end
       l[3] = tonumber(p[5])
       if p[7] ~= '1' then
         local avail = headroom_of(p)
-        local lim = tonumber(p[10] or '-1')
+        local lim = p[10] or -1
         -- A ceiling below the grant (a cut schedule) is final: no grant helps.
-        local capped = lim >= 0 and lim - tonumber(p[3]) - tonumber(p[4]) < avail
+        local capped = lim >= 0 and lim - p[3] - p[4] < avail
         if capped then
-          avail = lim - tonumber(p[3]) - tonumber(p[4])
+          avail = lim - p[3] - p[4]
         end
         if avail < l[2] then
           if p[6] == '1' or capped then
@@ -602,7 +609,7 @@ end
 -- a grant. Pools that hold all Postgres could give (`full`) never ask.
 -- `headroom` is grant - ret - sold - held, `full` and `lw` the pool's fields.
 local function want_refill(pool_id, headroom, full, lw)
-  if full ~= '1' and lw and headroom <= tonumber(lw) then
+  if full ~= '1' and lw and headroom <= lw then
     redis.call('SADD', P .. 'refill', pool_id)
   end
 end
