@@ -69,10 +69,11 @@ end
 -- Writes a call owes, made once at its end by settle(). The counters a
 -- call changes again and again (a pool's `sold` and `held`, the tenant's
 -- `active` and `fence`) and the expiry index's lists are kept in the
--- call's copies as it goes and written once each when it ends: a batch of
--- 64 claims on a hot pool made 64 HINCRBYs of one field, each a
--- redis.call that costs more to marshal than to run (deploy/
--- BENCHMARKS.md, "Redis with symbols"). A call is atomic, so nothing
+-- call's copies as it goes and written once each when it ends (a pool's
+-- first change, and an `active` the call has not read, are written at
+-- once: owe_pool, active_add): a batch of 64 claims on a hot pool made 64
+-- HINCRBYs of one field, each a redis.call that costs more to marshal
+-- than to run (deploy/BENCHMARKS.md, "Redis with symbols"). A call is atomic, so nothing
 -- reads the keys in between, and within the call every read goes through
 -- the copies (read_pool, active_count, next_fence). Once a script has
 -- written anything Redis refuses none of its later writes for memory, so
@@ -145,14 +146,17 @@ local POOL_NUMBERS = { 1, 2, 3, 4, 8, 9, 10, 11, 13, 14 }
 -- What this call has read of each pool: pool id -> its POOL_FIELDS as HMGET
 -- returned them, the numbers among them (POOL_NUMBERS) as Lua numbers, or
 -- nil where absent: the rules of every claim of a batch read a dozen of
--- them, and turning a string into a number is a strtod each time. A batch of claims on one hot pool reads it once, not once
--- a claim: the 14-field read was the largest of a claim's calls, and each
--- redis.call costs more to marshal than to run (deploy/BENCHMARKS.md,
--- "Redis with symbols"). The copy stays true because every change to a
--- pool's hash goes through pool_add or pool_set, which keep it and owe the
--- write (settle makes it), or is a direct write followed by forget_pool
--- (grant.lua, which writes a pool whole, before anything of the call is
--- owed to it); the call is atomic, so nothing else writes it meanwhile.
+-- them, and turning a string into a number is a strtod each time.
+--
+-- A batch of claims on one hot pool reads it once, not once a claim: the
+-- 14-field read was the largest of a claim's calls, and each redis.call
+-- costs more to marshal than to run (deploy/BENCHMARKS.md, "Redis with
+-- symbols"). The copy stays true because every change to a pool's hash
+-- goes through pool_add or pool_set, which keep it current and write the
+-- change or owe it (owe_pool), or is a direct write followed by
+-- forget_pool (grant.lua, which writes a pool whole, before anything of
+-- the call is owed to it); the call is atomic, so nothing else writes it
+-- meanwhile.
 local pools = {}
 local function read_pool(pool_id)
   local p = pools[pool_id]
