@@ -109,6 +109,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000)]
     pub tenants: u32,
 
+    /// For the claim workloads: each sale limits a customer to this many
+    /// units, and each claim names a customer (the same one for K claims
+    /// in a row, so none is refused for it): what the per-customer limit
+    /// costs. 0, the default: no limit, no customer. The baselines do not
+    /// model it.
+    #[arg(long, default_value_t = 0)]
+    pub customer_limit: u32,
+
     /// Skip the three baselines (only drive holdfast).
     #[arg(long)]
     pub no_baselines: bool,
@@ -170,7 +178,8 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     for _ in 0..args.connections.max(1) {
         channels.push(connect(&addr).await?);
     }
-    let caller = workloads::Caller::new(args.api_key.as_deref().map(Arc::from));
+    let caller = workloads::Caller::new(args.api_key.as_deref().map(Arc::from))
+        .with_customer_limit(args.customer_limit);
     let redis = RedisStore::connect(
         &args.redis_url,
         "hf",
@@ -314,7 +323,8 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             // what was never granted to Redis, and the workloads above
             // sold claim-sellout's cap and the cards out (an engaged
             // card's unit is Redis's anyway: README, "Sale locks").
-            let fresh = workloads::Caller::new(caller.key.clone());
+            let fresh = workloads::Caller::new(caller.key.clone())
+                .with_customer_limit(caller.customer_limit);
             for &w in &driven {
                 workloads::setup(w, &channels[0], &fresh).await?;
             }

@@ -93,11 +93,14 @@ impl Workload {
 }
 
 /// Who calls, with what key, under which tag (every id of a run carries
-/// it, so runs never collide).
+/// it, so runs never collide), and as which customers.
 #[derive(Clone)]
 pub struct Caller {
     pub key: Option<Arc<str>>,
     pub tag: Arc<str>,
+    /// Units a customer may claim in each sale (`--customer-limit`); 0:
+    /// no limit, and claims name no customer.
+    pub customer_limit: u32,
 }
 
 impl Caller {
@@ -107,6 +110,25 @@ impl Caller {
         Self {
             key,
             tag: Arc::from(tag.as_str()),
+            customer_limit: 0,
+        }
+    }
+
+    /// The same caller, with sales that limit each customer to `units`
+    /// (0: none).
+    pub fn with_customer_limit(mut self, units: u32) -> Self {
+        self.customer_limit = units;
+        self
+    }
+
+    /// The customer who makes claim number `n`: the K claims n = iK ..
+    /// iK + K - 1 are customer i's, so with a limit of K none is refused
+    /// for it (call numbers are unique across the bench). Empty without a
+    /// limit.
+    fn customer(&self, n: u64) -> String {
+        match self.customer_limit {
+            0 => String::new(),
+            k => format!("u{}", n / u64::from(k)),
         }
     }
 
@@ -132,7 +154,7 @@ const PRODUCTS_PER_SALE: u64 = 500;
 /// The cap `claim-sellout` sells out of.
 const SELLOUT_CAP: i64 = 1_000;
 
-fn sale(id: String, products: Vec<(String, i64)>) -> pb::CreateSaleRequest {
+fn sale(caller: &Caller, id: String, products: Vec<(String, i64)>) -> pb::CreateSaleRequest {
     let now = chrono::Utc::now().timestamp();
     pb::CreateSaleRequest {
         sale_id: id.clone(),
@@ -152,7 +174,7 @@ fn sale(id: String, products: Vec<(String, i64)>) -> pb::CreateSaleRequest {
                 unit_cap: Some(cap),
             })
             .collect(),
-        per_customer_limit: 0,
+        per_customer_limit: caller.customer_limit,
     }
 }
 
@@ -194,7 +216,11 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
     create_sale(
         &mut flash,
         caller,
-        sale(format!("b{tag}hot"), vec![("hot".into(), 100_000_000)]),
+        sale(
+            caller,
+            format!("b{tag}hot"),
+            vec![("hot".into(), 100_000_000)],
+        ),
     )
     .await?;
     let mut stock = pb::reservation_service_client::ReservationServiceClient::new(ch.clone());
@@ -214,7 +240,11 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
             create_sale(
                 &mut flash,
                 caller,
-                sale(format!("b{tag}out"), vec![("hot".into(), SELLOUT_CAP)]),
+                sale(
+                    caller,
+                    format!("b{tag}out"),
+                    vec![("hot".into(), SELLOUT_CAP)],
+                ),
             )
             .await?;
         }
@@ -223,7 +253,12 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
                 let products = (0..PRODUCTS_PER_SALE)
                     .map(|p| (format!("p{p}"), 1_000_000))
                     .collect();
-                create_sale(&mut flash, caller, sale(format!("b{tag}k{s}"), products)).await?;
+                create_sale(
+                    &mut flash,
+                    caller,
+                    sale(caller, format!("b{tag}k{s}"), products),
+                )
+                .await?;
             }
         }
         Workload::LockComplete => {
@@ -295,7 +330,7 @@ pub async fn run(w: Workload, channels: &[Channel], plan: &Plan, caller: &Caller
                         .claim(c.req(pb::ClaimRequest {
                             claim_id: format!("c{tag}n{n}"),
                             sale_id,
-                            customer_id: String::new(),
+                            customer_id: c.customer(n),
                             lines: vec![pb::ClaimLine {
                                 product_id: product,
                                 quantity: 1,
