@@ -33,7 +33,7 @@ for _, l in ipairs(lines) do
   pool_add(l[1], 'sold', l[2])
 end
 if ck ~= '' then
-  redis.call('INCRBY', P .. ck, total(lines))
+  count_customer(ck, total(lines), lines[1][1])
 end
 local ln = cjson.encode(lines)
 -- No `exp` or `fin`: a claim ends as it is made, and both read as its

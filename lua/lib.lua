@@ -404,8 +404,10 @@ local function finish_all(hold_ids, state, now, kind, due_by)
         end
         back[at][3] = back[at][3] + l[2]
       end
-      if h[4] and h[4] ~= '' then
-        redis.call('DECRBY', P .. h[4], h[5])
+      -- A customer's counter is never below zero; below it, the counter
+      -- had expired (count_customer) and this made it anew: drop it.
+      if h[4] and h[4] ~= '' and redis.call('DECRBY', P .. h[4], h[5]) < 0 then
+        redis.call('DEL', P .. h[4])
       end
       redis.call('HSET', hk, 'st', state, 'fin', ms(now))
       redis.call('PEXPIRE', hk, RETENTION_MS)
@@ -596,16 +598,44 @@ local function check_lines(lines, now, check_window)
   return nil
 end
 
+-- Whether each customer counter check_customer read existed then
+-- (counter key suffix -> true or false), for count_customer.
+local customer_had = {}
+
 -- Checks a per-customer limit; `ck` is '' when the sale has none.
 local function check_customer(ck, limit, qty)
   if ck == '' then
     return nil
   end
-  local used = tonumber(redis.call('GET', P .. ck) or '0')
+  local v = redis.call('GET', P .. ck)
+  customer_had[ck] = v and true or false
+  local used = tonumber(v or '0')
   if used + qty > limit then
     return { 'CUSTOMER_LIMIT', tostring(used) }
   end
   return nil
+end
+
+-- Counts `qty` units against the customer's limit once check_customer
+-- allowed them. A new counter expires a retention after the window of
+-- `pool_id` ends (its sale's `until`), so a sale's customers do not stay
+-- in Redis for good: a shop that runs a sale a week for a million
+-- customers kept a million keys more each week. Until then takes are
+-- refused anyway; a hold that outlives the counter gives its units back to
+-- nothing (finish_all). Setting the expiry with the first write costs no
+-- call: an existing counter is incremented and keeps its expiry.
+local function count_customer(ck, qty, pool_id)
+  if customer_had[ck] then
+    redis.call('INCRBY', P .. ck, qty)
+    return
+  end
+  customer_had[ck] = true
+  local till = read_pool(pool_id)[9] or 0
+  if till > 0 then
+    redis.call('SET', P .. ck, qty, 'PXAT', ms(till + tonumber(RETENTION_MS)))
+  else
+    redis.call('SET', P .. ck, qty)
+  end
 end
 
 -- Flags the pools whose grant is running low (headroom at or below `lw`)
@@ -682,13 +712,14 @@ end
 
 -- Starts a call: its common arguments, and a fresh copy of the state that
 -- lasts one call (the due budget, what was found due, the pools, the
--- active count and the fence as read, and the writes owed). A script's
+-- active count and the fence as read, the customer counters seen, and the
+-- writes owed). A script's
 -- locals start fresh on every EVALSHA anyway; a function's library is
 -- loaded once and its locals live from call to call, so every one of them
 -- that a call changes is reset here.
 local function begin(argv)
   P, RETENTION_MS, NOW_MS, NOW_TEXT = argv[1], argv[2], tonumber(argv[3]), argv[3]
   due_budget, none_due, partial_clear = DUE_LIMIT, false, false
-  pools, active_n, fence_last = {}, nil, nil
+  pools, active_n, fence_last, customer_had = {}, nil, nil, {}
   owed_pool, owed_pools, owed_active, owed_fence, owed_due, owed_buckets = {}, {}, false, false, {}, {}
 end

@@ -71,7 +71,7 @@ for _, l in ipairs(lines) do
 end
 local fence = next_fence()
 if ck ~= '' then
-  redis.call('INCRBY', P .. ck, total(lines))
+  count_customer(ck, total(lines), lines[1][1])
 end
 local ln = cjson.encode(lines)
 local exp = now + ttl

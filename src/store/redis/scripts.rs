@@ -177,13 +177,20 @@ pub(super) mod tests {
     /// A batch call under `prefix` at a fixed now (1,000 s), as the store
     /// makes one (src/store/redis/mod.rs), with `ops` appended.
     fn batch_call(prefix: &str, ops: &[(&str, Vec<&str>)]) -> redis::Cmd {
+        batch_call_at(prefix, 1_000_000, ops)
+    }
+
+    /// The same at `now_ms`, with a retention of 60 s.
+    fn batch_call_at(prefix: &str, now_ms: i64, ops: &[(&str, Vec<&str>)]) -> redis::Cmd {
         let mut call = BATCH.call();
-        call.arg(prefix).arg(60_000).arg(1_000_000);
+        call.arg(prefix).arg(RETENTION_MS).arg(now_ms);
         for (name, args) in ops {
             call.arg(*name).arg(args.len()).arg(args);
         }
         call
     }
+
+    const RETENTION_MS: i64 = 60_000;
 
     /// What a run left in Redis under `prefix`: each pool's hash, the
     /// tenant's counters and refill set, and its events without their ids
@@ -339,6 +346,88 @@ pub(super) mod tests {
                 "claimed",
                 "claimed"
             ]
+        );
+    }
+
+    /// A customer's counter (`cust:<sale>:<customer>`) is made with an
+    /// expiry a retention after its sale ends, keeps it as it counts, and
+    /// a hold that ends after the counter expired does not bring the
+    /// counter back (as a negative count, with no expiry).
+    #[tokio::test]
+    async fn a_customer_counter_expires_a_retention_after_its_sale_ends() {
+        let mut con = redis().await;
+        let prefix = format!("libtest{}:{{cust}}:", rand::random::<u32>());
+        pools(&mut con, &prefix).await;
+        let now = chrono::Utc::now().timestamp_millis();
+        let ends = now + 3_600_000;
+        let _: () = redis::cmd("HSET")
+            .arg(format!("{prefix}pool:p2"))
+            .arg("until")
+            .arg(ends)
+            .query_async(&mut con)
+            .await
+            .expect("HSET");
+        let run = |ops: Vec<(&'static str, Vec<&'static str>)>| batch_call_at(&prefix, now, &ops);
+        let claim = |id| vec![id, "flash", r#"[["p2",1]]"#, "cust:s:u1", "3"];
+        let hold = |id| {
+            let lines = r#"[["p2",1]]"#;
+            vec![id, "flash", "60000", lines, "cust:s:u2", "3", "", "1000"]
+        };
+        let counter = |who: &str| format!("{prefix}cust:s:{who}");
+        async fn read(con: &mut ConnectionManager, key: &str) -> (Option<i64>, i64) {
+            let v: Option<i64> = redis::cmd("GET")
+                .arg(key)
+                .query_async(con)
+                .await
+                .expect("GET");
+            let at: i64 = redis::cmd("PEXPIRETIME")
+                .arg(key)
+                .query_async(con)
+                .await
+                .expect("PEXPIRETIME");
+            (v, at)
+        }
+
+        let first: Vec<Value> = fcall(&mut con, &BATCH, &run(vec![("claim", claim("c1"))]))
+            .await
+            .expect("the claim runs");
+        assert_eq!(tag(&first[0]), "CLAIMED");
+        assert_eq!(
+            read(&mut con, &counter("u1")).await,
+            (Some(1), ends + RETENTION_MS),
+            "made with the sale's end plus the retention"
+        );
+        let _: Vec<Value> = fcall(&mut con, &BATCH, &run(vec![("claim", claim("c2"))]))
+            .await
+            .expect("the claim runs");
+        assert_eq!(
+            read(&mut con, &counter("u1")).await,
+            (Some(2), ends + RETENTION_MS),
+            "counted on, the expiry kept"
+        );
+
+        let held: Vec<Value> = fcall(&mut con, &BATCH, &run(vec![("reserve", hold("h1"))]))
+            .await
+            .expect("the hold is made");
+        assert_eq!(tag(&held[0]), "HOLD");
+        assert_eq!(read(&mut con, &counter("u2")).await.0, Some(1));
+        let _: () = redis::cmd("DEL")
+            .arg(counter("u2"))
+            .query_async(&mut con)
+            .await
+            .expect("DEL");
+        let released: Vec<Value> = fcall(
+            &mut con,
+            &BATCH,
+            &run(vec![("release", vec!["h1", "flash"])]),
+        )
+        .await
+        .expect("the release runs");
+        assert_eq!(tag(&released[0]), "HOLD");
+        assert_eq!(
+            read(&mut con, &counter("u2")).await,
+            (None, -2),
+            "an expired counter stays gone"
         );
     }
 }
