@@ -620,10 +620,12 @@ end
 -- allowed them. A new counter expires a retention after the window of
 -- `pool_id` ends (its sale's `until`), so a sale's customers do not stay
 -- in Redis for good: a shop that runs a sale a week for a million
--- customers kept a million keys more each week. Until then takes are
--- refused anyway; a hold that outlives the counter gives its units back to
--- nothing (finish_all). Setting the expiry with the first write costs no
--- call: an existing counter is incremented and keeps its expiry.
+-- customers kept a million keys more each week. Once the window has
+-- ended every take is refused, so nothing checks the counter again; a
+-- hold that outlives it gives its units back to nothing (finish_all).
+-- Setting the expiry with the first write costs no call: an existing
+-- counter is incremented and keeps its expiry (one an earlier build made
+-- has none).
 local function count_customer(ck, qty, pool_id)
   if customer_had[ck] then
     redis.call('INCRBY', P .. ck, qty)
@@ -713,10 +715,9 @@ end
 -- Starts a call: its common arguments, and a fresh copy of the state that
 -- lasts one call (the due budget, what was found due, the pools, the
 -- active count and the fence as read, the customer counters seen, and the
--- writes owed). A script's
--- locals start fresh on every EVALSHA anyway; a function's library is
--- loaded once and its locals live from call to call, so every one of them
--- that a call changes is reset here.
+-- writes owed). A script's locals start fresh on every EVALSHA anyway; a
+-- function's library is loaded once and its locals live from call to
+-- call, so every one of them that a call changes is reset here.
 local function begin(argv)
   P, RETENTION_MS, NOW_MS, NOW_TEXT = argv[1], argv[2], tonumber(argv[3]), argv[3]
   due_budget, none_due, partial_clear = DUE_LIMIT, false, false
