@@ -192,6 +192,12 @@ pub(super) mod tests {
 
     const RETENTION_MS: i64 = 60_000;
 
+    /// The reply of the one operation `call` carries.
+    async fn only_reply(con: &mut ConnectionManager, call: &redis::Cmd) -> Value {
+        let mut replies: Vec<Value> = fcall(con, &BATCH, call).await.expect("the call runs");
+        replies.remove(0)
+    }
+
     /// What a run left in Redis under `prefix`: each pool's hash, the
     /// tenant's counters and refill set, and its events without their ids
     /// (which are Redis's clock).
@@ -300,14 +306,8 @@ pub(super) mod tests {
             .expect("the batch runs");
         let mut alone = Vec::new();
         for op in &ops {
-            let mut replies: Vec<Value> = fcall(
-                &mut con,
-                &BATCH,
-                &batch_call(&each, std::slice::from_ref(op)),
-            )
-            .await
-            .expect("the operation runs");
-            alone.push(replies.remove(0));
+            let call = batch_call(&each, std::slice::from_ref(op));
+            alone.push(only_reply(&mut con, &call).await);
         }
 
         let tags: Vec<_> = batched.iter().map(tag).collect();
@@ -367,7 +367,7 @@ pub(super) mod tests {
             .query_async(&mut con)
             .await
             .expect("HSET");
-        let run = |ops: Vec<(&'static str, Vec<&'static str>)>| batch_call_at(&prefix, now, &ops);
+        let run = |op: (&'static str, Vec<&'static str>)| batch_call_at(&prefix, now, &[op]);
         let claim = |id| vec![id, "flash", r#"[["p2",1]]"#, "cust:s:u1", "3"];
         let hold = |id| {
             let lines = r#"[["p2",1]]"#;
@@ -388,42 +388,30 @@ pub(super) mod tests {
             (v, at)
         }
 
-        let first: Vec<Value> = fcall(&mut con, &BATCH, &run(vec![("claim", claim("c1"))]))
-            .await
-            .expect("the claim runs");
-        assert_eq!(tag(&first[0]), "CLAIMED");
+        let first = only_reply(&mut con, &run(("claim", claim("c1")))).await;
+        assert_eq!(tag(&first), "CLAIMED");
         assert_eq!(
             read(&mut con, &counter("u1")).await,
             (Some(1), ends + RETENTION_MS),
             "made with the sale's end plus the retention"
         );
-        let _: Vec<Value> = fcall(&mut con, &BATCH, &run(vec![("claim", claim("c2"))]))
-            .await
-            .expect("the claim runs");
+        only_reply(&mut con, &run(("claim", claim("c2")))).await;
         assert_eq!(
             read(&mut con, &counter("u1")).await,
             (Some(2), ends + RETENTION_MS),
             "counted on, the expiry kept"
         );
 
-        let held: Vec<Value> = fcall(&mut con, &BATCH, &run(vec![("reserve", hold("h1"))]))
-            .await
-            .expect("the hold is made");
-        assert_eq!(tag(&held[0]), "HOLD");
+        let held = only_reply(&mut con, &run(("reserve", hold("h1")))).await;
+        assert_eq!(tag(&held), "HOLD");
         assert_eq!(read(&mut con, &counter("u2")).await.0, Some(1));
         let _: () = redis::cmd("DEL")
             .arg(counter("u2"))
             .query_async(&mut con)
             .await
             .expect("DEL");
-        let released: Vec<Value> = fcall(
-            &mut con,
-            &BATCH,
-            &run(vec![("release", vec!["h1", "flash"])]),
-        )
-        .await
-        .expect("the release runs");
-        assert_eq!(tag(&released[0]), "HOLD");
+        let released = only_reply(&mut con, &run(("release", vec!["h1", "flash"]))).await;
+        assert_eq!(tag(&released), "HOLD");
         assert_eq!(
             read(&mut con, &counter("u2")).await,
             (None, -2),
