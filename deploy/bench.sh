@@ -4,6 +4,8 @@
 # Postgres-only shop would run it) on free loopback ports, and runs
 # `holdfast bench` with them; arguments go to it, e.g.
 #   ./deploy/bench.sh --workload claim-hot --duration 10 --clients 64
+# REDIS_AOF=yes runs Redis as production should (AOF, appendfsync always),
+# the baseline too; REDIS_OPTS adds Redis settings (deploy/lib.sh).
 # Figures and how to read them: deploy/BENCHMARKS.md.
 source "$(dirname "$0")/lib.sh"
 
@@ -12,7 +14,7 @@ ensure_servers
 log "cargo build --release"
 cargo build --manifest-path "$ROOT/Cargo.toml" --release --quiet
 
-REDIS_AOF=no start_servers bench
+REDIS_AOF="${REDIS_AOF:-no}" start_servers bench
 export PATH="$(pg_bindir):$PATH"
 
 log "holdfast bench $*"

@@ -80,14 +80,15 @@ as_pg() {
 # start_redis DIR PORT: a Redis with the settings the promises rely on
 # (noeviction; AOF with appendfsync always), daemonised, data in DIR.
 # REDIS_AOF=no turns the AOF off (the benchmark measures the engine, as
-# its Redis baseline does, without the disk).
+# its Redis baseline does, without the disk). REDIS_OPTS adds settings,
+# e.g. "--auto-aof-rewrite-percentage 0".
 start_redis() {
   local dir="$1" port="$2"
   mkdir -p "$dir"
   redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --daemonize yes \
     --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" \
     --maxmemory-policy noeviction --appendonly "${REDIS_AOF:-yes}" --appendfsync always \
-    --save "" >/dev/null
+    --save "" ${REDIS_OPTS:-} >/dev/null
   for _ in $(seq 50); do
     redis-cli -p "$port" ping >/dev/null 2>&1 && return 0
     sleep 0.1
@@ -127,7 +128,7 @@ stop_postgres() {
 # start_servers NAME: a Redis and a Postgres on free loopback ports in a
 # temporary folder, both stopped (and the folder removed) when the script
 # exits. Sets TMP, REDIS_PORT, PG_PORT, HOLDFAST_REDIS_URL and
-# HOLDFAST_DATABASE_URL. REDIS_AOF, PG_FSYNC and PG_OPTS (more server
+# HOLDFAST_DATABASE_URL. REDIS_AOF, REDIS_OPTS, PG_FSYNC and PG_OPTS (more server
 # settings, e.g. "-c shared_preload_libraries=pg_stat_statements" to see
 # where Postgres's time goes during a bench) pass through.
 start_servers() {

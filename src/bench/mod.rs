@@ -216,11 +216,12 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         Err(_) => None,
     };
     println!(
-        "bench: clients={} connections={} duration={}s cores={} target={addr}",
+        "bench: clients={} connections={} duration={}s cores={} target={addr} redis_persistence={}",
         args.clients,
         args.connections,
         args.duration,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        redis_time::persistence(stats_con.as_mut()).await
     );
     for w in list {
         workloads::setup(w, &channels[0], &caller)

@@ -83,9 +83,46 @@ impl Snapshot {
     }
 }
 
+/// How the Redis under test persists writes, from `CONFIG GET`:
+/// `aof-always` (the production setting the README documents),
+/// `aof-everysec`, `aof-no`, `none`, or `unknown` when Redis will not say
+/// (managed services often disable CONFIG). The same run's figures differ
+/// by a third between `none` and `aof-always` (deploy/BENCHMARKS.md,
+/// "what durable Redis costs"), so every report says which it was.
+pub async fn persistence(con: Option<&mut redis::aio::MultiplexedConnection>) -> String {
+    let Some(con) = con else {
+        return "unknown".into();
+    };
+    let setting = |reply: redis::RedisResult<Vec<String>>| reply.ok()?.into_iter().nth(1);
+    let aof = setting(
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .query_async(con)
+            .await,
+    );
+    let fsync = setting(
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendfsync")
+            .query_async(con)
+            .await,
+    );
+    describe_persistence(aof.as_deref(), fsync.as_deref())
+}
+
+/// [`persistence`]'s answer from the two settings.
+fn describe_persistence(appendonly: Option<&str>, appendfsync: Option<&str>) -> String {
+    match (appendonly, appendfsync) {
+        (Some("yes"), Some(fsync)) => format!("aof-{fsync}"),
+        (Some("no"), _) => "none".into(),
+        _ => "unknown".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Snapshot;
+    use super::{Snapshot, describe_persistence};
 
     const BEFORE: &str = "# Commandstats\r\n\
         cmdstat_evalsha:calls=10,usec=300,usec_per_call=30.00,rejected_calls=0,failed_calls=0\r\n\
@@ -117,5 +154,20 @@ mod tests {
             Snapshot::parse("# Commandstats\r\nnot a stat\r\n").0,
             vec![]
         );
+    }
+
+    #[test]
+    fn persistence_is_named_by_both_settings_and_unknown_when_redis_will_not_say() {
+        assert_eq!(
+            describe_persistence(Some("yes"), Some("always")),
+            "aof-always"
+        );
+        assert_eq!(
+            describe_persistence(Some("yes"), Some("everysec")),
+            "aof-everysec"
+        );
+        assert_eq!(describe_persistence(Some("no"), Some("always")), "none");
+        assert_eq!(describe_persistence(None, None), "unknown");
+        assert_eq!(describe_persistence(Some("yes"), None), "unknown");
     }
 }
