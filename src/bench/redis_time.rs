@@ -93,22 +93,20 @@ pub async fn persistence(con: Option<&mut redis::aio::MultiplexedConnection>) ->
     let Some(con) = con else {
         return "unknown".into();
     };
-    let setting = |reply: redis::RedisResult<Vec<String>>| reply.ok()?.into_iter().nth(1);
-    let aof = setting(
-        redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendonly")
-            .query_async(con)
-            .await,
-    );
-    let fsync = setting(
-        redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendfsync")
-            .query_async(con)
-            .await,
-    );
+    let aof = config_get(con, "appendonly").await;
+    let fsync = config_get(con, "appendfsync").await;
     describe_persistence(aof.as_deref(), fsync.as_deref())
+}
+
+/// One setting's value, or `None` when Redis will not say.
+async fn config_get(con: &mut redis::aio::MultiplexedConnection, name: &str) -> Option<String> {
+    let reply: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(con)
+        .await
+        .ok()?;
+    reply.into_iter().nth(1)
 }
 
 /// [`persistence`]'s answer from the two settings.
