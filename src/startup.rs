@@ -323,14 +323,7 @@ async fn warn_about_redis_settings(redis: &RedisStore) {
     let mut con = redis.multiplexed();
     let get = |name: &'static str| {
         let mut con = con.clone();
-        async move {
-            let v: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(name)
-                .query_async(&mut con)
-                .await;
-            v.ok().and_then(|v| v.get(1).cloned())
-        }
+        async move { crate::store::redis::config_get(&mut con, name).await }
     };
     match get("maxmemory-policy").await.as_deref() {
         Some("noeviction") | None => {}

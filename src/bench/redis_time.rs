@@ -9,6 +9,8 @@
 //! 2026-12-04). A script's time (`evalsha`) includes the commands it ran,
 //! which are also listed on their own, so the entries do not add up.
 
+use crate::store::redis::config_get;
+
 /// How many commands a report names: the costliest, by time.
 const TOP: usize = 8;
 
@@ -96,17 +98,6 @@ pub async fn persistence(con: Option<&mut redis::aio::MultiplexedConnection>) ->
     let aof = config_get(con, "appendonly").await;
     let fsync = config_get(con, "appendfsync").await;
     describe_persistence(aof.as_deref(), fsync.as_deref())
-}
-
-/// One setting's value, or `None` when Redis will not say.
-async fn config_get(con: &mut redis::aio::MultiplexedConnection, name: &str) -> Option<String> {
-    let reply: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg(name)
-        .query_async(con)
-        .await
-        .ok()?;
-    reply.into_iter().nth(1)
 }
 
 /// [`persistence`]'s answer from the two settings.

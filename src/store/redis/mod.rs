@@ -673,6 +673,19 @@ pub struct Indexed {
     pub due: bool,
 }
 
+/// A Redis setting's value (`CONFIG GET name`), or `None` when Redis will
+/// not say (managed services often disable CONFIG): the daemon's check of
+/// its durability settings at start, and the bench's report of them.
+pub async fn config_get(con: &mut impl redis::aio::ConnectionLike, name: &str) -> Option<String> {
+    let reply: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(con)
+        .await
+        .ok()?;
+    reply.into_iter().nth(1)
+}
+
 /// How many ACTIVE holds of the tenant whose keys start with `tenant_prefix`
 /// (`hf:{dev}:`), with ids starting with `id_prefix`, were due by `due_by_ms`
 /// on Redis's clock and are still not finalised. The sweeper's promise is
