@@ -185,7 +185,9 @@ impl ReservationService for ReservationApi {
             let r = request.into_inner();
             let key = key("key", r.key)?;
             let bound = self.limits.max_quantity.saturating_mul(1000);
-            if r.delta == 0 || r.delta.abs() > bound {
+            // `unsigned_abs`, since `i64::MIN.abs()` overflows: it panics in
+            // a debug build and stays negative (so passes) in a release one.
+            if r.delta == 0 || r.delta.unsigned_abs() > bound.unsigned_abs() {
                 return Err(Error::invalid(
                     "delta",
                     format!("must be non-zero and within ±{bound}, got {}", r.delta),

@@ -759,17 +759,21 @@ async fn bad_reservation_input_is_refused_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = app
-        .reservations()
-        .adjust_stock(pb::AdjustStockRequest {
-            key: key("p", ""),
-            delta: 0,
-            adjustment_id: "z".into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    // Zero, and the two ends of i64 (whose `abs` would overflow).
+    for delta in [0, i64::MIN, i64::MAX] {
+        let err = app
+            .reservations()
+            .adjust_stock(pb::AdjustStockRequest {
+                key: key("p", ""),
+                delta,
+                adjustment_id: format!("z{delta}"),
+                reason: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "delta {delta}");
+        assert!(err.message().contains("delta"), "{}", err.message());
+    }
     assert_eq!(level(&app, "p", "").await, before);
     app.shutdown().await;
 }
