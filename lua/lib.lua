@@ -225,7 +225,8 @@ end
 -- Appends one event to the tenant's stream. `fields` is a flat list of extra
 -- field/value pairs (reference, order id, customer); empty ones are left
 -- out (the reader takes a missing field as empty), since the stream keeps
--- every event for an hour after it is drained.
+-- every event for `--event-keep-secs` (a minute by default) after it is
+-- drained.
 local function emit(now, kind, job, hold_id, lines_json, fields)
   local args = { 'XADD', P .. 'events', '*', 'k', kind, 'j', job, 'h', hold_id,
     'l', lines_json, 't', ms(now) }
