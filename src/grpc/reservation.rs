@@ -423,27 +423,8 @@ impl ReservationService for ReservationApi {
             let key = r.key.map(|k| key("key", Some(k))).transpose()?;
             let reference =
                 convert::optional_name("reference", r.reference, self.limits.max_id_len)?;
-            let page_size = match r.page_size {
-                0 => 100,
-                n @ 1..=1000 => i64::from(n),
-                n => {
-                    return Err(Error::invalid(
-                        "page_size",
-                        format!("must be 1-1000, got {n}"),
-                    ));
-                }
-            };
-            let after = if r.page_token.is_empty() {
-                0
-            } else {
-                r.page_token
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| *n >= 0)
-                    .ok_or_else(|| {
-                        Error::invalid("page_token", "is not a token this server issued")
-                    })?
-            };
+            let page_size = convert::page_size(r.page_size)?;
+            let after = convert::page_token(&r.page_token)?;
             let reference = (!reference.is_empty()).then_some(reference);
             let rows = self
                 .reservations

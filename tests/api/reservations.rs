@@ -642,6 +642,18 @@ async fn every_transition_has_an_audit_row_readable_through_the_api() {
         .into_inner();
     assert_eq!(page2.entries.len(), 1);
     assert!(page2.next_page_token.is_empty());
+    for (size, token, field) in [
+        (3, "0", "page_token"),
+        (3, "x", "page_token"),
+        (1001, "", "page_size"),
+    ] {
+        let err = c
+            .list_audit_log(list(None, "cart-b", size, token.into()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains(field), "{}", err.message());
+    }
     app.shutdown().await;
 }
 
