@@ -320,7 +320,7 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 /// The promises rely on Redis keeping what it acknowledged and never
 /// evicting keys; say so loudly when it is set up otherwise.
 async fn warn_about_redis_settings(redis: &RedisStore) {
-    let mut con = redis.multiplexed();
+    let con = redis.multiplexed();
     let get = |name: &'static str| {
         let mut con = con.clone();
         async move { crate::store::redis::config_get(&mut con, name).await }
@@ -343,7 +343,6 @@ async fn warn_about_redis_settings(redis: &RedisStore) {
             "Redis does not fsync every write (appendonly yes + appendfsync always): a Redis crash can lose acknowledged commits; holdfast will count the lost grant as in doubt (see README, Durability)"
         ),
     }
-    let _: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut con).await;
 }
 
 /// Accepted connections with Nagle's algorithm off: otherwise a response

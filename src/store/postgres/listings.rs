@@ -194,8 +194,6 @@ impl PgStore {
             )
             .await?;
         }
-        // A large load leaves the card tables' statistics stale until the
-        // statistics job analyses them (store/postgres/statistics.rs).
         tx.commit().await?;
         let already = cards
             .iter()
