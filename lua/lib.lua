@@ -15,7 +15,7 @@
 --            it on its monotonic clock (src/store/redis/clock.rs), so a step
 --            of Redis's wall clock cannot end holds early
 --
--- Keys under the prefix (src/store/redis/keys.rs names the same ones):
+-- Keys under the prefix (src/store/redis/keys.rs builds the prefix):
 --   pool:<pool_id>  hash  grant ret sold held epoch full unl from until low armed lim lw pgf
 --                         by (a card's pool only: the sale lock that last took it, its
 --                         one holder while held = 1)

@@ -468,7 +468,7 @@ impl Engine {
         let last = self
             .last_grants
             .lock()
-            .expect("grant memory")
+            .unwrap_or_else(|e| e.into_inner())
             .get(&(tenant.clone(), pool.clone()))
             .copied();
         self.policy.limit(
@@ -479,7 +479,7 @@ impl Engine {
 
     /// Remembers `pool`'s grant of `units` now, to size the next one.
     fn remember_grant(&self, tenant: &TenantId, pool: &PoolId, epoch: i64, units: i64) {
-        let mut last = self.last_grants.lock().expect("grant memory");
+        let mut last = self.last_grants.lock().unwrap_or_else(|e| e.into_inner());
         if last.len() >= 10_000 {
             last.retain(|_, l| l.at.elapsed() < FORGET);
         }

@@ -2,7 +2,7 @@
 //! top of the stores.
 //!
 //! The rules live in the Lua scripts (atomic in Redis) and, for the
-//! fallback, in the Postgres transactions of `store/postgres/fallback.rs`.
+//! fallback, in the Postgres transactions of `store/postgres/fallback/`.
 //! The engine's own jobs are escrow (`escrow.rs`: granting Redis its share
 //! of each pool, Postgres first) and routing: while the circuit (`circuit.rs`)
 //! is closed, calls go to Redis; when Redis fails they go to Postgres, which
@@ -102,7 +102,9 @@ pub struct Engine {
     /// Serialises grants, so that a pool being loaded is never mistaken for
     /// a pool that Redis lost.
     grant_lock: Arc<Mutex<()>>,
-    /// Each pool's last grant, which sizes the next (escrow.rs).
+    /// Each pool's last grant, which sizes the next (escrow.rs). A poisoned
+    /// lock is used as it is: the worst a half-written entry costs is the
+    /// size of one grant.
     last_grants: std::sync::Mutex<escrow::LastGrants>,
     circuit: Circuit,
     policy: GrantPolicy,

@@ -1,10 +1,13 @@
-//! Every Redis key holdfast uses, named in one place.
+//! The Redis keys the Rust side builds as a whole: a tenant's prefix and
+//! its event stream.
 //!
 //! Keys carry the tenant as a Redis Cluster hash tag (`hf:{acme}:...`), so
 //! everything one tenant's batch touches lives in one slot and one script
 //! call. The Lua scripts build the per-hold and per-pool keys from the
-//! tenant prefix themselves (see `lua/lib.lua`); this module builds the same
-//! names for the Rust side.
+//! tenant prefix themselves (`lua/lib.lua` lists every key); the few the
+//! Rust side reads or writes directly (the refill and expiry indexes, the
+//! epoch marker, a customer's counters) are suffixes of this prefix, built
+//! where they are used.
 
 use crate::domain::TenantId;
 
