@@ -371,7 +371,7 @@ async fn a_sold_out_answer_waits_for_no_pool_lock() {
         pg2.fallback_take(&dev2, &take("q1", &[(&q2, 1)], None))
             .await
     });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    app.waiting_for_lock().await;
     assert!(
         !selling.is_finished(),
         "a take that sells waits for the lock"

@@ -187,6 +187,20 @@ impl TestApp {
         }
     }
 
+    /// The Postgres backend of the call waiting for a lock, once one is.
+    pub async fn waiting_for_lock(&self) -> i32 {
+        self.eventually("a statement waits for a lock", async || {
+            sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_optional(&self.pg)
+            .await
+            .unwrap()
+        })
+        .await
+    }
+
     /// Polls `f` until it returns `Some`, for at most 10 s.
     pub async fn eventually<T, F, Fut>(&self, what: &str, f: F) -> T
     where

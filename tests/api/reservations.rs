@@ -78,20 +78,6 @@ async fn hold_pools(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres>
     blocker
 }
 
-/// The Postgres backend of the call waiting for a lock, once one is.
-async fn waiting_for_lock(app: &TestApp) -> i32 {
-    app.eventually("the stock change waits for the lock", async || {
-        sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_optional(&app.pg)
-        .await
-        .unwrap()
-    })
-    .await
-}
-
 fn consume(id: &str, order: &str) -> pb::ConsumeReservationRequest {
     pb::ConsumeReservationRequest {
         reservation_id: id.into(),
@@ -806,7 +792,7 @@ async fn a_call_postgres_ends_mid_transaction_is_unavailable_and_changes_nothing
     };
     let mut client = app.reservations();
     let change = tokio::spawn(async move { client.set_stock(to_3()).await });
-    let waiting = waiting_for_lock(&app).await;
+    let waiting = app.waiting_for_lock().await;
     sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(waiting)
         .execute(&app.pg)
@@ -842,7 +828,7 @@ async fn a_stock_change_whose_caller_gave_up_still_lands_in_both_stores() {
     shrink.set_timeout(std::time::Duration::from_secs(1));
     let mut client = app.reservations();
     let change = tokio::spawn(async move { client.adjust_stock(shrink).await });
-    waiting_for_lock(&app).await;
+    app.waiting_for_lock().await;
     let err = change.await.unwrap().unwrap_err();
     assert!(
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
