@@ -13,8 +13,9 @@
 //! - [`domain`]: pools, holds, ids, quantities and outcomes. No I/O.
 //! - [`store`]: Redis (the fast path: keys, Lua scripts, the coalescer that
 //!   sends concurrent hold operations as one call, strict reply decoding) and
-//!   Postgres (pools and their escrow ledger, sales, audit log,
-//!   API keys).
+//!   Postgres (pools and their escrow ledger, the fallback's takes and their
+//!   coalescer, sales, venues, cards and their channel listings, the audit
+//!   log, the outbox, API keys).
 //! - [`engine`]: the hold engine's use cases: reserve, commit, release,
 //!   extend, claim, reads; it grants Redis its share of a pool on demand.
 //! - [`services`]: the jobs users see (flash sales, ...) translated into
@@ -23,14 +24,20 @@
 //!   and authentication.
 //! - [`jobs`]: background loops: the drainer (Redis events to Postgres,
 //!   with their channel changes), the sweeper (expired holds), the outbox
-//!   (signed webhooks to satellites) and the reconciler (satellites'
-//!   canonical card lists).
+//!   (signed webhooks to satellites), the reconciler (satellites'
+//!   canonical card lists), the refiller (grants ahead of demand), the Redis
+//!   watch (closes the circuit, notices a Redis that came back empty) and
+//!   the statistics job (keeps Postgres's planner statistics fresh).
 //! - [`satellite`]: the HTTP client for satellites and the webhook
 //!   signature.
 //! - [`startup`]: [`startup::Application`] wires it all, binds the ports and
 //!   runs until a shutdown signal.
-//! - [`config`], [`telemetry`], [`error`]: the command line, logs and
-//!   metrics, and the one error type with its one mapping to gRPC status.
+//! - [`config`], [`telemetry`], [`error`], [`tls`]: the command line, logs
+//!   and metrics, the one error type with its one mapping to gRPC status,
+//!   and TLS for the gRPC port.
+//! - [`bench`](mod@bench): `holdfast bench`, the load generator and its baselines
+//!   (deploy/BENCHMARKS.md).
+//! - `gate` (hidden): a TCP relay the fault tests freeze a store with.
 
 #![warn(missing_docs)]
 

@@ -144,8 +144,8 @@ impl Application {
 
     /// Serves until `shutdown` completes; then health turns NOT_SERVING,
     /// the listener closes, Watch streams end (telling subscribers where to
-    /// resume), in-flight calls finish, and the jobs stop, all within the
-    /// shutdown grace period.
+    /// resume) and in-flight calls finish; then the jobs get the shutdown
+    /// grace period to stop.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
