@@ -4,11 +4,10 @@
 use holdfast::grpc::pb::{self, Outcome};
 use tonic::Code;
 
-use crate::helpers::{claim, live_sale_request, spawn_app_with, with_key};
-
-const STORE_A_ADMIN: &str = "store-a:admin:key-for-store-a-admin";
-const STORE_B_ADMIN: &str = "store-b:admin:key-for-store-b-admin";
-const STORE_A_CHECKOUT: &str = "store-a:checkout:key-for-store-a-checkout";
+use crate::helpers::{
+    STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, claim, live_sale_request, spawn_app_with,
+    spawn_two_stores, with_key,
+};
 
 fn sale(id: &str) -> pb::CreateSaleRequest {
     live_sale_request(id, &[("p", Some(5))])
@@ -16,15 +15,7 @@ fn sale(id: &str) -> pb::CreateSaleRequest {
 
 #[tokio::test]
 async fn a_key_for_one_store_cannot_see_or_touch_another_stores_sales() {
-    let app = spawn_app_with(|a| {
-        a.dev = false;
-        a.api_keys = vec![
-            STORE_A_ADMIN.into(),
-            STORE_B_ADMIN.into(),
-            STORE_A_CHECKOUT.into(),
-        ];
-    })
-    .await;
+    let app = spawn_two_stores().await;
     let mut flash = app.flash();
     flash
         .create_sale(with_key(sale("spring"), STORE_A_ADMIN))

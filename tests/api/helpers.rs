@@ -87,6 +87,24 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut ServeArgs)) -> TestApp {
     start(args).await
 }
 
+/// API keys of two stores (tenants), as given to `--api-key`.
+pub const STORE_A_ADMIN: &str = "store-a:admin:key-for-store-a-admin";
+pub const STORE_B_ADMIN: &str = "store-b:admin:key-for-store-b-admin";
+pub const STORE_A_CHECKOUT: &str = "store-a:checkout:key-for-store-a-checkout";
+
+/// A daemon with keys for two stores (the three above) and no dev mode.
+pub async fn spawn_two_stores() -> TestApp {
+    spawn_app_with(|a| {
+        a.dev = false;
+        a.api_keys = vec![
+            STORE_A_ADMIN.into(),
+            STORE_B_ADMIN.into(),
+            STORE_A_CHECKOUT.into(),
+        ];
+    })
+    .await
+}
+
 /// Starts a daemon with exactly these settings.
 pub async fn start(args: ServeArgs) -> TestApp {
     let database_url = args.db.database_url.clone();

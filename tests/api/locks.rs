@@ -6,7 +6,10 @@ use tonic::Code;
 use crate::cards::{
     acquire, card, delivered, deliveries, dual_listing, engage, lock, satellite, status_on,
 };
-use crate::helpers::{spawn_app, spawn_app_with, with_key};
+use crate::helpers::{
+    STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, spawn_app, spawn_app_with, spawn_two_stores,
+    with_key,
+};
 
 fn lock_ref(r: &str) -> pb::CompleteSaleLocksRequest {
     pb::CompleteSaleLocksRequest {
@@ -397,17 +400,9 @@ async fn bad_lock_requests_are_refused_and_change_nothing() {
     app.shutdown().await;
 }
 
-const WS_A: &str = "ws-a:admin:key-for-workspace-a-admin";
-const WS_B: &str = "ws-b:admin:key-for-workspace-b-admin";
-const WS_A_CHECKOUT: &str = "ws-a:checkout:key-for-workspace-a-checkout";
-
 #[tokio::test]
 async fn another_workspaces_locks_and_cards_are_not_found() {
-    let app = spawn_app_with(|a| {
-        a.dev = false;
-        a.api_keys = vec![WS_A.into(), WS_B.into(), WS_A_CHECKOUT.into()];
-    })
-    .await;
+    let app = spawn_two_stores().await;
     let mut channels = app.channels();
     let mut locks = app.locks();
     let engage = pb::EngageRequest {
@@ -418,7 +413,7 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
         }],
     };
     let err = channels
-        .engage(with_key(engage.clone(), WS_A_CHECKOUT))
+        .engage(with_key(engage.clone(), STORE_A_CHECKOUT))
         .await
         .unwrap_err();
     assert_eq!(
@@ -427,13 +422,13 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
         "channels are an admin's"
     );
     channels
-        .engage(with_key(engage.clone(), WS_A))
+        .engage(with_key(engage.clone(), STORE_A_ADMIN))
         .await
         .unwrap();
     let a = locks
         .acquire_sale_locks(with_key(
             acquire("lock-a", "storefront", &["card-1"], 60),
-            WS_A_CHECKOUT,
+            STORE_A_CHECKOUT,
         ))
         .await
         .unwrap()
@@ -445,12 +440,12 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
     };
     let codes = [
         locks
-            .get_sale_lock(with_key(get, WS_B))
+            .get_sale_lock(with_key(get, STORE_B_ADMIN))
             .await
             .unwrap_err()
             .code(),
         locks
-            .complete_sale_locks(with_key(lock_ref("lock-a"), WS_B))
+            .complete_sale_locks(with_key(lock_ref("lock-a"), STORE_B_ADMIN))
             .await
             .unwrap_err()
             .code(),
@@ -459,7 +454,7 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
                 pb::ReleaseSaleLocksRequest {
                     lock_ref: "lock-a".into(),
                 },
-                WS_B,
+                STORE_B_ADMIN,
             ))
             .await
             .unwrap_err()
@@ -469,7 +464,7 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
                 pb::GetCardChannelsRequest {
                     card_ids: vec!["card-1".into()],
                 },
-                WS_B,
+                STORE_B_ADMIN,
             ))
             .await
             .unwrap_err()
@@ -477,21 +472,41 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
         locks
             .acquire_sale_locks(with_key(
                 acquire("lock-b", "storefront", &["card-1"], 60),
-                WS_B,
+                STORE_B_ADMIN,
             ))
             .await
             .unwrap_err()
             .code(),
     ];
     assert_eq!(codes, [Code::NotFound; 5]);
+    let still = locks
+        .get_sale_lock(with_key(
+            pb::GetSaleLockRequest {
+                lock_ref: "lock-a".into(),
+            },
+            STORE_A_CHECKOUT,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .lock
+        .unwrap();
+    assert_eq!(
+        still.state(),
+        SaleLockState::Active,
+        "B's complete and release left A's lock as it was"
+    );
 
     // B's own card of the same id is a different card: B can lock it while
     // A's lock holds A's.
-    channels.engage(with_key(engage, WS_B)).await.unwrap();
+    channels
+        .engage(with_key(engage, STORE_B_ADMIN))
+        .await
+        .unwrap();
     let b = locks
         .acquire_sale_locks(with_key(
             acquire("lock-a", "storefront", &["card-1"], 60),
-            WS_B,
+            STORE_B_ADMIN,
         ))
         .await
         .unwrap()

@@ -24,3 +24,4 @@ mod slots;
 mod statistics;
 mod tls;
 mod validation;
+mod walls;

@@ -10,14 +10,14 @@ use tonic::Code;
 
 use crate::helpers::{TestApp, spawn_app};
 
-fn key(product: &str, variant: &str) -> Option<StockKey> {
+pub(crate) fn key(product: &str, variant: &str) -> Option<StockKey> {
     Some(StockKey {
         product_id: product.into(),
         variant_id: variant.into(),
     })
 }
 
-fn reserve(
+pub(crate) fn reserve(
     id: &str,
     reference: &str,
     lines: &[(&str, &str, i64)],

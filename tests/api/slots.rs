@@ -19,21 +19,26 @@ fn ts(s: &str) -> prost_types::Timestamp {
 }
 
 /// A time tomorrow at 10:05 UTC: inside a window that is not over.
-fn tomorrow() -> prost_types::Timestamp {
+pub(crate) fn tomorrow() -> prost_types::Timestamp {
     let day = chrono::Utc::now().date_naive() + chrono::Days::new(1);
     ts(&format!("{day}T10:05:00Z"))
 }
 
 /// A venue in `zone` selling `per_hour` slots every hour of every day.
 async fn venue(app: &TestApp, id: &str, zone: &str, per_hour: i32) {
+    let (set_venue, set_schedule) = venue_requests(id, zone, per_hour);
     let mut c = app.slots();
-    c.set_venue(pb::SetVenueRequest {
-        venue_id: id.into(),
-        time_zone: zone.into(),
-        window_minutes: 0,
-    })
-    .await
-    .unwrap();
+    c.set_venue(set_venue).await.unwrap();
+    c.set_schedule(set_schedule).await.unwrap();
+}
+
+/// The two calls that make a venue in `zone` selling `per_hour` slots
+/// every hour of every day.
+pub(crate) fn venue_requests(
+    id: &str,
+    zone: &str,
+    per_hour: i32,
+) -> (pb::SetVenueRequest, pb::SetScheduleRequest) {
     let hours = (1..=7)
         .flat_map(|d| {
             (0..24).map(move |h| pb::HourSlots {
@@ -43,15 +48,19 @@ async fn venue(app: &TestApp, id: &str, zone: &str, per_hour: i32) {
             })
         })
         .collect();
-    c.set_schedule(pb::SetScheduleRequest {
+    let set_venue = pb::SetVenueRequest {
+        venue_id: id.into(),
+        time_zone: zone.into(),
+        window_minutes: 0,
+    };
+    let set_schedule = pb::SetScheduleRequest {
         venue_id: id.into(),
         hours,
-    })
-    .await
-    .unwrap();
+    };
+    (set_venue, set_schedule)
 }
 
-fn reserve(
+pub(crate) fn reserve(
     id: &str,
     venue: &str,
     at: prost_types::Timestamp,

@@ -1,0 +1,319 @@
+//! Tenants are walled off in every service, not only flash sales (auth.rs)
+//! and sale locks (locks.rs): another store's stock, reservations, slots,
+//! events and pools are NOT_FOUND or invisible to it, and what it tries on
+//! them changes nothing of the owner's.
+
+use holdfast::domain::{PoolId, TenantId};
+use holdfast::grpc::pb::{self, Outcome, ReservationState, ReserveOutcome, SlotOutcome};
+use redis::AsyncCommands;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::helpers::{
+    STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, TestApp, claim, live_sale_request,
+    spawn_two_stores, with_key,
+};
+use crate::reservations::{key, reserve};
+use crate::slots::{tomorrow, venue_requests};
+
+/// Sets a store's stock of `product` to `on_hand`.
+async fn set_stock(app: &TestApp, store: &str, product: &str, on_hand: i64) -> pb::StockLevel {
+    let set = pb::SetStockRequest {
+        key: key(product, ""),
+        on_hand,
+        adjustment_id: format!("set-{product}-{on_hand}"),
+        reason: "initial".into(),
+    };
+    let r = app.reservations().set_stock(with_key(set, store)).await;
+    r.unwrap().into_inner().level.unwrap()
+}
+
+/// A store's stock level of `product`.
+async fn stock_level(app: &TestApp, store: &str, product: &str) -> pb::StockLevel {
+    let get = pb::GetStockLevelsRequest {
+        keys: vec![key(product, "").unwrap()],
+    };
+    let r = app
+        .reservations()
+        .get_stock_levels(with_key(get, store))
+        .await;
+    r.unwrap().into_inner().levels.remove(0)
+}
+
+#[tokio::test]
+async fn another_stores_stock_and_reservations_are_not_found() {
+    let app = spawn_two_stores().await;
+    let mut res = app.reservations();
+    set_stock(&app, STORE_A_ADMIN, "sku", 5).await;
+    let a = res
+        .reserve(with_key(
+            reserve("r1", "cart-a", &[("sku", "", 2)], 60),
+            STORE_A_CHECKOUT,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.outcome(), ReserveOutcome::Reserved);
+
+    let id = || "r1".to_string();
+    let codes = [
+        res.get_reservation(with_key(
+            pb::GetReservationRequest {
+                reservation_id: id(),
+            },
+            STORE_B_ADMIN,
+        ))
+        .await
+        .map(drop),
+        res.consume_reservation(with_key(
+            pb::ConsumeReservationRequest {
+                reservation_id: id(),
+                order_id: "order-b".into(),
+            },
+            STORE_B_ADMIN,
+        ))
+        .await
+        .map(drop),
+        res.release_reservation(with_key(
+            pb::ReleaseReservationRequest {
+                reservation_id: id(),
+            },
+            STORE_B_ADMIN,
+        ))
+        .await
+        .map(drop),
+        res.extend_reservation(with_key(
+            pb::ExtendReservationRequest {
+                reservation_id: id(),
+                ttl: Some(prost_types::Duration {
+                    seconds: 600,
+                    nanos: 0,
+                }),
+                extension_id: "ext-b".into(),
+            },
+            STORE_B_ADMIN,
+        ))
+        .await
+        .map(drop),
+        res.get_stock_levels(with_key(
+            pb::GetStockLevelsRequest {
+                keys: vec![key("sku", "").unwrap()],
+            },
+            STORE_B_ADMIN,
+        ))
+        .await
+        .map(drop),
+        res.reserve(with_key(
+            reserve("r2", "cart-b", &[("sku", "", 1)], 60),
+            STORE_B_ADMIN,
+        ))
+        .await
+        .map(drop),
+    ]
+    .map(|r| r.expect_err("another store's call must fail").code());
+    assert_eq!(codes, [Code::NotFound; 6]);
+
+    // A's reservation and stock are as A left them.
+    let mine = res
+        .get_reservation(with_key(
+            pb::GetReservationRequest {
+                reservation_id: id(),
+            },
+            STORE_A_CHECKOUT,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!(mine.state(), ReservationState::Active);
+    let level = stock_level(&app, STORE_A_ADMIN, "sku").await;
+    assert_eq!((level.on_hand, level.reserved), (5, 2), "{level:?}");
+
+    // B's stock of the same product id is its own: setting it leaves A's.
+    let b = set_stock(&app, STORE_B_ADMIN, "sku", 1).await;
+    assert_eq!((b.on_hand, b.reserved), (1, 0), "{b:?}");
+    let level = stock_level(&app, STORE_A_ADMIN, "sku").await;
+    assert_eq!((level.on_hand, level.reserved), (5, 2), "{level:?}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn another_stores_venues_and_slot_reservations_are_not_found() {
+    let app = spawn_two_stores().await;
+    let mut slots = app.slots();
+    let (set_venue, set_schedule) = venue_requests("hall", "UTC", 4); // 1 per window
+    slots
+        .set_venue(with_key(set_venue, STORE_A_ADMIN))
+        .await
+        .unwrap();
+    slots
+        .set_schedule(with_key(set_schedule, STORE_A_ADMIN))
+        .await
+        .unwrap();
+    let slot = |id: &str| crate::slots::reserve(id, "hall", tomorrow(), 60);
+    let a = slots
+        .reserve_slot(with_key(slot("s1"), STORE_A_CHECKOUT))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.outcome(), SlotOutcome::Reserved);
+
+    let id = || "s1".to_string();
+    let codes = [
+        slots
+            .get_slot_reservation(with_key(
+                pb::GetSlotReservationRequest {
+                    reservation_id: id(),
+                },
+                STORE_B_ADMIN,
+            ))
+            .await
+            .map(drop),
+        slots
+            .confirm_slot(with_key(
+                pb::ConfirmSlotRequest {
+                    reservation_id: id(),
+                    payment_id: "pay-b".into(),
+                },
+                STORE_B_ADMIN,
+            ))
+            .await
+            .map(drop),
+        slots
+            .release_slot(with_key(
+                pb::ReleaseSlotRequest {
+                    reservation_id: id(),
+                },
+                STORE_B_ADMIN,
+            ))
+            .await
+            .map(drop),
+        slots
+            .get_availability(with_key(
+                pb::GetAvailabilityRequest {
+                    venue_id: "hall".into(),
+                    from: Some(tomorrow()),
+                    to: Some(prost_types::Timestamp {
+                        seconds: tomorrow().seconds + 1,
+                        nanos: 0,
+                    }),
+                },
+                STORE_B_ADMIN,
+            ))
+            .await
+            .map(drop),
+        slots
+            .reserve_slot(with_key(slot("s2"), STORE_B_ADMIN))
+            .await
+            .map(drop),
+    ]
+    .map(|r| r.expect_err("another store's call must fail").code());
+    assert_eq!(codes, [Code::NotFound; 5]);
+
+    // A's reservation is still A's to confirm.
+    let done = slots
+        .confirm_slot(with_key(
+            pb::ConfirmSlotRequest {
+                reservation_id: id(),
+                payment_id: "pay-a".into(),
+            },
+            STORE_A_CHECKOUT,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.outcome(), SlotOutcome::Confirmed);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_watch_sees_only_its_own_stores_events() {
+    let app = spawn_two_stores().await;
+    let mut flash = app.flash();
+    for store in [STORE_A_ADMIN, STORE_B_ADMIN] {
+        let sale = live_sale_request("spring", &[("p", Some(10))]);
+        flash.create_sale(with_key(sale, store)).await.unwrap();
+    }
+    let watch = pb::WatchRequest {
+        after_event_id: String::new(),
+    };
+    let mut stream = app
+        .events()
+        .watch(with_key(watch, STORE_A_CHECKOUT))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // B sells first, then A: A's first event must be its own.
+    for (id, store) in [("claim-b", STORE_B_ADMIN), ("claim-a", STORE_A_CHECKOUT)] {
+        let r = flash
+            .claim(with_key(claim(id, "spring", &[("p", 1)]), store))
+            .await
+            .unwrap();
+        assert_eq!(r.get_ref().outcome(), Outcome::Ok);
+    }
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream is open")
+        .expect("an event, not an error");
+    assert_eq!(first.hold_id, "claim-a", "{first:?}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn another_stores_pools_are_not_found_and_its_units_in_doubt_are_not_listed() {
+    let app = spawn_two_stores().await;
+    let mut flash = app.flash();
+    let sale = live_sale_request("spring", &[("p", Some(10))]);
+    flash
+        .create_sale(with_key(sale, STORE_A_ADMIN))
+        .await
+        .unwrap();
+    let sell = |id: &str| with_key(claim(id, "spring", &[("p", 1)]), STORE_A_CHECKOUT);
+    flash.claim(sell("before")).await.unwrap();
+
+    // Redis loses A's pool: the next claim puts A's grant in doubt.
+    let store = app.redis_store().await;
+    let a = TenantId::parse("store-a").unwrap();
+    let pool = PoolId::parse("pool", "sale/spring/p").unwrap();
+    let key = format!("{}pool:{}", store.keys().tenant(&a), pool.as_str());
+    let gone: i64 = app.redis().await.del(&key).await.unwrap();
+    assert_eq!(gone, 1, "A's pool was in Redis");
+    flash.claim(sell("after")).await.unwrap();
+
+    let mut admin = app.admin();
+    let in_doubt = |store: &str| with_key(pb::ListInDoubtPoolsRequest {}, store);
+    let a_list = admin.list_in_doubt_pools(in_doubt(STORE_A_ADMIN)).await;
+    let a_list = a_list.unwrap().into_inner().pools;
+    assert_eq!(a_list.len(), 1, "{a_list:?}");
+    let doubt = a_list[0].in_doubt;
+    assert!(doubt > 0, "{a_list:?}");
+    let b_list = admin.list_in_doubt_pools(in_doubt(STORE_B_ADMIN)).await;
+    assert!(b_list.unwrap().into_inner().pools.is_empty());
+
+    let get = pb::GetPoolRequest {
+        pool_id: "sale/spring/p".into(),
+    };
+    let resolve = pb::ResolveInDoubtRequest {
+        pool_id: "sale/spring/p".into(),
+        sold_units: 0,
+    };
+    let codes = [
+        admin
+            .get_pool(with_key(get.clone(), STORE_B_ADMIN))
+            .await
+            .map(drop),
+        admin
+            .resolve_in_doubt(with_key(resolve, STORE_B_ADMIN))
+            .await
+            .map(drop),
+    ]
+    .map(|r| r.expect_err("another store's call must fail").code());
+    assert_eq!(codes, [Code::NotFound; 2]);
+    let mine = admin.get_pool(with_key(get, STORE_A_ADMIN)).await;
+    let mine = mine.unwrap().into_inner().pool.unwrap();
+    assert_eq!(mine.in_doubt, doubt, "B's resolve changed nothing of A's");
+    app.shutdown().await;
+}
