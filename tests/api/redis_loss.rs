@@ -4,9 +4,10 @@
 //! real Redis empty under load; these pin the rule down one step at a time.
 
 use holdfast::domain::{PoolId, TenantId};
-use holdfast::grpc::pb::Outcome;
+use holdfast::grpc::pb::{self, Outcome};
 use holdfast::store::redis::{GrantReply, PoolGrant};
 use redis::AsyncCommands;
+use tonic::Code;
 
 use crate::helpers::{TestApp, claim, spawn_app};
 
@@ -17,21 +18,22 @@ async fn pool_key(app: &TestApp, pool: &str) -> String {
     format!("{}pool:{pool}", store.keys().tenant(&dev))
 }
 
-#[tokio::test]
-async fn a_pool_redis_lost_is_reloaded_in_a_new_epoch_with_its_grant_in_doubt() {
-    let app = spawn_app().await;
-    app.live_sale("lost", &[("p", Some(10))], 0).await;
+/// A sale of 10 units whose pool Redis lost after 2 were sold and written
+/// back, and one claim after the loss: the pool as it is then.
+async fn lose_a_grant(app: &TestApp, sale: &str) -> (pb::Pool, pb::Pool) {
+    app.live_sale(sale, &[("p", Some(10))], 0).await;
+    let pool = format!("sale/{sale}/p");
     let r = app
         .flash()
-        .claim(claim("before", "lost", &[("p", 2)]))
+        .claim(claim("before", sale, &[("p", 2)]))
         .await
         .unwrap();
     assert_eq!(r.get_ref().outcome(), Outcome::Ok);
     app.eventually("the drainer wrote the sale back", || async {
-        (app.pg_sold("lost", "p").await == 2).then_some(())
+        (app.pg_sold(sale, "p").await == 2).then_some(())
     })
     .await;
-    let before = app.pool("sale/lost/p").await;
+    let before = app.pool(&pool).await;
     assert_eq!(
         before.granted_to_redis, 5,
         "half the capacity went to Redis"
@@ -41,29 +43,25 @@ async fn a_pool_redis_lost_is_reloaded_in_a_new_epoch_with_its_grant_in_doubt() 
     // marker key is untouched, so no recovery pass runs: the next take must
     // find the loss by itself.
     let mut con = app.redis().await;
-    let gone: i64 = con.del(pool_key(&app, "sale/lost/p").await).await.unwrap();
+    let gone: i64 = con.del(pool_key(app, &pool).await).await.unwrap();
     assert_eq!(gone, 1, "the pool was in Redis");
 
     let r = app
         .flash()
-        .claim(claim("after", "lost", &[("p", 1)]))
+        .claim(claim("after", sale, &[("p", 1)]))
         .await
         .unwrap();
     assert_eq!(r.get_ref().outcome(), Outcome::Ok, "sales go on");
-    let after = app.pool("sale/lost/p").await;
-    assert_eq!(after.epoch, before.epoch + 1, "a new epoch");
-    assert_eq!(
-        after.in_doubt, 3,
-        "the lost grant less what was reported sold (5 - 2) is in doubt"
-    );
-    assert_eq!(after.sold, 3);
+    (before, app.pool(&pool).await)
+}
 
-    // What is left to sell: 10 - 3 sold - 3 in doubt = 4, and not one more.
+/// Claims one unit at a time `tries` times: how many were sold.
+async fn sell_one_by_one(app: &TestApp, sale: &str, tries: usize) -> usize {
     let mut ok = 0;
-    for i in 0..8 {
+    for i in 0..tries {
         let r = app
             .flash()
-            .claim(claim(&format!("rest-{i}"), "lost", &[("p", 1)]))
+            .claim(claim(&format!("rest-{i}"), sale, &[("p", 1)]))
             .await
             .unwrap();
         match r.get_ref().outcome() {
@@ -72,7 +70,101 @@ async fn a_pool_redis_lost_is_reloaded_in_a_new_epoch_with_its_grant_in_doubt() 
             other => panic!("unexpected outcome {other:?}"),
         }
     }
+    ok
+}
+
+#[tokio::test]
+async fn a_pool_redis_lost_is_reloaded_in_a_new_epoch_with_its_grant_in_doubt() {
+    let app = spawn_app().await;
+    let (before, after) = lose_a_grant(&app, "lost").await;
+    assert_eq!(after.epoch, before.epoch + 1, "a new epoch");
+    assert_eq!(
+        after.in_doubt, 3,
+        "the lost grant less what was reported sold (5 - 2) is in doubt"
+    );
+    assert_eq!(after.sold, 3);
+
+    // What is left to sell: 10 - 3 sold - 3 in doubt = 4, and not one more.
+    let ok = sell_one_by_one(&app, "lost", 8).await;
     assert_eq!(ok, 4, "the units in doubt are never sold again");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_operator_lists_and_resolves_units_in_doubt_and_the_unsold_sell_again() {
+    let app = spawn_app().await;
+    let (_, lost) = lose_a_grant(&app, "doubt").await;
+    assert_eq!((lost.in_doubt, lost.sold), (3, 3), "{lost:?}");
+    let mut admin = app.admin();
+    let listed = admin
+        .list_in_doubt_pools(pb::ListInDoubtPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pools;
+    let listed: Vec<_> = listed
+        .iter()
+        .map(|p| (p.pool_id.as_str(), p.in_doubt))
+        .collect();
+    assert_eq!(listed, [("sale/doubt/p", 3)]);
+
+    let resolve = |pool: &str, sold_units| pb::ResolveInDoubtRequest {
+        pool_id: pool.into(),
+        sold_units,
+    };
+    let cases = [
+        (
+            resolve("sale/doubt/p", 4),
+            Code::FailedPrecondition,
+            "3 units in doubt",
+        ),
+        (
+            resolve("sale/doubt/p", -1),
+            Code::InvalidArgument,
+            "sold_units",
+        ),
+        (resolve("", 0), Code::InvalidArgument, "pool_id"),
+        (resolve("sale/none/p", 0), Code::NotFound, "sale/none/p"),
+    ];
+    for (req, code, names) in cases {
+        let err = admin.resolve_in_doubt(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(names), "{names}: {err:?}");
+    }
+    assert_eq!(
+        app.pool("sale/doubt/p").await,
+        lost,
+        "refusals changed nothing"
+    );
+
+    // The shop's orders show that 1 of the 3 was sold: the other 2 are
+    // released to sell again.
+    let done = admin
+        .resolve_in_doubt(resolve("sale/doubt/p", 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .pool
+        .unwrap();
+    assert_eq!((done.in_doubt, done.sold), (0, 4), "{done:?}");
+    let listed = admin
+        .list_in_doubt_pools(pb::ListInDoubtPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pools;
+    assert!(listed.is_empty(), "{listed:?}");
+
+    // A retry finds nothing in doubt any more and counts nothing twice.
+    let err = admin
+        .resolve_in_doubt(resolve("sale/doubt/p", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(app.pool("sale/doubt/p").await.sold, 4);
+
+    // 10 - 4 sold = 6 to sell, and not one more.
+    assert_eq!(sell_one_by_one(&app, "doubt", 9).await, 6);
     app.shutdown().await;
 }
 
