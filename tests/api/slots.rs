@@ -153,6 +153,65 @@ async fn one_slot_left_a_buys_it_and_b_is_refused() {
 }
 
 #[tokio::test]
+async fn a_slot_reservation_retried_read_and_released_is_one_reservation() {
+    let app = spawn_app().await;
+    venue(&app, "club", "UTC", 4).await; // 1 slot per 15-minute window
+    let (at, mut c) = (tomorrow(), app.slots());
+    let first = c.reserve_slot(reserve("a", "club", at, 600)).await;
+    let first = first.unwrap().into_inner();
+    assert_eq!(first.outcome(), SlotOutcome::Reserved);
+    let again = c.reserve_slot(reserve("a", "club", at, 600)).await;
+    let again = again.unwrap().into_inner();
+    assert_eq!(again, first, "a retry repeats the first answer");
+    let w = window(&app, "club", at).await;
+    assert_eq!(
+        (w.pending, w.available),
+        (1, 0),
+        "and took one slot, not two"
+    );
+
+    // The same id for another window is another request: refused, and
+    // that window keeps its slot.
+    let later = prost_types::Timestamp {
+        seconds: at.seconds + 3600,
+        nanos: 0,
+    };
+    let err = c.reserve_slot(reserve("a", "club", later, 600)).await;
+    let err = err.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(window(&app, "club", later).await.available, 1);
+
+    let read = pb::GetSlotReservationRequest {
+        reservation_id: "a".into(),
+    };
+    let got = c.get_slot_reservation(read.clone()).await.unwrap();
+    assert_eq!(got.into_inner().reservation, first.reservation);
+
+    // A release frees the slot once; its retry repeats the answer.
+    let release = pb::ReleaseSlotRequest {
+        reservation_id: "a".into(),
+    };
+    let released = c.release_slot(release.clone()).await.unwrap().into_inner();
+    let released = released.reservation.unwrap();
+    assert_eq!(released.state(), pb::HoldState::Released);
+    let twice = c.release_slot(release).await.unwrap().into_inner();
+    assert_eq!(twice.reservation.unwrap(), released);
+    let got = c.get_slot_reservation(read).await.unwrap().into_inner();
+    assert_eq!(got.reservation.unwrap(), released);
+    let w = window(&app, "club", at).await;
+    assert_eq!((w.pending, w.available), (0, 1));
+
+    // A late retry of the reservation does not take the slot back: it is
+    // another customer's to reserve.
+    let late = c.reserve_slot(reserve("a", "club", at, 600)).await;
+    let late = late.unwrap().into_inner().reservation.unwrap();
+    assert_eq!(late.state(), pb::HoldState::Released);
+    let b = c.reserve_slot(reserve("b", "club", at, 600)).await;
+    assert_eq!(b.unwrap().into_inner().outcome(), SlotOutcome::Reserved);
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn two_hundred_concurrent_reserve_and_confirm_for_a_window_of_three_confirm_exactly_three() {
     let app = spawn_app().await;
     venue(&app, "bar", "Europe/Paris", 12).await; // 3 per window
@@ -489,11 +548,52 @@ async fn bad_slot_input_gets_a_clear_error_and_changes_nothing() {
             })
             .await
             .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains(field), "{}", err.message());
     }
-    // The schedule is as it was: 1 slot in tomorrow's window.
+    for minutes in [7, 120, 14] {
+        let err = c
+            .set_venue(pb::SetVenueRequest {
+                venue_id: "v".into(),
+                time_zone: "Europe/Paris".into(),
+                window_minutes: minutes,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("window_minutes"), "{err:?}");
+    }
+    let ttl = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+    let at = |seconds, nanos| Some(prost_types::Timestamp { seconds, nanos });
+    let bad_reserves = [
+        (ttl(-1, 0), None, "r", "", "ttl"),
+        (ttl(0, -1), None, "r", "", "ttl"),
+        (ttl(0, 0), None, "r", "", "ttl"),
+        (ttl(400 * 86_400, 0), None, "r", "", "ttl"),
+        (None, at(i64::MAX, 0), "r", "", "at"),
+        (None, at(tomorrow().seconds, -1), "r", "", "at"),
+        (None, None, "", "", "reservation_id"),
+        (None, None, "bad id!", "", "reservation_id"),
+        (None, None, "r", &"x".repeat(129), "reference"),
+    ];
+    for (ttl, at, id, reference, field) in bad_reserves {
+        let req = pb::ReserveSlotRequest {
+            reservation_id: id.into(),
+            venue_id: "v".into(),
+            at: at.or(Some(tomorrow())),
+            ttl,
+            reference: reference.into(),
+        };
+        let err = c.reserve_slot(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {err:?}");
+    }
+    // The schedule and venue are as they were, and nothing was reserved:
+    // 1 slot free in tomorrow's 15-minute window.
     let w = window(&app, "v", tomorrow()).await;
-    assert_eq!(w.capacity, 1);
+    assert_eq!((w.capacity, w.pending, w.available), (1, 0, 1));
+    let minutes = w.end.unwrap().seconds - w.start.unwrap().seconds;
+    assert_eq!(minutes, 15 * 60);
     let err = c.confirm_slot(confirm("ghost", "p")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     app.shutdown().await;
