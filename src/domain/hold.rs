@@ -58,15 +58,7 @@ impl Lines {
     /// Checks a batch. `field` names the repeated field in errors; a
     /// duplicate is reported at its index.
     pub fn parse(field: &str, lines: Vec<Line>, max_batch: usize) -> Result<Self, Error> {
-        if lines.is_empty() {
-            return Err(Error::invalid(field, "must have at least one line"));
-        }
-        if lines.len() > max_batch {
-            return Err(Error::invalid(
-                field,
-                format!("must have at most {max_batch} lines, got {}", lines.len()),
-            ));
-        }
+        super::check_batch(field, lines.len(), max_batch, "line")?;
         let mut seen = HashSet::with_capacity(lines.len());
         for (i, line) in lines.iter().enumerate() {
             if !seen.insert(&line.pool) {

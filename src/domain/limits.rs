@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::error::Error;
+
 /// Bounds on what one request may ask for. Configured by flags (see
 /// `config.rs`); the defaults suit a shop's checkout.
 #[derive(Debug, Clone)]
@@ -35,4 +37,23 @@ impl Default for Limits {
             max_extensions: 1,
         }
     }
+}
+
+/// Checks a batch's size: 1 to `max` items (each an `item`, as named in
+/// the error). Done before the items are parsed, so a batch too big is
+/// refused before any work is spent on it.
+pub fn check_batch(field: &str, len: usize, max: usize, item: &str) -> Result<(), Error> {
+    if len == 0 {
+        return Err(Error::invalid(
+            field,
+            format!("must have at least one {item}"),
+        ));
+    }
+    if len > max {
+        return Err(Error::invalid(
+            field,
+            format!("must have at most {max} {item}s, got {len}"),
+        ));
+    }
+    Ok(())
 }

@@ -15,6 +15,6 @@ pub use channel::{CardId, Channel, ChannelSlug, ListingStatus};
 pub use event::{Event, EventLine, parse_event_id};
 pub use hold::{Hold, HoldState, Job, Line, Lines, Shortage, TakeOutcome};
 pub use ids::{HoldId, PoolId, TenantId, parse_name};
-pub use limits::Limits;
+pub use limits::{Limits, check_batch};
 pub use quantity::Quantity;
 pub use window::{Window, parse_zone, window_at, windows_between};

@@ -89,15 +89,7 @@ pub fn optional_name(field: &str, value: String, max: usize) -> Result<String, E
 /// its index). Returned sorted, so the same set is the same request
 /// whatever the order it came in.
 pub fn card_ids(field: &str, ids: Vec<String>, max: usize) -> Result<Vec<CardId>, Error> {
-    if ids.is_empty() {
-        return Err(Error::invalid(field, "must have at least one card"));
-    }
-    if ids.len() > max {
-        return Err(Error::invalid(
-            field,
-            format!("must have at most {max} cards, got {}", ids.len()),
-        ));
-    }
+    crate::domain::check_batch(field, ids.len(), max, "card")?;
     let mut seen = HashSet::with_capacity(ids.len());
     let mut cards = Vec::with_capacity(ids.len());
     for (i, id) in ids.iter().enumerate() {

@@ -9,7 +9,7 @@ use super::convert::{self, ms_timestamp, to_timestamp};
 use super::pb::flash_sale_service_server::FlashSaleService;
 use super::pb::{self, Outcome};
 use super::{observe, record_ids};
-use crate::domain::{Hold, HoldId, Limits, Quantity, TakeOutcome, parse_name};
+use crate::domain::{Hold, HoldId, Limits, Quantity, TakeOutcome, check_batch, parse_name};
 use crate::error::Error;
 use crate::services::flash_sale::{FlashSales, ProductLine, SaleTake, SaleView, product_of};
 use crate::store::postgres::NewSale;
@@ -46,19 +46,7 @@ impl FlashSaleApi {
     }
 
     fn lines(&self, lines: Vec<pb::ClaimLine>) -> Result<Vec<ProductLine>, Error> {
-        if lines.is_empty() {
-            return Err(Error::invalid("lines", "must have at least one line"));
-        }
-        if lines.len() > self.limits.max_batch {
-            return Err(Error::invalid(
-                "lines",
-                format!(
-                    "must have at most {} lines, got {}",
-                    self.limits.max_batch,
-                    lines.len()
-                ),
-            ));
-        }
+        check_batch("lines", lines.len(), self.limits.max_batch, "line")?;
         lines
             .into_iter()
             .enumerate()
@@ -87,15 +75,8 @@ impl FlashSaleApi {
         if ends_at <= starts_at {
             return Err(Error::invalid("ends_at", "must be after starts_at"));
         }
-        if r.products.is_empty() {
-            return Err(Error::invalid("products", "must have at least one product"));
-        }
-        if r.products.len() > self.limits.max_batch {
-            return Err(Error::invalid(
-                "products",
-                format!("must have at most {} products", self.limits.max_batch),
-            ));
-        }
+        let max = self.limits.max_batch;
+        check_batch("products", r.products.len(), max, "product")?;
         let mut products: Vec<(String, Option<i64>)> = Vec::with_capacity(r.products.len());
         for (i, p) in r.products.into_iter().enumerate() {
             let id = parse_name(

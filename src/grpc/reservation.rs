@@ -9,7 +9,9 @@ use super::convert::{self, ms_timestamp, to_timestamp};
 use super::pb::reservation_service_server::ReservationService;
 use super::pb::{self, ReserveOutcome};
 use super::{observe, record_ids};
-use crate::domain::{Hold, HoldId, HoldState, Limits, PoolId, Quantity, TakeOutcome, parse_name};
+use crate::domain::{
+    Hold, HoldId, HoldState, Limits, PoolId, Quantity, TakeOutcome, check_batch, parse_name,
+};
 use crate::error::Error;
 use crate::services::reservations::{Reservations, StockKey, StockLevel, StockLine};
 use crate::store::postgres::AuditRow;
@@ -213,12 +215,7 @@ impl ReservationService for ReservationApi {
         observe(SERVICE, "GetStockLevels", async {
             let caller = self.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
-            if r.keys.is_empty() || r.keys.len() > self.limits.max_batch {
-                return Err(Error::invalid(
-                    "keys",
-                    format!("must have 1 to {} keys", self.limits.max_batch),
-                ));
-            }
+            check_batch("keys", r.keys.len(), self.limits.max_batch, "key")?;
             let keys = r
                 .keys
                 .into_iter()
@@ -272,19 +269,7 @@ impl ReservationService for ReservationApi {
             let id = self.id("reservation_id", &r.reservation_id)?;
             let reference =
                 convert::optional_name("reference", r.reference, self.limits.max_id_len)?;
-            if r.lines.is_empty() {
-                return Err(Error::invalid("lines", "must have at least one line"));
-            }
-            if r.lines.len() > self.limits.max_batch {
-                return Err(Error::invalid(
-                    "lines",
-                    format!(
-                        "must have at most {} lines, got {}",
-                        self.limits.max_batch,
-                        r.lines.len()
-                    ),
-                ));
-            }
+            check_batch("lines", r.lines.len(), self.limits.max_batch, "line")?;
             let lines = r
                 .lines
                 .into_iter()
