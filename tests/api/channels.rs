@@ -364,6 +364,21 @@ async fn bad_channel_requests_are_refused_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "no refused engage left a card");
+    let list = |state, page_size, token: &str| pb::ListDeliveriesRequest {
+        channel: String::new(),
+        state,
+        page_size,
+        page_token: token.into(),
+    };
+    for (req, names) in [
+        (list(99, 0, ""), "state"),
+        (list(0, 1001, ""), "page_size"),
+        (list(0, 0, "not-a-token"), "page_token"),
+    ] {
+        let err = app.channels().list_deliveries(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{names}: {err:?}");
+        assert!(err.message().contains(names), "{names}: {err:?}");
+    }
     app.shutdown().await;
 }
 

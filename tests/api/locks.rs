@@ -385,11 +385,29 @@ async fn bad_lock_requests_are_refused_and_change_nothing() {
             "channel",
         ),
         (
+            acquire("l", "storefront", &["card-1"], -1),
+            Code::InvalidArgument,
+            "ttl",
+        ),
+        (
+            acquire("l", "storefront", &["card-1"], 100 * 86_400),
+            Code::InvalidArgument,
+            "ttl",
+        ),
+        (
             acquire("l", "etsy", &["card-1"], 60),
             Code::NotFound,
             "etsy",
         ),
     ];
+    let many: Vec<String> = (0..501).map(|i| format!("card-{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let mut cases = cases;
+    cases.push((
+        acquire("l", "storefront", &many, 60),
+        Code::InvalidArgument,
+        "at most 500 cards",
+    ));
     for (req, code, names) in cases {
         let err = app.locks().acquire_sale_locks(req).await.unwrap_err();
         assert_eq!(err.code(), code, "{err:?}");

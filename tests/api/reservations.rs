@@ -737,11 +737,34 @@ async fn bad_reservation_input_is_refused_and_changes_nothing() {
             "reservation_id",
         ),
         (
+            reserve("r", "c", &[("p", "", i64::MAX)], 60),
+            Code::InvalidArgument,
+            "lines[0].quantity",
+        ),
+        (
+            reserve(&"r".repeat(129), "c", &[("p", "", 1)], 60),
+            Code::InvalidArgument,
+            "reservation_id",
+        ),
+        (
+            reserve("r", &"c".repeat(129), &[("p", "", 1)], 60),
+            Code::InvalidArgument,
+            "reference",
+        ),
+        (
             reserve("r", "c", &[("unknown", "", 1)], 60),
             Code::NotFound,
             "unknown",
         ),
     ];
+    let variants: Vec<String> = (0..501).map(|i| format!("v{i}")).collect();
+    let too_many: Vec<_> = variants.iter().map(|v| ("p", v.as_str(), 1)).collect();
+    let mut cases = cases;
+    cases.push((
+        reserve("r", "c", &too_many, 60),
+        Code::InvalidArgument,
+        "at most 500 lines",
+    ));
     for (req, code, field) in cases {
         let err = app.reservations().reserve(req).await.unwrap_err();
         assert_eq!(err.code(), code, "{}", err.message());

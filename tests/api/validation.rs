@@ -155,10 +155,27 @@ async fn bad_hold_requests_are_refused_and_change_nothing() {
             },
             "customer_id",
         ),
+        (cart_hold("h", "s", &[("p", 0)], 60), "lines[0].quantity"),
+        (cart_hold("h", "s", &[("p", -1)], 60), "lines[0].quantity"),
+        (
+            cart_hold("h", "s", &[("p", i64::MAX)], 60),
+            "lines[0].quantity",
+        ),
+        (cart_hold("h", "s", &[], 60), "at least one line"),
+        (cart_hold("h", "s", &[("p", 1), ("p", 1)], 60), "lines[1]"),
+        (
+            pb::CreateCartHoldRequest {
+                lines: (0..501)
+                    .map(|i| lines_of(&[(&format!("p{i}"), 1)])[0].clone())
+                    .collect(),
+                ..cart_hold("h", "s", &[], 60)
+            },
+            "at most 500 lines",
+        ),
     ] {
         let err = app.flash().create_cart_hold(req).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(err.message().contains(field), "{}", err.message());
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {err:?}");
     }
     assert_eq!(app.stock("s", "p").await, before);
     app.shutdown().await;
