@@ -5,9 +5,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
+use super::observe;
 use super::pb;
 use super::pb::admin_service_server::AdminService;
-use super::{observe, record_ids};
 use crate::domain::PoolId;
 use crate::engine::Engine;
 
@@ -47,8 +47,10 @@ impl AdminService for AdminApi {
         request: Request<pb::GetPoolRequest>,
     ) -> Result<Response<pb::GetPoolResponse>, Status> {
         observe(SERVICE, "GetPool", async {
-            let caller = self.auth.check(&request, Role::Admin).await?;
-            record_ids(&caller.tenant, &request.get_ref().pool_id);
+            let caller = self
+                .auth
+                .caller(&request, Role::Admin, &request.get_ref().pool_id)
+                .await?;
             let id = PoolId::parse("pool_id", &request.get_ref().pool_id)?;
             let view = self
                 .engine
@@ -68,8 +70,7 @@ impl AdminService for AdminApi {
         request: Request<pb::ListInDoubtPoolsRequest>,
     ) -> Result<Response<pb::ListInDoubtPoolsResponse>, Status> {
         observe(SERVICE, "ListInDoubtPools", async {
-            let caller = self.auth.check(&request, Role::Admin).await?;
-            record_ids(&caller.tenant, "");
+            let caller = self.auth.caller(&request, Role::Admin, "").await?;
             let ids = self.engine.pg().pools_in_doubt(&caller.tenant).await?;
             let views = self.engine.pools(&caller.tenant, &ids).await?;
             Ok(pb::ListInDoubtPoolsResponse {
@@ -84,8 +85,10 @@ impl AdminService for AdminApi {
         request: Request<pb::ResolveInDoubtRequest>,
     ) -> Result<Response<pb::ResolveInDoubtResponse>, Status> {
         observe(SERVICE, "ResolveInDoubt", async {
-            let caller = self.auth.check(&request, Role::Admin).await?;
-            record_ids(&caller.tenant, &request.get_ref().pool_id);
+            let caller = self
+                .auth
+                .caller(&request, Role::Admin, &request.get_ref().pool_id)
+                .await?;
             let r = request.into_inner();
             let id = PoolId::parse("pool_id", &r.pool_id)?;
             if r.sold_units < 0 {

@@ -137,8 +137,16 @@ impl Auth {
         }
     }
 
+    /// [`Self::check`], then records the caller's tenant and the call's
+    /// main `id` on the RPC's span, for logs and traces.
+    pub async fn caller<T>(&self, req: &Request<T>, need: Role, id: &str) -> Result<Caller, Error> {
+        let caller = self.check(req, need).await?;
+        super::record_ids(&caller.tenant, id);
+        Ok(caller)
+    }
+
     /// Authenticates a request and checks that its role allows `need`.
-    pub async fn check<T>(&self, req: &Request<T>, need: Role) -> Result<Caller, Error> {
+    async fn check<T>(&self, req: &Request<T>, need: Role) -> Result<Caller, Error> {
         let caller = match &self.mode {
             Mode::Dev(caller) => caller.clone(),
             Mode::Keys {

@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::{Auth, Caller, Role};
+use super::auth::{Auth, Role};
 use super::convert::{self, to_timestamp};
+use super::observe;
 use super::pb::channel_service_server::ChannelService;
 use super::pb::{self, EngageConflictReason as Reason};
-use super::{observe, record_ids};
 use crate::domain::channel::{EngageConflict, NAME_LEN};
 use crate::domain::{CardId, Channel, ChannelSlug, ListingStatus, parse_name};
 use crate::error::Error;
@@ -44,12 +44,6 @@ impl ChannelApi {
             auth,
             max_batch,
         }
-    }
-
-    async fn caller<T>(&self, req: &Request<T>, role: Role, id: &str) -> Result<Caller, Error> {
-        let caller = self.auth.check(req, role).await?;
-        record_ids(&caller.tenant, id);
-        Ok(caller)
     }
 }
 
@@ -211,7 +205,7 @@ impl ChannelService for ChannelApi {
         request: Request<pb::ListChannelsRequest>,
     ) -> Result<Response<pb::ListChannelsResponse>, Status> {
         observe(SERVICE, "ListChannels", async {
-            let caller = self.caller(&request, Role::Checkout, "").await?;
+            let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let channels = self.channels.list(&caller.tenant).await?;
             Ok(pb::ListChannelsResponse {
                 channels: channels.into_iter().map(channel_pb).collect(),
@@ -226,7 +220,7 @@ impl ChannelService for ChannelApi {
         request: Request<pb::PutChannelRequest>,
     ) -> Result<Response<pb::PutChannelResponse>, Status> {
         observe(SERVICE, "PutChannel", async {
-            let caller = self.caller(&request, Role::Admin, "").await?;
+            let caller = self.auth.caller(&request, Role::Admin, "").await?;
             let c = request
                 .into_inner()
                 .channel
@@ -254,7 +248,7 @@ impl ChannelService for ChannelApi {
         request: Request<pb::UpdateChannelSettingsRequest>,
     ) -> Result<Response<pb::UpdateChannelSettingsResponse>, Status> {
         observe(SERVICE, "UpdateChannelSettings", async {
-            let caller = self.caller(&request, Role::Admin, "").await?;
+            let caller = self.auth.caller(&request, Role::Admin, "").await?;
             let on = request.get_ref().dual_listing;
             self.channels.set_dual_listing(&caller.tenant, on).await?;
             Ok(pb::UpdateChannelSettingsResponse {
@@ -270,6 +264,7 @@ impl ChannelService for ChannelApi {
     ) -> Result<Response<pb::PutSatelliteResponse>, Status> {
         observe(SERVICE, "PutSatellite", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().channel)
                 .await?;
             let r = request.into_inner();
@@ -308,7 +303,7 @@ impl ChannelService for ChannelApi {
         request: Request<pb::ListSatellitesRequest>,
     ) -> Result<Response<pb::ListSatellitesResponse>, Status> {
         observe(SERVICE, "ListSatellites", async {
-            let caller = self.caller(&request, Role::Checkout, "").await?;
+            let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let sats = self.channels.satellites(&caller.tenant).await?;
             Ok(pb::ListSatellitesResponse {
                 satellites: sats
@@ -330,6 +325,7 @@ impl ChannelService for ChannelApi {
     ) -> Result<Response<pb::EngageResponse>, Status> {
         observe(SERVICE, "Engage", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().channel)
                 .await?;
             let r = request.into_inner();
@@ -375,6 +371,7 @@ impl ChannelService for ChannelApi {
     ) -> Result<Response<pb::DisengageResponse>, Status> {
         observe(SERVICE, "Disengage", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().channel)
                 .await?;
             let r = request.into_inner();
@@ -406,6 +403,7 @@ impl ChannelService for ChannelApi {
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
         observe(SERVICE, "Reconcile", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().channel)
                 .await?;
             let r = request.into_inner();
@@ -443,7 +441,7 @@ impl ChannelService for ChannelApi {
         request: Request<pb::GetCardChannelsRequest>,
     ) -> Result<Response<pb::GetCardChannelsResponse>, Status> {
         observe(SERVICE, "GetCardChannels", async {
-            let caller = self.caller(&request, Role::Checkout, "").await?;
+            let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let asked = request.into_inner().card_ids;
             // Parse for errors, but answer in the order asked.
             convert::card_ids("card_ids", asked.clone(), self.max_batch)?;
@@ -461,7 +459,7 @@ impl ChannelService for ChannelApi {
         request: Request<pb::ListConflictsRequest>,
     ) -> Result<Response<pb::ListConflictsResponse>, Status> {
         observe(SERVICE, "ListConflicts", async {
-            let caller = self.caller(&request, Role::Checkout, "").await?;
+            let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             let size = convert::page_size(r.page_size)?;
             let after = if r.page_token.is_empty() {
@@ -496,7 +494,7 @@ impl ChannelService for ChannelApi {
         request: Request<pb::ListDriftRequest>,
     ) -> Result<Response<pb::ListDriftResponse>, Status> {
         observe(SERVICE, "ListDrift", async {
-            let caller = self.caller(&request, Role::Checkout, "").await?;
+            let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             let channel = channel_filter(&r.channel)?;
             let size = convert::page_size(r.page_size)?;
@@ -519,7 +517,7 @@ impl ChannelService for ChannelApi {
         request: Request<pb::ListDeliveriesRequest>,
     ) -> Result<Response<pb::ListDeliveriesResponse>, Status> {
         observe(SERVICE, "ListDeliveries", async {
-            let caller = self.caller(&request, Role::Checkout, "").await?;
+            let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             let channel = channel_filter(&r.channel)?;
             let state = match pb::DeliveryState::try_from(r.state) {

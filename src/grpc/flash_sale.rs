@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::{Auth, Caller, Role};
+use super::auth::{Auth, Role};
 use super::convert::{self, ms_timestamp, to_timestamp};
+use super::observe;
 use super::pb::flash_sale_service_server::FlashSaleService;
 use super::pb::{self, Outcome};
-use super::{observe, record_ids};
 use crate::domain::{Hold, HoldId, Limits, Quantity, TakeOutcome, check_batch, parse_name};
 use crate::error::Error;
 use crate::services::flash_sale::{FlashSales, ProductLine, SaleTake, SaleView, product_of};
@@ -33,12 +33,6 @@ impl FlashSaleApi {
             auth,
             limits,
         }
-    }
-
-    async fn caller<T>(&self, req: &Request<T>, role: Role, id: &str) -> Result<Caller, Error> {
-        let caller = self.auth.check(req, role).await?;
-        record_ids(&caller.tenant, id);
-        Ok(caller)
     }
 
     fn hold_id(&self, field: &str, value: &str) -> Result<HoldId, Error> {
@@ -180,6 +174,7 @@ impl FlashSaleService for FlashSaleApi {
     ) -> Result<Response<pb::CreateSaleResponse>, Status> {
         observe(SERVICE, "CreateSale", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().sale_id)
                 .await?;
             let sale = self.create_sale_request(request.into_inner())?;
@@ -197,6 +192,7 @@ impl FlashSaleService for FlashSaleApi {
     ) -> Result<Response<pb::GetSaleResponse>, Status> {
         observe(SERVICE, "GetSale", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().sale_id)
                 .await?;
             let sale_id = parse_name("sale_id", &request.get_ref().sale_id, NAME_LEN)?;
@@ -214,6 +210,7 @@ impl FlashSaleService for FlashSaleApi {
     ) -> Result<Response<pb::ClaimResponse>, Status> {
         observe(SERVICE, "Claim", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().claim_id)
                 .await?;
             let r = request.into_inner();
@@ -255,6 +252,7 @@ impl FlashSaleService for FlashSaleApi {
     ) -> Result<Response<pb::CreateCartHoldResponse>, Status> {
         observe(SERVICE, "CreateCartHold", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
                 .await?;
             let r = request.into_inner();
@@ -296,6 +294,7 @@ impl FlashSaleService for FlashSaleApi {
     ) -> Result<Response<pb::GetCartHoldResponse>, Status> {
         observe(SERVICE, "GetCartHold", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
                 .await?;
             let id = self.hold_id("hold_id", &request.get_ref().hold_id)?;
@@ -313,6 +312,7 @@ impl FlashSaleService for FlashSaleApi {
     ) -> Result<Response<pb::ExtendCartHoldResponse>, Status> {
         observe(SERVICE, "ExtendCartHold", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
                 .await?;
             let r = request.into_inner();
@@ -337,6 +337,7 @@ impl FlashSaleService for FlashSaleApi {
     ) -> Result<Response<pb::CommitCartHoldResponse>, Status> {
         observe(SERVICE, "CommitCartHold", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
                 .await?;
             let id = self.hold_id("hold_id", &request.get_ref().hold_id)?;
@@ -354,6 +355,7 @@ impl FlashSaleService for FlashSaleApi {
     ) -> Result<Response<pb::ReleaseCartHoldResponse>, Status> {
         observe(SERVICE, "ReleaseCartHold", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
                 .await?;
             let id = self.hold_id("hold_id", &request.get_ref().hold_id)?;

@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::{Auth, Caller, Role};
+use super::auth::{Auth, Role};
 use super::convert::{self, ms_timestamp, to_timestamp};
+use super::observe;
 use super::pb::reservation_service_server::ReservationService;
 use super::pb::{self, ReserveOutcome};
-use super::{observe, record_ids};
 use crate::domain::{
     Hold, HoldId, HoldState, Limits, PoolId, Quantity, TakeOutcome, check_batch, parse_name,
 };
@@ -37,12 +37,6 @@ impl ReservationApi {
             auth,
             limits,
         }
-    }
-
-    async fn caller<T>(&self, req: &Request<T>, role: Role, id: &str) -> Result<Caller, Error> {
-        let caller = self.auth.check(req, role).await?;
-        record_ids(&caller.tenant, id);
-        Ok(caller)
     }
 
     fn id(&self, field: &str, value: &str) -> Result<HoldId, Error> {
@@ -150,6 +144,7 @@ impl ReservationService for ReservationApi {
     ) -> Result<Response<pb::SetStockResponse>, Status> {
         observe(SERVICE, "SetStock", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().adjustment_id)
                 .await?;
             let r = request.into_inner();
@@ -182,6 +177,7 @@ impl ReservationService for ReservationApi {
     ) -> Result<Response<pb::AdjustStockResponse>, Status> {
         observe(SERVICE, "AdjustStock", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().adjustment_id)
                 .await?;
             let r = request.into_inner();
@@ -213,7 +209,7 @@ impl ReservationService for ReservationApi {
         request: Request<pb::GetStockLevelsRequest>,
     ) -> Result<Response<pb::GetStockLevelsResponse>, Status> {
         observe(SERVICE, "GetStockLevels", async {
-            let caller = self.caller(&request, Role::Checkout, "").await?;
+            let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             check_batch("keys", r.keys.len(), self.limits.max_batch, "key")?;
             let keys = r
@@ -235,7 +231,7 @@ impl ReservationService for ReservationApi {
         request: Request<pb::SetLowStockThresholdRequest>,
     ) -> Result<Response<pb::SetLowStockThresholdResponse>, Status> {
         observe(SERVICE, "SetLowStockThreshold", async {
-            let caller = self.caller(&request, Role::Admin, "").await?;
+            let caller = self.auth.caller(&request, Role::Admin, "").await?;
             let r = request.into_inner();
             let key = key("key", r.key)?;
             if let Some(t) = r.threshold
@@ -263,6 +259,7 @@ impl ReservationService for ReservationApi {
     ) -> Result<Response<pb::ReserveResponse>, Status> {
         observe(SERVICE, "Reserve", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
                 .await?;
             let r = request.into_inner();
@@ -324,6 +321,7 @@ impl ReservationService for ReservationApi {
     ) -> Result<Response<pb::GetReservationResponse>, Status> {
         observe(SERVICE, "GetReservation", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
                 .await?;
             let id = self.id("reservation_id", &request.get_ref().reservation_id)?;
@@ -341,6 +339,7 @@ impl ReservationService for ReservationApi {
     ) -> Result<Response<pb::ExtendReservationResponse>, Status> {
         observe(SERVICE, "ExtendReservation", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
                 .await?;
             let r = request.into_inner();
@@ -365,6 +364,7 @@ impl ReservationService for ReservationApi {
     ) -> Result<Response<pb::ConsumeReservationResponse>, Status> {
         observe(SERVICE, "ConsumeReservation", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
                 .await?;
             let r = request.into_inner();
@@ -387,6 +387,7 @@ impl ReservationService for ReservationApi {
     ) -> Result<Response<pb::ReleaseReservationResponse>, Status> {
         observe(SERVICE, "ReleaseReservation", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
                 .await?;
             let id = self.id("reservation_id", &request.get_ref().reservation_id)?;
@@ -403,7 +404,7 @@ impl ReservationService for ReservationApi {
         request: Request<pb::ListAuditLogRequest>,
     ) -> Result<Response<pb::ListAuditLogResponse>, Status> {
         observe(SERVICE, "ListAuditLog", async {
-            let caller = self.caller(&request, Role::Checkout, "").await?;
+            let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             let key = r.key.map(|k| key("key", Some(k))).transpose()?;
             let reference =

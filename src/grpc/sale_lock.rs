@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::{Auth, Caller, Role};
+use super::auth::{Auth, Role};
 use super::convert::{self, ms_timestamp};
+use super::observe;
 use super::pb::sale_lock_service_server::SaleLockService;
 use super::pb::{self, AcquireOutcome as Outcome, CardConflictReason as Reason};
-use super::{observe, record_ids};
 use crate::domain::{ChannelSlug, HoldId, HoldState, Limits};
 use crate::error::Error;
 use crate::services::sale_locks::{AcquireOutcome, CardConflict, SaleLock, SaleLocks};
@@ -31,12 +31,6 @@ impl SaleLockApi {
             auth,
             limits,
         }
-    }
-
-    async fn caller<T>(&self, req: &Request<T>, lock_ref: &str) -> Result<Caller, Error> {
-        let caller = self.auth.check(req, Role::Checkout).await?;
-        record_ids(&caller.tenant, lock_ref);
-        Ok(caller)
     }
 
     fn lock_ref(&self, value: &str) -> Result<HoldId, Error> {
@@ -84,7 +78,10 @@ impl SaleLockService for SaleLockApi {
         request: Request<pb::AcquireSaleLocksRequest>,
     ) -> Result<Response<pb::AcquireSaleLocksResponse>, Status> {
         observe(SERVICE, "AcquireSaleLocks", async {
-            let caller = self.caller(&request, &request.get_ref().lock_ref).await?;
+            let caller = self
+                .auth
+                .caller(&request, Role::Checkout, &request.get_ref().lock_ref)
+                .await?;
             let r = request.into_inner();
             let lock_ref = self.lock_ref(&r.lock_ref)?;
             let channel = ChannelSlug::parse("channel", &r.channel)?;
@@ -116,7 +113,10 @@ impl SaleLockService for SaleLockApi {
         request: Request<pb::CompleteSaleLocksRequest>,
     ) -> Result<Response<pb::CompleteSaleLocksResponse>, Status> {
         observe(SERVICE, "CompleteSaleLocks", async {
-            let caller = self.caller(&request, &request.get_ref().lock_ref).await?;
+            let caller = self
+                .auth
+                .caller(&request, Role::Checkout, &request.get_ref().lock_ref)
+                .await?;
             let r = request.into_inner();
             let lock_ref = self.lock_ref(&r.lock_ref)?;
             let order_id = convert::optional_name("order_id", r.order_id, self.limits.max_id_len)?;
@@ -136,7 +136,10 @@ impl SaleLockService for SaleLockApi {
         request: Request<pb::ReleaseSaleLocksRequest>,
     ) -> Result<Response<pb::ReleaseSaleLocksResponse>, Status> {
         observe(SERVICE, "ReleaseSaleLocks", async {
-            let caller = self.caller(&request, &request.get_ref().lock_ref).await?;
+            let caller = self
+                .auth
+                .caller(&request, Role::Checkout, &request.get_ref().lock_ref)
+                .await?;
             let lock_ref = self.lock_ref(&request.get_ref().lock_ref)?;
             let lock = self.locks.release(&caller.tenant, &lock_ref).await?;
             Ok(pb::ReleaseSaleLocksResponse {
@@ -151,7 +154,10 @@ impl SaleLockService for SaleLockApi {
         request: Request<pb::GetSaleLockRequest>,
     ) -> Result<Response<pb::GetSaleLockResponse>, Status> {
         observe(SERVICE, "GetSaleLock", async {
-            let caller = self.caller(&request, &request.get_ref().lock_ref).await?;
+            let caller = self
+                .auth
+                .caller(&request, Role::Checkout, &request.get_ref().lock_ref)
+                .await?;
             let lock_ref = self.lock_ref(&request.get_ref().lock_ref)?;
             let lock = self.locks.get(&caller.tenant, &lock_ref).await?;
             Ok(pb::GetSaleLockResponse {

@@ -6,11 +6,11 @@ use std::time::Duration;
 use chrono::{NaiveDate, Utc};
 use tonic::{Request, Response, Status};
 
-use super::auth::{Auth, Caller, Role};
+use super::auth::{Auth, Role};
 use super::convert::{self, ms_timestamp, to_timestamp};
+use super::observe;
 use super::pb::slot_service_server::SlotService;
 use super::pb::{self, SlotOutcome as Outcome};
-use super::{observe, record_ids};
 use crate::domain::{Hold, HoldId, Limits, parse_name};
 use crate::error::Error;
 use crate::services::slots::{SlotOutcome, Slots, window_start_of};
@@ -36,12 +36,6 @@ impl SlotApi {
             auth,
             limits,
         }
-    }
-
-    async fn caller<T>(&self, req: &Request<T>, role: Role, id: &str) -> Result<Caller, Error> {
-        let caller = self.auth.check(req, role).await?;
-        record_ids(&caller.tenant, id);
-        Ok(caller)
     }
 
     fn id(&self, value: &str) -> Result<HoldId, Error> {
@@ -130,6 +124,7 @@ impl SlotService for SlotApi {
     ) -> Result<Response<pb::SetVenueResponse>, Status> {
         observe(SERVICE, "SetVenue", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().venue_id)
                 .await?;
             let r = request.into_inner();
@@ -161,6 +156,7 @@ impl SlotService for SlotApi {
     ) -> Result<Response<pb::SetScheduleResponse>, Status> {
         observe(SERVICE, "SetSchedule", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().venue_id)
                 .await?;
             let r = request.into_inner();
@@ -180,6 +176,7 @@ impl SlotService for SlotApi {
     ) -> Result<Response<pb::SetDateOverrideResponse>, Status> {
         observe(SERVICE, "SetDateOverride", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Admin, &request.get_ref().venue_id)
                 .await?;
             let r = request.into_inner();
@@ -205,6 +202,7 @@ impl SlotService for SlotApi {
     ) -> Result<Response<pb::GetAvailabilityResponse>, Status> {
         observe(SERVICE, "GetAvailability", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().venue_id)
                 .await?;
             let r = request.into_inner();
@@ -241,6 +239,7 @@ impl SlotService for SlotApi {
     ) -> Result<Response<pb::ReserveSlotResponse>, Status> {
         observe(SERVICE, "ReserveSlot", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
                 .await?;
             let r = request.into_inner();
@@ -277,6 +276,7 @@ impl SlotService for SlotApi {
     ) -> Result<Response<pb::ConfirmSlotResponse>, Status> {
         observe(SERVICE, "ConfirmSlot", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
                 .await?;
             let r = request.into_inner();
@@ -301,6 +301,7 @@ impl SlotService for SlotApi {
     ) -> Result<Response<pb::ReleaseSlotResponse>, Status> {
         observe(SERVICE, "ReleaseSlot", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
                 .await?;
             let id = self.id(&request.get_ref().reservation_id)?;
@@ -318,6 +319,7 @@ impl SlotService for SlotApi {
     ) -> Result<Response<pb::GetSlotReservationResponse>, Status> {
         observe(SERVICE, "GetSlotReservation", async {
             let caller = self
+                .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
                 .await?;
             let id = self.id(&request.get_ref().reservation_id)?;
