@@ -16,9 +16,9 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
 use super::convert::to_timestamp;
+use super::observe;
 use super::pb;
 use super::pb::event_service_server::EventService;
-use super::{observe, record_ids};
 use crate::domain::{Event, TenantId, parse_event_id};
 use crate::error::Error;
 use crate::store::postgres::PgStore;
@@ -69,8 +69,10 @@ impl EventService for EventApi {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (tenant, after) = observe(SERVICE, "Watch", async {
-            let caller = self.auth.check(&request, Role::Checkout).await?;
-            record_ids(&caller.tenant, &request.get_ref().after_event_id);
+            let caller = self
+                .auth
+                .caller(&request, Role::Checkout, &request.get_ref().after_event_id)
+                .await?;
             let after = &request.get_ref().after_event_id;
             let after = if after.is_empty() {
                 None
@@ -112,14 +114,14 @@ impl EventService for EventApi {
 enum Start {
     /// After this event id (the client's cursor): replayed from Postgres
     /// where Redis no longer keeps it.
-    After((u64, u64)),
+    After(EventPos),
     /// After the stream's newest entry when the subscription was accepted
     /// (`(0, 0)` for an empty stream).
-    At((u64, u64)),
+    At(EventPos),
 }
 
 /// The id of the tenant's newest event in Redis, `(0, 0)` when none.
-async fn latest(redis: &RedisStore, tenant: &TenantId) -> Result<(u64, u64), redis::RedisError> {
+async fn latest(redis: &RedisStore, tenant: &TenantId) -> Result<EventPos, redis::RedisError> {
     let last: StreamRangeReply = redis::cmd("XREVRANGE")
         .arg(redis.keys().events(tenant))
         .arg("+")
@@ -202,44 +204,16 @@ impl Pump {
     async fn stream(&mut self, start: Start) -> Result<(), Stop> {
         let mut con = self.redis.dedicated(BLOCK + Duration::from_secs(2)).await?;
         let key = self.redis.keys().events(&self.tenant);
-        let first: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&key)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut con)
-            .await?;
-        let first = first.ids.first().and_then(|e| parse_event_id(&e.id));
-        // Whether the cursor names an entry read from the stream (rather than
-        // a replayed or starting point).
-        let mut cursor_in_stream = false;
         let mut cursor = match start {
             Start::After(after) => {
-                // Older than Redis keeps: replay from Postgres up to the stream's start.
-                if first.is_none_or(|f| f > after) {
-                    let mut from = after;
-                    loop {
-                        let page = self
-                            .pg
-                            .events_between(&self.tenant, from, first, 500)
-                            .await?;
-                        let Some(last) = page.last() else { break };
-                        from = parse_event_id(&last.event_id).unwrap_or(from);
-                        for e in page {
-                            self.send(e).await?;
-                        }
-                    }
-                    if first.is_none() {
-                        from = from.max(after);
-                    }
-                    from
-                } else {
-                    after
-                }
+                let first = oldest_in_stream(&mut con, &key).await?;
+                self.replay(after, first).await?
             }
             Start::At(now) => now,
         };
+        // Whether the cursor names an entry read from the stream (rather than
+        // a replayed or starting point).
+        let mut cursor_in_stream = false;
         loop {
             if *self.stopping.borrow() {
                 return Err(Stop::Status(Status::unavailable(format!(
@@ -266,26 +240,16 @@ impl Pump {
             // Our cursor was an entry of the stream; if the stream no longer
             // starts at or before it, it was trimmed while we were slow and
             // entries may be missing: say so rather than skip them.
-            if cursor_in_stream && !entries.is_empty() {
-                let oldest: StreamRangeReply = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query_async(&mut con)
-                    .await?;
-                if oldest
-                    .ids
-                    .first()
-                    .and_then(|e| parse_event_id(&e.id))
+            if cursor_in_stream
+                && !entries.is_empty()
+                && oldest_in_stream(&mut con, &key)
+                    .await?
                     .is_some_and(|o| o > cursor)
-                {
-                    return Err(Stop::Status(Status::aborted(format!(
-                        "subscriber fell behind the stream's retention; {}",
-                        self.resume_hint()
-                    ))));
-                }
+            {
+                return Err(Stop::Status(Status::aborted(format!(
+                    "subscriber fell behind the stream's retention; {}",
+                    self.resume_hint()
+                ))));
             }
             for entry in &entries {
                 let event = decode_event(entry)?;
@@ -295,6 +259,47 @@ impl Pump {
             }
         }
     }
+
+    /// Sends from Postgres the events after `after` that are older than the
+    /// stream's oldest entry (`first`; none when the stream is empty), and
+    /// returns where reading the stream picks up.
+    async fn replay(&mut self, after: EventPos, first: Option<EventPos>) -> Result<EventPos, Stop> {
+        if first.is_some_and(|f| f <= after) {
+            return Ok(after);
+        }
+        let mut from = after;
+        loop {
+            let page = self
+                .pg
+                .events_between(&self.tenant, from, first, 500)
+                .await?;
+            let Some(last) = page.last() else { break };
+            from = parse_event_id(&last.event_id).unwrap_or(from);
+            for e in page {
+                self.send(e).await?;
+            }
+        }
+        Ok(from)
+    }
+}
+
+/// An event id as (milliseconds, sequence), ordered as the stream orders.
+type EventPos = (u64, u64);
+
+/// The id of the oldest entry the stream still keeps, if any.
+async fn oldest_in_stream(
+    con: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Result<Option<EventPos>, Stop> {
+    let oldest: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(con)
+        .await?;
+    Ok(oldest.ids.first().and_then(|e| parse_event_id(&e.id)))
 }
 
 fn event_pb(e: Event) -> pb::WatchResponse {
