@@ -28,9 +28,11 @@ use crate::store::postgres::{PgStore, PgTake, TakeQueue};
 use crate::store::redis::{CustomerLimit, Listed, RedisStore};
 use crate::telemetry::metric;
 
-/// How many times a take is retried after granting missing pools. One
-/// grant settles a pool, so a second "need grant" means a concurrent reload.
-const GRANT_ATTEMPTS: usize = 3;
+/// How many times a take is sent to Redis, counting the retries after it
+/// answered "grant first" (the engine grants, then retries) or "sweep
+/// first" (the engine sweeps, then retries). One grant or sweep settles a
+/// pool, so a third refusal means other calls keep changing it.
+const TAKE_ATTEMPTS: usize = 3;
 /// Holds one sweep script finalises, and how many such batches one
 /// [`Engine::finish_due`] runs at most (200,000 holds).
 const SWEEP_BATCH: u32 = 500;
@@ -210,7 +212,7 @@ impl Engine {
         take: &Take,
         listed: Option<Listed<'_>>,
     ) -> Result<HoldReply, Error> {
-        for _ in 0..GRANT_ATTEMPTS {
+        for _ in 0..TAKE_ATTEMPTS {
             let reply = match take.ttl {
                 Some(ttl) => {
                     self.redis
@@ -258,7 +260,8 @@ impl Engine {
             return Ok(reply);
         }
         Err(Error::Unavailable(
-            "pools kept changing while being loaded; retry with the same id".into(),
+            "pools kept being loaded or swept while this take waited; retry with the same id"
+                .into(),
         ))
     }
 
