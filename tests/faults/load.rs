@@ -31,6 +31,9 @@ pub struct Report {
     pub successes: u64,
     pub errors: u64,
     pub oversold: i64,
+    /// Acknowledged sales absent from both stores, whatever is in doubt.
+    pub missing_acked: i64,
+    /// Of those, more than the pools' units in doubt can account for.
     pub lost_acked: i64,
     pub in_doubt: i64,
     pub late_holds: i64,
@@ -45,6 +48,7 @@ impl Report {
         self.successes += r.successes;
         self.errors += r.errors;
         self.oversold += r.oversold;
+        self.missing_acked += r.missing_acked;
         self.lost_acked += r.lost_acked;
         self.in_doubt += r.in_doubt;
         self.late_holds += r.late_holds;
@@ -222,6 +226,7 @@ impl Load {
             let lost_units = lost.len() as i64;
             report.oversold +=
                 (recorded + in_doubt - capacity).max(0) + (acked_units - capacity).max(0);
+            report.missing_acked += lost_units;
             report.lost_acked += (lost_units - in_doubt).max(0);
             report.in_doubt += in_doubt;
             // Escrow: Redis never sells more of an epoch than it was granted.
