@@ -25,7 +25,7 @@ use crate::domain::{Hold, HoldId, Job, Lines, PoolId, TakeOutcome, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
 use crate::store::postgres::{PgStore, PgTake, TakeQueue};
-use crate::store::redis::{CustomerLimit, Listed, RedisStore};
+use crate::store::redis::{CustomerLimit, Listed, NewHold, RedisStore};
 use crate::telemetry::metric;
 
 /// How many times a take is sent to Redis, counting the retries after it
@@ -215,18 +215,15 @@ impl Engine {
         for _ in 0..TAKE_ATTEMPTS {
             let reply = match take.ttl {
                 Some(ttl) => {
-                    self.redis
-                        .reserve(
-                            tenant,
-                            &take.id,
-                            take.job,
-                            ttl,
-                            &take.lines,
-                            take.customer.as_ref(),
-                            &take.reference,
-                            listed,
-                        )
-                        .await?
+                    let hold = NewHold {
+                        id: &take.id,
+                        job: take.job,
+                        ttl,
+                        lines: &take.lines,
+                        customer: take.customer.as_ref(),
+                        reference: &take.reference,
+                    };
+                    self.redis.reserve(tenant, hold, listed).await?
                 }
                 None => {
                     debug_assert!(listed.is_none(), "a claim has no listing condition");

@@ -68,6 +68,23 @@ pub struct CustomerLimit {
     pub limit: u32,
 }
 
+/// A hold to make (`reserve.lua`): what a take asks for, with its TTL.
+#[derive(Debug, Clone, Copy)]
+pub struct NewHold<'a> {
+    /// The hold's id.
+    pub id: &'a HoldId,
+    /// The job holding.
+    pub job: Job,
+    /// How long the hold lasts.
+    pub ttl: Duration,
+    /// What to hold.
+    pub lines: &'a Lines,
+    /// The customer's limit, if the pool's owner set one.
+    pub customer: Option<&'a CustomerLimit>,
+    /// The caller's reference (cart, session).
+    pub reference: &'a str,
+}
+
 /// What Postgres says about a pool, for Redis's copy (`grant.lua`).
 #[derive(Debug, Clone)]
 pub struct PoolGrant {
@@ -279,29 +296,23 @@ impl RedisStore {
     /// Holds units (`reserve.lua`); for a sale lock, only if the listing
     /// mirror says `listed`'s cards are live on its channel (else
     /// `Unlisted`), and an existing lock under `id` is answered `Again`.
-    #[allow(clippy::too_many_arguments)]
     pub async fn reserve(
         &self,
         tenant: &TenantId,
-        id: &HoldId,
-        job: Job,
-        ttl: Duration,
-        lines: &Lines,
-        customer: Option<&CustomerLimit>,
-        reference: &str,
+        hold: NewHold<'_>,
         listed: Option<Listed<'_>>,
     ) -> Result<HoldReply, Error> {
-        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let (ck, limit) = customer_args(customer);
+        let ttl_ms = i64::try_from(hold.ttl.as_millis()).unwrap_or(i64::MAX);
+        let (ck, limit) = customer_args(hold.customer);
         let v = self
             .batched("reserve", tenant, |i| {
-                i.arg(id.as_str())
-                    .arg(job.as_str())
+                i.arg(hold.id.as_str())
+                    .arg(hold.job.as_str())
                     .arg(ttl_ms)
-                    .arg(lines_json(lines))
+                    .arg(lines_json(hold.lines))
                     .arg(ck)
                     .arg(limit)
-                    .arg(reference)
+                    .arg(hold.reference)
                     .arg(self.max_active_holds);
                 if let Some(listed) = listed {
                     i.arg(listed.channel.as_str());
@@ -311,7 +322,7 @@ impl RedisStore {
                 }
             })
             .await?;
-        reply::hold_reply(id, &v)
+        reply::hold_reply(hold.id, &v)
     }
 
     /// The `EVALSHA` command line of a one-unit claim (`claim.lua`) or a
