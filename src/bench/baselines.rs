@@ -154,24 +154,38 @@ COMMIT;
     }
 }
 
-/// `alt` through `pgbench` at `clients` connections for `seconds`:
-/// operations (script runs) per second.
+/// How long a pgbench run lasts.
+#[derive(Debug, Clone, Copy)]
+pub enum PgRun {
+    /// This many seconds (`-T`): the bench measures a rate.
+    Seconds(u64),
+    /// This many script runs per client (`-t`): a test needs a fixed
+    /// amount of work done, however fast the machine is.
+    PerClient(u64),
+}
+
+/// `alt` through `pgbench` at `clients` connections for `run`: operations
+/// (script runs) per second.
 pub async fn pgbench(
     pgbench: &Path,
     database_url: &str,
     dir: &Path,
     alt: &PgAlternative,
     clients: usize,
-    seconds: u64,
+    run: PgRun,
 ) -> anyhow::Result<f64> {
     let pool = sqlx::PgPool::connect(database_url).await?;
     sqlx::raw_sql(&alt.schema()).execute(&pool).await?;
     pool.close().await;
     let script = dir.join("pg_alternative.sql");
     std::fs::write(&script, alt.script())?;
+    let (bound, n) = match run {
+        PgRun::Seconds(s) => ("-T", s),
+        PgRun::PerClient(n) => ("-t", n),
+    };
     let out = Command::new(pgbench)
         .args(["-n", "-c", &clients.to_string(), "-j", "2"])
-        .args(["-T", &seconds.to_string(), "-f"])
+        .args([bound, &n.to_string(), "-f"])
         .arg(&script)
         .arg(database_url)
         .stdin(Stdio::null())

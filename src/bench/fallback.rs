@@ -63,7 +63,7 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
             s.dir,
             &w.pg_alternative(),
             s.clients,
-            s.duration.as_secs().clamp(1, 10),
+            baselines::PgRun::Seconds(s.duration.as_secs().clamp(1, 10)),
         )
         .await?;
         let outcomes: Vec<String> = run

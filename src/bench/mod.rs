@@ -30,6 +30,7 @@ use tonic::transport::Channel;
 
 use crate::domain::TenantId;
 use crate::store::redis::RedisStore;
+pub use baselines::PgRun;
 use load::Plan;
 pub use probes::Probe;
 use report::{Line, ServerStats};
@@ -403,7 +404,7 @@ async fn measure_baselines(
         &args.database_url,
         dir,
         args.clients,
-        args.duration.min(10),
+        PgRun::Seconds(args.duration.min(10)),
     )
     .await
     {
@@ -425,17 +426,17 @@ async fn measure_baselines(
 
 /// What a shop without holdfast would run instead of `w`
 /// (`Workload::pg_alternative`), through `pgbench` at `clients` connections
-/// for `seconds`, in `bench_*` tables of `database_url`: operations per
+/// for `run`, in `bench_*` tables of `database_url`: operations per
 /// second. The bench's `pg_alt`.
 pub async fn pg_alternative(
     w: Workload,
     database_url: &str,
     dir: &std::path::Path,
     clients: usize,
-    seconds: u64,
+    run: PgRun,
 ) -> anyhow::Result<f64> {
     let alt = w.pg_alternative();
-    baselines::pgbench(&pgbench_path(), database_url, dir, &alt, clients, seconds).await
+    baselines::pgbench(&pgbench_path(), database_url, dir, &alt, clients, run).await
 }
 
 /// Host and port of a `redis://[user:pass@]host[:port][/db]` URL.
