@@ -52,7 +52,7 @@ const LAG_EVERY: Duration = Duration::from_secs(1);
 /// "idle tenants").
 const EVERY_STREAM_EVERY: Duration = Duration::from_secs(1);
 /// How long after its last events a stream is still read every round.
-const LIVELY: Duration = Duration::from_secs(2);
+pub const LIVELY: Duration = Duration::from_secs(2);
 /// How long after its last event a stream is still tended: long enough to
 /// trim that event once it is past the keep. Streams quiet for longer have
 /// nothing to trim and no backlog, and are left alone: tending every

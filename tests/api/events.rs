@@ -286,7 +286,8 @@ async fn an_event_another_daemon_appended_to_a_quiet_stream_is_drained() {
     let app = spawn_app().await;
     app.live_sale("q", &[("p", Some(10))], 0).await;
     // Quiet for longer than a stream stays lively after its last events.
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let quiet = holdfast::jobs::drainer::LIVELY + std::time::Duration::from_millis(500);
+    tokio::time::sleep(quiet).await;
     // Another daemon's store (its own coalescer) claims.
     let other = app.redis_store().await;
     let lines = vec![Line {

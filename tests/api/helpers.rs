@@ -359,6 +359,14 @@ impl TestApp {
         .unwrap()
     }
 
+    /// The Redis key of one of `tenant`'s pools, to read or break it
+    /// behind the daemon's back.
+    pub async fn pool_key(&self, tenant: &str, pool: &str) -> String {
+        let store = self.redis_store().await;
+        let tenant = holdfast::domain::TenantId::parse(tenant).unwrap();
+        format!("{}pool:{pool}", store.keys().tenant(&tenant))
+    }
+
     /// The Redis server's clock, ms.
     pub async fn redis_now_ms(&self) -> i64 {
         let mut con = self.redis().await;

@@ -11,13 +11,6 @@ use tonic::Code;
 
 use crate::helpers::{TestApp, claim, spawn_app};
 
-/// The Redis key of one of the test tenant's pools.
-async fn pool_key(app: &TestApp, pool: &str) -> String {
-    let store = app.redis_store().await;
-    let dev = TenantId::parse("dev").unwrap();
-    format!("{}pool:{pool}", store.keys().tenant(&dev))
-}
-
 /// A sale of 10 units whose pool Redis lost after 2 were sold and written
 /// back, and one claim after the loss: the pool as it is then.
 async fn lose_a_grant(app: &TestApp, sale: &str) -> (pb::Pool, pb::Pool) {
@@ -43,7 +36,7 @@ async fn lose_a_grant(app: &TestApp, sale: &str) -> (pb::Pool, pb::Pool) {
     // marker key is untouched, so no recovery pass runs: the next take must
     // find the loss by itself.
     let mut con = app.redis().await;
-    let gone: i64 = con.del(pool_key(app, &pool).await).await.unwrap();
+    let gone: i64 = con.del(app.pool_key("dev", &pool).await).await.unwrap();
     assert_eq!(gone, 1, "the pool was in Redis");
 
     let r = app
@@ -207,7 +200,7 @@ async fn a_grant_that_finds_redis_without_what_postgres_delegated_loads_nothing(
     let store = app.redis_store().await;
     let dev = TenantId::parse("dev").unwrap();
     let pool = PoolId::parse("pool", "sale/race/p").unwrap();
-    let key = pool_key(&app, pool.as_str()).await;
+    let key = app.pool_key("dev", pool.as_str()).await;
     let grant = |granted, prior| PoolGrant {
         epoch: 1,
         granted,

@@ -3,7 +3,6 @@
 //! events and pools are NOT_FOUND or invisible to it, and what it tries on
 //! them changes nothing of the owner's.
 
-use holdfast::domain::{PoolId, TenantId};
 use holdfast::grpc::pb::{self, Outcome, ReservationState, ReserveOutcome, SlotOutcome};
 use redis::AsyncCommands;
 use tokio_stream::StreamExt;
@@ -275,10 +274,7 @@ async fn another_stores_pools_are_not_found_and_its_units_in_doubt_are_not_liste
     flash.claim(sell("before")).await.unwrap();
 
     // Redis loses A's pool: the next claim puts A's grant in doubt.
-    let store = app.redis_store().await;
-    let a = TenantId::parse("store-a").unwrap();
-    let pool = PoolId::parse("pool", "sale/spring/p").unwrap();
-    let key = format!("{}pool:{}", store.keys().tenant(&a), pool.as_str());
+    let key = app.pool_key("store-a", "sale/spring/p").await;
     let gone: i64 = app.redis().await.del(&key).await.unwrap();
     assert_eq!(gone, 1, "A's pool was in Redis");
     flash.claim(sell("after")).await.unwrap();
