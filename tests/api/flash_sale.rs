@@ -357,10 +357,12 @@ async fn a_pool_that_sells_fast_is_granted_more_at_a_time_up_to_the_most_allowed
         });
     }
     // What Postgres granted beyond the claims answered so far is what
-    // Redis has left, plus the (at most 8) claims in flight: at most the
-    // last grant and the half grant before it, so with grants of 10 never
-    // more than 20 + 8. Sampled while the claims run, because what is left
-    // at the end depends on when the last grant came.
+    // Redis has left, plus the (at most 8) claims in flight. That is at
+    // most the last grant and the half grant before it: with grants fixed
+    // at 10 it would never pass 20 + 8, so more than 48 shows they grew;
+    // capped at 200 it never passes 200 + 100 + 8. Sampled while the
+    // claims run, because what is left at the end depends on when the
+    // last grant came.
     let granted = async || -> i64 {
         sqlx::query_scalar(
             "SELECT granted FROM pools WHERE tenant = 'dev' AND pool_id = 'sale/fast/p'",

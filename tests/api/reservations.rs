@@ -674,17 +674,24 @@ async fn a_low_stock_alert_fires_once_per_crossing_and_rearms() {
     c.reserve(reserve("e", "c", &[("cap", "", 4)], 60))
         .await
         .unwrap();
-
-    let alerts = app
-        .eventually("two low-stock alerts recorded", || async {
-            let rows: Vec<(serde_json::Value,)> =
-                sqlx::query_as("SELECT lines FROM audit_log WHERE kind = 'low_stock' ORDER BY id")
-                    .fetch_all(&app.pg)
-                    .await
-                    .unwrap();
-            (rows.len() >= 2).then_some(rows)
-        })
-        .await;
+    // Still below: no alert. Once this last reservation's row is in, every
+    // alert before it is too (the drainer writes in the stream's order).
+    c.reserve(reserve("last", "c", &[("cap", "", 1)], 60))
+        .await
+        .unwrap();
+    app.eventually("the last reservation's audit row", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE hold_id = 'last'")
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    let alerts: Vec<(serde_json::Value,)> =
+        sqlx::query_as("SELECT lines FROM audit_log WHERE kind = 'low_stock' ORDER BY id")
+            .fetch_all(&app.pg)
+            .await
+            .unwrap();
     assert_eq!(alerts.len(), 2, "exactly one alert per crossing");
     let available: Vec<i64> = alerts
         .iter()
