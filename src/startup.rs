@@ -150,152 +150,58 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let limits = self.args.limits();
-        let grace = Duration::from_secs(self.args.shutdown_grace_secs);
-        let engine = self.engine.clone();
-        let auth = self.auth.clone();
-
         // Before the first call is served: a Redis that is new to this
         // daemon or came back empty has every pool's grant checked, so no
         // call races that recovery and finds a pool as it was before it.
         // The Redis watch checks again every round; a Redis that does not
         // answer now is left to it.
-        if let Ok(false) = engine.redis().check_marker().await {
-            let _ = redis_watch::recover(&engine).await;
+        if let Ok(false) = self.engine.redis().check_marker().await {
+            let _ = redis_watch::recover(&self.engine).await;
         }
         let (health, health_service) = tonic_health::server::health_reporter();
-        for service in SERVICES.iter().chain(&[""]) {
-            health
-                .set_service_status(*service, ServingStatus::Serving)
-                .await;
-        }
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
-
+        set_health(&health, ServingStatus::Serving).await;
         let metrics_addr = self.metrics_addr();
+        let addr = self.grpc.local_addr()?;
         let metrics_task = tokio::spawn(telemetry::serve_metrics(
             self.metrics,
             telemetry::metrics_handle(),
         ));
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let tenants = Arc::new(Tenants::new(engine.pg().clone()));
         let outbox_settings = self.args.outbox();
         let client = SatelliteClient::new(outbox_settings.timeout);
-        let channels = Arc::new(Channels::new(engine.clone(), client.clone()));
-        let mut jobs = vec![
-            tokio::spawn(drainer::run(
-                engine.redis().clone(),
-                engine.pg().clone(),
-                tenants.clone(),
-                format!("holdfast-{}", self.args.redis_prefix),
-                Duration::from_secs(self.args.event_keep_secs),
-                stop_rx.clone(),
-            )),
-            tokio::spawn(sweeper::run(
-                engine.clone(),
-                tenants.clone(),
-                Duration::from_millis(self.args.sweep_interval_ms),
-                stop_rx.clone(),
-            )),
-            tokio::spawn(refiller::run(engine.clone(), tenants, stop_rx.clone())),
-            tokio::spawn(redis_watch::run(engine.clone(), stop_rx.clone())),
-            tokio::spawn(statistics::run(engine.pg().clone(), stop_rx.clone())),
-            tokio::spawn(outbox::run(
-                engine.pg().clone(),
-                client,
-                outbox_settings,
-                stop_rx.clone(),
-            )),
-        ];
-        if self.args.reconcile_interval_secs > 0 {
-            jobs.push(tokio::spawn(reconciler::run(
-                channels.clone(),
-                Duration::from_secs(self.args.reconcile_interval_secs),
-                stop_rx.clone(),
-            )));
-        }
+        let channels = Arc::new(Channels::new(self.engine.clone(), client.clone()));
+        let jobs = start_jobs(&self.args, &self.engine, &channels, client, &stop_rx);
 
-        let addr = self.grpc.local_addr()?;
         tracing::info!(%addr, metrics = %metrics_addr, tls = self.tls.is_some(), "holdfast serving");
         let signal = {
-            let health = health.clone();
             let stop_tx = stop_tx.clone();
             async move {
                 shutdown.await;
                 tracing::info!("shutting down: health NOT_SERVING, finishing in-flight calls");
-                for service in SERVICES.iter().chain(&[""]) {
-                    health
-                        .set_service_status(*service, ServingStatus::NotServing)
-                        .await;
-                }
+                set_health(&health, ServingStatus::NotServing).await;
                 let _ = stop_tx.send(true);
             }
         };
-        let flash = FlashSaleApi::new(
-            Arc::new(FlashSales::new(engine.clone(), limits.max_batch)),
-            auth.clone(),
-            limits.clone(),
-        );
-        let reservations = ReservationApi::new(
-            Arc::new(Reservations::new(engine.clone(), limits.max_batch)),
-            auth.clone(),
-            limits.clone(),
-        );
-        let slots = SlotApi::new(
-            Arc::new(Slots::new(engine.clone(), limits.max_id_len)),
-            auth.clone(),
-            limits.clone(),
-        );
-        let sale_locks = SaleLockApi::new(
-            Arc::new(SaleLocks::new(
-                engine.clone(),
-                channels.clone(),
-                limits.max_batch,
-            )),
-            auth.clone(),
-            self.args.lock_limits(),
-        );
-        let channel_api = ChannelApi::new(channels, auth.clone(), self.args.max_channel_batch);
-        let events = EventApi::new(
-            engine.redis().clone(),
-            engine.pg().clone(),
-            auth.clone(),
-            stop_rx,
-        );
-        let admin = AdminApi::new(engine.clone(), auth);
-        let max_request = self.args.max_request_bytes;
         let mut server = Server::builder();
-        if let Some(tls) = self.tls {
-            server = server.tls_config(tls)?;
+        if let Some(tls) = &self.tls {
+            server = server.tls_config(tls.clone())?;
         }
-        let served = server
+        let router = add_services(
+            server,
+            &self.args,
+            &self.engine,
+            &self.auth,
+            channels,
+            stop_rx,
+        )?;
+        let served = router
             .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(FlashSaleServiceServer::new(flash).max_decoding_message_size(max_request))
-            .add_service(
-                ReservationServiceServer::new(reservations).max_decoding_message_size(max_request),
-            )
-            .add_service(SlotServiceServer::new(slots).max_decoding_message_size(max_request))
-            .add_service(
-                SaleLockServiceServer::new(sale_locks).max_decoding_message_size(max_request),
-            )
-            .add_service(
-                ChannelServiceServer::new(channel_api).max_decoding_message_size(max_request),
-            )
-            .add_service(EventServiceServer::new(events).max_decoding_message_size(max_request))
-            .add_service(AdminServiceServer::new(admin).max_decoding_message_size(max_request))
             .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(self.grpc)), signal)
             .await;
 
         let _ = stop_tx.send(true);
+        let grace = Duration::from_secs(self.args.shutdown_grace_secs);
         if tokio::time::timeout(grace, futures_join(jobs))
             .await
             .is_err()
@@ -309,6 +215,122 @@ impl Application {
         tracing::info!("holdfast stopped");
         Ok(served?)
     }
+}
+
+/// Sets every service's health (and the server's, "").
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in SERVICES.iter().chain(&[""]) {
+        health.set_service_status(*service, status).await;
+    }
+}
+
+/// Starts the background jobs; each stops when `stop` turns true.
+fn start_jobs(
+    args: &ServeArgs,
+    engine: &Arc<Engine>,
+    channels: &Arc<Channels>,
+    client: SatelliteClient,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let tenants = Arc::new(Tenants::new(engine.pg().clone()));
+    let mut jobs = vec![
+        tokio::spawn(drainer::run(
+            engine.redis().clone(),
+            engine.pg().clone(),
+            tenants.clone(),
+            format!("holdfast-{}", args.redis_prefix),
+            Duration::from_secs(args.event_keep_secs),
+            stop.clone(),
+        )),
+        tokio::spawn(sweeper::run(
+            engine.clone(),
+            tenants.clone(),
+            Duration::from_millis(args.sweep_interval_ms),
+            stop.clone(),
+        )),
+        tokio::spawn(refiller::run(engine.clone(), tenants, stop.clone())),
+        tokio::spawn(redis_watch::run(engine.clone(), stop.clone())),
+        tokio::spawn(statistics::run(engine.pg().clone(), stop.clone())),
+        tokio::spawn(outbox::run(
+            engine.pg().clone(),
+            client,
+            args.outbox(),
+            stop.clone(),
+        )),
+    ];
+    if args.reconcile_interval_secs > 0 {
+        jobs.push(tokio::spawn(reconciler::run(
+            channels.clone(),
+            Duration::from_secs(args.reconcile_interval_secs),
+            stop.clone(),
+        )));
+    }
+    jobs
+}
+
+/// The API's services, each behind its adapter (which checks the caller
+/// and the input) and the request size limit, and reflection in both
+/// versions (grpcurl 1.8 speaks only v1alpha).
+fn add_services(
+    mut server: Server,
+    args: &ServeArgs,
+    engine: &Arc<Engine>,
+    auth: &Arc<Auth>,
+    channels: Arc<Channels>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<tonic::transport::server::Router> {
+    let limits = args.limits();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let flash = FlashSaleApi::new(
+        Arc::new(FlashSales::new(engine.clone(), limits.max_batch)),
+        auth.clone(),
+        limits.clone(),
+    );
+    let reservations = ReservationApi::new(
+        Arc::new(Reservations::new(engine.clone(), limits.max_batch)),
+        auth.clone(),
+        limits.clone(),
+    );
+    let slots = SlotApi::new(
+        Arc::new(Slots::new(engine.clone(), limits.max_id_len)),
+        auth.clone(),
+        limits.clone(),
+    );
+    let sale_locks = SaleLockApi::new(
+        Arc::new(SaleLocks::new(
+            engine.clone(),
+            channels.clone(),
+            limits.max_batch,
+        )),
+        auth.clone(),
+        args.lock_limits(),
+    );
+    let channel_api = ChannelApi::new(channels, auth.clone(), args.max_channel_batch);
+    let events = EventApi::new(
+        engine.redis().clone(),
+        engine.pg().clone(),
+        auth.clone(),
+        stop,
+    );
+    let admin = AdminApi::new(engine.clone(), auth.clone());
+    let max = args.max_request_bytes;
+    Ok(server
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(FlashSaleServiceServer::new(flash).max_decoding_message_size(max))
+        .add_service(ReservationServiceServer::new(reservations).max_decoding_message_size(max))
+        .add_service(SlotServiceServer::new(slots).max_decoding_message_size(max))
+        .add_service(SaleLockServiceServer::new(sale_locks).max_decoding_message_size(max))
+        .add_service(ChannelServiceServer::new(channel_api).max_decoding_message_size(max))
+        .add_service(EventServiceServer::new(events).max_decoding_message_size(max))
+        .add_service(AdminServiceServer::new(admin).max_decoding_message_size(max)))
 }
 
 async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
