@@ -17,23 +17,20 @@ mod load;
 mod probes;
 mod redis_time;
 mod report;
+mod session;
 mod workloads;
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use tonic::transport::Channel;
 
-use crate::domain::TenantId;
-use crate::store::redis::RedisStore;
 pub use baselines::PgRun;
-use load::Plan;
 pub use probes::Probe;
-use report::{Line, ServerStats};
+use session::Session;
 pub use workloads::Workload;
 
 /// `holdfast bench`.
@@ -175,253 +172,26 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         (None, Some(d)) => format!("http://127.0.0.1:{}", d.port),
         (None, None) => unreachable!("a daemon was started"),
     };
-    let mut channels = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        channels.push(connect(&addr).await?);
+    let mut session = Session::open(args, dir, daemon.as_ref(), &addr).await?;
+    session.print_header(&addr).await;
+    for w in session.workloads() {
+        session.measure(w).await?.print();
     }
-    let caller = workloads::Caller::new(args.api_key.as_deref().map(Arc::from))
-        .with_customer_limit(args.customer_limit);
-    let redis = RedisStore::connect(
-        &args.redis_url,
-        "hf",
-        // The daemon's default retention, so the baseline's arguments are
-        // the daemon's.
-        Duration::from_secs(86_400),
-        Default::default(),
-    )
-    .await
-    .ok();
-    let list = if args.workload.is_empty() && !args.probe.is_empty() {
-        Vec::new()
-    } else if args.workload.is_empty() {
-        Workload::ALL.to_vec()
-    } else {
-        args.workload.clone()
-    };
-    let plan = Plan {
-        clients: args.clients,
-        duration: Duration::from_secs(args.duration),
-        rate: args.rate,
-        max_calls: None,
-    };
-    let watched = cpu::Watched::find(
-        daemon.as_ref().map(Daemon::pid),
-        &args.redis_url,
-        &args.database_url,
-    )
-    .await;
-    // Redis's per-command counters (src/bench/redis_time.rs), on a
-    // connection of the bench's own so that reading them is not measured.
-    let mut stats_con = match redis::Client::open(args.redis_url.as_str()) {
-        Ok(client) => client.get_multiplexed_async_connection().await.ok(),
-        Err(_) => None,
-    };
-    println!(
-        "bench: clients={} connections={} duration={}s cores={} target={addr} redis_persistence={}",
-        args.clients,
-        args.connections,
-        args.duration,
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        redis_time::persistence(stats_con.as_mut()).await
-    );
-    for w in list {
-        workloads::setup(w, &channels[0], &caller)
-            .await
-            .with_context(|| format!("setting up {}", w.name()))?;
-        // A short warm-up: connections, script cache, pool grants.
-        let warm = Plan {
-            duration: Duration::from_secs(1),
-            ..plan.clone()
-        };
-        workloads::run(w, &channels, &warm, &caller).await;
-        let before = daemon.as_ref().map(|d| ServerStats::read(d.pid()));
-        let redis_before = redis_snapshot(stats_con.as_mut()).await;
-        let cpu_before = watched.sample();
-        let measured = workloads::run(w, &channels, &plan, &caller).await;
-        let cpu = cpu_before.per_op(&watched.sample(), measured.calls);
-        let redis_after = redis_snapshot(stats_con.as_mut()).await;
-        let server = match (&daemon, before) {
-            (Some(d), Some(Ok(b))) => ServerStats::read(d.pid()).ok().map(|a| a.since(&b)),
-            _ => None,
-        };
-        let mut line = Line::new(w, &measured, server);
-        line.cpu_us_per_op = cpu;
-        if let (Some(b), Some(a)) = (redis_before, redis_after) {
-            line.redis_us_per_op = b.per_op(&a, measured.calls);
-        }
-        if !args.no_baselines {
-            measure_baselines(
-                args,
-                w,
-                &channels,
-                &plan,
-                &caller,
-                redis.as_ref(),
-                dir,
-                &mut line,
-            )
-            .await;
-        }
-        line.print();
-    }
-    let metrics = daemon.as_ref().map(|d| format!("127.0.0.1:{}", d.metrics));
     // The fallback, failover and pg-outage probes freeze a store, and the
     // daemon then has an outage to recover from: they go last.
     let mut order = args.probe.clone();
     order.sort_by_key(|p| matches!(p, Probe::Failover | Probe::PgOutage | Probe::Fallback));
-    for probe in &order {
-        workloads::setup(Workload::ClaimHot, &channels[0], &caller).await?;
-        let frozen = match probe {
-            Probe::Failover => Some(failover::Store::Redis),
-            Probe::PgOutage => Some(failover::Store::Postgres),
-            _ => None,
-        };
-        if let Some(store) = frozen {
-            let setup = failover::Setup {
-                store,
-                redis_url: &args.redis_url,
-                database_url: &args.database_url,
-                metrics: metrics.as_deref(),
-                clients: args.clients,
-                rate: args.rate.unwrap_or(failover::DEFAULT_RATE),
-                outage: Duration::from_secs(args.duration),
-            };
-            failover::run(&channels, &caller, &setup)
-                .await
-                .with_context(|| format!("probe {probe:?}"))?;
-            continue;
-        }
-        if *probe == Probe::Expiry {
-            let setup = expiry::Setup {
-                redis_url: &args.redis_url,
-                metrics: metrics.as_deref(),
-                watched: &watched,
-                clients: args.clients,
-                holds: args.holds,
-            };
-            expiry::run(&channels, &caller, &setup)
-                .await
-                .context("probe expiry")?;
-            continue;
-        }
-        if *probe == Probe::Idle {
-            idle::run(
-                &watched,
-                &args.database_url,
-                args.tenants,
-                Duration::from_secs(args.duration),
-            )
+    for probe in order {
+        session
+            .probe(probe)
             .await
-            .context("probe idle")?;
-            continue;
-        }
-        if *probe == Probe::Fallback {
-            let driven = if args.workload.is_empty() {
-                vec![Workload::ClaimHot]
-            } else {
-                args.workload.clone()
-            };
-            // Sales, stock and cards of its own: the fallback sells only
-            // what was never granted to Redis, and the workloads above
-            // sold claim-sellout's cap and the cards out (an engaged
-            // card's unit is Redis's anyway: README, "Sale locks").
-            let fresh = workloads::Caller::new(caller.key.clone())
-                .with_customer_limit(caller.customer_limit);
-            for &w in &driven {
-                workloads::setup(w, &channels[0], &fresh).await?;
-            }
-            let setup = fallback::Setup {
-                redis_url: &args.redis_url,
-                database_url: &args.database_url,
-                pgbench: &pgbench_path(),
-                dir,
-                clients: args.clients,
-                duration: Duration::from_secs(args.duration),
-                workloads: &driven,
-            };
-            fallback::run(&channels, &fresh, &setup)
-                .await
-                .context("probe fallback")?;
-            continue;
-        }
-        probes::run(
-            *probe,
-            &channels,
-            &caller,
-            &args.redis_url,
-            args.clients,
-            args.holds,
-        )
-        .await
-        .with_context(|| format!("probe {probe:?}"))?;
+            .with_context(|| format!("probe {probe:?}"))?;
     }
+    drop(session);
     if let Some(d) = daemon.as_mut() {
         d.stop();
     }
     Ok(())
-}
-
-/// Redis's command counters, when the bench has a connection to read them.
-async fn redis_snapshot(
-    con: Option<&mut redis::aio::MultiplexedConnection>,
-) -> Option<redis_time::Snapshot> {
-    redis_time::Snapshot::read(con?).await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn measure_baselines(
-    args: &BenchArgs,
-    w: Workload,
-    channels: &[Channel],
-    plan: &Plan,
-    caller: &workloads::Caller,
-    redis: Option<&RedisStore>,
-    dir: &std::path::Path,
-    line: &mut Line,
-) {
-    let rpcs = f64::from(w.rpcs());
-    // A limit is a peak, whatever --rate the workload ran at.
-    let flat_out = Plan {
-        rate: None,
-        ..plan.clone()
-    };
-    line.grpc_limit = Some(baselines::noop(channels, &flat_out, 1).await.rate() / rpcs);
-    if let Some(redis) = redis {
-        let tenant = TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant");
-        let (host, port) = host_port(&args.redis_url);
-        let pool = workloads::hot_pool(w, caller);
-        let rate = match redis.one_unit_command(&tenant, w.claims(), &pool).await {
-            Ok(argv) => baselines::redis_script(&host, port, args.clients, 100_000, &argv).await,
-            Err(e) => Err(e.into()),
-        };
-        match rate {
-            Ok(r) => line.redis_limit = Some(r / rpcs),
-            Err(e) => eprintln!("bench: redis baseline skipped: {e:#}"),
-        }
-    }
-    match pg_alternative(
-        w,
-        &args.database_url,
-        dir,
-        args.clients,
-        PgRun::Seconds(args.duration.min(10)),
-    )
-    .await
-    {
-        Ok(r) => line.pg_alt = Some(r),
-        Err(e) => eprintln!("bench: pgbench baseline skipped: {e:#}"),
-    }
-    // Latency at half of the measured peak, beside the no-op's at the
-    // same rate of operations, each made of as many calls as the
-    // workload's.
-    let half = Plan {
-        rate: Some(line.rps / 2.0),
-        duration: Duration::from_secs((args.duration / 2).max(2)),
-        ..plan.clone()
-    };
-    let at_half = workloads::run(w, channels, &half, caller).await;
-    let noop_half = baselines::noop(channels, &half, w.rpcs()).await;
-    line.half_load_p99 = Some((at_half.ms(0.99), noop_half.ms(0.99)));
 }
 
 /// What a shop without holdfast would run instead of `w`

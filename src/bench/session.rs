@@ -1,0 +1,273 @@
+//! One bench run: what every workload and probe shares (the connections,
+//! the caller, the watched processes), each workload measured beside its
+//! limits, and each probe run with the settings it needs.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tonic::transport::Channel;
+
+use super::load::Plan;
+use super::report::{Line, ServerStats};
+use super::{
+    BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, expiry, failover, fallback,
+    host_port, idle, pg_alternative, pgbench_path, probes, redis_time, workloads,
+};
+use crate::domain::TenantId;
+use crate::store::redis::RedisStore;
+
+/// What the workloads and probes of one run share.
+pub(super) struct Session<'a> {
+    args: &'a BenchArgs,
+    dir: &'a Path,
+    /// The daemon the bench started, if it did (its CPU and memory are
+    /// then reported).
+    daemon: Option<&'a Daemon>,
+    channels: Vec<Channel>,
+    caller: workloads::Caller,
+    /// The engine's scripts, for the Redis baseline (none when Redis is
+    /// out of reach: that baseline is skipped).
+    redis: Option<RedisStore>,
+    plan: Plan,
+    watched: cpu::Watched,
+    /// Redis's per-command counters (src/bench/redis_time.rs), on a
+    /// connection of the bench's own so that reading them is not measured.
+    stats_con: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl<'a> Session<'a> {
+    /// Connects to the daemon at `addr` and finds the processes to watch.
+    pub async fn open(
+        args: &'a BenchArgs,
+        dir: &'a Path,
+        daemon: Option<&'a Daemon>,
+        addr: &str,
+    ) -> anyhow::Result<Self> {
+        let mut channels = Vec::new();
+        for _ in 0..args.connections.max(1) {
+            channels.push(connect(addr).await?);
+        }
+        let caller = workloads::Caller::new(args.api_key.as_deref().map(Arc::from))
+            .with_customer_limit(args.customer_limit);
+        let redis = RedisStore::connect(
+            &args.redis_url,
+            "hf",
+            // The daemon's default retention, so the baseline's arguments
+            // are the daemon's.
+            Duration::from_secs(86_400),
+            Default::default(),
+        )
+        .await
+        .ok();
+        let plan = Plan {
+            clients: args.clients,
+            duration: Duration::from_secs(args.duration),
+            rate: args.rate,
+            max_calls: None,
+        };
+        let watched =
+            cpu::Watched::find(daemon.map(Daemon::pid), &args.redis_url, &args.database_url).await;
+        let stats_con = match redis::Client::open(args.redis_url.as_str()) {
+            Ok(client) => client.get_multiplexed_async_connection().await.ok(),
+            Err(_) => None,
+        };
+        Ok(Self {
+            args,
+            dir,
+            daemon,
+            channels,
+            caller,
+            redis,
+            plan,
+            watched,
+            stats_con,
+        })
+    }
+
+    /// The run's first line: its settings and the machine.
+    pub async fn print_header(&mut self, addr: &str) {
+        let args = self.args;
+        println!(
+            "bench: clients={} connections={} duration={}s cores={} target={addr} redis_persistence={}",
+            args.clients,
+            args.connections,
+            args.duration,
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            redis_time::persistence(self.stats_con.as_mut()).await
+        );
+    }
+
+    /// The workloads to measure: those named, else every one unless only
+    /// probes were asked for.
+    pub fn workloads(&self) -> Vec<Workload> {
+        match (&self.args.workload[..], &self.args.probe[..]) {
+            ([], [_, ..]) => Vec::new(),
+            ([], []) => Workload::ALL.to_vec(),
+            (named, _) => named.to_vec(),
+        }
+    }
+
+    /// Sets up `w`, warms it up for a second, measures it for the run's
+    /// duration and, unless `--no-baselines`, its limits beside it.
+    pub async fn measure(&mut self, w: Workload) -> anyhow::Result<Line> {
+        let (channels, caller) = (&self.channels, &self.caller);
+        workloads::setup(w, &channels[0], caller)
+            .await
+            .with_context(|| format!("setting up {}", w.name()))?;
+        // A short warm-up: connections, script cache, pool grants.
+        let warm = Plan {
+            duration: Duration::from_secs(1),
+            ..self.plan.clone()
+        };
+        workloads::run(w, channels, &warm, caller).await;
+        let before = self.daemon.map(|d| ServerStats::read(d.pid()));
+        let redis_before = redis_snapshot(self.stats_con.as_mut()).await;
+        let cpu_before = self.watched.sample();
+        let measured = workloads::run(w, channels, &self.plan, caller).await;
+        let cpu = cpu_before.per_op(&self.watched.sample(), measured.calls);
+        let redis_after = redis_snapshot(self.stats_con.as_mut()).await;
+        let server = match (self.daemon, before) {
+            (Some(d), Some(Ok(b))) => ServerStats::read(d.pid()).ok().map(|a| a.since(&b)),
+            _ => None,
+        };
+        let mut line = Line::new(w, &measured, server);
+        line.cpu_us_per_op = cpu;
+        if let (Some(b), Some(a)) = (redis_before, redis_after) {
+            line.redis_us_per_op = b.per_op(&a, measured.calls);
+        }
+        if !self.args.no_baselines {
+            self.measure_baselines(w, &mut line).await;
+        }
+        Ok(line)
+    }
+
+    /// The limits `w` is set beside, into `line`: the no-op RPC's rate,
+    /// the engine's script through redis-benchmark, the Postgres
+    /// alternative through pgbench, and the p99 at half of `w`'s peak
+    /// beside the no-op's at the same rate. A baseline that cannot run
+    /// is skipped with a note.
+    async fn measure_baselines(&self, w: Workload, line: &mut Line) {
+        let (args, channels, caller) = (self.args, &self.channels, &self.caller);
+        let rpcs = f64::from(w.rpcs());
+        // A limit is a peak, whatever --rate the workload ran at.
+        let flat_out = Plan {
+            rate: None,
+            ..self.plan.clone()
+        };
+        line.grpc_limit = Some(baselines::noop(channels, &flat_out, 1).await.rate() / rpcs);
+        if let Some(redis) = &self.redis {
+            let tenant = TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant");
+            let (host, port) = host_port(&args.redis_url);
+            let pool = workloads::hot_pool(w, caller);
+            let rate = match redis.one_unit_command(&tenant, w.claims(), &pool).await {
+                Ok(argv) => {
+                    baselines::redis_script(&host, port, args.clients, 100_000, &argv).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            match rate {
+                Ok(r) => line.redis_limit = Some(r / rpcs),
+                Err(e) => eprintln!("bench: redis baseline skipped: {e:#}"),
+            }
+        }
+        let run = PgRun::Seconds(args.duration.min(10));
+        match pg_alternative(w, &args.database_url, self.dir, args.clients, run).await {
+            Ok(r) => line.pg_alt = Some(r),
+            Err(e) => eprintln!("bench: pgbench baseline skipped: {e:#}"),
+        }
+        // Latency at half of the measured peak, beside the no-op's at the
+        // same rate of operations, each made of as many calls as the
+        // workload's.
+        let half = Plan {
+            rate: Some(line.rps / 2.0),
+            duration: Duration::from_secs((args.duration / 2).max(2)),
+            ..self.plan.clone()
+        };
+        let at_half = workloads::run(w, channels, &half, caller).await;
+        let noop_half = baselines::noop(channels, &half, w.rpcs()).await;
+        line.half_load_p99 = Some((at_half.ms(0.99), noop_half.ms(0.99)));
+    }
+
+    /// Runs one probe (each prints its own lines).
+    pub async fn probe(&self, probe: Probe) -> anyhow::Result<()> {
+        let (args, channels, caller) = (self.args, &self.channels, &self.caller);
+        workloads::setup(Workload::ClaimHot, &channels[0], caller).await?;
+        let metrics = self.daemon.map(|d| format!("127.0.0.1:{}", d.metrics));
+        let metrics = metrics.as_deref();
+        match probe {
+            Probe::Failover | Probe::PgOutage => {
+                let store = match probe {
+                    Probe::Failover => failover::Store::Redis,
+                    _ => failover::Store::Postgres,
+                };
+                let setup = failover::Setup {
+                    store,
+                    redis_url: &args.redis_url,
+                    database_url: &args.database_url,
+                    metrics,
+                    clients: args.clients,
+                    rate: args.rate.unwrap_or(failover::DEFAULT_RATE),
+                    outage: Duration::from_secs(args.duration),
+                };
+                failover::run(channels, caller, &setup).await
+            }
+            Probe::Expiry => {
+                let setup = expiry::Setup {
+                    redis_url: &args.redis_url,
+                    metrics,
+                    watched: &self.watched,
+                    clients: args.clients,
+                    holds: args.holds,
+                };
+                expiry::run(channels, caller, &setup).await
+            }
+            Probe::Idle => {
+                let idle_for = Duration::from_secs(args.duration);
+                idle::run(&self.watched, &args.database_url, args.tenants, idle_for).await
+            }
+            Probe::Fallback => self.fallback_probe().await,
+            _ => {
+                let url = &args.redis_url;
+                probes::run(probe, channels, caller, url, args.clients, args.holds).await
+            }
+        }
+    }
+
+    /// The fallback probe, over the named workloads (claim-hot if none).
+    async fn fallback_probe(&self) -> anyhow::Result<()> {
+        let args = self.args;
+        let driven = if args.workload.is_empty() {
+            vec![Workload::ClaimHot]
+        } else {
+            args.workload.clone()
+        };
+        // Sales, stock and cards of its own: the fallback sells only what
+        // was never granted to Redis, and the workloads above sold
+        // claim-sellout's cap and the cards out (an engaged card's unit
+        // is Redis's anyway: README, "Sale locks").
+        let fresh = workloads::Caller::new(self.caller.key.clone())
+            .with_customer_limit(self.caller.customer_limit);
+        for &w in &driven {
+            workloads::setup(w, &self.channels[0], &fresh).await?;
+        }
+        let setup = fallback::Setup {
+            redis_url: &args.redis_url,
+            database_url: &args.database_url,
+            pgbench: &pgbench_path(),
+            dir: self.dir,
+            clients: args.clients,
+            duration: Duration::from_secs(args.duration),
+            workloads: &driven,
+        };
+        fallback::run(&self.channels, &fresh, &setup).await
+    }
+}
+
+/// Redis's command counters, when the bench has a connection to read them.
+async fn redis_snapshot(
+    con: Option<&mut redis::aio::MultiplexedConnection>,
+) -> Option<redis_time::Snapshot> {
+    redis_time::Snapshot::read(con?).await
+}
