@@ -66,6 +66,17 @@ impl Error {
     pub fn internal(msg: impl Into<String>) -> Self {
         Error::Internal(anyhow::anyhow!(msg.into()))
     }
+
+    /// The same error for each caller of a failed batch (errors are not
+    /// Clone: an internal one carries its cause). A store that is away
+    /// stays retryable; anything else becomes internal, its message kept.
+    pub fn share(&self) -> Self {
+        match self {
+            Error::RedisUnavailable(why) => Error::RedisUnavailable(why.clone()),
+            Error::Unavailable(why) => Error::Unavailable(why.clone()),
+            other => Error::internal(other.to_string()),
+        }
+    }
 }
 
 impl From<redis::RedisError> for Error {

@@ -4,16 +4,13 @@
 //! claims all contend for one pool row, so per-claim transactions would
 //! queue on its lock one commit at a time; a batch takes that lock once.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{PgStore, PgTake};
 use crate::domain::TenantId;
 use crate::error::Error;
 use crate::store::HoldReply;
-use crate::store::coalesce::{Tenanted, next_batch};
+use crate::store::coalesce::{self, Tenanted};
 use crate::telemetry::metric;
 
 /// Fallback transactions running at once: one holding the hot pool row
@@ -48,25 +45,11 @@ impl TakeQueue {
     /// Starts the coalescer's task on the current runtime; it ends when the
     /// last handle is dropped.
     pub fn start(pg: PgStore) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Queued>(QUEUE);
-        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-        tokio::spawn(async move {
-            let mut waiting = VecDeque::new();
-            loop {
-                let slot = Arc::clone(&slots)
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed");
-                let Some(batch) = next_batch(&mut rx, &mut waiting, MAX_TAKES).await else {
-                    return;
-                };
-                let pg = pg.clone();
-                tokio::spawn(async move {
-                    run(&pg, batch).await;
-                    drop(slot);
-                });
-            }
-        });
+        let (tx, rx) = mpsc::channel::<Queued>(QUEUE);
+        tokio::spawn(coalesce::serve(rx, IN_FLIGHT, MAX_TAKES, move |batch| {
+            let pg = pg.clone();
+            async move { run(&pg, batch).await }
+        }));
         Self { tx }
     }
 
@@ -101,12 +84,8 @@ async fn run(pg: &PgStore, batch: Vec<Queued>) {
         }
         Err(e) => {
             // Nothing was written: every caller may retry by id.
-            let why = e.to_string();
             for reply in replies {
-                let _ = reply.send(Err(match &e {
-                    Error::Unavailable(_) => Error::Unavailable(why.clone()),
-                    _ => Error::internal(why.clone()),
-                }));
+                let _ = reply.send(Err(e.share()));
             }
         }
     }

@@ -19,18 +19,18 @@
 //! that queued behind its first unanswered one for two timeouts, not one
 //! (deploy/BENCHMARKS.md, "the failover probe").
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, ToRedisArgs, Value};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::TenantId;
 use crate::error::Error;
-use crate::store::coalesce::{Tenanted, next_batch};
+use crate::store::coalesce::{self, Tenanted};
 use crate::store::redis::scripts;
 use crate::telemetry::metric;
 
@@ -127,18 +127,17 @@ impl Batcher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let sent = Arc::new(AtomicU64::new(0));
         let touched = Touched::default();
-        let coalescer = Coalescer {
-            sending: Sending {
-                con,
-                invocation: Arc::new(invocation),
-                timeout,
-                sent: Arc::clone(&sent),
-                unanswered_at: Arc::default(),
-                touched: touched.clone(),
-            },
-            slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+        let sending = Sending {
+            con,
+            invocation: Arc::new(invocation),
+            timeout,
+            sent: Arc::clone(&sent),
+            unanswered_at: Arc::default(),
+            touched: touched.clone(),
         };
-        tokio::spawn(coalescer.run(rx));
+        tokio::spawn(coalesce::serve(rx, IN_FLIGHT, MAX_OPS, move |batch| {
+            sending.clone().send(batch)
+        }));
         Self {
             tx,
             touched,
@@ -177,34 +176,6 @@ impl Batcher {
         let gone = || Error::RedisUnavailable("redis coalescer stopped".into());
         self.tx.send(queued).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
-    }
-}
-
-struct Coalescer {
-    /// What each batch is sent with (cloned per batch).
-    sending: Sending,
-    slots: Arc<Semaphore>,
-}
-
-impl Coalescer {
-    async fn run(self, mut rx: mpsc::Receiver<Queued>) {
-        let mut waiting = VecDeque::new();
-        loop {
-            let slot = Arc::clone(&self.slots)
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
-            let Some(batch) = next_batch(&mut rx, &mut waiting, MAX_OPS).await else {
-                return;
-            };
-            let sending = self.sending.clone();
-            tokio::spawn(async move {
-                sending.send(batch).await;
-                // Released after `unanswered_at` is set, so the batch that
-                // takes this slot sees it.
-                drop(slot);
-            });
-        }
     }
 }
 
@@ -285,7 +256,7 @@ impl Sending {
                         Some(Instant::now());
                 }
                 for q in batch {
-                    let _ = q.reply.send(Err(share(&e)));
+                    let _ = q.reply.send(Err(e.share()));
                 }
             }
         }
@@ -308,15 +279,6 @@ fn script_error(op: &str, v: Value) -> Result<Value, Error> {
     Ok(v)
 }
 
-/// The same error for each caller of a failed batch (errors are not Clone:
-/// an internal one carries its cause, which is logged once per caller).
-fn share(e: &Error) -> Error {
-    match e {
-        Error::RedisUnavailable(why) => Error::RedisUnavailable(why.clone()),
-        other => Error::internal(other.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,16 +286,6 @@ mod tests {
 
     fn tenant(name: &str) -> TenantId {
         TenantId::parse(name).expect("a valid tenant id")
-    }
-
-    fn queued(t: &str, op: &'static str) -> Queued {
-        Queued {
-            tenant: tenant(t),
-            op,
-            args: OpArgs::default(),
-            at: Instant::now(),
-            reply: oneshot::channel().0,
-        }
     }
 
     fn invocation_for(prefix: String) -> Invocation {
@@ -344,34 +296,6 @@ mod tests {
                 .arg(1_000_000);
             call
         })
-    }
-
-    #[test]
-    fn a_batch_takes_the_oldest_tenants_operations_in_order_and_leaves_the_rest_queued() {
-        let mut waiting: VecDeque<Queued> = ["a", "b", "a", "b", "a"]
-            .into_iter()
-            .zip(["claim", "commit", "release", "extend", "get_hold"])
-            .map(|(t, op)| queued(t, op))
-            .collect();
-        let batch = crate::store::coalesce::take_batch(&mut waiting, MAX_OPS);
-        let ops: Vec<_> = batch.iter().map(|q| q.op).collect();
-        assert_eq!(ops, ["claim", "release", "get_hold"]);
-        let rest: Vec<_> = waiting
-            .iter()
-            .map(|q| (q.tenant.to_string(), q.op))
-            .collect();
-        assert_eq!(rest, [("b".into(), "commit"), ("b".into(), "extend")]);
-    }
-
-    #[test]
-    fn a_batch_never_holds_more_than_max_ops() {
-        let mut waiting: VecDeque<Queued> =
-            (0..MAX_OPS + 3).map(|_| queued("a", "get_hold")).collect();
-        assert_eq!(
-            crate::store::coalesce::take_batch(&mut waiting, MAX_OPS).len(),
-            MAX_OPS
-        );
-        assert_eq!(waiting.len(), 3);
     }
 
     #[tokio::test]
