@@ -1,13 +1,12 @@
-//! The Redis keys the Rust side builds as a whole: a tenant's prefix and
-//! its event stream.
+//! The Redis keys the Rust side builds as a whole: a tenant's prefix, and
+//! the few keys it reads or writes directly (the event stream, the refill
+//! and expiry indexes, the recovery marker).
 //!
 //! Keys carry the tenant as a Redis Cluster hash tag (`hf:{acme}:...`), so
 //! everything one tenant's batch touches lives in one slot and one script
 //! call. The Lua scripts build the per-hold and per-pool keys from the
-//! tenant prefix themselves (`lua/lib.lua` lists every key); the few the
-//! Rust side reads or writes directly (the refill and expiry indexes, the
-//! epoch marker, a customer's counters) are suffixes of this prefix, built
-//! where they are used.
+//! tenant prefix themselves (`lua/lib.lua` lists every key); a customer's
+//! counter is a suffix the caller names (`CustomerLimit::key`).
 
 use crate::domain::TenantId;
 
@@ -41,6 +40,27 @@ impl Keys {
     pub fn events(&self, tenant: &TenantId) -> String {
         format!("{}events", self.tenant(tenant))
     }
+
+    /// The set of the tenant's pools that asked for a refill.
+    pub fn refill(&self, tenant: &TenantId) -> String {
+        format!("{}refill", self.tenant(tenant))
+    }
+
+    /// The tenant's expiry index, by bucket (`lua/lib.lua`).
+    pub fn due(&self, tenant: &TenantId) -> String {
+        format!("{}due", self.tenant(tenant))
+    }
+
+    /// The tenant's expiry index from before buckets, by hold.
+    pub fn legacy_expiry(&self, tenant: &TenantId) -> String {
+        format!("{}exp", self.tenant(tenant))
+    }
+
+    /// The marker this daemon leaves in Redis: gone means Redis came back
+    /// empty (or is another Redis).
+    pub fn marker(&self) -> String {
+        format!("{}:marker", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -53,5 +73,9 @@ mod tests {
         let t = TenantId::parse("acme").unwrap();
         assert_eq!(keys.tenant(&t), "hf:{acme}:");
         assert_eq!(keys.events(&t), "hf:{acme}:events");
+        assert_eq!(keys.refill(&t), "hf:{acme}:refill");
+        assert_eq!(keys.due(&t), "hf:{acme}:due");
+        assert_eq!(keys.legacy_expiry(&t), "hf:{acme}:exp");
+        assert_eq!(keys.marker(), "hf:marker");
     }
 }

@@ -561,9 +561,7 @@ impl RedisStore {
         }
         let mut pipe = redis::pipe();
         for t in tenants {
-            pipe.cmd("SPOP")
-                .arg(format!("{}refill", self.keys.tenant(t)))
-                .arg(count);
+            pipe.cmd("SPOP").arg(self.keys.refill(t)).arg(count);
         }
         let mut con = self.con.clone();
         let popped: Vec<Vec<String>> = pipe.query_async(&mut con).await?;
@@ -598,14 +596,13 @@ impl RedisStore {
         }
         let mut pipe = redis::pipe();
         for t in tenants {
-            let prefix = self.keys.tenant(t);
             pipe.cmd("ZRANGE")
-                .arg(format!("{prefix}due"))
+                .arg(self.keys.due(t))
                 .arg(0)
                 .arg(0)
                 .arg("WITHSCORES");
             if legacy {
-                pipe.cmd("EXISTS").arg(format!("{prefix}exp"));
+                pipe.cmd("EXISTS").arg(self.keys.legacy_expiry(t));
             }
         }
         let mut con = self.con.clone();
@@ -636,9 +633,8 @@ impl RedisStore {
     /// a different Redis), and every pool's grant must be checked.
     pub async fn check_marker(&self) -> Result<bool, Error> {
         let mut con = self.con.clone();
-        let key = format!("{}:marker", self.keys.prefix());
         let set: bool = redis::cmd("SET")
-            .arg(&key)
+            .arg(self.keys.marker())
             .arg("1")
             .arg("NX")
             .query_async::<Option<String>>(&mut con)
@@ -651,7 +647,7 @@ impl RedisStore {
     pub async fn clear_marker(&self) -> Result<(), Error> {
         let mut con = self.con.clone();
         let _: i64 = redis::cmd("DEL")
-            .arg(format!("{}:marker", self.keys.prefix()))
+            .arg(self.keys.marker())
             .query_async(&mut con)
             .await?;
         Ok(())
