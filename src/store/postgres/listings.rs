@@ -81,86 +81,12 @@ impl PgStore {
         let mut ids: Vec<&str> = cards.iter().map(|c| c.card_id.as_str()).collect();
         ids.sort_unstable();
         let mut tx = self.begin().await?;
-        let dual: Option<(bool,)> =
-            sqlx::query_as("SELECT dual_listing FROM channel_settings WHERE workspace = $1")
-                .bind(ws)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let dual = dual.is_some_and(|(d,)| d);
-        sqlx::query(
-            "INSERT INTO cards (workspace, card_id) SELECT $1, c FROM unnest($2::text[]) AS c ON CONFLICT DO NOTHING",
-        )
-        .bind(ws)
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
-        let sold: Vec<(String, Option<String>)> = sqlx::query_as(
-            "SELECT card_id, sold_channel FROM cards WHERE workspace = $1 AND card_id = ANY($2)
-             ORDER BY card_id FOR UPDATE",
-        )
-        .bind(ws)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        // Every listing of these cards, live ones kept here: with
-        // `status = 'active'` in the query, a planner working from a fresh
-        // table's statistics took the partial index of active listings and
-        // walked all of them (seconds per Engage of a large catalogue).
-        let live: Vec<(String, String, bool)> =
-            sqlx::query_as::<_, (String, String, bool, String)>(
-                "SELECT cc.card_id, cc.channel, ch.exclusive, cc.status FROM card_channels cc
-             JOIN channels ch ON ch.workspace = cc.workspace AND ch.slug = cc.channel
-             WHERE cc.workspace = $1 AND cc.card_id = ANY($2)",
-            )
-            .bind(ws)
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .filter(|r| r.3 == "active")
-            .map(|(card, channel, exclusive, _)| (card, channel, exclusive))
-            .collect();
-        let mut conflicts = Vec::new();
-        for card in cards {
-            let id = card.card_id.as_str();
-            let sold_on = sold
-                .iter()
-                .find(|(c, _)| c == id)
-                .and_then(|(_, s)| s.clone())
-                .map(ChannelSlug::from_store);
-            let on: Vec<(ChannelSlug, bool)> = live
-                .iter()
-                .filter(|(c, _, _)| c == id)
-                .map(|(_, ch, ex)| (ChannelSlug::from_store(ch.clone()), *ex))
-                .collect();
-            if let Err(why) = engage_rule(channel, &on, sold_on.as_ref(), dual) {
-                conflicts.push((card.card_id.clone(), why));
-            }
-        }
+        let conflicts = engage_conflicts(&mut tx, ws, channel, cards, &ids).await?;
         if !conflicts.is_empty() {
             tx.rollback().await?;
             return Ok(EngageOutcome::Conflicts(conflicts));
         }
-        let refs: Vec<&str> = cards.iter().map(|c| c.external_ref.as_str()).collect();
-        let metas: Vec<String> = cards.iter().map(|c| c.metadata.to_string()).collect();
-        let card_ids: Vec<&str> = cards.iter().map(|c| c.card_id.as_str()).collect();
-        let engaged: Vec<(String,)> = sqlx::query_as(
-            "INSERT INTO card_channels (workspace, card_id, channel, status, external_ref, metadata)
-             SELECT $1, u.card_id, $2, 'active', u.external_ref, u.metadata::jsonb
-             FROM unnest($3::text[], $4::text[], $5::text[]) AS u(card_id, external_ref, metadata)
-             ON CONFLICT (workspace, card_id, channel) DO UPDATE
-                 SET status = 'active', external_ref = EXCLUDED.external_ref, metadata = EXCLUDED.metadata,
-                     engaged_at = now(), disengaged_at = NULL
-                 WHERE card_channels.status = 'inactive'
-             RETURNING card_id",
-        )
-        .bind(ws)
-        .bind(channel.slug.as_str())
-        .bind(&card_ids)
-        .bind(&refs)
-        .bind(&metas)
-        .fetch_all(&mut *tx)
-        .await?;
+        let engaged = list_on(&mut tx, ws, channel, cards).await?;
         // Taken while the upsert holds every listing row of the batch, so a
         // change that follows this one on these rows gets a larger number.
         let version = next_version(&mut tx).await?;
@@ -173,10 +99,6 @@ impl PgStore {
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
-        let engaged: Vec<CardId> = engaged
-            .into_iter()
-            .map(|(c,)| CardId::from_store(c))
-            .collect();
         let new_cards: Vec<_> = cards
             .iter()
             .filter(|c| engaged.contains(&c.card_id))
@@ -184,15 +106,8 @@ impl PgStore {
             .collect();
         if !new_cards.is_empty() {
             let body = json!({"reason": "engaged", "cards": new_cards});
-            enqueue(
-                &mut tx,
-                ws,
-                channel.slug.as_str(),
-                "engage",
-                body,
-                Utc::now(),
-            )
-            .await?;
+            let slug = channel.slug.as_str();
+            enqueue(&mut tx, ws, slug, "engage", body, Utc::now()).await?;
         }
         tx.commit().await?;
         let already = cards
@@ -408,6 +323,109 @@ impl PgStore {
 /// The next number of the `listing_version` sequence. Called after the
 /// change has locked its listing rows, so numbers follow the order in
 /// which Postgres applies changes to any one listing.
+/// Why each of `cards` may not go live on `channel` (`engage_rule`), read
+/// with the cards' rows locked; the cards are created first if new. `ids`
+/// are the cards' ids, sorted, so concurrent engages lock in one order.
+async fn engage_conflicts(
+    tx: &mut Transaction<'_, Postgres>,
+    ws: &str,
+    channel: &Channel,
+    cards: &[EngageCard],
+    ids: &[&str],
+) -> Result<Vec<(CardId, EngageConflict)>, Error> {
+    let dual: Option<(bool,)> =
+        sqlx::query_as("SELECT dual_listing FROM channel_settings WHERE workspace = $1")
+            .bind(ws)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let dual = dual.is_some_and(|(d,)| d);
+    sqlx::query(
+        "INSERT INTO cards (workspace, card_id) SELECT $1, c FROM unnest($2::text[]) AS c ON CONFLICT DO NOTHING",
+    )
+    .bind(ws)
+    .bind(ids)
+    .execute(&mut **tx)
+    .await?;
+    let sold: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT card_id, sold_channel FROM cards WHERE workspace = $1 AND card_id = ANY($2)
+         ORDER BY card_id FOR UPDATE",
+    )
+    .bind(ws)
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    // Every listing of these cards, live ones kept here: with
+    // `status = 'active'` in the query, a planner working from a fresh
+    // table's statistics took the partial index of active listings and
+    // walked all of them (seconds per Engage of a large catalogue).
+    let live: Vec<(String, String, bool)> = sqlx::query_as::<_, (String, String, bool, String)>(
+        "SELECT cc.card_id, cc.channel, ch.exclusive, cc.status FROM card_channels cc
+         JOIN channels ch ON ch.workspace = cc.workspace AND ch.slug = cc.channel
+         WHERE cc.workspace = $1 AND cc.card_id = ANY($2)",
+    )
+    .bind(ws)
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .filter(|r| r.3 == "active")
+    .map(|(card, channel, exclusive, _)| (card, channel, exclusive))
+    .collect();
+    let mut conflicts = Vec::new();
+    for card in cards {
+        let id = card.card_id.as_str();
+        let sold_on = sold
+            .iter()
+            .find(|(c, _)| c == id)
+            .and_then(|(_, s)| s.clone())
+            .map(ChannelSlug::from_store);
+        let on: Vec<(ChannelSlug, bool)> = live
+            .iter()
+            .filter(|(c, _, _)| c == id)
+            .map(|(_, ch, ex)| (ChannelSlug::from_store(ch.clone()), *ex))
+            .collect();
+        if let Err(why) = engage_rule(channel, &on, sold_on.as_ref(), dual) {
+            conflicts.push((card.card_id.clone(), why));
+        }
+    }
+    Ok(conflicts)
+}
+
+/// Makes `cards` live on `channel` (new listings, or inactive ones made
+/// live again, with the satellite's context); returns those that were not
+/// live there already.
+async fn list_on(
+    tx: &mut Transaction<'_, Postgres>,
+    ws: &str,
+    channel: &Channel,
+    cards: &[EngageCard],
+) -> Result<Vec<CardId>, Error> {
+    let refs: Vec<&str> = cards.iter().map(|c| c.external_ref.as_str()).collect();
+    let metas: Vec<String> = cards.iter().map(|c| c.metadata.to_string()).collect();
+    let card_ids: Vec<&str> = cards.iter().map(|c| c.card_id.as_str()).collect();
+    let engaged: Vec<(String,)> = sqlx::query_as(
+        "INSERT INTO card_channels (workspace, card_id, channel, status, external_ref, metadata)
+         SELECT $1, u.card_id, $2, 'active', u.external_ref, u.metadata::jsonb
+         FROM unnest($3::text[], $4::text[], $5::text[]) AS u(card_id, external_ref, metadata)
+         ON CONFLICT (workspace, card_id, channel) DO UPDATE
+             SET status = 'active', external_ref = EXCLUDED.external_ref, metadata = EXCLUDED.metadata,
+                 engaged_at = now(), disengaged_at = NULL
+             WHERE card_channels.status = 'inactive'
+         RETURNING card_id",
+    )
+    .bind(ws)
+    .bind(channel.slug.as_str())
+    .bind(&card_ids)
+    .bind(&refs)
+    .bind(&metas)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(engaged
+        .into_iter()
+        .map(|(c,)| CardId::from_store(c))
+        .collect())
+}
+
 async fn next_version(tx: &mut Transaction<'_, Postgres>) -> Result<i64, Error> {
     Ok(sqlx::query_scalar("SELECT nextval('listing_version')")
         .fetch_one(&mut **tx)
