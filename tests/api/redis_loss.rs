@@ -83,23 +83,28 @@ async fn a_pool_redis_lost_is_reloaded_in_a_new_epoch_with_its_grant_in_doubt() 
     app.shutdown().await;
 }
 
+/// ListInDoubtPools: each pool listed, with its units in doubt.
+async fn in_doubt(app: &TestApp) -> Vec<(String, i64)> {
+    let listed = app
+        .admin()
+        .list_in_doubt_pools(pb::ListInDoubtPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pools;
+    listed
+        .into_iter()
+        .map(|p| (p.pool_id, p.in_doubt))
+        .collect()
+}
+
 #[tokio::test]
 async fn an_operator_lists_and_resolves_units_in_doubt_and_the_unsold_sell_again() {
     let app = spawn_app().await;
     let (_, lost) = lose_a_grant(&app, "doubt").await;
     assert_eq!((lost.in_doubt, lost.sold), (3, 3), "{lost:?}");
     let mut admin = app.admin();
-    let listed = admin
-        .list_in_doubt_pools(pb::ListInDoubtPoolsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .pools;
-    let listed: Vec<_> = listed
-        .iter()
-        .map(|p| (p.pool_id.as_str(), p.in_doubt))
-        .collect();
-    assert_eq!(listed, [("sale/doubt/p", 3)]);
+    assert_eq!(in_doubt(&app).await, [("sale/doubt/p".to_string(), 3)]);
 
     let resolve = |pool: &str, sold_units| pb::ResolveInDoubtRequest {
         pool_id: pool.into(),
@@ -140,13 +145,7 @@ async fn an_operator_lists_and_resolves_units_in_doubt_and_the_unsold_sell_again
         .pool
         .unwrap();
     assert_eq!((done.in_doubt, done.sold), (0, 4), "{done:?}");
-    let listed = admin
-        .list_in_doubt_pools(pb::ListInDoubtPoolsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .pools;
-    assert!(listed.is_empty(), "{listed:?}");
+    assert_eq!(in_doubt(&app).await, []);
 
     // A retry finds nothing in doubt any more and counts nothing twice.
     let err = admin
