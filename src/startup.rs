@@ -319,7 +319,7 @@ fn add_services(
         auth.clone(),
         stop,
     );
-    let admin = AdminApi::new(engine.clone(), auth.clone());
+    let admin = AdminApi::new(engine.clone(), auth.clone(), limits.max_id_len);
     let max = args.max_request_bytes;
     Ok(server
         .add_service(reflection_v1)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::{Engine, PoolView};
 use crate::domain::{PoolId, TenantId};
 use crate::error::Error;
-use crate::store::postgres::{AdjustOutcome, CapacityChange, PoolRow};
+use crate::store::postgres::{AdjustOutcome, CapacityChange, PoolRow, Resolution};
 use crate::store::redis::{GrantReply, PoolGrant, RedisPool, ReturnReply};
 
 /// How much of a pool Redis is granted at a time. Redis gets
@@ -234,16 +234,19 @@ impl Engine {
     }
 
     /// An operator states how many of a pool's in-doubt units were really
-    /// sold; the rest become available again. Runs [`Self::serially`].
+    /// sold; the rest become available again. Idempotent by
+    /// `resolution_id`: a retry changes nothing, and the same id for
+    /// another pool or count is ALREADY_EXISTS. Runs [`Self::serially`].
     pub async fn resolve_in_doubt(
         &self,
         tenant: &TenantId,
         pool: &PoolId,
         sold: i64,
+        resolution_id: &str,
     ) -> Result<(), Error> {
-        let (tenant, pool) = (tenant.clone(), pool.clone());
+        let (tenant, pool, id) = (tenant.clone(), pool.clone(), resolution_id.to_owned());
         self.serially(None, move |me| async move {
-            me.resolve_in_doubt_locked(&tenant, &pool, sold).await
+            me.resolve_in_doubt_locked(&tenant, &pool, sold, &id).await
         })
         .await
     }
@@ -253,10 +256,26 @@ impl Engine {
         tenant: &TenantId,
         pool: &PoolId,
         sold: i64,
+        resolution_id: &str,
     ) -> Result<(), Error> {
-        match self.pg.resolve_in_doubt(tenant, pool, sold).await? {
-            Some(_) => {}
-            None => {
+        match self
+            .pg
+            .resolve_in_doubt(tenant, pool, sold, resolution_id)
+            .await?
+        {
+            Resolution::Applied => {}
+            Resolution::Repeated {
+                pool_id,
+                sold_units,
+            } => {
+                if pool_id == pool.as_str() && sold_units == sold {
+                    return Ok(());
+                }
+                return Err(Error::AlreadyExists(format!(
+                    "resolution {resolution_id} already settled {pool_id} with {sold_units} units sold; use a new id"
+                )));
+            }
+            Resolution::Refused => {
                 let row = self
                     .pg
                     .get_pools(tenant, std::slice::from_ref(pool))

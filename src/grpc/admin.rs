@@ -8,7 +8,7 @@ use super::auth::{Auth, Role};
 use super::observe;
 use super::pb;
 use super::pb::admin_service_server::AdminService;
-use crate::domain::PoolId;
+use crate::domain::{PoolId, parse_name};
 use crate::engine::Engine;
 
 const SERVICE: &str = "AdminService";
@@ -17,12 +17,18 @@ const SERVICE: &str = "AdminService";
 pub struct AdminApi {
     engine: Arc<Engine>,
     auth: Arc<Auth>,
+    /// The longest client-chosen id (a resolution's).
+    max_id_len: usize,
 }
 
 impl AdminApi {
     /// An adapter over `engine`.
-    pub fn new(engine: Arc<Engine>, auth: Arc<Auth>) -> Self {
-        Self { engine, auth }
+    pub fn new(engine: Arc<Engine>, auth: Arc<Auth>, max_id_len: usize) -> Self {
+        Self {
+            engine,
+            auth,
+            max_id_len,
+        }
     }
 }
 
@@ -91,6 +97,7 @@ impl AdminService for AdminApi {
                 .await?;
             let r = request.into_inner();
             let id = PoolId::parse("pool_id", &r.pool_id)?;
+            let resolution = parse_name("resolution_id", &r.resolution_id, self.max_id_len)?;
             if r.sold_units < 0 {
                 return Err(crate::Error::invalid(
                     "sold_units",
@@ -98,7 +105,7 @@ impl AdminService for AdminApi {
                 ));
             }
             self.engine
-                .resolve_in_doubt(&caller.tenant, &id, r.sold_units)
+                .resolve_in_doubt(&caller.tenant, &id, r.sold_units, &resolution)
                 .await?;
             let view = self
                 .engine

@@ -106,54 +106,57 @@ async fn an_operator_lists_and_resolves_units_in_doubt_and_the_unsold_sell_again
     let mut admin = app.admin();
     assert_eq!(in_doubt(&app).await, [("sale/doubt/p".to_string(), 3)]);
 
-    let resolve = |pool: &str, sold_units| pb::ResolveInDoubtRequest {
+    let resolve = |pool: &str, sold_units, id: &str| pb::ResolveInDoubtRequest {
         pool_id: pool.into(),
         sold_units,
+        resolution_id: id.into(),
     };
+    let pool = "sale/doubt/p";
     let cases = [
         (
-            resolve("sale/doubt/p", 4),
+            resolve(pool, 4, "r1"),
             Code::FailedPrecondition,
             "3 units in doubt",
         ),
+        (resolve(pool, -1, "r1"), Code::InvalidArgument, "sold_units"),
+        (resolve("", 0, "r1"), Code::InvalidArgument, "pool_id"),
         (
-            resolve("sale/doubt/p", -1),
-            Code::InvalidArgument,
-            "sold_units",
+            resolve("sale/none/p", 0, "r1"),
+            Code::NotFound,
+            "sale/none/p",
         ),
-        (resolve("", 0), Code::InvalidArgument, "pool_id"),
-        (resolve("sale/none/p", 0), Code::NotFound, "sale/none/p"),
+        (resolve(pool, 1, ""), Code::InvalidArgument, "resolution_id"),
+        (
+            resolve(pool, 1, "bad id!"),
+            Code::InvalidArgument,
+            "resolution_id",
+        ),
     ];
     for (req, code, names) in cases {
         let err = admin.resolve_in_doubt(req).await.unwrap_err();
         assert_eq!(err.code(), code, "{err:?}");
         assert!(err.message().contains(names), "{names}: {err:?}");
     }
-    assert_eq!(
-        app.pool("sale/doubt/p").await,
-        lost,
-        "refusals changed nothing"
-    );
+    assert_eq!(app.pool(pool).await, lost, "refusals changed nothing");
 
     // The shop's orders show that 1 of the 3 was sold: the other 2 are
-    // released to sell again.
-    let done = admin
-        .resolve_in_doubt(resolve("sale/doubt/p", 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .pool
-        .unwrap();
+    // released to sell again. (The refusals above left the id unused.)
+    let resolved = async |req| {
+        let r = admin.clone().resolve_in_doubt(req).await;
+        r.unwrap().into_inner().pool.unwrap()
+    };
+    let done = resolved(resolve(pool, 1, "r1")).await;
     assert_eq!((done.in_doubt, done.sold), (0, 4), "{done:?}");
     assert_eq!(in_doubt(&app).await, []);
 
-    // A retry finds nothing in doubt any more and counts nothing twice.
-    let err = admin
-        .resolve_in_doubt(resolve("sale/doubt/p", 1))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert_eq!(app.pool("sale/doubt/p").await.sold, 4);
+    // A retry repeats the answer and counts nothing twice; the same id
+    // for another count, or a new resolution of nothing, is refused.
+    assert_eq!(resolved(resolve(pool, 1, "r1")).await, done);
+    let err = admin.resolve_in_doubt(resolve(pool, 2, "r1")).await;
+    assert_eq!(err.unwrap_err().code(), Code::AlreadyExists);
+    let err = admin.resolve_in_doubt(resolve(pool, 1, "r2")).await;
+    assert_eq!(err.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(app.pool(pool).await, done);
 
     // 10 - 4 sold = 6 to sell, and not one more.
     assert_eq!(sell_one_by_one(&app, "doubt", 9).await, 6);

@@ -295,6 +295,7 @@ async fn another_stores_pools_are_not_found_and_its_units_in_doubt_are_not_liste
     let resolve = pb::ResolveInDoubtRequest {
         pool_id: "sale/spring/p".into(),
         sold_units: 0,
+        resolution_id: "b-resolves".into(),
     };
     let codes = [
         admin

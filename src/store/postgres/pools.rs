@@ -347,25 +347,60 @@ impl PgStore {
         Ok(row.map(|(pool_id, delta)| AdjustOutcome::Repeated { pool_id, delta }))
     }
 
-    /// Settles in-doubt units: `sold` of them were really sold, the rest
-    /// are available again. `None` when the pool has fewer in doubt.
+    /// Settles a pool's in-doubt units under `resolution_id`: `sold` of
+    /// them were really sold, the rest are available again. The id is
+    /// recorded in the same transaction, so a retry finds it and changes
+    /// nothing.
     pub async fn resolve_in_doubt(
         &self,
         tenant: &TenantId,
         pool: &PoolId,
         sold: i64,
-    ) -> Result<Option<i64>, Error> {
-        let row: Option<(i64,)> = sqlx::query_as(
+        resolution_id: &str,
+    ) -> Result<Resolution, Error> {
+        let mut tx = self.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO in_doubt_resolutions (tenant, resolution_id, pool_id, sold_units)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(resolution_id)
+        .bind(pool.as_str())
+        .bind(sold)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await?;
+            let (pool_id, sold_units): (String, i64) = sqlx::query_as(
+                "SELECT pool_id, sold_units FROM in_doubt_resolutions
+                 WHERE tenant = $1 AND resolution_id = $2",
+            )
+            .bind(tenant.as_str())
+            .bind(resolution_id)
+            .fetch_one(&self.pool)
+            .await?;
+            return Ok(Resolution::Repeated {
+                pool_id,
+                sold_units,
+            });
+        }
+        let changed = sqlx::query(
             "UPDATE pools SET sold_prior = sold_prior + $3, in_doubt = 0
-             WHERE tenant = $1 AND pool_id = $2 AND in_doubt >= $3 AND $3 >= 0
-             RETURNING sold_prior",
+             WHERE tenant = $1 AND pool_id = $2 AND in_doubt >= $3 AND $3 >= 0",
         )
         .bind(tenant.as_str())
         .bind(pool.as_str())
         .bind(sold)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| r.0))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            tx.rollback().await?;
+            return Ok(Resolution::Refused);
+        }
+        tx.commit().await?;
+        Ok(Resolution::Applied)
     }
 
     /// Every pool with a grant outstanding, by tenant.
@@ -454,6 +489,23 @@ pub struct CapacityChange<'a> {
     pub reason: &'a str,
     /// Redis's new cumulative `returned` in an epoch, if it gave units back.
     pub returned: Option<(i64, i64)>,
+}
+
+/// How a resolution of units in doubt went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// The units in doubt are settled.
+    Applied,
+    /// This resolution id was used before, for this pool and count.
+    Repeated {
+        /// The pool it settled.
+        pool_id: String,
+        /// The units it said were sold.
+        sold_units: i64,
+    },
+    /// The pool is unknown, or has fewer units in doubt than said sold:
+    /// nothing changed, and the id stays free.
+    Refused,
 }
 
 /// How a capacity change went.
