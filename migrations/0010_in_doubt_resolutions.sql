@@ -5,7 +5,8 @@ CREATE TABLE in_doubt_resolutions (
     tenant        text   NOT NULL REFERENCES tenants (id),
     resolution_id text   NOT NULL,
     pool_id       text   NOT NULL,
-    sold_units    bigint NOT NULL CHECK (sold_units >= 0),
+    in_doubt      bigint NOT NULL CHECK (in_doubt >= 0),
+    sold_units    bigint NOT NULL CHECK (sold_units >= 0 AND sold_units <= in_doubt),
     resolved_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, resolution_id)
 );

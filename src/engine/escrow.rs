@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use super::{Engine, PoolView};
 use crate::domain::{PoolId, TenantId};
 use crate::error::Error;
-use crate::store::postgres::{AdjustOutcome, CapacityChange, PoolRow, Resolution};
+use crate::store::postgres::{
+    AdjustOutcome, CapacityChange, InDoubtResolution, PoolRow, Resolution,
+};
 use crate::store::redis::{GrantReply, PoolGrant, RedisPool, ReturnReply};
 
 /// How much of a pool Redis is granted at a time. Redis gets
@@ -233,20 +235,27 @@ impl Engine {
         })?
     }
 
-    /// An operator states how many of a pool's in-doubt units were really
-    /// sold; the rest become available again. Idempotent by
-    /// `resolution_id`: a retry changes nothing, and the same id for
-    /// another pool or count is ALREADY_EXISTS. Runs [`Self::serially`].
+    /// An operator states how many of a pool's units in doubt were really
+    /// sold, having checked `r.in_doubt` of them; the rest become available
+    /// again. Refused when the pool has another count in doubt now. A
+    /// retry under the same id changes nothing but finishes the job (loads
+    /// the pool into Redis); the same id for another resolution is
+    /// ALREADY_EXISTS. Runs [`Self::serially`].
     pub async fn resolve_in_doubt(
         &self,
         tenant: &TenantId,
         pool: &PoolId,
-        sold: i64,
-        resolution_id: &str,
+        r: &InDoubtResolution<'_>,
     ) -> Result<(), Error> {
-        let (tenant, pool, id) = (tenant.clone(), pool.clone(), resolution_id.to_owned());
+        let (tenant, pool) = (tenant.clone(), pool.clone());
+        let (id, in_doubt, sold) = (r.resolution_id.to_owned(), r.in_doubt, r.sold);
         self.serially(None, move |me| async move {
-            me.resolve_in_doubt_locked(&tenant, &pool, sold, &id).await
+            let r = InDoubtResolution {
+                resolution_id: &id,
+                in_doubt,
+                sold,
+            };
+            me.resolve_in_doubt_locked(&tenant, &pool, &r).await
         })
         .await
     }
@@ -255,24 +264,18 @@ impl Engine {
         &self,
         tenant: &TenantId,
         pool: &PoolId,
-        sold: i64,
-        resolution_id: &str,
+        r: &InDoubtResolution<'_>,
     ) -> Result<(), Error> {
-        match self
-            .pg
-            .resolve_in_doubt(tenant, pool, sold, resolution_id)
-            .await?
-        {
-            Resolution::Applied => {}
-            Resolution::Repeated {
+        match self.pg.resolve_in_doubt(tenant, pool, r).await? {
+            Resolution::Applied | Resolution::Repeated => {}
+            Resolution::IdTaken {
                 pool_id,
-                sold_units,
+                in_doubt,
+                sold,
             } => {
-                if pool_id == pool.as_str() && sold_units == sold {
-                    return Ok(());
-                }
                 return Err(Error::AlreadyExists(format!(
-                    "resolution {resolution_id} already settled {pool_id} with {sold_units} units sold; use a new id"
+                    "resolution {} already settled {in_doubt} units in doubt of {pool_id}, {sold} of them sold; use a new id",
+                    r.resolution_id
                 )));
             }
             Resolution::Refused => {
@@ -283,9 +286,9 @@ impl Engine {
                     .pop();
                 return Err(match row {
                     None => Error::NotFound(format!("pool {pool}")),
-                    Some(r) => Error::FailedPrecondition(format!(
-                        "pool {pool} has {} units in doubt, fewer than {sold}",
-                        r.in_doubt
+                    Some(row) => Error::FailedPrecondition(format!(
+                        "pool {pool} has {} units in doubt, not {}: look again and resolve what is there",
+                        row.in_doubt, r.in_doubt
                     )),
                 });
             }

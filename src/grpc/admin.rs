@@ -10,6 +10,7 @@ use super::pb;
 use super::pb::admin_service_server::AdminService;
 use crate::domain::{PoolId, parse_name};
 use crate::engine::Engine;
+use crate::store::postgres::InDoubtResolution;
 
 const SERVICE: &str = "AdminService";
 
@@ -97,15 +98,29 @@ impl AdminService for AdminApi {
                 .await?;
             let r = request.into_inner();
             let id = PoolId::parse("pool_id", &r.pool_id)?;
-            let resolution = parse_name("resolution_id", &r.resolution_id, self.max_id_len)?;
-            if r.sold_units < 0 {
+            let resolution_id = parse_name("resolution_id", &r.resolution_id, self.max_id_len)?;
+            if r.in_doubt_units < 0 {
                 return Err(crate::Error::invalid(
-                    "sold_units",
-                    format!("must not be negative, got {}", r.sold_units),
+                    "in_doubt_units",
+                    format!("must not be negative, got {}", r.in_doubt_units),
                 ));
             }
+            if !(0..=r.in_doubt_units).contains(&r.sold_units) {
+                return Err(crate::Error::invalid(
+                    "sold_units",
+                    format!(
+                        "must be between 0 and in_doubt_units ({}), got {}",
+                        r.in_doubt_units, r.sold_units
+                    ),
+                ));
+            }
+            let resolution = InDoubtResolution {
+                resolution_id: &resolution_id,
+                in_doubt: r.in_doubt_units,
+                sold: r.sold_units,
+            };
             self.engine
-                .resolve_in_doubt(&caller.tenant, &id, r.sold_units, &resolution)
+                .resolve_in_doubt(&caller.tenant, &id, &resolution)
                 .await?;
             let view = self
                 .engine

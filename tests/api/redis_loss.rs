@@ -106,28 +106,49 @@ async fn an_operator_lists_and_resolves_units_in_doubt_and_the_unsold_sell_again
     let mut admin = app.admin();
     assert_eq!(in_doubt(&app).await, [("sale/doubt/p".to_string(), 3)]);
 
-    let resolve = |pool: &str, sold_units, id: &str| pb::ResolveInDoubtRequest {
+    // Each request says how many units in doubt the operator checked.
+    let resolve = |pool: &str, in_doubt_units, sold_units, id: &str| pb::ResolveInDoubtRequest {
         pool_id: pool.into(),
+        in_doubt_units,
         sold_units,
         resolution_id: id.into(),
     };
     let pool = "sale/doubt/p";
     let cases = [
+        // Not the count the pool has: the operator's look is stale.
         (
-            resolve(pool, 4, "r1"),
+            resolve(pool, 2, 1, "r1"),
             Code::FailedPrecondition,
-            "3 units in doubt",
+            "3 units in doubt, not 2",
         ),
-        (resolve(pool, -1, "r1"), Code::InvalidArgument, "sold_units"),
-        (resolve("", 0, "r1"), Code::InvalidArgument, "pool_id"),
         (
-            resolve("sale/none/p", 0, "r1"),
+            resolve(pool, 3, 4, "r1"),
+            Code::InvalidArgument,
+            "sold_units",
+        ),
+        (
+            resolve(pool, 3, -1, "r1"),
+            Code::InvalidArgument,
+            "sold_units",
+        ),
+        (
+            resolve(pool, -1, 0, "r1"),
+            Code::InvalidArgument,
+            "in_doubt_units",
+        ),
+        (resolve("", 3, 0, "r1"), Code::InvalidArgument, "pool_id"),
+        (
+            resolve("sale/none/p", 3, 0, "r1"),
             Code::NotFound,
             "sale/none/p",
         ),
-        (resolve(pool, 1, ""), Code::InvalidArgument, "resolution_id"),
         (
-            resolve(pool, 1, "bad id!"),
+            resolve(pool, 3, 1, ""),
+            Code::InvalidArgument,
+            "resolution_id",
+        ),
+        (
+            resolve(pool, 3, 1, "bad id!"),
             Code::InvalidArgument,
             "resolution_id",
         ),
@@ -145,17 +166,22 @@ async fn an_operator_lists_and_resolves_units_in_doubt_and_the_unsold_sell_again
         let r = admin.clone().resolve_in_doubt(req).await;
         r.unwrap().into_inner().pool.unwrap()
     };
-    let done = resolved(resolve(pool, 1, "r1")).await;
+    let done = resolved(resolve(pool, 3, 1, "r1")).await;
     assert_eq!((done.in_doubt, done.sold), (0, 4), "{done:?}");
     assert_eq!(in_doubt(&app).await, []);
 
     // A retry repeats the answer and counts nothing twice; the same id
-    // for another count, or a new resolution of nothing, is refused.
-    assert_eq!(resolved(resolve(pool, 1, "r1")).await, done);
-    let err = admin.resolve_in_doubt(resolve(pool, 2, "r1")).await;
-    assert_eq!(err.unwrap_err().code(), Code::AlreadyExists);
-    let err = admin.resolve_in_doubt(resolve(pool, 1, "r2")).await;
-    assert_eq!(err.unwrap_err().code(), Code::FailedPrecondition);
+    // for another resolution, or a new one of what is no longer in doubt,
+    // is refused.
+    assert_eq!(resolved(resolve(pool, 3, 1, "r1")).await, done);
+    for (req, code) in [
+        (resolve(pool, 3, 2, "r1"), Code::AlreadyExists),
+        (resolve("sale/other/p", 3, 1, "r1"), Code::AlreadyExists),
+        (resolve(pool, 3, 1, "r2"), Code::FailedPrecondition),
+    ] {
+        let err = admin.resolve_in_doubt(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+    }
     assert_eq!(app.pool(pool).await, done);
 
     // 10 - 4 sold = 6 to sell, and not one more.

@@ -347,51 +347,59 @@ impl PgStore {
         Ok(row.map(|(pool_id, delta)| AdjustOutcome::Repeated { pool_id, delta }))
     }
 
-    /// Settles a pool's in-doubt units under `resolution_id`: `sold` of
-    /// them were really sold, the rest are available again. The id is
+    /// Settles a pool's units in doubt under `resolution_id`, if the pool
+    /// has exactly `r.in_doubt` of them (what the operator checked): `sold`
+    /// of them were really sold, the rest are available again. The id is
     /// recorded in the same transaction, so a retry finds it and changes
     /// nothing.
     pub async fn resolve_in_doubt(
         &self,
         tenant: &TenantId,
         pool: &PoolId,
-        sold: i64,
-        resolution_id: &str,
+        r: &InDoubtResolution<'_>,
     ) -> Result<Resolution, Error> {
         let mut tx = self.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO in_doubt_resolutions (tenant, resolution_id, pool_id, sold_units)
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            "INSERT INTO in_doubt_resolutions (tenant, resolution_id, pool_id, in_doubt, sold_units)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
         .bind(tenant.as_str())
-        .bind(resolution_id)
+        .bind(r.resolution_id)
         .bind(pool.as_str())
-        .bind(sold)
+        .bind(r.in_doubt)
+        .bind(r.sold)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if inserted == 0 {
             tx.rollback().await?;
-            let (pool_id, sold_units): (String, i64) = sqlx::query_as(
-                "SELECT pool_id, sold_units FROM in_doubt_resolutions
+            let (pool_id, in_doubt, sold): (String, i64, i64) = sqlx::query_as(
+                "SELECT pool_id, in_doubt, sold_units FROM in_doubt_resolutions
                  WHERE tenant = $1 AND resolution_id = $2",
             )
             .bind(tenant.as_str())
-            .bind(resolution_id)
+            .bind(r.resolution_id)
             .fetch_one(&self.pool)
             .await?;
-            return Ok(Resolution::Repeated {
-                pool_id,
-                sold_units,
+            let same = pool_id == pool.as_str() && (in_doubt, sold) == (r.in_doubt, r.sold);
+            return Ok(if same {
+                Resolution::Repeated
+            } else {
+                Resolution::IdTaken {
+                    pool_id,
+                    in_doubt,
+                    sold,
+                }
             });
         }
         let changed = sqlx::query(
-            "UPDATE pools SET sold_prior = sold_prior + $3, in_doubt = 0
-             WHERE tenant = $1 AND pool_id = $2 AND in_doubt >= $3 AND $3 >= 0",
+            "UPDATE pools SET sold_prior = sold_prior + $4, in_doubt = 0
+             WHERE tenant = $1 AND pool_id = $2 AND in_doubt = $3 AND $4 BETWEEN 0 AND $3",
         )
         .bind(tenant.as_str())
         .bind(pool.as_str())
-        .bind(sold)
+        .bind(r.in_doubt)
+        .bind(r.sold)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -491,19 +499,34 @@ pub struct CapacityChange<'a> {
     pub returned: Option<(i64, i64)>,
 }
 
+/// An operator's resolution of a pool's units in doubt.
+#[derive(Debug, Clone, Copy)]
+pub struct InDoubtResolution<'a> {
+    /// The caller's id for it.
+    pub resolution_id: &'a str,
+    /// The units in doubt the operator checked: all the pool has.
+    pub in_doubt: i64,
+    /// How many of them were sold.
+    pub sold: i64,
+}
+
 /// How a resolution of units in doubt went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
     /// The units in doubt are settled.
     Applied,
-    /// This resolution id was used before, for this pool and count.
-    Repeated {
+    /// This resolution was made before, under the same id: nothing changed.
+    Repeated,
+    /// The id was used before for another resolution, given here.
+    IdTaken {
         /// The pool it settled.
         pool_id: String,
-        /// The units it said were sold.
-        sold_units: i64,
+        /// The units in doubt it settled.
+        in_doubt: i64,
+        /// Of which sold.
+        sold: i64,
     },
-    /// The pool is unknown, or has fewer units in doubt than said sold:
+    /// The pool is unknown, or its units in doubt are not the count given:
     /// nothing changed, and the id stays free.
     Refused,
 }
