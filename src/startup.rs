@@ -162,15 +162,29 @@ impl Application {
         set_health(&health, ServingStatus::Serving).await;
         let metrics_addr = self.metrics_addr();
         let addr = self.grpc.local_addr()?;
-        let metrics_task = tokio::spawn(telemetry::serve_metrics(
-            self.metrics,
-            telemetry::metrics_handle(),
-        ));
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let outbox_settings = self.args.outbox();
         let client = SatelliteClient::new(outbox_settings.timeout);
         let channels = Arc::new(Channels::new(self.engine.clone(), client.clone()));
+        // The services first: a failure to build them stops the start
+        // before any task runs.
+        let mut server = Server::builder();
+        if let Some(tls) = &self.tls {
+            server = server.tls_config(tls.clone())?;
+        }
+        let router = add_services(
+            server,
+            &self.args,
+            &self.engine,
+            &self.auth,
+            channels.clone(),
+            stop_rx.clone(),
+        )?;
+        let metrics_task = tokio::spawn(telemetry::serve_metrics(
+            self.metrics,
+            telemetry::metrics_handle(),
+        ));
         let jobs = start_jobs(&self.args, &self.engine, &channels, client, &stop_rx);
 
         tracing::info!(%addr, metrics = %metrics_addr, tls = self.tls.is_some(), "holdfast serving");
@@ -183,18 +197,6 @@ impl Application {
                 let _ = stop_tx.send(true);
             }
         };
-        let mut server = Server::builder();
-        if let Some(tls) = &self.tls {
-            server = server.tls_config(tls.clone())?;
-        }
-        let router = add_services(
-            server,
-            &self.args,
-            &self.engine,
-            &self.auth,
-            channels,
-            stop_rx,
-        )?;
         let served = router
             .add_service(health_service)
             .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(self.grpc)), signal)
