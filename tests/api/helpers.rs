@@ -94,6 +94,11 @@ pub const STORE_A_CHECKOUT: &str = "store-a:checkout:key-for-store-a-checkout";
 
 /// A daemon with keys for two stores (the three above) and no dev mode.
 pub async fn spawn_two_stores() -> TestApp {
+    spawn_two_stores_with(|_| {}).await
+}
+
+/// [`spawn_two_stores`], with settings changed by `configure`.
+pub async fn spawn_two_stores_with(configure: impl FnOnce(&mut ServeArgs)) -> TestApp {
     spawn_app_with(|a| {
         a.dev = false;
         a.api_keys = vec![
@@ -101,6 +106,7 @@ pub async fn spawn_two_stores() -> TestApp {
             STORE_B_ADMIN.into(),
             STORE_A_CHECKOUT.into(),
         ];
+        configure(a);
     })
     .await
 }

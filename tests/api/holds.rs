@@ -253,17 +253,18 @@ async fn a_burst_of_expired_holds_never_blocks_a_claim() {
     let app = spawn_app_with(|a| a.sweep_interval_ms = 3_600_000).await;
     app.live_sale("s", &[("card", Some(1)), ("many", Some(10_000))], 0)
         .await;
-    // A TTL long enough that none expires while they are made (a take
-    // finalises up to 100 due holds on its way, which would thin the burst).
+    // A TTL long enough that none expires while they are made, even on a
+    // busy machine (a take finalises up to 100 due holds on its way, which
+    // would thin the burst).
     let mut flash = app.flash();
     for i in 0..300 {
         flash
-            .create_cart_hold(cart_hold(&format!("m{i}"), "s", &[("many", 1)], 3))
+            .create_cart_hold(cart_hold(&format!("m{i}"), "s", &[("many", 1)], 6))
             .await
             .unwrap();
     }
     let last = flash
-        .create_cart_hold(cart_hold("card-hold", "s", &[("card", 1)], 4))
+        .create_cart_hold(cart_hold("card-hold", "s", &[("card", 1)], 7))
         .await
         .unwrap()
         .into_inner()

@@ -10,7 +10,7 @@ use tonic::Code;
 
 use crate::helpers::{
     STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, TestApp, claim, live_sale_request,
-    spawn_two_stores, with_key,
+    spawn_two_stores, spawn_two_stores_with, with_key,
 };
 use crate::reservations::{key, reserve};
 use crate::slots::{tomorrow, venue_requests};
@@ -20,7 +20,8 @@ async fn set_stock(app: &TestApp, store: &str, product: &str, on_hand: i64) -> p
     let set = pb::SetStockRequest {
         key: key(product, ""),
         on_hand,
-        adjustment_id: format!("set-{product}-{on_hand}"),
+        // The same id in every store: ids are the store's own.
+        adjustment_id: format!("set-{product}"),
         reason: "initial".into(),
     };
     let r = app.reservations().set_stock(with_key(set, store)).await;
@@ -226,38 +227,71 @@ async fn another_stores_venues_and_slot_reservations_are_not_found() {
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_watch_sees_only_its_own_stores_events() {
-    let app = spawn_two_stores().await;
-    let mut flash = app.flash();
-    for store in [STORE_A_ADMIN, STORE_B_ADMIN] {
-        let sale = live_sale_request("spring", &[("p", Some(10))]);
-        flash.create_sale(with_key(sale, store)).await.unwrap();
-    }
-    let watch = pb::WatchRequest {
-        after_event_id: String::new(),
-    };
-    let mut stream = app
-        .events()
-        .watch(with_key(watch, STORE_A_CHECKOUT))
-        .await
-        .unwrap()
-        .into_inner();
-
-    // B sells first, then A: A's first event must be its own.
-    for (id, store) in [("claim-b", STORE_B_ADMIN), ("claim-a", STORE_A_CHECKOUT)] {
-        let r = flash
-            .claim(with_key(claim(id, "spring", &[("p", 1)]), store))
-            .await
-            .unwrap();
-        assert_eq!(r.get_ref().outcome(), Outcome::Ok);
-    }
-    let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+/// A's next event on `stream`, within 10 s.
+async fn next_event(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
         .await
         .expect("an event within 10 s")
         .expect("the stream is open")
-        .expect("an event, not an error");
-    assert_eq!(first.hold_id, "claim-a", "{first:?}");
+        .expect("an event, not an error")
+}
+
+#[tokio::test]
+async fn a_watch_sees_only_its_own_stores_events_live_and_replayed() {
+    // Events leave Redis once drained, so a resume from the start is
+    // replayed from Postgres's audit log.
+    let app = spawn_two_stores_with(|a| a.event_keep_secs = 0).await;
+    let mut flash = app.flash();
+    for store in [STORE_A_ADMIN, STORE_B_ADMIN] {
+        let sale = live_sale_request("spring", &[("p", Some(1_000))]);
+        flash.create_sale(with_key(sale, store)).await.unwrap();
+    }
+    let watch = |after: &str| {
+        let req = pb::WatchRequest {
+            after_event_id: after.into(),
+        };
+        let mut events = app.events();
+        async move {
+            let r = events.watch(with_key(req, STORE_A_CHECKOUT)).await;
+            r.unwrap().into_inner()
+        }
+    };
+    let sell = |id: String, store: &'static str| {
+        let mut flash = app.flash();
+        async move {
+            let r = flash.claim(with_key(claim(&id, "spring", &[("p", 1)]), store));
+            assert_eq!(r.await.unwrap().get_ref().outcome(), Outcome::Ok);
+        }
+    };
+    let mut live = watch("").await;
+
+    // B sells first, then A: A's first event must be its own.
+    sell("claim-b".into(), STORE_B_ADMIN).await;
+    sell("claim-a0".into(), STORE_A_CHECKOUT).await;
+    assert_eq!(next_event(&mut live).await.hold_id, "claim-a0");
+
+    // Once A's first events are drained and trimmed from Redis (the trim
+    // takes whole stream nodes of 100 entries, oldest first), a resume
+    // from the start replays them from Postgres, then reads the rest from
+    // the stream: A's, in order, and none of B's.
+    let mine: Vec<String> = (0..150).map(|i| format!("claim-a{i}")).collect();
+    for id in &mine[1..] {
+        sell(id.clone(), STORE_A_CHECKOUT).await;
+    }
+    let con = app.redis().await;
+    let a_stream = format!("{}:{{store-a}}:events", app.redis_prefix);
+    app.eventually("A's first claims trimmed from Redis", || {
+        let (mut con, key) = (con.clone(), a_stream.clone());
+        async move {
+            let len: usize = con.xlen(&key).await.unwrap();
+            (len < 150).then_some(())
+        }
+    })
+    .await;
+    let mut replayed = watch("0-0").await;
+    for id in &mine {
+        assert_eq!(&next_event(&mut replayed).await.hold_id, id);
+    }
     app.shutdown().await;
 }
 
@@ -294,6 +328,7 @@ async fn another_stores_pools_are_not_found_and_its_units_in_doubt_are_not_liste
     };
     let resolve = pb::ResolveInDoubtRequest {
         pool_id: "sale/spring/p".into(),
+        in_doubt_units: doubt,
         sold_units: 0,
         resolution_id: "b-resolves".into(),
     };

@@ -31,7 +31,9 @@ pub struct Report {
     pub successes: u64,
     pub errors: u64,
     pub oversold: i64,
-    /// Acknowledged sales absent from both stores, whatever is in doubt.
+    /// Acknowledged sales Postgres has no record of (neither an audit row
+    /// nor a fallback hold) once the drainer caught up, whatever is in
+    /// doubt.
     pub missing_acked: i64,
     /// Of those, more than the pools' units in doubt can account for.
     pub lost_acked: i64,

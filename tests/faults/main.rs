@@ -236,6 +236,8 @@ fn problems(
             failover.is_some(),
             "no sale succeeded after the fault struck",
         ),
+        // (Faults that leave Redis alone never open the circuit: for them
+        // this holds at once.)
         (
             back.is_some(),
             "the Redis circuit did not close within 20 s",

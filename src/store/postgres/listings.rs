@@ -320,9 +320,6 @@ impl PgStore {
     }
 }
 
-/// The next number of the `listing_version` sequence. Called after the
-/// change has locked its listing rows, so numbers follow the order in
-/// which Postgres applies changes to any one listing.
 /// Why each of `cards` may not go live on `channel` (`engage_rule`), read
 /// with the cards' rows locked; the cards are created first if new. `ids`
 /// are the cards' ids, sorted, so concurrent engages lock in one order.
@@ -426,6 +423,9 @@ async fn list_on(
         .collect())
 }
 
+/// The next number of the `listing_version` sequence. Called after the
+/// change has locked its listing rows, so numbers follow the order in
+/// which Postgres applies changes to any one listing.
 async fn next_version(tx: &mut Transaction<'_, Postgres>) -> Result<i64, Error> {
     Ok(sqlx::query_scalar("SELECT nextval('listing_version')")
         .fetch_one(&mut **tx)
