@@ -245,16 +245,10 @@ impl Engine {
         &self,
         tenant: &TenantId,
         pool: &PoolId,
-        r: &InDoubtResolution<'_>,
+        r: &InDoubtResolution,
     ) -> Result<(), Error> {
-        let (tenant, pool) = (tenant.clone(), pool.clone());
-        let (id, in_doubt, sold) = (r.resolution_id.to_owned(), r.in_doubt, r.sold);
+        let (tenant, pool, r) = (tenant.clone(), pool.clone(), r.clone());
         self.serially(None, move |me| async move {
-            let r = InDoubtResolution {
-                resolution_id: &id,
-                in_doubt,
-                sold,
-            };
             me.resolve_in_doubt_locked(&tenant, &pool, &r).await
         })
         .await
@@ -264,7 +258,7 @@ impl Engine {
         &self,
         tenant: &TenantId,
         pool: &PoolId,
-        r: &InDoubtResolution<'_>,
+        r: &InDoubtResolution,
     ) -> Result<(), Error> {
         match self.pg.resolve_in_doubt(tenant, pool, r).await? {
             Resolution::Applied | Resolution::Repeated => {}

@@ -115,7 +115,7 @@ impl AdminService for AdminApi {
                 ));
             }
             let resolution = InDoubtResolution {
-                resolution_id: &resolution_id,
+                resolution_id,
                 in_doubt: r.in_doubt_units,
                 sold: r.sold_units,
             };

@@ -356,7 +356,7 @@ impl PgStore {
         &self,
         tenant: &TenantId,
         pool: &PoolId,
-        r: &InDoubtResolution<'_>,
+        r: &InDoubtResolution,
     ) -> Result<Resolution, Error> {
         let mut tx = self.begin().await?;
         let inserted = sqlx::query(
@@ -364,7 +364,7 @@ impl PgStore {
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
         .bind(tenant.as_str())
-        .bind(r.resolution_id)
+        .bind(&r.resolution_id)
         .bind(pool.as_str())
         .bind(r.in_doubt)
         .bind(r.sold)
@@ -378,7 +378,7 @@ impl PgStore {
                  WHERE tenant = $1 AND resolution_id = $2",
             )
             .bind(tenant.as_str())
-            .bind(r.resolution_id)
+            .bind(&r.resolution_id)
             .fetch_one(&self.pool)
             .await?;
             let same = pool_id == pool.as_str() && (in_doubt, sold) == (r.in_doubt, r.sold);
@@ -500,10 +500,10 @@ pub struct CapacityChange<'a> {
 }
 
 /// An operator's resolution of a pool's units in doubt.
-#[derive(Debug, Clone, Copy)]
-pub struct InDoubtResolution<'a> {
+#[derive(Debug, Clone)]
+pub struct InDoubtResolution {
     /// The caller's id for it.
-    pub resolution_id: &'a str,
+    pub resolution_id: String,
     /// The units in doubt the operator checked: all the pool has.
     pub in_doubt: i64,
     /// How many of them were sold.
