@@ -17,7 +17,8 @@ async fn watch(app: &TestApp, after_event_id: String) -> tonic::Streaming<pb::Wa
         .into_inner()
 }
 
-async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
+/// The next event on `stream`, within 10 s.
+pub(crate) async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
     tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
         .await
         .expect("an event within 10 s")

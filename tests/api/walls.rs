@@ -5,9 +5,9 @@
 
 use holdfast::grpc::pb::{self, Outcome, ReservationState, ReserveOutcome, SlotOutcome};
 use redis::AsyncCommands;
-use tokio_stream::StreamExt;
 use tonic::Code;
 
+use crate::events::next;
 use crate::helpers::{
     STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, TestApp, claim, live_sale_request,
     spawn_two_stores, spawn_two_stores_with, with_key,
@@ -227,15 +227,6 @@ async fn another_stores_venues_and_slot_reservations_are_not_found() {
     app.shutdown().await;
 }
 
-/// A's next event on `stream`, within 10 s.
-async fn next_event(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
-    tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
-        .await
-        .expect("an event within 10 s")
-        .expect("the stream is open")
-        .expect("an event, not an error")
-}
-
 #[tokio::test]
 async fn a_watch_sees_only_its_own_stores_events_live_and_replayed() {
     // Events leave Redis once drained, so a resume from the start is
@@ -268,7 +259,7 @@ async fn a_watch_sees_only_its_own_stores_events_live_and_replayed() {
     // B sells first, then A: A's first event must be its own.
     sell("claim-b".into(), STORE_B_ADMIN).await;
     sell("claim-a0".into(), STORE_A_CHECKOUT).await;
-    assert_eq!(next_event(&mut live).await.hold_id, "claim-a0");
+    assert_eq!(next(&mut live).await.hold_id, "claim-a0");
 
     // Once A's first events are drained and trimmed from Redis (the trim
     // takes whole stream nodes of 100 entries, oldest first), a resume
@@ -290,7 +281,7 @@ async fn a_watch_sees_only_its_own_stores_events_live_and_replayed() {
     .await;
     let mut replayed = watch("0-0").await;
     for id in &mine {
-        assert_eq!(&next_event(&mut replayed).await.hold_id, id);
+        assert_eq!(&next(&mut replayed).await.hold_id, id);
     }
     app.shutdown().await;
 }
