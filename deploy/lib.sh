@@ -144,7 +144,31 @@ start_servers() {
   export HOLDFAST_DATABASE_URL="postgres://holdfast@127.0.0.1:$PG_PORT/holdfast"
 }
 
-# A free TCP port on loopback.
+# A free TCP port on loopback, below the kernel's ephemeral range, as
+# src/bench/mod.rs's free_port explains: a port from that range can be
+# handed to an outgoing connection (or a self-connect) before the server
+# binds it.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 - <<'PY'
+import random, socket
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+for _ in range(100 if low > 10000 else 0):
+    port = random.randrange(10000, low)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    break
+else:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+PY
 }

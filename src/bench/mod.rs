@@ -304,7 +304,36 @@ impl Drop for Daemon {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// The lowest port [`free_port`] hands out: above the well-known and most
+/// registered services' ports.
+const PORT_FLOOR: u16 = 10_000;
+
+/// A loopback port nothing listens on, for a server about to start.
+///
+/// Chosen below the kernel's ephemeral range (`ip_local_port_range`,
+/// 32768 by default), never by binding port 0. The kernel also hands ports
+/// from that range to outgoing connections, so a port taken from it can be
+/// taken again before the server binds it, or while a server is down for a
+/// restart; worse, a connect to a port in the range that nothing listens on
+/// can pick that same port as its source and connect to itself (a TCP
+/// self-connect), and then holds the port. A retrying client waiting for a
+/// restarted Redis (the fault suite kills and restarts one on its port)
+/// makes that likely enough to matter. Below the range only an explicit
+/// bind takes a port, and a random pick makes two of those unlikely to meet.
+pub fn free_port() -> anyhow::Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > PORT_FLOOR {
+        for _ in 0..100 {
+            let port = rand::random_range(PORT_FLOOR..ephemeral_low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    // A machine whose ephemeral range starts low: let the kernel choose.
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

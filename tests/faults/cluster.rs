@@ -14,13 +14,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// A free loopback port.
+/// A free loopback port, below the ephemeral range (the bench's
+/// `free_port` says why: Redis restarts on its port here).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    holdfast::bench::free_port().expect("a free loopback port")
 }
 
 fn run(cmd: &mut Command) {
