@@ -127,9 +127,24 @@ pub async fn deliveries(app: &TestApp, channel: &str, event: &str) -> Vec<pb::De
 /// Waits until every delivery of `event` to `channel` is acknowledged and
 /// there is at least one; returns them.
 pub async fn delivered(app: &TestApp, channel: &str, event: &str) -> Vec<pb::Delivery> {
-    app.eventually(&format!("{event} to {channel} delivered"), || async {
-        let d = deliveries(app, channel, event).await;
-        (!d.is_empty() && d.iter().all(|d| d.state() == pb::DeliveryState::Delivered)).then_some(d)
-    })
+    delivered_at_least(app, channel, event, 1).await
+}
+
+/// Waits until there are at least `count` deliveries of `event` to
+/// `channel` and every one is acknowledged; returns them.
+pub async fn delivered_at_least(
+    app: &TestApp,
+    channel: &str,
+    event: &str,
+    count: usize,
+) -> Vec<pb::Delivery> {
+    app.eventually(
+        &format!("{count} {event} to {channel} delivered"),
+        || async {
+            let d = deliveries(app, channel, event).await;
+            (d.len() >= count && d.iter().all(|d| d.state() == pb::DeliveryState::Delivered))
+                .then_some(d)
+        },
+    )
     .await
 }

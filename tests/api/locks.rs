@@ -4,7 +4,8 @@ use holdfast::grpc::pb::{self, AcquireOutcome, CardConflictReason, ListingStatus
 use tonic::Code;
 
 use crate::cards::{
-    acquire, card, delivered, deliveries, dual_listing, engage, lock, satellite, status_on,
+    acquire, card, delivered, delivered_at_least, deliveries, dual_listing, engage, lock,
+    satellite, status_on,
 };
 use crate::helpers::{
     STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, spawn_app, spawn_app_with, spawn_two_stores,
@@ -116,6 +117,22 @@ async fn the_checkout_race_sells_the_card_once_and_tells_the_other_satellite_onc
         retry.unwrap().into_inner().lock.unwrap().order_id,
         "cs_test_1"
     );
+
+    // Neither the retry nor a later outbox pass tells ThisOrThat twice:
+    // once a later sale's webhook has arrived, card-1's is still the only
+    // one of its kind, as a row and as a request.
+    engage(&app, "storefront", &["card-3"]).await;
+    engage(&app, "thisorthat", &["card-3"]).await;
+    lock(&app, "lock-e", "storefront", &["card-3"]).await;
+    app.locks()
+        .complete_sale_locks(lock_ref("lock-e"))
+        .await
+        .unwrap();
+    let d = delivered_at_least(&app, "thisorthat", "bulk-disengage", 2).await;
+    assert_eq!(d.len(), 2, "{d:?}");
+    let got = tot.received("bulk-disengage");
+    let lock_refs: Vec<_> = got.iter().map(|r| r.body["lock_ref"].clone()).collect();
+    assert_eq!(lock_refs, ["lock-a", "lock-e"], "{got:?}");
     app.shutdown().await;
 }
 
