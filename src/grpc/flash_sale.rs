@@ -1,6 +1,7 @@
 //! `holdfast.v1.FlashSaleService`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -37,6 +38,29 @@ impl FlashSaleApi {
 
     fn hold_id(&self, field: &str, value: &str) -> Result<HoldId, Error> {
         HoldId::parse(field, value, self.limits.max_id_len)
+    }
+
+    /// A claim's (`ttl` `None`) or a cart hold's take, its request's
+    /// fields checked.
+    fn take(
+        &self,
+        id: HoldId,
+        ttl: Option<Duration>,
+        sale_id: String,
+        customer_id: String,
+        lines: Vec<pb::ClaimLine>,
+    ) -> Result<SaleTake, Error> {
+        Ok(SaleTake {
+            id,
+            sale_id: parse_name("sale_id", &sale_id, NAME_LEN)?,
+            customer_id: convert::optional_name(
+                "customer_id",
+                customer_id,
+                self.limits.max_id_len,
+            )?,
+            lines: self.lines(lines)?,
+            ttl,
+        })
     }
 
     fn lines(&self, lines: Vec<pb::ClaimLine>) -> Result<Vec<ProductLine>, Error> {
@@ -155,6 +179,48 @@ fn hold_pb(h: Hold) -> pb::CartHold {
     }
 }
 
+/// What a claim and a cart hold answer alike.
+struct Answer {
+    outcome: Outcome,
+    /// Each short line, when sold out.
+    shortages: Vec<pb::Shortage>,
+    /// The customer's units already taken, when over their limit.
+    customer_units: i64,
+    /// The hold, when taken.
+    taken: Option<Hold>,
+}
+
+impl Answer {
+    fn of(outcome: TakeOutcome) -> Self {
+        let ok = Answer {
+            outcome: Outcome::Ok,
+            shortages: Vec::new(),
+            customer_units: 0,
+            taken: None,
+        };
+        match outcome {
+            TakeOutcome::Taken(hold) => Answer {
+                taken: Some(hold),
+                ..ok
+            },
+            TakeOutcome::SoldOut(short) => Answer {
+                outcome: Outcome::SoldOut,
+                shortages: shortages(short),
+                ..ok
+            },
+            TakeOutcome::NotActive(_) => Answer {
+                outcome: Outcome::NotActive,
+                ..ok
+            },
+            TakeOutcome::CustomerLimit(used) => Answer {
+                outcome: Outcome::CustomerLimit,
+                customer_units: used,
+                ..ok
+            },
+        }
+    }
+}
+
 fn shortages(short: Vec<crate::domain::Shortage>) -> Vec<pb::Shortage> {
     short
         .into_iter()
@@ -214,34 +280,15 @@ impl FlashSaleService for FlashSaleApi {
                 .caller(&request, Role::Checkout, &request.get_ref().claim_id)
                 .await?;
             let r = request.into_inner();
-            let take = SaleTake {
-                id: self.hold_id("claim_id", &r.claim_id)?,
-                sale_id: parse_name("sale_id", &r.sale_id, NAME_LEN)?,
-                customer_id: convert::optional_name(
-                    "customer_id",
-                    r.customer_id,
-                    self.limits.max_id_len,
-                )?,
-                lines: self.lines(r.lines)?,
-                ttl: None,
-            };
-            let mut resp = pb::ClaimResponse::default();
-            match self.sales.take(&caller.tenant, take).await? {
-                TakeOutcome::Taken(hold) => {
-                    resp.set_outcome(Outcome::Ok);
-                    resp.claimed_at = Some(ms_timestamp(hold.created_at_ms));
-                }
-                TakeOutcome::SoldOut(short) => {
-                    resp.set_outcome(Outcome::SoldOut);
-                    resp.shortages = shortages(short);
-                }
-                TakeOutcome::NotActive(_) => resp.set_outcome(Outcome::NotActive),
-                TakeOutcome::CustomerLimit(used) => {
-                    resp.set_outcome(Outcome::CustomerLimit);
-                    resp.customer_units = used;
-                }
-            }
-            Ok(resp)
+            let id = self.hold_id("claim_id", &r.claim_id)?;
+            let take = self.take(id, None, r.sale_id, r.customer_id, r.lines)?;
+            let a = Answer::of(self.sales.take(&caller.tenant, take).await?);
+            Ok(pb::ClaimResponse {
+                outcome: a.outcome.into(),
+                shortages: a.shortages,
+                claimed_at: a.taken.map(|hold| ms_timestamp(hold.created_at_ms)),
+                customer_units: a.customer_units,
+            })
         })
         .await
     }
@@ -256,34 +303,16 @@ impl FlashSaleService for FlashSaleApi {
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
                 .await?;
             let r = request.into_inner();
-            let take = SaleTake {
-                id: self.hold_id("hold_id", &r.hold_id)?,
-                sale_id: parse_name("sale_id", &r.sale_id, NAME_LEN)?,
-                customer_id: convert::optional_name(
-                    "customer_id",
-                    r.customer_id,
-                    self.limits.max_id_len,
-                )?,
-                lines: self.lines(r.lines)?,
-                ttl: Some(convert::ttl("ttl", r.ttl, &self.limits)?),
-            };
-            let mut resp = pb::CreateCartHoldResponse::default();
-            match self.sales.take(&caller.tenant, take).await? {
-                TakeOutcome::Taken(hold) => {
-                    resp.set_outcome(Outcome::Ok);
-                    resp.hold = Some(hold_pb(hold));
-                }
-                TakeOutcome::SoldOut(short) => {
-                    resp.set_outcome(Outcome::SoldOut);
-                    resp.shortages = shortages(short);
-                }
-                TakeOutcome::NotActive(_) => resp.set_outcome(Outcome::NotActive),
-                TakeOutcome::CustomerLimit(used) => {
-                    resp.set_outcome(Outcome::CustomerLimit);
-                    resp.customer_units = used;
-                }
-            }
-            Ok(resp)
+            let id = self.hold_id("hold_id", &r.hold_id)?;
+            let ttl = convert::ttl("ttl", r.ttl, &self.limits)?;
+            let take = self.take(id, Some(ttl), r.sale_id, r.customer_id, r.lines)?;
+            let a = Answer::of(self.sales.take(&caller.tenant, take).await?);
+            Ok(pb::CreateCartHoldResponse {
+                outcome: a.outcome.into(),
+                hold: a.taken.map(hold_pb),
+                shortages: a.shortages,
+                customer_units: a.customer_units,
+            })
         })
         .await
     }
