@@ -10,6 +10,7 @@ mod events;
 mod keys;
 mod reply;
 mod scripts;
+mod upkeep;
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ pub use keys::Keys;
 pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply};
 #[cfg(test)]
 pub(crate) use scripts::tests::redis as test_redis;
+pub use upkeep::{Indexed, overdue_holds};
 
 use crate::domain::{CardId, ChannelSlug, HoldId, Job, Lines, PoolId, TenantId};
 use crate::error::Error;
@@ -503,181 +505,6 @@ impl RedisStore {
             .await?;
         reply::int_reply("set_listings", &v)
     }
-
-    /// Records a grant from Postgres (`grant.lua`).
-    pub async fn grant(
-        &self,
-        tenant: &TenantId,
-        pool: &PoolId,
-        g: &PoolGrant,
-    ) -> Result<GrantReply, Error> {
-        let v = self
-            .run("grant", &scripts::GRANT, tenant, |i| {
-                i.arg(pool.as_str())
-                    .arg(g.epoch)
-                    .arg(g.granted)
-                    .arg(flag(g.full))
-                    .arg(flag(g.unlimited))
-                    .arg(g.window_ms.0)
-                    .arg(g.window_ms.1)
-                    .arg(g.low_stock_threshold.unwrap_or(-1))
-                    .arg(g.ceiling.unwrap_or(-1))
-                    .arg(g.low_water)
-                    .arg(g.undelegated)
-                    .arg(g.prior);
-            })
-            .await?;
-        reply::grant_reply(&v)
-    }
-
-    /// Hands `k` units of a pool's grant back to Postgres (`return.lua`).
-    pub async fn return_units(
-        &self,
-        tenant: &TenantId,
-        pool: &PoolId,
-        epoch: i64,
-        k: i64,
-    ) -> Result<ReturnReply, Error> {
-        let v = self
-            .run("return", &scripts::RETURN, tenant, |i| {
-                i.arg(pool.as_str()).arg(epoch).arg(k);
-            })
-            .await?;
-        reply::return_reply(&v)
-    }
-
-    /// Takes up to `count` pools flagged for a refill from each of
-    /// `tenants`, in one round trip; the tenants that had any, with them.
-    /// When the refiller asked with a call per tenant, every 50 ms, a
-    /// thousand idle shops cost a core (deploy/BENCHMARKS.md, "idle
-    /// tenants").
-    pub async fn pop_refills(
-        &self,
-        tenants: &[TenantId],
-        count: usize,
-    ) -> Result<Vec<(TenantId, Vec<PoolId>)>, Error> {
-        if tenants.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for t in tenants {
-            pipe.cmd("SPOP").arg(self.keys.refill(t)).arg(count);
-        }
-        let mut con = self.con.clone();
-        let popped: Vec<Vec<String>> = pipe.query_async(&mut con).await?;
-        Ok(tenants
-            .iter()
-            .zip(popped)
-            .filter(|(_, ids)| !ids.is_empty())
-            .map(|(t, ids)| (t.clone(), ids.into_iter().map(PoolId::from_store).collect()))
-            .collect())
-    }
-
-    /// The tenants this daemon sent hold operations or ran scripts for
-    /// since `watcher` last asked ([`Watcher`]).
-    pub fn tenants_touched(&self, watcher: Watcher) -> Vec<TenantId> {
-        self.batcher.touched(watcher)
-    }
-
-    /// Which of `tenants` have holds in the expiry index, and which of
-    /// those may have some due (by Redis's clock), in one round trip: the
-    /// first bucket has begun, or, with `legacy`, the index from before
-    /// buckets (`exp`) is not empty. The sweeper runs its script only for
-    /// the due ones: a script call per tenant every 100 ms, due or not,
-    /// made idle shops cost Redis and the daemon a core between them at a
-    /// thousand tenants.
-    pub async fn expiry_index(
-        &self,
-        tenants: &[TenantId],
-        legacy: bool,
-    ) -> Result<Vec<Indexed>, Error> {
-        if tenants.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for t in tenants {
-            pipe.cmd("ZRANGE")
-                .arg(self.keys.due(t))
-                .arg(0)
-                .arg(0)
-                .arg("WITHSCORES");
-            if legacy {
-                pipe.cmd("EXISTS").arg(self.keys.legacy_expiry(t));
-            }
-        }
-        let mut con = self.con.clone();
-        let replies: Vec<redis::Value> = pipe.query_async(&mut con).await?;
-        let now = self.clock.now_ms() as f64;
-        let per_tenant = if legacy { 2 } else { 1 };
-        let mut indexed = Vec::new();
-        for (t, answers) in tenants.iter().zip(replies.chunks(per_tenant)) {
-            let first: Vec<(String, f64)> =
-                redis::from_redis_value_ref(&answers[0]).map_err(redis::RedisError::from)?;
-            let old_index: bool = match answers.get(1) {
-                Some(v) => redis::from_redis_value_ref(v).map_err(redis::RedisError::from)?,
-                None => false,
-            };
-            let begun = first.first().is_some_and(|(_, from)| *from <= now);
-            if old_index || !first.is_empty() {
-                indexed.push(Indexed {
-                    tenant: t.clone(),
-                    due: old_index || begun,
-                });
-            }
-        }
-        Ok(indexed)
-    }
-
-    /// Answers when Redis answers, and tells whether Redis still has the
-    /// marker this daemon left: `false` means Redis came back empty (or is
-    /// a different Redis), and every pool's grant must be checked.
-    pub async fn check_marker(&self) -> Result<bool, Error> {
-        let mut con = self.con.clone();
-        let set: bool = redis::cmd("SET")
-            .arg(self.keys.marker())
-            .arg("1")
-            .arg("NX")
-            .query_async::<Option<String>>(&mut con)
-            .await?
-            .is_some();
-        Ok(!set)
-    }
-
-    /// Removes the marker (so the next check runs the recovery again).
-    pub async fn clear_marker(&self) -> Result<(), Error> {
-        let mut con = self.con.clone();
-        let _: i64 = redis::cmd("DEL")
-            .arg(self.keys.marker())
-            .query_async(&mut con)
-            .await?;
-        Ok(())
-    }
-
-    /// Finalises up to `limit` expired holds of a tenant (`sweep.lua`), from
-    /// the expiry buckets that have ended and, with `now_too`, from the one
-    /// that holds now: (finalised, still due, lag of the oldest in ms).
-    pub async fn sweep(
-        &self,
-        tenant: &TenantId,
-        limit: u32,
-        now_too: bool,
-    ) -> Result<(i64, i64, i64), Error> {
-        let v = self
-            .run("sweep", &scripts::SWEEP, tenant, |i| {
-                i.arg(limit).arg(flag(now_too));
-            })
-            .await?;
-        reply::sweep_reply(&v)
-    }
-}
-
-/// A tenant with holds in the expiry index ([`RedisStore::expiry_index`]).
-#[derive(Debug, Clone)]
-pub struct Indexed {
-    /// The tenant.
-    pub tenant: TenantId,
-    /// Whether some of its holds may be due.
-    pub due: bool,
 }
 
 /// A Redis setting's value (`CONFIG GET name`), or `None` when Redis will
@@ -691,29 +518,6 @@ pub async fn config_get(con: &mut impl redis::aio::ConnectionLike, name: &str) -
         .await
         .ok()?;
     reply.into_iter().nth(1)
-}
-
-/// How many ACTIVE holds of the tenant whose keys start with `tenant_prefix`
-/// (`hf:{dev}:`), with ids starting with `id_prefix`, were due by `due_by_ms`
-/// on Redis's clock and are still not finalised. The sweeper's promise is
-/// that this drops to zero within a sweep interval; the fault suite and the
-/// bench's expiry probe check it from outside the daemon. It reads every
-/// bucket of the expiry index due by then: not for the hot path.
-pub async fn overdue_holds(
-    con: &mut impl redis::aio::ConnectionLike,
-    tenant_prefix: &str,
-    due_by_ms: i64,
-    id_prefix: &str,
-) -> redis::RedisResult<i64> {
-    scripts::OVERDUE
-        .prepare_invoke()
-        .arg(tenant_prefix)
-        .arg(0)
-        .arg(due_by_ms)
-        .arg(due_by_ms)
-        .arg(id_prefix)
-        .invoke_async(con)
-        .await
 }
 
 /// `script` with the arguments every script starts with (lib.lua): the
