@@ -240,7 +240,7 @@ impl Engine {
     /// again. Refused when the pool has another count in doubt now. A
     /// retry under the same id changes nothing but finishes the job (loads
     /// the pool into Redis); the same id for another resolution is
-    /// ALREADY_EXISTS. Runs [`Self::serially`].
+    /// ALREADY_EXISTS. Runs `serially`.
     pub async fn resolve_in_doubt(
         &self,
         tenant: &TenantId,
@@ -307,7 +307,7 @@ impl Engine {
     /// granted to Redis. Shrinking: Redis hands back what Postgres lacks
     /// first (ESCROW.md "Return"), then Postgres lowers the capacity under
     /// its guard. Refused with FAILED_PRECONDITION when the pool would end up
-    /// with less than is sold and held. Runs [`Self::serially`], so a
+    /// with less than is sold and held. Runs `serially`, so a
     /// change whose caller gave up still lands in both stores.
     pub async fn adjust_capacity(
         &self,

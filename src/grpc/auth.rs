@@ -137,7 +137,7 @@ impl Auth {
         }
     }
 
-    /// [`Self::check`], then records the caller's tenant and the call's
+    /// `check`, then records the caller's tenant and the call's
     /// main `id` on the RPC's span, for logs and traces.
     pub async fn caller<T>(&self, req: &Request<T>, need: Role, id: &str) -> Result<Caller, Error> {
         let caller = self.check(req, need).await?;
