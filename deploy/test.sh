@@ -4,7 +4,7 @@
 # Installs what is missing, starts one Redis and one Postgres on free
 # loopback ports in a temporary folder (each test then makes its own
 # database and Redis key prefix), runs the checks (buf lint, the deploy
-# files: deploy/check.sh, fmt, clippy) and the whole test suite,
+# files: deploy/check.sh, fmt, clippy, rustdoc) and the whole test suite,
 # and stops the servers whatever happens.
 source "$(dirname "$0")/lib.sh"
 
@@ -21,6 +21,11 @@ cargo fmt --manifest-path "$ROOT/Cargo.toml" --check
 
 log "cargo clippy"
 cargo clippy --manifest-path "$ROOT/Cargo.toml" --all-targets --quiet -- -D warnings
+
+# Doc comments are how this code explains itself: a broken link in one
+# is a reader sent nowhere.
+log "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --manifest-path "$ROOT/Cargo.toml" --no-deps --quiet
 
 PG_FSYNC=off start_servers test
 export HOLDFAST_TEST_REDIS_URL="$HOLDFAST_REDIS_URL"
