@@ -43,20 +43,26 @@ pub fn window_at(t: DateTime<Utc>, tz: Tz, minutes: u32) -> Window {
     }
 }
 
-/// Every window overlapping `[from, to)`, in order.
+/// Every window overlapping `[from, to)`, in order; `None` if there are
+/// more than `at_most`. It stops counting there, so a range of centuries
+/// costs no more than one of `at_most` windows.
 pub fn windows_between(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     tz: Tz,
     minutes: u32,
-) -> Vec<Window> {
+    at_most: usize,
+) -> Option<Vec<Window>> {
     let mut out = Vec::new();
     let mut w = window_at(from, tz, minutes);
     while w.start < to {
+        if out.len() == at_most {
+            return None;
+        }
         out.push(w);
         w = window_at(w.end, tz, minutes);
     }
-    out
+    Some(out)
 }
 
 /// Parses an IANA zone name (`Europe/Paris`).
@@ -90,7 +96,9 @@ mod tests {
             utc("2026-03-08T07:30:00Z"),
             tz,
             15,
-        );
+            100,
+        )
+        .unwrap();
         let hours: Vec<u32> = ws.iter().map(|w| w.hour).collect();
         assert_eq!(hours, vec![1, 1, 3, 3]);
         assert_eq!(
@@ -108,10 +116,23 @@ mod tests {
             utc("2026-11-01T07:00:00Z"),
             tz,
             15,
-        );
+            100,
+        )
+        .unwrap();
         assert_eq!(ws.len(), 8);
         assert!(ws.iter().all(|w| w.hour == 1));
         assert!(ws.windows(2).all(|p| p[0].end == p[1].start));
+    }
+
+    #[test]
+    fn a_range_of_more_windows_than_asked_for_is_none_however_long() {
+        let tz: Tz = "Europe/Paris".parse().unwrap();
+        let from = utc("2026-06-01T10:00:00Z");
+        let hour = windows_between(from, utc("2026-06-01T11:00:00Z"), tz, 15, 4);
+        assert_eq!(hour.map(|w| w.len()), Some(4));
+        assert!(windows_between(from, utc("2026-06-01T11:00:01Z"), tz, 15, 4).is_none());
+        let ages = DateTime::<Utc>::MAX_UTC;
+        assert!(windows_between(from, ages, tz, 5, 2000).is_none());
     }
 
     #[test]

@@ -10,11 +10,26 @@ use super::pb;
 use crate::domain::{CardId, HoldState, Limits};
 use crate::error::Error;
 
-/// A required timestamp.
+/// The range `google.protobuf.Timestamp` defines: 0001-01-01T00:00:00Z to
+/// 9999-12-31T23:59:59Z, in seconds since the epoch.
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
+/// A required timestamp, within the range protobuf defines. chrono
+/// represents far more (to year 262,143), but an hour added to its last
+/// instant overflows and panics, so nothing outside protobuf's range gets
+/// in.
 pub fn timestamp(field: &str, ts: Option<prost_types::Timestamp>) -> Result<DateTime<Utc>, Error> {
     let ts = ts.ok_or_else(|| Error::invalid(field, "is required"))?;
-    let nanos =
-        u32::try_from(ts.nanos).map_err(|_| Error::invalid(field, "nanos must not be negative"))?;
+    let nanos = u32::try_from(ts.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .ok_or_else(|| Error::invalid(field, "nanos must be 0 to 999,999,999"))?;
+    if !TIMESTAMP_SECONDS.contains(&ts.seconds) {
+        return Err(Error::invalid(
+            field,
+            "must lie between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+        ));
+    }
     DateTime::from_timestamp(ts.seconds, nanos)
         .ok_or_else(|| Error::invalid(field, "is out of range"))
 }

@@ -4,7 +4,9 @@
 //! A reservation is a hold on one unit of its window; confirming it at
 //! payment is a commit carrying the payment id. A reservation that expired
 //! (or was released) before payment gets one try at a fresh slot in the same
-//! window, so the confirmed count never exceeds the window's capacity.
+//! window, so the confirmed count never exceeds the window's capacity. A
+//! venue's zone and window length are fixed while it has slots booked in
+//! windows that have not ended ([`Slots::set_venue`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -124,6 +126,13 @@ pub struct Slots {
 /// by the old settings never oversells.
 const VENUE_FRESH: Duration = Duration::from_secs(1);
 
+/// The suffix of a late confirmation's own hold ([`Slots::confirm`]).
+const LATE: &str = ".late";
+
+/// How long a late confirmation's hold lasts before its commit, which
+/// follows at once: long enough for a retry after a lost answer to find it.
+const LATE_TTL: Duration = Duration::from_secs(60);
+
 /// Known windows remembered at most; past it the set starts over (each
 /// window then costs its two round trips once more).
 const KNOWN_WINDOWS: usize = 100_000;
@@ -143,7 +152,9 @@ impl Slots {
         }
     }
 
-    /// Creates or updates a venue.
+    /// Creates or updates a venue. A change of zone or window length is
+    /// refused while slots are booked ahead (`booked_ahead`), and
+    /// brings the windows already made to the new shape's capacities.
     pub async fn set_venue(
         &self,
         tenant: &TenantId,
@@ -163,6 +174,20 @@ impl Slots {
                 "must be 5, 10, 15, 20, 30 or 60",
             ));
         }
+        let before = self.engine.pg().get_venue(tenant, venue_id).await?;
+        let reshaped = before
+            .as_ref()
+            .is_some_and(|b| b.time_zone != zone || b.window_minutes != minutes);
+        if let Some(before) = before.as_ref().filter(|_| reshaped) {
+            let booked = self.booked_ahead(tenant, before).await?;
+            if booked > 0 {
+                return Err(Error::FailedPrecondition(format!(
+                    "venue {venue_id} has {booked} slots reserved or confirmed in windows that \
+                     have not ended; its time zone and window length can change once they \
+                     are over (or use a new venue id)"
+                )));
+            }
+        }
         self.engine
             .pg()
             .upsert_venue(
@@ -180,7 +205,41 @@ impl Slots {
             window_minutes: minutes,
         };
         self.remember(tenant, &venue);
+        if reshaped {
+            // Windows made before and not yet used again keep a capacity
+            // read on the old clock: read it on the new one.
+            self.resync(tenant, &venue).await?;
+        }
         Ok(venue)
+    }
+
+    /// The slots reserved or confirmed (or in doubt) in `venue`'s windows
+    /// that have not ended. A change of zone or window length moves where
+    /// windows begin and how many an hour has, so a slot booked under the
+    /// old shape would count in no window of the new one, or one window's
+    /// worth would stand in for a whole hour's: that is why SetVenue
+    /// refuses such a change while this is not zero. A reservation racing
+    /// the change (on another daemon, within VENUE_FRESH of it) is not
+    /// seen; schedules are set by a shop's staff, not its checkout.
+    async fn booked_ahead(&self, tenant: &TenantId, before: &VenueRow) -> Result<i64, Error> {
+        let prefix = format!("slot/{}/", before.venue_id);
+        let length = chrono::Duration::minutes(i64::from(before.window_minutes));
+        let now = Utc::now();
+        let ahead: Vec<PoolId> = self
+            .engine
+            .pg()
+            .pool_ids_with_prefix(tenant, &prefix)
+            .await?
+            .into_iter()
+            .map(PoolId::from_store)
+            .filter(|p| window_start_of(p).is_some_and(|start| start + length > now))
+            .collect();
+        let views = self.engine.pools_if_any(tenant, &ahead).await?;
+        Ok(views
+            .iter()
+            .flatten()
+            .map(|v| v.sold + v.held + v.in_doubt)
+            .sum())
     }
 
     /// The venue as read less than VENUE_FRESH ago, or read now.
@@ -361,16 +420,13 @@ impl Slots {
     ) -> Result<Vec<WindowView>, Error> {
         let venue = self.venue(tenant, venue_id).await?;
         let schedule = self.schedule(tenant, venue_id).await?;
-        let windows = windows_between(from, to, venue.tz, venue.window_minutes);
-        if windows.len() > MAX_WINDOWS {
-            return Err(Error::invalid(
-                "to",
-                format!(
-                    "the range spans {} windows; at most {MAX_WINDOWS}",
-                    windows.len()
-                ),
-            ));
-        }
+        let windows = windows_between(from, to, venue.tz, venue.window_minutes, MAX_WINDOWS)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "to",
+                    format!("the range spans more than {MAX_WINDOWS} windows"),
+                )
+            })?;
         let pools: Vec<PoolId> = windows.iter().map(|w| window_pool(venue_id, w)).collect();
         let views = self.engine.pools_if_any(tenant, &pools).await?;
         Ok(windows
@@ -504,9 +560,12 @@ impl Slots {
     }
 
     /// Confirms a reservation at payment, exactly once per payment id. A
-    /// reservation that expired or was released gets one atomic try at a
-    /// fresh slot in its window (a claim under `<reservation>.<payment>`, so
-    /// a retried confirmation repeats its answer).
+    /// reservation that expired or was released gets one try at a fresh
+    /// slot in its window: a hold of its own under `<reservation>.late`,
+    /// committed at once with the payment id. So a retry with the same
+    /// payment repeats the answer, and another payment for the same
+    /// reservation is refused (FAILED_PRECONDITION), as it is for a
+    /// reservation confirmed in time: one reservation, one slot.
     pub async fn confirm(
         &self,
         tenant: &TenantId,
@@ -526,16 +585,21 @@ impl Slots {
                     .cloned()
                     .ok_or_else(|| Error::internal("a slot hold has one line"))?;
                 let late = HoldId::parse(
-                    "payment_id",
-                    &format!("{id}.{payment_id}"),
-                    2 * self.max_id_len + 1,
+                    "reservation_id",
+                    &format!("{id}{LATE}"),
+                    self.max_id_len + LATE.len(),
                 )?;
-                Ok(
-                    match self.take(tenant, late, pool, None, String::new()).await? {
-                        SlotOutcome::Done(hold, _) => SlotOutcome::Done(hold, true),
-                        other => other,
-                    },
-                )
+                let taken = self
+                    .take(tenant, late.clone(), pool, Some(LATE_TTL), String::new())
+                    .await?;
+                if !matches!(taken, SlotOutcome::Done(..)) {
+                    return Ok(taken);
+                }
+                let hold = self
+                    .engine
+                    .commit(tenant, &late, Job::Slot, payment_id)
+                    .await?;
+                Ok(SlotOutcome::Done(hold, true))
             }
             Err(e) => Err(e),
         }

@@ -338,6 +338,128 @@ async fn an_expired_reservation_frees_its_slot_and_late_confirmation_takes_one_o
     app.shutdown().await;
 }
 
+/// Waits until `r`'s expiry has passed on Redis's clock.
+async fn expired(app: &TestApp, r: pb::ReserveSlotResponse) {
+    let exp = r.reservation.unwrap().expires_at.unwrap();
+    let exp_ms = exp.seconds * 1000 + i64::from(exp.nanos / 1_000_000);
+    app.eventually("the reservation's expiry on Redis's clock", || async {
+        (app.redis_now_ms().await > exp_ms).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_expired_reservation_is_confirmed_late_once_whatever_the_payment() {
+    let app = spawn_app().await;
+    venue(&app, "v", "UTC", 8).await; // 2 per window: room for a second
+    let at = tomorrow();
+    let mut c = app.slots();
+    let r = c.reserve_slot(reserve("slow", "v", at, 1)).await.unwrap();
+    expired(&app, r.into_inner()).await;
+
+    let late = c
+        .confirm_slot(confirm("slow", "pay-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(late.outcome(), SlotOutcome::Confirmed);
+    assert!(late.late);
+    let slot = late.reservation.clone().unwrap();
+    assert_eq!(slot.payment_id, "pay-1", "the late slot names its payment");
+    assert_eq!(slot.state(), pb::HoldState::Committed);
+
+    // A second payment for the same reservation takes no second slot,
+    // though the window has one: it is refused, as it would be had the
+    // reservation been confirmed in time.
+    let err = c.confirm_slot(confirm("slow", "pay-2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let w = window(&app, "v", at).await;
+    assert_eq!((w.confirmed, w.pending, w.available), (1, 0, 1));
+    // The first payment's retry still repeats its answer, and the late
+    // slot reads back by the id the answer gave.
+    let again = c.confirm_slot(confirm("slow", "pay-1")).await.unwrap();
+    assert_eq!(again.into_inner(), late);
+    let read = c
+        .get_slot_reservation(pb::GetSlotReservationRequest {
+            reservation_id: slot.reservation_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!(read.payment_id, "pay-1");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_venue_cannot_change_its_clock_under_booked_slots() {
+    let app = spawn_app().await;
+    let mut c = app.slots();
+    let set = |zone: &str, minutes: u32| pb::SetVenueRequest {
+        venue_id: "hall".into(),
+        time_zone: zone.into(),
+        window_minutes: minutes,
+    };
+    c.set_venue(set("UTC", 60)).await.unwrap();
+    c.set_schedule(venue_requests("hall", "UTC", 8).1)
+        .await
+        .unwrap();
+    let at = tomorrow(); // the 10:00-11:00 UTC window
+    for i in 0..8 {
+        let r = c
+            .reserve_slot(reserve(&format!("r{i}"), "hall", at, 600))
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().outcome(), SlotOutcome::Reserved);
+    }
+    // Quarter-hour windows would give 10:00-10:15 the hour's eight and
+    // sell 10:15, 10:30 and 10:45 again; another zone would move the hour.
+    for (zone, minutes) in [("UTC", 15), ("Asia/Kolkata", 60)] {
+        let err = c.set_venue(set(zone, minutes)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("8 slots"), "{}", err.message());
+    }
+    let w = window(&app, "hall", at).await;
+    assert_eq!((w.capacity, w.pending), (8, 8));
+    let minutes = w.end.unwrap().seconds - w.start.unwrap().seconds;
+    assert_eq!(minutes, 60 * 60, "the venue kept its hour-long windows");
+
+    // Once nothing is booked ahead the change goes through, and the window
+    // already made takes the capacity of the new shape.
+    for i in 0..8 {
+        c.release_slot(pb::ReleaseSlotRequest {
+            reservation_id: format!("r{i}"),
+        })
+        .await
+        .unwrap();
+    }
+    c.set_venue(set("UTC", 15)).await.unwrap();
+    let w = window(&app, "hall", at).await;
+    assert_eq!((w.capacity, w.pending, w.available), (2, 0, 2));
+    let taken: Vec<_> = {
+        let mut outcomes = Vec::new();
+        for i in 0..3 {
+            let r = c
+                .reserve_slot(reserve(&format!("q{i}"), "hall", at, 600))
+                .await
+                .unwrap();
+            outcomes.push(r.into_inner().outcome());
+        }
+        outcomes
+    };
+    assert_eq!(
+        taken,
+        [
+            SlotOutcome::Reserved,
+            SlotOutcome::Reserved,
+            SlotOutcome::WindowFull
+        ],
+        "the reused window sells a quarter's two, not the hour's eight"
+    );
+    app.shutdown().await;
+}
+
 /// Reservations remember the venue they read for a second (src/services/
 /// slots.rs); a change made through the daemon applies to the very next
 /// one.
@@ -368,6 +490,12 @@ async fn a_venues_new_time_zone_applies_to_the_next_reservation() {
     let at = tomorrow(); // 10:05 UTC
     let a = c.reserve_slot(reserve("a", "club", at, 600)).await.unwrap();
     assert_eq!(a.into_inner().outcome(), SlotOutcome::Reserved);
+    // The zone can change once nothing is booked ahead (the test above).
+    c.release_slot(pb::ReleaseSlotRequest {
+        reservation_id: "a".into(),
+    })
+    .await
+    .unwrap();
 
     // In Tokyo, 10:20 UTC is 19:20: closed.
     c.set_venue(set_zone("Asia/Tokyo")).await.unwrap();
@@ -384,6 +512,9 @@ async fn a_venues_new_time_zone_applies_to_the_next_reservation() {
         SlotOutcome::Closed,
         "the window is read on Tokyo's clock"
     );
+    // So is the window reserved on UTC's clock before, 19:05 in Tokyo.
+    let again = c.reserve_slot(reserve("c", "club", at, 600)).await.unwrap();
+    assert_eq!(again.into_inner().outcome(), SlotOutcome::Closed);
     app.shutdown().await;
 }
 
@@ -591,6 +722,30 @@ async fn bad_slot_input_gets_a_clear_error_and_changes_nothing() {
         let names = format!("{field}: ");
         assert!(err.message().starts_with(&names), "{field}: {err:?}");
     }
+    // Past protobuf's last second (9999-12-31T23:59:59Z): chrono could
+    // hold it, but the window's end would overflow.
+    for seconds in [253_402_300_800, 8_210_298_412_799, -62_135_596_801] {
+        let req = pb::ReserveSlotRequest {
+            at: at(seconds, 0),
+            ..reserve("r", "v", tomorrow(), 600)
+        };
+        let err = c.reserve_slot(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{seconds}: {err:?}");
+        assert!(err.message().starts_with("at: "), "{err:?}");
+    }
+    // A range of eight thousand years is refused at once, counting no
+    // further than the limit (it once built every window first), and the
+    // daemon answers the next call.
+    let err = c
+        .get_availability(pb::GetAvailabilityRequest {
+            venue_id: "v".into(),
+            from: at(-62_135_596_800, 0),
+            to: at(253_402_300_799, 0),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("to: "), "{err:?}");
     // The schedule and venue are as they were, and nothing was reserved:
     // 1 slot free in tomorrow's 15-minute window.
     let w = window(&app, "v", tomorrow()).await;
