@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::services::channels::{Channels, not_for_sale};
 use crate::services::listing_mirror;
 use crate::store::postgres::CardOnChannel;
-use crate::store::redis::Listed;
+use crate::store::redis::{Holder, Listed};
 
 /// How often a refused batch is retried when a card it was refused for has
 /// become free before its holder could be named.
@@ -26,8 +26,8 @@ const ATTEMPTS: usize = 3;
 /// Why a card could not be locked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CardConflict {
-    /// Another checkout holds a lock on it, taken on this channel (not
-    /// known while Redis is unreachable).
+    /// Another checkout holds a lock on it, taken on this channel (empty
+    /// when not known).
     Locked(Option<ChannelSlug>),
     /// Sold, on this channel (empty when no longer known).
     Sold(Option<ChannelSlug>),
@@ -136,7 +136,7 @@ impl SaleLocks {
                         .iter()
                         .filter_map(|s| CardId::of_pool(s.pool.as_str()))
                         .collect();
-                    let named = self.holders(ws, &refused).await?;
+                    let named = self.holders(ws, channel, &refused).await?;
                     if !named.is_empty() {
                         let named = self.name_sellers(ws, channel, named).await?;
                         return Ok(AcquireOutcome::Conflict(named));
@@ -199,8 +199,16 @@ impl SaleLocks {
         ttl: Duration,
     ) -> Result<Option<AcquireOutcome>, Error> {
         let states = self.states(ws, channel, cards).await?;
-        if let Some(hold) = self.existing(ws, lock_ref).await? {
-            return self.again(ws, hold, channel, cards, ttl).await.map(Some);
+        match self.existing(ws, lock_ref).await {
+            Ok(Some(hold)) => return self.again(ws, hold, channel, cards, ttl).await.map(Some),
+            Ok(None) => {}
+            // Redis is away and the fallback has no lock under this
+            // lockRef. If Redis has one, its cards' units are in Redis and
+            // the fallback's take cannot have them (it answers UNAVAILABLE:
+            // wait for Redis); otherwise the fallback serves the lock, as
+            // it serves any take while Redis is away.
+            Err(Error::Unavailable(_)) => {}
+            Err(e) => return Err(e),
         }
         let refused = refused(cards, states)?;
         if !refused.is_empty() {
@@ -272,39 +280,76 @@ impl SaleLocks {
         }
     }
 
-    /// Names who holds or sold each card Redis refused; empty when they all
-    /// became free meanwhile (the caller tries again).
+    /// Names who holds or sold each card a take refused; empty when they
+    /// all became free meanwhile (the caller tries again).
+    ///
+    /// Redis names the holders of the units it has. A unit it does not
+    /// have is the fallback's: held by a lock the fallback took while Redis
+    /// was away, or sold through one, which Postgres names. A card Redis
+    /// cannot be asked about and Postgres does not name has its unit in
+    /// Redis, free or not: UNAVAILABLE, until Redis answers.
     async fn holders(
         &self,
         ws: &TenantId,
+        channel: &ChannelSlug,
         cards: &[CardId],
     ) -> Result<Vec<(CardId, CardConflict)>, Error> {
         let pools: Vec<_> = cards.iter().map(CardId::pool).collect();
-        let holders = match self.engine.redis().holders(ws, &pools).await {
-            Ok(h) => h,
-            // The fallback refused them while Redis is down: held, by whom
-            // is not known here.
-            Err(Error::RedisUnavailable(_)) => {
-                return Ok(cards
-                    .iter()
-                    .map(|c| (c.clone(), CardConflict::Locked(None)))
-                    .collect());
-            }
+        let (mut named, redis_answered) = match self.engine.redis().holders(ws, &pools).await {
+            Ok(holders) => (in_redis(cards, holders), true),
+            Err(Error::RedisUnavailable(_)) => (Vec::new(), false),
             Err(e) => return Err(e),
         };
+        let unnamed: Vec<CardId> = cards
+            .iter()
+            .filter(|c| !named.iter().any(|(n, _)| n == *c))
+            .cloned()
+            .collect();
+        if unnamed.is_empty() {
+            return Ok(named);
+        }
+        let in_postgres = self.in_postgres(ws, channel, &unnamed).await?;
+        if !redis_answered && in_postgres.is_empty() {
+            return Err(Error::Unavailable(
+                "the cards wait for Redis, which holds their units and is unreachable; \
+                 retry with the same lock_ref"
+                    .into(),
+            ));
+        }
+        named.extend(in_postgres);
+        Ok(named)
+    }
+
+    /// Which of `cards` Postgres says are sold, or locked by the fallback,
+    /// and on which channel.
+    async fn in_postgres(
+        &self,
+        ws: &TenantId,
+        channel: &ChannelSlug,
+        cards: &[CardId],
+    ) -> Result<Vec<(CardId, CardConflict)>, Error> {
+        let states = self.states(ws, channel, cards).await?;
+        let pools: Vec<_> = cards.iter().map(CardId::pool).collect();
+        let locked = self
+            .engine
+            .pg()
+            .fallback_holders(ws, Job::Lock, &pools)
+            .await?;
         Ok(cards
             .iter()
-            .zip(holders)
-            .filter_map(|(card, h)| {
-                let channel = (!h.reference.is_empty() && h.job == Job::Lock.as_str())
-                    .then(|| ChannelSlug::from_store(h.reference.clone()));
-                if h.sold > 0 {
-                    Some((card.clone(), CardConflict::Sold(channel)))
-                } else if h.held > 0 {
-                    Some((card.clone(), CardConflict::Locked(channel)))
-                } else {
-                    None
+            .filter_map(|card| {
+                if let Some(sold) = states
+                    .iter()
+                    .find(|s| s.card_id == *card)
+                    .and_then(|s| s.sold_channel.clone())
+                {
+                    return Some((card.clone(), CardConflict::Sold(Some(sold))));
                 }
+                let pool = card.pool();
+                locked.iter().find(|(p, _)| *p == pool).map(|(_, holder)| {
+                    let on = (!holder.is_empty()).then(|| ChannelSlug::from_store(holder.clone()));
+                    (card.clone(), CardConflict::Locked(on))
+                })
             })
             .collect())
     }
@@ -414,6 +459,25 @@ fn lock_words(e: Error) -> Error {
 
 /// Cards Postgres already refuses: sold, or not live on the channel. A
 /// card the workspace does not know is NOT_FOUND.
+/// The cards Redis says are held or sold, with the channel where it knows.
+fn in_redis(cards: &[CardId], holders: Vec<Holder>) -> Vec<(CardId, CardConflict)> {
+    cards
+        .iter()
+        .zip(holders)
+        .filter_map(|(card, h)| {
+            let channel = (!h.reference.is_empty() && h.job == Job::Lock.as_str())
+                .then(|| ChannelSlug::from_store(h.reference.clone()));
+            if h.sold > 0 {
+                Some((card.clone(), CardConflict::Sold(channel)))
+            } else if h.held > 0 {
+                Some((card.clone(), CardConflict::Locked(channel)))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
 fn refused(
     cards: &[CardId],
     states: Vec<CardOnChannel>,

@@ -114,3 +114,104 @@ async fn a_delisting_while_redis_is_frozen_changes_nothing() {
     assert_eq!(r.conflicts[0].reason(), CardConflictReason::NotListed);
     drop(daemon);
 }
+
+/// Who answered an acquire: its outcome, or the error's code.
+async fn acquired(
+    locks: &mut SaleLockServiceClient<Channel>,
+    lock_ref: &str,
+    card: &str,
+) -> Result<pb::AcquireSaleLocksResponse, tonic::Status> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        locks.acquire_sale_locks(acquire(lock_ref, card)),
+    )
+    .await
+    .expect("the acquire answers")
+    .map(|r| r.into_inner())
+}
+
+/// A card engaged and locked while Redis was away lives in the fallback,
+/// which Redis knows nothing of: once Redis is back, another checkout is
+/// told who holds the card (and later, who sold it), not UNAVAILABLE
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_locked_in_the_fallback_is_a_conflict_once_redis_is_back() {
+    let tmp = TempDir::new("fallback-lock");
+    let dir = tmp.0.clone();
+    let redis = Redis::start(&dir);
+    let pg = Postgres::start(&dir);
+    let daemon = Daemon::start(&dir, redis.port, &pg.url());
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut channels = ChannelServiceClient::new(channel.clone());
+    let mut locks = SaleLockServiceClient::new(channel);
+    channels
+        .engage(pb::EngageRequest {
+            channel: "storefront".into(),
+            cards: vec![pb::EngageCard {
+                card_id: "card-0".into(),
+                external_ref: String::new(),
+                metadata_json: String::new(),
+            }],
+        })
+        .await
+        .unwrap();
+
+    redis.freeze();
+    let engage = tokio::time::timeout(
+        Duration::from_secs(10),
+        channels.engage(pb::EngageRequest {
+            channel: "storefront".into(),
+            cards: vec![pb::EngageCard {
+                card_id: "card-1".into(),
+                external_ref: String::new(),
+                metadata_json: String::new(),
+            }],
+        }),
+    )
+    .await
+    .expect("the engage answers while Redis is frozen");
+    assert!(engage.is_ok(), "{engage:?}");
+    let a = acquired(&mut locks, "lock-a", "card-1").await.unwrap();
+    assert_eq!(a.outcome(), AcquireOutcome::Acquired, "{a:?}");
+    let lock = a.lock.unwrap();
+    assert_eq!(lock.fencing_token, 0, "the fallback's locks are unfenced");
+    // A card engaged before the freeze has its unit in Redis: it waits.
+    let held = acquired(&mut locks, "lock-z", "card-0").await.unwrap_err();
+    assert_eq!(held.code(), Code::Unavailable, "{held:?}");
+    redis.thaw();
+
+    // Redis is back; the card's one unit is the fallback's lock.
+    let started = std::time::Instant::now();
+    let b = loop {
+        match acquired(&mut locks, "lock-b", "card-1").await {
+            Err(e)
+                if e.code() == Code::Unavailable && started.elapsed() < Duration::from_secs(5) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other,
+        }
+    };
+    let b = b.unwrap();
+    assert_eq!(b.outcome(), AcquireOutcome::Conflict, "{b:?}");
+    assert_eq!(b.conflicts[0].reason(), CardConflictReason::Locked);
+    assert_eq!(b.conflicts[0].channel, "storefront");
+
+    // Sold through the fallback's lock, it is a sold card.
+    locks
+        .complete_sale_locks(pb::CompleteSaleLocksRequest {
+            lock_ref: "lock-a".into(),
+            order_id: "order-1".into(),
+        })
+        .await
+        .unwrap();
+    let c = acquired(&mut locks, "lock-c", "card-1").await.unwrap();
+    assert_eq!(c.outcome(), AcquireOutcome::Conflict, "{c:?}");
+    assert_eq!(c.conflicts[0].reason(), CardConflictReason::Sold);
+    assert_eq!(c.conflicts[0].channel, "storefront");
+    drop(daemon);
+}

@@ -390,6 +390,34 @@ impl PgStore {
         Ok(HoldReply::Hold(row.hold()))
     }
 
+    /// The reference (a sale lock's channel) of each unexpired, active
+    /// fallback hold of `job` on any of `pools`, by pool. Not for the hot
+    /// path: a sale lock asks it only when a card's unit is in no one's
+    /// hands in Redis.
+    pub async fn fallback_holders(
+        &self,
+        tenant: &TenantId,
+        job: Job,
+        pools: &[PoolId],
+    ) -> Result<Vec<(PoolId, String)>, Error> {
+        let pools: Vec<&str> = pools.iter().map(PoolId::as_str).collect();
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT l->>'pool', h.reference
+               FROM pg_holds h, jsonb_array_elements(h.lines) l
+              WHERE h.tenant = $1 AND h.job = $2 AND h.state = 'A'
+                AND h.expires_at > now() AND l->>'pool' = ANY($3)",
+        )
+        .bind(tenant.as_str())
+        .bind(job.as_str())
+        .bind(&pools)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(pool, reference)| (PoolId::from_store(pool), reference))
+            .collect())
+    }
+
     /// The tenants with fallback holds due (`pg_holds_due` serves it).
     pub async fn fallback_tenants_due(&self) -> Result<Vec<TenantId>, Error> {
         let ids: Vec<String> = sqlx::query_scalar(
