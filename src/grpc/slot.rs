@@ -187,6 +187,13 @@ impl SlotService for SlotApi {
                 .into_iter()
                 .map(|(_, h, s)| (h, s))
                 .collect();
+            if r.clear && !hours.is_empty() {
+                // Either would be a guess at what the caller meant.
+                return Err(Error::invalid(
+                    "hours",
+                    "must be empty when clear removes the override",
+                ));
+            }
             let hours = (!r.clear).then_some(hours.as_slice());
             self.slots
                 .set_override(&caller.tenant, &venue_id, day, hours)

@@ -629,6 +629,41 @@ async fn a_date_override_closes_a_holiday() {
         .unwrap()
         .into_inner();
     assert_eq!(r.outcome(), SlotOutcome::Closed);
+
+    // Clearing it while naming hours is a contradiction: refused, and the
+    // holiday stands.
+    let clear = |hours: Vec<pb::HourSlots>| pb::SetDateOverrideRequest {
+        venue_id: "h".into(),
+        date: day.to_string(),
+        hours,
+        clear: true,
+    };
+    let ten = pb::HourSlots {
+        weekday: 0,
+        hour: 10,
+        slots_per_hour: 8,
+    };
+    let err = app
+        .slots()
+        .set_date_override(clear(vec![ten]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("hours: "), "{err:?}");
+    let r = app
+        .slots()
+        .reserve_slot(reserve("y", "h", tomorrow(), 600))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().outcome(), SlotOutcome::Closed);
+    // Cleared, the weekly schedule sells the day again.
+    app.slots().set_date_override(clear(vec![])).await.unwrap();
+    let r = app
+        .slots()
+        .reserve_slot(reserve("z", "h", tomorrow(), 600))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().outcome(), SlotOutcome::Reserved);
     app.shutdown().await;
 }
 
