@@ -537,7 +537,12 @@ impl Engine {
             unlimited: row.capacity.is_none(),
             window_ms: window,
             low_stock_threshold: row.low_stock_threshold,
-            ceiling: row.ceiling,
+            // What is taken outside Redis counts against the ceiling too.
+            // Only the fallback adds to it, taking only what Redis was never
+            // granted and counting Redis's whole grant as taken; every grant
+            // sends it afresh, and until the next Redis sells no more than
+            // this one.
+            ceiling: row.ceiling.map(|c| (c - row.taken_outside_redis()).max(0)),
             low_water: self.policy.low_water(limit, undelegated - chunk),
             undelegated: undelegated - chunk,
         };

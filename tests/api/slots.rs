@@ -460,6 +460,92 @@ async fn a_venue_cannot_change_its_clock_under_booked_slots() {
     app.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_cut_window_counts_what_the_fallback_holds_against_its_ceiling() {
+    use holdfast::domain::{HoldId, Job, Line, Lines, PoolId, Quantity, TenantId};
+    use holdfast::store::postgres::{PgStore, PgTake};
+
+    let app = spawn_app().await;
+    venue(&app, "v", "UTC", 40).await; // 10 per window
+    let at = tomorrow(); // in the 10:00-10:15 UTC window
+    let mut c = app.slots();
+    let first = c.reserve_slot(reserve("r0", "v", at, 600)).await.unwrap();
+    assert_eq!(first.into_inner().outcome(), SlotOutcome::Reserved);
+
+    // An outage: the fallback holds 3 of the units Redis was never given.
+    let pool = PoolId::from_store(format!("slot/v/{}", at.seconds - 300));
+    let take = PgTake {
+        id: HoldId::parse("id", "outage", 128).unwrap(),
+        job: Job::Slot,
+        lines: Lines::parse(
+            "lines",
+            vec![Line {
+                pool: pool.clone(),
+                quantity: Quantity::parse("quantity", 3, 10).unwrap(),
+            }],
+            1,
+        )
+        .unwrap(),
+        ttl: Some(std::time::Duration::from_secs(600)),
+        reference: String::new(),
+    };
+    let dev = TenantId::parse("dev").unwrap();
+    let answer = PgStore::from_pool(app.pg.clone())
+        .fallback_take(&dev, &take)
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, holdfast::store::HoldReply::Hold(_)),
+        "{answer:?}"
+    );
+    for i in 1..5 {
+        let r = c
+            .reserve_slot(reserve(&format!("r{i}"), "v", at, 600))
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().outcome(), SlotOutcome::Reserved);
+    }
+
+    // Cut to 7 a window with 8 taken (5 in Redis, 3 in Postgres): nothing
+    // is cancelled, and nothing more is sold, though Redis alone has 5.
+    c.set_schedule(venue_requests("v", "UTC", 28).1)
+        .await
+        .unwrap();
+    let full = c
+        .reserve_slot(reserve("late-1", "v", at, 600))
+        .await
+        .unwrap();
+    assert_eq!(full.into_inner().outcome(), SlotOutcome::WindowFull);
+
+    // Two given back leave 6 taken: one more fits under the ceiling.
+    for id in ["r1", "r2"] {
+        c.release_slot(pb::ReleaseSlotRequest {
+            reservation_id: id.into(),
+        })
+        .await
+        .unwrap();
+    }
+    let mut outcomes = Vec::new();
+    for i in 2..5 {
+        let r = c
+            .reserve_slot(reserve(&format!("late-{i}"), "v", at, 600))
+            .await
+            .unwrap();
+        outcomes.push(r.into_inner().outcome());
+    }
+    assert_eq!(
+        outcomes,
+        [
+            SlotOutcome::Reserved,
+            SlotOutcome::WindowFull,
+            SlotOutcome::WindowFull
+        ]
+    );
+    let w = window(&app, "v", at).await;
+    assert_eq!((w.capacity, w.confirmed + w.pending), (7, 7));
+    app.shutdown().await;
+}
+
 /// Reservations remember the venue they read for a second (src/services/
 /// slots.rs); a change made through the daemon applies to the very next
 /// one.

@@ -110,6 +110,14 @@ pub struct PoolRow {
 }
 
 impl PoolRow {
+    /// Units taken outside this epoch's Redis grant: sold or held by the
+    /// fallback, sold in earlier epochs, or in doubt. A ceiling bounds these
+    /// and Redis's own sold and held together, but Redis counts only its
+    /// own, so it is handed the ceiling less these (`Escrow::load`).
+    pub fn taken_outside_redis(&self) -> i64 {
+        self.sold_pg + self.held_pg + self.sold_prior + self.in_doubt
+    }
+
     /// Units neither taken, delegated nor in doubt: what Postgres may still
     /// grant to Redis or sell itself. `None` when unlimited.
     pub fn undelegated(&self) -> Option<i64> {
