@@ -1,12 +1,16 @@
 //! The refiller: grants Redis another chunk of each pool a script flagged
-//! as running low, ahead of need, so takes rarely wait for a grant.
+//! as running low, ahead of need, so takes rarely wait for a grant; and
+//! once a second brings Redis up to date on pools whose units the Postgres
+//! fallback gave back.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::{Rounds, Tenants};
+use crate::domain::{PoolId, TenantId};
 use crate::engine::Engine;
 use crate::store::redis::Watcher;
 
@@ -47,6 +51,40 @@ pub async fn run(engine: Arc<Engine>, tenants: Arc<Tenants>, stop: watch::Receiv
         for (tenant, pools) in flagged {
             if let Err(e) = engine.sync(&tenant, &pools).await {
                 tracing::warn!(%tenant, error = %e, "refill failed; the next take that runs dry asks again");
+            }
+        }
+        if round.is_multiple_of(EVERY_TENANT_EVERY) {
+            resync_given_back(&engine).await;
+        }
+    }
+}
+
+/// Most marked pools one round brings up to date.
+const RESYNC_BATCH: i64 = 500;
+
+/// Brings Redis up to date on the pools whose units the fallback gave
+/// back (migrations/0011_pools_resync.sql): Redis may still say such a
+/// pool is full, and a full pool answers sold out without asking for a
+/// grant, so an expired fallback hold would otherwise block its units
+/// for good. Once a second, on whichever daemon's refiller takes the marks
+/// first; a pool whose sync fails is marked again.
+async fn resync_given_back(engine: &Engine) {
+    let marked = match engine.pg().take_resyncs(RESYNC_BATCH).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the pools to resync");
+            return;
+        }
+    };
+    let mut by_tenant: BTreeMap<TenantId, Vec<PoolId>> = BTreeMap::new();
+    for (tenant, pool) in marked {
+        by_tenant.entry(tenant).or_default().push(pool);
+    }
+    for (tenant, pools) in by_tenant {
+        if let Err(e) = engine.sync(&tenant, &pools).await {
+            tracing::warn!(%tenant, error = %e, "cannot bring redis up to date on units the fallback gave back; marked for the next round");
+            if let Err(e) = engine.pg().mark_resync(&tenant, &pools).await {
+                tracing::warn!(%tenant, error = %e, "cannot mark the pools again; the next grant brings them up to date");
             }
         }
     }

@@ -9,7 +9,7 @@ use holdfast::grpc::pb::Outcome;
 use holdfast::store::HoldReply;
 use holdfast::store::postgres::{PgStore, PgTake, product_pool};
 
-use crate::helpers::{cart_hold, claim, live_sale_request, spawn_app_with, with_key};
+use crate::helpers::{TestApp, cart_hold, claim, live_sale_request, spawn_app_with, with_key};
 
 fn take(id: &str, lines: &[(&PoolId, i64)], ttl_secs: Option<u64>) -> PgTake {
     let lines = lines
@@ -384,5 +384,74 @@ async fn a_sold_out_answer_waits_for_no_pool_lock() {
         (free, 0),
         "nothing more of p sold"
     );
+    app.shutdown().await;
+}
+
+/// A one-unit claim of `s`/`p` under `id`: its outcome.
+async fn claim_one(app: &TestApp, id: &str) -> Outcome {
+    app.flash()
+        .claim(claim(id, "s", &[("p", 1)]))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome()
+}
+
+/// A fallback hold that expires after Redis was told its pool is full
+/// frees its units for Redis too: claims sell them (promise 3, expired
+/// holds never block), and no more than the capacity.
+#[tokio::test]
+async fn units_a_fallback_hold_gave_back_sell_again_through_redis() {
+    let app = spawn_app_with(|a| {
+        a.grant_chunk = 5;
+        a.grant_max_chunk = 5;
+    })
+    .await;
+    app.live_sale("s", &[("p", Some(10))], 0).await;
+    let p = product_pool("s", "p");
+    assert_eq!(claim_one(&app, "first").await, Outcome::Ok);
+
+    // An outage's cart hold takes every unit Redis was not given, for 2 s.
+    let free = fallback_free(&app.pg, &p).await;
+    assert!(free > 0, "the fallback has units of p to give ({free})");
+    let pg = PgStore::from_pool(app.pg.clone());
+    let dev = TenantId::parse("dev").unwrap();
+    let held = pg
+        .fallback_take(&dev, &take("outage", &[(&p, free)], Some(2)))
+        .await;
+    assert_eq!(held_id(&held).as_deref(), Some("outage"));
+
+    // Redis sells its grant, asks for more and hears the pool is full.
+    let mut sold = 1;
+    loop {
+        match claim_one(&app, &format!("c{sold}")).await {
+            Outcome::Ok => sold += 1,
+            Outcome::SoldOut => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(sold, 10 - free, "Redis sold what it was granted");
+
+    // The hold expires and the fallback's sweeper gives it back: Redis
+    // sells those units too, once each.
+    app.eventually("the fallback hold given back", || async {
+        (pg_totals(&app.pg, &p).await.1 == 0).then_some(())
+    })
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut tries = 0;
+    while claim_one(&app, &format!("after{tries}")).await != Outcome::Ok {
+        tries += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the units given back never sold ({tries} tries)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut more = 1;
+    while claim_one(&app, &format!("more{more}")).await == Outcome::Ok {
+        more += 1;
+    }
+    assert_eq!(sold + more, 10, "sold out at the capacity, not before");
     app.shutdown().await;
 }

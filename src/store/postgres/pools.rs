@@ -456,6 +456,38 @@ impl PgStore {
         Ok(rows.into_iter().map(|r| PoolId::from_store(r.0)).collect())
     }
 
+    /// Takes up to `limit` pools marked for a resync (units the fallback
+    /// gave back), clearing their marks: the caller brings Redis up to date
+    /// and marks again what it could not ([`PgStore::mark_resync`]). A mark
+    /// set after this clears it is a later give-back, which the caller's
+    /// sync either reads or leaves marked for the next round.
+    pub async fn take_resyncs(&self, limit: i64) -> Result<Vec<(TenantId, PoolId)>, Error> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "UPDATE pools p SET resync = false
+               FROM (SELECT tenant, pool_id FROM pools WHERE resync
+                      LIMIT $1 FOR UPDATE SKIP LOCKED) m
+              WHERE p.tenant = m.tenant AND p.pool_id = m.pool_id
+          RETURNING p.tenant, p.pool_id",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(t, p)| Ok((TenantId::parse(&t)?, PoolId::from_store(p))))
+            .collect()
+    }
+
+    /// Marks `pools` for a resync again (a sync that failed).
+    pub async fn mark_resync(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<(), Error> {
+        let pools: Vec<&str> = pools.iter().map(PoolId::as_str).collect();
+        sqlx::query("UPDATE pools SET resync = true WHERE tenant = $1 AND pool_id = ANY($2)")
+            .bind(tenant.as_str())
+            .bind(&pools)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Sets or clears a pool's ceiling.
     pub async fn set_ceiling(
         &self,

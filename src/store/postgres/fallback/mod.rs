@@ -151,7 +151,10 @@ async fn give_back(
     give_back_all(tx, tenant, lines_of(lines), sold).await
 }
 
-/// Gives units back to their pools, summed per pool, in pool order.
+/// Gives units back to their pools, summed per pool, in pool order, and
+/// marks each for the refiller to bring Redis up to date: Redis may have
+/// been told the pool was full while these units were held here
+/// (migrations/0011_pools_resync.sql).
 async fn give_back_all(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
@@ -161,7 +164,7 @@ async fn give_back_all(
     let column = if sold { "sold_pg" } else { "held_pg" };
     for (pool, qty) in in_pool_order(lines) {
         sqlx::query(&format!(
-            "UPDATE pools SET {column} = {column} - $3 WHERE tenant = $1 AND pool_id = $2"
+            "UPDATE pools SET {column} = {column} - $3, resync = true WHERE tenant = $1 AND pool_id = $2"
         ))
         .bind(tenant.as_str())
         .bind(pool)
