@@ -159,10 +159,12 @@ impl Engine {
         if self.circuit.closed() {
             match self.take_redis(tenant, take).await {
                 Err(Error::RedisUnavailable(why)) => {
-                    // The call may or may not have run in Redis; if it did, the
-                    // drainer finds the twin and keeps one.
                     tracing::warn!(%tenant, id = %take.id, error = %why, "redis failed; taking from the fallback");
                     self.circuit.failure();
+                    return self
+                        .take_pg(tenant, take)
+                        .await
+                        .and_then(|o| in_doubt(take, o));
                 }
                 other => return other,
             }
@@ -420,6 +422,22 @@ impl Engine {
             self.pg.fallback_get(tenant, id, job),
         )
         .await
+    }
+}
+
+/// The fallback's answer to a take whose Redis call failed. The call may
+/// have run in Redis before its answer was lost. If the fallback took the
+/// units too, the drainer finds the twin and keeps one; but a refusal
+/// would tell the caller "not sold" of a take Redis may have made, and
+/// nothing would ever set that right: so a refusal is UNAVAILABLE, and
+/// the retry with the same id finds Redis's answer, or the fallback's.
+fn in_doubt(take: &Take, outcome: TakeOutcome) -> Result<TakeOutcome, Error> {
+    match outcome {
+        TakeOutcome::Taken(hold) => Ok(TakeOutcome::Taken(hold)),
+        _ => Err(Error::Unavailable(format!(
+            "redis did not answer, and may have taken {}; retry with the same id",
+            take.id
+        ))),
     }
 }
 

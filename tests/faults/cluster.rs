@@ -271,6 +271,9 @@ pub enum Net {
     /// Delay every chunk by this many ms, and reset every connection that
     /// carries traffic with one chance in `reset_one_in`.
     Bad { delay_ms: u64, reset_one_in: u64 },
+    /// Delay every chunk by this many ms: a request reaches Redis, and is
+    /// run, after its caller gave up on the answer.
+    Slow { delay_ms: u64 },
 }
 
 /// A TCP proxy in front of Redis.
@@ -329,6 +332,9 @@ async fn pump(
             Ok(n) => n,
         };
         let net = *mode.borrow();
+        if let Net::Slow { delay_ms } = net {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        }
         if let Net::Bad {
             delay_ms,
             reset_one_in,

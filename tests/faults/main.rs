@@ -10,6 +10,7 @@
 mod clock;
 mod cluster;
 mod delist;
+mod in_flight;
 mod load;
 
 use std::time::{Duration, Instant};
