@@ -11,6 +11,7 @@
 
 mod circuit;
 mod escrow;
+mod unanswered;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -109,6 +110,8 @@ pub struct Engine {
     /// size of one grant.
     last_grants: std::sync::Mutex<escrow::LastGrants>,
     circuit: Circuit,
+    /// Take ids Redis did not answer since the circuit last closed.
+    unanswered: unanswered::Unanswered,
     policy: GrantPolicy,
     max_extensions: u32,
 }
@@ -131,6 +134,7 @@ impl Engine {
             grant_lock: Arc::default(),
             last_grants: std::sync::Mutex::default(),
             circuit: Circuit::default(),
+            unanswered: Default::default(),
             policy,
             max_extensions,
         })
@@ -157,10 +161,12 @@ impl Engine {
     /// while Redis fails.
     pub async fn take(&self, tenant: &TenantId, take: &Take) -> Result<TakeOutcome, Error> {
         if self.circuit.closed() {
+            self.unanswered.forget_all();
             match self.take_redis(tenant, take).await {
                 Err(Error::RedisUnavailable(why)) => {
                     tracing::warn!(%tenant, id = %take.id, error = %why, "redis failed; taking from the fallback");
                     self.circuit.failure();
+                    self.unanswered.note(tenant, &take.id);
                     return self
                         .take_pg(tenant, take)
                         .await
@@ -169,7 +175,11 @@ impl Engine {
                 other => return other,
             }
         }
-        self.take_pg(tenant, take).await
+        let outcome = self.take_pg(tenant, take).await?;
+        if self.unanswered.contains(tenant, &take.id) {
+            return in_doubt(take, outcome);
+        }
+        Ok(outcome)
     }
 
     async fn take_redis(&self, tenant: &TenantId, take: &Take) -> Result<TakeOutcome, Error> {
@@ -425,8 +435,9 @@ impl Engine {
     }
 }
 
-/// The fallback's answer to a take whose Redis call failed. The call may
-/// have run in Redis before its answer was lost. If the fallback took the
+/// The fallback's answer to a take whose Redis call failed (now, or
+/// since the circuit last closed: `unanswered.rs`). The call may have run
+/// in Redis before its answer was lost. If the fallback took the
 /// units too, the drainer finds the twin and keeps one; but a refusal
 /// would tell the caller "not sold" of a take Redis may have made, and
 /// nothing would ever set that right: so a refusal is UNAVAILABLE, and
