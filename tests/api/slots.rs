@@ -338,6 +338,26 @@ async fn an_expired_reservation_frees_its_slot_and_late_confirmation_takes_one_o
     app.shutdown().await;
 }
 
+/// Reserves a slot at `at` under each of `ids` in turn (10-minute TTL):
+/// the outcomes.
+async fn reserve_each(
+    app: &TestApp,
+    venue: &str,
+    at: prost_types::Timestamp,
+    ids: &[&str],
+) -> Vec<SlotOutcome> {
+    let mut outcomes = Vec::new();
+    for id in ids {
+        let r = app
+            .slots()
+            .reserve_slot(reserve(id, venue, at, 600))
+            .await
+            .unwrap();
+        outcomes.push(r.into_inner().outcome());
+    }
+    outcomes
+}
+
 /// Waits until `r`'s expiry has passed on Redis's clock.
 async fn expired(app: &TestApp, r: pb::ReserveSlotResponse) {
     let exp = r.reservation.unwrap().expires_at.unwrap();
@@ -437,17 +457,7 @@ async fn a_venue_cannot_change_its_clock_under_booked_slots() {
     c.set_venue(set("UTC", 15)).await.unwrap();
     let w = window(&app, "hall", at).await;
     assert_eq!((w.capacity, w.pending, w.available), (2, 0, 2));
-    let taken: Vec<_> = {
-        let mut outcomes = Vec::new();
-        for i in 0..3 {
-            let r = c
-                .reserve_slot(reserve(&format!("q{i}"), "hall", at, 600))
-                .await
-                .unwrap();
-            outcomes.push(r.into_inner().outcome());
-        }
-        outcomes
-    };
+    let taken = reserve_each(&app, "hall", at, &["q0", "q1", "q2"]).await;
     assert_eq!(
         taken,
         [
@@ -525,14 +535,7 @@ async fn a_cut_window_counts_what_the_fallback_holds_against_its_ceiling() {
         .await
         .unwrap();
     }
-    let mut outcomes = Vec::new();
-    for i in 2..5 {
-        let r = c
-            .reserve_slot(reserve(&format!("late-{i}"), "v", at, 600))
-            .await
-            .unwrap();
-        outcomes.push(r.into_inner().outcome());
-    }
+    let outcomes = reserve_each(&app, "v", at, &["late-2", "late-3", "late-4"]).await;
     assert_eq!(
         outcomes,
         [

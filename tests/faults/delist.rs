@@ -34,6 +34,56 @@ fn acquire(lock_ref: &str, card: &str) -> pb::AcquireSaleLocksRequest {
     }
 }
 
+/// Engages `card` on the storefront.
+async fn engage(
+    channels: &mut ChannelServiceClient<Channel>,
+    card: &str,
+) -> Result<tonic::Response<pb::EngageResponse>, tonic::Status> {
+    channels
+        .engage(pb::EngageRequest {
+            channel: "storefront".into(),
+            cards: vec![pb::EngageCard {
+                card_id: card.into(),
+                external_ref: String::new(),
+                metadata_json: String::new(),
+            }],
+        })
+        .await
+}
+
+/// A Redis, a Postgres and a daemon talking to that Redis directly, in
+/// `tmp`, and clients of the daemon's channel and sale-lock services.
+/// Bind every field (`_pg` too): a field left out is dropped, and its
+/// server stopped, as soon as the struct is taken apart.
+struct Setup {
+    redis: Redis,
+    _pg: Postgres,
+    daemon: Daemon,
+    channels: ChannelServiceClient<Channel>,
+    locks: SaleLockServiceClient<Channel>,
+}
+
+impl Setup {
+    async fn start(tmp: &TempDir) -> Self {
+        let dir = tmp.0.clone();
+        let redis = Redis::start(&dir);
+        let pg = Postgres::start(&dir);
+        let daemon = Daemon::start(&dir, redis.port, &pg.url());
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Setup {
+            redis,
+            _pg: pg,
+            daemon,
+            channels: ChannelServiceClient::new(channel.clone()),
+            locks: SaleLockServiceClient::new(channel),
+        }
+    }
+}
+
 async fn live_on_storefront(channels: &mut ChannelServiceClient<Channel>, card: &str) -> bool {
     channels
         .get_card_channels(pb::GetCardChannelsRequest {
@@ -52,28 +102,14 @@ async fn live_on_storefront(channels: &mut ChannelServiceClient<Channel>, card: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delisting_while_redis_is_frozen_changes_nothing() {
     let tmp = TempDir::new("delist");
-    let dir = tmp.0.clone();
-    let redis = Redis::start(&dir);
-    let pg = Postgres::start(&dir);
-    let daemon = Daemon::start(&dir, redis.port, &pg.url());
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut channels = ChannelServiceClient::new(channel.clone());
-    let mut locks = SaleLockServiceClient::new(channel);
-    channels
-        .engage(pb::EngageRequest {
-            channel: "storefront".into(),
-            cards: vec![pb::EngageCard {
-                card_id: "card-1".into(),
-                external_ref: String::new(),
-                metadata_json: String::new(),
-            }],
-        })
-        .await
-        .unwrap();
+    let Setup {
+        redis,
+        daemon,
+        mut channels,
+        mut locks,
+        _pg,
+    } = Setup::start(&tmp).await;
+    engage(&mut channels, "card-1").await.unwrap();
 
     redis.freeze();
     let err = tokio::time::timeout(
@@ -137,44 +173,20 @@ async fn acquired(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_card_locked_in_the_fallback_is_a_conflict_once_redis_is_back() {
     let tmp = TempDir::new("fallback-lock");
-    let dir = tmp.0.clone();
-    let redis = Redis::start(&dir);
-    let pg = Postgres::start(&dir);
-    let daemon = Daemon::start(&dir, redis.port, &pg.url());
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut channels = ChannelServiceClient::new(channel.clone());
-    let mut locks = SaleLockServiceClient::new(channel);
-    channels
-        .engage(pb::EngageRequest {
-            channel: "storefront".into(),
-            cards: vec![pb::EngageCard {
-                card_id: "card-0".into(),
-                external_ref: String::new(),
-                metadata_json: String::new(),
-            }],
-        })
-        .await
-        .unwrap();
+    let Setup {
+        redis,
+        daemon,
+        mut channels,
+        mut locks,
+        _pg,
+    } = Setup::start(&tmp).await;
+    engage(&mut channels, "card-0").await.unwrap();
 
     redis.freeze();
-    let engage = tokio::time::timeout(
-        Duration::from_secs(10),
-        channels.engage(pb::EngageRequest {
-            channel: "storefront".into(),
-            cards: vec![pb::EngageCard {
-                card_id: "card-1".into(),
-                external_ref: String::new(),
-                metadata_json: String::new(),
-            }],
-        }),
-    )
-    .await
-    .expect("the engage answers while Redis is frozen");
-    assert!(engage.is_ok(), "{engage:?}");
+    let engaged = tokio::time::timeout(Duration::from_secs(10), engage(&mut channels, "card-1"))
+        .await
+        .expect("the engage answers while Redis is frozen");
+    assert!(engaged.is_ok(), "{engaged:?}");
     let a = acquired(&mut locks, "lock-a", "card-1").await.unwrap();
     assert_eq!(a.outcome(), AcquireOutcome::Acquired, "{a:?}");
     let lock = a.lock.unwrap();
