@@ -11,7 +11,7 @@
 
 mod circuit;
 mod escrow;
-mod unanswered;
+mod ids;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -111,7 +111,9 @@ pub struct Engine {
     last_grants: std::sync::Mutex<escrow::LastGrants>,
     circuit: Circuit,
     /// Take ids Redis did not answer since the circuit last closed.
-    unanswered: unanswered::Unanswered,
+    unanswered: ids::IdSet,
+    /// Take ids the fallback took for (`ids.rs`).
+    fallback_served: ids::IdSet,
     policy: GrantPolicy,
     max_extensions: u32,
 }
@@ -135,6 +137,7 @@ impl Engine {
             last_grants: std::sync::Mutex::default(),
             circuit: Circuit::default(),
             unanswered: Default::default(),
+            fallback_served: Default::default(),
             policy,
             max_extensions,
         })
@@ -168,18 +171,47 @@ impl Engine {
                     self.circuit.failure();
                     self.unanswered.note(tenant, &take.id);
                     return self
-                        .take_pg(tenant, take)
+                        .take_fallback(tenant, take)
                         .await
                         .and_then(|o| in_doubt(take, o));
+                }
+                Ok(refused) if !matches!(refused, TakeOutcome::Taken(_)) => {
+                    return self.unless_fallback_took(tenant, take, refused).await;
                 }
                 other => return other,
             }
         }
-        let outcome = self.take_pg(tenant, take).await?;
+        let outcome = self.take_fallback(tenant, take).await?;
         if self.unanswered.contains(tenant, &take.id) {
             return in_doubt(take, outcome);
         }
         Ok(outcome)
+    }
+
+    /// [`Self::take_pg`], remembering the ids it takes for.
+    async fn take_fallback(&self, tenant: &TenantId, take: &Take) -> Result<TakeOutcome, Error> {
+        let outcome = self.take_pg(tenant, take).await?;
+        if matches!(outcome, TakeOutcome::Taken(_)) {
+            self.fallback_served.note(tenant, &take.id);
+        }
+        Ok(outcome)
+    }
+
+    /// Redis's refusal of `take`, unless the fallback took for its id
+    /// while Redis was away: then the retry's answer is that hold.
+    async fn unless_fallback_took(
+        &self,
+        tenant: &TenantId,
+        take: &Take,
+        refused: TakeOutcome,
+    ) -> Result<TakeOutcome, Error> {
+        if !self.fallback_served.contains(tenant, &take.id) {
+            return Ok(refused);
+        }
+        match self.pg.fallback_get(tenant, &take.id, take.job).await? {
+            HoldReply::Hold(hold) => Ok(TakeOutcome::Taken(hold)),
+            _ => Ok(refused),
+        }
     }
 
     async fn take_redis(&self, tenant: &TenantId, take: &Take) -> Result<TakeOutcome, Error> {
@@ -436,7 +468,7 @@ impl Engine {
 }
 
 /// The fallback's answer to a take whose Redis call failed (now, or
-/// since the circuit last closed: `unanswered.rs`). The call may have run
+/// since the circuit last closed: `ids.rs`). The call may have run
 /// in Redis before its answer was lost. If the fallback took the
 /// units too, the drainer finds the twin and keeps one; but a refusal
 /// would tell the caller "not sold" of a take Redis may have made, and

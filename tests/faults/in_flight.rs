@@ -25,20 +25,8 @@ fn claim(id: &str) -> pb::ClaimRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_redis_ran_after_its_timeout_is_never_answered_sold_out() {
-    let tmp = TempDir::new("in-flight");
-    let dir = tmp.0.clone();
-    let redis = Redis::start(&dir);
-    let pg = Postgres::start(&dir);
-    let proxy = Proxy::start(redis.port).await;
-    let daemon = Daemon::start(&dir, proxy.port, &pg.url());
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut flash = FlashSaleServiceClient::new(channel);
+/// Creates sale `s`, live now, of two units of `p`.
+async fn sale_of_two(flash: &mut FlashSaleServiceClient<Channel>) {
     let now = chrono::Utc::now().timestamp();
     flash
         .create_sale(pb::CreateSaleRequest {
@@ -60,6 +48,33 @@ async fn a_claim_redis_ran_after_its_timeout_is_never_answered_sold_out() {
         })
         .await
         .unwrap();
+}
+
+/// Waits until the daemon's circuit in front of Redis reads `open`.
+async fn circuit_is(daemon: &Daemon, open: bool) {
+    let line = format!("holdfast_redis_circuit_open {}", u8::from(open));
+    let started = Instant::now();
+    while !daemon.scrape().await.lines().any(|l| l == line) {
+        assert!(started.elapsed() < Duration::from_secs(10), "never {line}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_redis_ran_after_its_timeout_is_never_answered_sold_out() {
+    let tmp = TempDir::new("in-flight");
+    let dir = tmp.0.clone();
+    let redis = Redis::start(&dir);
+    let pg = Postgres::start(&dir);
+    let proxy = Proxy::start(redis.port).await;
+    let daemon = Daemon::start(&dir, proxy.port, &pg.url());
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut flash = FlashSaleServiceClient::new(channel);
+    sale_of_two(&mut flash).await;
     let first = flash.claim(claim("c0")).await.unwrap().into_inner();
     assert_eq!(first.outcome(), Outcome::Ok);
     // The refiller hands Redis the last unit too: the fallback has none.
@@ -100,19 +115,7 @@ async fn a_claim_redis_ran_after_its_timeout_is_never_answered_sold_out() {
     if !sold_out {
         // Still slow, the circuit opens, and a retry goes to the fallback
         // alone: it must not refuse an id Redis may have served.
-        let started = Instant::now();
-        while !daemon
-            .scrape()
-            .await
-            .lines()
-            .any(|l| l == "holdfast_redis_circuit_open 1")
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "circuit closed"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        circuit_is(&daemon, true).await;
         match flash.claim(claim("c1")).await {
             Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
             Ok(r) => panic!("the fallback alone answered {r:?}"),
@@ -123,16 +126,7 @@ async fn a_claim_redis_ran_after_its_timeout_is_never_answered_sold_out() {
     // Its retry, once the circuit is closed again (while it is open, the
     // answer is UNAVAILABLE, as above), finds the sale Redis made, if
     // Redis made it.
-    let started = Instant::now();
-    while !daemon
-        .scrape()
-        .await
-        .lines()
-        .any(|l| l == "holdfast_redis_circuit_open 0")
-    {
-        assert!(started.elapsed() < Duration::from_secs(10), "circuit open");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    circuit_is(&daemon, false).await;
     let started = Instant::now();
     let retried = loop {
         match flash.claim(claim("c1")).await {
@@ -175,5 +169,44 @@ async fn a_claim_redis_ran_after_its_timeout_is_never_answered_sold_out() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(sold, told_ok, "first answer {answer:?}, retry {retried:?}");
+    drop(daemon);
+}
+
+/// The other way round: a claim the fallback served while Redis was
+/// frozen, retried once Redis is back and sold out, repeats its answer.
+/// Redis never saw its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_the_fallback_served_is_not_refused_by_redis_after() {
+    let tmp = TempDir::new("fallback-served");
+    let dir = tmp.0.clone();
+    let redis = Redis::start(&dir);
+    let pg = Postgres::start(&dir);
+    let daemon = Daemon::start(&dir, redis.port, &pg.url());
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut flash = FlashSaleServiceClient::new(channel);
+    sale_of_two(&mut flash).await;
+
+    // Once the circuit is open, c1 goes to the fallback alone (sent to a
+    // frozen Redis, it would run there at the thaw: twins, which the
+    // drainer settles).
+    redis.freeze();
+    circuit_is(&daemon, true).await;
+    let served = flash.claim(claim("c1")).await.unwrap().into_inner();
+    assert_eq!(served.outcome(), Outcome::Ok, "the fallback serves it");
+    redis.thaw();
+    circuit_is(&daemon, false).await;
+
+    // Redis sells the other unit, and learns there is no more.
+    let other = flash.claim(claim("c2")).await.unwrap().into_inner();
+    assert_eq!(other.outcome(), Outcome::Ok);
+    let none = flash.claim(claim("c3")).await.unwrap().into_inner();
+    assert_eq!(none.outcome(), Outcome::SoldOut);
+
+    let retried = flash.claim(claim("c1")).await.unwrap().into_inner();
+    assert_eq!(retried, served, "the retry repeats the fallback's answer");
     drop(daemon);
 }
