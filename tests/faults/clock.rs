@@ -89,11 +89,7 @@ async fn a_forward_step_of_redis_clock_ends_no_hold_early() {
     );
     let pg = Postgres::start(&dir);
     let daemon = Daemon::start(&dir, redis.port, &pg.url());
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = daemon.channel().await;
     let mut client = FlashSaleServiceClient::new(channel);
     let now = chrono::Utc::now().timestamp();
     client

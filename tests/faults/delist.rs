@@ -69,11 +69,7 @@ impl Setup {
         let redis = Redis::start(&dir);
         let pg = Postgres::start(&dir);
         let daemon = Daemon::start(&dir, redis.port, &pg.url());
-        let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = daemon.channel().await;
         Setup {
             redis,
             _pg: pg,

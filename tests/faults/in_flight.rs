@@ -68,11 +68,7 @@ async fn a_claim_redis_ran_after_its_timeout_is_never_answered_sold_out() {
     let pg = Postgres::start(&dir);
     let proxy = Proxy::start(redis.port).await;
     let daemon = Daemon::start(&dir, proxy.port, &pg.url());
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = daemon.channel().await;
     let mut flash = FlashSaleServiceClient::new(channel);
     sale_of_two(&mut flash).await;
     let first = flash.claim(claim("c0")).await.unwrap().into_inner();
@@ -182,11 +178,7 @@ async fn a_claim_the_fallback_served_is_not_refused_by_redis_after() {
     let redis = Redis::start(&dir);
     let pg = Postgres::start(&dir);
     let daemon = Daemon::start(&dir, redis.port, &pg.url());
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", daemon.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = daemon.channel().await;
     let mut flash = FlashSaleServiceClient::new(channel);
     sale_of_two(&mut flash).await;
 
