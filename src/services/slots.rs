@@ -341,24 +341,16 @@ impl Slots {
             .pool_ids_with_prefix(tenant, &prefix)
             .await?
         {
-            let Some(start) = id
-                .rsplit('/')
-                .next()
-                .and_then(|s| s.parse::<i64>().ok())
-                .and_then(|s| DateTime::from_timestamp(s, 0))
-            else {
+            let pool = PoolId::from_store(id);
+            let Some(start) = window_start_of(&pool) else {
                 continue;
             };
             let w = window_at(start, venue.tz, venue.window_minutes);
             if w.end <= now {
                 continue;
             }
-            self.set_window_capacity(
-                tenant,
-                &PoolId::from_store(id),
-                schedule.capacity(&w, venue.window_minutes),
-            )
-            .await?;
+            self.set_window_capacity(tenant, &pool, schedule.capacity(&w, venue.window_minutes))
+                .await?;
         }
         Ok(())
     }

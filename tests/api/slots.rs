@@ -268,12 +268,7 @@ async fn an_expired_reservation_frees_its_slot_and_late_confirmation_takes_one_o
         .await
         .unwrap()
         .into_inner();
-    let exp = r.reservation.unwrap().expires_at.unwrap();
-    let exp_ms = exp.seconds * 1000 + i64::from(exp.nanos / 1_000_000);
-    app.eventually("the reservation's expiry on Redis's clock", || async {
-        (app.redis_now_ms().await > exp_ms).then_some(())
-    })
-    .await;
+    expired(&app, r).await;
 
     // The slot is free again: a late confirmation takes it.
     let late = app
@@ -305,12 +300,7 @@ async fn an_expired_reservation_frees_its_slot_and_late_confirmation_takes_one_o
         .await
         .unwrap()
         .into_inner();
-    let exp = r.reservation.unwrap().expires_at.unwrap();
-    let exp_ms = exp.seconds * 1000 + i64::from(exp.nanos / 1_000_000);
-    app.eventually("expiry", || async {
-        (app.redis_now_ms().await > exp_ms).then_some(())
-    })
-    .await;
+    expired(&app, r).await;
     let other = app
         .slots()
         .reserve_slot(reserve("fast", "v", at2, 600))
