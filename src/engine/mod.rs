@@ -165,6 +165,9 @@ impl Engine {
     pub async fn take(&self, tenant: &TenantId, take: &Take) -> Result<TakeOutcome, Error> {
         if self.circuit.closed() {
             self.unanswered.forget_all();
+            if let Some(answer) = self.fallback_took(tenant, take).await? {
+                return Ok(answer);
+            }
             match self.take_redis(tenant, take).await {
                 Err(Error::RedisUnavailable(why)) => {
                     tracing::warn!(%tenant, id = %take.id, error = %why, "redis failed; taking from the fallback");
@@ -174,9 +177,6 @@ impl Engine {
                         .take_fallback(tenant, take)
                         .await
                         .and_then(|o| in_doubt(take, o));
-                }
-                Ok(refused) if !matches!(refused, TakeOutcome::Taken(_)) => {
-                    return self.unless_fallback_took(tenant, take, refused).await;
                 }
                 other => return other,
             }
@@ -197,20 +197,23 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// Redis's refusal of `take`, unless the fallback took for its id
-    /// while Redis was away: then the retry's answer is that hold.
-    async fn unless_fallback_took(
+    /// The fallback's answer to the retry of a take it served while Redis
+    /// was away. Redis knows nothing of that id: it would refuse the retry
+    /// (sold out) though it succeeded, or take again, making a second hold
+    /// under the id (a twin, with its own expiry). `None` for any other id,
+    /// and for one whose hold the drainer found Redis also had and undid
+    /// here (`SERVED_BY_FAST_PATH`): Redis's answer stands.
+    async fn fallback_took(
         &self,
         tenant: &TenantId,
         take: &Take,
-        refused: TakeOutcome,
-    ) -> Result<TakeOutcome, Error> {
+    ) -> Result<Option<TakeOutcome>, Error> {
         if !self.fallback_served.contains(tenant, &take.id) {
-            return Ok(refused);
+            return Ok(None);
         }
-        match self.pg.fallback_get(tenant, &take.id, take.job).await? {
-            HoldReply::Hold(hold) => Ok(TakeOutcome::Taken(hold)),
-            _ => Ok(refused),
+        match self.take_pg(tenant, take).await {
+            Err(Error::Unavailable(_)) => Ok(None),
+            answer => answer.map(Some),
         }
     }
 

@@ -428,7 +428,6 @@ impl Daemon {
         self.spawn();
     }
 
-    /// The daemon's metrics page.
     /// A gRPC channel to the daemon, connected.
     pub async fn channel(&self) -> tonic::transport::Channel {
         tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc))
@@ -438,6 +437,7 @@ impl Daemon {
             .unwrap()
     }
 
+    /// The daemon's metrics page.
     pub async fn scrape(&self) -> String {
         use tokio::io::AsyncReadExt;
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.metrics)).await else {

@@ -51,7 +51,7 @@ async fn sale_of_two(flash: &mut FlashSaleServiceClient<Channel>) {
 }
 
 /// Waits until the daemon's circuit in front of Redis reads `open`.
-async fn circuit_is(daemon: &Daemon, open: bool) {
+pub(crate) async fn circuit_is(daemon: &Daemon, open: bool) {
     let line = format!("holdfast_redis_circuit_open {}", u8::from(open));
     let started = Instant::now();
     while !daemon.scrape().await.lines().any(|l| l == line) {

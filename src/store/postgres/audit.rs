@@ -44,7 +44,14 @@ impl PgStore {
                 .filter(|e| new.contains(e.event_id.as_str()))
                 .collect()
         };
-        let twins = twins(&mut tx, tenant, &fresh).await?;
+        // A batch read again may be one whose round failed after its
+        // commit, with a twin's work in Redis undone: every take in it is
+        // looked at again (a settled twin is found as such, `settle_twin`).
+        let twins = if fresh.len() < events.len() {
+            twins(&mut tx, tenant, events.iter()).await?
+        } else {
+            twins(&mut tx, tenant, fresh.iter().copied()).await?
+        };
         let reports = reports(&fresh);
         // The pools are written from here on: the tenant's pool lock comes
         // after the hold ids' (taken by `twins`) and before any row lock.
@@ -282,19 +289,17 @@ fn bind_events<'q>(
         .bind(at))
 }
 
-/// The new `reserved` and `claimed` events whose hold id the fallback also
-/// served. The ids' locks are taken first, in one statement and in a fixed
+/// The `reserved` and `claimed` events among `events` whose hold id the
+/// fallback also served. The ids' locks are taken first, in one statement and in a fixed
 /// order (the fallback takes the same lock before it serves an id), so a
 /// fallback transaction on one of them either committed before this look
 /// or waits for this transaction, as with one event at a time.
 async fn twins<'e>(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
-    fresh: &[&'e Event],
+    events: impl Iterator<Item = &'e Event>,
 ) -> Result<Vec<&'e Event>, Error> {
-    let takes: Vec<&'e Event> = fresh
-        .iter()
-        .copied()
+    let takes: Vec<&'e Event> = events
         .filter(|e| matches!(e.kind.as_str(), "reserved" | "claimed"))
         .collect();
     if takes.is_empty() {

@@ -449,6 +449,16 @@ pub enum Twin {
     None,
     /// The fallback twin was active and was undone; Redis's stands.
     Undone,
+    /// The fallback twin is active and was extended (acknowledged to its
+    /// caller): Redis's twin must be extended to the same expiry before
+    /// the fallback one is undone, or the hold ends before its caller was
+    /// told.
+    Extended {
+        /// The fallback twin's expiry.
+        until: DateTime<Utc>,
+        /// Its last extension's id, so a retry of it finds it done.
+        extension_id: String,
+    },
     /// The fallback twin was committed (with this order id): Redis's twin
     /// must be committed too before the fallback one is undone.
     Committed(String),
@@ -461,7 +471,9 @@ impl PgStore {
     /// Called by the drainer, inside its transaction (holding the id's
     /// lock, then the tenant's pool lock), for a Redis `reserved` or
     /// `claimed` event: finds a fallback twin of the same id and undoes it
-    /// when Redis's twin is at least as far along.
+    /// when Redis's twin is at least as far along. A twin that asks for
+    /// work in Redis first keeps its state until that is done
+    /// ([`PgStore::undo_twin`]), so a batch read again finds it again.
     pub(super) async fn settle_twin(
         tx: &mut Transaction<'_, Postgres>,
         tenant: &TenantId,
@@ -473,6 +485,12 @@ impl PgStore {
             return Ok(Twin::None);
         };
         let undo = match (row.state.as_str(), redis_sold) {
+            ("A", false) if row.extensions > 0 => {
+                return Ok(Twin::Extended {
+                    until: row.expires_at,
+                    extension_id: row.extension_id.clone(),
+                });
+            }
             ("A", _) => Some(false),
             ("C", true) => Some(true),
             ("C", false) => return Ok(Twin::Committed(row.order_id.clone())),
@@ -491,16 +509,24 @@ impl PgStore {
         Ok(Twin::Undone)
     }
 
-    /// Undoes a committed fallback twin once Redis's twin is committed.
-    pub async fn undo_committed_twin(&self, tenant: &TenantId, hold_id: &str) -> Result<(), Error> {
+    /// Undoes a fallback twin still committed (`committed`) or still active
+    /// once Redis's twin has caught up with it (`Twin::Committed`,
+    /// `Twin::Extended`); one that moved on meanwhile is left as it is.
+    pub async fn undo_twin(
+        &self,
+        tenant: &TenantId,
+        hold_id: &str,
+        committed: bool,
+    ) -> Result<(), Error> {
+        let state = if committed { "C" } else { "A" };
         let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, hold_id).await?;
         lock_tenant_pools(&mut tx, tenant, PoolWrites::InPoolOrder).await?;
         if let Some(row) = find(&mut tx, tenant, hold_id)
             .await?
-            .filter(|r| r.state == "C")
+            .filter(|r| r.state == state)
         {
-            give_back(&mut tx, tenant, &row.lines, true).await?;
+            give_back(&mut tx, tenant, &row.lines, committed).await?;
             sqlx::query("UPDATE pg_holds SET state = 'D', finished_at = now() WHERE tenant = $1 AND hold_id = $2")
                 .bind(tenant.as_str())
                 .bind(hold_id)
