@@ -11,7 +11,7 @@ use holdfast::store::postgres::{PgStore, PgTake, product_pool};
 
 use crate::helpers::{TestApp, cart_hold, claim, live_sale_request, spawn_app_with, with_key};
 
-fn take(id: &str, lines: &[(&PoolId, i64)], ttl_secs: Option<u64>) -> PgTake {
+pub(crate) fn take(id: &str, lines: &[(&PoolId, i64)], ttl_secs: Option<u64>) -> PgTake {
     let lines = lines
         .iter()
         .map(|(pool, q)| Line {

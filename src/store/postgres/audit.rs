@@ -163,12 +163,15 @@ impl PgStore {
         let to_i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let (before_ms, before_seq) =
             before.map_or((i64::MAX, i64::MAX), |(a, b)| (to_i(a), to_i(b)));
+        // Redis's events only: the fallback's ('f<n>') are not in Watch
+        // (README), and their ids are not stream ids. `OFFSET 0` keeps the
+        // casts from running on the rows the inner filter drops.
         let rows: Vec<EventRow> = sqlx::query_as(
-            "SELECT event_id, kind, job, hold_id, lines, reference, order_id, customer, at FROM audit_log
-             WHERE tenant = $1
-               AND (split_part(event_id, '-', 1)::bigint, split_part(event_id, '-', 2)::bigint) > ($2, $3)
-               AND (split_part(event_id, '-', 1)::bigint, split_part(event_id, '-', 2)::bigint) < ($4, $5)
-             ORDER BY split_part(event_id, '-', 1)::bigint, split_part(event_id, '-', 2)::bigint
+            "SELECT event_id, kind, job, hold_id, lines, reference, order_id, customer, at
+             FROM (SELECT *, split_part(event_id, '-', 1) AS ms, split_part(event_id, '-', 2) AS seq
+                   FROM audit_log WHERE tenant = $1 AND event_id NOT LIKE 'f%' OFFSET 0) AS redis_events
+             WHERE (ms::bigint, seq::bigint) > ($2, $3) AND (ms::bigint, seq::bigint) < ($4, $5)
+             ORDER BY ms::bigint, seq::bigint
              LIMIT $6",
         )
         .bind(tenant.as_str())
