@@ -104,6 +104,12 @@ impl Reservations {
         reason: &str,
     ) -> Result<StockLevel, Error> {
         let pool = key.pool();
+        // A retry, or an id already used for another product, is answered
+        // before the stock is created: a refused call changes nothing.
+        if let Some(repeated) = self.engine.pg().adjustment(tenant, adjustment_id).await? {
+            same_change(&repeated, &pool, None, adjustment_id)?;
+            return self.level(tenant, key).await;
+        }
         self.engine
             .pg()
             .ensure_pool(

@@ -913,5 +913,23 @@ async fn a_stock_change_whose_caller_gave_up_still_lands_in_both_stores() {
         "{reused:?}"
     );
     assert_eq!(level(&app, "vase", "").await.on_hand, 2, "nothing changed");
+    // Nor for a product with no stock yet, which stays unknown.
+    let reused = r
+        .set_stock(pb::SetStockRequest {
+            key: key("jug", ""),
+            on_hand: 3,
+            adjustment_id: "breakage".into(),
+            reason: "count".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+    let unknown = r
+        .get_stock_levels(pb::GetStockLevelsRequest {
+            keys: vec![key("jug", "").unwrap()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
     app.shutdown().await;
 }
