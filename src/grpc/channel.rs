@@ -94,6 +94,12 @@ fn engage_card(i: usize, c: pb::EngageCard) -> Result<EngageCard, Error> {
                 "must be a JSON object",
             ));
         }
+        if has_nul(&v) {
+            return Err(Error::invalid(
+                format!("{field}.metadata_json"),
+                "must not contain \\u0000, which Postgres cannot store",
+            ));
+        }
         v
     };
     Ok(EngageCard {
@@ -105,6 +111,16 @@ fn engage_card(i: usize, c: pb::EngageCard) -> Result<EngageCard, Error> {
         )?,
         metadata,
     })
+}
+
+/// Whether a JSON value has U+0000 in any key or string.
+fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 fn engage_conflict_pb((card, why): (CardId, EngageConflict)) -> pb::EngageConflict {
@@ -283,6 +299,7 @@ impl ChannelService for ChannelApi {
                     format!("must be {}-{} characters", SECRET_LEN.0, SECRET_LEN.1),
                 ));
             }
+            convert::printable("secret", &r.secret)?;
             let sat = self
                 .channels
                 .put_satellite(&caller.tenant, &channel, &base_url, &r.secret)

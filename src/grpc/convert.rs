@@ -17,7 +17,9 @@ const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_4
 /// A required timestamp, within the range protobuf defines. chrono
 /// represents far more (to year 262,143), but an hour added to its last
 /// instant overflows and panics, so nothing outside protobuf's range gets
-/// in.
+/// in. Cut to whole microseconds, as Postgres keeps it: a finer one
+/// (Go's `timestamppb.Now()`) would be stored cut, and its retry would not
+/// match what was stored.
 pub fn timestamp(field: &str, ts: Option<prost_types::Timestamp>) -> Result<DateTime<Utc>, Error> {
     let ts = ts.ok_or_else(|| Error::invalid(field, "is required"))?;
     let nanos = u32::try_from(ts.nanos)
@@ -30,7 +32,7 @@ pub fn timestamp(field: &str, ts: Option<prost_types::Timestamp>) -> Result<Date
             "must lie between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
         ));
     }
-    DateTime::from_timestamp(ts.seconds, nanos)
+    DateTime::from_timestamp(ts.seconds, nanos - nanos % 1_000)
         .ok_or_else(|| Error::invalid(field, "is out of range"))
 }
 
@@ -81,7 +83,7 @@ pub fn ttl(
     Ok(ttl)
 }
 
-/// A free-text field with a length limit.
+/// A free-text field with a length limit, on one line.
 pub fn text(field: &str, value: String, max: usize) -> Result<String, Error> {
     if value.chars().count() > max {
         return Err(Error::invalid(
@@ -89,7 +91,21 @@ pub fn text(field: &str, value: String, max: usize) -> Result<String, Error> {
             format!("must be at most {max} characters"),
         ));
     }
+    printable(field, &value)?;
     Ok(value)
+}
+
+/// Refuses control characters (U+0000 to U+001F, U+007F to U+009F). Postgres
+/// cannot store U+0000 at all, so one would fail as INTERNAL after
+/// earlier writes; the rest have no place in a name, reason or secret.
+pub fn printable(field: &str, value: &str) -> Result<(), Error> {
+    match value.chars().position(char::is_control) {
+        Some(at) => Err(Error::invalid(
+            field,
+            format!("must not contain control characters (one at character {at})"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// An optional id-like field: empty, or a valid name.

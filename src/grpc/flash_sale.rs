@@ -121,6 +121,14 @@ impl FlashSaleApi {
             }
             products.push((id, p.unit_cap));
         }
+        // Postgres keeps the limit as an integer; a larger one is no limit
+        // in practice, and stored clamped it would make a retry differ.
+        if i32::try_from(r.per_customer_limit).is_err() {
+            return Err(Error::invalid(
+                "per_customer_limit",
+                format!("must be at most {}, or 0 for none", i32::MAX),
+            ));
+        }
         Ok(NewSale {
             sale_id,
             name,

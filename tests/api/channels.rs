@@ -312,6 +312,22 @@ async fn bad_channel_requests_are_refused_and_change_nothing() {
             "cards[0].metadata_json",
         ),
         (
+            engage_with("ebay", vec![c("a", r#"{"k": {"\u0000": 1}}"#)]),
+            Code::InvalidArgument,
+            "cards[0].metadata_json",
+        ),
+        (
+            engage_with(
+                "ebay",
+                vec![pb::EngageCard {
+                    external_ref: "ref\0".into(),
+                    ..c("a", "")
+                }],
+            ),
+            Code::InvalidArgument,
+            "cards[0].external_ref",
+        ),
+        (
             engage_with("ebay", vec![c(&"a".repeat(65), "")]),
             Code::InvalidArgument,
             "cards[0].card_id",
@@ -343,6 +359,13 @@ async fn bad_channel_requests_are_refused_and_change_nothing() {
             "base_url",
         ),
         (sat("http://ebay.example", "short"), "secret"),
+        (
+            sat(
+                "http://ebay.example",
+                &format!("{}\0", crate::cards::SECRET),
+            ),
+            "secret",
+        ),
     ] {
         let err = app.channels().put_satellite(req).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);

@@ -257,6 +257,16 @@ async fn creating_a_sale_twice_is_idempotent_but_a_different_definition_is_refus
         .await
         .unwrap_err();
     assert_eq!(different.code(), tonic::Code::AlreadyExists);
+
+    // Nanoseconds (Go's timestamppb.Now()) are kept to the microsecond, so
+    // the retry of such a request matches what was stored.
+    let mut fine = crate::helpers::live_sale_request("fine", &[("p", Some(5))]);
+    fine.starts_at.as_mut().unwrap().nanos = 123_456_789;
+    let created = app.flash().create_sale(fine.clone()).await.unwrap();
+    let retried = app.flash().create_sale(fine).await.unwrap();
+    let (created, retried) = (created.into_inner().sale, retried.into_inner().sale);
+    assert_eq!(created, retried);
+    assert_eq!(created.unwrap().starts_at.unwrap().nanos, 123_456_000);
     app.shutdown().await;
 }
 

@@ -924,6 +924,18 @@ async fn a_stock_change_whose_caller_gave_up_still_lands_in_both_stores() {
         .await
         .unwrap_err();
     assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+    // Nor a reason Postgres could not store.
+    let unstorable = r
+        .set_stock(pb::SetStockRequest {
+            key: key("jug", ""),
+            on_hand: 3,
+            adjustment_id: "count-jug".into(),
+            reason: "\0".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unstorable.code(), Code::InvalidArgument, "{unstorable:?}");
+    assert!(unstorable.message().contains("reason"), "{unstorable:?}");
     let unknown = r
         .get_stock_levels(pb::GetStockLevelsRequest {
             keys: vec![key("jug", "").unwrap()],

@@ -257,10 +257,39 @@ async fn bad_sale_definitions_are_refused_naming_the_field() {
             },
             "products[1].product_id",
         ),
+        (
+            pb::CreateSaleRequest {
+                name: "a\0b".into(),
+                ..good.clone()
+            },
+            "name",
+        ),
+        (
+            pb::CreateSaleRequest {
+                per_customer_limit: 3_000_000_000,
+                ..good.clone()
+            },
+            "per_customer_limit",
+        ),
+        // Within one microsecond of the start: the same instant, as stored.
+        (
+            pb::CreateSaleRequest {
+                starts_at: Some(prost_types::Timestamp {
+                    seconds: now,
+                    nanos: 100,
+                }),
+                ends_at: Some(prost_types::Timestamp {
+                    seconds: now,
+                    nanos: 900,
+                }),
+                ..good.clone()
+            },
+            "ends_at",
+        ),
     ];
     for (req, field) in cases {
         let err = app.flash().create_sale(req).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
         assert!(err.message().contains(field), "{}", err.message());
     }
     let (sales,): (i64,) = sqlx::query_as("SELECT count(*) FROM sales")
