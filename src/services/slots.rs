@@ -453,6 +453,14 @@ impl Slots {
         ttl: Duration,
         reference: String,
     ) -> Result<SlotOutcome, Error> {
+        // Such an id could be some other reservation's late slot: its
+        // confirmation would find this one and commit it.
+        if id.as_str().ends_with(LATE) {
+            return Err(Error::invalid(
+                "reservation_id",
+                format!("must not end in {LATE}, which names late confirmations' slots"),
+            ));
+        }
         let venue = self.recent_venue(tenant, venue_id).await?;
         let w = window_at(at, venue.tz, venue.window_minutes);
         let pool = self.ensure_window(tenant, &venue, &w).await?;

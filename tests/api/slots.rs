@@ -399,6 +399,19 @@ async fn an_expired_reservation_is_confirmed_late_once_whatever_the_payment() {
         .reservation
         .unwrap();
     assert_eq!(read.payment_id, "pay-1");
+
+    // A reservation's own id cannot take a late slot's name, or the late
+    // confirmation of "early" would find it and commit it.
+    let early = c.reserve_slot(reserve("early", "v", at, 1)).await.unwrap();
+    let err = c
+        .reserve_slot(reserve("early.late", "v", at, 600))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("reservation_id"), "{err:?}");
+    expired(&app, early.into_inner()).await;
+    let late = c.confirm_slot(confirm("early", "pay-3")).await.unwrap();
+    assert_eq!(late.into_inner().outcome(), SlotOutcome::Confirmed);
     app.shutdown().await;
 }
 
