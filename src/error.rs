@@ -87,10 +87,33 @@ impl From<redis::RedisError> for Error {
             || e.is_connection_refusal()
         {
             Error::RedisUnavailable(format!("redis unreachable: {e}"))
+        } else if redis_not_now(&e) {
+            Error::RedisUnavailable(format!("redis cannot serve now: {e}"))
         } else {
             Error::Internal(e.into())
         }
     }
+}
+
+/// Whether Redis refused a call without running it, for a while: it is
+/// loading its data after a restart (LOADING), another script is running
+/// too long (BUSY), it is full (OOM) or cannot persist (MISCONF), or it is
+/// a replica or mid-failover. Like an unreachable Redis, these open the
+/// circuit and the caller is told UNAVAILABLE, not INTERNAL.
+fn redis_not_now(e: &redis::RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some(
+            "LOADING"
+                | "BUSY"
+                | "OOM"
+                | "MISCONF"
+                | "READONLY"
+                | "MASTERDOWN"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+        )
+    )
 }
 
 impl From<deadpool_redis::PoolError> for Error {
@@ -153,3 +176,27 @@ impl From<Error> for Status {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn redis_refusing_for_now_is_unavailable_and_a_script_error_is_internal() {
+        let loading: redis::RedisError = (
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading),
+            "loading",
+        )
+            .into();
+        assert!(matches!(Error::from(loading), Error::RedisUnavailable(_)));
+        for code in ["BUSY", "OOM", "MISCONF"] {
+            let e = redis::make_extension_error(code.into(), Some("now".into()));
+            assert!(
+                matches!(Error::from(e), Error::RedisUnavailable(_)),
+                "{code}"
+            );
+        }
+        let script = redis::make_extension_error("ERR".into(), Some("user_script:1".into()));
+        assert!(matches!(Error::from(script), Error::Internal(_)));
+    }
+}
