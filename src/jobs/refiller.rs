@@ -54,7 +54,7 @@ pub async fn run(engine: Arc<Engine>, tenants: Arc<Tenants>, stop: watch::Receiv
             }
         }
         if round.is_multiple_of(EVERY_TENANT_EVERY) {
-            resync_given_back(&engine).await;
+            resync_marked(&engine).await;
         }
     }
 }
@@ -63,29 +63,32 @@ pub async fn run(engine: Arc<Engine>, tenants: Arc<Tenants>, stop: watch::Receiv
 const RESYNC_BATCH: i64 = 500;
 
 /// Brings Redis up to date on the pools whose units the fallback gave
-/// back (migrations/0011_pools_resync.sql): Redis may still say such a
-/// pool is full, and a full pool answers sold out without asking for a
-/// grant, so an expired fallback hold would otherwise block its units
-/// for good. Once a second, on whichever daemon's refiller takes the marks
-/// first; a pool whose sync fails is marked again.
-async fn resync_given_back(engine: &Engine) {
-    let marked = match engine.pg().take_resyncs(RESYNC_BATCH).await {
+/// back, or whose capacity changed (migrations/0012_pools_resync_seq.sql):
+/// Redis may still say such a pool is full, and a full pool answers sold
+/// out without asking for a grant, so those units would otherwise stay
+/// blocked for good. Once a second; a pool's mark is cleared only once its
+/// sync ran, so one that fails, or a daemon that stops mid-way, leaves it
+/// for the next round (of any daemon).
+async fn resync_marked(engine: &Engine) {
+    let marked = match engine.pg().marked_for_resync(RESYNC_BATCH).await {
         Ok(m) => m,
         Err(e) => {
             tracing::debug!(error = %e, "cannot read the pools to resync");
             return;
         }
     };
-    let mut by_tenant: BTreeMap<TenantId, Vec<PoolId>> = BTreeMap::new();
-    for (tenant, pool) in marked {
-        by_tenant.entry(tenant).or_default().push(pool);
+    let mut by_tenant: BTreeMap<TenantId, Vec<(PoolId, i64)>> = BTreeMap::new();
+    for (tenant, pool, seq) in marked {
+        by_tenant.entry(tenant).or_default().push((pool, seq));
     }
-    for (tenant, pools) in by_tenant {
-        if let Err(e) = engine.sync(&tenant, &pools).await {
-            tracing::warn!(%tenant, error = %e, "cannot bring redis up to date on units the fallback gave back; marked for the next round");
-            if let Err(e) = engine.pg().mark_resync(&tenant, &pools).await {
-                tracing::warn!(%tenant, error = %e, "cannot mark the pools again; the next grant brings them up to date");
-            }
+    for (tenant, marks) in by_tenant {
+        let pools: Vec<PoolId> = marks.iter().map(|(p, _)| p.clone()).collect();
+        let synced = match engine.sync(&tenant, &pools).await {
+            Ok(()) => engine.pg().resynced(&tenant, &marks).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = synced {
+            tracing::warn!(%tenant, error = %e, "cannot bring redis up to date on pools marked for a resync; trying again next round");
         }
     }
 }

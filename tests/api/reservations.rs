@@ -945,3 +945,61 @@ async fn a_stock_change_whose_caller_gave_up_still_lands_in_both_stores() {
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
     app.shutdown().await;
 }
+
+/// A restock whose sync to Redis failed (Redis unreachable after Postgres
+/// recorded it) reaches Redis once Redis is back, though the pool was sold
+/// out there: a full pool asks for no grant, so only the restock's own
+/// mark in Postgres brings it up to date.
+#[tokio::test]
+async fn a_restock_made_while_redis_was_away_sells_once_it_is_back() {
+    let redis = crate::helpers::redis_url();
+    let server = redis.trim_start_matches("redis://");
+    let (server, db) = server.split_once('/').unwrap_or((server, ""));
+    let gate = holdfast::gate::Gate::start(server)
+        .await
+        .expect("a relay to the test Redis");
+    let via_gate = format!("redis://127.0.0.1:{}/{db}", gate.port);
+    let app = crate::helpers::spawn_app_with(|a| {
+        a.redis_url = via_gate;
+        a.redis_timeout_ms = 300;
+    })
+    .await;
+    set_stock(&app, "tee", "", 1).await;
+    let mut r = app.reservations();
+    let sold = r.reserve(reserve("r1", "c", &[("tee", "", 1)], 60)).await;
+    assert_eq!(
+        sold.unwrap().into_inner().outcome(),
+        ReserveOutcome::Reserved
+    );
+    let none = r.reserve(reserve("r0", "c", &[("tee", "", 1)], 60)).await;
+    let none = none.unwrap().into_inner().outcome();
+    assert_eq!(
+        none,
+        ReserveOutcome::InsufficientStock,
+        "Redis knows it is sold out"
+    );
+
+    gate.set(false);
+    let restock = || pb::AdjustStockRequest {
+        key: key("tee", ""),
+        delta: 5,
+        adjustment_id: "restock".into(),
+        reason: "delivery".into(),
+    };
+    let err = r.adjust_stock(restock()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    gate.set(true);
+
+    app.eventually("the restock sells", || {
+        let mut r = r.clone();
+        async move {
+            // The retry by id answers the change as made.
+            r.adjust_stock(restock()).await.ok()?;
+            let took = r.reserve(reserve("r2", "c", &[("tee", "", 1)], 60)).await;
+            (took.ok()?.into_inner().outcome() == ReserveOutcome::Reserved).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(level(&app, "tee", "").await.on_hand, 6);
+    app.shutdown().await;
+}

@@ -305,7 +305,7 @@ impl PgStore {
                 .ok_or_else(|| Error::internal("a stock adjustment vanished while read"));
         }
         if let Some((epoch, returned)) = adj.returned {
-            sqlx::query("UPDATE pools SET returned = GREATEST(returned, $4) WHERE tenant = $1 AND pool_id = $2 AND epoch = $3")
+            sqlx::query("UPDATE pools SET returned = GREATEST(returned, $4), resync_seq = resync_seq + 1 WHERE tenant = $1 AND pool_id = $2 AND epoch = $3")
                 .bind(tenant.as_str())
                 .bind(adj.pool.as_str())
                 .bind(epoch)
@@ -314,7 +314,7 @@ impl PgStore {
                 .await?;
         }
         let changed = sqlx::query(
-            "UPDATE pools SET capacity = capacity + $3
+            "UPDATE pools SET capacity = capacity + $3, resync_seq = resync_seq + 1
              WHERE tenant = $1 AND pool_id = $2 AND capacity IS NOT NULL
                AND sold_pg + held_pg + sold_prior + in_doubt + (granted - returned) <= capacity + $3",
         )
@@ -456,35 +456,42 @@ impl PgStore {
         Ok(rows.into_iter().map(|r| PoolId::from_store(r.0)).collect())
     }
 
-    /// Takes up to `limit` pools marked for a resync (units the fallback
-    /// gave back), clearing their marks: the caller brings Redis up to date
-    /// and marks again what it could not ([`PgStore::mark_resync`]). A mark
-    /// set after this clears it is a later give-back, which the caller's
-    /// sync either reads or leaves marked for the next round.
-    pub async fn take_resyncs(&self, limit: i64) -> Result<Vec<(TenantId, PoolId)>, Error> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "UPDATE pools p SET resync = false
-               FROM (SELECT tenant, pool_id FROM pools WHERE resync
-                      LIMIT $1 FOR UPDATE SKIP LOCKED) m
-              WHERE p.tenant = m.tenant AND p.pool_id = m.pool_id
-          RETURNING p.tenant, p.pool_id",
+    /// Up to `limit` pools marked for a resync since their last one (units
+    /// the fallback gave back, a capacity change: migrations/0012), each
+    /// with its mark's count, to hand to [`PgStore::resynced`] once its
+    /// sync has run. Until then the mark stays, whatever happens to the
+    /// daemon in between.
+    pub async fn marked_for_resync(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(TenantId, PoolId, i64)>, Error> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT tenant, pool_id, resync_seq FROM pools WHERE resync_seq > synced_seq LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(t, p)| Ok((TenantId::parse(&t)?, PoolId::from_store(p))))
+            .map(|(t, p, seq)| Ok((TenantId::parse(&t)?, PoolId::from_store(p), seq)))
             .collect()
     }
 
-    /// Marks `pools` for a resync again (a sync that failed).
-    pub async fn mark_resync(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<(), Error> {
-        let pools: Vec<&str> = pools.iter().map(PoolId::as_str).collect();
-        sqlx::query("UPDATE pools SET resync = true WHERE tenant = $1 AND pool_id = ANY($2)")
-            .bind(tenant.as_str())
-            .bind(&pools)
-            .execute(&self.pool)
-            .await?;
+    /// Records that `pools` were synced as of their marks' counts (from
+    /// [`PgStore::marked_for_resync`]); a pool marked again since stays
+    /// marked.
+    pub async fn resynced(&self, tenant: &TenantId, pools: &[(PoolId, i64)]) -> Result<(), Error> {
+        let ids: Vec<&str> = pools.iter().map(|(p, _)| p.as_str()).collect();
+        let seqs: Vec<i64> = pools.iter().map(|(_, s)| *s).collect();
+        sqlx::query(
+            "UPDATE pools p SET synced_seq = GREATEST(p.synced_seq, s.seq)
+               FROM UNNEST($2::text[], $3::bigint[]) AS s(pool_id, seq)
+              WHERE p.tenant = $1 AND p.pool_id = s.pool_id",
+        )
+        .bind(tenant.as_str())
+        .bind(&ids)
+        .bind(&seqs)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -154,7 +154,7 @@ async fn give_back(
 /// Gives units back to their pools, summed per pool, in pool order, and
 /// marks each for the refiller to bring Redis up to date: Redis may have
 /// been told the pool was full while these units were held here
-/// (migrations/0011_pools_resync.sql).
+/// (migrations/0012_pools_resync_seq.sql).
 async fn give_back_all(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
@@ -164,7 +164,7 @@ async fn give_back_all(
     let column = if sold { "sold_pg" } else { "held_pg" };
     for (pool, qty) in in_pool_order(lines) {
         sqlx::query(&format!(
-            "UPDATE pools SET {column} = {column} - $3, resync = true WHERE tenant = $1 AND pool_id = $2"
+            "UPDATE pools SET {column} = {column} - $3, resync_seq = resync_seq + 1 WHERE tenant = $1 AND pool_id = $2"
         ))
         .bind(tenant.as_str())
         .bind(pool)
