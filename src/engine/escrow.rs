@@ -412,7 +412,13 @@ impl Engine {
         needed: &[(PoolId, i64)],
     ) -> Result<Vec<PoolId>, Error> {
         let pools: Vec<PoolId> = needed.iter().map(|(p, _)| p.clone()).collect();
-        let rows = self.pg.get_pools(tenant, &pools).await?;
+        let mut rows = self.pg.get_pools(tenant, &pools).await?;
+        // Fallback holds past their expiry count in `held_pg` until the
+        // fallback's sweep ends them. Their units are free now: planned as
+        // taken, a pool would be loaded full and answer sold out.
+        if rows.iter().any(|r| r.held_pg > 0) && self.pg.fallback_sweep(tenant).await? > 0 {
+            rows = self.pg.get_pools(tenant, &pools).await?;
+        }
         let in_redis = self.redis.get_pools(tenant, &pools).await?;
         // First what each pool needs, then every grant in one Postgres
         // transaction, then each pool to Redis (Postgres first). Whether

@@ -455,3 +455,32 @@ async fn units_a_fallback_hold_gave_back_sell_again_through_redis() {
     assert_eq!(sold + more, 10, "sold out at the capacity, not before");
     app.shutdown().await;
 }
+
+/// A fallback hold past its expiry, not yet swept, holds nothing: a grant
+/// planned meanwhile gives its unit to Redis (planned as taken, the pool
+/// was loaded full and the claim answered sold out).
+#[tokio::test]
+async fn a_grant_counts_a_fallback_hold_past_its_expiry_as_free() {
+    let app = spawn_app_with(|a| {
+        a.grant_chunk = 1;
+        a.grant_max_chunk = 1;
+        // No sweeper round within the test: only the grant can see it.
+        a.sweep_interval_ms = 600_000;
+    })
+    .await;
+    app.live_sale("s", &[("p", Some(2))], 0).await;
+    // Redis was granted one unit; the fallback holds the other for 1 s.
+    let pg = PgStore::from_pool(app.pg.clone());
+    let dev = TenantId::parse("dev").unwrap();
+    let pool = product_pool("s", "p");
+    let held = pg
+        .fallback_takes(&dev, &[take("f1", &[(&pool, 1)], Some(1))])
+        .await
+        .unwrap();
+    assert!(matches!(held[0], Ok(HoldReply::Hold(_))), "{held:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+
+    let both = app.flash().claim(claim("c", "s", &[("p", 2)])).await;
+    assert_eq!(both.unwrap().into_inner().outcome(), Outcome::Ok);
+    app.shutdown().await;
+}
