@@ -250,6 +250,11 @@ fn start_jobs(
             Duration::from_millis(args.sweep_interval_ms),
             stop.clone(),
         )),
+        tokio::spawn(sweeper::run_fallback(
+            engine.clone(),
+            Duration::from_millis(args.sweep_interval_ms),
+            stop.clone(),
+        )),
         tokio::spawn(refiller::run(engine.clone(), tenants, stop.clone())),
         tokio::spawn(redis_watch::run(engine.clone(), stop.clone())),
         tokio::spawn(statistics::run(engine.pg().clone(), stop.clone())),

@@ -22,7 +22,7 @@ pub mod refiller;
 pub mod statistics;
 pub mod sweeper;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -68,12 +68,23 @@ impl Rounds {
 /// How often the list of tenants is read again.
 const TENANT_REFRESH: Duration = Duration::from_secs(1);
 
-/// The tenants the jobs visit, read from Postgres at most once a second.
-/// While Postgres is down the last list is kept, so the Redis-side work
-/// (sweeping) goes on.
+/// The tenants the jobs visit, read from Postgres at most once a second,
+/// in the background once there is a list: a job never waits on Postgres
+/// for it, so the Redis-side work (sweeping) goes on at its pace while
+/// Postgres is slow or away (each read then waits out the pool's 5 s), with
+/// the last list.
 pub struct Tenants {
     pg: PgStore,
-    cached: Mutex<(Vec<TenantId>, Option<Instant>)>,
+    cached: Arc<Mutex<Cached>>,
+}
+
+/// The last list, when it was read (or last tried), and whether a read is
+/// under way.
+#[derive(Default)]
+struct Cached {
+    list: Vec<TenantId>,
+    at: Option<Instant>,
+    reading: bool,
 }
 
 impl Tenants {
@@ -81,32 +92,54 @@ impl Tenants {
     pub fn new(pg: PgStore) -> Self {
         Self {
             pg,
-            cached: Mutex::new((Vec::new(), None)),
+            cached: Arc::default(),
         }
     }
 
-    /// The current tenants.
+    /// The current tenants: the first call reads them; later ones answer
+    /// the last list and, once a second, start reading it again.
     pub async fn list(&self) -> Vec<TenantId> {
-        {
-            let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(at) = cached.1
-                && at.elapsed() < TENANT_REFRESH
-            {
-                return cached.0.clone();
+        let first = {
+            let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+            match cached.at {
+                Some(at) if at.elapsed() < TENANT_REFRESH || cached.reading => {
+                    return cached.list.clone();
+                }
+                Some(_) => {
+                    cached.reading = true;
+                    false
+                }
+                None => true,
             }
+        };
+        let read = refresh(self.pg.clone(), self.cached.clone());
+        if first {
+            read.await;
+            return self
+                .cached
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .list
+                .clone();
         }
-        match self.pg.tenants().await {
-            Ok(list) => {
-                *self.cached.lock().unwrap_or_else(|e| e.into_inner()) =
-                    (list.clone(), Some(Instant::now()));
-                list
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list tenants; using the last list");
-                let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-                cached.1 = Some(Instant::now());
-                cached.0.clone()
-            }
-        }
+        tokio::spawn(read);
+        self.cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .list
+            .clone()
     }
+}
+
+/// Reads the tenants into `cached`; on failure keeps the last list (tried
+/// again a second later).
+async fn refresh(pg: PgStore, cached: Arc<Mutex<Cached>>) {
+    let read = pg.tenants().await;
+    let mut cached = cached.lock().unwrap_or_else(|e| e.into_inner());
+    match read {
+        Ok(list) => cached.list = list,
+        Err(e) => tracing::warn!(error = %e, "cannot list tenants; using the last list"),
+    }
+    cached.at = Some(Instant::now());
+    cached.reading = false;
 }

@@ -69,7 +69,7 @@ const RESYNC_BATCH: i64 = 500;
 /// blocked for good. Once a second; a pool's mark is cleared only once its
 /// sync ran, so one that fails, or a daemon that stops mid-way, leaves it
 /// for the next round (of any daemon).
-async fn resync_marked(engine: &Engine) {
+pub(super) async fn resync_marked(engine: &Engine) {
     let marked = match engine.pg().marked_for_resync(RESYNC_BATCH).await {
         Ok(m) => m,
         Err(e) => {

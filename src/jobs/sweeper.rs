@@ -17,9 +17,6 @@ use crate::domain::TenantId;
 use crate::engine::Engine;
 use crate::store::redis::Watcher;
 
-/// The fallback's due holds are looked for every this many rounds (they
-/// are rare).
-const FALLBACK_EVERY: u32 = 4;
 /// Every this many rounds (half a second at the default interval, so a
 /// hold another daemon made is still found within the second the promise
 /// gives) the sweeper looks at every tenant's expiry index, and for the
@@ -31,11 +28,12 @@ const FALLBACK_EVERY: u32 = 4;
 const EVERY_TENANT_EVERY: u32 = 5;
 
 /// Runs until `stop` turns true. Each round asks Redis once which of the
-/// tenants it looks at have holds due, and sweeps only those; each fourth,
-/// Postgres likewise for the fallback's holds. A sweep per tenant per
-/// round made a thousand idle shops cost the machine's two cores, and
-/// looking at each tenant's index every round was half of what ten
-/// thousand cost (deploy/BENCHMARKS.md, "idle tenants").
+/// tenants it looks at have holds due, and sweeps only those. A sweep per
+/// tenant per round made a thousand idle shops cost the machine's two
+/// cores, and looking at each tenant's index every round was half of what
+/// ten thousand cost (deploy/BENCHMARKS.md, "idle tenants"). The
+/// fallback's holds have a loop of their own ([`run_fallback`]), so that a
+/// Postgres that hangs does not hold up Redis's.
 pub async fn run(
     engine: Arc<Engine>,
     tenants: Arc<Tenants>,
@@ -81,11 +79,23 @@ pub async fn run(
             // Not lost while Redis is away: looked at once it is back.
             holding.extend(touched);
         }
-        if round.is_multiple_of(FALLBACK_EVERY) {
-            sweep_fallback(&engine).await;
-        }
     }
     tracing::debug!("sweeper stopped");
+}
+
+/// The fallback's sweeper, until `stop`: each round asks Postgres once
+/// which tenants have fallback holds due, and ends those (their units go
+/// back to their pools). Redis may have been told such a pool is full, so
+/// the pools marked by the give-back are brought up to date at once,
+/// rather than at the refiller's next look.
+pub async fn run_fallback(engine: Arc<Engine>, interval: Duration, stop: watch::Receiver<bool>) {
+    let mut rounds = Rounds::every(interval, stop);
+    while rounds.next().await {
+        if sweep_fallback(&engine).await > 0 {
+            super::refiller::resync_marked(&engine).await;
+        }
+    }
+    tracing::debug!("fallback sweeper stopped");
 }
 
 async fn sweep_redis(engine: &Engine, tenant: &TenantId) {
@@ -94,17 +104,23 @@ async fn sweep_redis(engine: &Engine, tenant: &TenantId) {
     }
 }
 
-async fn sweep_fallback(engine: &Engine) {
+/// Ends the fallback's due holds; returns how many.
+async fn sweep_fallback(engine: &Engine) -> usize {
     let due = match engine.pg().fallback_tenants_due().await {
         Ok(due) => due,
         Err(e) => {
             tracing::debug!(error = %e, "cannot read which tenants have fallback holds due; will retry");
-            return;
+            return 0;
         }
     };
+    let mut ended = 0;
     for tenant in due {
-        if let Err(e) = engine.pg().fallback_sweep(&tenant).await {
-            tracing::debug!(%tenant, error = %e, "fallback sweep failed; will retry");
+        match engine.pg().fallback_sweep(&tenant).await {
+            Ok(n) => ended += n,
+            Err(e) => {
+                tracing::debug!(%tenant, error = %e, "fallback sweep failed; will retry");
+            }
         }
     }
+    ended
 }
