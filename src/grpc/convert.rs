@@ -65,6 +65,9 @@ pub fn ttl(
     if d.seconds < 0 || d.nanos < 0 {
         return Err(Error::invalid(field, "must not be negative"));
     }
+    if d.nanos >= 1_000_000_000 {
+        return Err(Error::invalid(field, "nanos must be 0 to 999,999,999"));
+    }
     let ttl = Duration::new(
         u64::try_from(d.seconds).unwrap_or(0),
         u32::try_from(d.nanos).unwrap_or(0),

@@ -147,6 +147,16 @@ async fn bad_hold_requests_are_refused_and_change_nothing() {
         (cart_hold("h", "s", &[("p", 1)], 0), "ttl"),
         (cart_hold("h", "s", &[("p", 1)], -3), "ttl"),
         (cart_hold("h", "s", &[("p", 1)], 100 * 86_400), "ttl"),
+        (
+            pb::CreateCartHoldRequest {
+                ttl: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 2_000_000_000,
+                }),
+                ..cart_hold("h", "s", &[("p", 1)], 60)
+            },
+            "ttl",
+        ),
         (cart_hold("h h", "s", &[("p", 1)], 60), "hold_id"),
         (
             pb::CreateCartHoldRequest {
