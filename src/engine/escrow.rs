@@ -117,6 +117,15 @@ pub(super) struct LastGrant {
 /// The last grant of each pool this daemon granted, by tenant and pool.
 pub(super) type LastGrants = HashMap<(TenantId, PoolId), LastGrant>;
 
+/// A capacity change ([`Engine::adjust_capacity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capacity {
+    /// Add these units (negative: remove).
+    By(i64),
+    /// Set the capacity to this, from what it is when the change runs.
+    To(i64),
+}
+
 impl Engine {
     /// Reads pools' counts across both stores, in the order asked. Unknown
     /// pools are NOT_FOUND.
@@ -302,25 +311,27 @@ impl Engine {
         Ok(n)
     }
 
-    /// Changes a pool's capacity by `delta` (idempotent by
+    /// Changes a pool's capacity by or to `change` (idempotent by
     /// `adjustment_id`). Growing: Postgres first, then the new units are
     /// granted to Redis. Shrinking: Redis hands back what Postgres lacks
     /// first (ESCROW.md "Return"), then Postgres lowers the capacity under
     /// its guard. Refused with FAILED_PRECONDITION when the pool would end up
     /// with less than is sold and held. Runs `serially`, so a
-    /// change whose caller gave up still lands in both stores.
+    /// change whose caller gave up still lands in both stores, and a
+    /// change *to* a capacity is weighed against the capacity the one
+    /// before it left (two at once added up).
     pub async fn adjust_capacity(
         &self,
         tenant: &TenantId,
         pool: &PoolId,
-        delta: i64,
+        change: Capacity,
         adjustment_id: &str,
         reason: &str,
     ) -> Result<AdjustOutcome, Error> {
         let (tenant, pool) = (tenant.clone(), pool.clone());
         let (adjustment_id, reason) = (adjustment_id.to_owned(), reason.to_owned());
         self.serially(None, move |me| async move {
-            me.adjust_capacity_locked(&tenant, &pool, delta, &adjustment_id, &reason)
+            me.adjust_capacity_locked(&tenant, &pool, change, &adjustment_id, &reason)
                 .await
         })
         .await
@@ -330,7 +341,7 @@ impl Engine {
         &self,
         tenant: &TenantId,
         pool: &PoolId,
-        delta: i64,
+        change: Capacity,
         adjustment_id: &str,
         reason: &str,
     ) -> Result<AdjustOutcome, Error> {
@@ -347,6 +358,10 @@ impl Engine {
             .await?
             .pop()
             .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
+        let delta = match change {
+            Capacity::By(delta) => delta,
+            Capacity::To(capacity) => capacity - row.capacity.unwrap_or(0),
+        };
         let mut returned = None;
         if delta < 0
             && let Some(undelegated) = row.undelegated()

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 pub use circuit::Circuit;
-pub use escrow::GrantPolicy;
+pub use escrow::{Capacity, GrantPolicy};
 
 use crate::domain::{Hold, HoldId, Job, Lines, PoolId, TakeOutcome, TenantId};
 use crate::error::Error;

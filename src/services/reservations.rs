@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::{Hold, HoldId, Job, Line, Lines, PoolId, Quantity, TakeOutcome, TenantId};
-use crate::engine::{Engine, PoolView, Take};
+use crate::engine::{Capacity, Engine, PoolView, Take};
 use crate::error::Error;
 use crate::store::postgres::{AdjustOutcome, AuditFilter, AuditRow, NewPool};
 
@@ -123,12 +123,10 @@ impl Reservations {
                 },
             )
             .await?;
-        let current = self.level(tenant, key).await?;
         // Recorded even when nothing changes, so that the id is taken.
-        let delta = on_hand - current.on_hand;
         let outcome = self
             .engine
-            .adjust_capacity(tenant, &pool, delta, adjustment_id, reason)
+            .adjust_capacity(tenant, &pool, Capacity::To(on_hand), adjustment_id, reason)
             .await?;
         // A retry is relative to the stock as it is now: only the product
         // must be the same.
@@ -148,7 +146,7 @@ impl Reservations {
         let pool = key.pool();
         let outcome = self
             .engine
-            .adjust_capacity(tenant, &pool, delta, adjustment_id, reason)
+            .adjust_capacity(tenant, &pool, Capacity::By(delta), adjustment_id, reason)
             .await?;
         same_change(&outcome, &pool, Some(delta), adjustment_id)?;
         self.level(tenant, key).await

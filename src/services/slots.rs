@@ -19,7 +19,7 @@ use crate::domain::{
     Hold, HoldId, HoldState, Job, Line, Lines, PoolId, Quantity, TakeOutcome, TenantId, Window,
     parse_zone, window_at, windows_between,
 };
-use crate::engine::{Engine, Take};
+use crate::engine::{Capacity, Engine, Take};
 use crate::error::Error;
 use crate::store::postgres::{NewPool, ScheduleRows, VenueRow};
 
@@ -378,7 +378,13 @@ impl Slots {
         if capacity >= current {
             if capacity > current {
                 self.engine
-                    .adjust_capacity(tenant, pool, capacity - current, &adjustment, "schedule")
+                    .adjust_capacity(
+                        tenant,
+                        pool,
+                        Capacity::To(capacity),
+                        &adjustment,
+                        "schedule",
+                    )
                     .await?;
             }
             pg.set_ceiling(tenant, pool, None).await?;
@@ -390,7 +396,13 @@ impl Slots {
         self.engine.sync(tenant, std::slice::from_ref(pool)).await?;
         match self
             .engine
-            .adjust_capacity(tenant, pool, capacity - current, &adjustment, "schedule")
+            .adjust_capacity(
+                tenant,
+                pool,
+                Capacity::To(capacity),
+                &adjustment,
+                "schedule",
+            )
             .await
         {
             Ok(_) => {

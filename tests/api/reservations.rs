@@ -1003,3 +1003,36 @@ async fn a_restock_made_while_redis_was_away_sells_once_it_is_back() {
     assert_eq!(level(&app, "tee", "").await.on_hand, 6);
     app.shutdown().await;
 }
+
+/// Two SetStock calls at once: the stock ends at one of the two, not at
+/// their sum (each was the change from the level it read first).
+#[tokio::test]
+async fn two_stock_counts_at_once_set_rather_than_add() {
+    let app = spawn_app().await;
+    set_stock(&app, "mat", "", 3).await;
+    let count = |on_hand: i64, id: &str| pb::SetStockRequest {
+        key: key("mat", ""),
+        on_hand,
+        adjustment_id: id.into(),
+        reason: "count".into(),
+    };
+    // The first waits for the adjustments' table; the second comes in
+    // behind it, having read the same level.
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("LOCK TABLE stock_adjustments IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut c = app.reservations();
+    let to_5 = tokio::spawn(async move { c.set_stock(count(5, "a")).await });
+    app.waiting_for_lock().await;
+    let mut c = app.reservations();
+    let to_7 = tokio::spawn(async move { c.set_stock(count(7, "b")).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    blocker.rollback().await.unwrap();
+    to_5.await.unwrap().unwrap();
+    to_7.await.unwrap().unwrap();
+    let on_hand = level(&app, "mat", "").await.on_hand;
+    assert!([5, 7].contains(&on_hand), "on hand {on_hand}");
+    app.shutdown().await;
+}
