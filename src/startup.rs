@@ -369,7 +369,7 @@ async fn warn_about_redis_settings(redis: &RedisStore) {
         (aof, fsync) => tracing::warn!(
             appendonly = aof.unwrap_or("?"),
             appendfsync = fsync.unwrap_or("?"),
-            "Redis does not fsync every write (appendonly yes + appendfsync always): a Redis crash can lose acknowledged commits; holdfast will count the lost grant as in doubt (see README, Durability)"
+            "Redis does not fsync every write (appendonly yes + appendfsync always): a Redis crash can lose acknowledged commits, and a Redis that restarts with a pool as it was a moment earlier sells again what it sold after (see README, Durability)"
         ),
     }
 }
