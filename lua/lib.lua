@@ -531,22 +531,39 @@ local function current_hold(hold_id, job, now)
   return h
 end
 
--- A refusal that units of unfinalised expired holds might turn around
--- becomes { 'BUSY' }: the engine sweeps (sweep.lua finalises every due hold,
--- the partial bucket's too) and retries, so expired holds never block a
--- take, even in a burst. Once a look found none due, the rest of the call
--- (same `now`) needs no second look.
+-- A refusal that units of unfinalised expired holds might turn around is
+-- not yet an answer. The few holds the partial bucket has due are ended
+-- here, and the caller looks at its rules again (busy_if_due answers
+-- RECHECK). A burst, a full bucket left over expire_due's budget or more
+-- due in the partial one than the budget allows, becomes { 'BUSY' }: the
+-- engine sweeps (sweep.lua finalises every due hold, the partial bucket's
+-- too) and retries. So expired holds never block a take, even in a burst,
+-- and holds that come due all the time (carts expiring every millisecond)
+-- never keep a refusal from being answered: with BUSY alone, each retry
+-- found new ones due and the take gave up UNAVAILABLE. Once a look found
+-- none due, the rest of the call (same `now`) needs no second look.
+local RECHECK = { 'RECHECK' }
 local partial_clear = false
 local function busy_if_due(stop, now)
-  if stop and (stop[1] == 'SHORT' or stop[1] == 'CUSTOMER_LIMIT' or stop[1] == 'TOO_MANY_HOLDS')
-      and not partial_clear then
-    local b = first_due_bucket(now)
-    if b and (b[3] or #due_in_partial(now, 1) > 0) then
-      return { 'BUSY' }
-    end
-    partial_clear = true
+  if not stop or partial_clear
+      or not (stop[1] == 'SHORT' or stop[1] == 'CUSTOMER_LIMIT' or stop[1] == 'TOO_MANY_HOLDS') then
+    return stop
   end
-  return stop
+  local b = first_due_bucket(now)
+  if b and b[3] then
+    return { 'BUSY' }
+  end
+  local due = b and due_in_partial(now, due_budget + 1) or {}
+  if #due > due_budget then
+    return { 'BUSY' }
+  end
+  partial_clear = true
+  if #due == 0 then
+    return stop
+  end
+  due_budget = due_budget - #due
+  finish_all(due, 'E', now, 'expired', now)
+  return RECHECK
 end
 
 -- Checks that every line (a list of {pool_id, qty}) can be taken now.

@@ -51,12 +51,20 @@ end
 -- 2. A repeated id answers as the first time; then every rule, before any write.
 local lines = cjson.decode(lines_arg)
 local stop = busy_if_due(admit(hk, rq, lines, now, ck, limit), now)
+if stop == RECHECK then
+  stop = admit(hk, rq, lines, now, ck, limit)
+end
 if stop then
   return stop
 end
-local active = active_count()
-if active >= max_active then
-  return busy_if_due({ 'TOO_MANY_HOLDS', tostring(active) }, now)
+if active_count() >= max_active then
+  stop = busy_if_due({ 'TOO_MANY_HOLDS', tostring(active_count()) }, now)
+  if stop ~= RECHECK then
+    return stop
+  end
+  if active_count() >= max_active then
+    return { 'TOO_MANY_HOLDS', tostring(active_count()) }
+  end
 end
 
 -- 3. Take the units, and the hold gets the tenant's next fencing token. A

@@ -769,3 +769,58 @@ async fn a_hold_a_stopped_daemon_made_is_swept_by_the_next() {
     assert_eq!(next.stock("s", "p").await.held, 0);
     next.shutdown().await;
 }
+
+/// Holds that come due all the time (carts expiring every millisecond) do
+/// not turn a sold-out answer into UNAVAILABLE. A refusal while holds are
+/// due answered BUSY, the engine swept and tried again, and each try found
+/// new ones due, three times over; the script now ends the few due holds
+/// itself and looks again.
+#[tokio::test]
+async fn a_sold_out_answer_stands_while_other_holds_keep_expiring() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("gone", Some(1)), ("carts", Some(100_000))], 0)
+        .await;
+    let sold = app.flash().claim(claim("c0", "s", &[("gone", 1)])).await;
+    assert_eq!(sold.unwrap().into_inner().outcome(), Outcome::Ok);
+    // 1,500 cart holds, the n-th lasting 2 s and n ms, made by ten
+    // clients at once.
+    const CARTS: i32 = 1_500;
+    let mut making = tokio::task::JoinSet::new();
+    for client in 0..10 {
+        let mut flash = app.flash();
+        making.spawn(async move {
+            for n in (client..CARTS).step_by(10) {
+                let mut hold = cart_hold(&format!("cart{n}"), "s", &[("carts", 1)], 2);
+                let ttl = hold.ttl.as_mut().unwrap();
+                ttl.seconds += i64::from(n / 1_000);
+                ttl.nanos = n % 1_000 * 1_000_000;
+                flash.create_cart_hold(hold).await.unwrap();
+            }
+        });
+    }
+    making.join_all().await;
+    // Claims of the sold-out product while they expire, and a little after.
+    let until = tokio::time::Instant::now() + std::time::Duration::from_millis(3_700);
+    let mut flash = app.flash();
+    let mut answers = std::collections::BTreeMap::<String, usize>::new();
+    let mut i = 0;
+    while tokio::time::Instant::now() < until {
+        i += 1;
+        let answer = match flash
+            .claim(claim(&format!("x{i}"), "s", &[("gone", 1)]))
+            .await
+        {
+            Ok(r) => format!("{:?}", r.into_inner().outcome()),
+            Err(e) => format!("{:?}", e.code()),
+        };
+        *answers.entry(answer).or_default() += 1;
+    }
+    assert_eq!(
+        answers.keys().collect::<Vec<_>>(),
+        ["SoldOut"],
+        "{answers:?}"
+    );
+    let expired = app.stock("s", "carts").await;
+    assert_eq!(expired.held, 0, "every cart expired meanwhile: {expired:?}");
+    app.shutdown().await;
+}
