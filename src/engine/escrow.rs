@@ -124,6 +124,9 @@ pub enum Capacity {
     By(i64),
     /// Set the capacity to this, from what it is when the change runs.
     To(i64),
+    /// Set what is left unsold (capacity less what both stores sold) to
+    /// this, from what it is when the change runs: a stock count.
+    Unsold(i64),
 }
 
 impl Engine {
@@ -361,6 +364,14 @@ impl Engine {
         let delta = match change {
             Capacity::By(delta) => delta,
             Capacity::To(capacity) => capacity - row.capacity.unwrap_or(0),
+            Capacity::Unsold(unsold) => {
+                let redis = self
+                    .redis
+                    .get_pools(tenant, std::slice::from_ref(pool))
+                    .await?;
+                let sold = view(pool, &row, redis.first().and_then(Option::as_ref)).sold;
+                unsold - (row.capacity.unwrap_or(0) - sold)
+            }
         };
         let mut returned = None;
         if delta < 0

@@ -126,7 +126,13 @@ impl Reservations {
         // Recorded even when nothing changes, so that the id is taken.
         let outcome = self
             .engine
-            .adjust_capacity(tenant, &pool, Capacity::To(on_hand), adjustment_id, reason)
+            .adjust_capacity(
+                tenant,
+                &pool,
+                Capacity::Unsold(on_hand),
+                adjustment_id,
+                reason,
+            )
             .await?;
         // A retry is relative to the stock as it is now: only the product
         // must be the same.

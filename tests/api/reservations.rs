@@ -1009,13 +1009,22 @@ async fn a_restock_made_while_redis_was_away_sells_once_it_is_back() {
 #[tokio::test]
 async fn two_stock_counts_at_once_set_rather_than_add() {
     let app = spawn_app().await;
-    set_stock(&app, "mat", "", 3).await;
+    set_stock(&app, "mat", "", 4).await;
     let count = |on_hand: i64, id: &str| pb::SetStockRequest {
         key: key("mat", ""),
         on_hand,
         adjustment_id: id.into(),
         reason: "count".into(),
     };
+    // One is sold: 3 on hand, and a count of 3 changes nothing.
+    let mut c = app.reservations();
+    c.reserve(reserve("order", "c", &[("mat", "", 1)], 60))
+        .await
+        .unwrap();
+    c.consume_reservation(consume("order", "o1")).await.unwrap();
+    let same = c.set_stock(count(3, "recount")).await.unwrap().into_inner();
+    let same = same.level.unwrap();
+    assert_eq!((same.on_hand, same.sold, same.available), (3, 1, 3));
     // The first waits for the adjustments' table; the second comes in
     // behind it, having read the same level.
     let mut blocker = app.pg.begin().await.unwrap();
