@@ -353,13 +353,13 @@ fn trim_point(keep_from: i64, last_delivered: &str, oldest_pending: Option<&str>
 impl Drainer {
     /// Finishes, in Redis, what a twin found by `record_events` needs: the
     /// fallback committed a hold Redis only reserved, so Redis's twin is
-    /// committed (then the fallback's undone); the fallback extended it, so
-    /// Redis's twin is extended to the same expiry (then the fallback's
-    /// undone); or the fallback ended it, so Redis's twin is released.
+    /// committed (then the fallback's undone); the fallback's twin, undone,
+    /// had been extended, so Redis's twin is extended to the same expiry;
+    /// or the fallback ended it, so Redis's twin is released.
     ///
-    /// The fallback's twin keeps its state until this is done: if a call
-    /// here fails, the round fails, and the batch, read again, finds the
-    /// twin again (`record_events`).
+    /// Each can be read from the fallback's twin again: if a call here
+    /// fails, the round fails, and the batch, read again, finds the twin
+    /// again (`record_events`).
     async fn settle_twin(
         &self,
         tenant: &TenantId,
@@ -375,21 +375,20 @@ impl Drainer {
                 if let HoldReply::Hold(h) = self.redis.commit(tenant, &id, job, &order_id).await?
                     && h.state == HoldState::Committed
                 {
-                    self.pg.undo_twin(tenant, hold_id, true).await?;
+                    self.pg.undo_committed_twin(tenant, hold_id).await?;
                 }
             }
             Twin::Extended {
                 until,
                 extension_id,
             } => {
-                // Never shortens; past `until`, Redis's twin (taken no
-                // later) is due too. No budget: the extension was granted.
+                // Never shortens, and needs no budget: the extension was
+                // granted. Past `until`, nothing is owed.
                 if let Ok(left) = (until - Utc::now()).to_std() {
                     self.redis
                         .extend(tenant, &id, job, left, u32::MAX, &extension_id)
                         .await?;
                 }
-                self.pg.undo_twin(tenant, hold_id, false).await?;
             }
             Twin::Ended => {
                 self.redis.release(tenant, &id, job).await?;

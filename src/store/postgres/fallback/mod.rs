@@ -67,6 +67,19 @@ fn lines_of(v: &serde_json::Value) -> Vec<(String, i64)> {
 }
 
 impl HoldRow {
+    /// What Redis's twin of this undone twin still needs: its extension,
+    /// if it was extended.
+    fn extension(&self) -> Twin {
+        if self.extensions > 0 {
+            Twin::Extended {
+                until: self.expires_at,
+                extension_id: self.extension_id.clone(),
+            }
+        } else {
+            Twin::Undone
+        }
+    }
+
     fn hold(&self) -> Hold {
         Hold {
             id: HoldId::from_store(self.hold_id.clone()),
@@ -449,10 +462,9 @@ pub enum Twin {
     None,
     /// The fallback twin was active and was undone; Redis's stands.
     Undone,
-    /// The fallback twin is active and was extended (acknowledged to its
-    /// caller): Redis's twin must be extended to the same expiry before
-    /// the fallback one is undone, or the hold ends before its caller was
-    /// told.
+    /// The fallback twin was active and extended (acknowledged to its
+    /// caller), and was undone: Redis's twin must be extended to the same
+    /// expiry, or the hold ends before its caller was told.
     Extended {
         /// The fallback twin's expiry.
         until: DateTime<Utc>,
@@ -471,9 +483,11 @@ impl PgStore {
     /// Called by the drainer, inside its transaction (holding the id's
     /// lock, then the tenant's pool lock), for a Redis `reserved` or
     /// `claimed` event: finds a fallback twin of the same id and undoes it
-    /// when Redis's twin is at least as far along. A twin that asks for
-    /// work in Redis first keeps its state until that is done
-    /// ([`PgStore::undo_twin`]), so a batch read again finds it again.
+    /// when Redis's twin is at least as far along. What is left to do in
+    /// Redis can be read from the twin again (a batch read again after a
+    /// round that failed before doing it): a committed twin stays
+    /// committed until Redis's is ([`PgStore::undo_committed_twin`]), and
+    /// an undone one keeps its expiry and extensions.
     pub(super) async fn settle_twin(
         tx: &mut Transaction<'_, Postgres>,
         tenant: &TenantId,
@@ -485,16 +499,11 @@ impl PgStore {
             return Ok(Twin::None);
         };
         let undo = match (row.state.as_str(), redis_sold) {
-            ("A", false) if row.extensions > 0 => {
-                return Ok(Twin::Extended {
-                    until: row.expires_at,
-                    extension_id: row.extension_id.clone(),
-                });
-            }
             ("A", _) => Some(false),
             ("C", true) => Some(true),
             ("C", false) => return Ok(Twin::Committed(row.order_id.clone())),
             ("R" | "E", false) => return Ok(Twin::Ended),
+            ("D", false) => return Ok(row.extension()),
             _ => None,
         };
         let Some(sold) = undo else {
@@ -506,27 +515,23 @@ impl PgStore {
             .bind(hold_id)
             .execute(&mut **tx)
             .await?;
-        Ok(Twin::Undone)
+        Ok(if redis_sold {
+            Twin::Undone
+        } else {
+            row.extension()
+        })
     }
 
-    /// Undoes a fallback twin still committed (`committed`) or still active
-    /// once Redis's twin has caught up with it (`Twin::Committed`,
-    /// `Twin::Extended`); one that moved on meanwhile is left as it is.
-    pub async fn undo_twin(
-        &self,
-        tenant: &TenantId,
-        hold_id: &str,
-        committed: bool,
-    ) -> Result<(), Error> {
-        let state = if committed { "C" } else { "A" };
+    /// Undoes a committed fallback twin once Redis's twin is committed.
+    pub async fn undo_committed_twin(&self, tenant: &TenantId, hold_id: &str) -> Result<(), Error> {
         let mut tx = self.begin().await?;
         lock_id(&mut tx, tenant, hold_id).await?;
         lock_tenant_pools(&mut tx, tenant, PoolWrites::InPoolOrder).await?;
         if let Some(row) = find(&mut tx, tenant, hold_id)
             .await?
-            .filter(|r| r.state == state)
+            .filter(|r| r.state == "C")
         {
-            give_back(&mut tx, tenant, &row.lines, committed).await?;
+            give_back(&mut tx, tenant, &row.lines, true).await?;
             sqlx::query("UPDATE pg_holds SET state = 'D', finished_at = now() WHERE tenant = $1 AND hold_id = $2")
                 .bind(tenant.as_str())
                 .bind(hold_id)
