@@ -439,10 +439,7 @@ impl Engine {
     ) -> Result<Vec<PoolId>, Error> {
         let pools: Vec<PoolId> = needed.iter().map(|(p, _)| p.clone()).collect();
         let mut rows = self.pg.get_pools(tenant, &pools).await?;
-        // Fallback holds past their expiry count in `held_pg` until the
-        // fallback's sweep ends them. Their units are free now: planned as
-        // taken, a pool would be loaded full and answer sold out.
-        if rows.iter().any(|r| r.held_pg > 0) && self.pg.fallback_sweep(tenant).await? > 0 {
+        if self.swept_for(tenant, needed, &rows).await {
             rows = self.pg.get_pools(tenant, &pools).await?;
         }
         let in_redis = self.redis.get_pools(tenant, &pools).await?;
@@ -503,11 +500,60 @@ impl Engine {
                 }
             }
         }
+        // A pool marked for a resync (a give-back, a capacity change) is
+        // now up to date as of the mark this read: recorded, so that the
+        // refiller does not sync it again. A pool refused or lost is not.
+        let synced: Vec<(PoolId, i64)> = plans
+            .iter()
+            .filter(|(pool, row, _, _)| {
+                row.resync_seq > row.synced_seq
+                    && refused.as_ref() != Some(*pool)
+                    && !lost.contains(*pool)
+            })
+            .map(|(pool, row, _, _)| ((*pool).clone(), row.resync_seq))
+            .collect();
+        if !synced.is_empty() {
+            self.pg.resynced(tenant, &synced).await?;
+        }
         match refused {
             Some(pool) => Err(Error::Unavailable(format!(
                 "pool {pool} changed while granting; retry"
             ))),
             None => Ok(lost),
+        }
+    }
+
+    /// Fallback holds past their expiry count in `held_pg` until the
+    /// fallback's sweep ends them. Their units are free now: planned as
+    /// taken, a pool would be loaded full (or short of a take's need) and
+    /// answer sold out. So where that could happen (a pool with fallback
+    /// holds and no more undelegated than it needs), the tenant's due ones
+    /// are ended first. True if any were, and the rows must be read again.
+    /// A failure only leaves them to the fallback's sweeper.
+    async fn swept_for(
+        &self,
+        tenant: &TenantId,
+        needed: &[(PoolId, i64)],
+        rows: &[PoolRow],
+    ) -> bool {
+        if !rows.iter().any(|r| r.held_pg > 0) {
+            return false;
+        }
+        let need: HashMap<&str, i64> = needed.iter().map(|(p, n)| (p.as_str(), *n)).collect();
+        let tight = rows.iter().any(|r| {
+            r.held_pg > 0
+                && r.undelegated()
+                    .is_some_and(|u| u <= need.get(r.pool_id.as_str()).copied().unwrap_or(0))
+        });
+        if !tight {
+            return false;
+        }
+        match self.pg.fallback_sweep(tenant).await {
+            Ok(ended) => ended > 0,
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, "cannot end the fallback's due holds before a grant");
+                false
+            }
         }
     }
 

@@ -77,17 +77,13 @@ pub(super) async fn resync_marked(engine: &Engine) {
             return;
         }
     };
-    let mut by_tenant: BTreeMap<TenantId, Vec<(PoolId, i64)>> = BTreeMap::new();
-    for (tenant, pool, seq) in marked {
-        by_tenant.entry(tenant).or_default().push((pool, seq));
+    let mut by_tenant: BTreeMap<TenantId, Vec<PoolId>> = BTreeMap::new();
+    for (tenant, pool) in marked {
+        by_tenant.entry(tenant).or_default().push(pool);
     }
-    for (tenant, marks) in by_tenant {
-        let pools: Vec<PoolId> = marks.iter().map(|(p, _)| p.clone()).collect();
-        let synced = match engine.sync(&tenant, &pools).await {
-            Ok(()) => engine.pg().resynced(&tenant, &marks).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = synced {
+    for (tenant, pools) in by_tenant {
+        // The sync records each mark it covered (`sync_pass`).
+        if let Err(e) = engine.sync(&tenant, &pools).await {
             tracing::warn!(%tenant, error = %e, "cannot bring redis up to date on pools marked for a resync; trying again next round");
         }
     }

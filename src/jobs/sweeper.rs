@@ -86,12 +86,13 @@ pub async fn run(
 /// The fallback's sweeper, until `stop`: each round asks Postgres once
 /// which tenants have fallback holds due, and ends those (their units go
 /// back to their pools). Redis may have been told such a pool is full, so
-/// the pools marked by the give-back are brought up to date at once,
-/// rather than at the refiller's next look.
+/// while Redis serves, the pools marked by the give-back are brought up to
+/// date at once, rather than at the refiller's next look (while it is
+/// away, each sync would wait out the Redis timeout, and the marks wait).
 pub async fn run_fallback(engine: Arc<Engine>, interval: Duration, stop: watch::Receiver<bool>) {
     let mut rounds = Rounds::every(interval, stop);
     while rounds.next().await {
-        if sweep_fallback(&engine).await > 0 {
+        if sweep_fallback(&engine).await > 0 && engine.circuit().closed() {
             super::refiller::resync_marked(&engine).await;
         }
     }

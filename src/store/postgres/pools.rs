@@ -107,6 +107,11 @@ pub struct PoolRow {
     pub low_stock_threshold: Option<i64>,
     /// Ceiling on sold + held below the capacity, if any.
     pub ceiling: Option<i64>,
+    /// Marks for a resync, and the mark a sync last covered
+    /// (migrations/0012_pools_resync_seq.sql).
+    pub resync_seq: i64,
+    /// See `resync_seq`.
+    pub synced_seq: i64,
 }
 
 impl PoolRow {
@@ -136,7 +141,7 @@ impl PoolRow {
     }
 }
 
-const COLUMNS: &str = "pool_id, capacity, starts_at, ends_at, sold_pg, held_pg, epoch, granted, returned, reported_sold, sold_prior, in_doubt, low_stock_threshold, ceiling";
+const COLUMNS: &str = "pool_id, capacity, starts_at, ends_at, sold_pg, held_pg, epoch, granted, returned, reported_sold, sold_prior, in_doubt, low_stock_threshold, ceiling, resync_seq, synced_seq";
 
 impl PgStore {
     /// Inserts pools in a transaction the caller owns.
@@ -457,28 +462,24 @@ impl PgStore {
     }
 
     /// Up to `limit` pools marked for a resync since their last one (units
-    /// the fallback gave back, a capacity change: migrations/0012), each
-    /// with its mark's count, to hand to [`PgStore::resynced`] once its
-    /// sync has run. Until then the mark stays, whatever happens to the
-    /// daemon in between.
-    pub async fn marked_for_resync(
-        &self,
-        limit: i64,
-    ) -> Result<Vec<(TenantId, PoolId, i64)>, Error> {
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT tenant, pool_id, resync_seq FROM pools WHERE resync_seq > synced_seq LIMIT $1",
+    /// the fallback gave back, a capacity change: migrations/0012). The
+    /// mark stays until a sync has covered it ([`PgStore::resynced`]),
+    /// whatever happens to the daemon in between.
+    pub async fn marked_for_resync(&self, limit: i64) -> Result<Vec<(TenantId, PoolId)>, Error> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT tenant, pool_id FROM pools WHERE resync_seq > synced_seq LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(t, p, seq)| Ok((TenantId::parse(&t)?, PoolId::from_store(p), seq)))
+            .map(|(t, p)| Ok((TenantId::parse(&t)?, PoolId::from_store(p))))
             .collect()
     }
 
-    /// Records that `pools` were synced as of their marks' counts (from
-    /// [`PgStore::marked_for_resync`]); a pool marked again since stays
-    /// marked.
+    /// Records that `pools` were synced as of their marks' counts (read
+    /// with the rows the sync planned from); a pool marked again since
+    /// stays marked.
     pub async fn resynced(&self, tenant: &TenantId, pools: &[(PoolId, i64)]) -> Result<(), Error> {
         let ids: Vec<&str> = pools.iter().map(|(p, _)| p.as_str()).collect();
         let seqs: Vec<i64> = pools.iter().map(|(_, s)| *s).collect();
