@@ -1,7 +1,9 @@
 //! The refiller: grants Redis another chunk of each pool a script flagged
 //! as running low, ahead of need, so takes rarely wait for a grant; and
-//! once a second brings Redis up to date on pools whose units the Postgres
-//! fallback gave back.
+//! once a second brings Redis up to date on pools marked for a resync that
+//! no sync has covered yet (units the Postgres fallback gave back, a
+//! capacity change whose own sync failed). The fallback's sweeper asks for
+//! the same at once after it gives units back (`sweeper::run_fallback`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
