@@ -121,7 +121,10 @@ impl SatelliteClient {
             .header(EVENT_HEADER, event)
             .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
             .map_err(|e| failure(None, format!("cannot build the request: {e}")))?;
-        let (status, _) = self.send(req, 4096).await?;
+        // The status alone answers: a 2xx with a long body (an echo, a
+        // framework's page) is delivered, not a failure to retry forever
+        // at the head of the satellite's queue.
+        let (status, _) = self.send(req, 0).await?;
         Ok(status)
     }
 
@@ -150,7 +153,8 @@ impl SatelliteClient {
     }
 
     /// Sends a request within the timeout; Ok with the status and up to
-    /// `max_body` bytes of body when the status is 2xx.
+    /// `max_body` bytes of body when the status is 2xx (none read when
+    /// `max_body` is 0).
     async fn send(
         &self,
         req: http::Request<Full<Bytes>>,
@@ -163,14 +167,17 @@ impl SatelliteClient {
                 .await
                 .map_err(|e| failure(None, format!("request failed: {e}")))?;
             let status = resp.status().as_u16();
+            if !(200..300).contains(&status) {
+                return Err(failure(Some(status), format!("answered HTTP {status}")));
+            }
+            if max_body == 0 {
+                return Ok((status, Bytes::new()));
+            }
             let body = Limited::new(resp.into_body(), max_body)
                 .collect()
                 .await
                 .map_err(|e| failure(Some(status), format!("reading the answer failed: {e}")))?
                 .to_bytes();
-            if !(200..300).contains(&status) {
-                return Err(failure(Some(status), format!("answered HTTP {status}")));
-            }
             Ok((status, body))
         };
         tokio::time::timeout(self.timeout, exchange)
