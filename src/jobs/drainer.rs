@@ -51,6 +51,14 @@ const LAG_EVERY: Duration = Duration::from_secs(1);
 /// was most of what ten thousand idle tenants cost (deploy/BENCHMARKS.md,
 /// "idle tenants").
 const EVERY_STREAM_EVERY: Duration = Duration::from_secs(1);
+/// How often the drainer reads again, in every stream, what the group
+/// delivered to its consumer name and no one acknowledged. Every daemon
+/// shares the name, and one that stopped (or whose round was cut short)
+/// mid-batch left its events pending, which reads of new entries never
+/// return: without this, a sale could wait for some daemon's restart to
+/// reach Postgres. An event another daemon is writing that instant may be
+/// written twice over; the second finds it recorded and changes nothing.
+const PENDING_EVERY: Duration = Duration::from_secs(10);
 /// How long after its last events a stream is still read every round.
 pub const LIVELY: Duration = Duration::from_secs(2);
 /// How long after its last event a stream is still tended: long enough to
@@ -77,6 +85,7 @@ pub async fn run(
         grouped: HashMap::new(),
         lively: HashMap::new(),
         pending_first: true,
+        pending_read_at: std::time::Instant::now(),
         read_all_at: None,
         lag_sampled: std::time::Instant::now() - LAG_EVERY,
     };
@@ -142,6 +151,8 @@ struct Drainer {
     lively: HashMap<String, std::time::Instant>,
     /// Re-read our unacknowledged events before new ones.
     pending_first: bool,
+    /// When the drainer last set out to re-read them (`PENDING_EVERY`).
+    pending_read_at: std::time::Instant,
     /// When the drainer last read every tenant's stream.
     read_all_at: Option<std::time::Instant>,
     /// When the lag gauge was last sampled.
@@ -154,6 +165,10 @@ impl Drainer {
     /// acknowledged (pending entries can be in any stream); otherwise
     /// those sent for since the last round, and the lively ones.
     async fn streams_to_read(&mut self, tenants: &Tenants) -> Vec<TenantId> {
+        if self.pending_read_at.elapsed() >= PENDING_EVERY {
+            self.pending_read_at = std::time::Instant::now();
+            self.pending_first = true;
+        }
         let touched = self.redis.tenants_touched(Watcher::Drainer);
         let due = self
             .read_all_at

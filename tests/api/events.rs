@@ -344,3 +344,62 @@ async fn an_event_another_daemon_appended_to_a_quiet_stream_is_drained() {
     .await;
     app.shutdown().await;
 }
+
+/// An event a daemon read and never acknowledged (it stopped mid-batch)
+/// reaches Postgres though no daemon restarts: the drainers share their
+/// consumer name, and read again what it left pending.
+#[tokio::test]
+async fn an_event_a_stopped_drainer_left_pending_is_written() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(10))], 0).await;
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let consumer = format!("holdfast-{}", app.redis_prefix);
+    // Appended and delivered to the drainers' name in one step, so that
+    // the running drainer never gets it as new: a batch another daemon
+    // read before it stopped.
+    let mut con = app.redis().await;
+    let now = chrono::Utc::now().timestamp_millis().to_string();
+    let (_, _): (String, redis::Value) = redis::pipe()
+        .atomic()
+        .cmd("XADD")
+        .arg(&key)
+        .arg("*")
+        .arg(&[
+            "k",
+            "extended",
+            "j",
+            "stock",
+            "h",
+            "left-pending",
+            "l",
+            "[]",
+            "t",
+        ])
+        .arg(&now)
+        .cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(holdfast::jobs::drainer::GROUP)
+        .arg(&consumer)
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg(&key)
+        .arg(">")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    app.eventually_within(
+        std::time::Duration::from_secs(30),
+        "the pending event in the audit log",
+        || async {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE hold_id = 'left-pending'")
+                    .fetch_one(&app.pg)
+                    .await
+                    .unwrap();
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    app.shutdown().await;
+}
