@@ -211,9 +211,6 @@ impl Pump {
             }
             Start::At(now) => now,
         };
-        // Whether the cursor names an entry read from the stream (rather than
-        // a replayed or starting point).
-        let mut cursor_in_stream = false;
         loop {
             if *self.stopping.borrow() {
                 return Err(Stop::Status(Status::unavailable(format!(
@@ -237,24 +234,24 @@ impl Pump {
             let entries: Vec<_> = reply
                 .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
                 .unwrap_or_default();
-            // Our cursor was an entry of the stream; if the stream no longer
-            // starts at or before it, it was trimmed while we were slow and
-            // entries may be missing: say so rather than skip them.
-            if cursor_in_stream
-                && !entries.is_empty()
-                && oldest_in_stream(&mut con, &key)
-                    .await?
-                    .is_some_and(|o| o > cursor)
+            // If the stream no longer starts at or before the cursor, it was
+            // trimmed since (while we replayed history, or were slow), and
+            // the entries between may be gone from it. The trim drops only
+            // entries written to Postgres: they are sent from there first.
+            if !entries.is_empty()
+                && let Some(oldest) = oldest_in_stream(&mut con, &key).await?
+                && oldest > cursor
             {
-                return Err(Stop::Status(Status::aborted(format!(
-                    "subscriber fell behind the stream's retention; {}",
-                    self.resume_hint()
-                ))));
+                cursor = self.replay(cursor, Some(oldest)).await?;
             }
             for entry in &entries {
+                // Past what the replay sent (a trim between the two reads
+                // can put some of these before `oldest`).
+                if parse_event_id(&entry.id).is_some_and(|id| id <= cursor) {
+                    continue;
+                }
                 let event = decode_event(entry)?;
                 cursor = parse_event_id(&event.event_id).unwrap_or(cursor);
-                cursor_in_stream = true;
                 self.send(event).await?;
             }
         }

@@ -403,3 +403,50 @@ async fn an_event_a_stopped_drainer_left_pending_is_written() {
     .await;
     app.shutdown().await;
 }
+
+/// Entries trimmed from the stream between two of a subscriber's reads
+/// (written to Postgres, as the trim requires) come from Postgres, in
+/// order, before the entries after them: none is skipped.
+#[tokio::test]
+async fn entries_trimmed_between_two_reads_come_from_postgres() {
+    let app = spawn_app().await;
+    let mut stream = watch(&app, String::new()).await;
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let ms = chrono::Utc::now().timestamp_millis() + 60_000;
+    let id = |n: u32| format!("{ms}-{n}");
+    // g1..g3 as the drainer would have written them.
+    for n in 1..=3 {
+        sqlx::query(
+            "INSERT INTO audit_log (tenant, event_id, kind, job, hold_id, lines, at)
+             VALUES ('dev', $1, 'extended', 'stock', $2, '[]', now())",
+        )
+        .bind(id(n))
+        .bind(format!("g{n}"))
+        .execute(&app.pg)
+        .await
+        .unwrap();
+    }
+    // g1..g5 appended, and g1..g3 trimmed, in one step: the subscriber's
+    // next read finds the stream starting at g4.
+    let mut add = redis::pipe();
+    add.atomic();
+    for n in 1..=5 {
+        add.cmd("XADD")
+            .arg(&key)
+            .arg(id(n))
+            .arg(&["k", "extended", "j", "stock", "l", "[]", "t"])
+            .arg(ms)
+            .arg("h")
+            .arg(format!("g{n}"))
+            .ignore();
+    }
+    add.cmd("XTRIM").arg(&key).arg("MINID").arg(id(4)).ignore();
+    let () = add.query_async(&mut app.redis().await).await.unwrap();
+
+    let mut seen = Vec::new();
+    for _ in 1..=5 {
+        seen.push(next(&mut stream).await.hold_id);
+    }
+    assert_eq!(seen, ["g1", "g2", "g3", "g4", "g5"]);
+    app.shutdown().await;
+}
