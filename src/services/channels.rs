@@ -200,6 +200,9 @@ impl Channels {
         listed: Option<Vec<CardId>>,
     ) -> Result<Drift, Error> {
         self.channel(ws, slug).await?;
+        // Before the list is made (pulled now, or pushed by its caller):
+        // what is engaged later cannot be on it.
+        let as_of = self.pg().now().await?;
         let listed = match listed {
             Some(l) => l,
             None => {
@@ -218,7 +221,7 @@ impl Channels {
         };
         let engine = &self.engine;
         self.pg()
-            .reconcile(ws, slug, &listed, async |version, gone| {
+            .reconcile(ws, slug, &listed, as_of, async |version, gone| {
                 listing_mirror::record_gone(engine, ws, slug, version, gone).await
             })
             .await

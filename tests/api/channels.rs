@@ -222,11 +222,56 @@ async fn disengage_one_card_or_wipe_a_channel_and_tell_the_satellite() {
     app.shutdown().await;
 }
 
+/// A card whose `engage` webhook the satellite has not had yet is missing
+/// from its list, and is not drift: reconcile leaves it live.
+#[tokio::test]
+async fn reconcile_leaves_a_card_the_satellite_was_not_told_of_yet() {
+    let app = spawn_app().await;
+    let sat = satellite(&app, "thisorthat").await;
+    engage(&app, "thisorthat", &["card-1"]).await;
+    delivered(&app, "thisorthat", "engage").await;
+    sat.fail_next("engage", 1_000);
+    engage(&app, "thisorthat", &["card-9"]).await;
+    sat.set_active(&["card-1"]);
+    let r = app
+        .channels()
+        .reconcile(pb::ReconcileRequest {
+            channel: "thisorthat".into(),
+            active_card_ids: vec![],
+            pull: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.cleared_card_ids.is_empty(), "{r:?}");
+    assert_eq!(
+        card(&app, "card-9").await.active_channels,
+        vec!["thisorthat"]
+    );
+    // Without card-1, which the satellite was told of, it is drift.
+    sat.set_active(&[]);
+    let r = app
+        .channels()
+        .reconcile(pb::ReconcileRequest {
+            channel: "thisorthat".into(),
+            active_card_ids: vec![],
+            pull: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.cleared_card_ids, vec!["card-1"]);
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn reconcile_clears_drift_pushed_or_pulled_and_reports_it() {
     let app = spawn_app().await;
     let sat = satellite(&app, "thisorthat").await;
     engage(&app, "thisorthat", &["card-1", "card-2", "card-3"]).await;
+    // Once the satellite was told (until then, a list without the cards is
+    // no drift: see the next test).
+    delivered(&app, "thisorthat", "engage").await;
 
     // Pushed: the satellite lost card-1 and lists a card holdfast never had.
     let r = app

@@ -204,17 +204,24 @@ impl PgStore {
         Ok(())
     }
 
-    /// Compares a channel's live cards with the satellite's canonical list:
-    /// cards live here that the satellite no longer has are cleared
-    /// (inactive); cards the satellite lists that are not live here are
-    /// reported, and those already sold get a `bulk-disengage` so the
-    /// satellite pulls them. Both directions are recorded as drift. The
-    /// cleared cards go to `before_commit` as in [`PgStore::disengage`].
+    /// Compares a channel's live cards with the satellite's canonical list,
+    /// as it stood at `as_of` (Postgres's clock): cards live here that the
+    /// satellite no longer has are cleared (inactive); cards the satellite
+    /// lists that are not live here are reported, and those already sold
+    /// get a `bulk-disengage` so the satellite pulls them. Both directions
+    /// are recorded as drift. The cleared cards go to `before_commit` as
+    /// in [`PgStore::disengage`].
+    ///
+    /// A card engaged after `as_of`, or after the oldest webhook to the
+    /// channel still undelivered, is not cleared: the satellite may not
+    /// have heard of it yet (its `engage` waits in that queue), and it is
+    /// looked at again by a later reconcile.
     pub async fn reconcile(
         &self,
         workspace: &TenantId,
         channel: &ChannelSlug,
         satellite_cards: &[CardId],
+        as_of: DateTime<Utc>,
         before_commit: impl AsyncFnOnce(i64, &[CardId]) -> Result<(), Error>,
     ) -> Result<Drift, Error> {
         let ws = workspace.as_str();
@@ -223,11 +230,16 @@ impl PgStore {
         let cleared: Vec<(String,)> = sqlx::query_as(
             "UPDATE card_channels SET status = 'inactive', disengaged_at = now()
              WHERE workspace = $1 AND channel = $2 AND status = 'active' AND NOT (card_id = ANY($3))
+               AND engaged_at < $4
+               AND engaged_at < COALESCE((SELECT min(created_at) FROM outbox
+                                          WHERE workspace = $1 AND channel = $2 AND state = 'pending'),
+                                         'infinity')
              RETURNING card_id",
         )
         .bind(ws)
         .bind(channel.as_str())
         .bind(&listed)
+        .bind(as_of)
         .fetch_all(&mut *tx)
         .await?;
         let unknown: Vec<(String, Option<String>)> = sqlx::query_as(

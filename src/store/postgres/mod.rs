@@ -83,6 +83,13 @@ impl PgStore {
         &self.pool
     }
 
+    /// Postgres's clock: what its `now()` stamps rows with.
+    pub async fn now(&self) -> Result<chrono::DateTime<chrono::Utc>, Error> {
+        Ok(sqlx::query_scalar("SELECT now()")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Runs the embedded migrations.
     pub async fn migrate(&self) -> Result<(), Error> {
         MIGRATOR
