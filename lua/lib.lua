@@ -693,7 +693,14 @@ end
 local function admit(hk, rq, lines, now, ck, limit)
   if redis.call('EXISTS', hk) == 1 then
     if redis.call('HGET', hk, 'rq') == request_digest(rq) then
-      return hold_view(hk)
+      -- The first answer, as the hold is now: one past its expiry is
+      -- EXPIRED (as a read of it says), not an ACTIVE hold whose time is up.
+      local h = read_hold(hk)
+      if h[1] == 'A' and h[4] and tonumber(h[4]) <= now then
+        expire_hold(string.sub(hk, #P + #'hold:' + 1), now)
+        h = read_hold(hk)
+      end
+      return view_of(h)
     end
     return { 'ID_REUSED' }
   end

@@ -824,3 +824,35 @@ async fn a_sold_out_answer_stands_while_other_holds_keep_expiring() {
     assert_eq!(expired.held, 0, "every cart expired meanwhile: {expired:?}");
     app.shutdown().await;
 }
+
+/// The retry of a cart hold that has expired answers it as it is now:
+/// EXPIRED, as a read of it says (it answered ACTIVE, with its expiry in
+/// the past, until the sweeper came). The sweeper is kept away.
+#[tokio::test]
+async fn the_retry_of_an_expired_hold_answers_it_expired() {
+    let app = spawn_app_with(|a| a.sweep_interval_ms = 3_600_000).await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    let mut flash = app.flash();
+    let hold = flash
+        .create_cart_hold(cart_hold("cart", "s", &[("p", 1)], 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    let expires_ms = expiry_ms(&hold);
+    app.eventually("the hold's expiry on the Redis clock", || async {
+        (app.redis_now_ms().await > expires_ms).then_some(())
+    })
+    .await;
+    let again = flash
+        .create_cart_hold(cart_hold("cart", "s", &[("p", 1)], 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(again.state(), HoldState::Expired, "{again:?}");
+    assert_eq!(expiry_ms(&again), expires_ms);
+    app.shutdown().await;
+}
