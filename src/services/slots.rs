@@ -375,17 +375,18 @@ impl Slots {
             pool.as_str().replace('/', "-"),
             Utc::now().timestamp_nanos_opt().unwrap_or(0)
         );
+        let change = || {
+            self.engine.adjust_capacity(
+                tenant,
+                pool,
+                Capacity::To(capacity),
+                &adjustment,
+                "schedule",
+            )
+        };
         if capacity >= current {
             if capacity > current {
-                self.engine
-                    .adjust_capacity(
-                        tenant,
-                        pool,
-                        Capacity::To(capacity),
-                        &adjustment,
-                        "schedule",
-                    )
-                    .await?;
+                change().await?;
             }
             pg.set_ceiling(tenant, pool, None).await?;
             return self.engine.sync(tenant, std::slice::from_ref(pool)).await;
@@ -394,17 +395,7 @@ impl Slots {
         // taken stands in the way.
         pg.set_ceiling(tenant, pool, Some(capacity)).await?;
         self.engine.sync(tenant, std::slice::from_ref(pool)).await?;
-        match self
-            .engine
-            .adjust_capacity(
-                tenant,
-                pool,
-                Capacity::To(capacity),
-                &adjustment,
-                "schedule",
-            )
-            .await
-        {
+        match change().await {
             Ok(_) => {
                 pg.set_ceiling(tenant, pool, None).await?;
                 self.engine.sync(tenant, std::slice::from_ref(pool)).await

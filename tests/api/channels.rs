@@ -222,6 +222,19 @@ async fn disengage_one_card_or_wipe_a_channel_and_tell_the_satellite() {
     app.shutdown().await;
 }
 
+/// Reconciles `channel` with the list its satellite gives now.
+async fn pulled(app: &crate::helpers::TestApp, channel: &str) -> pb::ReconcileResponse {
+    app.channels()
+        .reconcile(pb::ReconcileRequest {
+            channel: channel.into(),
+            active_card_ids: vec![],
+            pull: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// A card whose `engage` webhook the satellite has not had yet is missing
 /// from its list, and is not drift: reconcile leaves it live.
 #[tokio::test]
@@ -233,16 +246,7 @@ async fn reconcile_leaves_a_card_the_satellite_was_not_told_of_yet() {
     sat.fail_next("engage", 1_000);
     engage(&app, "thisorthat", &["card-9"]).await;
     sat.set_active(&["card-1"]);
-    let r = app
-        .channels()
-        .reconcile(pb::ReconcileRequest {
-            channel: "thisorthat".into(),
-            active_card_ids: vec![],
-            pull: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = pulled(&app, "thisorthat").await;
     assert!(r.cleared_card_ids.is_empty(), "{r:?}");
     assert_eq!(
         card(&app, "card-9").await.active_channels,
@@ -250,16 +254,7 @@ async fn reconcile_leaves_a_card_the_satellite_was_not_told_of_yet() {
     );
     // Without card-1, which the satellite was told of, it is drift.
     sat.set_active(&[]);
-    let r = app
-        .channels()
-        .reconcile(pb::ReconcileRequest {
-            channel: "thisorthat".into(),
-            active_card_ids: vec![],
-            pull: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = pulled(&app, "thisorthat").await;
     assert_eq!(r.cleared_card_ids, vec!["card-1"]);
     app.shutdown().await;
 }
@@ -293,16 +288,7 @@ async fn reconcile_clears_drift_pushed_or_pulled_and_reports_it() {
 
     // Pulled from the satellite's own list.
     sat.set_active(&["card-2"]);
-    let r = app
-        .channels()
-        .reconcile(pb::ReconcileRequest {
-            channel: "thisorthat".into(),
-            active_card_ids: vec![],
-            pull: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = pulled(&app, "thisorthat").await;
     assert_eq!(r.cleared_card_ids, vec!["card-3"]);
     assert!(r.unknown_card_ids.is_empty());
     assert_eq!(

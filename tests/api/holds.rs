@@ -42,6 +42,14 @@ fn expiry_ms(hold: &pb::CartHold) -> i64 {
     at.seconds * 1000 + i64::from(at.nanos / 1_000_000)
 }
 
+/// Waits until `ms` (plus `margin_ms`) has passed on Redis's clock.
+async fn past_on_redis(app: &TestApp, ms: i64, margin_ms: i64) {
+    app.eventually("the expiry on the Redis clock", || async {
+        (app.redis_now_ms().await > ms + margin_ms).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_cart_hold_takes_capacity_until_committed_or_released() {
     let app = spawn_app().await;
@@ -270,11 +278,7 @@ async fn a_burst_of_expired_holds_never_blocks_a_claim() {
         .into_inner()
         .hold
         .unwrap();
-    let expires_ms = expiry_ms(&last);
-    app.eventually("every hold's expiry on the Redis clock", || async {
-        (app.redis_now_ms().await > expires_ms + 50).then_some(())
-    })
-    .await;
+    past_on_redis(&app, expiry_ms(&last), 50).await;
     // Read behind the daemon's back: its own reads finalise what is due.
     let key = app.pool_key("dev", "sale/s/many").await;
     let held: i64 = app.redis().await.hget(&key, "held").await.unwrap();
@@ -315,10 +319,7 @@ async fn an_expired_hold_never_blocks_a_claim_even_before_the_sweeper_runs() {
     );
 
     // Wait on Redis's clock, which the engine's clock follows.
-    app.eventually("the hold's expiry on the Redis clock", || async {
-        (app.redis_now_ms().await > expires_ms).then_some(())
-    })
-    .await;
+    past_on_redis(&app, expires_ms, 0).await;
     let resp = app
         .flash()
         .claim(claim("late", "s", &[("p", 1)]))
@@ -832,26 +833,10 @@ async fn a_sold_out_answer_stands_while_other_holds_keep_expiring() {
 async fn the_retry_of_an_expired_hold_answers_it_expired() {
     let app = spawn_app_with(|a| a.sweep_interval_ms = 3_600_000).await;
     app.live_sale("s", &[("p", Some(5))], 0).await;
-    let mut flash = app.flash();
-    let hold = flash
-        .create_cart_hold(cart_hold("cart", "s", &[("p", 1)], 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let hold = make_hold(&app, cart_hold("cart", "s", &[("p", 1)], 1)).await;
     let expires_ms = expiry_ms(&hold);
-    app.eventually("the hold's expiry on the Redis clock", || async {
-        (app.redis_now_ms().await > expires_ms).then_some(())
-    })
-    .await;
-    let again = flash
-        .create_cart_hold(cart_hold("cart", "s", &[("p", 1)], 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    past_on_redis(&app, expires_ms, 0).await;
+    let again = make_hold(&app, cart_hold("cart", "s", &[("p", 1)], 1)).await;
     assert_eq!(again.state(), HoldState::Expired, "{again:?}");
     assert_eq!(expiry_ms(&again), expires_ms);
     app.shutdown().await;

@@ -11,6 +11,7 @@ use holdfast::grpc::pb::reservation_service_client::ReservationServiceClient;
 
 use crate::TempDir;
 use crate::cluster::{Daemon, Postgres, Redis};
+use crate::twins::{key, reserve_mug};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_expire_on_time_while_postgres_hangs() {
@@ -23,12 +24,6 @@ async fn holds_expire_on_time_while_postgres_hangs() {
     let via_gate = format!("postgres://postgres@127.0.0.1:{}/holdfast", gate.port);
     let daemon = Daemon::start(&tmp.0, redis.port, &via_gate);
     let mut r = ReservationServiceClient::new(daemon.channel().await);
-    let key = || {
-        Some(pb::StockKey {
-            product_id: "mug".into(),
-            variant_id: String::new(),
-        })
-    };
     r.set_stock(pb::SetStockRequest {
         key: key(),
         on_hand: 5,
@@ -40,22 +35,7 @@ async fn holds_expire_on_time_while_postgres_hangs() {
 
     // Postgres stops answering; Redis serves from its grant.
     gate.set(false);
-    let held = r
-        .reserve(pb::ReserveRequest {
-            reservation_id: "r1".into(),
-            reference: "cart".into(),
-            lines: vec![pb::ReservationLine {
-                key: key(),
-                quantity: 1,
-            }],
-            ttl: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let held = r.reserve(reserve_mug("r1", 1)).await.unwrap().into_inner();
     assert_eq!(held.outcome(), pb::ReserveOutcome::Reserved);
     let expires = held.reservation.unwrap().expires_at.unwrap();
     let expires_ms = expires.seconds * 1000 + i64::from(expires.nanos / 1_000_000);

@@ -17,27 +17,33 @@ use crate::in_flight::circuit_is;
 
 const ID: &str = "cart-1";
 
-fn key() -> Option<pb::StockKey> {
+/// The stock the fault tests reserve from.
+pub(crate) fn key() -> Option<pb::StockKey> {
     Some(pb::StockKey {
         product_id: "mug".into(),
         variant_id: String::new(),
     })
 }
 
-/// The reservation of one mug for a minute.
-fn reserve() -> pb::ReserveRequest {
+/// The reservation `id` of one mug for `ttl_secs`.
+pub(crate) fn reserve_mug(id: &str, ttl_secs: i64) -> pb::ReserveRequest {
     pb::ReserveRequest {
-        reservation_id: ID.into(),
+        reservation_id: id.into(),
         reference: "cart".into(),
         lines: vec![pb::ReservationLine {
             key: key(),
             quantity: 1,
         }],
         ttl: Some(prost_types::Duration {
-            seconds: 60,
+            seconds: ttl_secs,
             nanos: 0,
         }),
     }
+}
+
+/// The reservation of one mug for a minute.
+fn reserve() -> pb::ReserveRequest {
+    reserve_mug(ID, 60)
 }
 
 fn expires_at(r: &pb::Reservation) -> i64 {
