@@ -11,7 +11,7 @@ use holdfast::grpc::pb::reservation_service_client::ReservationServiceClient;
 
 use crate::TempDir;
 use crate::cluster::{Daemon, Postgres, Redis};
-use crate::twins::{key, reserve_mug};
+use crate::twins::{reserve_mug, stock_five_mugs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_expire_on_time_while_postgres_hangs() {
@@ -24,14 +24,7 @@ async fn holds_expire_on_time_while_postgres_hangs() {
     let via_gate = format!("postgres://postgres@127.0.0.1:{}/holdfast", gate.port);
     let daemon = Daemon::start(&tmp.0, redis.port, &via_gate);
     let mut r = ReservationServiceClient::new(daemon.channel().await);
-    r.set_stock(pb::SetStockRequest {
-        key: key(),
-        on_hand: 5,
-        adjustment_id: "count".into(),
-        reason: "count".into(),
-    })
-    .await
-    .unwrap();
+    stock_five_mugs(&mut r).await;
 
     // Postgres stops answering; Redis serves from its grant.
     gate.set(false);

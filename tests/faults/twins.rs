@@ -41,6 +41,18 @@ pub(crate) fn reserve_mug(id: &str, ttl_secs: i64) -> pb::ReserveRequest {
     }
 }
 
+/// Sets the mugs' stock to 5.
+pub(crate) async fn stock_five_mugs(r: &mut ReservationServiceClient<Channel>) {
+    r.set_stock(pb::SetStockRequest {
+        key: key(),
+        on_hand: 5,
+        adjustment_id: "count".into(),
+        reason: "count".into(),
+    })
+    .await
+    .unwrap();
+}
+
 /// The reservation of one mug for a minute.
 fn reserve() -> pb::ReserveRequest {
     reserve_mug(ID, 60)
@@ -76,16 +88,7 @@ impl Shop {
             _pg: pg,
             _tmp: tmp,
         };
-        shop.client(&shop.a)
-            .await
-            .set_stock(pb::SetStockRequest {
-                key: key(),
-                on_hand: 5,
-                adjustment_id: "count".into(),
-                reason: "count".into(),
-            })
-            .await
-            .unwrap();
+        stock_five_mugs(&mut shop.client(&shop.a).await).await;
         shop
     }
 
