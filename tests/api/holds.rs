@@ -821,8 +821,12 @@ async fn a_sold_out_answer_stands_while_other_holds_keep_expiring() {
         ["SoldOut"],
         "{answers:?}"
     );
-    let expired = app.stock("s", "carts").await;
-    assert_eq!(expired.held, 0, "every cart expired meanwhile: {expired:?}");
+    // The carts did expire (how many claims came meanwhile depends on
+    // the machine; the old code failed 62 of 3,345 on an idle one).
+    app.eventually("every cart expired", || async {
+        (app.stock("s", "carts").await.held == 0).then_some(())
+    })
+    .await;
     app.shutdown().await;
 }
 
