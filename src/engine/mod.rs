@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 pub use circuit::Circuit;
 pub use escrow::{Capacity, GrantPolicy};
 
-use crate::domain::{Hold, HoldId, Job, Lines, PoolId, TakeOutcome, TenantId};
+use crate::domain::{Hold, HoldId, HoldState, Job, Lines, PoolId, TakeOutcome, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
 use crate::store::postgres::{PgStore, PgTake, TakeQueue};
@@ -404,6 +404,15 @@ impl Engine {
                 self.redis.commit(tenant, id, job, order_id),
                 self.pg.fallback_commit(tenant, id, job, order_id),
             )
+            .await;
+        let hold = self
+            .unless_lost(tenant, id, job, hold, |h| match h.state {
+                HoldState::Committed if order_id.is_empty() || h.order_id == order_id => {
+                    HoldReply::Hold(h)
+                }
+                HoldState::Committed => HoldReply::OrderMismatch(h),
+                _ => HoldReply::NotActiveHold(h),
+            })
             .await?;
         metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "committed")
             .increment(1);
@@ -419,10 +428,46 @@ impl Engine {
                 self.redis.release(tenant, id, job),
                 self.pg.fallback_release(tenant, id, job),
             )
+            .await;
+        let hold = self
+            .unless_lost(tenant, id, job, hold, |h| match h.state {
+                HoldState::Committed => HoldReply::Committed(h),
+                _ => HoldReply::Hold(h),
+            })
             .await?;
         metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "released")
             .increment(1);
         Ok(hold)
+    }
+
+    /// A hold in neither store (NOT_FOUND) may be one Redis lost with its
+    /// data: its retry (of a commit, say) is then answered from the audit
+    /// log, by `answer` from the hold as it ended there, instead of
+    /// NOT_FOUND, which would tell a caller that its committed order
+    /// never was. One still live at the loss is FAILED_PRECONDITION: its
+    /// units are in doubt until an operator resolves them. Not on the hot
+    /// path: only a hold no store has is looked up.
+    async fn unless_lost(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        found: Result<Hold, Error>,
+        answer: impl FnOnce(Hold) -> HoldReply,
+    ) -> Result<Hold, Error> {
+        let Err(Error::NotFound(why)) = found else {
+            return found;
+        };
+        let retention = self.redis.retention();
+        match self.pg.audited_hold(tenant, id, job, retention).await? {
+            None => Err(Error::NotFound(why)),
+            Some(hold) if hold.state == HoldState::Active => {
+                Err(Error::FailedPrecondition(format!(
+                    "hold {id} was live when Redis lost its data; its units are in doubt until an operator resolves them (AdminService)"
+                )))
+            }
+            Some(hold) => settle(id, answer(hold)),
+        }
     }
 
     /// Moves an active hold's expiry to `ttl` from now, within the server's

@@ -1045,3 +1045,59 @@ async fn two_stock_counts_at_once_set_rather_than_add() {
     assert!([5, 7].contains(&on_hand), "on hand {on_hand}");
     app.shutdown().await;
 }
+
+/// After Redis lost its data, a reservation it had is in neither store.
+/// The retry of its consumption answers as before, from the audit log
+/// (NOT_FOUND would tell the caller its order never was); one still live
+/// at the loss is FAILED_PRECONDITION, its unit in doubt.
+#[tokio::test]
+async fn a_consumption_retried_after_redis_lost_its_data_answers_as_before() {
+    use redis::AsyncCommands;
+    let app = spawn_app().await;
+    set_stock(&app, "mug", "", 10).await;
+    let mut c = app.reservations();
+    for id in ["r1", "r2"] {
+        c.reserve(reserve(id, "cart", &[("mug", "", 1)], 600))
+            .await
+            .unwrap();
+    }
+    let first = c.consume_reservation(consume("r1", "o1")).await.unwrap();
+    let first = first.into_inner().reservation.unwrap();
+    app.eventually("the consumption in the audit log", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_log WHERE hold_id = 'r1' AND kind = 'committed'",
+        )
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+
+    // Redis loses everything of this daemon's, its marker too.
+    let epoch = app.pool("stock/mug").await.epoch;
+    let mut con = app.redis().await;
+    let keys: Vec<String> = con.keys(format!("{}:*", app.redis_prefix)).await.unwrap();
+    let _: i64 = con.del(&keys).await.unwrap();
+    app.eventually("the pool reloaded in a new epoch", || async {
+        (app.pool("stock/mug").await.epoch > epoch).then_some(())
+    })
+    .await;
+
+    let again = c.consume_reservation(consume("r1", "o1")).await.unwrap();
+    let again = again.into_inner().reservation.unwrap();
+    assert_eq!(again.state(), ReservationState::Consumed);
+    assert_eq!(
+        (again.order_id.as_str(), &again.lines),
+        ("o1", &first.lines)
+    );
+    for (id, order, code) in [
+        ("r1", "o2", Code::FailedPrecondition),
+        ("r2", "o3", Code::FailedPrecondition),
+        ("never", "o4", Code::NotFound),
+    ] {
+        let err = c.consume_reservation(consume(id, order)).await.unwrap_err();
+        assert_eq!(err.code(), code, "{id}: {err:?}");
+    }
+    app.shutdown().await;
+}

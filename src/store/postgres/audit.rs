@@ -12,7 +12,7 @@ use super::PgStore;
 use super::fallback::Twin;
 use super::lock_sales::{LockSale, record_lock_sales};
 use super::pools::{PoolWrites, lock_tenant_pools};
-use crate::domain::{CardId, Event, Job, TenantId};
+use crate::domain::{CardId, Event, EventLine, Hold, HoldId, HoldState, Job, PoolId, TenantId};
 use crate::error::Error;
 
 impl PgStore {
@@ -198,6 +198,76 @@ impl PgStore {
                 })
             })
             .collect()
+    }
+}
+
+impl PgStore {
+    /// A hold Redis made, as the audit log tells it: for a retry that
+    /// finds the hold in neither store because Redis lost its data
+    /// (ESCROW.md "Losing Redis"). Its take's lines and time, and how it
+    /// ended: committed (with its order), released or expired; still
+    /// `Active` when it was live at the loss (its units are in doubt).
+    /// Only within `retention`, as long as Redis would have remembered it.
+    pub async fn audited_hold(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        retention: std::time::Duration,
+    ) -> Result<Option<Hold>, Error> {
+        let rows: Vec<(String, serde_json::Value, String, String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT kind, lines, reference, order_id, at FROM audit_log
+                 WHERE tenant = $1 AND hold_id = $2 AND job = $3 AND event_id NOT LIKE 'f%'
+                   AND at > now() - make_interval(secs => $4::double precision)
+                 ORDER BY id",
+        )
+        .bind(tenant.as_str())
+        .bind(id.as_str())
+        .bind(job.as_str())
+        .bind(retention.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        let Some((kind, lines, reference, _, at)) = rows
+            .iter()
+            .find(|(kind, ..)| matches!(kind.as_str(), "reserved" | "claimed"))
+        else {
+            return Ok(None);
+        };
+        let lines: Vec<EventLine> =
+            serde_json::from_value(lines.clone()).map_err(|e| Error::Internal(e.into()))?;
+        let mut hold = Hold {
+            id: id.clone(),
+            state: HoldState::Active,
+            job: job.as_str().to_owned(),
+            lines: lines
+                .into_iter()
+                .map(|l| (PoolId::from_store(l.pool), l.qty))
+                .collect(),
+            expires_at_ms: 0,
+            extensions: 0,
+            reference: reference.clone(),
+            order_id: String::new(),
+            created_at_ms: at.timestamp_millis(),
+            finished_at_ms: 0,
+            fence: 0,
+        };
+        if kind == "claimed" {
+            hold.state = HoldState::Committed;
+            hold.finished_at_ms = hold.created_at_ms;
+        }
+        for (kind, _, _, order_id, at) in &rows {
+            let state = match kind.as_str() {
+                "committed" => HoldState::Committed,
+                "released" => HoldState::Released,
+                "expired" => HoldState::Expired,
+                _ => continue,
+            };
+            hold.state = state;
+            hold.order_id = order_id.clone();
+            hold.finished_at_ms = at.timestamp_millis();
+        }
+        hold.expires_at_ms = hold.finished_at_ms;
+        Ok(Some(hold))
     }
 }
 

@@ -212,6 +212,11 @@ impl RedisStore {
         &self.keys
     }
 
+    /// How long finished holds are remembered for retries.
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::try_from(self.retention_ms).unwrap_or(0))
+    }
+
     /// A pooled connection, for blocking commands that must not stall the
     /// multiplexed one.
     pub async fn pooled(&self) -> Result<deadpool_redis::Connection, Error> {
