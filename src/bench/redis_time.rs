@@ -30,6 +30,16 @@ impl Snapshot {
         Some(Self::parse(&info))
     }
 
+    /// Calls of `name` between `self` (before) and `after`.
+    pub fn calls_between(&self, after: &Snapshot, name: &str) -> u64 {
+        let calls = |s: &Snapshot| {
+            s.0.iter()
+                .find(|(n, ..)| n == name)
+                .map_or(0, |(_, calls, _)| *calls)
+        };
+        calls(after).saturating_sub(calls(self))
+    }
+
     /// `cmdstat_NAME:calls=C,usec=U,...` lines; others are skipped.
     fn parse(info: &str) -> Self {
         Self(

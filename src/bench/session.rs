@@ -161,11 +161,24 @@ impl<'a> Session<'a> {
             let tenant = TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant");
             let (host, port) = host_port(&args.redis_url);
             let pool = workloads::hot_pool(w, caller);
+            const CALLS: u64 = 100_000;
+            let mut stats = self.stats_con.clone();
+            let before = redis_snapshot(stats.as_mut()).await;
             let rate = match redis.one_unit_command(&tenant, w.claims(), &pool).await {
-                Ok(argv) => {
-                    baselines::redis_script(&host, port, args.clients, 100_000, &argv).await
-                }
+                Ok(argv) => baselines::redis_script(&host, port, args.clients, CALLS, &argv).await,
                 Err(e) => Err(e.into()),
+            };
+            // Each call must have taken (its event is an XADD), not
+            // answered a retry or a refusal, which cost Redis far less.
+            let after = redis_snapshot(stats.as_mut()).await;
+            let rate = match (rate, before.zip(after)) {
+                (Ok(r), Some((b, a))) if b.calls_between(&a, "xadd") < CALLS * 9 / 10 => {
+                    Err(anyhow::anyhow!(
+                        "only {} of {CALLS} script calls took (XADDs); the rate {r:.0}/s is not the script's work",
+                        b.calls_between(&a, "xadd")
+                    ))
+                }
+                (rate, _) => rate,
             };
             match rate {
                 Ok(r) => line.redis_limit = Some(r / rpcs),
