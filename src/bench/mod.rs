@@ -28,7 +28,7 @@ use anyhow::Context;
 use clap::Args;
 use tonic::transport::Channel;
 
-pub use baselines::PgRun;
+pub use baselines::{PgRun, redis_script};
 pub use probes::Probe;
 use session::Session;
 pub use workloads::Workload;

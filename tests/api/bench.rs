@@ -91,3 +91,38 @@ async fn the_postgres_alternative_has_the_shape_of_its_workload() {
         "locks spread over the cards: {sold} from {from}"
     );
 }
+
+/// The benchmark's Redis limit (`redis_limit`) is the engine's script
+/// doing its work: each redis-benchmark call a new take, not a retry of
+/// one id answered from the hold (as `-r` past an `int` made it).
+#[tokio::test]
+async fn the_redis_baseline_takes_a_unit_per_call() {
+    use redis::AsyncCommands;
+    let app = crate::helpers::spawn_app_with(|a| {
+        a.grant_chunk = 100_000;
+        a.grant_max_chunk = 100_000;
+    })
+    .await;
+    app.live_sale("b", &[("p", Some(100_000))], 0).await;
+    let dev = holdfast::domain::TenantId::parse("dev").unwrap();
+    let argv = app
+        .redis_store()
+        .await
+        .one_unit_command(&dev, true, "sale/b/p")
+        .await
+        .unwrap();
+    let url = crate::helpers::redis_url();
+    let host_port = url.trim_start_matches("redis://");
+    let host_port = host_port.split('/').next().unwrap();
+    let (host, port) = host_port.rsplit_once(':').unwrap();
+    let rate = holdfast::bench::redis_script(host, port.parse().unwrap(), 4, 1_000, &argv)
+        .await
+        .unwrap();
+    assert!(rate > 0.0);
+    let key = app.pool_key("dev", "sale/b/p").await;
+    let sold: i64 = app.redis().await.hget(&key, "sold").await.unwrap();
+    // Random ids may meet once or twice in a thousand; one id for all
+    // sold one.
+    assert!(sold >= 990, "the calls sold {sold} units");
+    app.shutdown().await;
+}
