@@ -23,9 +23,9 @@ expire_due(now)
 
 -- 2. A repeated id answers as the first time; then every rule.
 local lines = cjson.decode(lines_arg)
-local stop = busy_if_due(admit(hk, rq, lines, now, ck, limit), now)
+local stop = busy_if_due(admit(claim_id, job, rq, lines, now, ck, limit), now)
 if stop == RECHECK then
-  stop = admit(hk, rq, lines, now, ck, limit)
+  stop = admit(claim_id, job, rq, lines, now, ck, limit)
 end
 if stop then
   return stop

@@ -690,17 +690,14 @@ end
 
 -- The common start of reserve and claim: the id check, then every rule.
 -- Returns a reply when the call must stop here, else nil.
-local function admit(hk, rq, lines, now, ck, limit)
+local function admit(hold_id, job, rq, lines, now, ck, limit)
+  local hk = P .. 'hold:' .. hold_id
   if redis.call('EXISTS', hk) == 1 then
     if redis.call('HGET', hk, 'rq') == request_digest(rq) then
       -- The first answer, as the hold is now: one past its expiry is
-      -- EXPIRED (as a read of it says), not an ACTIVE hold whose time is up.
-      local h = read_hold(hk)
-      if h[1] == 'A' and h[4] and tonumber(h[4]) <= now then
-        expire_hold(string.sub(hk, #P + #'hold:' + 1), now)
-        h = read_hold(hk)
-      end
-      return view_of(h)
+      -- EXPIRED (as a read of it says), not an ACTIVE hold whose time is
+      -- up. The digest names the job, so the hold is this job's.
+      return view_of(current_hold(hold_id, job, now))
     end
     return { 'ID_REUSED' }
   end

@@ -50,9 +50,9 @@ end
 
 -- 2. A repeated id answers as the first time; then every rule, before any write.
 local lines = cjson.decode(lines_arg)
-local stop = busy_if_due(admit(hk, rq, lines, now, ck, limit), now)
+local stop = busy_if_due(admit(hold_id, job, rq, lines, now, ck, limit), now)
 if stop == RECHECK then
-  stop = admit(hk, rq, lines, now, ck, limit)
+  stop = admit(hold_id, job, rq, lines, now, ck, limit)
 end
 if stop then
   return stop

@@ -115,14 +115,9 @@ impl Tenants {
         let read = refresh(self.pg.clone(), self.cached.clone());
         if first {
             read.await;
-            return self
-                .cached
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .list
-                .clone();
+        } else {
+            tokio::spawn(read);
         }
-        tokio::spawn(read);
         self.cached
             .lock()
             .unwrap_or_else(|e| e.into_inner())
