@@ -17,5 +17,9 @@ cargo build --manifest-path "$ROOT/Cargo.toml" --release --quiet
 REDIS_AOF="${REDIS_AOF:-no}" start_servers bench
 export PATH="$(pg_bindir):$PATH"
 
+# This script drives the daemon it starts: an address or key left in the
+# environment for `holdfast bench --addr` would send the load elsewhere.
+unset HOLDFAST_BENCH_ADDR HOLDFAST_BENCH_API_KEY
+
 log "holdfast bench $*"
 "$ROOT/target/release/holdfast" bench "$@"

@@ -116,11 +116,14 @@ TRUNCATE bench_holds, bench_stock;
 ";
 
 /// The hold of the two-step alternatives: its first transaction, then the
-/// start of its second.
+/// start of its second. The hold's row is written before the stock row is
+/// locked, so the lock is held for the UPDATE and the commit only, as a
+/// careful user would order them (until 2026-12-05 the UPDATE came first
+/// and the hot row stayed locked through the INSERT too).
 const HOLD_SQL: &str = "\\set h random(1, 1000000000000)
 BEGIN;
+INSERT INTO bench_holds (hold_id, product, qty, expires_at) VALUES (:client_id::text || '-' || :h::text, :id, 1, now() + interval '60 seconds');
 UPDATE bench_stock SET held = held + 1 WHERE id = :id AND sold + held + 1 <= cap;
-INSERT INTO bench_holds (hold_id, product, qty, expires_at) VALUES (:client_id || '-' || :h, :id, 1, now() + interval '60 seconds');
 COMMIT;
 BEGIN;
 ";
@@ -142,13 +145,13 @@ impl PgAlternative {
                 "UPDATE bench_stock SET sold = sold + 1 WHERE id = :id AND sold + 1 <= cap;\n".into()
             }
             PgSteps::ReserveThenCommit => format!(
-                "{HOLD_SQL}UPDATE bench_holds SET state = 'C' WHERE hold_id = :client_id || '-' || :h AND state = 'A' AND expires_at > now();
+                "{HOLD_SQL}UPDATE bench_holds SET state = 'C' WHERE hold_id = :client_id::text || '-' || :h::text AND state = 'A' AND expires_at > now();
 UPDATE bench_stock SET held = held - 1, sold = sold + 1 WHERE id = :id;
 COMMIT;
 "
             ),
             PgSteps::ReserveThenRelease => format!(
-                "{HOLD_SQL}UPDATE bench_holds SET state = 'R' WHERE hold_id = :client_id || '-' || :h AND state = 'A';
+                "{HOLD_SQL}UPDATE bench_holds SET state = 'R' WHERE hold_id = :client_id::text || '-' || :h::text AND state = 'A';
 UPDATE bench_stock SET held = held - 1 WHERE id = :id;
 COMMIT;
 "
@@ -188,7 +191,18 @@ pub async fn pgbench(
         PgRun::PerClient(n) => ("-t", n),
     };
     let out = Command::new(pgbench)
-        .args(["-n", "-c", &clients.to_string(), "-j", "2"])
+        // Prepared statements, as an application's driver would use them
+        // (until 2026-12-05 pgbench parsed and planned each statement on
+        // every run, a handicap holdfast's own statements do not carry).
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+        ])
         .args([bound, &n.to_string(), "-f"])
         .arg(&script)
         .arg(database_url)

@@ -113,6 +113,13 @@ pub struct Plan {
     pub max_calls: Option<u64>,
 }
 
+/// How long one call may take before it counts as failed
+/// (`DEADLINE_EXCEEDED`), so that a daemon that stops answering ends the run
+/// on time instead of holding it forever. Far above any answer a working
+/// daemon gives, even through a store's outage (the probes freeze one for
+/// `--duration` seconds, and its calls wait for a timeout of 5 s at most).
+const CALL_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Call numbers, unique across every run of the process: warm-ups, runs and
 /// workloads never repeat an id (a repeat would be an idempotent replay, or
 /// a refusal, not the operation being measured).
@@ -140,6 +147,7 @@ where
         let pace = plan
             .rate
             .map(|r| Duration::from_secs_f64(plan.clients as f64 / r.max(1.0)));
+        let pace_us = pace.map(|p| p.as_micros().max(1) as u64);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
@@ -162,17 +170,33 @@ where
                 t
             });
             while Instant::now() < deadline {
-                if let Some(t) = ticker.as_mut() {
-                    t.tick().await;
-                }
+                // A paced call's clock starts at its tick, not when it is
+                // sent: a call held up by the one before it waited as a
+                // shopper would have. The calls a slow one kept from
+                // being sent at all (skipped ticks) are recorded as the
+                // histogram's correction for coordinated omission. Until
+                // 2026-12-05 a stall was one slow call in the histogram,
+                // whatever it held up.
+                let t0 = match ticker.as_mut() {
+                    Some(t) => t.tick().await.into_std(),
+                    None => Instant::now(),
+                };
                 if max_calls.is_some_and(|m| issued.fetch_add(1, Ordering::Relaxed) >= m) {
                     break;
                 }
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                let t0 = Instant::now();
-                let result = op(channel.clone(), n).await;
+                let result = match tokio::time::timeout(CALL_DEADLINE, op(channel.clone(), n)).await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(tonic::Status::deadline_exceeded(
+                        "no answer within the bench's deadline",
+                    )),
+                };
                 let us = t0.elapsed().as_micros().max(1) as u64;
-                let _ = hist.record(us);
+                let _ = match pace_us {
+                    Some(p) => hist.record_correct(us, p),
+                    None => hist.record(us),
+                };
                 Slice::record(&mut timeline, t0 - started, us, result.is_err());
                 calls += 1;
                 let name = match result {

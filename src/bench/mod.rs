@@ -9,12 +9,14 @@
 
 mod baselines;
 mod cpu;
+mod drained;
 mod expiry;
 mod failover;
 mod fallback;
 mod idle;
 mod load;
 mod probes;
+mod redis_limit;
 mod redis_time;
 mod report;
 mod session;
@@ -30,6 +32,7 @@ use tonic::transport::Channel;
 
 pub use baselines::{PgRun, redis_script};
 pub use probes::Probe;
+pub use redis_limit::{Driven, N as OP_NUMBER, drive_steps, steps as redis_steps};
 use session::Session;
 pub use workloads::Workload;
 

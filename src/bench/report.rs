@@ -9,7 +9,7 @@ use super::workloads::Workload;
 pub struct ServerStats {
     /// CPU seconds (user + system).
     pub cpu_secs: f64,
-    /// Peak resident memory (VmHWM), KiB.
+    /// Peak resident memory (VmHWM) since the last [`ServerStats::reset_peak`], KiB.
     pub peak_rss_kib: u64,
 }
 
@@ -30,6 +30,15 @@ impl ServerStats {
             cpu_secs: own as f64 / 100.0,
             peak_rss_kib,
         })
+    }
+
+    /// Starts `pid`'s peak memory again from its memory now (Linux: 5 to
+    /// `clear_refs`), so that the peak read after a run is that run's, not
+    /// the largest since the daemon started (a setup of 100,000 cards, an
+    /// earlier workload). Best effort: a peak that cannot be reset stays
+    /// the lifetime's, which can only overstate it.
+    pub fn reset_peak(pid: u32) {
+        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
     }
 
     /// CPU used since `before`; the peak as it stands now.
@@ -63,6 +72,9 @@ pub struct Line {
     pub redis_us_per_op: String,
     /// p99 at half the peak rate: (holdfast, no-op), ms.
     pub half_load_p99: Option<(f64, f64)>,
+    /// Seconds the daemon's drainer took, once the measured run ended, to
+    /// write back to Postgres what the run logged (src/bench/drained.rs).
+    pub drained_secs: Option<f64>,
 }
 
 impl Line {
@@ -70,7 +82,10 @@ impl Line {
         let secs = run.elapsed.as_secs_f64();
         Self {
             workload,
-            rps: run.rate(),
+            // Calls that failed are not operations done: they count in
+            // `outcomes`, not in the rate (refusals, such as claim-sellout's
+            // sold-out answers, do: they are the answer a shopper gets).
+            rps: run.answered_rate(),
             units_per_sec: run.units as f64 / secs,
             p: [0.5, 0.9, 0.99, 0.999, 1.0].map(|q| run.ms(q)),
             outcomes: run
@@ -85,6 +100,7 @@ impl Line {
             grpc_limit: None,
             pg_alt: None,
             half_load_p99: None,
+            drained_secs: None,
             cpu_us_per_op: String::new(),
             redis_us_per_op: String::new(),
         }
@@ -119,8 +135,11 @@ impl Line {
                 h / n
             )
         });
+        let drained = self
+            .drained_secs
+            .map_or(String::new(), |s| format!(" drained_after_s={s:.1}"));
         println!(
-            "bench-detail: workload={w} ops_per_sec={:.0} units_per_sec={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} outcomes={} {server} cpu_us_per_op={}{serial}{half}",
+            "bench-detail: workload={w} ops_per_sec={:.0} units_per_sec={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} max_ms={:.2} outcomes={} {server} cpu_us_per_op={}{serial}{half}{drained}",
             self.rps,
             self.units_per_sec,
             self.p[0],

@@ -12,8 +12,9 @@ use tonic::transport::Channel;
 use super::load::Plan;
 use super::report::{Line, ServerStats};
 use super::{
-    BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, expiry, failover, fallback,
-    host_port, idle, pg_alternative, pgbench_path, probes, redis_time, workloads,
+    BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, drained, expiry, failover,
+    fallback, host_port, idle, pg_alternative, pgbench_path, probes, redis_limit, redis_time,
+    workloads,
 };
 use crate::domain::TenantId;
 use crate::store::redis::RedisStore;
@@ -122,6 +123,10 @@ impl<'a> Session<'a> {
             ..self.plan.clone()
         };
         workloads::run(w, channels, &warm, caller).await;
+        self.settle().await;
+        if let Some(d) = self.daemon {
+            ServerStats::reset_peak(d.pid());
+        }
         let before = self.daemon.map(|d| ServerStats::read(d.pid()));
         let redis_before = redis_snapshot(self.stats_con.as_mut()).await;
         let cpu_before = self.watched.sample();
@@ -133,6 +138,7 @@ impl<'a> Session<'a> {
             _ => None,
         };
         let mut line = Line::new(w, &measured, server);
+        line.drained_secs = self.settle().await.map(|d| d.as_secs_f64());
         line.cpu_us_per_op = cpu;
         if let (Some(b), Some(a)) = (redis_before, redis_after) {
             line.redis_us_per_op = b.per_op(&a, measured.calls);
@@ -157,34 +163,13 @@ impl<'a> Session<'a> {
             ..self.plan.clone()
         };
         line.grpc_limit = Some(baselines::noop(channels, &flat_out, 1).await.rate() / rpcs);
-        if let Some(redis) = &self.redis {
-            let tenant = TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant");
-            let (host, port) = host_port(&args.redis_url);
-            let pool = workloads::hot_pool(w, caller);
-            const CALLS: u64 = 100_000;
-            let mut stats = self.stats_con.clone();
-            let before = redis_snapshot(stats.as_mut()).await;
-            let rate = match redis.one_unit_command(&tenant, w.claims(), &pool).await {
-                Ok(argv) => baselines::redis_script(&host, port, args.clients, CALLS, &argv).await,
-                Err(e) => Err(e.into()),
-            };
-            // Each call must have taken (its event is an XADD), not
-            // answered a retry or a refusal, which cost Redis far less.
-            let after = redis_snapshot(stats.as_mut()).await;
-            let rate = match (rate, before.zip(after)) {
-                (Ok(r), Some((b, a))) if b.calls_between(&a, "xadd") < CALLS * 9 / 10 => {
-                    Err(anyhow::anyhow!(
-                        "only {} of {CALLS} script calls took (XADDs); the rate {r:.0}/s is not the script's work",
-                        b.calls_between(&a, "xadd")
-                    ))
-                }
-                (rate, _) => rate,
-            };
-            match rate {
-                Ok(r) => line.redis_limit = Some(r / rpcs),
-                Err(e) => eprintln!("bench: redis baseline skipped: {e:#}"),
-            }
+        match self.redis_limit(w).await {
+            Ok(r) => line.redis_limit = Some(r),
+            Err(e) => eprintln!("bench: redis baseline skipped: {e:#}"),
         }
+        // The limit's own events are written back before Postgres is
+        // measured.
+        self.settle().await;
         let run = PgRun::Seconds(args.duration.min(10));
         match pg_alternative(w, &args.database_url, self.dir, args.clients, run).await {
             Ok(r) => line.pg_alt = Some(r),
@@ -198,9 +183,93 @@ impl<'a> Session<'a> {
             duration: Duration::from_secs((args.duration / 2).max(2)),
             ..self.plan.clone()
         };
+        self.settle().await;
         let at_half = workloads::run(w, channels, &half, caller).await;
         let noop_half = baselines::noop(channels, &half, w.rpcs()).await;
         line.half_load_p99 = Some((at_half.ms(0.99), noop_half.ms(0.99)));
+    }
+
+    /// `w`'s Redis limit, per operation (src/bench/redis_limit.rs): a
+    /// claim through redis-benchmark, beside the driver's figure for the
+    /// same call (how the driver compares); a two-step operation through
+    /// the driver.
+    async fn redis_limit(&self, w: Workload) -> anyhow::Result<f64> {
+        let redis = self
+            .redis
+            .as_ref()
+            .context("Redis is out of the bench's reach")?;
+        let (args, caller) = (self.args, &self.caller);
+        let steps = redis_limit::steps(redis, &dev_tenant(), w, caller).await?;
+        let name = w.name();
+        if let [call] = &steps[..] {
+            let rate = self.redis_benchmark(w, call).await?;
+            let driven =
+                redis_limit::drive_steps(&args.redis_url, args.clients, DRIVEN_OPS, &steps).await?;
+            println!(
+                "bench-redis-limit: workload={name} redis_benchmark={rate:.0} driver={:.0} driver_vs_redis_benchmark={:.2} driver_refused={:?}",
+                driven.rate(),
+                driven.rate() / rate,
+                driven.refused
+            );
+            return Ok(rate);
+        }
+        if w == Workload::LockComplete {
+            workloads::engage_baseline_cards(&self.channels[0], caller, DRIVEN_OPS).await?;
+            self.settle().await;
+        }
+        let driven =
+            redis_limit::drive_steps(&args.redis_url, args.clients, DRIVEN_OPS, &steps).await?;
+        driven.check()?;
+        println!(
+            "bench-redis-limit: workload={name} driver={:.0} ops={} refused={:?} failed={}",
+            driven.rate(),
+            driven.done,
+            driven.refused,
+            driven.failed
+        );
+        Ok(driven.rate())
+    }
+
+    /// `call` through redis-benchmark at the run's concurrency, checked
+    /// by Redis's own counters: each call of a selling workload must have
+    /// taken (its event is an XADD), not answered a retry or a refusal,
+    /// which cost Redis far less; claim-sellout's must have been refused,
+    /// as its workload's calls are.
+    async fn redis_benchmark(&self, w: Workload, call: &[String]) -> anyhow::Result<f64> {
+        const CALLS: u64 = 100_000;
+        let (host, port) = host_port(&self.args.redis_url);
+        let mut stats = self.stats_con.clone();
+        let before = redis_snapshot(stats.as_mut()).await;
+        let rate = baselines::redis_script(&host, port, self.args.clients, CALLS, call).await?;
+        let after = redis_snapshot(stats.as_mut()).await;
+        let Some((b, a)) = before.zip(after) else {
+            return Ok(rate);
+        };
+        let took = b.calls_between(&a, "xadd");
+        let sells = w != Workload::ClaimSellout;
+        if sells && took < CALLS * 9 / 10 {
+            anyhow::bail!(
+                "only {took} of {CALLS} calls took (XADDs); the rate {rate:.0}/s is not the script's work"
+            );
+        }
+        if !sells && took > CALLS / 10 {
+            anyhow::bail!(
+                "{took} of {CALLS} calls took (XADDs), where the workload's are refused: the pool has not sold out"
+            );
+        }
+        Ok(rate)
+    }
+
+    /// Waits for the daemon's drainer to write back what Redis logged
+    /// (src/bench/drained.rs), at most a minute: how long that took.
+    async fn settle(&self) -> Option<Duration> {
+        let mut con = self.stats_con.clone()?;
+        let stream = self.redis.as_ref()?.keys().events(&dev_tenant());
+        let waited = drained::settle(&mut con, &stream, Duration::from_secs(60)).await;
+        if waited.is_none() {
+            eprintln!("bench: the drainer did not catch up within a minute; measuring anyway");
+        }
+        waited
     }
 
     /// Runs one probe (each prints its own lines).
@@ -276,6 +345,15 @@ impl<'a> Session<'a> {
         };
         fallback::run(&self.channels, &fresh, &setup).await
     }
+}
+
+/// Operations the Redis driver runs for a limit (src/bench/redis_limit.rs),
+/// and cards engaged for lock-complete's.
+const DRIVEN_OPS: u64 = 50_000;
+
+/// The tenant the bench's started daemon serves (`serve --dev`).
+fn dev_tenant() -> TenantId {
+    TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant")
 }
 
 /// Redis's command counters, when the bench has a connection to read them.

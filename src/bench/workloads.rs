@@ -64,11 +64,6 @@ impl Workload {
         }
     }
 
-    /// True when the hot script is `claim.lua` (else `reserve.lua`).
-    pub fn claims(self) -> bool {
-        self.rpcs() == 1
-    }
-
     /// What a shop without holdfast would run instead: the same steps over
     /// as many rows as this workload spreads over, with its cap.
     pub fn pg_alternative(self) -> PgAlternative {
@@ -182,16 +177,69 @@ fn ttl(seconds: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration { seconds, nanos: 0 })
 }
 
-/// The pool the workload's Redis baseline exercises, as the engine names
-/// it (for the `claim.lua` / `reserve.lua` command line).
+/// The pool the workload's Redis limit exercises, as the engine names it
+/// (src/bench/redis_limit.rs): the hot sale's product for the claims
+/// (claim-sellout's once it sold out, so that the limit is of the refusal
+/// its calls get), the stock for the reservations.
 pub fn hot_pool(w: Workload, caller: &Caller) -> String {
     let tag = &caller.tag;
     match w {
-        Workload::ClaimHot | Workload::ClaimSellout | Workload::Claim10k => {
-            format!("sale/b{tag}hot/hot")
-        }
+        Workload::ClaimHot | Workload::Claim10k => format!("sale/b{tag}hot/hot"),
+        Workload::ClaimSellout => format!("sale/b{tag}out/hot"),
         _ => format!("stock/sku{tag}"),
     }
+}
+
+/// The channel the cards are engaged on and locked for.
+pub const CHANNEL: &str = "storefront";
+
+/// Card `n` of those the lock-complete Redis limit locks, each once (the
+/// workload's own are sold by then): `n` as redis-benchmark writes it,
+/// 12 digits.
+pub fn baseline_card(caller: &Caller, n: &str) -> String {
+    format!("c{}b{n}", caller.tag)
+}
+
+/// Engages `count` cards on [`CHANNEL`] for the lock-complete Redis limit
+/// (numbers 0 to `count` - 1, [`baseline_card`]); an engage grants their
+/// pools in Redis, as a lock needs.
+pub async fn engage_baseline_cards(
+    ch: &Channel,
+    caller: &Caller,
+    count: u64,
+) -> anyhow::Result<()> {
+    let numbers: Vec<u64> = (0..count).collect();
+    engage(ch, caller, &numbers, |i| {
+        baseline_card(caller, &format!("{i:012}"))
+    })
+    .await
+}
+
+/// Engages the cards numbered `numbers`, named by `name`, 5,000 a call.
+async fn engage(
+    ch: &Channel,
+    caller: &Caller,
+    numbers: &[u64],
+    name: impl Fn(u64) -> String,
+) -> anyhow::Result<()> {
+    let mut channels = pb::channel_service_client::ChannelServiceClient::new(ch.clone());
+    for chunk in numbers.chunks(5_000) {
+        let cards = chunk
+            .iter()
+            .map(|&c| pb::EngageCard {
+                card_id: name(c),
+                external_ref: String::new(),
+                metadata_json: String::new(),
+            })
+            .collect();
+        channels
+            .engage(caller.req(pb::EngageRequest {
+                channel: CHANNEL.into(),
+                cards,
+            }))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Creates a sale; one that exists already (an earlier workload of the
@@ -262,22 +310,8 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
             }
         }
         Workload::LockComplete => {
-            let mut channels = pb::channel_service_client::ChannelServiceClient::new(ch.clone());
-            for batch in 0..CARDS / 5_000 {
-                let cards = (batch * 5_000..(batch + 1) * 5_000)
-                    .map(|c| pb::EngageCard {
-                        card_id: format!("c{tag}n{c}"),
-                        external_ref: String::new(),
-                        metadata_json: String::new(),
-                    })
-                    .collect();
-                channels
-                    .engage(caller.req(pb::EngageRequest {
-                        channel: "storefront".into(),
-                        cards,
-                    }))
-                    .await?;
-            }
+            let numbers: Vec<u64> = (0..CARDS).collect();
+            engage(ch, caller, &numbers, |c| format!("c{tag}n{c}")).await?;
         }
         Workload::SlotConfirm => {
             let mut slots = pb::slot_service_client::SlotServiceClient::new(ch.clone());
@@ -417,7 +451,7 @@ async fn lock_then_complete(ch: Channel, n: u64, c: &Caller) -> Result<Done, ton
     let r = client
         .acquire_sale_locks(c.req(pb::AcquireSaleLocksRequest {
             lock_ref: lock_ref.clone(),
-            channel: "storefront".into(),
+            channel: CHANNEL.into(),
             card_ids: vec![format!("c{tag}n{card}")],
             ttl: ttl(60),
         }))

@@ -3,6 +3,7 @@
 //! `pgbench` against the test Postgres, then read back what it did.
 
 use holdfast::bench::{PgRun, Workload, pg_alternative};
+use holdfast::grpc::pb;
 use sqlx::PgPool;
 
 use crate::helpers::{fresh_database, random_suffix};
@@ -97,32 +98,146 @@ async fn the_postgres_alternative_has_the_shape_of_its_workload() {
 /// one id answered from the hold (as `-r` past an `int` made it).
 #[tokio::test]
 async fn the_redis_baseline_takes_a_unit_per_call() {
-    use redis::AsyncCommands;
     let app = crate::helpers::spawn_app_with(|a| {
         a.grant_chunk = 100_000;
         a.grant_max_chunk = 100_000;
     })
     .await;
     app.live_sale("b", &[("p", Some(100_000))], 0).await;
-    let dev = holdfast::domain::TenantId::parse("dev").unwrap();
-    let argv = app
-        .redis_store()
-        .await
-        .one_unit_command(&dev, true, "sale/b/p")
-        .await
-        .unwrap();
+    let claim = one_step(&app, "sale/b/p", true).await;
     let url = crate::helpers::redis_url();
     let host_port = url.trim_start_matches("redis://");
     let host_port = host_port.split('/').next().unwrap();
     let (host, port) = host_port.rsplit_once(':').unwrap();
-    let rate = holdfast::bench::redis_script(host, port.parse().unwrap(), 4, 1_000, &argv)
+    let rate = holdfast::bench::redis_script(host, port.parse().unwrap(), 4, 1_000, &claim)
         .await
         .unwrap();
     assert!(rate > 0.0);
-    let key = app.pool_key("dev", "sale/b/p").await;
-    let sold: i64 = app.redis().await.hget(&key, "sold").await.unwrap();
     // Random ids may meet once or twice in a thousand; one id for all
     // sold one.
+    let sold = counter(&app, "sale/b/p", "sold").await;
     assert!(sold >= 990, "the calls sold {sold} units");
     app.shutdown().await;
+}
+
+/// The Redis limit of a two-step workload runs both steps of each
+/// operation, the second on the hold the first made: 500 reserve-commit
+/// operations sell 500 units and leave none held.
+#[tokio::test]
+async fn the_redis_driver_commits_the_hold_each_operation_made() {
+    let app = crate::helpers::spawn_app_with(|a| {
+        a.grant_chunk = 100_000;
+        a.grant_max_chunk = 100_000;
+    })
+    .await;
+    // Stock, and a first reserve through the daemon so that Redis has
+    // its grant (the raw calls cannot ask for one).
+    let key = || {
+        Some(pb::StockKey {
+            product_id: "sku".into(),
+            variant_id: String::new(),
+        })
+    };
+    let mut stock = app.reservations();
+    stock
+        .set_stock(pb::SetStockRequest {
+            key: key(),
+            on_hand: 100_000,
+            adjustment_id: "a".into(),
+            reason: "bench".into(),
+        })
+        .await
+        .unwrap();
+    stock
+        .reserve(pb::ReserveRequest {
+            reservation_id: "warm".into(),
+            reference: String::new(),
+            lines: vec![pb::ReservationLine {
+                key: key(),
+                quantity: 1,
+            }],
+            ttl: None,
+        })
+        .await
+        .unwrap();
+    let pool = "stock/sku";
+    let reserve = one_step(&app, pool, false).await;
+    let dev = holdfast::domain::TenantId::parse("dev").unwrap();
+    let id = holdfast::domain::HoldId::from_store(format!("bench{}", holdfast::bench::OP_NUMBER));
+    let commit = app
+        .redis_store()
+        .await
+        .single_op_command(
+            &dev,
+            holdfast::store::redis::Op::Commit {
+                id: &id,
+                job: holdfast::domain::Job::Stock,
+                order_id: "o",
+            },
+        )
+        .await
+        .unwrap();
+    let (held, sold) = (
+        counter(&app, pool, "held").await,
+        counter(&app, pool, "sold").await,
+    );
+    let run =
+        holdfast::bench::drive_steps(&crate::helpers::redis_url(), 4, 500, &[reserve, commit])
+            .await
+            .unwrap();
+    assert_eq!(
+        (run.done, run.failed),
+        (500, 0),
+        "refused: {:?}",
+        run.refused
+    );
+    run.check().unwrap();
+    assert_eq!(counter(&app, pool, "sold").await - sold, 500);
+    assert_eq!(counter(&app, pool, "held").await, held);
+    app.shutdown().await;
+}
+
+/// The command line of a one-unit claim (`claim`) or 60 s hold of `pool`
+/// by the dev tenant, with the operation's number in its id.
+async fn one_step(app: &crate::helpers::TestApp, pool: &str, claim: bool) -> Vec<String> {
+    use holdfast::domain::{HoldId, Job, Line, Lines, PoolId, Quantity};
+    use holdfast::store::redis::{NewHold, Op};
+    let dev = holdfast::domain::TenantId::parse("dev").unwrap();
+    let id = HoldId::from_store(format!("bench{}", holdfast::bench::OP_NUMBER));
+    let line = Line {
+        pool: PoolId::from_store(pool.into()),
+        quantity: Quantity::parse("quantity", 1, 1).unwrap(),
+    };
+    let lines = Lines::parse("lines", vec![line], 1).unwrap();
+    let op = if claim {
+        Op::Claim {
+            id: &id,
+            job: Job::Flash,
+            lines: &lines,
+            customer: None,
+        }
+    } else {
+        let hold = NewHold {
+            id: &id,
+            job: Job::Stock,
+            ttl: std::time::Duration::from_secs(60),
+            lines: &lines,
+            customer: None,
+            reference: "",
+        };
+        Op::Reserve(hold, None)
+    };
+    app.redis_store()
+        .await
+        .single_op_command(&dev, op)
+        .await
+        .unwrap()
+}
+
+/// A counter of `pool` in Redis (`sold`, `held`...), 0 when unset.
+async fn counter(app: &crate::helpers::TestApp, pool: &str, field: &str) -> i64 {
+    use redis::AsyncCommands;
+    let key = app.pool_key("dev", pool).await;
+    let v: Option<i64> = app.redis().await.hget(&key, field).await.unwrap();
+    v.unwrap_or(0)
 }

@@ -46,7 +46,7 @@ const QUEUE: usize = 4096;
 /// One operation's own arguments (its script's `ARGV[4..]`), built like a
 /// [`Cmd`]'s.
 #[derive(Debug, Default)]
-pub struct OpArgs(Vec<Vec<u8>>);
+pub struct OpArgs(pub(super) Vec<Vec<u8>>);
 
 impl OpArgs {
     /// Appends an argument.

@@ -87,6 +87,51 @@ pub struct NewHold<'a> {
     pub reference: &'a str,
 }
 
+/// A hold operation as the engine sends it to Redis: one of the batch
+/// function's operations (lua/batch.lua) with its arguments.
+#[derive(Debug, Clone, Copy)]
+pub enum Op<'a> {
+    /// Hold units (`reserve.lua`), for a sale lock only where `Listed`.
+    Reserve(NewHold<'a>, Option<Listed<'a>>),
+    /// Take and sell units in one step (`claim.lua`).
+    Claim {
+        /// The claim's id.
+        id: &'a HoldId,
+        /// The job claiming.
+        job: Job,
+        /// What to take.
+        lines: &'a Lines,
+        /// The customer's limit, if the pool's owner set one.
+        customer: Option<&'a CustomerLimit>,
+    },
+    /// Sell an active hold (`commit.lua`).
+    Commit {
+        /// The hold.
+        id: &'a HoldId,
+        /// The job it must belong to.
+        job: Job,
+        /// The order it is sold to, or "".
+        order_id: &'a str,
+    },
+    /// Give an active hold back (`release.lua`).
+    Release {
+        /// The hold.
+        id: &'a HoldId,
+        /// The job it must belong to.
+        job: Job,
+    },
+}
+
+impl Op<'_> {
+    /// The hold the operation is about.
+    fn id(&self) -> &HoldId {
+        match self {
+            Op::Reserve(hold, _) => hold.id,
+            Op::Claim { id, .. } | Op::Commit { id, .. } | Op::Release { id, .. } => id,
+        }
+    }
+}
+
 /// What Postgres says about a pool, for Redis's copy (`grant.lua`).
 #[derive(Debug, Clone)]
 pub struct PoolGrant {
@@ -309,10 +354,63 @@ impl RedisStore {
         hold: NewHold<'_>,
         listed: Option<Listed<'_>>,
     ) -> Result<HoldReply, Error> {
-        let ttl_ms = i64::try_from(hold.ttl.as_millis()).unwrap_or(i64::MAX);
-        let (ck, limit) = customer_args(hold.customer);
-        let v = self
-            .batched("reserve", tenant, |i| {
+        self.hold_op(tenant, Op::Reserve(hold, listed)).await
+    }
+
+    /// Takes and sells units in one step (`claim.lua`).
+    pub async fn claim(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        lines: &Lines,
+        customer: Option<&CustomerLimit>,
+    ) -> Result<HoldReply, Error> {
+        let claim = Op::Claim {
+            id,
+            job,
+            lines,
+            customer,
+        };
+        self.hold_op(tenant, claim).await
+    }
+
+    /// Sells an active hold (`commit.lua`).
+    pub async fn commit(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+        order_id: &str,
+    ) -> Result<HoldReply, Error> {
+        self.hold_op(tenant, Op::Commit { id, job, order_id }).await
+    }
+
+    /// Gives an active hold back (`release.lua`).
+    pub async fn release(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        job: Job,
+    ) -> Result<HoldReply, Error> {
+        self.hold_op(tenant, Op::Release { id, job }).await
+    }
+
+    /// Runs `op` through the coalescer and reads its reply.
+    async fn hold_op(&self, tenant: &TenantId, op: Op<'_>) -> Result<HoldReply, Error> {
+        let (name, args) = self.op_args(&op);
+        let v = self.batcher.call(tenant, name, args).await?;
+        reply::hold_reply(op.id(), &v)
+    }
+
+    /// `op`'s name in the batch function (lua/batch.lua) and its own
+    /// arguments, in its script's order (each script's header).
+    fn op_args(&self, op: &Op<'_>) -> (&'static str, OpArgs) {
+        let mut i = OpArgs::default();
+        let name = match *op {
+            Op::Reserve(hold, listed) => {
+                let ttl_ms = i64::try_from(hold.ttl.as_millis()).unwrap_or(i64::MAX);
+                let (ck, limit) = customer_args(hold.customer);
                 i.arg(hold.id.as_str())
                     .arg(hold.job.as_str())
                     .arg(ttl_ms)
@@ -327,101 +425,61 @@ impl RedisStore {
                         i.arg(card.as_str());
                     }
                 }
-            })
-            .await?;
-        reply::hold_reply(hold.id, &v)
-    }
-
-    /// The `EVALSHA` command line of a one-unit claim (`claim.lua`) or a
-    /// 60 s hold (`reserve.lua`) of `pool` on its own, with the engine's
-    /// arguments and redis-benchmark's `__rand_int__` in the id; the script
-    /// is loaded into Redis first. The benchmark's Redis baseline: the
-    /// engine's script, one call per operation (the engine itself sends
-    /// them coalesced, `batch.rs`).
-    pub async fn one_unit_command(
-        &self,
-        tenant: &TenantId,
-        claim: bool,
-        pool: &str,
-    ) -> Result<Vec<String>, Error> {
-        let lines = serde_json::json!([[pool, 1]]).to_string();
-        let (script, job) = if claim {
-            (&scripts::CLAIM, Job::Flash)
-        } else {
-            (&scripts::RESERVE, Job::Stock)
-        };
-        script.load_async(&mut self.con.clone()).await?;
-        let mut argv = vec![
-            "EVALSHA".to_string(),
-            script.get_hash().to_string(),
-            "0".into(),
-            self.keys.tenant(tenant),
-            self.retention_ms.to_string(),
-            self.clock.now_ms().to_string(),
-            "bench__rand_int__".into(),
-            job.as_str().into(),
-        ];
-        if !claim {
-            argv.push("60000".into());
-        }
-        argv.extend([lines, String::new(), "0".into()]);
-        if !claim {
-            argv.extend([String::new(), self.max_active_holds.to_string()]);
-        }
-        Ok(argv)
-    }
-
-    /// Takes and sells units in one step (`claim.lua`).
-    pub async fn claim(
-        &self,
-        tenant: &TenantId,
-        id: &HoldId,
-        job: Job,
-        lines: &Lines,
-        customer: Option<&CustomerLimit>,
-    ) -> Result<HoldReply, Error> {
-        let (ck, limit) = customer_args(customer);
-        let v = self
-            .batched("claim", tenant, |i| {
+                "reserve"
+            }
+            Op::Claim {
+                id,
+                job,
+                lines,
+                customer,
+            } => {
+                let (ck, limit) = customer_args(customer);
                 i.arg(id.as_str())
                     .arg(job.as_str())
                     .arg(lines_json(lines))
                     .arg(ck)
                     .arg(limit);
-            })
-            .await?;
-        reply::hold_reply(id, &v)
-    }
-
-    /// Sells an active hold (`commit.lua`).
-    pub async fn commit(
-        &self,
-        tenant: &TenantId,
-        id: &HoldId,
-        job: Job,
-        order_id: &str,
-    ) -> Result<HoldReply, Error> {
-        let v = self
-            .batched("commit", tenant, |i| {
+                "claim"
+            }
+            Op::Commit { id, job, order_id } => {
                 i.arg(id.as_str()).arg(job.as_str()).arg(order_id);
-            })
-            .await?;
-        reply::hold_reply(id, &v)
+                "commit"
+            }
+            Op::Release { id, job } => {
+                i.arg(id.as_str()).arg(job.as_str());
+                "release"
+            }
+        };
+        (name, i)
     }
 
-    /// Gives an active hold back (`release.lua`).
-    pub async fn release(
+    /// `op` alone in one call of the batch function, as a command line:
+    /// the benchmark's Redis baseline (src/bench), the engine's own code
+    /// and arguments at one operation a call, where the engine sends many
+    /// in one (`batch.rs`). The library is loaded first.
+    pub async fn single_op_command(
         &self,
         tenant: &TenantId,
-        id: &HoldId,
-        job: Job,
-    ) -> Result<HoldReply, Error> {
-        let v = self
-            .batched("release", tenant, |i| {
-                i.arg(id.as_str()).arg(job.as_str());
-            })
-            .await?;
-        reply::hold_reply(id, &v)
+        op: Op<'_>,
+    ) -> Result<Vec<String>, Error> {
+        scripts::load(&mut self.con.clone(), &scripts::BATCH).await?;
+        let (name, args) = self.op_args(&op);
+        let mut line = vec![
+            "FCALL".to_string(),
+            scripts::BATCH.function.clone(),
+            "0".into(),
+            self.keys.tenant(tenant),
+            self.retention_ms.to_string(),
+            self.clock.now_ms().to_string(),
+            name.into(),
+            args.0.len().to_string(),
+        ];
+        line.extend(
+            args.0
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned()),
+        );
+        Ok(line)
     }
 
     /// Moves an active hold's expiry (`extend.lua`).

@@ -137,10 +137,6 @@ fn is_missing_function(e: &RedisError) -> bool {
         .is_some_and(|d| d.starts_with("Function not found"))
 }
 
-/// Hold units from pools, all-or-nothing.
-pub static RESERVE: LazyLock<Script> = script!("reserve.lua");
-/// Take and sell units in one step.
-pub static CLAIM: LazyLock<Script> = script!("claim.lua");
 /// Read pools' counts.
 pub static GET_POOLS: LazyLock<Script> = script!("get_pools.lua");
 /// Record a pool's grant from Postgres.
