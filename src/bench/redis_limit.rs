@@ -8,7 +8,8 @@
 //! issue names it. A two-step one (reserve, then commit) needs its second
 //! call to name the hold its first made, which redis-benchmark cannot do
 //! (each `__rand_int__` it fills is drawn anew), so [`drive_steps`] runs those:
-//! one blocking connection per client, each operation's calls in a row.
+//! one connection per client, all on one thread, each operation's calls
+//! in a row.
 //! Until 2026-12-05 the two-step limit was half of the first step's rate
 //! through `EVALSHA` of the operation's script on its own, which ran all of
 //! lib.lua's definitions on every call (the engine's function defines them
@@ -16,7 +17,8 @@
 //! (deploy/BENCHMARKS.md, "2026-12-05, night: the yardsticks corrected").
 
 use std::collections::BTreeMap;
-use std::sync::Barrier;
+use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,7 @@ use crate::store::redis::{Listed, NewHold, Op, RedisStore};
 
 /// Where an operation's number goes in its command lines: redis-benchmark
 /// fills it with a random 12-digit number (`-r`), [`drive_steps`] with the
-/// operation's own, padded to the same 12 digits.
+/// operation's own ([`number`]), as long.
 pub const N: &str = "__rand_int__";
 
 /// What one run of [`drive_steps`] did.
@@ -156,76 +158,105 @@ pub async fn steps(
     Ok(ops)
 }
 
-/// Runs `ops` operations (numbers 0 to `ops` - 1), each `steps`' calls in
-/// a row with [`N`] replaced by its number, from `clients` blocking
-/// connections (threads), one call in flight on each: what
-/// redis-benchmark does, for operations of more than one call. The clock
-/// runs from when every connection is open.
+/// Operation `i`'s text in its ids: 12 characters, as redis-benchmark's
+/// random numbers are, but never one of them (a `d` first), so that the
+/// driver's ids and redis-benchmark's never meet.
+pub fn number(i: u64) -> String {
+    format!("d{i:011}")
+}
+
+/// Numbers for `count` operations no earlier run of this process used: a
+/// number used twice makes an id used twice, answered as a retry (or
+/// refused as reused), not as the operation (one workload's limit after
+/// another's, or a test's runs).
+pub fn fresh_numbers(count: u64) -> Range<u64> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let first = NEXT.fetch_add(count, Ordering::Relaxed);
+    first..first + count
+}
+
+/// Runs an operation for each number of `numbers` (from
+/// [`fresh_numbers`]), each `steps`' calls in a row with [`N`] replaced by
+/// its number, from `clients` connections
+/// on one thread, one call in flight on each: what redis-benchmark does,
+/// for operations of more than one call. The clock runs from when every
+/// connection is open.
 pub async fn drive_steps(
     redis_url: &str,
     clients: usize,
-    ops: u64,
+    numbers: Range<u64>,
     steps: &[Vec<String>],
 ) -> anyhow::Result<Driven> {
     let client = redis::Client::open(redis_url)?;
     let steps = steps.to_vec();
-    tokio::task::spawn_blocking(move || drive_blocking(&client, clients.max(1), ops, &steps))
+    tokio::task::spawn_blocking(move || drive_alone(&client, clients.max(1), numbers, &steps))
         .await
         .context("the Redis driver's threads")?
 }
 
-fn drive_blocking(
+fn drive_alone(
     client: &redis::Client,
     clients: usize,
-    ops: u64,
+    numbers: Range<u64>,
     steps: &[Vec<String>],
 ) -> anyhow::Result<Driven> {
-    let mut cons = (0..clients)
-        .map(|_| client.get_connection())
-        .collect::<Result<Vec<_>, _>>()
-        .context("connecting the Redis driver")?;
-    let next = AtomicU64::new(0);
-    let start = Barrier::new(clients + 1);
-    let (elapsed, parts) = std::thread::scope(|s| {
-        let threads: Vec<_> = cons
-            .iter_mut()
-            .map(|con| {
-                let (next, start) = (&next, &start);
-                s.spawn(move || {
-                    start.wait();
+    // One thread, as redis-benchmark is: a thread per connection (the
+    // first version) reached 0.87 of redis-benchmark's rate on the same
+    // call, its wake-ups taking CPU from Redis on a two-core machine.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut cons = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            cons.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .context("connecting the Redis driver")?,
+            );
+        }
+        let next = Arc::new(AtomicU64::new(numbers.start));
+        let steps = Arc::new(steps.to_vec());
+        let t0 = Instant::now();
+        let tasks: Vec<_> = cons
+            .into_iter()
+            .map(|mut con| {
+                let (next, steps, end) = (next.clone(), steps.clone(), numbers.end);
+                tokio::spawn(async move {
                     let mut part = Driven::default();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= ops {
+                        if i >= end {
                             return part;
                         }
-                        run_one(con, steps, &format!("{i:012}"), &mut part);
+                        run_one(&mut con, &steps, &number(i), &mut part).await;
                     }
                 })
             })
             .collect();
-        start.wait();
-        let t0 = Instant::now();
-        let parts: Vec<Driven> = threads.into_iter().filter_map(|t| t.join().ok()).collect();
-        (t0.elapsed(), parts)
-    });
-    let mut all = Driven {
-        elapsed,
-        ..Driven::default()
-    };
-    for p in parts {
-        all.done += p.done;
-        all.failed += p.failed;
-        all.first_failure = all.first_failure.or(p.first_failure);
-        for (k, v) in p.refused {
-            *all.refused.entry(k).or_default() += v;
+        let mut all = Driven::default();
+        for task in tasks {
+            let p = task.await?;
+            all.done += p.done;
+            all.failed += p.failed;
+            all.first_failure = all.first_failure.or(p.first_failure);
+            for (k, v) in p.refused {
+                *all.refused.entry(k).or_default() += v;
+            }
         }
-    }
-    Ok(all)
+        all.elapsed = t0.elapsed();
+        Ok(all)
+    })
 }
 
 /// One operation: its calls in a row, until one is refused or fails.
-fn run_one(con: &mut redis::Connection, steps: &[Vec<String>], n: &str, tally: &mut Driven) {
+async fn run_one(
+    con: &mut redis::aio::MultiplexedConnection,
+    steps: &[Vec<String>],
+    n: &str,
+    tally: &mut Driven,
+) {
     for step in steps {
         let mut cmd = redis::Cmd::new();
         for arg in step {
@@ -235,7 +266,7 @@ fn run_one(con: &mut redis::Connection, steps: &[Vec<String>], n: &str, tally: &
                 cmd.arg(arg.as_str());
             }
         }
-        match cmd.query::<Value>(con) {
+        match cmd.query_async::<Value>(con).await {
             Ok(reply) => match answer(&reply) {
                 Some("HOLD" | "CLAIMED") => {}
                 other => {

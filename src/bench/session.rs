@@ -203,8 +203,9 @@ impl<'a> Session<'a> {
         let name = w.name();
         if let [call] = &steps[..] {
             let rate = self.redis_benchmark(w, call).await?;
+            let numbers = redis_limit::fresh_numbers(DRIVEN_OPS);
             let driven =
-                redis_limit::drive_steps(&args.redis_url, args.clients, DRIVEN_OPS, &steps).await?;
+                redis_limit::drive_steps(&args.redis_url, args.clients, numbers, &steps).await?;
             println!(
                 "bench-redis-limit: workload={name} redis_benchmark={rate:.0} driver={:.0} driver_vs_redis_benchmark={:.2} driver_refused={:?}",
                 driven.rate(),
@@ -213,12 +214,14 @@ impl<'a> Session<'a> {
             );
             return Ok(rate);
         }
+        let numbers = redis_limit::fresh_numbers(DRIVEN_OPS);
         if w == Workload::LockComplete {
-            workloads::engage_baseline_cards(&self.channels[0], caller, DRIVEN_OPS).await?;
+            let cards = numbers.clone();
+            workloads::engage_baseline_cards(&self.channels[0], caller, cards).await?;
             self.settle().await;
         }
         let driven =
-            redis_limit::drive_steps(&args.redis_url, args.clients, DRIVEN_OPS, &steps).await?;
+            redis_limit::drive_steps(&args.redis_url, args.clients, numbers, &steps).await?;
         driven.check()?;
         println!(
             "bench-redis-limit: workload={name} driver={:.0} ops={} refused={:?} failed={}",

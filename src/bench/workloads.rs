@@ -194,23 +194,23 @@ pub fn hot_pool(w: Workload, caller: &Caller) -> String {
 pub const CHANNEL: &str = "storefront";
 
 /// Card `n` of those the lock-complete Redis limit locks, each once (the
-/// workload's own are sold by then): `n` as redis-benchmark writes it,
-/// 12 digits.
+/// workload's own are sold by then), `n` as the driver writes it
+/// (`redis_limit::number`).
 pub fn baseline_card(caller: &Caller, n: &str) -> String {
     format!("c{}b{n}", caller.tag)
 }
 
-/// Engages `count` cards on [`CHANNEL`] for the lock-complete Redis limit
-/// (numbers 0 to `count` - 1, [`baseline_card`]); an engage grants their
+/// Engages the cards numbered `numbers` on [`CHANNEL`] for the
+/// lock-complete Redis limit ([`baseline_card`]); an engage grants their
 /// pools in Redis, as a lock needs.
 pub async fn engage_baseline_cards(
     ch: &Channel,
     caller: &Caller,
-    count: u64,
+    numbers: std::ops::Range<u64>,
 ) -> anyhow::Result<()> {
-    let numbers: Vec<u64> = (0..count).collect();
+    let numbers: Vec<u64> = numbers.collect();
     engage(ch, caller, &numbers, |i| {
-        baseline_card(caller, &format!("{i:012}"))
+        baseline_card(caller, &super::redis_limit::number(i))
     })
     .await
 }

@@ -182,7 +182,7 @@ async fn the_redis_driver_commits_the_hold_each_operation_made() {
         counter(&app, pool, "sold").await,
     );
     let run =
-        holdfast::bench::drive_steps(&crate::helpers::redis_url(), 4, 500, &[reserve, commit])
+        holdfast::bench::drive_steps(&crate::helpers::redis_url(), 4, 0..500, &[reserve, commit])
             .await
             .unwrap();
     assert_eq!(
