@@ -495,23 +495,31 @@ impl Engine {
         extension_id: &str,
         max: u32,
     ) -> Result<Hold, Error> {
-        self.on_hold(
-            id,
-            self.redis.extend(tenant, id, job, ttl, max, extension_id),
-            self.pg
-                .fallback_extend(tenant, id, job, ttl, max, extension_id),
-        )
-        .await
+        let hold = self
+            .on_hold(
+                id,
+                self.redis.extend(tenant, id, job, ttl, max, extension_id),
+                self.pg
+                    .fallback_extend(tenant, id, job, ttl, max, extension_id),
+            )
+            .await;
+        // A hold that ended (sold, given back, expired) is not extended.
+        self.unless_lost(tenant, id, job, hold, HoldReply::NotActiveHold)
+            .await
     }
 
-    /// Reads a hold.
+    /// Reads a hold; one Redis lost with its data reads as the audit log
+    /// has it (`unless_lost`), not as one that never was.
     pub async fn get_hold(&self, tenant: &TenantId, id: &HoldId, job: Job) -> Result<Hold, Error> {
-        self.on_hold(
-            id,
-            self.redis.get_hold(tenant, id, job),
-            self.pg.fallback_get(tenant, id, job),
-        )
-        .await
+        let hold = self
+            .on_hold(
+                id,
+                self.redis.get_hold(tenant, id, job),
+                self.pg.fallback_get(tenant, id, job),
+            )
+            .await;
+        self.unless_lost(tenant, id, job, hold, HoldReply::Hold)
+            .await
     }
 }
 

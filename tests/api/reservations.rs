@@ -1099,5 +1099,32 @@ async fn a_consumption_retried_after_redis_lost_its_data_answers_as_before() {
         let err = c.consume_reservation(consume(id, order)).await.unwrap_err();
         assert_eq!(err.code(), code, "{id}: {err:?}");
     }
+    // A read of it answers as the audit log has it too, and an extension
+    // is refused as of a reservation that ended.
+    let read = |id: &str| pb::GetReservationRequest {
+        reservation_id: id.into(),
+    };
+    let got = c.get_reservation(read("r1")).await.unwrap().into_inner();
+    let got = got.reservation.unwrap();
+    assert_eq!(
+        (got.state(), got.order_id.as_str()),
+        (ReservationState::Consumed, "o1")
+    );
+    let r2 = c.get_reservation(read("r2")).await.unwrap_err();
+    assert_eq!(r2.code(), Code::FailedPrecondition, "{r2:?}");
+    let never = c.get_reservation(read("never")).await.unwrap_err();
+    assert_eq!(never.code(), Code::NotFound, "{never:?}");
+    let extend = c
+        .extend_reservation(pb::ExtendReservationRequest {
+            reservation_id: "r1".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            extension_id: "e1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(extend.code(), Code::FailedPrecondition, "{extend:?}");
     app.shutdown().await;
 }
