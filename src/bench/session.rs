@@ -199,11 +199,19 @@ impl<'a> Session<'a> {
             .as_ref()
             .context("Redis is out of the bench's reach")?;
         let (args, caller) = (self.args, &self.caller);
+        let numbers = redis_limit::fresh_numbers(DRIVEN_OPS);
+        if w == Workload::LockComplete {
+            let cards = numbers.clone();
+            workloads::engage_baseline_cards(&self.channels[0], caller, cards).await?;
+            self.settle().await;
+        }
+        // Made now, after the cards: a command line carries the time it
+        // was made (lib.lua's `now`), and holds made with a stale one
+        // expire early (the engage above takes half a minute).
         let steps = redis_limit::steps(redis, &dev_tenant(), w, caller).await?;
         let name = w.name();
         if let [call] = &steps[..] {
             let rate = self.redis_benchmark(w, call).await?;
-            let numbers = redis_limit::fresh_numbers(DRIVEN_OPS);
             let driven =
                 redis_limit::drive_steps(&args.redis_url, args.clients, numbers, &steps).await?;
             println!(
@@ -213,12 +221,6 @@ impl<'a> Session<'a> {
                 driven.refused
             );
             return Ok(rate);
-        }
-        let numbers = redis_limit::fresh_numbers(DRIVEN_OPS);
-        if w == Workload::LockComplete {
-            let cards = numbers.clone();
-            workloads::engage_baseline_cards(&self.channels[0], caller, cards).await?;
-            self.settle().await;
         }
         let driven =
             redis_limit::drive_steps(&args.redis_url, args.clients, numbers, &steps).await?;
