@@ -149,16 +149,46 @@ impl Engine {
         ids: &[PoolId],
     ) -> Result<Vec<Option<PoolView>>, Error> {
         let rows = self.pg.get_pools(tenant, ids).await?;
-        let redis = self.redis.get_pools(tenant, ids).await?;
+        let redis = self.redis_counts(tenant, ids).await?;
         Ok(ids
             .iter()
-            .zip(redis)
-            .map(|(id, r)| {
+            .enumerate()
+            .map(|(i, id)| {
+                let counts = match &redis {
+                    Some(pools) => Counts::Read(pools.get(i).and_then(Option::as_ref)),
+                    None => Counts::Unreachable,
+                };
                 rows.iter()
                     .find(|row| row.pool_id == id.as_str())
-                    .map(|row| view(id, row, r.as_ref()))
+                    .map(|row| view(id, row, counts))
             })
             .collect())
+    }
+
+    /// Redis's counters of `ids`, or `None` while Redis cannot answer (the
+    /// circuit is open, or this read failed and opened it): a read then
+    /// answers from Postgres alone, as the takes do, rather than
+    /// UNAVAILABLE while the fallback sells.
+    async fn redis_counts(
+        &self,
+        tenant: &TenantId,
+        ids: &[PoolId],
+    ) -> Result<Option<Vec<Option<RedisPool>>>, Error> {
+        if !self.circuit.closed() {
+            return Ok(None);
+        }
+        match self.redis.get_pools(tenant, ids).await {
+            Ok(pools) => {
+                self.circuit.success();
+                Ok(Some(pools))
+            }
+            Err(Error::RedisUnavailable(why)) => {
+                tracing::warn!(%tenant, error = %why, "redis failed; reading pools from postgres alone");
+                self.circuit.failure();
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Delegates capacity to Redis for pools a script found short, `needed`
@@ -369,7 +399,9 @@ impl Engine {
                     .redis
                     .get_pools(tenant, std::slice::from_ref(pool))
                     .await?;
-                let sold = view(pool, &row, redis.first().and_then(Option::as_ref)).sold;
+                // Redis's own count: a level set from a guess would be wrong.
+                let counts = Counts::Read(redis.first().and_then(Option::as_ref));
+                let sold = view(pool, &row, counts).sold;
                 unsold - (row.capacity.unwrap_or(0) - sold)
             }
         };
@@ -644,10 +676,27 @@ impl Engine {
 }
 
 /// Combines Postgres's ledger with Redis's counters into one view.
-fn view(id: &PoolId, row: &PoolRow, redis: Option<&RedisPool>) -> PoolView {
+/// What a read knows of a pool's counts in Redis.
+#[derive(Debug, Clone, Copy)]
+enum Counts<'a> {
+    /// Redis answered: its counters, or `None` where it has no copy.
+    Read(Option<&'a RedisPool>),
+    /// Redis could not be asked.
+    Unreachable,
+}
+
+fn view(id: &PoolId, row: &PoolRow, redis: Counts<'_>) -> PoolView {
     let (redis_sold, redis_held) = match redis {
-        Some(r) if r.epoch == row.epoch => (r.sold.max(row.reported_sold), r.held),
+        Counts::Read(Some(r)) if r.epoch == row.epoch => (r.sold.max(row.reported_sold), r.held),
         _ => (row.reported_sold, 0),
+    };
+    // While Redis cannot be asked, what it was granted and has not
+    // reported sold may be sold, held or free there: none of it can be
+    // taken now (the fallback sells only Postgres's share), so none of it
+    // is available.
+    let in_redis = match redis {
+        Counts::Unreachable => (row.outstanding_grant() - row.reported_sold).max(0),
+        Counts::Read(_) => 0,
     };
     let sold = row.sold_pg + row.sold_prior + redis_sold;
     let held = row.held_pg + redis_held;
@@ -663,7 +712,7 @@ fn view(id: &PoolId, row: &PoolRow, redis: Option<&RedisPool>) -> PoolView {
         in_doubt: row.in_doubt,
         available: row
             .capacity
-            .map_or(0, |c| (c - sold - held - row.in_doubt).max(0)),
+            .map_or(0, |c| (c - sold - held - row.in_doubt - in_redis).max(0)),
         granted_to_redis: row.outstanding_grant(),
         epoch: row.epoch,
         low_stock_threshold: row.low_stock_threshold,

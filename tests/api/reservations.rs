@@ -952,18 +952,7 @@ async fn a_stock_change_whose_caller_gave_up_still_lands_in_both_stores() {
 /// mark in Postgres brings it up to date.
 #[tokio::test]
 async fn a_restock_made_while_redis_was_away_sells_once_it_is_back() {
-    let redis = crate::helpers::redis_url();
-    let server = redis.trim_start_matches("redis://");
-    let (server, db) = server.split_once('/').unwrap_or((server, ""));
-    let gate = holdfast::gate::Gate::start(server)
-        .await
-        .expect("a relay to the test Redis");
-    let via_gate = format!("redis://127.0.0.1:{}/{db}", gate.port);
-    let app = crate::helpers::spawn_app_with(|a| {
-        a.redis_url = via_gate;
-        a.redis_timeout_ms = 300;
-    })
-    .await;
+    let (gate, app) = behind_redis_gate().await;
     set_stock(&app, "tee", "", 1).await;
     let mut r = app.reservations();
     let sold = r.reserve(reserve("r1", "c", &[("tee", "", 1)], 60)).await;
@@ -1001,6 +990,75 @@ async fn a_restock_made_while_redis_was_away_sells_once_it_is_back() {
     })
     .await;
     assert_eq!(level(&app, "tee", "").await.on_hand, 6);
+    app.shutdown().await;
+}
+
+/// A daemon whose Redis is reached through a gate the test can close
+/// (`gate.set(false)`: Redis stops answering), with a short Redis timeout.
+async fn behind_redis_gate() -> (holdfast::gate::Gate, TestApp) {
+    let redis = crate::helpers::redis_url();
+    let server = redis.trim_start_matches("redis://");
+    let (server, db) = server.split_once('/').unwrap_or((server, ""));
+    let gate = holdfast::gate::Gate::start(server)
+        .await
+        .expect("a relay to the test Redis");
+    let via_gate = format!("redis://127.0.0.1:{}/{db}", gate.port);
+    let app = crate::helpers::spawn_app_with(|a| {
+        a.redis_url = via_gate;
+        a.redis_timeout_ms = 300;
+    })
+    .await;
+    (gate, app)
+}
+
+/// While Redis is unreachable, stock levels answer from Postgres, as the
+/// takes do (they were UNAVAILABLE while the fallback sold), and what they
+/// call available is what the fallback can reserve: the part of the grant
+/// Redis has is not.
+#[tokio::test]
+async fn stock_levels_answer_from_postgres_while_redis_is_away() {
+    let (gate, app) = behind_redis_gate().await;
+    set_stock(&app, "mug", "", 10).await;
+    let mut r = app.reservations();
+    let first = r.reserve(reserve("r1", "c", &[("mug", "", 1)], 60)).await;
+    assert_eq!(
+        first.unwrap().into_inner().outcome(),
+        ReserveOutcome::Reserved
+    );
+
+    gate.set(false);
+    let during = level(&app, "mug", "").await;
+    assert_eq!((during.on_hand, during.sold), (10, 0));
+    assert!(
+        (1..9).contains(&during.available),
+        "Redis's grant is not available while Redis is away: {during:?}"
+    );
+    for i in 0..during.available {
+        let id = format!("f{i}");
+        let took = r.reserve(reserve(&id, "c", &[("mug", "", 1)], 60)).await;
+        assert_eq!(
+            took.unwrap().into_inner().outcome(),
+            ReserveOutcome::Reserved,
+            "{id}"
+        );
+    }
+    let mut n = 0;
+    let refused = app
+        .eventually("a reserve the fallback answers", || {
+            n += 1;
+            let mut r = r.clone();
+            let id = format!("over{n}");
+            async move {
+                let took = r.reserve(reserve(&id, "c", &[("mug", "", 1)], 60)).await;
+                Some(took.ok()?.into_inner().outcome())
+            }
+        })
+        .await;
+    assert_eq!(refused, ReserveOutcome::InsufficientStock);
+    let after = level(&app, "mug", "").await;
+    assert_eq!(after.available, 0, "{after:?}");
+    assert_eq!(after.reserved, during.reserved + during.available);
+    gate.set(true);
     app.shutdown().await;
 }
 
