@@ -16,12 +16,15 @@
 --       14 units Postgres still has to grant after this grant
 --       15 prior: the cumulative units of this epoch Postgres had already
 --         delegated before this grant, which Redis must hold
+--       16 reported: the units of this epoch Postgres heard Redis sell (the
+--         drainer's count), which Redis's own count can never be below
 -- Returns { 'LOADED' } when the pool was new here (or of an older epoch,
 --       which is dropped), { 'GRANTED', grant } when the grant was raised
 --       (never lowered: a late or repeated call is harmless),
 --       { 'STALE', epoch } when Redis already runs a newer epoch, or
---       { 'LOST' } when Redis holds less of this epoch than `prior` (it lost
---       data: restarted empty, or an older AOF was restored), changing
+--       { 'LOST' } when Redis holds less of this epoch than `prior`, or has
+--       sold less of it than `reported` (it lost data: restarted empty, or
+--       an older AOF or snapshot was restored), changing
 --       nothing. The check is here, not in the caller, because only this
 --       script sees the pool in the same instant as it writes it: a caller
 --       that read the pool before Redis restarted empty would otherwise
@@ -29,16 +32,19 @@
 
 local pk = P .. 'pool:' .. ARGV[4]
 local epoch, granted, prior = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[15])
+local reported = tonumber(ARGV[16])
 
-local cur = redis.call('HMGET', pk, 'epoch', 'grant')
+local cur = redis.call('HMGET', pk, 'epoch', 'grant', 'sold')
 if cur[1] and tonumber(cur[1]) > epoch then
   return { 'STALE', cur[1] }
 end
-local have = 0
+local have, sold = 0, 0
 if cur[1] and tonumber(cur[1]) == epoch then
-  have = tonumber(cur[2])
+  have, sold = tonumber(cur[2]), tonumber(cur[3] or '0')
 end
-if have < prior then
+-- Redis restored with older data keeps the grant it had then, and its
+-- sales since are gone from it: sold again, they would be sold twice.
+if have < prior or sold < reported then
   return { 'LOST' }
 end
 if not cur[1] or tonumber(cur[1]) < epoch then

@@ -31,7 +31,7 @@ use crate::store::redis::{Listed, NewHold, Op, RedisStore};
 
 /// Where an operation's number goes in its command lines: redis-benchmark
 /// fills it with a random 12-digit number (`-r`), [`drive_steps`] with the
-/// operation's own ([`number`]), as long.
+/// operation's own (`number`), as long.
 pub const N: &str = "__rand_int__";
 
 /// What one run of [`drive_steps`] did.
@@ -81,7 +81,7 @@ impl Driven {
 ///
 /// slot-confirm's are reserve-commit's (the same two operations, on a
 /// stock pool instead of a time window's). lock-complete's lock a card of
-/// its own each ([`workloads::baseline_card`]), listed on the channel, so
+/// its own each (`workloads::baseline_card`), listed on the channel, so
 /// Redis checks the listing mirror as the engine's lock does.
 pub async fn steps(
     redis: &RedisStore,
@@ -176,7 +176,7 @@ pub fn fresh_numbers(count: u64) -> Range<u64> {
 }
 
 /// Runs an operation for each number of `numbers` (from
-/// [`fresh_numbers`]), each `steps`' calls in a row with [`N`] replaced by
+/// `fresh_numbers`), each `steps`' calls in a row with [`N`] replaced by
 /// its number, from `clients` connections
 /// on one thread, one call in flight on each: what redis-benchmark does,
 /// for operations of more than one call. The clock runs from when every

@@ -643,6 +643,7 @@ impl Engine {
             epoch: row.epoch,
             granted,
             prior: row.granted,
+            reported_sold: row.reported_sold,
             full: undelegated - chunk <= 0,
             unlimited: row.capacity.is_none(),
             window_ms: window,
@@ -675,7 +676,6 @@ impl Engine {
     }
 }
 
-/// Combines Postgres's ledger with Redis's counters into one view.
 /// What a read knows of a pool's counts in Redis.
 #[derive(Debug, Clone, Copy)]
 enum Counts<'a> {
@@ -685,6 +685,7 @@ enum Counts<'a> {
     Unreachable,
 }
 
+/// Combines Postgres's ledger with Redis's counters into one view.
 fn view(id: &PoolId, row: &PoolRow, redis: Counts<'_>) -> PoolView {
     let (redis_sold, redis_held) = match redis {
         Counts::Read(Some(r)) if r.epoch == row.epoch => (r.sold.max(row.reported_sold), r.held),

@@ -233,6 +233,7 @@ async fn a_grant_that_finds_redis_without_what_postgres_delegated_loads_nothing(
         epoch: 1,
         granted,
         prior,
+        reported_sold: 0,
         full: false,
         unlimited: false,
         window_ms: (0, 0),
@@ -265,5 +266,29 @@ async fn a_grant_that_finds_redis_without_what_postgres_delegated_loads_nothing(
     );
     let held: i64 = con.hget(&key, "grant").await.unwrap();
     assert_eq!(held, 8, "and the refused grant changed nothing");
+
+    // Redis restored with older data may keep its grant and lose sales:
+    // it has sold 2 where Postgres heard of 3.
+    let _: i64 = con.hset(&key, "sold", 2).await.unwrap();
+    let sold_3 = PoolGrant {
+        reported_sold: 3,
+        ..grant(8, 8)
+    };
+    let reply = store.grant(&dev, &pool, &sold_3).await.unwrap();
+    assert_eq!(
+        reply,
+        GrantReply::Lost,
+        "Redis forgot a sale Postgres heard of"
+    );
+    let even = PoolGrant {
+        reported_sold: 2,
+        ..grant(8, 8)
+    };
+    let reply = store.grant(&dev, &pool, &even).await.unwrap();
+    assert_eq!(
+        reply,
+        GrantReply::Granted(8),
+        "the drainer may lag behind Redis"
+    );
     app.shutdown().await;
 }

@@ -106,6 +106,36 @@ impl Redis {
         self.spawn();
     }
 
+    /// A copy of Redis's data as it is now (its AOF, fsynced on every
+    /// write), to start from again later ([`Redis::kill_and_restore`]).
+    pub fn snapshot(&self) -> PathBuf {
+        let copy = self.dir.with_file_name("redis-snapshot");
+        let _ = std::fs::remove_dir_all(&copy);
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg(&self.dir)
+            .arg(&copy)
+            .output()
+            .expect("cp runs");
+        assert!(out.status.success(), "cp: {out:?}");
+        copy
+    }
+
+    /// kill -9, then start again on the same port from `snapshot`: Redis
+    /// restored with older data (a backup, an older AOF).
+    pub fn kill_and_restore(&mut self, snapshot: &Path) {
+        self.kill();
+        std::fs::remove_dir_all(&self.dir).unwrap();
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg(snapshot)
+            .arg(&self.dir)
+            .output()
+            .expect("cp runs");
+        assert!(out.status.success(), "cp: {out:?}");
+        self.spawn();
+    }
+
     pub fn freeze(&self) {
         signal(self.child.as_ref().unwrap().id(), "STOP");
     }

@@ -12,6 +12,7 @@ mod cluster;
 mod delist;
 mod in_flight;
 mod load;
+mod restore;
 mod sweep;
 mod twins;
 

@@ -142,6 +142,10 @@ pub struct PoolGrant {
     /// Cumulative units of that epoch delegated before this grant: what
     /// Redis must already hold, or it lost data (`GrantReply::Lost`).
     pub prior: i64,
+    /// Units of that epoch Postgres heard Redis sell (the drainer's count):
+    /// Redis's own count is never below it, unless Redis went back to older
+    /// data (`GrantReply::Lost`).
+    pub reported_sold: i64,
     /// Nothing is left in Postgres to grant.
     pub full: bool,
     /// The pool has no capacity limit.

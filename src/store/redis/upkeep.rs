@@ -29,7 +29,8 @@ impl RedisStore {
                     .arg(g.ceiling.unwrap_or(-1))
                     .arg(g.low_water)
                     .arg(g.undelegated)
-                    .arg(g.prior);
+                    .arg(g.prior)
+                    .arg(g.reported_sold);
             })
             .await?;
         reply::grant_reply(&v)
@@ -134,18 +135,36 @@ impl RedisStore {
     }
 
     /// Answers when Redis answers, and tells whether Redis still has the
-    /// marker this daemon left: `false` means Redis came back empty (or is
-    /// a different Redis), and every pool's grant must be checked.
+    /// marker left for this Redis process: `false` means Redis came back
+    /// empty (or is a different Redis), or restarted since the marker was
+    /// left, and every pool's grant must be checked.
+    ///
+    /// The marker holds the `run_id` of the Redis process that was running
+    /// when it was left (a new one each start). A Redis restarted from an
+    /// older AOF or snapshot, or a replica promoted with less than its
+    /// primary had, still has a marker, but one from another process: the
+    /// grants are checked then too, and a pool whose Redis counts went back
+    /// (`grant.lua`, LOST) has its outstanding grant put in doubt rather
+    /// than sold again. A restart that lost nothing costs one check of
+    /// every pool with a grant.
     pub async fn check_marker(&self) -> Result<bool, Error> {
         let mut con = self.con.clone();
-        let set: bool = redis::cmd("SET")
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut con)
+            .await?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(str::trim)
+            .ok_or_else(|| Error::internal("INFO server has no run_id"))?;
+        let before: Option<String> = redis::cmd("SET")
             .arg(self.keys.marker())
-            .arg("1")
-            .arg("NX")
-            .query_async::<Option<String>>(&mut con)
-            .await?
-            .is_some();
-        Ok(!set)
+            .arg(run_id)
+            .arg("GET")
+            .query_async(&mut con)
+            .await?;
+        Ok(before.as_deref() == Some(run_id))
     }
 
     /// Removes the marker (so the next check runs the recovery again).
