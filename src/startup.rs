@@ -155,8 +155,8 @@ impl Application {
         // call races that recovery and finds a pool as it was before it.
         // The Redis watch checks again every round; a Redis that does not
         // answer now is left to it.
-        if let Ok(false) = self.engine.redis().check_marker().await {
-            let _ = redis_watch::recover(&self.engine).await;
+        if let Ok(Some(run_id)) = self.engine.redis().check_marker().await {
+            let _ = redis_watch::recover(&self.engine, &run_id).await;
         }
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;

@@ -1,6 +1,6 @@
 //! The Redis watch: while the circuit is open, probes Redis and closes the
 //! circuit when it answers; every round it checks the marker key that tells
-//! whether Redis came back empty (or was replaced), and if so checks every
+//! whether Redis came back empty, restarted or was replaced, and if so checks every
 //! pool's grant, so lost grants are counted in doubt at once rather than
 //! when a pool is next used. It also compares Redis's clock with the
 //! engine's (store/redis/clock.rs), and keeps the in-doubt gauge current.
@@ -21,22 +21,27 @@ const INTERVAL: Duration = Duration::from_millis(200);
 const GAUGE_EVERY: Duration = Duration::from_secs(2);
 
 /// Checks every pool's grant against Redis after `check_marker` found
-/// Redis without this daemon's marker (new, or come back empty). On
-/// failure the marker goes again, so that the next check retries. The
+/// the marker not naming Redis process `run_id` (new, come back empty, or
+/// restarted, perhaps with older data), then leaves the marker for it. On
+/// failure the marker stays as it was, so that the next check retries. The
 /// daemon runs a first check before it serves (src/startup.rs), then this
 /// job every round.
-pub async fn recover(engine: &Engine) -> Result<(), crate::error::Error> {
-    match engine.recover_pools().await {
+pub async fn recover(engine: &Engine, run_id: &str) -> Result<(), crate::error::Error> {
+    let checked = match engine.recover_pools().await {
+        Ok(n) => engine.redis().leave_marker(run_id).await.map(|()| n),
+        Err(e) => Err(e),
+    };
+    match checked {
         Ok(n) => {
             tracing::info!(
                 pools = n,
-                "Redis has no marker (new or emptied): checked every pool's grant"
+                run_id,
+                "Redis is new, emptied or restarted: checked every pool's grant"
             );
             Ok(())
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot check pools after Redis came back empty; will retry");
-            let _ = engine.redis().clear_marker().await;
+            tracing::warn!(error = %e, "cannot check pools after Redis came back; will retry");
             Err(e)
         }
     }
@@ -49,8 +54,10 @@ pub async fn run(engine: Arc<Engine>, stop: watch::Receiver<bool>) {
     let mut step_ms: Option<i64> = None;
     while rounds.next().await {
         match engine.redis().check_marker().await {
-            Ok(kept) => {
-                if !kept && recover(&engine).await.is_err() {
+            Ok(unchecked) => {
+                if let Some(run_id) = unchecked
+                    && recover(&engine, &run_id).await.is_err()
+                {
                     continue;
                 }
                 engine.circuit().close();

@@ -134,20 +134,22 @@ impl RedisStore {
         Ok(indexed)
     }
 
-    /// Answers when Redis answers, and tells whether Redis still has the
-    /// marker left for this Redis process: `false` means Redis came back
-    /// empty (or is a different Redis), or restarted since the marker was
-    /// left, and every pool's grant must be checked.
+    /// Answers when Redis answers: the run id of the Redis process that
+    /// answered, when the marker does not name it, and `None` when it does.
+    /// A run id means Redis came back empty (or is a different Redis), or
+    /// restarted since the marker was left: every pool's grant must be
+    /// checked, and only then the marker left for it
+    /// ([`RedisStore::leave_marker`]), so that no daemon takes the marker
+    /// as a sign the check was made while another is still making it.
     ///
-    /// The marker holds the `run_id` of the Redis process that was running
-    /// when it was left (a new one each start). A Redis restarted from an
-    /// older AOF or snapshot, or a replica promoted with less than its
-    /// primary had, still has a marker, but one from another process: the
-    /// grants are checked then too, and a pool whose Redis counts went back
-    /// (`grant.lua`, LOST) has its outstanding grant put in doubt rather
-    /// than sold again. A restart that lost nothing costs one check of
-    /// every pool with a grant.
-    pub async fn check_marker(&self) -> Result<bool, Error> {
+    /// The marker names the Redis process, not just that one was there: a
+    /// Redis restarted from an older AOF or snapshot, or a replica promoted
+    /// with less than its primary had, still has a marker, from another
+    /// process. Its pools are checked then too, and one whose Redis counts
+    /// went back (`grant.lua`, LOST) has its outstanding grant put in doubt
+    /// rather than sold again. A restart that lost nothing costs one check
+    /// of every pool with a grant.
+    pub async fn check_marker(&self) -> Result<Option<String>, Error> {
         let mut con = self.con.clone();
         let info: String = redis::cmd("INFO")
             .arg("server")
@@ -158,20 +160,20 @@ impl RedisStore {
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(str::trim)
             .ok_or_else(|| Error::internal("INFO server has no run_id"))?;
-        let before: Option<String> = redis::cmd("SET")
+        let marker: Option<String> = redis::cmd("GET")
             .arg(self.keys.marker())
-            .arg(run_id)
-            .arg("GET")
             .query_async(&mut con)
             .await?;
-        Ok(before.as_deref() == Some(run_id))
+        Ok((marker.as_deref() != Some(run_id)).then(|| run_id.to_owned()))
     }
 
-    /// Removes the marker (so the next check runs the recovery again).
-    pub async fn clear_marker(&self) -> Result<(), Error> {
+    /// Leaves the marker for the Redis process `run_id`, once its pools
+    /// were checked ([`RedisStore::check_marker`]).
+    pub async fn leave_marker(&self, run_id: &str) -> Result<(), Error> {
         let mut con = self.con.clone();
-        let _: i64 = redis::cmd("DEL")
+        let _: () = redis::cmd("SET")
             .arg(self.keys.marker())
+            .arg(run_id)
             .query_async(&mut con)
             .await?;
         Ok(())
