@@ -91,25 +91,8 @@ async fn a_forward_step_of_redis_clock_ends_no_hold_early() {
     let daemon = Daemon::start(&dir, redis.port, &pg.url());
     let channel = daemon.channel().await;
     let mut client = FlashSaleServiceClient::new(channel);
-    let now = chrono::Utc::now().timestamp();
     client
-        .create_sale(pb::CreateSaleRequest {
-            sale_id: "s".into(),
-            name: "one card".into(),
-            starts_at: Some(prost_types::Timestamp {
-                seconds: now - 60,
-                nanos: 0,
-            }),
-            ends_at: Some(prost_types::Timestamp {
-                seconds: now + 3 * 3600,
-                nanos: 0,
-            }),
-            products: vec![pb::SaleProduct {
-                product_id: "card".into(),
-                unit_cap: Some(1),
-            }],
-            per_customer_limit: 0,
-        })
+        .create_sale(crate::live_sale("s", &[("card", 1)]))
         .await
         .unwrap();
     let first = client.create_cart_hold(hold("a", TTL_SECS)).await.unwrap();

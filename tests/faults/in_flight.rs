@@ -27,25 +27,8 @@ fn claim(id: &str) -> pb::ClaimRequest {
 
 /// Creates sale `s`, live now, of two units of `p`.
 async fn sale_of_two(flash: &mut FlashSaleServiceClient<Channel>) {
-    let now = chrono::Utc::now().timestamp();
     flash
-        .create_sale(pb::CreateSaleRequest {
-            sale_id: "s".into(),
-            name: "s".into(),
-            starts_at: Some(prost_types::Timestamp {
-                seconds: now - 60,
-                nanos: 0,
-            }),
-            ends_at: Some(prost_types::Timestamp {
-                seconds: now + 3600,
-                nanos: 0,
-            }),
-            products: vec![pb::SaleProduct {
-                product_id: "p".into(),
-                unit_cap: Some(2),
-            }],
-            per_customer_limit: 0,
-        })
+        .create_sale(crate::live_sale("s", &[("p", 2)]))
         .await
         .unwrap();
 }

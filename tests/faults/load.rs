@@ -96,28 +96,8 @@ impl Load {
             .connect_timeout(Duration::from_secs(1))
             .connect_lazy();
         let mut client = FlashSaleServiceClient::new(channel.clone());
-        let now = chrono::Utc::now().timestamp();
-        let create = pb::CreateSaleRequest {
-            sale_id: sale.into(),
-            name: sale.into(),
-            starts_at: Some(prost_types::Timestamp {
-                seconds: now - 60,
-                nanos: 0,
-            }),
-            ends_at: Some(prost_types::Timestamp {
-                seconds: now + 3600,
-                nanos: 0,
-            }),
-            products: PRODUCTS
-                .iter()
-                .zip(CAPS)
-                .map(|(p, cap)| pb::SaleProduct {
-                    product_id: (*p).into(),
-                    unit_cap: Some(cap),
-                })
-                .collect(),
-            per_customer_limit: 0,
-        };
+        let products: Vec<(&str, i64)> = PRODUCTS.iter().copied().zip(CAPS).collect();
+        let create = crate::live_sale(sale, &products);
         let started = Instant::now();
         while let Err(e) = client.create_sale(create.clone()).await {
             assert!(started.elapsed() < RETRY_FOR, "cannot create the sale: {e}");

@@ -44,6 +44,28 @@ struct Cluster {
     _dir: TempDir,
 }
 
+/// A sale `id` that opened a minute ago and runs for hours, of `products`
+/// (id, unit cap), no customer limit: what every fault test sells from.
+fn live_sale(id: &str, products: &[(&str, i64)]) -> holdfast::grpc::pb::CreateSaleRequest {
+    use holdfast::grpc::pb;
+    let now = chrono::Utc::now().timestamp();
+    let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    pb::CreateSaleRequest {
+        sale_id: id.into(),
+        name: id.into(),
+        starts_at: at(now - 60),
+        ends_at: at(now + 3 * 3600),
+        products: products
+            .iter()
+            .map(|&(p, cap)| pb::SaleProduct {
+                product_id: p.into(),
+                unit_cap: Some(cap),
+            })
+            .collect(),
+        per_customer_limit: 0,
+    }
+}
+
 /// A temporary folder, removed on drop.
 struct TempDir(std::path::PathBuf);
 

@@ -18,30 +18,6 @@ use crate::cluster::{Daemon, Postgres, Redis};
 /// The sale's cap.
 const CAP: i64 = 100;
 
-async fn create_sale(flash: &mut FlashSaleServiceClient<Channel>) {
-    let now = chrono::Utc::now().timestamp();
-    flash
-        .create_sale(pb::CreateSaleRequest {
-            sale_id: "drop".into(),
-            name: "drop".into(),
-            starts_at: Some(prost_types::Timestamp {
-                seconds: now - 60,
-                nanos: 0,
-            }),
-            ends_at: Some(prost_types::Timestamp {
-                seconds: now + 3600,
-                nanos: 0,
-            }),
-            products: vec![pb::SaleProduct {
-                product_id: "tee".into(),
-                unit_cap: Some(CAP),
-            }],
-            per_customer_limit: 0,
-        })
-        .await
-        .unwrap();
-}
-
 /// Claims one tee under `id`, retrying while the daemon answers
 /// UNAVAILABLE: true when it sold, false when sold out.
 async fn claim(flash: &mut FlashSaleServiceClient<Channel>, id: &str) -> bool {
@@ -100,7 +76,10 @@ async fn a_redis_restored_with_older_data_does_not_sell_its_lost_sales_again() {
     let daemon = Daemon::start(&tmp.0, redis.port, &pg.url());
     let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
     let mut flash = FlashSaleServiceClient::new(daemon.channel().await);
-    create_sale(&mut flash).await;
+    flash
+        .create_sale(crate::live_sale("drop", &[("tee", CAP)]))
+        .await
+        .unwrap();
 
     // Five sold, written back; Redis's data is copied; five more sold and
     // written back. Redis then comes back from the copy: it has sold five
