@@ -98,11 +98,7 @@ async fn the_postgres_alternative_has_the_shape_of_its_workload() {
 /// one id answered from the hold (as `-r` past an `int` made it).
 #[tokio::test]
 async fn the_redis_baseline_takes_a_unit_per_call() {
-    let app = crate::helpers::spawn_app_with(|a| {
-        a.grant_chunk = 100_000;
-        a.grant_max_chunk = 100_000;
-    })
-    .await;
+    let app = app_granting_whole_pools().await;
     app.live_sale("b", &[("p", Some(100_000))], 0).await;
     let claim = one_step(&app, "sale/b/p", true).await;
     let url = crate::helpers::redis_url();
@@ -125,11 +121,7 @@ async fn the_redis_baseline_takes_a_unit_per_call() {
 /// operations sell 500 units and leave none held.
 #[tokio::test]
 async fn the_redis_driver_commits_the_hold_each_operation_made() {
-    let app = crate::helpers::spawn_app_with(|a| {
-        a.grant_chunk = 100_000;
-        a.grant_max_chunk = 100_000;
-    })
-    .await;
+    let app = app_granting_whole_pools().await;
     // Stock, and a first reserve through the daemon so that Redis has
     // its grant (the raw calls cannot ask for one).
     let key = || {
@@ -195,6 +187,16 @@ async fn the_redis_driver_commits_the_hold_each_operation_made() {
     assert_eq!(counter(&app, pool, "sold").await - sold, 500);
     assert_eq!(counter(&app, pool, "held").await, held);
     app.shutdown().await;
+}
+
+/// A daemon whose grants are large enough that Redis holds each pool of
+/// these tests whole: the raw calls cannot ask for a grant.
+async fn app_granting_whole_pools() -> crate::helpers::TestApp {
+    crate::helpers::spawn_app_with(|a| {
+        a.grant_chunk = 100_000;
+        a.grant_max_chunk = 100_000;
+    })
+    .await
 }
 
 /// The command line of a one-unit claim (`claim`) or 60 s hold of `pool`
