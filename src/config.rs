@@ -243,6 +243,14 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_WEBHOOK_BACKOFF_MAX_SECS", default_value_t = 600)]
     pub webhook_backoff_max_secs: u64,
 
+    /// Hosts satellites may be on, comma-separated: names, or `*.domain`
+    /// for every name under it. Empty (the default): any host. Set it where
+    /// tenants' admins are not the operator's own, so that a satellite URL
+    /// cannot point the daemon at the operator's other services;
+    /// PutSatellite refuses other hosts, and nothing is sent to them.
+    #[arg(long, env = "HOLDFAST_SATELLITE_HOSTS", value_delimiter = ',')]
+    pub satellite_hosts: Vec<String>,
+
     /// How often each satellite's canonical card list is pulled and
     /// reconciled, seconds; 0 turns the periodic pull off.
     #[arg(long, env = "HOLDFAST_RECONCILE_INTERVAL_SECS", default_value_t = 300)]

@@ -71,6 +71,56 @@ pub fn check_base_url(value: &str) -> Result<String, String> {
     Ok(trimmed.to_owned())
 }
 
+/// The hosts satellites may be on (`--satellite-hosts`): names, or
+/// `*.suffix` for every name under a domain, matched without regard to
+/// case. Empty: any host. A tenant's admin chooses its satellites' URLs,
+/// and the daemon sends requests there from inside the operator's network:
+/// where tenants are not the operator's own, the list keeps their URLs off
+/// the operator's other services (a metadata endpoint, a database's HTTP
+/// port). Names, not addresses, are matched, so the operator trusts what
+/// those names resolve to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedHosts(Vec<String>);
+
+impl AllowedHosts {
+    /// The list, from the flag's values.
+    pub fn new(hosts: &[String]) -> Self {
+        Self(
+            hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        )
+    }
+
+    /// Whether `url`'s host is on the list (an empty list allows any).
+    pub fn check(&self, url: &str) -> Result<(), String> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let host = url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_ascii_lowercase))
+            .unwrap_or_default();
+        let allowed = self.0.iter().any(|h| match h.strip_prefix("*.") {
+            Some(domain) => host
+                .strip_suffix(domain)
+                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+            None => *h == host,
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "host {host:?} is not one this daemon may call (--satellite-hosts: {})",
+                self.0.join(",")
+            ))
+        }
+    }
+}
+
 /// Why a request to a satellite did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -85,6 +135,7 @@ pub struct Failure {
 pub struct SatelliteClient {
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    allowed: AllowedHosts,
 }
 
 impl SatelliteClient {
@@ -98,7 +149,19 @@ impl SatelliteClient {
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(connector),
             timeout,
+            allowed: AllowedHosts::default(),
         }
+    }
+
+    /// The same client, calling only hosts on `allowed`.
+    pub fn with_allowed_hosts(mut self, allowed: AllowedHosts) -> Self {
+        self.allowed = allowed;
+        self
+    }
+
+    /// Whether a satellite at `base_url` may be called.
+    pub fn check_host(&self, base_url: &str) -> Result<(), String> {
+        self.allowed.check(base_url)
     }
 
     /// POSTs a signed webhook to `<base_url>/webhooks/<event>`; Ok with the
@@ -160,6 +223,11 @@ impl SatelliteClient {
         req: http::Request<Full<Bytes>>,
         max_body: usize,
     ) -> Result<(u16, Bytes), Failure> {
+        // Checked at every call as well as when the satellite was put: the
+        // list may have been narrowed since.
+        self.allowed
+            .check(&req.uri().to_string())
+            .map_err(|why| failure(None, why))?;
         let exchange = async {
             let resp = self
                 .client
@@ -202,6 +270,31 @@ mod tests {
             sign("secret", 1_700_000_000, b"{}"),
             "sha256=b8569b78799ff9e3cbff0fc2d63a33a2b57f3282abd07c37ae5e8e7d79a5f163"
         );
+    }
+
+    #[test]
+    fn only_listed_hosts_are_allowed_once_there_is_a_list() {
+        let any = AllowedHosts::new(&[]);
+        assert!(any.check("http://169.254.169.254/latest").is_ok());
+        let list = AllowedHosts::new(&["tot.internal".into(), " *.Shop.Example ".into()]);
+        for ok in [
+            "http://tot.internal:8080/hooks",
+            "http://TOT.internal",
+            "http://a.shop.example/x",
+            "http://b.a.shop.example",
+        ] {
+            assert!(list.check(ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "http://169.254.169.254/latest",
+            "http://localhost:5432",
+            "http://shop.example",
+            "http://evilshop.example",
+            "http://tot.internal.evil.example",
+            "not a url",
+        ] {
+            assert!(list.check(refused).is_err(), "{refused}");
+        }
     }
 
     #[test]

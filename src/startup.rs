@@ -28,7 +28,7 @@ use crate::grpc::{
 use crate::jobs::{
     Tenants, drainer, outbox, reconciler, redis_watch, refiller, statistics, sweeper,
 };
-use crate::satellite::SatelliteClient;
+use crate::satellite::{AllowedHosts, SatelliteClient};
 use crate::services::channels::Channels;
 use crate::services::flash_sale::FlashSales;
 use crate::services::reservations::Reservations;
@@ -165,7 +165,8 @@ impl Application {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let outbox_settings = self.args.outbox();
-        let client = SatelliteClient::new(outbox_settings.timeout);
+        let client = SatelliteClient::new(outbox_settings.timeout)
+            .with_allowed_hosts(AllowedHosts::new(&self.args.satellite_hosts));
         let channels = Arc::new(Channels::new(self.engine.clone(), client.clone()));
         // The services first: a failure to build them stops the start
         // before any task runs.

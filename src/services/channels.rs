@@ -121,6 +121,9 @@ impl Channels {
         base_url: &str,
         secret: &str,
     ) -> Result<Satellite, Error> {
+        self.client
+            .check_host(base_url)
+            .map_err(|why| Error::invalid("base_url", why))?;
         self.sale_channel(ws, "channel", slug).await?;
         self.pg().put_satellite(ws, slug, base_url, secret).await
     }

@@ -488,3 +488,70 @@ async fn a_satellite_still_listing_a_sold_card_is_told_to_pull_it() {
     assert_eq!(got[0].body["reason"], "sold");
     app.shutdown().await;
 }
+
+/// With `--satellite-hosts`, satellites are kept to the hosts the operator
+/// allows: PutSatellite refuses another host (naming `base_url`) and
+/// records nothing, and a satellite put before the list was narrowed is
+/// sent nothing (its deliveries fail, saying why).
+#[tokio::test]
+async fn satellites_are_kept_to_the_hosts_the_operator_allows() {
+    let open = spawn_app().await;
+    let sat = satellite(&open, "ebay").await;
+    let args = holdfast::config::ServeArgs::for_test(
+        &crate::helpers::redis_url(),
+        &open.database_url,
+        &open.redis_prefix,
+    );
+    open.shutdown().await;
+    let mut args = args;
+    args.satellite_hosts = vec!["*.shop.example".into()];
+    let app = crate::helpers::start(args).await;
+
+    let put = |url: &str| pb::PutSatelliteRequest {
+        channel: "ebay".into(),
+        base_url: url.into(),
+        secret: crate::cards::SECRET.into(),
+    };
+    for refused in [
+        "http://169.254.169.254/latest",
+        "http://127.0.0.1:5432",
+        "http://shop.example.attacker.example",
+    ] {
+        let err = app
+            .channels()
+            .put_satellite(put(refused))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{refused}: {err:?}");
+        assert!(err.message().contains("base_url"), "{err:?}");
+    }
+    let listed = || async {
+        app.channels()
+            .list_satellites(pb::ListSatellitesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .satellites
+    };
+    let before = listed().await;
+    assert_eq!(before.len(), 1, "only the one put before: {before:?}");
+    assert_eq!(before[0].base_url, sat.base_url);
+
+    // The satellite put before (on 127.0.0.1) hears nothing of an engage.
+    engage(&app, "ebay", &["a"]).await;
+    let failed = app
+        .eventually("the engage's delivery refused", || async {
+            let d = crate::cards::deliveries(&app, "ebay", "engage").await;
+            d.into_iter()
+                .find(|d| d.last_error.contains("--satellite-hosts"))
+        })
+        .await;
+    assert_eq!(failed.state(), pb::DeliveryState::Pending);
+    assert!(sat.received("engage").is_empty(), "nothing was sent");
+
+    app.channels()
+        .put_satellite(put("http://tot.shop.example:8080/hooks"))
+        .await
+        .unwrap();
+    app.shutdown().await;
+}
