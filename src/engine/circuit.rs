@@ -36,14 +36,19 @@ impl Circuit {
     /// A Redis call failed; opens the circuit at the threshold.
     pub fn failure(&self) {
         if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= THRESHOLD {
-            let mut opened = self.opened_at.lock().unwrap_or_else(|e| e.into_inner());
-            if opened.is_none() {
-                *opened = Some(Instant::now());
-                metrics::gauge!(metric::CIRCUIT_OPEN).set(1.0);
-                tracing::error!(
-                    "Redis is failing: circuit open, serving from the Postgres fallback"
-                );
-            }
+            self.open("Redis is failing");
+        }
+    }
+
+    /// Opens the circuit now, for `why`: Redis answers, but must not be
+    /// served from until a check is done (it came back with data that may
+    /// be older: src/jobs/redis_watch.rs). The watch closes it after.
+    pub fn open(&self, why: &str) {
+        let mut opened = self.opened_at.lock().unwrap_or_else(|e| e.into_inner());
+        if opened.is_none() {
+            *opened = Some(Instant::now());
+            metrics::gauge!(metric::CIRCUIT_OPEN).set(1.0);
+            tracing::error!("{why}: circuit open, serving from the Postgres fallback");
         }
     }
 
@@ -72,6 +77,10 @@ mod tests {
         assert!(c.closed(), "a success in between resets the count");
         c.failure();
         assert!(!c.closed());
+        c.close();
+        assert!(c.closed());
+        c.open("a check is due");
+        assert!(!c.closed(), "opened at once, without failures");
         c.close();
         assert!(c.closed());
     }

@@ -55,10 +55,14 @@ pub async fn run(engine: Arc<Engine>, stop: watch::Receiver<bool>) {
     while rounds.next().await {
         match engine.redis().check_marker().await {
             Ok(unchecked) => {
-                if let Some(run_id) = unchecked
-                    && recover(&engine, &run_id).await.is_err()
-                {
-                    continue;
+                if let Some(run_id) = unchecked {
+                    // Redis may be back with older counts: nothing is sold
+                    // from them until every pool is checked. A check that
+                    // fails (Postgres down) leaves the circuit open.
+                    engine.circuit().open("Redis is new, emptied or restarted");
+                    if recover(&engine, &run_id).await.is_err() {
+                        continue;
+                    }
                 }
                 engine.circuit().close();
                 if let Ok(step) = engine.redis().observe_clock().await {

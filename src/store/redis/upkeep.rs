@@ -8,6 +8,9 @@ use super::{GrantReply, PoolGrant, RedisStore, ReturnReply, Watcher, flag, reply
 use crate::domain::{PoolId, TenantId};
 use crate::error::Error;
 
+/// The marker's value where Redis gives no run id (`check_marker`).
+const NO_RUN_ID: &str = "present";
+
 impl RedisStore {
     /// Records a grant from Postgres (`grant.lua`).
     pub async fn grant(
@@ -149,25 +152,39 @@ impl RedisStore {
     /// went back (`grant.lua`, LOST) has its outstanding grant put in doubt
     /// rather than sold again. A restart that lost nothing costs one check
     /// of every pool with a grant.
+    ///
+    /// A Redis that refuses `INFO` (an ACL without `@dangerous`, a proxy
+    /// that hides it) has no run id to give: the marker then only tells
+    /// that Redis was not emptied, as before run ids were kept, and a
+    /// restart with older data goes unseen (logged once).
     pub async fn check_marker(&self) -> Result<Option<String>, Error> {
+        static NO_INFO: std::sync::Once = std::sync::Once::new();
         let mut con = self.con.clone();
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut con)
-            .await?;
-        let run_id = info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(str::trim)
-            .ok_or_else(|| Error::internal("INFO server has no run_id"))?;
+        let info: Result<String, redis::RedisError> =
+            redis::cmd("INFO").arg("server").query_async(&mut con).await;
+        let run_id = match info {
+            Ok(info) => info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map_or(NO_RUN_ID.to_owned(), |id| id.trim().to_owned()),
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                return Err(e.into());
+            }
+            Err(e) => {
+                NO_INFO.call_once(|| {
+                    tracing::warn!(error = %e, "Redis refuses INFO: a restart of Redis with older data will not be noticed (allow INFO for holdfast's Redis user)");
+                });
+                NO_RUN_ID.to_owned()
+            }
+        };
         let marker: Option<String> = redis::cmd("GET")
             .arg(self.keys.marker())
             .query_async(&mut con)
             .await?;
-        Ok((marker.as_deref() != Some(run_id)).then(|| run_id.to_owned()))
+        Ok((marker.as_deref() != Some(run_id.as_str())).then_some(run_id))
     }
 
-    /// Leaves the marker for the Redis process `run_id`, once its pools
+    /// Leaves the marker for the Redis process `run_id` (or `NO_RUN_ID`), once its pools
     /// were checked ([`RedisStore::check_marker`]).
     pub async fn leave_marker(&self, run_id: &str) -> Result<(), Error> {
         let mut con = self.con.clone();
