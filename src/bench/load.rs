@@ -147,7 +147,6 @@ where
         let pace = plan
             .rate
             .map(|r| Duration::from_secs_f64(plan.clients as f64 / r.max(1.0)));
-        let pace_us = pace.map(|p| p.as_micros().max(1) as u64);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
@@ -172,11 +171,15 @@ where
             while Instant::now() < deadline {
                 // A paced call's clock starts at its tick, not when it is
                 // sent: a call held up by the one before it waited as a
-                // shopper would have. The calls a slow one kept from
-                // being sent at all (skipped ticks) are recorded as the
-                // histogram's correction for coordinated omission. Until
-                // 2026-12-05 a stall was one slow call in the histogram,
-                // whatever it held up.
+                // shopper would have (until 2026-12-05 it counted from the
+                // send, and a stall was one slow call, whatever it held
+                // up). With `Skip`, the first tick after a stall is the
+                // missed one, so its wait is counted; the ticks skipped
+                // after it are not sent, and not counted either. (The
+                // histogram's `record_correct` on top, tried the same
+                // night, counted a stall's calls about twice: the slow
+                // call's and the late one's synthetic samples cover the
+                // same skipped ticks.)
                 let t0 = match ticker.as_mut() {
                     Some(t) => t.tick().await.into_std(),
                     None => Instant::now(),
@@ -193,10 +196,7 @@ where
                     )),
                 };
                 let us = t0.elapsed().as_micros().max(1) as u64;
-                let _ = match pace_us {
-                    Some(p) => hist.record_correct(us, p),
-                    None => hist.record(us),
-                };
+                let _ = hist.record(us);
                 Slice::record(&mut timeline, t0 - started, us, result.is_err());
                 calls += 1;
                 let name = match result {

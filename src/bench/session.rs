@@ -131,6 +131,9 @@ impl<'a> Session<'a> {
         let redis_before = redis_snapshot(self.stats_con.as_mut()).await;
         let cpu_before = self.watched.sample();
         let measured = workloads::run(w, channels, &self.plan, caller).await;
+        // The write-back of the run's events is the run's work too: the
+        // counters are read once the drainer caught up.
+        let drained = self.settle().await;
         let cpu = cpu_before.per_op(&self.watched.sample(), measured.calls);
         let redis_after = redis_snapshot(self.stats_con.as_mut()).await;
         let server = match (self.daemon, before) {
@@ -138,7 +141,7 @@ impl<'a> Session<'a> {
             _ => None,
         };
         let mut line = Line::new(w, &measured, server);
-        line.drained_secs = self.settle().await.map(|d| d.as_secs_f64());
+        line.drained_secs = drained.map(|d| d.as_secs_f64());
         line.cpu_us_per_op = cpu;
         if let (Some(b), Some(a)) = (redis_before, redis_after) {
             line.redis_us_per_op = b.per_op(&a, measured.calls);
@@ -272,7 +275,9 @@ impl<'a> Session<'a> {
         let stream = self.redis.as_ref()?.keys().events(&dev_tenant());
         let waited = drained::settle(&mut con, &stream, Duration::from_secs(60)).await;
         if waited.is_none() {
-            eprintln!("bench: the drainer did not catch up within a minute; measuring anyway");
+            eprintln!(
+                "bench: the drainer's progress could not be read, or it did not catch up within a minute; measuring anyway"
+            );
         }
         waited
     }
