@@ -131,6 +131,7 @@ impl<'a> Session<'a> {
         let redis_before = redis_snapshot(self.stats_con.as_mut()).await;
         let cpu_before = self.watched.sample();
         let measured = workloads::run(w, channels, &self.plan, caller).await;
+        warn_if_refused(w, "measured", &measured);
         // The write-back of the run's events is the run's work too: the
         // counters are read once the drainer caught up.
         let drained = self.settle().await;
@@ -188,6 +189,7 @@ impl<'a> Session<'a> {
         };
         self.settle().await;
         let at_half = workloads::run(w, channels, &half, caller).await;
+        warn_if_refused(w, "half-load", &at_half);
         let noop_half = baselines::noop(channels, &half, w.rpcs()).await;
         line.half_load_p99 = Some((at_half.ms(0.99), noop_half.ms(0.99)));
     }
@@ -364,6 +366,25 @@ const DRIVEN_OPS: u64 = 50_000;
 /// The tenant the bench's started daemon serves (`serve --dev`).
 fn dev_tenant() -> TenantId {
     TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant")
+}
+
+/// Says so when more than 1% of a run's operations were refused in a way
+/// its workload never means to be (a card already sold, stock or slots
+/// run out): such a run measured the cheaper refusal, not the operation.
+/// claim-sellout's sold-out answers are its operation.
+fn warn_if_refused(w: Workload, run_name: &str, run: &super::load::Run) {
+    let refused: u64 = ["conflict", "short", "full", "other"]
+        .iter()
+        .filter_map(|k| run.outcomes.get(*k))
+        .sum();
+    if refused * 100 > run.calls {
+        eprintln!(
+            "bench: {refused} of {} operations of {}'s {run_name} run were refused ({:?}): it measured refusals, not the operation",
+            run.calls,
+            w.name(),
+            run.outcomes
+        );
+    }
 }
 
 /// Redis's command counters, when the bench has a connection to read them.
