@@ -272,7 +272,12 @@ impl<'a> Session<'a> {
 
     /// Waits for the daemon's drainer to write back what Redis logged
     /// (src/bench/drained.rs), at most a minute: how long that took.
+    ///
+    /// Only for the daemon the bench started, whose tenant (`dev`) it
+    /// knows: a daemon given by `--addr` serves its key's tenant, whose
+    /// stream the bench cannot name, and is measured without the wait.
     async fn settle(&self) -> Option<Duration> {
+        self.daemon?;
         let mut con = self.stats_con.clone()?;
         let stream = self.redis.as_ref()?.keys().events(&dev_tenant());
         let waited = drained::settle(&mut con, &stream, Duration::from_secs(60)).await;
