@@ -242,7 +242,10 @@ impl Reservations {
 
     /// Reads a reservation.
     pub async fn get(&self, tenant: &TenantId, id: &HoldId) -> Result<Hold, Error> {
-        self.engine.get_hold(tenant, id, Job::Stock).await
+        self.engine
+            .get_hold(tenant, id, Job::Stock)
+            .await
+            .map_err(reservation_words)
     }
 
     /// Extends a reservation.
@@ -256,6 +259,7 @@ impl Reservations {
         self.engine
             .extend(tenant, id, Job::Stock, ttl, extension_id)
             .await
+            .map_err(reservation_words)
     }
 
     /// Consumes a reservation for an order.
@@ -265,12 +269,18 @@ impl Reservations {
         id: &HoldId,
         order_id: &str,
     ) -> Result<Hold, Error> {
-        self.engine.commit(tenant, id, Job::Stock, order_id).await
+        self.engine
+            .commit(tenant, id, Job::Stock, order_id)
+            .await
+            .map_err(reservation_words)
     }
 
     /// Releases a reservation.
     pub async fn release(&self, tenant: &TenantId, id: &HoldId) -> Result<Hold, Error> {
-        self.engine.release(tenant, id, Job::Stock).await
+        self.engine
+            .release(tenant, id, Job::Stock)
+            .await
+            .map_err(reservation_words)
     }
 
     /// Pages the audit log of stock events.
@@ -292,6 +302,11 @@ impl Reservations {
         };
         self.engine.pg().audit_page(tenant, &filter).await
     }
+}
+
+/// An engine error about a hold, in a reservation's words.
+fn reservation_words(e: Error) -> Error {
+    super::in_words(e, "reservation", "consumed")
 }
 
 /// Whether an adjustment's `outcome` is this change: a retry (the id was

@@ -445,16 +445,9 @@ fn finished(hold: &Hold) -> Error {
     ))
 }
 
-/// The engine speaks of holds; a caller of this service knows locks.
+/// An engine error about a hold, in a lock's words.
 fn lock_words(e: Error) -> Error {
-    match e {
-        Error::NotFound(what) => Error::NotFound(what.replacen("hold ", "lock ", 1)),
-        Error::FailedPrecondition(why) => Error::FailedPrecondition(
-            why.replacen("hold ", "lock ", 1)
-                .replace("committed", "completed"),
-        ),
-        other => other,
-    }
+    super::in_words(e, "lock", "completed")
 }
 
 /// Cards Postgres already refuses: sold, or not live on the channel. A

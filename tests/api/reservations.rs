@@ -1172,6 +1172,10 @@ async fn a_consumption_retried_after_redis_lost_its_data_answers_as_before() {
     assert_eq!(r2.code(), Code::FailedPrecondition, "{r2:?}");
     let never = c.get_reservation(read("never")).await.unwrap_err();
     assert_eq!(never.code(), Code::NotFound, "{never:?}");
+    assert!(
+        never.message().contains("reservation never"),
+        "in a reservation's words: {never:?}"
+    );
     let extend = c
         .extend_reservation(pb::ExtendReservationRequest {
             reservation_id: "r1".into(),
