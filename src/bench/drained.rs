@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
+use crate::store::redis::text;
+
 /// Waits until the drainer's consumer group has read every entry of
 /// `stream` and acknowledged them all, for at most `limit`: how long it
 /// waited, or `None` when it did not catch up in time (or the stream or
@@ -65,12 +67,6 @@ async fn caught_up(con: &mut MultiplexedConnection, stream: &str) -> Option<bool
 /// `name`'s value in a reply of name-value pairs (a RESP2 flat array or a
 /// RESP3 map), as text.
 fn field(reply: &Value, name: &str) -> Option<String> {
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    };
     match reply {
         Value::Array(items) => items
             .chunks(2)

@@ -23,7 +23,7 @@ use batch::{Batcher, OpArgs};
 pub use clock::{RedisClock, STEP_MS};
 pub use events::{StreamEvents, decode_event, decode_read};
 pub use keys::Keys;
-pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply};
+pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply, text};
 #[cfg(test)]
 pub(crate) use scripts::tests::redis as test_redis;
 pub use upkeep::{Indexed, overdue_holds};

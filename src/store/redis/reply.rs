@@ -30,7 +30,8 @@ fn shape(what: &str, v: &Value) -> Error {
     Error::internal(format!("unexpected script reply for {what}: {v:?}"))
 }
 
-pub(super) fn text(v: &Value) -> Option<String> {
+/// A reply item as text (a bulk or simple string, or an integer).
+pub fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
