@@ -67,14 +67,22 @@ impl Error {
         Error::Internal(anyhow::anyhow!(msg.into()))
     }
 
-    /// The same error for each caller of a failed batch (errors are not
-    /// Clone: an internal one carries its cause). A store that is away
-    /// stays retryable; anything else becomes internal, its message kept.
+    /// The same error for each caller of a failed batch or of a shared
+    /// load (src/cache.rs): errors are not Clone, since an internal one
+    /// carries its cause. Every other kind is copied as it is; an internal
+    /// one keeps its message (its whole chain) without the cause.
     pub fn share(&self) -> Self {
         match self {
-            Error::RedisUnavailable(why) => Error::RedisUnavailable(why.clone()),
+            Error::InvalidArgument { field, reason } => Error::invalid(field, reason),
+            Error::NotFound(what) => Error::NotFound(what.clone()),
+            Error::AlreadyExists(why) => Error::AlreadyExists(why.clone()),
+            Error::FailedPrecondition(why) => Error::FailedPrecondition(why.clone()),
+            Error::ResourceExhausted(why) => Error::ResourceExhausted(why.clone()),
+            Error::Unauthenticated(why) => Error::Unauthenticated(why.clone()),
+            Error::PermissionDenied(why) => Error::PermissionDenied(why.clone()),
             Error::Unavailable(why) => Error::Unavailable(why.clone()),
-            other => Error::internal(other.to_string()),
+            Error::RedisUnavailable(why) => Error::RedisUnavailable(why.clone()),
+            Error::Internal(e) => Error::internal(format!("{e:#}")),
         }
     }
 }

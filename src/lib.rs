@@ -42,6 +42,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod cache;
 pub mod config;
 pub mod domain;
 pub mod engine;

@@ -8,13 +8,13 @@
 //! tenant "dev" as admin.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tonic::Request;
 
+use crate::cache::Cache;
 use crate::domain::TenantId;
 use crate::error::Error;
 use crate::store::postgres::PgStore;
@@ -63,6 +63,9 @@ pub const DEV_TENANT: &str = "dev";
 /// again: a revoked key stops working within this long.
 const CACHE_TTL: Duration = Duration::from_secs(5);
 
+/// Stored keys cached at most; past it the cache starts over.
+const KEYS_CACHED: usize = 100_000;
+
 type KeyHash = [u8; 32];
 
 /// Checks credentials.
@@ -75,7 +78,9 @@ enum Mode {
     Keys {
         configured: HashMap<KeyHash, Caller>,
         pg: PgStore,
-        cache: RwLock<HashMap<KeyHash, (Caller, Instant)>>,
+        /// Keys found in Postgres; a key missing or stale is looked up
+        /// once however many calls bring it (src/cache.rs).
+        cache: Cache<KeyHash, Caller>,
     },
 }
 
@@ -118,7 +123,7 @@ impl Auth {
             mode: Mode::Keys {
                 configured: map,
                 pg,
-                cache: RwLock::new(HashMap::new()),
+                cache: Cache::new(CACHE_TTL, KEYS_CACHED),
             },
         })
     }
@@ -156,34 +161,9 @@ impl Auth {
             } => {
                 let key = bearer(req)?;
                 let hash = hash_key(key);
-                if let Some(c) = configured.get(&hash) {
-                    c.clone()
-                } else {
-                    let cached = cache
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&hash)
-                        .filter(|(_, at)| at.elapsed() < CACHE_TTL)
-                        .map(|(c, _)| c.clone());
-                    match cached {
-                        Some(c) => c,
-                        None => {
-                            let row = pg.find_api_key(&hash).await?.ok_or_else(|| {
-                                Error::Unauthenticated("unknown or revoked API key".into())
-                            })?;
-                            let caller = Caller {
-                                tenant: TenantId::parse(&row.tenant)?,
-                                role: Role::parse(&row.role).ok_or_else(|| {
-                                    Error::internal("stored key has an unknown role")
-                                })?,
-                            };
-                            cache
-                                .write()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(hash, (caller.clone(), Instant::now()));
-                            caller
-                        }
-                    }
+                match configured.get(&hash) {
+                    Some(c) => c.clone(),
+                    None => cache.get_or_load(&hash, || stored_key(pg, &hash)).await?,
                 }
             }
         };
@@ -196,6 +176,19 @@ impl Auth {
         }
         Ok(caller)
     }
+}
+
+/// The caller a key stored in Postgres names.
+async fn stored_key(pg: &PgStore, hash: &KeyHash) -> Result<Caller, Error> {
+    let row = pg
+        .find_api_key(hash)
+        .await?
+        .ok_or_else(|| Error::Unauthenticated("unknown or revoked API key".into()))?;
+    Ok(Caller {
+        tenant: TenantId::parse(&row.tenant)?,
+        role: Role::parse(&row.role)
+            .ok_or_else(|| Error::internal("stored key has an unknown role"))?,
+    })
 }
 
 fn bearer<T>(req: &Request<T>) -> Result<&str, Error> {

@@ -4,10 +4,11 @@
 //! to live. The per-customer limit is a counter `cust:<sale_id>:<customer>`
 //! checked and bumped in the same script as the take.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::Cache;
 use crate::domain::{Hold, HoldId, Job, Line, Lines, PoolId, Quantity, TakeOutcome, TenantId};
 use crate::engine::{Engine, PoolView, Take};
 use crate::error::Error;
@@ -51,9 +52,30 @@ pub struct SaleView {
 pub struct FlashSales {
     engine: Arc<Engine>,
     /// Sales never change once created, so their definitions are cached:
-    /// a claim touches Redis only.
-    sales: RwLock<HashMap<(TenantId, String), Arc<SaleRow>>>,
+    /// a claim touches Redis only. A sale missing from the cache is read
+    /// once however many claims ask (src/cache.rs).
+    sales: Cache<(TenantId, String), Arc<Sale>>,
     max_batch: usize,
+}
+
+/// Sales whose definitions are cached at most; past it the cache starts
+/// over, and each sale is read once more.
+const SALES_CACHED: usize = 10_000;
+
+/// A sale as claims read it: its definition, and its product ids in a set,
+/// so that a claim finds its product in one look-up however many the sale
+/// has (it was a scan of the list: a few thousand string comparisons a
+/// claim in a sale of thousands of products).
+struct Sale {
+    row: SaleRow,
+    products: HashSet<String>,
+}
+
+impl Sale {
+    fn new(row: SaleRow) -> Arc<Self> {
+        let products = row.products.iter().map(|(p, _)| p.clone()).collect();
+        Arc::new(Self { row, products })
+    }
 }
 
 impl FlashSales {
@@ -61,7 +83,7 @@ impl FlashSales {
     pub fn new(engine: Arc<Engine>, max_batch: usize) -> Self {
         Self {
             engine,
-            sales: RwLock::new(HashMap::new()),
+            sales: Cache::new(Duration::MAX, SALES_CACHED),
             max_batch,
         }
     }
@@ -82,13 +104,16 @@ impl FlashSales {
         if let Err(e) = self.engine.sync(tenant, &pools).await {
             tracing::warn!(%tenant, sale = %stored.sale_id, error = %e, "cannot grant the sale's pools yet; they are granted on first use");
         }
-        self.view(tenant, Arc::new(stored)).await
+        let sale = Sale::new(stored);
+        self.sales
+            .put((tenant.clone(), sale.row.sale_id.clone()), sale.clone());
+        self.view(tenant, &sale.row).await
     }
 
     /// Reads a sale with its live counts.
     pub async fn get_sale(&self, tenant: &TenantId, sale_id: &str) -> Result<SaleView, Error> {
         let sale = self.sale(tenant, sale_id).await?;
-        self.view(tenant, sale).await
+        self.view(tenant, &sale.row).await
     }
 
     /// Claims or holds units of a sale.
@@ -96,7 +121,7 @@ impl FlashSales {
         let sale = self.sale(tenant, &req.sale_id).await?;
         let mut lines = Vec::with_capacity(req.lines.len());
         for (i, l) in req.lines.iter().enumerate() {
-            if !sale.products.iter().any(|(p, _)| *p == l.product_id) {
+            if !sale.products.contains(&l.product_id) {
                 return Err(Error::NotFound(format!(
                     "product {} in sale {} (lines[{i}].product_id)",
                     l.product_id, req.sale_id
@@ -108,7 +133,7 @@ impl FlashSales {
             });
         }
         let lines = Lines::parse("lines", lines, self.max_batch)?;
-        let customer = match (sale.per_customer_limit, req.customer_id.is_empty()) {
+        let customer = match (sale.row.per_customer_limit, req.customer_id.is_empty()) {
             (0, _) => None,
             (_, true) => {
                 return Err(Error::invalid(
@@ -163,31 +188,18 @@ impl FlashSales {
         self.engine.release(tenant, id, Job::Flash).await
     }
 
-    async fn sale(&self, tenant: &TenantId, sale_id: &str) -> Result<Arc<SaleRow>, Error> {
+    async fn sale(&self, tenant: &TenantId, sale_id: &str) -> Result<Arc<Sale>, Error> {
         let key = (tenant.clone(), sale_id.to_owned());
-        if let Some(sale) = self
-            .sales
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return Ok(sale.clone());
-        }
-        let sale = self
-            .engine
-            .pg()
-            .get_sale(tenant, sale_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("sale {sale_id}")))?;
-        let sale = Arc::new(sale);
         self.sales
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, sale.clone());
-        Ok(sale)
+            .get_or_load(&key, || async {
+                let row = self.engine.pg().get_sale(tenant, sale_id).await?;
+                let row = row.ok_or_else(|| Error::NotFound(format!("sale {sale_id}")))?;
+                Ok(Sale::new(row))
+            })
+            .await
     }
 
-    async fn view(&self, tenant: &TenantId, sale: Arc<SaleRow>) -> Result<SaleView, Error> {
+    async fn view(&self, tenant: &TenantId, sale: &SaleRow) -> Result<SaleView, Error> {
         let pools: Vec<PoolId> = sale
             .products
             .iter()
@@ -195,7 +207,7 @@ impl FlashSales {
             .collect();
         let stock = self.engine.pools(tenant, &pools).await?;
         Ok(SaleView {
-            sale: (*sale).clone(),
+            sale: sale.clone(),
             stock,
         })
     }

@@ -10,11 +10,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 
+use crate::cache::Cache;
 use crate::domain::{
     Hold, HoldId, HoldState, Job, Line, Lines, PoolId, Quantity, TakeOutcome, TenantId, Window,
     parse_zone, window_at, windows_between,
@@ -115,8 +116,9 @@ pub struct Slots {
     known_windows: RwLock<HashSet<(TenantId, PoolId)>>,
     /// Venues as a reservation last read them, for VENUE_FRESH: the read
     /// was a Postgres round trip on every reservation (its p99 at half load
-    /// was 20× the no-op RPC's).
-    venues: RwLock<HashMap<(TenantId, String), (Venue, Instant)>>,
+    /// was 20× the no-op RPC's). A stale venue is read again once however
+    /// many reservations ask (src/cache.rs).
+    venues: Cache<(TenantId, String), Venue>,
 }
 
 /// How long a reservation trusts a venue it read. A change of zone or
@@ -148,7 +150,7 @@ impl Slots {
             engine,
             max_id_len,
             known_windows: RwLock::default(),
-            venues: RwLock::default(),
+            venues: Cache::new(VENUE_FRESH, KNOWN_WINDOWS),
         }
     }
 
@@ -245,31 +247,14 @@ impl Slots {
     /// The venue as read less than VENUE_FRESH ago, or read now.
     async fn recent_venue(&self, tenant: &TenantId, venue_id: &str) -> Result<Venue, Error> {
         let key = (tenant.clone(), venue_id.to_owned());
-        // A poisoned lock only means a panic elsewhere mid-insert; the map
-        // is a cache, so its contents are still usable.
-        if let Some((venue, at)) = self
-            .venues
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            && at.elapsed() < VENUE_FRESH
-        {
-            return Ok(venue.clone());
-        }
-        let venue = self.venue(tenant, venue_id).await?;
-        self.remember(tenant, &venue);
-        Ok(venue)
+        self.venues
+            .get_or_load(&key, || self.venue(tenant, venue_id))
+            .await
     }
 
     fn remember(&self, tenant: &TenantId, venue: &Venue) {
-        let mut venues = self.venues.write().unwrap_or_else(|e| e.into_inner());
-        if venues.len() >= KNOWN_WINDOWS {
-            venues.clear();
-        }
-        venues.insert(
-            (tenant.clone(), venue.venue_id.clone()),
-            (venue.clone(), Instant::now()),
-        );
+        self.venues
+            .put((tenant.clone(), venue.venue_id.clone()), venue.clone());
     }
 
     /// Reads a venue.

@@ -497,11 +497,7 @@ async fn a_satellite_still_listing_a_sold_card_is_told_to_pull_it() {
 async fn satellites_are_kept_to_the_hosts_the_operator_allows() {
     let open = spawn_app().await;
     let sat = satellite(&open, "ebay").await;
-    let args = holdfast::config::ServeArgs::for_test(
-        &crate::helpers::redis_url(),
-        &open.database_url,
-        &open.redis_prefix,
-    );
+    let args = open.same_stores();
     open.shutdown().await;
     let mut args = args;
     args.satellite_hosts = vec!["*.shop.example".into()];

@@ -302,14 +302,7 @@ async fn an_acknowledged_claim_survives_a_daemon_restart() {
             .outcome(),
         Outcome::Ok
     );
-    let args = holdfast::config::ServeArgs::for_test(
-        &crate::helpers::redis_url(),
-        &app.database_url,
-        &app.redis_prefix,
-    );
-    app.shutdown().await;
-
-    let again = crate::helpers::start(args).await;
+    let again = app.restart().await;
     assert_eq!(again.stock("r", "p").await.sold, 3);
     let resp = again
         .flash()
@@ -491,5 +484,67 @@ async fn the_refiller_grants_the_next_chunk_before_redis_runs_dry() {
         })
         .await;
     assert_eq!(granted, 20, "one chunk more");
+    app.shutdown().await;
+}
+
+/// A daemon that has not read a sale yet (here: just restarted) reads it
+/// once, however many claims arrive for it at once: each claim in flight
+/// read it itself, so a sale's first second on each daemon was a burst of
+/// reads of its whole product list (src/cache.rs). The read is held on a
+/// lock here so that every claim arrives while it is in flight.
+#[tokio::test]
+async fn claims_arriving_together_for_an_unread_sale_read_it_once() {
+    let app = spawn_app().await;
+    app.live_sale("opening", &[("p", Some(100)), ("q", Some(100))], 0)
+        .await;
+    let app = app.restart().await;
+
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("LOCK TABLE sale_products IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut claims = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let mut flash = app.flash();
+        // Every fifth names a product the sale does not have.
+        let product = if i % 5 == 4 { "nope" } else { "p" };
+        claims.spawn(async move {
+            flash
+                .claim(claim(&format!("c{i}"), "opening", &[(product, 1)]))
+                .await
+        });
+    }
+    app.waiting_for_lock().await;
+    // Time for every claim to reach the sale's read (they are all in flight
+    // and none can finish); each that missed the cache alone would wait on
+    // the lock too.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let readers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'
+           AND query LIKE '%sale_products%'",
+    )
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    assert_eq!(readers, 1, "one read of the sale for twenty claims");
+    blocker.rollback().await.unwrap();
+
+    let mut sold = 0;
+    for answer in claims.join_all().await {
+        match answer {
+            Ok(r) => {
+                assert_eq!(r.into_inner().outcome(), Outcome::Ok);
+                sold += 1;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::NotFound, "{s:?}");
+                assert!(s.message().contains("lines[0].product_id"), "{s:?}");
+            }
+        }
+    }
+    assert_eq!(sold, 16);
+    assert_eq!(app.stock("opening", "p").await.sold, 16);
     app.shutdown().await;
 }

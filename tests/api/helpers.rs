@@ -193,6 +193,20 @@ impl TestApp {
         self.channel.clone()
     }
 
+    /// Settings for a daemon on this one's stores (its database and Redis
+    /// prefix): for a test that stops this one and starts another.
+    pub fn same_stores(&self) -> ServeArgs {
+        ServeArgs::for_test(&redis_url(), &self.database_url, &self.redis_prefix)
+    }
+
+    /// Stops the daemon and starts a new one on the same stores, as a
+    /// restart does.
+    pub async fn restart(self) -> TestApp {
+        let args = self.same_stores();
+        self.shutdown().await;
+        start(args).await
+    }
+
     /// Stops the daemon and asserts it shut down cleanly.
     pub async fn shutdown(mut self) {
         self.stop_and_wait().await;

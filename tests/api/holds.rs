@@ -754,13 +754,7 @@ async fn a_hold_a_stopped_daemon_made_is_swept_by_the_next() {
     app.live_sale("s", &[("p", Some(5))], 0).await;
     let hold = make_hold(&app, cart_hold("orphan", "s", &[("p", 2)], 2)).await;
     let expires_ms = expiry_ms(&hold);
-    let args = holdfast::config::ServeArgs::for_test(
-        &crate::helpers::redis_url(),
-        &app.database_url,
-        &app.redis_prefix,
-    );
-    app.shutdown().await;
-    let next = crate::helpers::start(args).await;
+    let next = app.restart().await;
     let at = expired_at(&next, "orphan").await;
     let lag_ms = at.timestamp_millis() - expires_ms;
     assert!(

@@ -563,11 +563,7 @@ async fn a_sale_committed_in_redis_just_before_a_crash_reaches_postgres_exactly_
     engage(&app, "storefront", &["card-1"]).await;
     engage(&app, "ebay", &["card-1"]).await;
     lock(&app, "lock-a", "storefront", &["card-1"]).await;
-    let args = holdfast::config::ServeArgs::for_test(
-        &crate::helpers::redis_url(),
-        &app.database_url,
-        &app.redis_prefix,
-    );
+    let args = app.same_stores();
     app.shutdown().await;
 
     // The daemon "crashed" right after Redis committed: the commit event is

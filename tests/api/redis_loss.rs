@@ -195,11 +195,7 @@ async fn a_daemon_started_on_an_emptied_redis_checks_its_pools_before_it_serves(
     app.live_sale("gone", &[("p", Some(10))], 0).await;
     let before = app.pool("sale/gone/p").await;
     assert_eq!(before.granted_to_redis, 5);
-    let args = holdfast::config::ServeArgs::for_test(
-        &crate::helpers::redis_url(),
-        &app.database_url,
-        &app.redis_prefix,
-    );
+    let args = app.same_stores();
     let (mut con, prefix) = (app.redis().await, app.redis_prefix.clone());
     app.shutdown().await;
 
