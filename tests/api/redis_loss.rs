@@ -98,6 +98,14 @@ async fn in_doubt(app: &TestApp) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// What the in-doubt gauge reads (the recorder is process-wide, so the
+/// page's figure is whichever test's daemon set it last: the test reads
+/// the gauge's source).
+async fn in_doubt_total_is(app: &TestApp, units: i64) {
+    let pg = holdfast::store::postgres::PgStore::from_pool(app.pg.clone());
+    assert_eq!(pg.total_in_doubt().await.unwrap(), units);
+}
+
 #[tokio::test]
 async fn an_operator_lists_and_resolves_units_in_doubt_and_the_unsold_sell_again() {
     let app = spawn_app().await;
@@ -105,6 +113,7 @@ async fn an_operator_lists_and_resolves_units_in_doubt_and_the_unsold_sell_again
     assert_eq!((lost.in_doubt, lost.sold), (3, 3), "{lost:?}");
     let mut admin = app.admin();
     assert_eq!(in_doubt(&app).await, [("sale/doubt/p".to_string(), 3)]);
+    in_doubt_total_is(&app, 3).await;
 
     // Each request says how many units in doubt the operator checked.
     let resolve = |pool: &str, in_doubt_units, sold_units, id: &str| pb::ResolveInDoubtRequest {
@@ -169,6 +178,7 @@ async fn an_operator_lists_and_resolves_units_in_doubt_and_the_unsold_sell_again
     let done = resolved(resolve(pool, 3, 1, "r1")).await;
     assert_eq!((done.in_doubt, done.sold), (0, 4), "{done:?}");
     assert_eq!(in_doubt(&app).await, []);
+    in_doubt_total_is(&app, 0).await;
 
     // A retry repeats the answer and counts nothing twice; the same id
     // for another resolution, or a new one of what is no longer in doubt,
