@@ -69,9 +69,9 @@ end
 -- Writes a call owes, made once at its end by settle(). The counters a
 -- call changes again and again (a pool's `sold` and `held`, the tenant's
 -- `active` and `fence`) and the expiry index's lists are kept in the
--- call's copies as it goes and written once each when it ends (a pool's
--- first change, and an `active` the call has not read, are written at
--- once: owe_pool, active_add): a batch of 64 claims on a hot pool made 64
+-- call's copies as it goes and written once each when it ends (an
+-- `active` the call has not read is written at once: active_add): a
+-- batch of 64 claims on a hot pool made 64
 -- HINCRBYs of one field, each a redis.call that costs more to marshal
 -- than to run (deploy/BENCHMARKS.md, "Redis with symbols"). A call is atomic, so nothing
 -- reads the keys in between, and within the call every read goes through
@@ -81,11 +81,10 @@ end
 -- that raised an error still has its owed writes made, as its direct ones
 -- are kept.
 --
--- owed_pool: pool id -> true once the call wrote the pool (owe_pool),
--- then { field -> value } of what it owes, and owed_pools the ids that
--- owe, in order; owed_active and owed_fence: whether active_n and
--- fence_last must be written; owed_due: bucket -> hold ids to append, and
--- owed_buckets the buckets in order.
+-- owed_pool: pool id -> { field -> value } of what the call owes it
+-- (owe_pool), and owed_pools the ids that owe, in order; owed_active and
+-- owed_fence: whether active_n and fence_last must be written; owed_due:
+-- bucket -> hold ids to append, and owed_buckets the buckets in order.
 local owed_pool, owed_pools, owed_active, owed_fence, owed_due, owed_buckets
 
 -- The tenant's next fencing token: one more than the last, and never less
@@ -152,11 +151,10 @@ local POOL_NUMBERS = { 1, 2, 3, 4, 8, 9, 10, 11, 13, 14 }
 -- 14-field read was the largest of a claim's calls, and each redis.call
 -- costs more to marshal than to run (deploy/BENCHMARKS.md, "Redis with
 -- symbols"). The copy stays true because every change to a pool's hash
--- goes through pool_add or pool_set, which keep it current and write the
--- change or owe it (owe_pool), or is a direct write followed by
--- forget_pool (grant.lua, which writes a pool whole, before anything of
--- the call is owed to it); the call is atomic, so nothing else writes it
--- meanwhile.
+-- goes through pool_add or pool_set, which keep it current and owe the
+-- change (owe_pool), or is a direct write followed by forget_pool
+-- (grant.lua, which writes a pool whole, before anything of the call is
+-- owed to it); the call is atomic, so nothing else writes it meanwhile.
 local pools = {}
 local function read_pool(pool_id)
   local p = pools[pool_id]
@@ -171,24 +169,22 @@ local function read_pool(pool_id)
   return p
 end
 
--- The first change a call makes to a pool is written at once: that costs
--- what owing it would, and a batch that changes many pools once each (a
--- claim on each of 10,000 products) owes nothing. Each later change of
--- the same pool is owed, and settle writes them in one HSET. Returns
--- true when the change is owed, false when the caller writes it now.
+-- Owes `field = value` to a pool: settle writes each pool's changed
+-- fields in one HSET. The first change of a pool was written at once, on
+-- the reasoning that owing it cost the same; but an operation that changes
+-- its pool twice (a sale lock's acquire: `held` and `by`; a commit: `held`
+-- and `sold`) then made two calls where one does, and an operation on a
+-- pool no other operation of the batch shares (a card, a product of
+-- claim-10k) pays every call alone (deploy/BENCHMARKS.md, "one write per
+-- pool per call").
 local function owe_pool(pool_id, field, value)
   local owed = owed_pool[pool_id]
   if not owed then
-    owed_pool[pool_id] = true
-    return false
-  end
-  if owed == true then
     owed = {}
     owed_pool[pool_id] = owed
     owed_pools[#owed_pools + 1] = pool_id
   end
   owed[field] = value
-  return true
 end
 
 -- Adds `delta` to a pool's counter (`sold`, `held`, `ret`), keeping the
@@ -199,9 +195,7 @@ local function pool_add(pool_id, field, delta)
   local at = POOL_AT[field]
   local v = (p[at] or 0) + delta
   p[at] = v
-  if not owe_pool(pool_id, field, v) then
-    redis.call('HINCRBY', P .. 'pool:' .. pool_id, field, delta)
-  end
+  owe_pool(pool_id, field, v)
   return v
 end
 
@@ -212,9 +206,7 @@ local function pool_set(pool_id, field, value)
   if p and POOL_AT[field] then
     p[POOL_AT[field]] = value
   end
-  if not owe_pool(pool_id, field, value) then
-    redis.call('HSET', P .. 'pool:' .. pool_id, field, value)
-  end
+  owe_pool(pool_id, field, value)
 end
 
 -- Drops the call's copy of a pool, after a script wrote its hash directly.
