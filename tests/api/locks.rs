@@ -657,3 +657,36 @@ async fn engaging_a_card_grants_it_to_redis_before_its_first_lock() {
     assert_eq!(a.outcome(), AcquireOutcome::Acquired);
     app.shutdown().await;
 }
+
+/// A completed lock whose own listing row is gone from Postgres (removed by
+/// hand: the API has no such path) still records its sale: the drainer
+/// writes the sold listing rather than stall on the missing row, and the
+/// other channel is pulled as usual.
+#[tokio::test]
+async fn a_lock_whose_listing_row_was_removed_still_records_its_sale() {
+    let app = spawn_app().await;
+    dual_listing(&app, true).await;
+    let ebay = satellite(&app, "ebay").await;
+    engage(&app, "storefront", &["card-1"]).await;
+    engage(&app, "ebay", &["card-1"]).await;
+    lock(&app, "lock-a", "storefront", &["card-1"]).await;
+    sqlx::query("DELETE FROM card_channels WHERE card_id = 'card-1' AND channel = 'storefront'")
+        .execute(&app.pg)
+        .await
+        .unwrap();
+    let done = app.locks().complete_sale_locks(lock_ref("lock-a")).await;
+    let done = done.unwrap().into_inner().lock.unwrap();
+    assert_eq!(done.state(), SaleLockState::Completed);
+    let c = app
+        .eventually("card-1 sold", || async {
+            let c = card(&app, "card-1").await;
+            c.sold.then_some(c)
+        })
+        .await;
+    assert_eq!(c.sold_channel, "storefront");
+    assert_eq!(status_on(&c, "storefront"), Some(ListingStatus::Sold));
+    assert_eq!(status_on(&c, "ebay"), Some(ListingStatus::Inactive));
+    delivered(&app, "ebay", "bulk-disengage").await;
+    assert_eq!(ebay.received("bulk-disengage").len(), 1);
+    app.shutdown().await;
+}

@@ -111,24 +111,20 @@ pub(super) async fn record_lock_sales(
     let s_channels: Vec<&str> = keep.iter().map(|&k| channels[k]).collect();
     let s_refs: Vec<&str> = keep.iter().map(|&k| refs[k]).collect();
     let s_ats: Vec<DateTime<Utc>> = keep.iter().map(|&k| ats[k]).collect();
-    sqlx::query(
-        "INSERT INTO card_channels (workspace, card_id, channel, status, disengaged_at)
-         SELECT $1, d.card, d.channel, 'sold', d.at
-         FROM unnest($2::text[], $3::text[], $4::timestamptz[]) AS d(card, channel, at)
-         ON CONFLICT (workspace, card_id, channel) DO UPDATE SET status = 'sold', disengaged_at = EXCLUDED.disengaged_at",
-    )
-    .bind(ws)
-    .bind(&s_cards)
-    .bind(&s_channels)
-    .bind(&s_ats)
-    .execute(&mut **tx)
-    .await?;
-    let pulled: Vec<(String, String, String, String)> = sqlx::query_as(
-        "UPDATE card_channels l SET status = 'inactive', disengaged_at = d.at
+    // One pass over the sold cards' listings: the lock's own becomes sold,
+    // every other live one inactive (pulled, for the webhooks below). It
+    // was an upsert of the sold listing and then an UPDATE of the others,
+    // two passes, and the upsert was the costliest statement of a lock's
+    // completion (deploy/BENCHMARKS.md, "a sale lock's completion in one
+    // pass").
+    let touched: Vec<(String, String, String, String, bool)> = sqlx::query_as(
+        "UPDATE card_channels l
+         SET status = CASE WHEN l.channel = d.channel THEN 'sold' ELSE 'inactive' END,
+             disengaged_at = d.at
          FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS d(card, channel, lock_ref, at)
-         WHERE l.workspace = $1 AND l.card_id = ANY($2) AND l.card_id = d.card AND l.channel <> d.channel
-           AND CASE l.status WHEN 'active' THEN true ELSE false END
-         RETURNING d.lock_ref, l.channel, l.card_id, l.external_ref",
+         WHERE l.workspace = $1 AND l.card_id = ANY($2) AND l.card_id = d.card
+           AND (l.channel = d.channel OR CASE l.status WHEN 'active' THEN true ELSE false END)
+         RETURNING d.lock_ref, l.channel, l.card_id, l.external_ref, l.channel = d.channel",
     )
     .bind(ws)
     .bind(&s_cards)
@@ -137,6 +133,27 @@ pub(super) async fn record_lock_sales(
     .bind(&s_ats)
     .fetch_all(&mut **tx)
     .await?;
+    let (sold_rows, pulled): (Vec<_>, Vec<_>) = touched.into_iter().partition(|t| t.4);
+    // A lock needs a live listing on its channel, so its sold listing is
+    // there; one removed meanwhile (not a path the API has) is written.
+    if sold_rows.len() < s_cards.len() {
+        let listed: HashSet<&str> = sold_rows.iter().map(|t| t.2.as_str()).collect();
+        let missing: Vec<usize> = (0..s_cards.len())
+            .filter(|&k| !listed.contains(s_cards[k]))
+            .collect();
+        sqlx::query(
+            "INSERT INTO card_channels (workspace, card_id, channel, status, disengaged_at)
+             SELECT $1, d.card, d.channel, 'sold', d.at
+             FROM unnest($2::text[], $3::text[], $4::timestamptz[]) AS d(card, channel, at)
+             ON CONFLICT (workspace, card_id, channel) DO UPDATE SET status = 'sold', disengaged_at = EXCLUDED.disengaged_at",
+        )
+        .bind(ws)
+        .bind(missing.iter().map(|&k| s_cards[k]).collect::<Vec<_>>())
+        .bind(missing.iter().map(|&k| s_channels[k]).collect::<Vec<_>>())
+        .bind(missing.iter().map(|&k| s_ats[k]).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
     // One webhook per lock and pulled channel, in the order of the sales
     // and then of the channels, as one lock at a time would send them.
     let index: HashMap<&str, usize> = sales
@@ -145,7 +162,7 @@ pub(super) async fn record_lock_sales(
         .map(|(i, s)| (s.lock_ref, i))
         .collect();
     let mut hooks: BTreeMap<(usize, String), Vec<(String, String)>> = BTreeMap::new();
-    for (lock_ref, ch, card, external_ref) in pulled {
+    for (lock_ref, ch, card, external_ref, _) in pulled {
         let i = index.get(lock_ref.as_str()).copied().unwrap_or(usize::MAX);
         hooks.entry((i, ch)).or_default().push((card, external_ref));
     }
