@@ -100,6 +100,15 @@ pub async fn card(app: &TestApp, card_id: &str) -> pb::CardChannels {
         .remove(0)
 }
 
+/// A card's channel state once the drainer has recorded it sold.
+pub async fn sold_card(app: &TestApp, card_id: &str) -> pb::CardChannels {
+    app.eventually(&format!("{card_id} sold"), || async {
+        let c = card(app, card_id).await;
+        c.sold.then_some(c)
+    })
+    .await
+}
+
 /// The status of a card on a channel, if it was ever engaged there.
 pub fn status_on(card: &pb::CardChannels, channel: &str) -> Option<pb::ListingStatus> {
     card.listings

@@ -6,7 +6,9 @@ use holdfast::grpc::pb::{
 };
 use tonic::Code;
 
-use crate::cards::{card, delivered, dual_listing, engage, satellite, status_on, try_engage};
+use crate::cards::{
+    card, delivered, dual_listing, engage, satellite, sold_card, status_on, try_engage,
+};
 use crate::helpers::{spawn_app, spawn_app_with};
 
 #[tokio::test]
@@ -464,10 +466,7 @@ async fn a_satellite_still_listing_a_sold_card_is_told_to_pull_it() {
         })
         .await
         .unwrap();
-    app.eventually("card-1 sold", || async {
-        card(&app, "card-1").await.sold.then_some(())
-    })
-    .await;
+    sold_card(&app, "card-1").await;
 
     // eBay's satellite lists the card anyway (a manual listing, say).
     let r = app

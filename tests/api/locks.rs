@@ -4,8 +4,8 @@ use holdfast::grpc::pb::{self, AcquireOutcome, CardConflictReason, ListingStatus
 use tonic::Code;
 
 use crate::cards::{
-    acquire, card, delivered, delivered_at_least, deliveries, dual_listing, engage, lock,
-    satellite, status_on,
+    acquire, delivered, delivered_at_least, deliveries, dual_listing, engage, lock, satellite,
+    sold_card, status_on,
 };
 use crate::helpers::{
     STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, spawn_app, spawn_app_with, spawn_two_stores,
@@ -71,12 +71,7 @@ async fn the_checkout_race_sells_the_card_once_and_tells_the_other_satellite_onc
         .unwrap();
     assert_eq!(done.state(), SaleLockState::Completed);
     assert_eq!(done.fencing_token, a.fencing_token);
-    let c1 = app
-        .eventually("card-1 sold", || async {
-            let c = card(&app, "card-1").await;
-            c.sold.then_some(c)
-        })
-        .await;
+    let c1 = sold_card(&app, "card-1").await;
     assert_eq!(c1.sold_channel, "storefront");
     assert_eq!(status_on(&c1, "storefront"), Some(ListingStatus::Sold));
     assert_eq!(status_on(&c1, "thisorthat"), Some(ListingStatus::Inactive));
@@ -550,6 +545,19 @@ async fn another_workspaces_locks_and_cards_are_not_found() {
     app.shutdown().await;
 }
 
+/// card-1 listed on the storefront and on ebay (whose satellite is
+/// returned), and locked on the storefront by lock-a.
+async fn locked_on_storefront_and_listed_on_ebay(
+    app: &crate::helpers::TestApp,
+) -> crate::satellite::Satellite {
+    dual_listing(app, true).await;
+    let ebay = satellite(app, "ebay").await;
+    engage(app, "storefront", &["card-1"]).await;
+    engage(app, "ebay", &["card-1"]).await;
+    lock(app, "lock-a", "storefront", &["card-1"]).await;
+    ebay
+}
+
 #[tokio::test]
 async fn a_sale_committed_in_redis_just_before_a_crash_reaches_postgres_exactly_once() {
     use holdfast::domain::{HoldId, Job, TenantId};
@@ -558,11 +566,7 @@ async fn a_sale_committed_in_redis_just_before_a_crash_reaches_postgres_exactly_
     use holdfast::store::redis::{RedisStore, RedisTimeouts, decode_event};
 
     let app = spawn_app().await;
-    dual_listing(&app, true).await;
-    let ebay = satellite(&app, "ebay").await;
-    engage(&app, "storefront", &["card-1"]).await;
-    engage(&app, "ebay", &["card-1"]).await;
-    lock(&app, "lock-a", "storefront", &["card-1"]).await;
+    let ebay = locked_on_storefront_and_listed_on_ebay(&app).await;
     let args = app.same_stores();
     app.shutdown().await;
 
@@ -586,12 +590,7 @@ async fn a_sale_committed_in_redis_just_before_a_crash_reaches_postgres_exactly_
 
     // The next daemon's drainer finishes the job.
     let again = crate::helpers::start(args).await;
-    let c = again
-        .eventually("card-1 sold after the restart", || async {
-            let c = card(&again, "card-1").await;
-            c.sold.then_some(c)
-        })
-        .await;
+    let c = sold_card(&again, "card-1").await;
     assert_eq!(status_on(&c, "ebay"), Some(ListingStatus::Inactive));
     delivered(&again, "ebay", "bulk-disengage").await;
 
@@ -665,11 +664,7 @@ async fn engaging_a_card_grants_it_to_redis_before_its_first_lock() {
 #[tokio::test]
 async fn a_lock_whose_listing_row_was_removed_still_records_its_sale() {
     let app = spawn_app().await;
-    dual_listing(&app, true).await;
-    let ebay = satellite(&app, "ebay").await;
-    engage(&app, "storefront", &["card-1"]).await;
-    engage(&app, "ebay", &["card-1"]).await;
-    lock(&app, "lock-a", "storefront", &["card-1"]).await;
+    let ebay = locked_on_storefront_and_listed_on_ebay(&app).await;
     sqlx::query("DELETE FROM card_channels WHERE card_id = 'card-1' AND channel = 'storefront'")
         .execute(&app.pg)
         .await
@@ -677,12 +672,7 @@ async fn a_lock_whose_listing_row_was_removed_still_records_its_sale() {
     let done = app.locks().complete_sale_locks(lock_ref("lock-a")).await;
     let done = done.unwrap().into_inner().lock.unwrap();
     assert_eq!(done.state(), SaleLockState::Completed);
-    let c = app
-        .eventually("card-1 sold", || async {
-            let c = card(&app, "card-1").await;
-            c.sold.then_some(c)
-        })
-        .await;
+    let c = sold_card(&app, "card-1").await;
     assert_eq!(c.sold_channel, "storefront");
     assert_eq!(status_on(&c, "storefront"), Some(ListingStatus::Sold));
     assert_eq!(status_on(&c, "ebay"), Some(ListingStatus::Inactive));
