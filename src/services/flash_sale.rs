@@ -64,8 +64,8 @@ const SALES_CACHED: usize = 10_000;
 
 /// A sale as claims read it: its definition, and its product ids in a set,
 /// so that a claim finds its product in one look-up however many the sale
-/// has (it was a scan of the list: a few thousand string comparisons a
-/// claim in a sale of thousands of products).
+/// has (it was a scan of the list: up to `--max-batch` string comparisons
+/// a claim, 500 by default).
 struct Sale {
     row: SaleRow,
     products: HashSet<String>,
