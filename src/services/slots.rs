@@ -560,6 +560,18 @@ impl Slots {
         id: &HoldId,
         payment_id: &str,
     ) -> Result<SlotOutcome, Error> {
+        self.confirm_or_late(tenant, id, payment_id)
+            .await
+            .map_err(slot_words)
+    }
+
+    /// [`Slots::confirm`], in the engine's words.
+    async fn confirm_or_late(
+        &self,
+        tenant: &TenantId,
+        id: &HoldId,
+        payment_id: &str,
+    ) -> Result<SlotOutcome, Error> {
         match self.engine.commit(tenant, id, Job::Slot, payment_id).await {
             Ok(hold) => Ok(SlotOutcome::Done(hold, false)),
             Err(Error::FailedPrecondition(why)) => {
@@ -595,13 +607,20 @@ impl Slots {
 
     /// Releases a reservation.
     pub async fn release(&self, tenant: &TenantId, id: &HoldId) -> Result<Hold, Error> {
-        self.engine.release(tenant, id, Job::Slot).await
+        let released = self.engine.release(tenant, id, Job::Slot).await;
+        released.map_err(slot_words)
     }
 
     /// Reads a reservation.
     pub async fn get(&self, tenant: &TenantId, id: &HoldId) -> Result<Hold, Error> {
-        self.engine.get_hold(tenant, id, Job::Slot).await
+        let hold = self.engine.get_hold(tenant, id, Job::Slot).await;
+        hold.map_err(slot_words)
     }
+}
+
+/// An engine error about a hold, in a slot reservation's words.
+fn slot_words(e: Error) -> Error {
+    super::in_words(e, "reservation", "confirmed")
 }
 
 /// The window start of a slot pool id (`slot/<venue>/<unix s>`).
