@@ -74,7 +74,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Cache<K, V> {
     pub fn put(&self, key: K, value: V) {
         let slot = Arc::new(OnceCell::new_with(Some(Ok((value, Instant::now())))));
         let mut slots = self.write();
-        self.make_room(&mut slots);
+        self.make_room(&mut slots, &key);
         slots.insert(key, slot);
     }
 
@@ -91,7 +91,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Cache<K, V> {
         if let Some(slot) = slots.get(key).filter(|s| self.usable(s)) {
             return slot.clone();
         }
-        self.make_room(&mut slots);
+        self.make_room(&mut slots, key);
         let slot = Slot::default();
         slots.insert(key.clone(), slot.clone());
         slot
@@ -114,8 +114,10 @@ impl<K: Eq + Hash + Clone, V: Clone> Cache<K, V> {
         }
     }
 
-    fn make_room(&self, slots: &mut HashMap<K, Slot<V>>) {
-        if slots.len() >= self.most {
+    /// Starts over when `key` would be one more than the bound allows (a
+    /// key already there is replaced, and takes no room).
+    fn make_room(&self, slots: &mut HashMap<K, Slot<V>>, key: &K) {
+        if slots.len() >= self.most && !slots.contains_key(key) {
             slots.clear();
         }
     }

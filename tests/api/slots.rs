@@ -880,30 +880,20 @@ async fn bad_slot_input_gets_a_clear_error_and_changes_nothing() {
     let minutes = w.end.unwrap().seconds - w.start.unwrap().seconds;
     assert_eq!(minutes, 15 * 60);
     // An unknown reservation is named as one, not as the engine's hold.
-    let err = c.confirm_slot(confirm("ghost", "p")).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    assert_eq!(err.message(), "reservation ghost not found");
-    let id = || "ghost".to_string();
-    let err = c
-        .release_slot(pb::ReleaseSlotRequest {
-            reservation_id: id(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), err.message()),
-        (Code::NotFound, "reservation ghost not found")
-    );
-    let err = c
-        .get_slot_reservation(pb::GetSlotReservationRequest {
-            reservation_id: id(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), err.message()),
-        (Code::NotFound, "reservation ghost not found")
-    );
+    let ghost = |err: tonic::Status| {
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::NotFound, "reservation ghost not found")
+        )
+    };
+    ghost(c.confirm_slot(confirm("ghost", "p")).await.unwrap_err());
+    let reservation_id = "ghost".to_string();
+    let release = pb::ReleaseSlotRequest {
+        reservation_id: reservation_id.clone(),
+    };
+    ghost(c.release_slot(release).await.unwrap_err());
+    let read = pb::GetSlotReservationRequest { reservation_id };
+    ghost(c.get_slot_reservation(read).await.unwrap_err());
     // A confirmed one cannot be released, in a reservation's words too.
     let r = c.reserve_slot(reserve("paid", "v", tomorrow(), 600)).await;
     assert_eq!(r.unwrap().into_inner().outcome(), SlotOutcome::Reserved);
