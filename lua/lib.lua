@@ -510,11 +510,13 @@ end
 -- Hold `hold_id` of `job` as read_hold reads it, finalised first if its
 -- time is up (see expire_hold); nil when there is no such hold, or it is
 -- another job's: a service never sees, or touches, another job's holds.
+-- With nil, a second value says whether the id names a hold at all (every
+-- hold has its `st`), so a caller about to make one need not ask again.
 local function current_hold(hold_id, job, now)
   local hk = P .. 'hold:' .. hold_id
   local h = read_hold(hk)
   if not h[1] or h[2] ~= job then
-    return nil
+    return nil, h[1] and true or false
   end
   if h[1] == 'A' and tonumber(h[4]) <= now then
     expire_hold(hold_id, now)
@@ -681,10 +683,14 @@ local function total(lines)
 end
 
 -- The common start of reserve and claim: the id check, then every rule.
--- Returns a reply when the call must stop here, else nil.
-local function admit(hold_id, job, rq, lines, now, ck, limit)
+-- Returns a reply when the call must stop here, else nil. `unused` is
+-- true when the caller has just read the id and found no hold under it
+-- (a sale lock's acquire, through current_hold): a finished hold is kept
+-- for the retention and ending holds makes none, so the answer stands for
+-- the rest of the call and the id is not asked again.
+local function admit(hold_id, job, rq, lines, now, ck, limit, unused)
   local hk = P .. 'hold:' .. hold_id
-  if redis.call('EXISTS', hk) == 1 then
+  if not unused and redis.call('EXISTS', hk) == 1 then
     if redis.call('HGET', hk, 'rq') == request_digest(rq) then
       -- The first answer, as the hold is now: one past its expiry is
       -- EXPIRED (as a read of it says), not an ACTIVE hold whose time is

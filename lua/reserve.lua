@@ -25,6 +25,8 @@
 local hold_id, job, ttl, lines_arg = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local ck, limit, ref, max_active = ARGV[8], tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
 local channel = ARGV[12] or ''
+-- Whether the id is known to name no hold yet (step 1b reads it).
+local unused = false
 local hk = P .. 'hold:' .. hold_id
 local rq = lines_arg .. '|' .. ck .. '|' .. job
 
@@ -42,17 +44,18 @@ if channel ~= '' then
       return { 'UNLISTED' }
     end
   end
-  local h = current_hold(hold_id, job, now)
+  local h, taken = current_hold(hold_id, job, now)
   if h then
     return { 'AGAIN', view_of(h) }
   end
+  unused = not taken
 end
 
 -- 2. A repeated id answers as the first time; then every rule, before any write.
 local lines = cjson.decode(lines_arg)
-local stop = busy_if_due(admit(hold_id, job, rq, lines, now, ck, limit), now)
+local stop = busy_if_due(admit(hold_id, job, rq, lines, now, ck, limit, unused), now)
 if stop == RECHECK then
-  stop = admit(hold_id, job, rq, lines, now, ck, limit)
+  stop = admit(hold_id, job, rq, lines, now, ck, limit, unused)
 end
 if stop then
   return stop

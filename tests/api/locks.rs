@@ -8,8 +8,8 @@ use crate::cards::{
     sold_card, status_on,
 };
 use crate::helpers::{
-    STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, spawn_app, spawn_app_with, spawn_two_stores,
-    with_key,
+    STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, claim, spawn_app, spawn_app_with,
+    spawn_two_stores, with_key,
 };
 
 fn lock_ref(r: &str) -> pb::CompleteSaleLocksRequest {
@@ -678,5 +678,33 @@ async fn a_lock_whose_listing_row_was_removed_still_records_its_sale() {
     assert_eq!(status_on(&c, "ebay"), Some(ListingStatus::Inactive));
     delivered(&app, "ebay", "bulk-disengage").await;
     assert_eq!(ebay.received("bulk-disengage").len(), 1);
+    app.shutdown().await;
+}
+
+/// Every job's ids share one namespace per tenant: a lockRef that names a
+/// flash-sale claim is refused, and neither the claim nor the card changes.
+/// (The acquire reads its lockRef once, for an earlier lock, and the rules
+/// trust that read: this is the case where the id is taken, but not by a
+/// lock.)
+#[tokio::test]
+async fn a_lock_ref_that_names_a_claim_is_refused_and_takes_no_card() {
+    let app = spawn_app().await;
+    engage(&app, "storefront", &["card-1"]).await;
+    app.live_sale("drop", &[("p", Some(5))], 0).await;
+    let order = || claim("order-7", "drop", &[("p", 2)]);
+    let claimed = app.flash().claim(order()).await.unwrap().into_inner();
+
+    let err = app
+        .locks()
+        .acquire_sale_locks(acquire("order-7", "storefront", &["card-1"], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("order-7"), "{err:?}");
+
+    let again = app.flash().claim(order()).await.unwrap().into_inner();
+    assert_eq!(again, claimed, "the claim answers as before");
+    assert_eq!(app.stock("drop", "p").await.sold, 2);
+    lock(&app, "lock-b", "storefront", &["card-1"]).await;
     app.shutdown().await;
 }
