@@ -8,11 +8,16 @@
 //! events of its own) and `pgbench` (on the Postgres being written to)
 //! each ran beside work that was not theirs. How long the wait takes is
 //! itself a figure: how far Postgres's record trails a run at full load.
+//!
+//! The bench's own Postgres is also vacuumed before each measured run
+//! ([`vacuum`]), so that what autovacuum owes for the last workload's
+//! rows does not land in this one's five seconds.
 
 use std::time::{Duration, Instant};
 
 use redis::Value;
 use redis::aio::MultiplexedConnection;
+use sqlx::Connection;
 
 use crate::store::redis::text;
 
@@ -35,6 +40,23 @@ pub async fn settle(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Vacuums and analyses every table of the database at `url`: how long
+/// it took, or what went wrong. lock-complete makes 100,000 cards with
+/// their listing rows; in run D (deploy/BENCHMARKS.md, 2026-12-06, 00:20)
+/// the slot-confirm run after it found Postgres at 68 µs an operation
+/// against 23 the run before, autovacuum and the statistics job still
+/// working through those tables. Done here, that work happens between
+/// measurements, and each workload starts on a Postgres with nothing
+/// owed. A running shop's autovacuum comes when it comes; a figure to
+/// set beside another run's should not depend on where it fell.
+pub async fn vacuum(url: &str) -> Result<Duration, sqlx::Error> {
+    let started = Instant::now();
+    let mut con = sqlx::PgConnection::connect(url).await?;
+    sqlx::raw_sql("VACUUM (ANALYZE)").execute(&mut con).await?;
+    con.close().await?;
+    Ok(started.elapsed())
 }
 
 /// True when the group's last delivered entry is the stream's last one

@@ -31,6 +31,7 @@ use clap::Args;
 use tonic::transport::Channel;
 
 pub use baselines::{PgRun, redis_script};
+pub use drained::vacuum;
 pub use probes::Probe;
 pub use redis_limit::{Driven, N as OP_NUMBER, drive_steps, steps as redis_steps};
 use session::Session;

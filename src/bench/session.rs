@@ -124,6 +124,7 @@ impl<'a> Session<'a> {
         };
         workloads::run(w, channels, &warm, caller).await;
         self.settle().await;
+        self.vacuum().await;
         if let Some(d) = self.daemon {
             ServerStats::reset_peak(d.pid());
         }
@@ -287,6 +288,20 @@ impl<'a> Session<'a> {
             );
         }
         waited
+    }
+
+    /// Vacuums the bench's own Postgres before a measured run
+    /// (src/bench/drained.rs, `vacuum`). Like [`Self::settle`], only when
+    /// the bench started the daemon: a Postgres given with `--addr` is the
+    /// user's, and its upkeep is theirs.
+    async fn vacuum(&self) {
+        if self.daemon.is_none() {
+            return;
+        }
+        match drained::vacuum(&self.args.database_url).await {
+            Ok(took) => eprintln!("bench: vacuumed Postgres in {:.1} s", took.as_secs_f64()),
+            Err(e) => eprintln!("bench: could not vacuum Postgres ({e}); measuring anyway"),
+        }
     }
 
     /// Runs one probe (each prints its own lines).

@@ -2,7 +2,7 @@
 //! the shape of the workload it stands beside: run through the real
 //! `pgbench` against the test Postgres, then read back what it did.
 
-use holdfast::bench::{PgRun, Workload, pg_alternative};
+use holdfast::bench::{PgRun, Workload, pg_alternative, vacuum};
 use holdfast::grpc::pb;
 use sqlx::PgPool;
 
@@ -49,6 +49,26 @@ async fn holds_in(pg: &PgPool, state: &str) -> i64 {
 /// from ~63% or more); one hot row would be one.
 fn spread(from: i64, sold: i64, rows: i64) -> bool {
     from * 2 >= sold.min(rows)
+}
+
+/// The bench vacuums its own Postgres before each measured run
+/// (src/bench/drained.rs): every table comes out vacuumed and analysed.
+#[tokio::test]
+async fn the_bench_leaves_its_postgres_vacuumed_and_analysed() {
+    let url = fresh_database().await;
+    let pg = PgPool::connect(&url).await.expect("connect");
+    sqlx::raw_sql("CREATE TABLE cards (id int); INSERT INTO cards SELECT generate_series(1, 1000)")
+        .execute(&pg)
+        .await
+        .expect("make a table");
+    vacuum(&url).await.expect("vacuum");
+    let (vacuums, analyses): (i64, i64) = sqlx::query_as(
+        "SELECT vacuum_count, analyze_count FROM pg_stat_user_tables WHERE relname = 'cards'",
+    )
+    .fetch_one(&pg)
+    .await
+    .expect("read the table's statistics");
+    assert_eq!((vacuums, analyses), (1, 1));
 }
 
 #[tokio::test]
