@@ -22,6 +22,7 @@ mod reservations;
 mod satellite;
 mod slots;
 mod statistics;
+mod stock;
 mod tls;
 mod validation;
 mod walls;
