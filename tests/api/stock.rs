@@ -77,25 +77,14 @@ async fn stock_is_set_adjusted_and_read_per_product_and_variant() {
     let l = set_stock(&app, "tee", "red-m", 10).await;
     assert_eq!((l.on_hand, l.reserved, l.available, l.sold), (10, 0, 10, 0));
     set_stock(&app, "tee", "", 3).await;
-    let restocked = app
-        .reservations()
-        .adjust_stock(adjust("tee", "red-m", 5, "restock-1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .level
-        .unwrap();
-    assert_eq!(restocked.on_hand, 15);
+    let restock = async || {
+        let mut r = app.reservations();
+        let level = r.adjust_stock(adjust("tee", "red-m", 5, "restock-1")).await;
+        level.unwrap().into_inner().level.unwrap()
+    };
+    assert_eq!(restock().await.on_hand, 15);
     // The same adjustment id again changes nothing.
-    let again = app
-        .reservations()
-        .adjust_stock(adjust("tee", "red-m", 5, "restock-1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .level
-        .unwrap();
-    assert_eq!(again.on_hand, 15);
+    assert_eq!(restock().await.on_hand, 15);
     let levels = app
         .reservations()
         .get_stock_levels(pb::GetStockLevelsRequest {
