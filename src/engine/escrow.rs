@@ -13,7 +13,7 @@ use super::{Engine, PoolView};
 use crate::domain::{PoolId, TenantId};
 use crate::error::Error;
 use crate::store::postgres::{
-    AdjustOutcome, CapacityChange, InDoubtResolution, PoolRow, Resolution,
+    AdjustOutcome, CapacityChange, InDoubtResolution, NewPool, PoolRow, Resolution,
 };
 use crate::store::redis::{GrantReply, PoolGrant, RedisPool, ReturnReply};
 
@@ -353,6 +353,11 @@ impl Engine {
     /// change whose caller gave up still lands in both stores, and a
     /// change *to* a capacity is weighed against the capacity the one
     /// before it left (two at once added up).
+    ///
+    /// `create`, if given, is the pool (of id `pool`) to create with the
+    /// change when there is none yet, in the transaction that records the
+    /// change: a first stock count. Without it, an unknown pool is
+    /// NOT_FOUND.
     pub async fn adjust_capacity(
         &self,
         tenant: &TenantId,
@@ -360,11 +365,13 @@ impl Engine {
         change: Capacity,
         adjustment_id: &str,
         reason: &str,
+        create: Option<NewPool>,
     ) -> Result<AdjustOutcome, Error> {
         let (tenant, pool) = (tenant.clone(), pool.clone());
         let (adjustment_id, reason) = (adjustment_id.to_owned(), reason.to_owned());
         self.serially(None, move |me| async move {
-            me.adjust_capacity_locked(&tenant, &pool, change, &adjustment_id, &reason)
+            let create = create.as_ref();
+            me.adjust_capacity_locked(&tenant, &pool, change, &adjustment_id, &reason, create)
                 .await
         })
         .await
@@ -377,6 +384,7 @@ impl Engine {
         change: Capacity,
         adjustment_id: &str,
         reason: &str,
+        create: Option<&NewPool>,
     ) -> Result<AdjustOutcome, Error> {
         // A retry is answered from the record, before anything is weighed
         // against the pool as it is now: since the change, its units may
@@ -385,12 +393,17 @@ impl Engine {
         if let Some(repeated) = self.pg.adjustment(tenant, adjustment_id).await? {
             return Ok(repeated);
         }
-        let row = self
-            .pg
-            .get_pools(tenant, std::slice::from_ref(pool))
-            .await?
-            .pop()
-            .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
+        let row = match (
+            self.pg
+                .get_pools(tenant, std::slice::from_ref(pool))
+                .await?
+                .pop(),
+            create,
+        ) {
+            (Some(row), _) => row,
+            (None, Some(new)) => PoolRow::unsaved(new),
+            (None, None) => return Err(Error::NotFound(format!("pool {pool}"))),
+        };
         let delta = match change {
             Capacity::By(delta) => delta,
             Capacity::To(capacity) => capacity - row.capacity.unwrap_or(0),
@@ -430,8 +443,14 @@ impl Engine {
             delta,
             reason,
             returned,
+            create,
         };
         let outcome = self.pg.adjust_capacity(tenant, &change).await?;
+        // A change another call made under this id (it won a race since
+        // the check above) changed nothing here, and may name another pool.
+        if let AdjustOutcome::Repeated { .. } = outcome {
+            return Ok(outcome);
+        }
         self.sync_locked(tenant, &[(pool.clone(), 0)]).await?;
         if outcome == AdjustOutcome::Refused {
             return Err(Error::FailedPrecondition(format!(

@@ -104,26 +104,19 @@ impl Reservations {
         reason: &str,
     ) -> Result<StockLevel, Error> {
         let pool = key.pool();
-        // A retry, or an id already used for another product, is answered
-        // before the stock is created: a refused call changes nothing.
-        if let Some(repeated) = self.engine.pg().adjustment(tenant, adjustment_id).await? {
-            same_change(&repeated, &pool, None, adjustment_id)?;
-            return self.level(tenant, key).await;
-        }
-        self.engine
-            .pg()
-            .ensure_pool(
-                tenant,
-                &NewPool {
-                    pool_id: pool.clone(),
-                    job: Job::Stock.as_str(),
-                    capacity: Some(0),
-                    starts_at: None,
-                    ends_at: None,
-                },
-            )
-            .await?;
-        // Recorded even when nothing changes, so that the id is taken.
+        // Recorded even when nothing changes, so that the id is taken. A
+        // retry, or an id already used for another product, is answered
+        // from that record before anything is weighed; a first count
+        // creates the product's stock in the transaction that records it,
+        // so one refused for its id (another call took it first) leaves no
+        // stock behind.
+        let new = NewPool {
+            pool_id: pool.clone(),
+            job: Job::Stock.as_str(),
+            capacity: Some(0),
+            starts_at: None,
+            ends_at: None,
+        };
         let outcome = self
             .engine
             .adjust_capacity(
@@ -132,6 +125,7 @@ impl Reservations {
                 Capacity::Unsold(on_hand),
                 adjustment_id,
                 reason,
+                Some(new),
             )
             .await?;
         // A retry is relative to the stock as it is now: only the product
@@ -152,7 +146,14 @@ impl Reservations {
         let pool = key.pool();
         let outcome = self
             .engine
-            .adjust_capacity(tenant, &pool, Capacity::By(delta), adjustment_id, reason)
+            .adjust_capacity(
+                tenant,
+                &pool,
+                Capacity::By(delta),
+                adjustment_id,
+                reason,
+                None,
+            )
             .await?;
         same_change(&outcome, &pool, Some(delta), adjustment_id)?;
         self.level(tenant, key).await

@@ -367,6 +367,7 @@ impl Slots {
                 Capacity::To(capacity),
                 &adjustment,
                 "schedule",
+                None,
             )
         };
         if capacity >= current {

@@ -410,3 +410,66 @@ async fn two_stock_counts_at_once_set_rather_than_add() {
     assert!([5, 7].contains(&on_hand), "on hand {on_hand}");
     app.shutdown().await;
 }
+
+/// Two first counts of different products under one adjustment id, through
+/// two daemons (so no lock in either orders them), both past the check for
+/// a repeat when Postgres records either: one is applied, the other is
+/// ALREADY_EXISTS, and its product has no stock, as if never asked. Before,
+/// the loser's product was created with no stock before its id was found
+/// taken.
+#[tokio::test]
+async fn a_first_count_refused_for_its_id_leaves_no_stock_behind() {
+    let app = spawn_app().await;
+    let other = crate::helpers::start(app.same_stores()).await;
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("LOCK TABLE stock_adjustments IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut here = app.reservations();
+    let mut there = other.reservations();
+    let jug = tokio::spawn(async move { here.set_stock(count("jug", 3, "count-1")).await });
+    let mug = tokio::spawn(async move { there.set_stock(count("mug", 5, "count-1")).await });
+    app.eventually("both counts wait to record their id", async || {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%stock_adjustments%'",
+        )
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+        (n == 2).then_some(())
+    })
+    .await;
+    blocker.rollback().await.unwrap();
+
+    let (jug, mug) = (jug.await.unwrap(), mug.await.unwrap());
+    let (won, lost) = match (&jug, &mug) {
+        (Ok(_), Err(e)) => ("jug", e),
+        (Err(e), Ok(_)) => ("mug", e),
+        _ => panic!("one count must win: {jug:?} {mug:?}"),
+    };
+    assert_eq!(lost.code(), Code::AlreadyExists, "{lost:?}");
+    let loser = if won == "jug" { "mug" } else { "jug" };
+    let unknown = app
+        .reservations()
+        .get_stock_levels(pb::GetStockLevelsRequest {
+            keys: vec![key(loser, "").unwrap()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pools WHERE pool_id = $1")
+        .bind(format!("stock/{loser}"))
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "no row for {loser}");
+    assert_eq!(
+        level(&app, won, "").await.on_hand,
+        if won == "jug" { 3 } else { 5 }
+    );
+    other.shutdown().await;
+    app.shutdown().await;
+}

@@ -115,6 +115,29 @@ pub struct PoolRow {
 }
 
 impl PoolRow {
+    /// The row `pool` will have once created, before any grant or sale:
+    /// what a change that creates its pool is weighed against.
+    pub fn unsaved(pool: &NewPool) -> Self {
+        Self {
+            pool_id: pool.pool_id.to_string(),
+            capacity: pool.capacity,
+            starts_at: pool.starts_at,
+            ends_at: pool.ends_at,
+            sold_pg: 0,
+            held_pg: 0,
+            epoch: 1,
+            granted: 0,
+            returned: 0,
+            reported_sold: 0,
+            sold_prior: 0,
+            in_doubt: 0,
+            low_stock_threshold: None,
+            ceiling: None,
+            resync_seq: 0,
+            synced_seq: 0,
+        }
+    }
+
     /// Units taken outside this epoch's Redis grant: sold or held by the
     /// fallback, sold in earlier epochs, or in doubt. A ceiling bounds these
     /// and Redis's own sold and held together, but Redis counts only its
@@ -263,20 +286,8 @@ impl PgStore {
     /// Creates a pool if it does not exist yet; true when it was created.
     pub async fn ensure_pool(&self, tenant: &TenantId, pool: &NewPool) -> Result<bool, Error> {
         self.ensure_tenant(tenant).await?;
-        let n = sqlx::query(
-            "INSERT INTO pools (tenant, pool_id, job, capacity, starts_at, ends_at) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(tenant.as_str())
-        .bind(pool.pool_id.as_str())
-        .bind(pool.job)
-        .bind(pool.capacity)
-        .bind(pool.starts_at)
-        .bind(pool.ends_at)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
+        let n = insert_pool(tenant, pool).execute(&self.pool).await?;
+        Ok(n.rows_affected() == 1)
     }
 
     /// Changes a pool's capacity by `delta` in one transaction with the
@@ -289,7 +300,13 @@ impl PgStore {
         tenant: &TenantId,
         adj: &CapacityChange<'_>,
     ) -> Result<AdjustOutcome, Error> {
+        if adj.create.is_some() {
+            self.ensure_tenant(tenant).await?;
+        }
         let mut tx = self.begin().await?;
+        if let Some(pool) = adj.create {
+            insert_pool(tenant, pool).execute(&mut *tx).await?;
+        }
         let inserted = sqlx::query(
             "INSERT INTO stock_adjustments (tenant, adjustment_id, pool_id, delta, reason) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT DO NOTHING",
@@ -547,6 +564,27 @@ pub struct CapacityChange<'a> {
     pub reason: &'a str,
     /// Redis's new cumulative `returned` in an epoch, if it gave units back.
     pub returned: Option<(i64, i64)>,
+    /// The pool to create with the change if it does not exist yet: in the
+    /// change's transaction, so that a change refused for its id (used
+    /// for another pool by a call that won a race) creates nothing.
+    pub create: Option<&'a NewPool>,
+}
+
+/// The insert of `pool` if `tenant` has no pool of its id.
+fn insert_pool<'q>(
+    tenant: &'q TenantId,
+    pool: &'q NewPool,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(
+        "INSERT INTO pools (tenant, pool_id, job, capacity, starts_at, ends_at) VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(tenant.as_str())
+    .bind(pool.pool_id.as_str())
+    .bind(pool.job)
+    .bind(pool.capacity)
+    .bind(pool.starts_at)
+    .bind(pool.ends_at)
 }
 
 /// An operator's resolution of a pool's units in doubt.
