@@ -4,11 +4,13 @@
 //! The rules live in the Lua scripts (atomic in Redis) and, for the
 //! fallback, in the Postgres transactions of `store/postgres/fallback/`.
 //! The engine's own jobs are escrow (`escrow.rs`: granting Redis its share
-//! of each pool, Postgres first) and routing: while the circuit (`circuit.rs`)
+//! of each pool, Postgres first; `capacity.rs`: operators' changes to a
+//! pool's capacity and units in doubt) and routing: while the circuit (`circuit.rs`)
 //! is closed, calls go to Redis; when Redis fails they go to Postgres, which
 //! sells only what was never granted to Redis, so the two can never sell the
 //! same unit. A hold lives where it was made: calls about it go there.
 
+mod capacity;
 mod circuit;
 mod escrow;
 mod ids;
@@ -19,8 +21,9 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
+pub use capacity::Capacity;
 pub use circuit::Circuit;
-pub use escrow::{Capacity, GrantPolicy};
+pub use escrow::GrantPolicy;
 
 use crate::domain::{Hold, HoldId, HoldState, Job, Lines, PoolId, TakeOutcome, TenantId};
 use crate::error::Error;
