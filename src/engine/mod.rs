@@ -5,10 +5,10 @@
 //! fallback, in the Postgres transactions of `store/postgres/fallback/`.
 //! The engine's own jobs are escrow (`escrow.rs`: granting Redis its share
 //! of each pool, Postgres first; `capacity.rs`: operators' changes to a
-//! pool's capacity and units in doubt) and routing: while the circuit (`circuit.rs`)
-//! is closed, calls go to Redis; when Redis fails they go to Postgres, which
-//! sells only what was never granted to Redis, so the two can never sell the
-//! same unit. A hold lives where it was made: calls about it go there.
+//! pool's capacity and units in doubt) and routing: while the circuit
+//! (`circuit.rs`) is closed, calls go to Redis; when Redis fails they go to
+//! Postgres, which sells only what was never granted to Redis, so the two
+//! can never sell the same unit. A hold lives where it was made: calls about it go there.
 
 mod capacity;
 mod circuit;
