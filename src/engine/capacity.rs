@@ -87,7 +87,8 @@ impl Engine {
     /// first (ESCROW.md "Return"), then Postgres lowers the capacity under
     /// its guard. Refused with FAILED_PRECONDITION when the pool would end up
     /// with less than is sold and held. Runs `serially`, so a
-    /// change whose caller gave up still lands in both stores, and a
+    /// change whose caller gave up still lands in both stores, and, under
+    /// a lock in Postgres, after any other daemon's change to the pool: a
     /// change *to* a capacity is weighed against the capacity the one
     /// before it left (two at once added up).
     ///
@@ -104,12 +105,22 @@ impl Engine {
         reason: &str,
         create: Option<NewPool>,
     ) -> Result<AdjustOutcome, Error> {
+        // Another daemon's change to this pool goes first
+        // (`lock_capacity_changes`). The lock is taken before this daemon's
+        // serial lock, so that waiting for it holds up none of this
+        // daemon's grants, and the work keeps it to its end, even when its
+        // caller goes away.
+        let order = self.pg.lock_capacity_changes(tenant, pool).await?;
         let (tenant, pool) = (tenant.clone(), pool.clone());
         let (adjustment_id, reason) = (adjustment_id.to_owned(), reason.to_owned());
         self.serially(None, move |me| async move {
             let create = create.as_ref();
-            me.adjust_capacity_locked(&tenant, &pool, change, &adjustment_id, &reason, create)
-                .await
+            let changed = me
+                .adjust_capacity_locked(&tenant, &pool, change, &adjustment_id, &reason, create)
+                .await;
+            // A commit that fails ends the session, which lets go too.
+            let _ = order.commit().await;
+            changed
         })
         .await
     }

@@ -71,6 +71,33 @@ async fn hold_pools(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres>
     blocker
 }
 
+/// Another transaction holding the stock adjustments' table: the next
+/// change waits in Postgres to record its id.
+async fn hold_adjustments(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("LOCK TABLE stock_adjustments IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Waits until `n` statements like `query` wait for a lock.
+async fn waiting_for_locks(app: &TestApp, n: i64, query: &str) {
+    app.eventually("the statements wait for locks", async || {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(query)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+        (waiting == n).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn stock_is_set_adjusted_and_read_per_product_and_variant() {
     let app = spawn_app().await;
@@ -411,6 +438,28 @@ async fn two_stock_counts_at_once_set_rather_than_add() {
     app.shutdown().await;
 }
 
+/// The same through two daemons, where neither's own lock orders them: the
+/// second waits in Postgres for the first (`lock_capacity_changes`), then
+/// reads the level it left. Before, both read 4 and the stock ended at 8.
+#[tokio::test]
+async fn two_stock_counts_through_two_daemons_set_rather_than_add() {
+    let app = spawn_app().await;
+    let other = crate::helpers::start(app.same_stores()).await;
+    set_stock(&app, "mat", "", 4).await;
+    let blocker = hold_adjustments(&app).await;
+    let (mut here, mut there) = (app.reservations(), other.reservations());
+    let to_5 = tokio::spawn(async move { here.set_stock(count("mat", 5, "a")).await });
+    let to_7 = tokio::spawn(async move { there.set_stock(count("mat", 7, "b")).await });
+    waiting_for_locks(&app, 2, "%").await;
+    blocker.rollback().await.unwrap();
+    to_5.await.unwrap().unwrap();
+    to_7.await.unwrap().unwrap();
+    let on_hand = level(&app, "mat", "").await.on_hand;
+    assert!([5, 7].contains(&on_hand), "on hand {on_hand}");
+    other.shutdown().await;
+    app.shutdown().await;
+}
+
 /// Two first counts of different products under one adjustment id, through
 /// two daemons (so no lock in either orders them), both past the check for
 /// a repeat when Postgres records either: one is applied, the other is
@@ -421,27 +470,12 @@ async fn two_stock_counts_at_once_set_rather_than_add() {
 async fn a_first_count_refused_for_its_id_leaves_no_stock_behind() {
     let app = spawn_app().await;
     let other = crate::helpers::start(app.same_stores()).await;
-    let mut blocker = app.pg.begin().await.unwrap();
-    sqlx::query("LOCK TABLE stock_adjustments IN EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = hold_adjustments(&app).await;
     let mut here = app.reservations();
     let mut there = other.reservations();
     let jug = tokio::spawn(async move { here.set_stock(count("jug", 3, "count-1")).await });
     let mug = tokio::spawn(async move { there.set_stock(count("mug", 5, "count-1")).await });
-    app.eventually("both counts wait to record their id", async || {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%stock_adjustments%'",
-        )
-        .fetch_one(&app.pg)
-        .await
-        .unwrap();
-        (n == 2).then_some(())
-    })
-    .await;
+    waiting_for_locks(&app, 2, "%stock_adjustments%").await;
     blocker.rollback().await.unwrap();
 
     let (jug, mug) = (jug.await.unwrap(), mug.await.unwrap());

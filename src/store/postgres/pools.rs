@@ -290,6 +290,27 @@ impl PgStore {
         Ok(n.rows_affected() == 1)
     }
 
+    /// Takes the lock that orders changes to `pool`'s capacity across
+    /// daemons, held until the returned transaction ends (it does nothing
+    /// else). A change weighs the capacity as it finds it (`Capacity::To`,
+    /// `Capacity::Unsold`): each daemon runs its own changes one at a time,
+    /// but two daemons counting one product at once each weighed the
+    /// capacity before the other's change, and the two added up.
+    /// Its own hash seed keeps it apart from the pool and hold-id locks.
+    pub async fn lock_capacity_changes(
+        &self,
+        tenant: &TenantId,
+        pool: &PoolId,
+    ) -> Result<Transaction<'static, Postgres>, Error> {
+        let mut tx = self.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 11))")
+            .bind(tenant.as_str())
+            .bind(pool.as_str())
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
     /// Changes a pool's capacity by `delta` in one transaction with the
     /// record of the adjustment (idempotent by `adjustment_id`) and, when
     /// Redis handed units back for it, the new `returned` count. The guard
