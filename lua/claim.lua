@@ -15,7 +15,6 @@
 local claim_id, job, lines_arg = ARGV[4], ARGV[5], ARGV[6]
 local ck, limit = ARGV[7], tonumber(ARGV[8])
 local hk = P .. 'hold:' .. claim_id
-local rq = lines_arg .. '|' .. ck .. '|claim:' .. job
 
 -- 1. Time, and expired holds out of the way.
 local now = now_ms()
@@ -23,6 +22,7 @@ expire_due(now)
 
 -- 2. A repeated id answers as the first time; then every rule.
 local lines = cjson.decode(lines_arg)
+local rq = requests_of(lines_arg, lines, '|' .. ck .. '|claim:' .. job)
 local stop = busy_if_due(admit(claim_id, job, rq, lines, now, ck, limit), now)
 if stop == RECHECK then
   stop = admit(claim_id, job, rq, lines, now, ck, limit)
@@ -41,7 +41,7 @@ end
 local ln = cjson.encode(lines)
 -- No `exp` or `fin`: a claim ends as it is made, and both read as its
 -- `cat` (lib.lua, view_of).
-redis.call('HSET', hk, 'st', 'C', 'job', job, 'rq', request_digest(rq), 'ln', ln, 'cat', ms(now))
+redis.call('HSET', hk, 'st', 'C', 'job', job, 'rq', request_digest(rq[1]), 'ln', ln, 'cat', ms(now))
 redis.call('PEXPIRE', hk, RETENTION_MS)
 
 -- 4. Log it, and answer: a new claim's view is its job, lines and time

@@ -249,6 +249,26 @@ local function request_digest(rq)
   return string.sub(redis.sha1hex(rq), 1, 16)
 end
 
+-- The request a take remembers (request_digest): its lines, then `tail`
+-- (the customer key and the job), as { request, as sent }. A batch names
+-- each pool once, so the same lines in another order are the same request,
+-- and a retry that sends them so (a client that builds them from an
+-- unordered map) gets the first answer: lines are digested in pool order.
+-- The second element is the request as sent, when it may differ: a hold
+-- made before this rule (2026-12-06) keeps the digest of its lines in the
+-- order they came, and a retry of it must still match.
+local function requests_of(lines_arg, lines, tail)
+  if #lines < 2 then
+    return { lines_arg .. tail }
+  end
+  local sorted = {}
+  for i, l in ipairs(lines) do
+    sorted[i] = { l[1], l[2] }
+  end
+  table.sort(sorted, function(a, b) return a[1] < b[1] end)
+  return { cjson.encode(sorted) .. tail, lines_arg .. tail }
+end
+
 -- A hold's fields as one HMGET returns them: first the view's (below), in
 -- its order, then the customer key and the last extension id. An operation
 -- on a hold reads it once (read_hold, current_hold) and builds its answer
@@ -683,7 +703,8 @@ local function total(lines)
 end
 
 -- The common start of reserve and claim: the id check, then every rule.
--- Returns a reply when the call must stop here, else nil. `unused` is
+-- Returns a reply when the call must stop here, else nil. `rq` is the
+-- request as requests_of gives it. `unused` is
 -- true when the caller has just read the id and found no hold under it
 -- (a sale lock's acquire, through current_hold): a finished hold is kept
 -- for the retention and ending holds makes none, so the answer stands for
@@ -691,7 +712,8 @@ end
 local function admit(hold_id, job, rq, lines, now, ck, limit, unused)
   local hk = P .. 'hold:' .. hold_id
   if not unused and redis.call('EXISTS', hk) == 1 then
-    if redis.call('HGET', hk, 'rq') == request_digest(rq) then
+    local first = redis.call('HGET', hk, 'rq')
+    if first == request_digest(rq[1]) or (rq[2] and first == request_digest(rq[2])) then
       -- The first answer, as the hold is now: one past its expiry is
       -- EXPIRED (as a read of it says), not an ACTIVE hold whose time is
       -- up. The digest names the job, so the hold is this job's.

@@ -28,7 +28,6 @@ local channel = ARGV[12] or ''
 -- Whether the id is known to name no hold yet (step 1b reads it).
 local unused = false
 local hk = P .. 'hold:' .. hold_id
-local rq = lines_arg .. '|' .. ck .. '|' .. job
 
 -- 1. Time, and expired holds out of the way.
 local now = now_ms()
@@ -53,6 +52,7 @@ end
 
 -- 2. A repeated id answers as the first time; then every rule, before any write.
 local lines = cjson.decode(lines_arg)
+local rq = requests_of(lines_arg, lines, '|' .. ck .. '|' .. job)
 local stop = busy_if_due(admit(hold_id, job, rq, lines, now, ck, limit, unused), now)
 if stop == RECHECK then
   stop = admit(hold_id, job, rq, lines, now, ck, limit, unused)
@@ -86,7 +86,7 @@ if ck ~= '' then
 end
 local ln = cjson.encode(lines)
 local exp = now + ttl
-local fields = { 'HSET', hk, 'st', 'A', 'job', job, 'rq', request_digest(rq), 'ln', ln, 'exp', exp,
+local fields = { 'HSET', hk, 'st', 'A', 'job', job, 'rq', request_digest(rq[1]), 'ln', ln, 'exp', exp,
   'cat', ms(now), 'fence', fence }
 put_unless_empty(fields, 'ref', ref)
 if ck ~= '' then

@@ -135,6 +135,26 @@ async fn a_batch_of_fallback_takes_answers_as_if_each_ran_alone_in_order() {
     assert_eq!(held_id(&again[n - 5]).as_deref(), Some("two-lines"));
     assert_eq!(pg_totals(&app.pg, &p).await, (free - 1, 1));
     assert_eq!(pg_totals(&app.pg, &q).await, (0, 2));
+
+    // The two-line hold's lines in another order are the same request;
+    // other quantities are not. Nor does either take anything.
+    let reordered = [
+        take("two-lines", &[(&p, 1), (&q, 2)], Some(60)),
+        take("two-lines", &[(&p, 1), (&q, 3)], Some(60)),
+    ];
+    let answers = pg.fallback_takes(&dev, &reordered).await.unwrap();
+    assert_eq!(held_id(&answers[0]).as_deref(), Some("two-lines"));
+    assert!(matches!(answers[1], Ok(HoldReply::IdReused)), "{answers:?}");
+    // A hold an earlier build made remembers its lines as they came.
+    sqlx::query("UPDATE pg_holds SET request = $1 WHERE hold_id = 'two-lines'")
+        .bind(format!("{q}=2,{p}=1|flash|hold"))
+        .execute(&app.pg)
+        .await
+        .unwrap();
+    let answers = pg.fallback_takes(&dev, &takes[n - 5..n - 4]).await.unwrap();
+    assert_eq!(held_id(&answers[0]).as_deref(), Some("two-lines"));
+    assert_eq!(pg_totals(&app.pg, &p).await, (free - 1, 1));
+    assert_eq!(pg_totals(&app.pg, &q).await, (0, 2));
     app.shutdown().await;
 }
 

@@ -66,6 +66,23 @@ async fn a_retried_claim_returns_the_first_answer_and_sells_nothing_more() {
     app.shutdown().await;
 }
 
+/// A claim's lines name each product once: the same lines in another
+/// order are a retry of it (reservations.rs has the rest of the rule).
+#[tokio::test]
+async fn a_claim_retried_with_its_lines_in_another_order_sells_nothing_more() {
+    let app = spawn_app().await;
+    app.live_sale("drop", &[("p", Some(5)), ("q", Some(5))], 0)
+        .await;
+    let mut flash = app.flash();
+    let first = flash.claim(claim("c-1", "drop", &[("q", 1), ("p", 2)]));
+    let first = first.await.unwrap().into_inner();
+    let again = flash.claim(claim("c-1", "drop", &[("p", 2), ("q", 1)]));
+    assert_eq!(again.await.unwrap().into_inner(), first);
+    assert_eq!(app.stock("drop", "p").await.sold, 2);
+    assert_eq!(app.stock("drop", "q").await.sold, 1);
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_thousand_concurrent_claims_for_a_cap_of_ten_sell_exactly_ten() {
     let app = spawn_app().await;

@@ -760,3 +760,52 @@ async fn a_consumption_retried_after_redis_lost_its_data_answers_as_before() {
     assert_eq!(extend.code(), Code::FailedPrecondition, "{extend:?}");
     app.shutdown().await;
 }
+
+/// A batch names each product once, so a retry that sends its lines in
+/// another order (a client building them from a map) is the same request:
+/// it gets the first answer and reserves nothing more. Other quantities
+/// under the id are another request. A hold made before lines were
+/// digested in pool order keeps the digest of its lines as they came, and
+/// a retry in that order still gets its answer.
+#[tokio::test]
+async fn a_retry_with_its_lines_in_another_order_is_the_same_request() {
+    let app = spawn_app().await;
+    set_stock(&app, "a", "", 10).await;
+    set_stock(&app, "b", "", 10).await;
+    let mut c = app.reservations();
+    let lines = |a: i64, b: i64, b_first: bool| {
+        let (a, b) = (("a", "", a), ("b", "", b));
+        reserve("r1", "cart", &if b_first { [b, a] } else { [a, b] }, 60)
+    };
+    let first = c.reserve(lines(1, 2, true)).await.unwrap().into_inner();
+    let again = c.reserve(lines(1, 2, false)).await.unwrap().into_inner();
+    assert_eq!(again, first, "the same lines in another order are a retry");
+    assert_eq!(level(&app, "a", "").await.reserved, 1);
+    assert_eq!(level(&app, "b", "").await.reserved, 2);
+    let other = c.reserve(lines(2, 2, false)).await.unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
+
+    // As an earlier build stored it: the digest of the lines as sent.
+    let store = app.redis_store().await;
+    let dev = holdfast::domain::TenantId::parse("dev").unwrap();
+    let key = format!("{}hold:r1", store.keys().tenant(&dev));
+    let mut con = app.redis().await;
+    let digest: String = redis::cmd("EVAL")
+        .arg("return string.sub(redis.sha1hex(ARGV[1]), 1, 16)")
+        .arg(0)
+        .arg(r#"[["stock/b",2],["stock/a",1]]||stock"#)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("rq")
+        .arg(&digest)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let old = c.reserve(lines(1, 2, true)).await.unwrap().into_inner();
+    assert_eq!(old, first, "a retry of an older build's hold, in its order");
+    assert_eq!(level(&app, "b", "").await.reserved, 2);
+    app.shutdown().await;
+}

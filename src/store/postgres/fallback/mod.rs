@@ -107,13 +107,33 @@ impl HoldRow {
     }
 }
 
+/// What a fallback hold remembers of the take that made it, so that a
+/// retry answers as the first time and another request under its id is
+/// refused. A batch names each pool once, so its lines are taken in pool
+/// order: the same lines in another order are the same request (as in
+/// Redis, lua/lib.lua `requests_of`).
 fn fingerprint(t: &PgTake) -> String {
-    let lines: Vec<String> = t
+    fingerprint_of(t, true)
+}
+
+/// Whether `request`, a fallback hold's fingerprint, is `t`'s. A hold made
+/// before lines were taken in pool order (2026-12-06) has them in the order
+/// they came, and a retry of it must still match.
+fn same_request(request: &str, t: &PgTake) -> bool {
+    request == fingerprint(t) || request == fingerprint_of(t, false)
+}
+
+fn fingerprint_of(t: &PgTake, in_pool_order: bool) -> String {
+    let mut lines: Vec<String> = t
         .lines
         .as_slice()
         .iter()
         .map(|l| format!("{}={}", l.pool, l.quantity.get()))
         .collect();
+    if in_pool_order {
+        // Each pool appears once, so this order is the same for any order sent.
+        lines.sort_unstable();
+    }
     format!(
         "{}|{}|{}",
         lines.join(","),

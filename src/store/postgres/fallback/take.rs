@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use sqlx::{Postgres, Transaction};
 
-use super::{HOLD_COLUMNS, HoldRow, expire_due, fingerprint};
+use super::{HOLD_COLUMNS, HoldRow, expire_due, fingerprint, same_request};
 use crate::domain::{HoldId, Job, Lines, Shortage, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
@@ -171,7 +171,7 @@ fn replay(t: &PgTake, row: &HoldRow) -> Result<HoldReply, Error> {
     if row.state == "D" {
         return Err(fast_path_served(&t.id));
     }
-    Ok(if row.request == fingerprint(t) {
+    Ok(if same_request(&row.request, t) {
         HoldReply::Hold(row.hold())
     } else {
         HoldReply::IdReused
