@@ -141,15 +141,17 @@ impl Engine {
         if let Some(repeated) = self.pg.adjustment(tenant, adjustment_id).await? {
             return Ok(repeated);
         }
-        let row = match (
+        // A pool that exists needs no creating: only a missing one goes to
+        // the change's transaction to be made there.
+        let (row, create) = match (
             self.pg
                 .get_pools(tenant, std::slice::from_ref(pool))
                 .await?
                 .pop(),
             create,
         ) {
-            (Some(row), _) => row,
-            (None, Some(new)) => PoolRow::unsaved(new),
+            (Some(row), _) => (row, None),
+            (None, Some(new)) => (PoolRow::unsaved(new), Some(new)),
             (None, None) => return Err(Error::NotFound(format!("pool {pool}"))),
         };
         let delta = match change {
