@@ -7,7 +7,7 @@
 --       6 lines as JSON: [[pool_id, qty], ...]
 --       7 customer key suffix or ""
 --       8 customer limit
--- Returns { 'CLAIMED', job, lines_json, claimed_at } when claimed, or the
+-- Returns { 'CLAIMED', claimed_at } when claimed, or the
 --       claim's hold view (state C: the same answer in full) on a repeat;
 --       otherwise NEED_GRANT, NOT_ACTIVE, SHORT, CUSTOMER_LIMIT or
 --       ID_REUSED (lib.lua).
@@ -44,10 +44,11 @@ local ln = cjson.encode(lines)
 redis.call('HSET', hk, 'st', 'C', 'job', job, 'rq', request_digest(rq[1]), 'ln', ln, 'cat', ms(now))
 redis.call('PEXPIRE', hk, RETENTION_MS)
 
--- 4. Log it, and answer: a new claim's view is its job, lines and time
--- alone (src/store/redis/reply.rs reads it as the view a retry answers),
--- because a flash sale answers claims by the thousand a second and each
--- element of a reply costs Redis and the daemon's parser.
+-- 4. Log it, and answer: a new claim's answer is its time alone. The
+-- caller sent its job and lines and builds the view a retry reads from
+-- them (src/store/redis/reply.rs, `claim_reply`), because a flash sale
+-- answers claims by the thousand a second and each element of a reply
+-- costs Redis and the daemon's parser.
 emit(now, 'claimed', job, claim_id, ln, { 'c', ck })
 after_take(lines, now)
-return { 'CLAIMED', job, ln, ms(now) }
+return { 'CLAIMED', ms(now) }

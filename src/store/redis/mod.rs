@@ -404,7 +404,10 @@ impl RedisStore {
     async fn hold_op(&self, tenant: &TenantId, op: Op<'_>) -> Result<HoldReply, Error> {
         let (name, args) = self.op_args(&op);
         let v = self.batcher.call(tenant, name, args).await?;
-        reply::hold_reply(op.id(), &v)
+        match op {
+            Op::Claim { id, job, lines, .. } => reply::claim_reply(id, job, lines, &v),
+            _ => reply::hold_reply(op.id(), &v),
+        }
     }
 
     /// `op`'s name in the batch function (lua/batch.lua) and its own

@@ -3,7 +3,7 @@
 
 use redis::Value;
 
-use crate::domain::{Hold, HoldId, HoldState, PoolId, Shortage};
+use crate::domain::{Hold, HoldId, HoldState, Job, Lines, PoolId, Shortage};
 use crate::error::Error;
 pub use crate::store::HoldReply;
 
@@ -64,7 +64,6 @@ pub fn hold_reply(id: &HoldId, v: &Value) -> Result<HoldReply, Error> {
         |i: usize| -> Result<Hold, Error> { decode_hold(id, rest.get(i).ok_or_else(bad)?) };
     Ok(match tag.as_str() {
         "HOLD" => HoldReply::Hold(decode_hold(id, v)?),
-        "CLAIMED" => HoldReply::Hold(decode_claimed(id, v)?),
         "NEED_GRANT" => HoldReply::NeedGrant(
             rest.iter()
                 .map(|p| text(p).map(PoolId::from_store).ok_or_else(bad))
@@ -146,22 +145,31 @@ fn decode_hold(id: &HoldId, v: &Value) -> Result<Hold, Error> {
     })
 }
 
-/// Decodes `claim.lua`'s answer to a new claim, `{ 'CLAIMED', job,
-/// lines_json, claimed_at }`, as the hold view its retry answers: a claim
-/// is committed as it is made, so it expires and finishes then, with no
-/// extension, reference, order id or fence (`lib.lua`, `view_of`).
-fn decode_claimed(id: &HoldId, v: &Value) -> Result<Hold, Error> {
-    let bad = || shape("a new claim", v);
-    let f = items(v).ok_or_else(bad)?;
-    if f.len() != 4 {
-        return Err(bad());
+/// Decodes `claim.lua`'s reply for claim `id` of `lines` by `job`. A new
+/// claim's answer is `{ 'CLAIMED', claimed_at }`: the rest of the view its
+/// retry reads is what the caller sent. A claim is committed as it is
+/// made, so it expires and finishes then, with no extension, reference,
+/// order id or fence (`lib.lua`, `view_of`). Any other answer is a hold
+/// script's ([`hold_reply`]).
+pub fn claim_reply(id: &HoldId, job: Job, lines: &Lines, v: &Value) -> Result<HoldReply, Error> {
+    let f = items(v).ok_or_else(|| shape("a claim", v))?;
+    if f.first().and_then(text).as_deref() != Some("CLAIMED") {
+        return hold_reply(id, v);
     }
-    let at = int(&f[3]).ok_or_else(bad)?;
-    Ok(Hold {
+    let at = match f {
+        [_, at] => int(at),
+        _ => None,
+    }
+    .ok_or_else(|| shape("a new claim", v))?;
+    Ok(HoldReply::Hold(Hold {
         id: id.clone(),
         state: HoldState::Committed,
-        job: text(&f[1]).ok_or_else(bad)?,
-        lines: hold_lines(&f[2]).ok_or_else(bad)?,
+        job: job.as_str().to_owned(),
+        lines: lines
+            .as_slice()
+            .iter()
+            .map(|l| (l.pool.clone(), l.quantity.get()))
+            .collect(),
         expires_at_ms: at,
         extensions: 0,
         reference: String::new(),
@@ -169,7 +177,7 @@ fn decode_claimed(id: &HoldId, v: &Value) -> Result<Hold, Error> {
         created_at_ms: at,
         finished_at_ms: at,
         fence: 0,
-    })
+    }))
 }
 
 /// A hold's lines from their JSON, `[[pool_id, qty, epoch], ...]`.
@@ -326,6 +334,7 @@ pub fn sweep_reply(v: &Value) -> Result<(i64, i64, i64), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{Line, Quantity};
 
     fn s(x: &str) -> Value {
         Value::BulkString(x.as_bytes().to_vec())
@@ -363,7 +372,16 @@ mod tests {
     #[test]
     fn a_new_claims_short_answer_decodes_as_the_view_its_retry_reads() {
         let lines = r#"[["sale/s/p",1,3]]"#;
-        let new = Value::Array(vec![s("CLAIMED"), s("flash"), s(lines), s("1700")]);
+        let sent = Lines::parse(
+            "lines",
+            vec![Line {
+                pool: PoolId::from_store("sale/s/p".into()),
+                quantity: Quantity::parse("q", 1, 10).unwrap(),
+            }],
+            10,
+        )
+        .unwrap();
+        let new = Value::Array(vec![s("CLAIMED"), s("1700")]);
         // What view_of makes of the stored claim (st, job, ln, cat).
         let view = Value::Array(vec![
             s("HOLD"),
@@ -378,13 +396,18 @@ mod tests {
             s("1700"),
             s("0"),
         ]);
-        let hold = |v: &Value| match hold_reply(&id(), v).unwrap() {
+        let hold = |v: &Value| match claim_reply(&id(), Job::Flash, &sent, v).unwrap() {
             HoldReply::Hold(h) => h,
             other => panic!("not a hold: {other:?}"),
         };
         assert_eq!(hold(&new), hold(&view));
-        let short = Value::Array(vec![s("CLAIMED"), s("flash"), s(lines)]);
-        assert!(matches!(hold_reply(&id(), &short), Err(Error::Internal(_))));
+        let long = Value::Array(vec![s("CLAIMED"), s("flash"), s(lines), s("1700")]);
+        assert!(matches!(
+            claim_reply(&id(), Job::Flash, &sent, &long),
+            Err(Error::Internal(_))
+        ));
+        // Only a claim's reply may be CLAIMED.
+        assert!(matches!(hold_reply(&id(), &new), Err(Error::Internal(_))));
     }
 
     #[test]
