@@ -19,6 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics::Counter;
 use tokio::sync::Mutex;
 
 pub use capacity::Capacity;
@@ -30,7 +31,7 @@ use crate::error::Error;
 use crate::store::HoldReply;
 use crate::store::postgres::{PgStore, PgTake, TakeQueue};
 use crate::store::redis::{CustomerLimit, Listed, NewHold, RedisStore};
-use crate::telemetry::metric;
+use crate::telemetry::{Handles, metric};
 
 /// How many times a take is sent to Redis, counting the retries after it
 /// answered "grant first" (the engine grants, then retries) or "sweep
@@ -417,8 +418,7 @@ impl Engine {
                 _ => HoldReply::NotActiveHold(h),
             })
             .await?;
-        metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "committed")
-            .increment(1);
+        count_outcome(job, "committed");
         Ok(hold)
     }
 
@@ -438,8 +438,7 @@ impl Engine {
                 _ => HoldReply::Hold(h),
             })
             .await?;
-        metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => "released")
-            .increment(1);
+        count_outcome(job, "released");
         Ok(hold)
     }
 
@@ -546,7 +545,13 @@ fn in_doubt(take: &Take, outcome: TakeOutcome) -> Result<TakeOutcome, Error> {
 /// The outcome of a take Redis answered, counted as served there.
 fn served_by_redis(take: &Take, reply: HoldReply) -> Result<TakeOutcome, Error> {
     let outcome = outcome(take, reply)?;
-    metrics::counter!(metric::SERVED_BY, "path" => "redis").increment(1);
+    static SERVED: Handles<(), Counter, 1> = Handles::new();
+    SERVED
+        .get(
+            (),
+            |()| metrics::counter!(metric::SERVED_BY, "path" => "redis"),
+        )
+        .increment(1);
     Ok(outcome)
 }
 
@@ -587,7 +592,17 @@ fn record_outcome(take: &Take, outcome: &TakeOutcome) {
         (TakeOutcome::NotActive(_), _) => "not_active",
         (TakeOutcome::CustomerLimit(_), _) => "customer_limit",
     };
-    metrics::counter!(metric::ENGINE_OUTCOMES, "job" => take.job.as_str(), "outcome" => name)
+    count_outcome(take.job, name);
+}
+
+/// Counts one engine outcome of `job`, with a handle kept per pair.
+fn count_outcome(job: Job, outcome: &'static str) {
+    // Four jobs, each with a few outcomes it sees often.
+    static OUTCOMES: Handles<(Job, &str), Counter, 16> = Handles::new();
+    OUTCOMES
+        .get((job, outcome), |(job, outcome)| {
+            metrics::counter!(metric::ENGINE_OUTCOMES, "job" => job.as_str(), "outcome" => outcome)
+        })
         .increment(1);
 }
 

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
-use super::observe;
 use super::pb;
 use super::pb::admin_service_server::AdminService;
+use super::{meter, observe};
 use crate::domain::{PoolId, parse_name};
 use crate::engine::Engine;
 use crate::store::postgres::InDoubtResolution;
@@ -53,7 +53,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetPoolRequest>,
     ) -> Result<Response<pb::GetPoolResponse>, Status> {
-        observe(SERVICE, "GetPool", async {
+        observe(meter!(SERVICE, "GetPool"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().pool_id)
@@ -76,7 +76,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListInDoubtPoolsRequest>,
     ) -> Result<Response<pb::ListInDoubtPoolsResponse>, Status> {
-        observe(SERVICE, "ListInDoubtPools", async {
+        observe(meter!(SERVICE, "ListInDoubtPools"), async {
             let caller = self.auth.caller(&request, Role::Admin, "").await?;
             let ids = self.engine.pg().pools_in_doubt(&caller.tenant).await?;
             let views = self.engine.pools(&caller.tenant, &ids).await?;
@@ -91,7 +91,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ResolveInDoubtRequest>,
     ) -> Result<Response<pb::ResolveInDoubtResponse>, Status> {
-        observe(SERVICE, "ResolveInDoubt", async {
+        observe(meter!(SERVICE, "ResolveInDoubt"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().pool_id)

@@ -6,9 +6,9 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
 use super::convert::{self, to_timestamp};
-use super::observe;
 use super::pb::channel_service_server::ChannelService;
 use super::pb::{self, EngageConflictReason as Reason};
+use super::{meter, observe};
 use crate::domain::channel::{EngageConflict, NAME_LEN};
 use crate::domain::{CardId, Channel, ChannelSlug, ListingStatus, parse_name};
 use crate::error::Error;
@@ -220,7 +220,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::ListChannelsRequest>,
     ) -> Result<Response<pb::ListChannelsResponse>, Status> {
-        observe(SERVICE, "ListChannels", async {
+        observe(meter!(SERVICE, "ListChannels"), async {
             let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let channels = self.channels.list(&caller.tenant).await?;
             Ok(pb::ListChannelsResponse {
@@ -235,7 +235,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::PutChannelRequest>,
     ) -> Result<Response<pb::PutChannelResponse>, Status> {
-        observe(SERVICE, "PutChannel", async {
+        observe(meter!(SERVICE, "PutChannel"), async {
             let caller = self.auth.caller(&request, Role::Admin, "").await?;
             let c = request
                 .into_inner()
@@ -263,7 +263,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::UpdateChannelSettingsRequest>,
     ) -> Result<Response<pb::UpdateChannelSettingsResponse>, Status> {
-        observe(SERVICE, "UpdateChannelSettings", async {
+        observe(meter!(SERVICE, "UpdateChannelSettings"), async {
             let caller = self.auth.caller(&request, Role::Admin, "").await?;
             let on = request.get_ref().dual_listing;
             self.channels.set_dual_listing(&caller.tenant, on).await?;
@@ -278,7 +278,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::PutSatelliteRequest>,
     ) -> Result<Response<pb::PutSatelliteResponse>, Status> {
-        observe(SERVICE, "PutSatellite", async {
+        observe(meter!(SERVICE, "PutSatellite"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().channel)
@@ -319,7 +319,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::ListSatellitesRequest>,
     ) -> Result<Response<pb::ListSatellitesResponse>, Status> {
-        observe(SERVICE, "ListSatellites", async {
+        observe(meter!(SERVICE, "ListSatellites"), async {
             let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let sats = self.channels.satellites(&caller.tenant).await?;
             Ok(pb::ListSatellitesResponse {
@@ -340,7 +340,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::EngageRequest>,
     ) -> Result<Response<pb::EngageResponse>, Status> {
-        observe(SERVICE, "Engage", async {
+        observe(meter!(SERVICE, "Engage"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().channel)
@@ -386,7 +386,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::DisengageRequest>,
     ) -> Result<Response<pb::DisengageResponse>, Status> {
-        observe(SERVICE, "Disengage", async {
+        observe(meter!(SERVICE, "Disengage"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().channel)
@@ -418,7 +418,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
-        observe(SERVICE, "Reconcile", async {
+        observe(meter!(SERVICE, "Reconcile"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().channel)
@@ -457,7 +457,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::GetCardChannelsRequest>,
     ) -> Result<Response<pb::GetCardChannelsResponse>, Status> {
-        observe(SERVICE, "GetCardChannels", async {
+        observe(meter!(SERVICE, "GetCardChannels"), async {
             let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let asked = request.into_inner().card_ids;
             // Parse for errors, but answer in the order asked.
@@ -475,7 +475,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::ListConflictsRequest>,
     ) -> Result<Response<pb::ListConflictsResponse>, Status> {
-        observe(SERVICE, "ListConflicts", async {
+        observe(meter!(SERVICE, "ListConflicts"), async {
             let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             let size = convert::page_size(r.page_size)?;
@@ -510,7 +510,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::ListDriftRequest>,
     ) -> Result<Response<pb::ListDriftResponse>, Status> {
-        observe(SERVICE, "ListDrift", async {
+        observe(meter!(SERVICE, "ListDrift"), async {
             let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             let channel = channel_filter(&r.channel)?;
@@ -533,7 +533,7 @@ impl ChannelService for ChannelApi {
         &self,
         request: Request<pb::ListDeliveriesRequest>,
     ) -> Result<Response<pb::ListDeliveriesResponse>, Status> {
-        observe(SERVICE, "ListDeliveries", async {
+        observe(meter!(SERVICE, "ListDeliveries"), async {
             let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             let channel = channel_filter(&r.channel)?;

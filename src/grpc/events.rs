@@ -16,9 +16,9 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
 use super::convert::to_timestamp;
-use super::observe;
 use super::pb;
 use super::pb::event_service_server::EventService;
+use super::{meter, observe};
 use crate::domain::{Event, TenantId, parse_event_id};
 use crate::error::Error;
 use crate::store::postgres::PgStore;
@@ -68,7 +68,7 @@ impl EventService for EventApi {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let (tenant, after) = observe(SERVICE, "Watch", async {
+        let (tenant, after) = observe(meter!(SERVICE, "Watch"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().after_event_id)

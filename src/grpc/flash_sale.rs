@@ -7,9 +7,9 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
 use super::convert::{self, ms_timestamp, to_timestamp};
-use super::observe;
 use super::pb::flash_sale_service_server::FlashSaleService;
 use super::pb::{self, Outcome};
+use super::{meter, observe};
 use crate::domain::{Hold, HoldId, Limits, Quantity, TakeOutcome, check_batch, parse_name};
 use crate::error::Error;
 use crate::services::flash_sale::{FlashSales, ProductLine, SaleTake, SaleView, product_of};
@@ -246,7 +246,7 @@ impl FlashSaleService for FlashSaleApi {
         &self,
         request: Request<pb::CreateSaleRequest>,
     ) -> Result<Response<pb::CreateSaleResponse>, Status> {
-        observe(SERVICE, "CreateSale", async {
+        observe(meter!(SERVICE, "CreateSale"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().sale_id)
@@ -264,7 +264,7 @@ impl FlashSaleService for FlashSaleApi {
         &self,
         request: Request<pb::GetSaleRequest>,
     ) -> Result<Response<pb::GetSaleResponse>, Status> {
-        observe(SERVICE, "GetSale", async {
+        observe(meter!(SERVICE, "GetSale"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().sale_id)
@@ -282,7 +282,7 @@ impl FlashSaleService for FlashSaleApi {
         &self,
         request: Request<pb::ClaimRequest>,
     ) -> Result<Response<pb::ClaimResponse>, Status> {
-        observe(SERVICE, "Claim", async {
+        observe(meter!(SERVICE, "Claim"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().claim_id)
@@ -305,7 +305,7 @@ impl FlashSaleService for FlashSaleApi {
         &self,
         request: Request<pb::CreateCartHoldRequest>,
     ) -> Result<Response<pb::CreateCartHoldResponse>, Status> {
-        observe(SERVICE, "CreateCartHold", async {
+        observe(meter!(SERVICE, "CreateCartHold"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
@@ -329,7 +329,7 @@ impl FlashSaleService for FlashSaleApi {
         &self,
         request: Request<pb::GetCartHoldRequest>,
     ) -> Result<Response<pb::GetCartHoldResponse>, Status> {
-        observe(SERVICE, "GetCartHold", async {
+        observe(meter!(SERVICE, "GetCartHold"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
@@ -347,7 +347,7 @@ impl FlashSaleService for FlashSaleApi {
         &self,
         request: Request<pb::ExtendCartHoldRequest>,
     ) -> Result<Response<pb::ExtendCartHoldResponse>, Status> {
-        observe(SERVICE, "ExtendCartHold", async {
+        observe(meter!(SERVICE, "ExtendCartHold"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
@@ -372,7 +372,7 @@ impl FlashSaleService for FlashSaleApi {
         &self,
         request: Request<pb::CommitCartHoldRequest>,
     ) -> Result<Response<pb::CommitCartHoldResponse>, Status> {
-        observe(SERVICE, "CommitCartHold", async {
+        observe(meter!(SERVICE, "CommitCartHold"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)
@@ -390,7 +390,7 @@ impl FlashSaleService for FlashSaleApi {
         &self,
         request: Request<pb::ReleaseCartHoldRequest>,
     ) -> Result<Response<pb::ReleaseCartHoldResponse>, Status> {
-        observe(SERVICE, "ReleaseCartHold", async {
+        observe(meter!(SERVICE, "ReleaseCartHold"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().hold_id)

@@ -13,7 +13,10 @@ mod sale_lock;
 mod slot;
 
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Instant;
+
+use metrics::{Counter, Histogram};
 
 use tonic::{Code, Response, Status};
 use tracing::Instrument;
@@ -27,7 +30,7 @@ pub use sale_lock::SaleLockApi;
 pub use slot::SlotApi;
 
 use crate::error::Error;
-use crate::telemetry::metric;
+use crate::telemetry::{Handles, metric};
 
 /// The code generated from `proto/holdfast/v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -39,18 +42,65 @@ pub mod pb {
         tonic::include_file_descriptor_set!("holdfast_descriptor");
 }
 
+/// The metric handles of one RPC method, made at its first call and kept
+/// (see [`Handles`] for why). Made by [`meter!`], one `static` per call
+/// site.
+pub(crate) struct RpcMeter {
+    service: &'static str,
+    method: &'static str,
+    seconds: OnceLock<Histogram>,
+    /// A counter per gRPC code; a method ends with a few.
+    calls: Handles<Code, Counter, 6>,
+}
+
+impl RpcMeter {
+    /// A meter for `service`'s `method`, with no handle made yet.
+    pub(crate) const fn new(service: &'static str, method: &'static str) -> Self {
+        Self {
+            service,
+            method,
+            seconds: OnceLock::new(),
+            calls: Handles::new(),
+        }
+    }
+
+    /// Counts one call that ended with `code` and took `seconds`.
+    fn record(&self, code: Code, seconds: f64) {
+        let (service, method) = (self.service, self.method);
+        self.calls
+            .get(code, |code| {
+                metrics::counter!(metric::RPC_TOTAL, "service" => service, "method" => method, "code" => code_name(code))
+            })
+            .increment(1);
+        self.seconds
+            .get_or_init(|| {
+                metrics::histogram!(metric::RPC_SECONDS, "service" => service, "method" => method)
+            })
+            .record(seconds);
+    }
+}
+
+/// The [`RpcMeter`] of method `$method` of `$service` (a `const`), one
+/// per call site.
+macro_rules! meter {
+    ($service:expr, $method:literal) => {{
+        static METER: $crate::grpc::RpcMeter = $crate::grpc::RpcMeter::new($service, $method);
+        &METER
+    }};
+}
+pub(crate) use meter;
+
 /// Runs one RPC inside a span (tenant and ids are recorded into it by the
 /// adapter), counts it by service, method and code, and times it. Errors
 /// become statuses here, through the one mapping in `error.rs`.
 pub(crate) async fn observe<T>(
-    service: &'static str,
-    method: &'static str,
+    meter: &'static RpcMeter,
     fut: impl Future<Output = Result<T, Error>>,
 ) -> Result<Response<T>, Status> {
     let span = tracing::info_span!(
         "rpc",
-        service,
-        method,
+        service = meter.service,
+        method = meter.method,
         tenant = tracing::field::Empty,
         id = tracing::field::Empty
     );
@@ -61,9 +111,7 @@ pub(crate) async fn observe<T>(
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     };
-    metrics::counter!(metric::RPC_TOTAL, "service" => service, "method" => method, "code" => code_name(code)).increment(1);
-    metrics::histogram!(metric::RPC_SECONDS, "service" => service, "method" => method)
-        .record(started.elapsed().as_secs_f64());
+    meter.record(code, started.elapsed().as_secs_f64());
     result
 }
 

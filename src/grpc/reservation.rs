@@ -6,9 +6,9 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
 use super::convert::{self, ms_timestamp, to_timestamp};
-use super::observe;
 use super::pb::reservation_service_server::ReservationService;
 use super::pb::{self, ReserveOutcome};
+use super::{meter, observe};
 use crate::domain::{
     Hold, HoldId, HoldState, Limits, PoolId, Quantity, TakeOutcome, check_batch, parse_name,
 };
@@ -142,7 +142,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::SetStockRequest>,
     ) -> Result<Response<pb::SetStockResponse>, Status> {
-        observe(SERVICE, "SetStock", async {
+        observe(meter!(SERVICE, "SetStock"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().adjustment_id)
@@ -175,7 +175,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::AdjustStockRequest>,
     ) -> Result<Response<pb::AdjustStockResponse>, Status> {
-        observe(SERVICE, "AdjustStock", async {
+        observe(meter!(SERVICE, "AdjustStock"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().adjustment_id)
@@ -208,7 +208,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::GetStockLevelsRequest>,
     ) -> Result<Response<pb::GetStockLevelsResponse>, Status> {
-        observe(SERVICE, "GetStockLevels", async {
+        observe(meter!(SERVICE, "GetStockLevels"), async {
             let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             check_batch("keys", r.keys.len(), self.limits.max_batch, "key")?;
@@ -230,7 +230,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::SetLowStockThresholdRequest>,
     ) -> Result<Response<pb::SetLowStockThresholdResponse>, Status> {
-        observe(SERVICE, "SetLowStockThreshold", async {
+        observe(meter!(SERVICE, "SetLowStockThreshold"), async {
             let caller = self.auth.caller(&request, Role::Admin, "").await?;
             let r = request.into_inner();
             let key = key("key", r.key)?;
@@ -257,7 +257,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveResponse>, Status> {
-        observe(SERVICE, "Reserve", async {
+        observe(meter!(SERVICE, "Reserve"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
@@ -319,7 +319,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::GetReservationRequest>,
     ) -> Result<Response<pb::GetReservationResponse>, Status> {
-        observe(SERVICE, "GetReservation", async {
+        observe(meter!(SERVICE, "GetReservation"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
@@ -337,7 +337,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::ExtendReservationRequest>,
     ) -> Result<Response<pb::ExtendReservationResponse>, Status> {
-        observe(SERVICE, "ExtendReservation", async {
+        observe(meter!(SERVICE, "ExtendReservation"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
@@ -362,7 +362,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::ConsumeReservationRequest>,
     ) -> Result<Response<pb::ConsumeReservationResponse>, Status> {
-        observe(SERVICE, "ConsumeReservation", async {
+        observe(meter!(SERVICE, "ConsumeReservation"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
@@ -385,7 +385,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::ReleaseReservationRequest>,
     ) -> Result<Response<pb::ReleaseReservationResponse>, Status> {
-        observe(SERVICE, "ReleaseReservation", async {
+        observe(meter!(SERVICE, "ReleaseReservation"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
@@ -403,7 +403,7 @@ impl ReservationService for ReservationApi {
         &self,
         request: Request<pb::ListAuditLogRequest>,
     ) -> Result<Response<pb::ListAuditLogResponse>, Status> {
-        observe(SERVICE, "ListAuditLog", async {
+        observe(meter!(SERVICE, "ListAuditLog"), async {
             let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let r = request.into_inner();
             let key = r.key.map(|k| key("key", Some(k))).transpose()?;

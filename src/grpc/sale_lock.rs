@@ -6,9 +6,9 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
 use super::convert::{self, ms_timestamp};
-use super::observe;
 use super::pb::sale_lock_service_server::SaleLockService;
 use super::pb::{self, AcquireOutcome as Outcome, CardConflictReason as Reason};
+use super::{meter, observe};
 use crate::domain::{ChannelSlug, HoldId, HoldState, Limits};
 use crate::error::Error;
 use crate::services::sale_locks::{AcquireOutcome, CardConflict, SaleLock, SaleLocks};
@@ -77,7 +77,7 @@ impl SaleLockService for SaleLockApi {
         &self,
         request: Request<pb::AcquireSaleLocksRequest>,
     ) -> Result<Response<pb::AcquireSaleLocksResponse>, Status> {
-        observe(SERVICE, "AcquireSaleLocks", async {
+        observe(meter!(SERVICE, "AcquireSaleLocks"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().lock_ref)
@@ -112,7 +112,7 @@ impl SaleLockService for SaleLockApi {
         &self,
         request: Request<pb::CompleteSaleLocksRequest>,
     ) -> Result<Response<pb::CompleteSaleLocksResponse>, Status> {
-        observe(SERVICE, "CompleteSaleLocks", async {
+        observe(meter!(SERVICE, "CompleteSaleLocks"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().lock_ref)
@@ -135,7 +135,7 @@ impl SaleLockService for SaleLockApi {
         &self,
         request: Request<pb::ReleaseSaleLocksRequest>,
     ) -> Result<Response<pb::ReleaseSaleLocksResponse>, Status> {
-        observe(SERVICE, "ReleaseSaleLocks", async {
+        observe(meter!(SERVICE, "ReleaseSaleLocks"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().lock_ref)
@@ -153,7 +153,7 @@ impl SaleLockService for SaleLockApi {
         &self,
         request: Request<pb::GetSaleLockRequest>,
     ) -> Result<Response<pb::GetSaleLockResponse>, Status> {
-        observe(SERVICE, "GetSaleLock", async {
+        observe(meter!(SERVICE, "GetSaleLock"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().lock_ref)

@@ -8,9 +8,9 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
 use super::convert::{self, ms_timestamp, to_timestamp};
-use super::observe;
 use super::pb::slot_service_server::SlotService;
 use super::pb::{self, SlotOutcome as Outcome};
+use super::{meter, observe};
 use crate::domain::{Hold, HoldId, Limits, parse_name};
 use crate::error::Error;
 use crate::services::slots::{SlotOutcome, Slots, window_start_of};
@@ -122,7 +122,7 @@ impl SlotService for SlotApi {
         &self,
         request: Request<pb::SetVenueRequest>,
     ) -> Result<Response<pb::SetVenueResponse>, Status> {
-        observe(SERVICE, "SetVenue", async {
+        observe(meter!(SERVICE, "SetVenue"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().venue_id)
@@ -154,7 +154,7 @@ impl SlotService for SlotApi {
         &self,
         request: Request<pb::SetScheduleRequest>,
     ) -> Result<Response<pb::SetScheduleResponse>, Status> {
-        observe(SERVICE, "SetSchedule", async {
+        observe(meter!(SERVICE, "SetSchedule"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().venue_id)
@@ -174,7 +174,7 @@ impl SlotService for SlotApi {
         &self,
         request: Request<pb::SetDateOverrideRequest>,
     ) -> Result<Response<pb::SetDateOverrideResponse>, Status> {
-        observe(SERVICE, "SetDateOverride", async {
+        observe(meter!(SERVICE, "SetDateOverride"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Admin, &request.get_ref().venue_id)
@@ -207,7 +207,7 @@ impl SlotService for SlotApi {
         &self,
         request: Request<pb::GetAvailabilityRequest>,
     ) -> Result<Response<pb::GetAvailabilityResponse>, Status> {
-        observe(SERVICE, "GetAvailability", async {
+        observe(meter!(SERVICE, "GetAvailability"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().venue_id)
@@ -244,7 +244,7 @@ impl SlotService for SlotApi {
         &self,
         request: Request<pb::ReserveSlotRequest>,
     ) -> Result<Response<pb::ReserveSlotResponse>, Status> {
-        observe(SERVICE, "ReserveSlot", async {
+        observe(meter!(SERVICE, "ReserveSlot"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
@@ -281,7 +281,7 @@ impl SlotService for SlotApi {
         &self,
         request: Request<pb::ConfirmSlotRequest>,
     ) -> Result<Response<pb::ConfirmSlotResponse>, Status> {
-        observe(SERVICE, "ConfirmSlot", async {
+        observe(meter!(SERVICE, "ConfirmSlot"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
@@ -306,7 +306,7 @@ impl SlotService for SlotApi {
         &self,
         request: Request<pb::ReleaseSlotRequest>,
     ) -> Result<Response<pb::ReleaseSlotResponse>, Status> {
-        observe(SERVICE, "ReleaseSlot", async {
+        observe(meter!(SERVICE, "ReleaseSlot"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)
@@ -324,7 +324,7 @@ impl SlotService for SlotApi {
         &self,
         request: Request<pb::GetSlotReservationRequest>,
     ) -> Result<Response<pb::GetSlotReservationResponse>, Status> {
-        observe(SERVICE, "GetSlotReservation", async {
+        observe(meter!(SERVICE, "GetSlotReservation"), async {
             let caller = self
                 .auth
                 .caller(&request, Role::Checkout, &request.get_ref().reservation_id)

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metrics::Histogram;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, ToRedisArgs, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -32,7 +33,7 @@ use crate::domain::TenantId;
 use crate::error::Error;
 use crate::store::coalesce::{self, Tenanted};
 use crate::store::redis::scripts;
-use crate::telemetry::metric;
+use crate::telemetry::{Handles, metric};
 
 /// Batch calls on their way to Redis at once: one being answered while the
 /// next is sent keeps Redis busy without splitting the queue into small
@@ -237,8 +238,13 @@ impl Sending {
             .record(sent.elapsed().as_secs_f64());
         match result {
             Ok(Value::Array(replies)) if replies.len() == batch.len() => {
+                static OP_SECONDS: Handles<&str, Histogram, 8> = Handles::new();
                 for (q, v) in batch.into_iter().zip(replies) {
-                    metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => q.op)
+                    OP_SECONDS
+                        .get(
+                            q.op,
+                            |op| metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => op),
+                        )
                         .record(q.at.elapsed().as_secs_f64());
                     let _ = q.reply.send(script_error(q.op, v));
                 }
