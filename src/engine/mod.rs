@@ -14,6 +14,7 @@ mod capacity;
 mod circuit;
 mod escrow;
 mod ids;
+mod lost;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -440,36 +441,6 @@ impl Engine {
             .await?;
         count_outcome(job, "released");
         Ok(hold)
-    }
-
-    /// A hold in neither store (NOT_FOUND) may be one Redis lost with its
-    /// data: its retry (of a commit, say) is then answered from the audit
-    /// log, by `answer` from the hold as it ended there, instead of
-    /// NOT_FOUND, which would tell a caller that its committed order
-    /// never was. One still live at the loss is FAILED_PRECONDITION: its
-    /// units are in doubt until an operator resolves them. Not on the hot
-    /// path: only a hold no store has is looked up.
-    async fn unless_lost(
-        &self,
-        tenant: &TenantId,
-        id: &HoldId,
-        job: Job,
-        found: Result<Hold, Error>,
-        answer: impl FnOnce(Hold) -> HoldReply,
-    ) -> Result<Hold, Error> {
-        let Err(Error::NotFound(why)) = found else {
-            return found;
-        };
-        let retention = self.redis.retention();
-        match self.pg.audited_hold(tenant, id, job, retention).await? {
-            None => Err(Error::NotFound(why)),
-            Some(hold) if hold.state == HoldState::Active => {
-                Err(Error::FailedPrecondition(format!(
-                    "hold {id} was live when Redis lost its data; its units are in doubt until an operator resolves them (AdminService)"
-                )))
-            }
-            Some(hold) => settle(id, answer(hold)),
-        }
     }
 
     /// Moves an active hold's expiry to `ttl` from now, within the server's

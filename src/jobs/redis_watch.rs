@@ -22,21 +22,28 @@ const GAUGE_EVERY: Duration = Duration::from_secs(2);
 
 /// Checks every pool's grant against Redis after `check_marker` found
 /// the marker not naming Redis process `run_id` (new, come back empty, or
-/// restarted, perhaps with older data), then leaves the marker for it. On
+/// restarted, perhaps with older data), writes back the ended holds it
+/// lost (`Engine::restore_lost_takes`), then leaves the marker for it. On
 /// failure the marker stays as it was, so that the next check retries. The
 /// daemon runs a first check before it serves (src/startup.rs), then this
 /// job every round.
 pub async fn recover(engine: &Engine, run_id: &str) -> Result<(), crate::error::Error> {
-    let checked = match engine.recover_pools().await {
-        Ok(n) => engine.redis().leave_marker(run_id).await.map(|()| n),
-        Err(e) => Err(e),
-    };
+    let started = Instant::now();
+    let checked = async {
+        let pools = engine.recover_pools().await?;
+        let restored = engine.restore_lost_takes().await?;
+        engine.redis().leave_marker(run_id).await?;
+        Ok::<_, crate::error::Error>((pools, restored))
+    }
+    .await;
     match checked {
-        Ok(n) => {
+        Ok((pools, restored)) => {
             tracing::info!(
-                pools = n,
+                pools,
+                restored,
                 run_id,
-                "Redis is new, emptied or restarted: checked every pool's grant"
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Redis is new, emptied or restarted: checked every pool's grant and wrote back the ended holds it lost"
             );
             Ok(())
         }

@@ -12,7 +12,7 @@ use super::PgStore;
 use super::fallback::Twin;
 use super::lock_sales::{LockSale, record_lock_sales};
 use super::pools::{PoolWrites, lock_tenant_pools};
-use crate::domain::{CardId, Event, EventLine, Hold, HoldId, HoldState, Job, PoolId, TenantId};
+use crate::domain::{CardId, Event, Job, TenantId};
 use crate::error::Error;
 
 impl PgStore {
@@ -198,96 +198,6 @@ impl PgStore {
                 })
             })
             .collect()
-    }
-}
-
-impl PgStore {
-    /// A hold Redis made, as the audit log tells it: for a retry that
-    /// finds the hold in neither store because Redis lost its data
-    /// (ESCROW.md "Losing Redis"). Its take's lines and time, and how it
-    /// ended: committed (with its order), released or expired; still
-    /// `Active` when it was live at the loss (its units are in doubt).
-    /// Only within `retention`, as long as Redis would have remembered it.
-    pub async fn audited_hold(
-        &self,
-        tenant: &TenantId,
-        id: &HoldId,
-        job: Job,
-        retention: std::time::Duration,
-    ) -> Result<Option<Hold>, Error> {
-        // The take first, through the takes' index: an id no one took
-        // (a typo, a poll of an unknown id) costs one index probe, not a
-        // scan of the log.
-        let take: Option<(i64, String, serde_json::Value, String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT id, kind, lines, reference, at FROM audit_log
-                 WHERE hold_id = $2 AND kind IN ('reserved', 'claimed')
-                   AND tenant = $1 AND job = $3 AND event_id NOT LIKE 'f%'
-                   AND at > now() - make_interval(secs => $4::double precision)
-                 ORDER BY id LIMIT 1",
-        )
-        .bind(tenant.as_str())
-        .bind(id.as_str())
-        .bind(job.as_str())
-        .bind(retention.as_secs_f64())
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some((take_id, kind, lines, reference, at)) = take else {
-            return Ok(None);
-        };
-        // Then how it went on, among the rows after the take. Only a hold
-        // Redis lost gets here (the take is logged, the hold in neither
-        // store), so this walk of the log from the take on is rare.
-        let after: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT kind, order_id, at FROM audit_log
-                 WHERE id > $4 AND tenant = $1 AND hold_id = $2 AND job = $3
-                   AND kind IN ('committed', 'released', 'expired', 'extended')
-                   AND event_id NOT LIKE 'f%'
-                 ORDER BY id",
-        )
-        .bind(tenant.as_str())
-        .bind(id.as_str())
-        .bind(job.as_str())
-        .bind(take_id)
-        .fetch_all(&self.pool)
-        .await?;
-        let lines: Vec<EventLine> =
-            serde_json::from_value(lines).map_err(|e| Error::Internal(e.into()))?;
-        let mut hold = Hold {
-            id: id.clone(),
-            state: HoldState::Active,
-            job: job.as_str().to_owned(),
-            lines: lines
-                .into_iter()
-                .map(|l| (PoolId::from_store(l.pool), l.qty))
-                .collect(),
-            expires_at_ms: 0,
-            extensions: 0,
-            reference,
-            order_id: String::new(),
-            created_at_ms: at.timestamp_millis(),
-            finished_at_ms: 0,
-            fence: 0,
-        };
-        if kind == "claimed" {
-            hold.state = HoldState::Committed;
-            hold.finished_at_ms = hold.created_at_ms;
-        }
-        for (kind, order_id, at) in after {
-            let state = match kind.as_str() {
-                "committed" => HoldState::Committed,
-                "released" => HoldState::Released,
-                "expired" => HoldState::Expired,
-                _ => {
-                    hold.extensions += 1;
-                    continue;
-                }
-            };
-            hold.state = state;
-            hold.order_id = order_id;
-            hold.finished_at_ms = at.timestamp_millis();
-        }
-        hold.expires_at_ms = hold.finished_at_ms;
-        Ok(Some(hold))
     }
 }
 

@@ -9,6 +9,7 @@ mod clock;
 mod events;
 mod keys;
 mod reply;
+mod restore;
 mod scripts;
 mod upkeep;
 
@@ -619,11 +620,18 @@ fn customer_args(customer: Option<&CustomerLimit>) -> (String, u32) {
 /// The lines as the scripts take them: `[[pool_id, qty], ...]`. Pool ids are
 /// key-safe names, so they need no escaping beyond JSON's.
 fn lines_json(lines: &Lines) -> String {
-    let v: Vec<(&str, i64)> = lines
-        .as_slice()
-        .iter()
-        .map(|l| (l.pool.as_str(), l.quantity.get()))
-        .collect();
+    pairs_json(
+        lines
+            .as_slice()
+            .iter()
+            .map(|l| (l.pool.as_str(), l.quantity.get())),
+    )
+}
+
+/// Lines as a take sends them, `[[pool_id, qty], ...]`: the request digest
+/// of a one-line take is of these very bytes (`restore.rs` makes them again).
+fn pairs_json<'a>(pairs: impl Iterator<Item = (&'a str, i64)>) -> String {
+    let v: Vec<(&str, i64)> = pairs.collect();
     // Serialising strings and integers cannot fail.
     serde_json::to_string(&v).expect("lines serialise")
 }

@@ -151,6 +151,8 @@ pub static HOLDERS: LazyLock<Script> = script!("holders.lua");
 pub static SET_LISTINGS: LazyLock<Script> = script!("set_listings.lua");
 /// Count active holds past their expiry (a check, see [`super::overdue_holds`]).
 pub static OVERDUE: LazyLock<Script> = script!("overdue.lua");
+/// Remember again holds Redis lost with its data (`restore.rs`).
+pub static RESTORE: LazyLock<Script> = script!("restore.lua");
 
 #[cfg(test)]
 pub(super) mod tests {
@@ -412,6 +414,97 @@ pub(super) mod tests {
             read(&mut con, &counter("u2")).await,
             (None, -2),
             "an expired counter stays gone"
+        );
+    }
+
+    /// `restore.lua` writes back a hold Redis has not, for what is left of
+    /// its retention, with the digest its take made: a retry of the take
+    /// then answers the hold, another request under its id is ID_REUSED.
+    /// A hold Redis has is left alone, and one past its retention is not
+    /// written.
+    #[tokio::test]
+    async fn restore_writes_back_only_the_holds_redis_lacks_and_still_remembers() {
+        let mut con = redis().await;
+        let prefix = format!("libtest{}:{{restore}}:", rand::random::<u32>());
+        let hold = |id: &str| format!("{prefix}hold:{id}");
+        let _: () = redis::cmd("HSET")
+            .arg(hold("h1"))
+            .arg(&[("st", "A"), ("job", "stock")])
+            .query_async(&mut con)
+            .await
+            .expect("HSET");
+        let now = 1_000_000;
+        let mut call = RESTORE.prepare_invoke();
+        call.arg(&prefix).arg(RETENTION_MS).arg(now);
+        let lines = r#"[["p1",2]]"#;
+        let stored = r#"[["p1",2,1]]"#;
+        for (id, kind, st, fin, oid) in [
+            ("h1", "hold", "C", now - 1_000, "o1"),
+            ("h2", "hold", "R", now - RETENTION_MS - 1, ""),
+            ("h3", "hold", "C", now - 10_000, "o3"),
+            ("c1", "claim", "C", now - 20_000, ""),
+        ] {
+            call.arg(id)
+                .arg(kind)
+                .arg("flash")
+                .arg(lines)
+                .arg(stored)
+                .arg("");
+            call.arg(st)
+                .arg(fin - 5_000)
+                .arg(fin)
+                .arg(oid)
+                .arg("")
+                .arg(0);
+        }
+        let written: i64 = call.invoke_async(&mut con).await.expect("restore runs");
+        assert_eq!(written, 2, "h3 and c1");
+        let fields = |id: &'static str| {
+            let mut con = con.clone();
+            let key = hold(id);
+            async move {
+                let h: HashMap<String, String> = redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut con)
+                    .await
+                    .expect("HGETALL");
+                let ttl: i64 = redis::cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut con)
+                    .await
+                    .expect("PTTL");
+                (h, ttl)
+            }
+        };
+        assert_eq!(
+            fields("h1").await.0.get("st").map(String::as_str),
+            Some("A"),
+            "left alone"
+        );
+        assert!(fields("h2").await.0.is_empty(), "past its retention");
+        let (h3, ttl) = fields("h3").await;
+        assert_eq!(
+            (h3["st"].as_str(), h3["oid"].as_str(), h3["exp"].as_str()),
+            ("C", "o3", "990000")
+        );
+        assert!(
+            (RETENTION_MS - 10_000 - 1_000..=RETENTION_MS - 10_000).contains(&ttl),
+            "{ttl}"
+        );
+        let (c1, _) = fields("c1").await;
+        assert!(!c1.contains_key("exp"), "a claim keeps no expiry: {c1:?}");
+
+        let claim = |lines: &'static str| vec!["c1", "flash", lines, "", "0"];
+        let call = batch_call_at(&prefix, now, &[("claim", claim(lines))]);
+        let again = only_reply(&mut con, &call).await;
+        assert_eq!(tag(&again), "HOLD", "{again:?}");
+        let call = batch_call_at(&prefix, now, &[("claim", claim(r#"[["p1",3]]"#))]);
+        assert_eq!(tag(&only_reply(&mut con, &call).await), "ID_REUSED");
+        let commit = batch_call_at(&prefix, now, &[("commit", vec!["h3", "flash", "o3"])]);
+        assert_eq!(
+            tag(&only_reply(&mut con, &commit).await),
+            "HOLD",
+            "a retried commit"
         );
     }
 }
