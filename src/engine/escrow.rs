@@ -113,7 +113,47 @@ pub(super) struct LastGrant {
 }
 
 /// The last grant of each pool this daemon granted, by tenant and pool.
-pub(super) type LastGrants = HashMap<(TenantId, PoolId), LastGrant>;
+///
+/// Grants older than [`FORGET`] are dropped when the map has grown to
+/// `prune_at` entries, and `prune_at` then moves to twice what is left, so
+/// a scan costs each grant O(1) however many pools sell at once. With a
+/// fixed bound, a daemon granting to more pools than that within a minute
+/// scanned the whole map (a clock read an entry) on every grant: ~300 µs a
+/// grant past 10,000 pools (claim-10k has 10,002), a third of the daemon's
+/// CPU while it reloaded them after Redis lost its data.
+#[derive(Debug)]
+pub(super) struct LastGrants {
+    map: HashMap<(TenantId, PoolId), LastGrant>,
+    prune_at: usize,
+}
+
+/// The fewest entries [`LastGrants`] prunes at.
+const PRUNE_FROM: usize = 10_000;
+
+impl Default for LastGrants {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            prune_at: PRUNE_FROM,
+        }
+    }
+}
+
+impl LastGrants {
+    fn get(&self, tenant: &TenantId, pool: &PoolId) -> Option<LastGrant> {
+        self.map.get(&(tenant.clone(), pool.clone())).copied()
+    }
+
+    fn insert(&mut self, tenant: &TenantId, pool: &PoolId, grant: LastGrant) {
+        if self.map.len() >= self.prune_at {
+            let now = grant.at;
+            self.map
+                .retain(|_, l| now.saturating_duration_since(l.at) < FORGET);
+            self.prune_at = (self.map.len() * 2).max(PRUNE_FROM);
+        }
+        self.map.insert((tenant.clone(), pool.clone()), grant);
+    }
+}
 
 impl Engine {
     /// Reads pools' counts across both stores, in the order asked. Unknown
@@ -437,8 +477,7 @@ impl Engine {
             .last_grants
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(tenant.clone(), pool.clone()))
-            .copied();
+            .get(tenant, pool);
         self.policy.limit(
             last.filter(|l| l.epoch == epoch)
                 .map(|l| (l.units, l.at.elapsed())),
@@ -447,18 +486,15 @@ impl Engine {
 
     /// Remembers `pool`'s grant of `units` now, to size the next one.
     fn remember_grant(&self, tenant: &TenantId, pool: &PoolId, epoch: i64, units: i64) {
-        let mut last = self.last_grants.lock().unwrap_or_else(|e| e.into_inner());
-        if last.len() >= 10_000 {
-            last.retain(|_, l| l.at.elapsed() < FORGET);
-        }
-        last.insert(
-            (tenant.clone(), pool.clone()),
-            LastGrant {
-                epoch,
-                units,
-                at: Instant::now(),
-            },
-        );
+        let grant = LastGrant {
+            epoch,
+            units,
+            at: Instant::now(),
+        };
+        self.last_grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tenant, pool, grant);
     }
 
     /// Sends one pool's grant (already recorded in Postgres) to Redis; false
@@ -595,5 +631,33 @@ mod tests {
         assert_eq!(p.limit(Some((20_000, Duration::from_secs(40)))), 1000);
         // A pool that slowed down shrinks back.
         assert_eq!(p.limit(Some((20_000, Duration::from_secs(4)))), 5000);
+    }
+
+    #[test]
+    fn last_grants_forget_old_ones_and_do_not_scan_on_every_grant() {
+        let tenant = TenantId::parse("t").unwrap();
+        let pool = |i: usize| PoolId::from_store(format!("stock/p{i}"));
+        let now = Instant::now();
+        let at = |secs_ago: u64| LastGrant {
+            epoch: 1,
+            units: 1,
+            at: now - Duration::from_secs(secs_ago),
+        };
+        let mut last = LastGrants::default();
+        for i in 0..PRUNE_FROM {
+            last.insert(&tenant, &pool(i), at(FORGET.as_secs() + 1));
+        }
+        last.insert(&tenant, &pool(PRUNE_FROM), at(0));
+        assert_eq!(last.map.len(), 1, "the old ones were forgotten");
+        assert!(last.get(&tenant, &pool(PRUNE_FROM)).is_some());
+
+        // As many recent ones as the bound: all kept, and the next scan
+        // waits until the map has doubled.
+        for i in 0..PRUNE_FROM {
+            last.insert(&tenant, &pool(i), at(0));
+        }
+        last.insert(&tenant, &pool(PRUNE_FROM + 1), at(0));
+        assert_eq!(last.map.len(), PRUNE_FROM + 2);
+        assert_eq!(last.prune_at, 2 * PRUNE_FROM, "pruned once, at the bound");
     }
 }
