@@ -1,8 +1,9 @@
 -- restore.lua: remembers again holds Redis lost with its data, as the
 -- audit log has them (src/store/redis/restore.rs), so that a retried take
 -- of such an id answers as the first time and another request under it is
--- ID_REUSED, instead of taking again. Only holds that ended: one live at
--- the loss has its units in doubt, and is not written back.
+-- ID_REUSED, instead of taking again, and what they sold counts against
+-- their customers' limits again. Only holds that ended: one live at the
+-- loss has its units in doubt, and is not written back.
 --
 -- KEYS  none (see reserve.lua)
 -- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
@@ -28,7 +29,8 @@ for i = 4, #ARGV, 12 do
     if kind == 'claim' then
       tail = '|' .. ck .. '|claim:' .. job
     end
-    local rq = requests_of(sent, cjson.decode(sent), tail)
+    local lines = cjson.decode(sent)
+    local rq = requests_of(sent, lines, tail)
     local fields = { 'HSET', hk, 'st', st, 'job', job, 'rq', request_digest(rq[1]), 'ln', ln, 'cat', cat }
     -- A claim keeps neither its expiry nor its end (lib.lua, view_of).
     if kind ~= 'claim' then
@@ -40,6 +42,14 @@ for i = 4, #ARGV, 12 do
     end
     redis.call(unpack(fields))
     redis.call('PEXPIRE', hk, left)
+    -- What it sold still counts against its customer's limit (the counter
+    -- was lost with it); what was given back no longer did.
+    if ck ~= '' and st == 'C' then
+      if customer_had[ck] == nil then
+        customer_had[ck] = redis.call('EXISTS', P .. ck) == 1
+      end
+      count_customer(ck, total(lines), lines[1][1])
+    end
     written = written + 1
   end
 end

@@ -431,3 +431,58 @@ async fn takes_retried_after_redis_lost_its_data_answer_as_before_and_take_nothi
     );
     app.shutdown().await;
 }
+
+/// A customer's claims before Redis lost its data still count against
+/// their limit after it: the counter, lost with the claims, is written
+/// back with them. Before, the customer could claim up to the limit again.
+#[tokio::test]
+async fn a_customers_claims_before_the_loss_count_against_their_limit_after_it() {
+    let app = spawn_app().await;
+    app.live_sale("lim", &[("a", Some(100)), ("b", Some(100))], 2)
+        .await;
+    let mut flash = app.flash();
+    let by = |id: &str, who: &str, lines: &[(&str, i64)]| {
+        let mut req = claim(id, "lim", lines);
+        req.customer_id = who.into();
+        req
+    };
+    let r = flash.claim(by("c1", "alice", &[("a", 2)])).await.unwrap();
+    assert_eq!(r.get_ref().outcome(), Outcome::Ok);
+    app.eventually("the claim in the audit log", || async {
+        (app.pg_sold("lim", "a").await == 2).then_some(())
+    })
+    .await;
+
+    let epoch = app.pool("sale/lim/a").await.epoch;
+    let mut con = app.redis().await;
+    let keys: Vec<String> = con.keys(format!("{}:*", app.redis_prefix)).await.unwrap();
+    let _: i64 = con.del(&keys).await.unwrap();
+    app.eventually("the pool reloaded in a new epoch", || async {
+        (app.pool("sale/lim/a").await.epoch > epoch).then_some(())
+    })
+    .await;
+
+    // While the circuit is open a sale with a limit answers UNAVAILABLE
+    // (README): the caller retries.
+    let over = app
+        .eventually("alice's next claim answered", || {
+            let mut flash = flash.clone();
+            let req = by("c2", "alice", &[("b", 1)]);
+            async move {
+                match flash.claim(req).await {
+                    Err(e) if e.code() == Code::Unavailable => None,
+                    answer => Some(answer.unwrap().into_inner()),
+                }
+            }
+        })
+        .await;
+    assert_eq!(over.outcome(), Outcome::CustomerLimit, "{over:?}");
+    assert_eq!(over.customer_units, 2);
+    let bob = flash.claim(by("c3", "bob", &[("b", 2)])).await.unwrap();
+    assert_eq!(
+        bob.get_ref().outcome(),
+        Outcome::Ok,
+        "another customer buys"
+    );
+    app.shutdown().await;
+}
