@@ -246,41 +246,44 @@ impl PgStore {
         Ok(rows.into_iter().collect())
     }
 
-    /// Opens a new epoch after Redis lost the pool (ESCROW.md "Losing
-    /// Redis"): what the old epoch had granted and not reported sold becomes
-    /// in doubt, never resold until an operator resolves it; except the
-    /// last `unsent` units granted, which Redis refused, so never had.
-    pub async fn open_epoch(
+    /// Opens a new epoch of each of `lost`, `(pool, lost epoch, unsent)`,
+    /// after Redis lost them (ESCROW.md "Losing Redis"): what the old epoch
+    /// had granted and not reported sold becomes in doubt, never resold
+    /// until an operator resolves it; except the last `unsent` units
+    /// granted, which Redis refused, so never had. A pool already past its
+    /// lost epoch (another daemon opened it first) is left as it is. One
+    /// statement for them all: a Redis that lost 10,000 pools cost 10,000
+    /// round trips with the circuit open.
+    pub async fn open_epochs(
         &self,
         tenant: &TenantId,
-        pool: &PoolId,
-        lost_epoch: i64,
-        unsent: i64,
-    ) -> Result<PoolRow, Error> {
-        let row = sqlx::query_as::<_, PoolRow>(&format!(
-            "UPDATE pools SET
-                 epoch = epoch + 1,
-                 in_doubt = in_doubt + GREATEST(granted - $4 - returned - reported_sold, 0),
-                 sold_prior = sold_prior + reported_sold,
-                 granted = 0, returned = 0, reported_sold = 0
-             WHERE tenant = $1 AND pool_id = $2 AND epoch = $3
-             RETURNING {COLUMNS}"
-        ))
-        .bind(tenant.as_str())
-        .bind(pool.as_str())
-        .bind(lost_epoch)
-        .bind(unsent)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(r) => Ok(r),
-            // Someone else opened it first: read what they left.
-            None => self
-                .get_pools(tenant, std::slice::from_ref(pool))
-                .await?
-                .pop()
-                .ok_or_else(|| Error::NotFound(format!("pool {pool}"))),
+        lost: &[(&PoolId, i64, i64)],
+    ) -> Result<(), Error> {
+        if lost.is_empty() {
+            return Ok(());
         }
+        let pools: Vec<&str> = lost.iter().map(|l| l.0.as_str()).collect();
+        let epochs: Vec<i64> = lost.iter().map(|l| l.1).collect();
+        let unsent: Vec<i64> = lost.iter().map(|l| l.2).collect();
+        let mut tx = self.begin().await?;
+        lock_tenant_pools(&mut tx, tenant, PoolWrites::InAnyOrder).await?;
+        sqlx::query(
+            "UPDATE pools p SET
+                 epoch = p.epoch + 1,
+                 in_doubt = p.in_doubt + GREATEST(p.granted - d.unsent - p.returned - p.reported_sold, 0),
+                 sold_prior = p.sold_prior + p.reported_sold,
+                 granted = 0, returned = 0, reported_sold = 0
+             FROM UNNEST($2::text[], $3::bigint[], $4::bigint[]) AS d(pool, epoch, unsent)
+             WHERE p.tenant = $1 AND p.pool_id = d.pool AND p.epoch = d.epoch",
+        )
+        .bind(tenant.as_str())
+        .bind(&pools)
+        .bind(&epochs)
+        .bind(&unsent)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Creates a pool if it does not exist yet; true when it was created.
