@@ -174,6 +174,30 @@ impl PgStore {
         Ok(Some(take.hold))
     }
 
+    /// The ids of `tenant`'s newest takes in Redis within `retention`, at
+    /// most `n`: if Redis still has them, it lost nothing the log knows of
+    /// (what a Redis loses is everything, or all after some moment), and
+    /// `audited_takes` need not be read. One backward step through the
+    /// `(tenant, event_id)` index.
+    pub async fn newest_take_ids(
+        &self,
+        tenant: &TenantId,
+        retention: Duration,
+        n: i64,
+    ) -> Result<Vec<String>, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT hold_id FROM audit_log
+             WHERE tenant = $1 AND event_id > $2 AND event_id < 'f'
+               AND kind IN ('reserved', 'claimed')
+             ORDER BY event_id DESC LIMIT $3",
+        )
+        .bind(tenant.as_str())
+        .bind(cutoff(retention))
+        .bind(n)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Every take Redis made for `tenant` within `retention`, as the
     /// audit log tells it, for a Redis that lost them
     /// (`Engine::restore_lost_takes`). The fallback's own rows are not
@@ -189,15 +213,13 @@ impl PgStore {
         tenant: &TenantId,
         retention: Duration,
     ) -> Result<Vec<AuditedTake>, Error> {
-        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        let cutoff = Utc::now().timestamp_millis().saturating_sub(retention_ms);
         let sql = format!(
             "SELECT kind, job, hold_id, lines, reference, order_id, customer, at FROM audit_log
              WHERE tenant = $1 AND event_id > $2 AND event_id < 'f' AND kind IN {KINDS}"
         );
         let mut rows = sqlx::query_as::<_, Row>(&sql)
             .bind(tenant.as_str())
-            .bind(cutoff.max(0).to_string())
+            .bind(cutoff(retention))
             .fetch(&self.pool);
         let mut takes: HashMap<String, AuditedTake> = HashMap::new();
         let mut later: HashMap<String, Vec<(String, String, DateTime<Utc>)>> = HashMap::new();
@@ -227,4 +249,12 @@ impl PgStore {
             })
             .collect())
     }
+}
+
+/// The stream id before which a take is past `retention`: its time in ms,
+/// which every id of that ms or later sorts after as text.
+fn cutoff(retention: Duration) -> String {
+    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let ms = Utc::now().timestamp_millis().saturating_sub(retention_ms);
+    ms.max(0).to_string()
 }

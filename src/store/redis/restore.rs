@@ -13,6 +13,21 @@ use crate::store::postgres::AuditedTake;
 const CHUNK: usize = 200;
 
 impl RedisStore {
+    /// Whether Redis has a hold under each of `ids` of `tenant` (one
+    /// `EXISTS` of them all).
+    pub async fn has_holds(&self, tenant: &TenantId, ids: &[String]) -> Result<bool, Error> {
+        if ids.is_empty() {
+            return Ok(true);
+        }
+        let prefix = self.keys.tenant(tenant);
+        let keys: Vec<String> = ids.iter().map(|id| format!("{prefix}hold:{id}")).collect();
+        let n: usize = redis::cmd("EXISTS")
+            .arg(&keys)
+            .query_async(&mut self.multiplexed())
+            .await?;
+        Ok(n == keys.len())
+    }
+
     /// Writes back, for `tenant`, those of `takes` that ended (committed,
     /// released, expired) and that Redis has no hold under, each for what
     /// is left of its retention (`lua/restore.lua`). A hold live at the
