@@ -299,6 +299,36 @@ async fn a_grant_that_finds_redis_without_what_postgres_delegated_loads_nothing(
     app.shutdown().await;
 }
 
+/// Redis loses everything of this daemon's, its marker too; returns once
+/// the daemon noticed and reloaded `pool` in a new epoch.
+pub(crate) async fn lose_everything(app: &TestApp, pool: &str) {
+    let epoch = app.pool(pool).await.epoch;
+    let mut con = app.redis().await;
+    let keys: Vec<String> = con.keys(format!("{}:*", app.redis_prefix)).await.unwrap();
+    let _: i64 = con.del(&keys).await.unwrap();
+    app.eventually("the pool reloaded in a new epoch", || async {
+        (app.pool(pool).await.epoch > epoch).then_some(())
+    })
+    .await;
+}
+
+/// `req`'s answer once the daemon has checked Redis after a loss: until
+/// its circuit closes, the fallback answers UNAVAILABLE for an id Redis
+/// served and for a sale with a customer limit (README), and the caller
+/// retries, as a client would.
+async fn claim_once_checked(app: &TestApp, req: pb::ClaimRequest) -> pb::ClaimResponse {
+    app.eventually("the claim answered", || {
+        let (mut flash, req) = (app.flash(), req.clone());
+        async move {
+            match flash.claim(req).await {
+                Err(e) if e.code() == Code::Unavailable => None,
+                answer => Some(answer.unwrap().into_inner()),
+            }
+        }
+    })
+    .await
+}
+
 /// Redis lost everything of this daemon's after a claim and a
 /// reservation ended there (README, "Redis data loss"). Before it closes
 /// its circuit the daemon writes the ended holds back from the audit log,
@@ -354,29 +384,8 @@ async fn takes_retried_after_redis_lost_its_data_answer_as_before_and_take_nothi
     })
     .await;
 
-    // Redis loses everything of this daemon's, its marker too.
-    let epoch = app.pool("sale/s/p").await.epoch;
-    let mut con = app.redis().await;
-    let keys: Vec<String> = con.keys(format!("{}:*", app.redis_prefix)).await.unwrap();
-    let _: i64 = con.del(&keys).await.unwrap();
-    app.eventually("the pool reloaded in a new epoch", || async {
-        (app.pool("sale/s/p").await.epoch > epoch).then_some(())
-    })
-    .await;
-
-    // Until the circuit closes the fallback answers UNAVAILABLE for an id
-    // Redis served; the caller retries, as a client would.
-    let again = app
-        .eventually("the claim's retry answered", || {
-            let mut flash = flash.clone();
-            async move {
-                match flash.claim(claim("c1", "s", &[("p", 1)])).await {
-                    Err(e) if e.code() == Code::Unavailable => None,
-                    answer => Some(answer.unwrap().into_inner()),
-                }
-            }
-        })
-        .await;
+    lose_everything(&app, "sale/s/p").await;
+    let again = claim_once_checked(&app, claim("c1", "s", &[("p", 1)])).await;
     assert_eq!(
         again, claimed,
         "the claim's retry answers as the first time"
@@ -453,29 +462,8 @@ async fn a_customers_claims_before_the_loss_count_against_their_limit_after_it()
     })
     .await;
 
-    let epoch = app.pool("sale/lim/a").await.epoch;
-    let mut con = app.redis().await;
-    let keys: Vec<String> = con.keys(format!("{}:*", app.redis_prefix)).await.unwrap();
-    let _: i64 = con.del(&keys).await.unwrap();
-    app.eventually("the pool reloaded in a new epoch", || async {
-        (app.pool("sale/lim/a").await.epoch > epoch).then_some(())
-    })
-    .await;
-
-    // While the circuit is open a sale with a limit answers UNAVAILABLE
-    // (README): the caller retries.
-    let over = app
-        .eventually("alice's next claim answered", || {
-            let mut flash = flash.clone();
-            let req = by("c2", "alice", &[("b", 1)]);
-            async move {
-                match flash.claim(req).await {
-                    Err(e) if e.code() == Code::Unavailable => None,
-                    answer => Some(answer.unwrap().into_inner()),
-                }
-            }
-        })
-        .await;
+    lose_everything(&app, "sale/lim/a").await;
+    let over = claim_once_checked(&app, by("c2", "alice", &[("b", 1)])).await;
     assert_eq!(over.outcome(), Outcome::CustomerLimit, "{over:?}");
     assert_eq!(over.customer_units, 2);
     let bob = flash.claim(by("c3", "bob", &[("b", 2)])).await.unwrap();

@@ -667,7 +667,6 @@ async fn bad_reservation_input_is_refused_and_changes_nothing() {
 /// at the loss is FAILED_PRECONDITION, its unit in doubt.
 #[tokio::test]
 async fn a_consumption_retried_after_redis_lost_its_data_answers_as_before() {
-    use redis::AsyncCommands;
     let app = spawn_app().await;
     set_stock(&app, "mug", "", 10).await;
     let mut c = app.reservations();
@@ -689,15 +688,7 @@ async fn a_consumption_retried_after_redis_lost_its_data_answers_as_before() {
     })
     .await;
 
-    // Redis loses everything of this daemon's, its marker too.
-    let epoch = app.pool("stock/mug").await.epoch;
-    let mut con = app.redis().await;
-    let keys: Vec<String> = con.keys(format!("{}:*", app.redis_prefix)).await.unwrap();
-    let _: i64 = con.del(&keys).await.unwrap();
-    app.eventually("the pool reloaded in a new epoch", || async {
-        (app.pool("stock/mug").await.epoch > epoch).then_some(())
-    })
-    .await;
+    crate::redis_loss::lose_everything(&app, "stock/mug").await;
 
     // The daemon checks every pool with its circuit open (README, "Redis
     // data loss"): until it closes, a hold of Redis's is UNAVAILABLE, and
