@@ -13,6 +13,7 @@
 mod capacity;
 mod circuit;
 mod escrow;
+mod grants;
 mod ids;
 mod lost;
 
@@ -25,7 +26,7 @@ use tokio::sync::Mutex;
 
 pub use capacity::Capacity;
 pub use circuit::Circuit;
-pub use escrow::GrantPolicy;
+pub use grants::GrantPolicy;
 
 use crate::domain::{Hold, HoldId, HoldState, Job, Lines, PoolId, TakeOutcome, TenantId};
 use crate::error::Error;
@@ -113,7 +114,7 @@ pub struct Engine {
     /// Each pool's last grant, which sizes the next (escrow.rs). A poisoned
     /// lock is used as it is: the worst a half-written entry costs is the
     /// size of one grant.
-    last_grants: std::sync::Mutex<escrow::LastGrants>,
+    last_grants: std::sync::Mutex<grants::LastGrants>,
     circuit: Circuit,
     /// Take ids Redis did not answer since the circuit last closed.
     unanswered: ids::IdSet,
