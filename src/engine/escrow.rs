@@ -1,8 +1,8 @@
 //! Escrow (ESCROW.md): how much of each pool Redis may sell. Postgres
 //! records the grant first and Redis follows; Redis hands units back first
-//! and Postgres follows. Grants come in chunks sized by the [`GrantPolicy`](super::GrantPolicy),
-//! so the fallback always keeps a share to sell from while Redis is down.
-//! Reads combine both stores' counts.
+//! and Postgres follows. Grants come in chunks sized by the grant policy
+//! (`grants.rs`), so the fallback always keeps a share to sell from while
+//! Redis is down. Reads combine both stores' counts.
 
 use std::collections::HashMap;
 use std::future::Future;
