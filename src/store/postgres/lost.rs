@@ -91,7 +91,7 @@ impl AuditedTake {
     }
 }
 
-/// An audit row of a hold, as the two reads here take it.
+/// An audit row of a hold, as `audited_takes` reads it.
 type Row = (
     String,
     String,
