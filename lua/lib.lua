@@ -269,6 +269,18 @@ local function requests_of(lines_arg, lines, tail)
   return { cjson.encode(sorted) .. tail, lines_arg .. tail }
 end
 
+-- The request of a take (requests_of) of `lines` as sent (`lines_arg`) by
+-- customer key `ck` for `job`: a claim's names itself so, so that a claim
+-- and a hold of the same lines are different requests. claim.lua,
+-- reserve.lua and restore.lua (which writes back a lost take's digest)
+-- must make the same string.
+local function take_requests(lines_arg, lines, ck, job, claim)
+  if claim then
+    return requests_of(lines_arg, lines, '|' .. ck .. '|claim:' .. job)
+  end
+  return requests_of(lines_arg, lines, '|' .. ck .. '|' .. job)
+end
+
 -- A hold's fields as one HMGET returns them: first the view's (below), in
 -- its order, then the customer key and the last extension id. An operation
 -- on a hold reads it once (read_hold, current_hold) and builds its answer

@@ -52,7 +52,7 @@ end
 
 -- 2. A repeated id answers as the first time; then every rule, before any write.
 local lines = cjson.decode(lines_arg)
-local rq = requests_of(lines_arg, lines, '|' .. ck .. '|' .. job)
+local rq = take_requests(lines_arg, lines, ck, job, false)
 local stop = busy_if_due(admit(hold_id, job, rq, lines, now, ck, limit, unused), now)
 if stop == RECHECK then
   stop = admit(hold_id, job, rq, lines, now, ck, limit, unused)

@@ -23,14 +23,10 @@ for i = 4, #ARGV, 12 do
   local hk = P .. 'hold:' .. id
   local left = tonumber(fin) + tonumber(RETENTION_MS) - now
   if left > 0 and redis.call('EXISTS', hk) == 0 then
-    -- The request digest exactly as the take made it (claim.lua,
-    -- reserve.lua), from the lines it sent.
-    local tail = '|' .. ck .. '|' .. job
-    if kind == 'claim' then
-      tail = '|' .. ck .. '|claim:' .. job
-    end
+    -- The request digest exactly as the take made it, from the lines it
+    -- sent.
     local lines = cjson.decode(sent)
-    local rq = requests_of(sent, lines, tail)
+    local rq = take_requests(sent, lines, ck, job, kind == 'claim')
     local fields = { 'HSET', hk, 'st', st, 'job', job, 'rq', request_digest(rq[1]), 'ln', ln, 'cat', cat }
     -- A claim keeps neither its expiry nor its end (lib.lua, view_of).
     if kind ~= 'claim' then

@@ -18,7 +18,7 @@ mod ids;
 mod lost;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::Counter;
@@ -517,12 +517,9 @@ fn in_doubt(take: &Take, outcome: TakeOutcome) -> Result<TakeOutcome, Error> {
 /// The outcome of a take Redis answered, counted as served there.
 fn served_by_redis(take: &Take, reply: HoldReply) -> Result<TakeOutcome, Error> {
     let outcome = outcome(take, reply)?;
-    static SERVED: Handles<(), Counter, 1> = Handles::new();
+    static SERVED: OnceLock<Counter> = OnceLock::new();
     SERVED
-        .get(
-            (),
-            |()| metrics::counter!(metric::SERVED_BY, "path" => "redis"),
-        )
+        .get_or_init(|| metrics::counter!(metric::SERVED_BY, "path" => "redis"))
         .increment(1);
     Ok(outcome)
 }
