@@ -15,6 +15,7 @@ mod failover;
 mod fallback;
 mod idle;
 mod load;
+mod pg_growth;
 mod probes;
 mod redis_limit;
 mod redis_time;
@@ -32,10 +33,11 @@ use tonic::transport::Channel;
 
 pub use baselines::{PgRun, redis_script};
 pub use drained::vacuum;
+pub use pg_growth::{Growth, run as pg_growth};
 pub use probes::Probe;
 pub use redis_limit::{Driven, N as OP_NUMBER, drive_steps, steps as redis_steps};
 use session::Session;
-pub use workloads::Workload;
+pub use workloads::{Caller, Workload};
 
 /// `holdfast bench`.
 #[derive(Debug, Clone, Args)]
@@ -96,13 +98,16 @@ pub struct BenchArgs {
     /// Postgres, and its thaw), fallback (drives the --workload workloads
     /// through the Postgres fallback, claim-hot when none is named), idle
     /// (each process's CPU over --duration seconds of no traffic, then
-    /// again with --tenants idle tenants more). Failover, pg-outage and
+    /// again with --tenants idle tenants more), pg-growth (what --holds
+    /// claims and as many consumed reservations leave in the Postgres of
+    /// --database-url: table, audit-log and WAL bytes each). Failover, pg-outage and
     /// fallback freeze a store, so they run last. With probes and no
     /// --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
-    /// Holds the memory and expiry probes make.
+    /// Holds the memory and expiry probes make (and the claims and
+    /// reservations each of pg-growth's).
     #[arg(long, default_value_t = 100_000)]
     pub holds: u64,
 

@@ -40,6 +40,10 @@ pub enum Probe {
     /// Each process's CPU with no traffic, alone and with `--tenants`
     /// more tenants that do nothing (runs in `idle.rs`).
     Idle,
+    /// What N claims and N consumed reservations leave in Postgres: table
+    /// and index bytes, audit-log bytes and WAL per operation (needs the
+    /// daemon's Postgres as --database-url; runs in `pg_growth.rs`).
+    PgGrowth,
 }
 
 pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -230,7 +234,12 @@ pub async fn run(
     let mut con = client.get_multiplexed_async_connection().await?;
     let ch = &channels[0];
     match probe {
-        Probe::Fallback | Probe::Failover | Probe::PgOutage | Probe::Idle | Probe::Expiry => {
+        Probe::Fallback
+        | Probe::Failover
+        | Probe::PgOutage
+        | Probe::Idle
+        | Probe::Expiry
+        | Probe::PgGrowth => {
             unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {

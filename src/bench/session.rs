@@ -13,8 +13,8 @@ use super::load::Plan;
 use super::report::{Line, ServerStats};
 use super::{
     BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, drained, expiry, failover,
-    fallback, host_port, idle, pg_alternative, pgbench_path, probes, redis_limit, redis_time,
-    workloads,
+    fallback, host_port, idle, pg_alternative, pg_growth, pgbench_path, probes, redis_limit,
+    redis_time, workloads,
 };
 use crate::domain::TenantId;
 use crate::store::redis::RedisStore;
@@ -342,6 +342,13 @@ impl<'a> Session<'a> {
                 idle::run(&self.watched, &args.database_url, args.tenants, idle_for).await
             }
             Probe::Fallback => self.fallback_probe().await,
+            Probe::PgGrowth => {
+                let url = &args.database_url;
+                for g in pg_growth::run(channels, caller, url, args.clients, args.holds).await? {
+                    println!("{}", g.line());
+                }
+                Ok(())
+            }
             _ => {
                 let url = &args.redis_url;
                 probes::run(probe, channels, caller, url, args.clients, args.holds).await

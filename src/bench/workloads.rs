@@ -92,7 +92,9 @@ impl Workload {
 /// it, so runs never collide), and as which customers.
 #[derive(Clone)]
 pub struct Caller {
+    /// The API key sent as a bearer token; none for a `--dev` daemon.
     pub key: Option<Arc<str>>,
+    /// Six hex digits in every id the caller makes.
     pub tag: Arc<str>,
     /// Units a customer may claim in each sale (`--customer-limit`); 0:
     /// no limit, and claims name no customer.

@@ -263,3 +263,50 @@ async fn counter(app: &crate::helpers::TestApp, pool: &str, field: &str) -> i64 
     let v: Option<i64> = app.redis().await.hget(&key, field).await.unwrap();
     v.unwrap_or(0)
 }
+
+/// The pg-growth probe counts what the run's own claims and consumed
+/// reservations left in the daemon's Postgres: every audit row of them
+/// (one a claim, two a reservation) written before it reads the sizes,
+/// and the growth of the audit log within what a row and its index
+/// entries can take.
+#[tokio::test]
+async fn the_pg_growth_probe_measures_what_each_operation_left_in_postgres() {
+    let app = crate::helpers::spawn_app().await;
+    let caller = holdfast::bench::Caller::new(None);
+    let n = 400;
+    let found = holdfast::bench::pg_growth(&[app.channel()], &caller, &app.database_url, 8, n)
+        .await
+        .expect("the probe runs");
+    let kinds: Vec<(&str, u64, i64)> = found
+        .iter()
+        .map(|g| (g.kind, g.made, g.audit_rows))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("claim", n, 400), ("reservation", n, 800)],
+        "every operation made and drained, and only the run's rows counted"
+    );
+    for g in &found {
+        let audit_per_op = g.audit_bytes as f64 / n as f64;
+        let rows_each = g.audit_rows as f64 / n as f64;
+        assert!(
+            (60.0 * rows_each..2_000.0 * rows_each).contains(&audit_per_op),
+            "{}: {audit_per_op} audit-log bytes an operation",
+            g.kind
+        );
+        assert!(
+            g.bytes >= g.audit_bytes,
+            "{g:?}: the database holds the audit log"
+        );
+        assert!(
+            g.wal_bytes > g.audit_bytes,
+            "{g:?}: the rows went through the WAL"
+        );
+        assert!(
+            g.line().contains(&format!("kind={} made={n}", g.kind)),
+            "{}",
+            g.line()
+        );
+    }
+    app.shutdown().await;
+}
