@@ -99,15 +99,16 @@ pub struct BenchArgs {
     /// through the Postgres fallback, claim-hot when none is named), idle
     /// (each process's CPU over --duration seconds of no traffic, then
     /// again with --tenants idle tenants more), pg-growth (what --holds
-    /// claims and as many consumed reservations leave in the Postgres of
-    /// --database-url: table, audit-log and WAL bytes each). Failover, pg-outage and
+    /// operations of each --workload, claim-hot and reserve-commit when
+    /// none is named, leave in the Postgres of --database-url: table,
+    /// audit-log and WAL bytes each). Failover, pg-outage and
     /// fallback freeze a store, so they run last. With probes and no
     /// --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
-    /// Holds the memory and expiry probes make (and the claims and
-    /// reservations each of pg-growth's).
+    /// Holds the memory and expiry probes make (and pg-growth's
+    /// operations of each workload).
     #[arg(long, default_value_t = 100_000)]
     pub holds: u64,
 

@@ -1,12 +1,12 @@
 //! What each sale leaves in Postgres (`--probe pg-growth`): the bytes its
-//! tables and their indexes grow by, and the WAL written, per claim and
-//! per reservation that is consumed.
+//! tables and their indexes grow by, and the WAL written, per operation of
+//! each workload named (a claim and a consumed reservation when none is).
 //!
 //! Redis forgets a finished hold after `--retention-secs`; Postgres keeps
 //! its audit rows for good (the log is append-only, the system of record),
 //! so a shop sizing its database, its backups and its replication link
 //! asks what a sale costs there. Measured through the daemon, after its
-//! drainer has written every event of the run: the growth of every table
+//! drainer has written every audit row of the run: the growth of every table
 //! of the database (heap, indexes, TOAST), of `audit_log` alone, and the
 //! WAL between the two reads. Tables grow by whole 8 kB pages, so the
 //! figures are exact only over many operations (the probe makes
@@ -25,15 +25,15 @@ use super::workloads::{self, Caller, Workload};
 /// gives up on it.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
-/// What `made` operations of one kind left in Postgres.
+/// What `made` operations of one workload left in Postgres.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Growth {
-    /// "claim" or "reservation".
-    pub kind: &'static str,
-    /// Operations that succeeded (the per-operation figures divide by it).
+    /// The workload.
+    pub workload: Workload,
+    /// Operations that finished (the per-operation figures divide by it).
     pub made: u64,
-    /// Audit rows the run added (a claim makes one, a consumed
-    /// reservation two).
+    /// Audit rows the run added (a claim makes one, a two-step operation
+    /// two).
     pub audit_rows: i64,
     /// Growth of every table of the database, indexes and TOAST included.
     pub bytes: i64,
@@ -52,8 +52,8 @@ impl Growth {
     /// The probe's report line.
     pub fn line(&self) -> String {
         format!(
-            "bench-probe: pg-growth kind={} made={} audit_rows={} bytes_per_op={:.0} audit_log_bytes_per_op={:.0} wal_bytes_per_op={:.0}",
-            self.kind,
+            "bench-probe: pg-growth workload={} made={} audit_rows={} bytes_per_op={:.0} audit_log_bytes_per_op={:.0} wal_bytes_per_op={:.0}",
+            self.workload.name(),
             self.made,
             self.audit_rows,
             self.per(self.bytes),
@@ -63,11 +63,17 @@ impl Growth {
     }
 }
 
-/// Runs `n` claims (claim-hot) and then `n` reservations each consumed
-/// (reserve-commit) through the daemon at `channels`, whose Postgres is
-/// `database_url`, and measures what each left there. Nothing else should
-/// write to that database meanwhile: the growth is the whole database's.
+/// The workloads the probe runs when none is named: a claim, and a
+/// reservation that is consumed.
+pub const DEFAULT: [Workload; 2] = [Workload::ClaimHot, Workload::ReserveCommit];
+
+/// Runs `n` operations of each of `driven` (one after the other) through
+/// the daemon at `channels`, whose Postgres is `database_url`, and
+/// measures what each workload's finished operations left there. Nothing
+/// else should write to that database meanwhile: the growth is the whole
+/// database's.
 pub async fn run(
+    driven: &[Workload],
     channels: &[Channel],
     caller: &Caller,
     database_url: &str,
@@ -76,10 +82,19 @@ pub async fn run(
 ) -> anyhow::Result<Vec<Growth>> {
     let mut pg = PgConnection::connect(database_url).await?;
     let mut found = Vec::new();
-    for (w, kind, rows_each, id_prefix) in [
-        (Workload::ClaimHot, "claim", 1, 'c'),
-        (Workload::ReserveCommit, "reservation", 2, 'r'),
-    ] {
+    for &w in driven {
+        let Some((letter, finished, rows_each)) = w.audit_trail() else {
+            anyhow::bail!(
+                "pg-growth measures workloads whose operations finish; {} mostly refuses",
+                w.name()
+            );
+        };
+        // A tag of its own, so that the audit rows counted below are this
+        // run's (not an earlier measurement's, nor another workload's with
+        // the same letter). What the workload needs (its cards, sales,
+        // venue) is made before the first size is read: the probe measures
+        // the operations.
+        let caller = &caller.retagged();
         workloads::setup(w, &channels[0], caller).await?;
         let before = Sizes::read(&mut pg).await?;
         let plan = Plan {
@@ -88,14 +103,15 @@ pub async fn run(
             rate: None,
             max_calls: Some(n),
         };
-        let made = workloads::run(w, channels, &plan, caller).await.units;
-        // Each operation's ids start with its letter and the run's tag
-        // (workloads.rs), so these rows are this run's alone.
-        let pattern = format!("{id_prefix}{}n%", caller.tag);
+        let run = workloads::run(w, channels, &plan, caller).await;
+        let made = run.outcomes.get(finished).copied().unwrap_or(0);
+        // Each operation's hold id starts with its letter and the tag
+        // (workloads.rs).
+        let pattern = format!("{letter}{}n%", caller.tag);
         let audit_rows = drained(&mut pg, &pattern, made as i64 * rows_each).await?;
         let after = Sizes::read(&mut pg).await?;
         found.push(Growth {
-            kind,
+            workload: w,
             made,
             audit_rows,
             bytes: after.tables - before.tables,

@@ -40,8 +40,9 @@ pub enum Probe {
     /// Each process's CPU with no traffic, alone and with `--tenants`
     /// more tenants that do nothing (runs in `idle.rs`).
     Idle,
-    /// What N claims and N consumed reservations leave in Postgres: table
-    /// and index bytes, audit-log bytes and WAL per operation (needs the
+    /// What N operations of each --workload (claim-hot and
+    /// reserve-commit when none is named) leave in Postgres: table and
+    /// index bytes, audit-log bytes and WAL per operation (needs the
     /// daemon's Postgres as --database-url; runs in `pg_growth.rs`).
     PgGrowth,
 }

@@ -343,8 +343,13 @@ impl<'a> Session<'a> {
             }
             Probe::Fallback => self.fallback_probe().await,
             Probe::PgGrowth => {
+                let driven = match args.workload.as_slice() {
+                    [] => &pg_growth::DEFAULT[..],
+                    named => named,
+                };
                 let url = &args.database_url;
-                for g in pg_growth::run(channels, caller, url, args.clients, args.holds).await? {
+                let (clients, n) = (args.clients, args.holds);
+                for g in pg_growth::run(driven, channels, caller, url, clients, n).await? {
                     println!("{}", g.line());
                 }
                 Ok(())

@@ -65,6 +65,22 @@ impl Workload {
         }
     }
 
+    /// What an operation that finished leaves in the audit log: the
+    /// letter its hold id starts with (then the caller's tag and `n`), the
+    /// outcome it counts under, and its audit rows (a take and, for the
+    /// two-step workloads, its end). `None` for claim-sellout, whose
+    /// operations are mostly refusals that leave nothing.
+    pub fn audit_trail(self) -> Option<(char, &'static str, i64)> {
+        match self {
+            Workload::ClaimHot | Workload::Claim10k => Some(('c', "claimed", 1)),
+            Workload::ClaimSellout => None,
+            Workload::ReserveCommit => Some(('r', "consumed", 2)),
+            Workload::ReserveRelease => Some(('r', "released", 2)),
+            Workload::LockComplete => Some(('l', "sold", 2)),
+            Workload::SlotConfirm => Some(('s', "confirmed", 2)),
+        }
+    }
+
     /// What a shop without holdfast would run instead: the same steps over
     /// as many rows as this workload spreads over, with its cap.
     pub fn pg_alternative(self) -> PgAlternative {
@@ -109,6 +125,14 @@ impl Caller {
             key,
             tag: Arc::from(tag.as_str()),
             customer_limit: 0,
+        }
+    }
+
+    /// The same caller under a fresh tag: ids, sales and stock of its own.
+    pub fn retagged(&self) -> Self {
+        Self {
+            tag: Caller::new(None).tag,
+            ..self.clone()
         }
     }
 

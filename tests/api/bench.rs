@@ -264,26 +264,35 @@ async fn counter(app: &crate::helpers::TestApp, pool: &str, field: &str) -> i64 
     v.unwrap_or(0)
 }
 
-/// The pg-growth probe counts what the run's own claims and consumed
-/// reservations left in the daemon's Postgres: every audit row of them
-/// (one a claim, two a reservation) written before it reads the sizes,
-/// and the growth of the audit log within what a row and its index
-/// entries can take.
+/// The pg-growth probe counts what the run's own operations left in the
+/// daemon's Postgres: every audit row of them (one a claim, two a
+/// two-step operation) written before it reads the sizes, and the growth
+/// of the audit log within what a row and its index entries can take.
 #[tokio::test]
 async fn the_pg_growth_probe_measures_what_each_operation_left_in_postgres() {
+    use holdfast::bench::{Caller, Workload, pg_growth};
     let app = crate::helpers::spawn_app().await;
-    let caller = holdfast::bench::Caller::new(None);
+    let caller = Caller::new(None);
     let n = 400;
-    let found = holdfast::bench::pg_growth(&[app.channel()], &caller, &app.database_url, 8, n)
+    let driven = [
+        Workload::ClaimHot,
+        Workload::ReserveCommit,
+        Workload::SlotConfirm,
+    ];
+    let found = pg_growth(&driven, &[app.channel()], &caller, &app.database_url, 8, n)
         .await
         .expect("the probe runs");
-    let kinds: Vec<(&str, u64, i64)> = found
+    let counted: Vec<(Workload, u64, i64)> = found
         .iter()
-        .map(|g| (g.kind, g.made, g.audit_rows))
+        .map(|g| (g.workload, g.made, g.audit_rows))
         .collect();
     assert_eq!(
-        kinds,
-        [("claim", n, 400), ("reservation", n, 800)],
+        counted,
+        [
+            (Workload::ClaimHot, n, 400),
+            (Workload::ReserveCommit, n, 800),
+            (Workload::SlotConfirm, n, 800)
+        ],
         "every operation made and drained, and only the run's rows counted"
     );
     for g in &found {
@@ -291,8 +300,7 @@ async fn the_pg_growth_probe_measures_what_each_operation_left_in_postgres() {
         let rows_each = g.audit_rows as f64 / n as f64;
         assert!(
             (60.0 * rows_each..2_000.0 * rows_each).contains(&audit_per_op),
-            "{}: {audit_per_op} audit-log bytes an operation",
-            g.kind
+            "{g:?}: {audit_per_op} audit-log bytes an operation"
         );
         assert!(
             g.bytes >= g.audit_bytes,
@@ -302,11 +310,20 @@ async fn the_pg_growth_probe_measures_what_each_operation_left_in_postgres() {
             g.wal_bytes > g.audit_bytes,
             "{g:?}: the rows went through the WAL"
         );
-        assert!(
-            g.line().contains(&format!("kind={} made={n}", g.kind)),
-            "{}",
-            g.line()
-        );
+        let named = format!("workload={} made={n}", g.workload.name());
+        assert!(g.line().contains(&named), "{}", g.line());
     }
+
+    // A workload whose operations are mostly refusals is refused.
+    let refused = pg_growth(
+        &[Workload::ClaimSellout],
+        &[app.channel()],
+        &caller,
+        &app.database_url,
+        8,
+        n,
+    )
+    .await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("claim-sellout")));
     app.shutdown().await;
 }
