@@ -108,7 +108,7 @@ pub async fn run(
         // Each operation's hold id starts with its letter and the tag
         // (workloads.rs).
         let pattern = format!("{letter}{}n%", caller.tag);
-        let audit_rows = drained(&mut pg, &pattern, made as i64 * rows_each).await?;
+        let audit_rows = audit_rows_written(&mut pg, &pattern, made as i64 * rows_each).await?;
         let after = Sizes::read(&mut pg).await?;
         found.push(Growth {
             workload: w,
@@ -126,7 +126,11 @@ pub async fn run(
 /// Waits until `audit_log` holds `expected` rows of holds whose id is
 /// LIKE `pattern`: the drainer has written the run. Returns how many it
 /// holds.
-async fn drained(pg: &mut PgConnection, pattern: &str, expected: i64) -> anyhow::Result<i64> {
+async fn audit_rows_written(
+    pg: &mut PgConnection,
+    pattern: &str,
+    expected: i64,
+) -> anyhow::Result<i64> {
     let started = Instant::now();
     loop {
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE hold_id LIKE $1")

@@ -104,6 +104,11 @@ impl Workload {
     }
 }
 
+/// Six random hex digits, a run's tag.
+fn fresh_tag() -> Arc<str> {
+    Arc::from(format!("{:06x}", rand::random::<u32>() & 0xff_ffff).as_str())
+}
+
 /// Who calls, with what key, under which tag (every id of a run carries
 /// it, so runs never collide), and as which customers.
 #[derive(Clone)]
@@ -120,10 +125,9 @@ pub struct Caller {
 impl Caller {
     /// A caller with `key` under a fresh random tag.
     pub fn new(key: Option<Arc<str>>) -> Self {
-        let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
         Self {
             key,
-            tag: Arc::from(tag.as_str()),
+            tag: fresh_tag(),
             customer_limit: 0,
         }
     }
@@ -131,7 +135,7 @@ impl Caller {
     /// The same caller under a fresh tag: ids, sales and stock of its own.
     pub fn retagged(&self) -> Self {
         Self {
-            tag: Caller::new(None).tag,
+            tag: fresh_tag(),
             ..self.clone()
         }
     }
