@@ -179,16 +179,16 @@ impl PgStore {
         // the rows are still ordered by number. The range: every id of
         // `after`'s millisecond, and those of later milliseconds up to
         // the one of the `limit`-th id past it (`cap`), which holds at
-        // least `limit` ids after `after`.
-        // With no `before`, the bound is i64::MAX's digits: past every
-        // 13-digit id, and before the fallback's 'f' ids.
+        // least `limit` ids after `after`, and short of `before`'s next
+        // millisecond (without one, of i64::MAX's digits: past every
+        // 13-digit id, and before the fallback's 'f' ids).
         let text = |ms: i64| ms.saturating_add(1).to_string();
         let rows: Vec<EventRow> = sqlx::query_as(
             "WITH cap AS (
                  SELECT (split_part(event_id, '-', 1)::bigint + 1)::text AS below
                  FROM audit_log
                  WHERE tenant = $1 AND event_id >= $7 AND event_id < $8 AND event_id NOT LIKE 'f%'
-                 ORDER BY event_id OFFSET $6 - 1 LIMIT 1)
+                 ORDER BY event_id OFFSET greatest($6 - 1, 0) LIMIT 1)
              SELECT event_id, kind, job, hold_id, lines, reference, order_id, customer, at
              FROM (SELECT *, split_part(event_id, '-', 1) AS ms, split_part(event_id, '-', 2) AS seq
                    FROM audit_log
