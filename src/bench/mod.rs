@@ -21,6 +21,7 @@ mod redis_limit;
 mod redis_time;
 mod report;
 mod session;
+mod watch_replay;
 mod workloads;
 
 use std::path::PathBuf;
@@ -37,6 +38,7 @@ pub use pg_growth::{Growth, run as pg_growth};
 pub use probes::Probe;
 pub use redis_limit::{Driven, N as OP_NUMBER, drive_steps, steps as redis_steps};
 use session::Session;
+pub use watch_replay::{Replay, run as watch_replay};
 pub use workloads::{Caller, Workload};
 
 /// `holdfast bench`.
@@ -101,7 +103,9 @@ pub struct BenchArgs {
     /// again with --tenants idle tenants more), pg-growth (what --holds
     /// operations of each --workload, claim-hot and reserve-commit when
     /// none is named, leave in the Postgres of --database-url: table,
-    /// audit-log and WAL bytes each). Failover, pg-outage and
+    /// audit-log and WAL bytes each), watch-replay (--holds claims
+    /// trimmed from the Redis stream, then a Watch resuming before them:
+    /// how fast their history comes from Postgres). Failover, pg-outage and
     /// fallback freeze a store, so they run last. With probes and no
     /// --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]

@@ -126,7 +126,7 @@ pub async fn run(
 /// Waits until `audit_log` holds `expected` rows of holds whose id is
 /// LIKE `pattern`: the drainer has written the run. Returns how many it
 /// holds.
-async fn audit_rows_written(
+pub(super) async fn audit_rows_written(
     pg: &mut PgConnection,
     pattern: &str,
     expected: i64,

@@ -45,6 +45,10 @@ pub enum Probe {
     /// index bytes, audit-log bytes and WAL per operation (needs the
     /// daemon's Postgres as --database-url; runs in `pg_growth.rs`).
     PgGrowth,
+    /// How fast a Watch subscriber resuming before N claims that the
+    /// Redis stream no longer keeps gets them from Postgres (the bench's
+    /// own daemon only; runs in `watch_replay.rs`).
+    WatchReplay,
 }
 
 pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -240,7 +244,8 @@ pub async fn run(
         | Probe::PgOutage
         | Probe::Idle
         | Probe::Expiry
-        | Probe::PgGrowth => {
+        | Probe::PgGrowth
+        | Probe::WatchReplay => {
             unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {

@@ -14,7 +14,7 @@ use super::report::{Line, ServerStats};
 use super::{
     BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, drained, expiry, failover,
     fallback, host_port, idle, pg_alternative, pg_growth, pgbench_path, probes, redis_limit,
-    redis_time, workloads,
+    redis_time, watch_replay, workloads,
 };
 use crate::domain::TenantId;
 use crate::store::redis::RedisStore;
@@ -342,6 +342,20 @@ impl<'a> Session<'a> {
                 idle::run(&self.watched, &args.database_url, args.tenants, idle_for).await
             }
             Probe::Fallback => self.fallback_probe().await,
+            Probe::WatchReplay => {
+                let Some(redis) = &self.redis else {
+                    anyhow::bail!(
+                        "watch-replay needs the daemon the bench starts (its tenant's stream)"
+                    );
+                };
+                let stream = redis.keys().events(&dev_tenant());
+                let (pg, url) = (&args.database_url, &args.redis_url);
+                let (clients, n) = (args.clients, args.holds);
+                let replay =
+                    watch_replay::run(channels, caller, pg, url, &stream, clients, n).await?;
+                println!("{}", replay.line());
+                Ok(())
+            }
             Probe::PgGrowth => {
                 let driven = match args.workload.as_slice() {
                     [] => &pg_growth::DEFAULT[..],

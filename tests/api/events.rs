@@ -512,3 +512,34 @@ async fn history_pages_come_in_stream_order_from_a_range_of_the_index() {
     }
     app.shutdown().await;
 }
+
+/// The bench's watch-replay probe: 700 claims (two pages of history)
+/// trimmed from the stream come to a resuming subscriber from Postgres,
+/// each once and in stream order.
+#[tokio::test]
+async fn the_watch_replay_probe_gets_every_trimmed_event_from_postgres_in_order() {
+    use holdfast::bench::{Caller, watch_replay};
+    let app = spawn_app().await;
+    let stream = format!("{}:{{dev}}:events", app.redis_prefix);
+    let url = crate::helpers::redis_url();
+    let caller = Caller::new(None);
+    let replay = watch_replay(
+        &[app.channel()],
+        &caller,
+        &app.database_url,
+        &url,
+        &stream,
+        8,
+        700,
+    )
+    .await
+    .expect("the probe runs");
+    assert_eq!((replay.events, replay.in_order), (700, true), "{replay:?}");
+    let len: i64 = app.redis().await.xlen(&stream).await.unwrap();
+    assert_eq!(
+        len, 0,
+        "the run's events were trimmed, so they came from Postgres"
+    );
+    assert!(replay.line().contains("events=700"), "{}", replay.line());
+    app.shutdown().await;
+}
