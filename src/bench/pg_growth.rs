@@ -83,12 +83,12 @@ pub async fn run(
     let mut pg = PgConnection::connect(database_url).await?;
     let mut found = Vec::new();
     for &w in driven {
-        let Some((letter, finished, rows_each)) = w.audit_trail() else {
+        if w.audit_trail().is_none() {
             anyhow::bail!(
                 "pg-growth measures workloads whose operations finish; {} mostly refuses",
                 w.name()
             );
-        };
+        }
         // A tag of its own, so that the audit rows counted below are this
         // run's (not an earlier measurement's, nor another workload's with
         // the same letter). What the workload needs (its cards, sales,
@@ -97,18 +97,7 @@ pub async fn run(
         let caller = &caller.retagged();
         workloads::setup(w, &channels[0], caller).await?;
         let before = Sizes::read(&mut pg).await?;
-        let plan = Plan {
-            clients,
-            duration: Duration::from_secs(600),
-            rate: None,
-            max_calls: Some(n),
-        };
-        let run = workloads::run(w, channels, &plan, caller).await;
-        let made = run.outcomes.get(finished).copied().unwrap_or(0);
-        // Each operation's hold id starts with its letter and the tag
-        // (workloads.rs).
-        let pattern = format!("{letter}{}n%", caller.tag);
-        let audit_rows = audit_rows_written(&mut pg, &pattern, made as i64 * rows_each).await?;
+        let (made, audit_rows) = run_written(w, channels, caller, clients, n, &mut pg).await?;
         let after = Sizes::read(&mut pg).await?;
         found.push(Growth {
             workload: w,
@@ -123,10 +112,40 @@ pub async fn run(
     Ok(found)
 }
 
+/// Runs `n` operations of `w` (set up already) as `caller`, and waits
+/// until the drainer has written their audit rows to `pg`: how many
+/// operations finished, and their rows. The caller's tag must be the
+/// run's own (see [`Caller::retagged`]): the rows are counted by it.
+pub(super) async fn run_written(
+    w: Workload,
+    channels: &[Channel],
+    caller: &Caller,
+    clients: usize,
+    n: u64,
+    pg: &mut PgConnection,
+) -> anyhow::Result<(u64, i64)> {
+    let Some((letter, finished, rows_each)) = w.audit_trail() else {
+        anyhow::bail!("{} leaves no audit rows to wait for", w.name());
+    };
+    let plan = Plan {
+        clients,
+        duration: Duration::from_secs(600),
+        rate: None,
+        max_calls: Some(n),
+    };
+    let run = workloads::run(w, channels, &plan, caller).await;
+    let made = run.outcomes.get(finished).copied().unwrap_or(0);
+    // Each operation's hold id starts with its letter and the tag
+    // (workloads.rs).
+    let pattern = format!("{letter}{}n%", caller.tag);
+    let rows = audit_rows_written(pg, &pattern, made as i64 * rows_each).await?;
+    Ok((made, rows))
+}
+
 /// Waits until `audit_log` holds `expected` rows of holds whose id is
 /// LIKE `pattern`: the drainer has written the run. Returns how many it
 /// holds.
-pub(super) async fn audit_rows_written(
+async fn audit_rows_written(
     pg: &mut PgConnection,
     pattern: &str,
     expected: i64,

@@ -13,8 +13,7 @@ use sqlx::{Connection, PgConnection};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use super::load::Plan;
-use super::pg_growth::audit_rows_written;
+use super::pg_growth::run_written;
 use super::workloads::{self, Caller, Workload};
 use crate::domain::parse_event_id;
 use crate::grpc::pb;
@@ -57,17 +56,9 @@ pub async fn run(
 ) -> anyhow::Result<Replay> {
     let caller = &caller.retagged();
     workloads::setup(Workload::ClaimHot, &channels[0], caller).await?;
-    let plan = Plan {
-        clients,
-        duration: Duration::from_secs(600),
-        rate: None,
-        max_calls: Some(n),
-    };
-    let run = workloads::run(Workload::ClaimHot, channels, &plan, caller).await;
-    let made = run.outcomes.get("claimed").copied().unwrap_or(0);
     let mut pg = PgConnection::connect(database_url).await?;
+    let (made, _) = run_written(Workload::ClaimHot, channels, caller, clients, n, &mut pg).await?;
     let pattern = format!("c{}n%", caller.tag);
-    audit_rows_written(&mut pg, &pattern, made as i64).await?;
     let ids: Vec<String> =
         sqlx::query_scalar("SELECT event_id FROM audit_log WHERE hold_id LIKE $1")
             .bind(&pattern)
