@@ -34,7 +34,7 @@ if st == 'C' then
   end
   return view_of(h)
 end
-if st ~= 'A' then
+if not live(st) then
   return { 'NOT_ACTIVE_HOLD', view_of(h) }
 end
 local ln = h[3]
@@ -55,8 +55,12 @@ local fields = { 'HSET', hk, 'st', 'C', 'fin', fin }
 put_unless_empty(fields, 'oid', order_id)
 redis.call(unpack(fields))
 redis.call('PEXPIRE', hk, RETENTION_MS)
--- Its expiry index entry stays until its bucket comes due (lib.lua).
+-- Its expiry index entry stays until its bucket comes due (lib.lua); its
+-- bucket's sum no longer counts it.
 active_add(-1)
+if st == 'Q' then
+  count_in_bucket(tonumber(h[4]), lines, h[11], -1)
+end
 
 -- 4. Log it, and answer with what was read and written.
 emit(now, 'committed', job, hold_id, ln, { 'r', h[6] or '', 'o', order_id, 'c', h[11] or '' })

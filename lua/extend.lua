@@ -27,7 +27,7 @@ end
 if xid ~= '' and h[12] == xid then
   return view_of(h)
 end
-if h[1] ~= 'A' then
+if not live(h[1]) then
   return { 'NOT_ACTIVE_HOLD', view_of(h) }
 end
 local ext = tonumber(h[5] or '0')
@@ -38,11 +38,23 @@ end
 -- 3. Move the expiry, log it, answer.
 local was = tonumber(h[4])
 local exp = math.max(was, now + ttl)
+if h[1] == 'Q' then
+  exp = q_exp(exp)
+end
 h[4], h[5] = ms(exp), tostring(ext + 1)
 redis.call('HSET', hk, 'exp', h[4], 'ext', h[5], 'xid', xid)
--- An expiry in the same bucket is found there already (lib.lua, index_expiry).
+-- An expiry in the same bucket is found there already (lib.lua,
+-- index_expiry), and counted in its sum; a Q hold's units move to the new
+-- bucket's sum.
 if bucket_of(exp) ~= bucket_of(was) then
-  index_expiry(hold_id, exp)
+  if h[1] == 'Q' then
+    local lines = cjson.decode(h[3])
+    count_in_bucket(was, lines, h[11], -1)
+    count_in_bucket(exp, lines, h[11], 1)
+    index_expiry(hold_id, exp, 'xdue')
+  else
+    index_expiry(hold_id, exp, 'due')
+  end
 end
 emit(now, 'extended', job, hold_id, h[3], { 'r', h[6] or '' })
 return view_of(h)

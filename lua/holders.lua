@@ -19,6 +19,6 @@ for i = 4, #ARGV do
   if by ~= '' then
     h = redis.call('HMGET', P .. 'hold:' .. by, 'st', 'ref', 'job')
   end
-  out[#out + 1] = { p[1] or '0', p[2] or '0', by, h[1] or '', h[2] or '', h[3] or '' }
+  out[#out + 1] = { p[1] or '0', p[2] or '0', by, shown(h[1] or ''), h[2] or '', h[3] or '' }
 end
 return out

@@ -21,16 +21,26 @@
 --                         one holder while held = 1)
 --   refill          set   pools whose headroom fell to their low-water mark (lw)
 --   hold:<hold_id>  hash  st job rq ln exp ext xid ck cq ref oid cat fin fence
+--                         (st: Q active, its units given back by bucket;
+--                         A active, from an older build, given back alone;
+--                         C committed, R released, E expired)
 --                         (rq is a digest of the request, see request_digest;
 --                         ext, xid, ck, cq, ref and oid are absent while empty
 --                         or zero: a hold is mostly these few bytes, and
 --                         memory per hold bounds how many a tenant can have;
 --                         a claim has no exp or fin, both its cat: see view_of)
 --   fence           string, the tenant's last fencing token (see next_fence)
---   due             zset  bucket -> its first ms: the expiry index, in buckets
---                         of DUE_BUCKET_MS (see index_expiry)
---   due:<bucket>    list  ids of holds whose expiry fell in the bucket when
+--   xdue            zset  bucket -> its first ms: the expiry index of Q holds,
+--                         in buckets of DUE_BUCKET_MS (see index_expiry)
+--   xdue:<bucket>   list  ids of Q holds whose expiry fell in the bucket when
 --                         they were made or extended
+--   xsums           zset  the buckets whose units are not given back yet,
+--                         bucket -> its first ms, and the mark '^' scored by
+--                         the first ms of the last one given back (see
+--                         give_back_due)
+--   xsum:<bucket>   hash  what the bucket's active holds hold: "<pool>\0<epoch>"
+--                         -> units, "\0<customer key>" -> units, "\0#" -> holds
+--   due, due:<b>    the same index as xdue of an older build's A holds
 --   active          string, how many holds are ACTIVE
 --   events          stream, one entry per state change
 --   cust:<scope>    string, units a customer has in a sale (per-customer limit)
@@ -84,8 +94,12 @@ end
 -- owed_pool: pool id -> { field -> value } of what the call owes it
 -- (owe_pool), and owed_pools the ids that owe, in order; owed_active and
 -- owed_fence: whether active_n and fence_last must be written; owed_due:
--- bucket -> hold ids to append, and owed_buckets the buckets in order.
+-- "<index>:<bucket>" -> hold ids to append, and owed_buckets the { index,
+-- bucket } pairs in order; owed_sum: bucket -> { field -> delta } of the
+-- buckets' sums (count_in_bucket), owed_sum_buckets the buckets in order,
+-- and owed_sum_new those a hold was added to.
 local owed_pool, owed_pools, owed_active, owed_fence, owed_due, owed_buckets
+local owed_sum, owed_sum_buckets, owed_sum_new
 
 -- The tenant's next fencing token: one more than the last, and never less
 -- than the clock in microseconds, so tokens keep growing even after Redis
@@ -291,6 +305,24 @@ local function read_hold(hold_key)
   return redis.call('HMGET', hold_key, unpack(HOLD_FIELDS))
 end
 
+-- Whether a hold's state is ACTIVE: Q, made by this build, whose units go
+-- back with its expiry bucket's (give_back_due), or A, made by a build
+-- before buckets had sums, whose units go back with the hold alone. An
+-- older build's scripts take only A for active, so they refuse to commit,
+-- release, extend or expire a Q hold rather than count its units a second
+-- time, and its sweeper never sees the xdue index.
+local function live(st)
+  return st == 'Q' or st == 'A'
+end
+
+-- The state as callers know it: both active states are ACTIVE.
+local function shown(st)
+  if st == 'Q' then
+    return 'A'
+  end
+  return st
+end
+
 -- The reply shape of a hold, decoded strictly by src/store/redis/reply.rs:
 -- { 'HOLD', st, job, lines_json, expires_at, extensions, ref, order_id,
 --   created_at, finished_at, fence }, from a read_hold.
@@ -306,7 +338,7 @@ local function view_of(h)
   if not exp then
     exp, fin = h[8], h[8]
   end
-  return { 'HOLD', h[1], h[2], h[3], exp or '0', h[5] or '0', h[6] or '', h[7] or '', h[8] or '0', fin or '0',
+  return { 'HOLD', shown(h[1]), h[2], h[3], exp or '0', h[5] or '0', h[6] or '', h[7] or '', h[8] or '0', fin or '0',
     h[10] or '0' }
 end
 
@@ -361,8 +393,22 @@ end
 --
 -- A bucket is "full" once its last millisecond has passed: every hold in
 -- it is due. Only the first bucket can be partly due (the one that holds
--- now); takes pop full buckets, and look into the partial one only when a
--- refusal depends on it (busy_if_due), so the hot path never scans it.
+-- now); takes look into the partial one only when a refusal depends on it
+-- (busy_if_due), so the hot path never scans it.
+--
+-- Ending an expired hold is two things: its units (and its customer's,
+-- and its place among the tenant's active holds) go back, so that it
+-- blocks nothing; and its state becomes EXPIRED, with its event and its
+-- retention. The first is done for a whole bucket at once: each bucket of
+-- Q holds keeps the sum of what its active holds hold (xsum:<bucket>,
+-- count_in_bucket), and every call gives back the sums of the buckets
+-- that have filled (give_back_due), a few calls a bucket whatever its
+-- holds. 100,000 holds that expire in the same second cost Redis ~6 µs
+-- each when each gave its units back alone, and the burst starved the
+-- claims made meanwhile (deploy/BENCHMARKS.md, "mass expiry"). The second
+-- is per hold, and the sweeper paces it (book_expired). A Q hold whose
+-- bucket was given back is expired from then on, whatever reads it; until
+-- its state is written, every call that touches it writes it.
 local DUE_BUCKET_MS = 50
 
 -- The bucket of an expiry (ms), as the decimal string that names it.
@@ -370,19 +416,52 @@ local function bucket_of(exp)
   return string.format('%d', math.floor(exp / DUE_BUCKET_MS))
 end
 
--- Files `hold_id` under the bucket of `exp` (ms), by the call's end
--- (settle: one RPUSH and one ZADD a bucket, not a hold). Nothing of the
--- call looks for it there before: `exp` is later than now (a TTL is at
--- least a second), and the call only looks into buckets that hold now.
-local function index_expiry(hold_id, exp)
+-- Files `hold_id` under the bucket of `exp` (ms) in `index` ('xdue' for
+-- Q holds, 'due' for A holds), by the call's end (settle: one RPUSH and
+-- one ZADD a bucket, not a hold). Nothing of the call looks for it there
+-- before: `exp` is later than now (a TTL is at least a second), and the
+-- call only looks into buckets that hold now.
+local function index_expiry(hold_id, exp, index)
   local b = bucket_of(exp)
-  local ids = owed_due[b]
+  local at = index .. ':' .. b
+  local ids = owed_due[at]
   if not ids then
     ids = {}
-    owed_due[b] = ids
-    owed_buckets[#owed_buckets + 1] = b
+    owed_due[at] = ids
+    owed_buckets[#owed_buckets + 1] = { index, b }
   end
   ids[#ids + 1] = hold_id
+end
+
+-- The field of a bucket's sum that counts its holds, and the prefix of a
+-- customer's (pool ids and customer keys never start with a NUL).
+local COUNT_FIELD = '\0#'
+
+-- Adds (`sign` 1) or takes out (-1) a Q hold's lines, customer units and
+-- itself to or from the sum of its expiry bucket, by the call's end
+-- (settle: one HINCRBY a field a bucket, however many holds).
+local function count_in_bucket(exp, lines, ck, sign)
+  local b = bucket_of(exp)
+  local s = owed_sum[b]
+  if not s then
+    s = {}
+    owed_sum[b] = s
+    owed_sum_buckets[#owed_sum_buckets + 1] = b
+  end
+  local units = 0
+  for _, l in ipairs(lines) do
+    local f = l[1] .. '\0' .. tostring(l[3])
+    s[f] = (s[f] or 0) + sign * l[2]
+    units = units + l[2]
+  end
+  if ck and ck ~= '' then
+    local f = '\0' .. ck
+    s[f] = (s[f] or 0) + sign * units
+  end
+  s[COUNT_FIELD] = (s[COUNT_FIELD] or 0) + sign
+  if sign > 0 then
+    owed_sum_new[b] = true
+  end
 end
 
 -- The earlier of two times, either of which may be nil.
@@ -393,10 +472,108 @@ local function earlier(a, b)
   return a
 end
 
--- The first bucket as { bucket, first_ms, full }, or nil when none starts
--- by `now`.
-local function first_due_bucket(now)
-  local first = redis.call('ZRANGE', P .. 'due', 0, 0, 'WITHSCORES')
+-- Where giving back stands, as read by this call: back_wm, the last bucket
+-- given back (-1 before the first); back_next, the first bucket not given
+-- back yet as { bucket, first_ms }, or nil; all_back, false when this call
+-- left full buckets for later (its budget); back_oldest, the first ms of
+-- the oldest bucket this call gave back (the sweeper's lag); back_done,
+-- whether this call has looked.
+--
+-- `xsums` holds both in its first two entries: the mark '^', scored by the
+-- first ms of the last bucket given back, sorts before every bucket not
+-- given back (a bucket is given back only once full, and no hold is filed
+-- into a bucket at or below the mark: q_exp), so one ZRANGE reads both.
+local BACK_MARK = '^'
+local back_wm, back_next, all_back, back_oldest, back_done
+
+local function read_back()
+  local r = redis.call('ZRANGE', P .. 'xsums', 0, 1, 'WITHSCORES')
+  back_wm, back_next = -1, nil
+  local i = 1
+  if r[1] == BACK_MARK then
+    back_wm = math.floor(tonumber(r[2]) / DUE_BUCKET_MS)
+    i = 3
+  end
+  if r[i] then
+    back_next = { r[i], tonumber(r[i + 1]) }
+  end
+end
+
+-- Gives back the sums of the buckets that are full at `now`, oldest first,
+-- once a call (whichever of its steps asks first); `budget` bounds the
+-- fields read, a whole bucket at a time, and what is left over leaves
+-- all_back false (a take that comes up short then answers BUSY, and the
+-- sweep gives back the rest). A pool reloaded under a newer epoch no
+-- longer counts the units; a customer's counter that would go below zero
+-- had expired and is dropped (as finish_all does).
+local GIVE_BACK_BUDGET = 1000
+local function give_back_due(now, budget)
+  if back_done then
+    return
+  end
+  back_done = true
+  read_back()
+  local spent = 0
+  while back_next and back_next[2] + DUE_BUCKET_MS <= now + 1 do
+    if spent >= budget then
+      all_back = false
+      return
+    end
+    local b, from = back_next[1], back_next[2]
+    local sk = P .. 'xsum:' .. b
+    local sums = redis.call('HGETALL', sk)
+    for i = 1, #sums, 2 do
+      local f, v = sums[i], tonumber(sums[i + 1])
+      if v ~= 0 then
+        if f == COUNT_FIELD then
+          active_add(-v)
+        elseif string.byte(f, 1) == 0 then
+          local ck = P .. string.sub(f, 2)
+          if redis.call('DECRBY', ck, v) < 0 then
+            redis.call('DEL', ck)
+          end
+        else
+          local cut = string.find(f, '\0', 1, true)
+          local pool_id = string.sub(f, 1, cut - 1)
+          if read_pool(pool_id)[5] == string.sub(f, cut + 1) then
+            pool_add(pool_id, 'held', -v)
+            check_low(pool_id, now)
+          end
+        end
+      end
+    end
+    spent = spent + 1 + #sums / 2
+    redis.call('DEL', sk)
+    redis.call('ZREM', P .. 'xsums', b)
+    redis.call('ZADD', P .. 'xsums', from, BACK_MARK)
+    back_oldest = back_oldest or from
+    read_back()
+  end
+end
+
+-- Whether the units of a Q hold expiring at `exp` are back already (its
+-- bucket was given back): it is expired then, even if the clock of the
+-- call that reads it says its time is not quite up.
+local function units_back(exp)
+  give_back_due(NOW_MS, GIVE_BACK_BUDGET)
+  return math.floor(exp / DUE_BUCKET_MS) <= back_wm
+end
+
+-- The expiry to give a Q hold asking for `exp`: never in a bucket already
+-- given back, whose sum nobody would give back again (only a TTL shorter
+-- than the bucket, or a clock far behind another daemon's, asks for one):
+-- the first ms of the next bucket then.
+local function q_exp(exp)
+  if units_back(exp) then
+    return (back_wm + 1) * DUE_BUCKET_MS
+  end
+  return exp
+end
+
+-- The first bucket of `index` as { bucket, first_ms, full }, or nil when
+-- none starts by `now`.
+local function first_bucket(index, now)
+  local first = redis.call('ZRANGE', P .. index, 0, 0, 'WITHSCORES')
   if not first[1] or tonumber(first[2]) > now then
     return nil
   end
@@ -404,35 +581,50 @@ local function first_due_bucket(now)
   return { first[1], from, from + DUE_BUCKET_MS <= now + 1 }
 end
 
--- Ends those of `hold_ids` that are ACTIVE and, with `due_by`, due by then,
--- as released ('R') or expired ('E'): gives their units back to every pool
--- of the epoch they took them from, gives the customers' units back, and
--- logs one event per hold. Pools are updated once per call, not once per
--- hold, because the sweeper ends holds hundreds at a time (a burst of
--- expiries is mostly this loop). Returns how many it ended and the
--- earliest expiry among them (for the sweeper's lag).
+-- The first bucket of A holds (see first_bucket).
+local function first_due_bucket(now)
+  return first_bucket('due', now)
+end
+
+-- Ends those of `hold_ids` that are ACTIVE and, with `due_by`, due by then
+-- (or, for a Q hold, given back), as released ('R') or expired ('E'):
+-- gives their units back to every pool of the epoch they took them from,
+-- gives the customers' units back, and logs one event per hold. A Q hold
+-- whose bucket was given back has nothing left to give: only its state,
+-- event and retention are written. Pools are updated once per call, not
+-- once per hold, because the sweeper ends holds hundreds at a time.
+-- Returns how many it ended and the earliest expiry among them (for the
+-- sweeper's lag).
 local function finish_all(hold_ids, state, now, kind, due_by)
-  local back, order = {}, {}
-  local ended, earliest = 0, nil
+  local owed, order = {}, {}
+  local ended, returned, earliest = 0, 0, nil
   for _, hold_id in ipairs(hold_ids) do
     local hk = P .. 'hold:' .. hold_id
     local h = redis.call('HMGET', hk, 'st', 'exp', 'ln', 'ck', 'cq', 'job', 'ref')
     local exp = tonumber(h[2] or '0')
-    if h[1] == 'A' and (not due_by or exp <= due_by) then
+    local gone = h[1] == 'Q' and units_back(exp)
+    if live(h[1]) and (not due_by or exp <= due_by or gone) then
       ended = ended + 1
       earliest = earlier(earliest, exp)
-      for _, l in ipairs(cjson.decode(h[3])) do
-        local at = l[1] .. '\0' .. tostring(l[3])
-        if not back[at] then
-          back[at] = { l[1], tostring(l[3]), 0 }
-          order[#order + 1] = at
+      if not gone then
+        returned = returned + 1
+        local lines = cjson.decode(h[3])
+        for _, l in ipairs(lines) do
+          local at = l[1] .. '\0' .. tostring(l[3])
+          if not owed[at] then
+            owed[at] = { l[1], tostring(l[3]), 0 }
+            order[#order + 1] = at
+          end
+          owed[at][3] = owed[at][3] + l[2]
         end
-        back[at][3] = back[at][3] + l[2]
-      end
-      -- A customer's counter is never below zero; below it, the counter
-      -- had expired (count_customer) and this made it anew: drop it.
-      if h[4] and h[4] ~= '' and redis.call('DECRBY', P .. h[4], h[5]) < 0 then
-        redis.call('DEL', P .. h[4])
+        -- A customer's counter is never below zero; below it, the counter
+        -- had expired (count_customer) and this made it anew: drop it.
+        if h[4] and h[4] ~= '' and redis.call('DECRBY', P .. h[4], h[5]) < 0 then
+          redis.call('DEL', P .. h[4])
+        end
+        if h[1] == 'Q' then
+          count_in_bucket(exp, lines, h[4], -1)
+        end
       end
       redis.call('HSET', hk, 'st', state, 'fin', ms(now))
       redis.call('PEXPIRE', hk, RETENTION_MS)
@@ -440,15 +632,15 @@ local function finish_all(hold_ids, state, now, kind, due_by)
     end
   end
   for _, at in ipairs(order) do
-    local pool_id, epoch, qty = back[at][1], back[at][2], back[at][3]
+    local pool_id, epoch, qty = owed[at][1], owed[at][2], owed[at][3]
     -- A pool reloaded under a newer epoch no longer counts these holds.
     if read_pool(pool_id)[5] == epoch then
       pool_add(pool_id, 'held', -qty)
       check_low(pool_id, now)
     end
   end
-  if ended > 0 then
-    active_add(-ended)
+  if returned > 0 then
+    active_add(-returned)
   end
   return ended, earliest
 end
@@ -458,12 +650,12 @@ local function finish(hold_id, state, now, kind)
   finish_all({ hold_id }, state, now, kind)
 end
 
--- Finalises up to `limit` of the tenant's due holds, oldest bucket first,
--- from full buckets only; returns how many, and the earliest expiry among
--- them. Without a limit it spends from one budget of DUE_LIMIT index
--- entries per script call, shared by every operation of a batch
--- (batch.lua), so that a burst of expiries (100k holds ending in the same
--- second) never makes one call block Redis: the sweeper finishes them in
+-- Gives back the buckets that are full, then finalises up to `limit` of
+-- the tenant's due A holds, oldest bucket first, from full buckets only;
+-- returns how many, and the earliest expiry among them. Without a limit it
+-- spends from one budget of DUE_LIMIT index entries per script call,
+-- shared by every operation of a batch (batch.lua), so that a burst of
+-- expiries never makes one call block Redis: the sweeper finishes them in
 -- bounded batches, and a take that comes up short while some are still due
 -- answers BUSY (see busy_if_due) instead of refusing.
 --
@@ -474,6 +666,7 @@ local DUE_LIMIT = 100
 local due_budget = DUE_LIMIT
 local none_due = false
 local function expire_due(now, limit)
+  give_back_due(now, limit or GIVE_BACK_BUDGET)
   local n = limit or due_budget
   local ended, earliest = 0, nil
   while n > 0 and not none_due do
@@ -501,36 +694,77 @@ local function expire_due(now, limit)
   return ended, earliest
 end
 
--- The ids of the partial bucket's holds that are due at `now`, up to
--- `limit`. The scan is bounded by the holds made in one DUE_BUCKET_MS, and
--- reads the list a page at a time, so finding the first due hold of a
--- burst's bucket (ids in the order they were made, mostly the order they
--- expire) does not copy the whole list.
-local PAGE = 500
-local function due_in_partial(now, limit)
-  local b = first_due_bucket(now)
-  local due = {}
-  if not b or b[3] then
-    return due
-  end
-  local lk = P .. 'due:' .. b[1]
-  local from = 0
+-- Writes the EXPIRED state, event and retention of up to `limit` Q holds
+-- whose buckets were given back, oldest bucket first: the per-hold half of
+-- an expiry, which the sweeper paces (src/engine/mod.rs, finish_due) so
+-- that a burst of expiries leaves Redis to the calls made meanwhile.
+-- Returns how many it ended, the earliest expiry among them, and whether
+-- some are left.
+local function book_expired(now, limit)
+  give_back_due(now, limit)
+  local n, ended, earliest = limit, 0, nil
   while true do
+    local first = redis.call('ZRANGE', P .. 'xdue', 0, 0)
+    if not first[1] or tonumber(first[1]) > back_wm then
+      return ended, earliest, false
+    end
+    if n <= 0 then
+      return ended, earliest, true
+    end
+    local lk = P .. 'xdue:' .. first[1]
+    local ids = redis.call('LPOP', lk, n)
+    if not ids or #ids < n then
+      redis.call('ZREM', P .. 'xdue', first[1])
+    end
+    if ids then
+      n = n - #ids
+      local e, at = finish_all(ids, 'E', now, 'expired', now)
+      ended = ended + e
+      earliest = earlier(earliest, at)
+    end
+  end
+end
+
+-- Appends to `due` the ids in list `lk` of holds that are ACTIVE and due
+-- at `now`, until it has `limit`. The list is read a page at a time, so
+-- finding the first due hold of a burst's bucket (ids in the order they
+-- were made, mostly the order they expire) does not copy the whole list.
+local PAGE = 500
+local function due_in_list(lk, now, limit, due)
+  local from = 0
+  while #due < limit do
     local ids = redis.call('LRANGE', lk, from, from + PAGE - 1)
     for _, id in ipairs(ids) do
       local h = redis.call('HMGET', P .. 'hold:' .. id, 'st', 'exp')
-      if h[1] == 'A' and tonumber(h[2]) <= now then
+      if live(h[1]) and tonumber(h[2]) <= now then
         due[#due + 1] = id
         if #due >= limit then
-          return due
+          return
         end
       end
     end
     if #ids < PAGE then
-      return due
+      return
     end
     from = from + PAGE
   end
+end
+
+-- The ids of the holds that are due at `now` in the partial buckets (the
+-- one of A holds, and the first of Q holds not given back), up to `limit`.
+-- The scan is bounded by the holds made in one DUE_BUCKET_MS.
+local function due_in_partial(now, limit)
+  local due = {}
+  local b = first_due_bucket(now)
+  if b and not b[3] then
+    due_in_list(P .. 'due:' .. b[1], now, limit, due)
+  end
+  give_back_due(now, GIVE_BACK_BUDGET)
+  local x = back_next
+  if x and x[2] <= now and x[2] + DUE_BUCKET_MS > now + 1 then
+    due_in_list(P .. 'xdue:' .. x[1], now, limit, due)
+  end
+  return due
 end
 
 -- Finalises one hold if it is due, whatever else is: an operation on a
@@ -550,7 +784,7 @@ local function current_hold(hold_id, job, now)
   if not h[1] or h[2] ~= job then
     return nil, h[1] and true or false
   end
-  if h[1] == 'A' and tonumber(h[4]) <= now then
+  if live(h[1]) and (tonumber(h[4]) <= now or (h[1] == 'Q' and units_back(tonumber(h[4])))) then
     expire_hold(hold_id, now)
     h = read_hold(hk)
   end
@@ -558,16 +792,17 @@ local function current_hold(hold_id, job, now)
 end
 
 -- A refusal that units of unfinalised expired holds might turn around is
--- not yet an answer. The few holds the partial bucket has due are ended
+-- not yet an answer. The few holds the partial buckets have due are ended
 -- here, and the caller looks at its rules again (busy_if_due answers
--- RECHECK). A burst, a full bucket left over expire_due's budget or more
--- due in the partial one than the budget allows, becomes { 'BUSY' }: the
--- engine sweeps (sweep.lua finalises every due hold, the partial bucket's
--- too) and retries. So expired holds never block a take, even in a burst,
--- and holds that come due all the time (carts expiring every millisecond)
--- never keep a refusal from being answered: with BUSY alone, each retry
--- found new ones due and the take gave up UNAVAILABLE. Once a look found
--- none due, the rest of the call (same `now`) needs no second look.
+-- RECHECK). A burst, a full bucket left over the call's budget or more
+-- due in the partial ones than the budget allows, becomes { 'BUSY' }: the
+-- engine sweeps (sweep.lua gives back and finalises every due hold, the
+-- partial buckets' too) and retries. So expired holds never block a take,
+-- even in a burst, and holds that come due all the time (carts expiring
+-- every millisecond) never keep a refusal from being answered: with BUSY
+-- alone, each retry found new ones due and the take gave up UNAVAILABLE.
+-- Once a look found none due, the rest of the call (same `now`) needs no
+-- second look.
 local RECHECK = { 'RECHECK' }
 local partial_clear = false
 local function busy_if_due(stop, now)
@@ -576,10 +811,11 @@ local function busy_if_due(stop, now)
     return stop
   end
   local b = first_due_bucket(now)
-  if b and b[3] then
+  give_back_due(now, GIVE_BACK_BUDGET)
+  if (b and b[3]) or not all_back then
     return { 'BUSY' }
   end
-  local due = b and due_in_partial(now, due_budget + 1) or {}
+  local due = due_in_partial(now, due_budget + 1)
   if #due > due_budget then
     return { 'BUSY' }
   end
@@ -756,13 +992,27 @@ local function settle()
   if owed_fence then
     redis.call('SET', P .. 'fence', string.format('%.0f', fence_last))
   end
-  for _, b in ipairs(owed_buckets) do
-    local ids = owed_due[b]
+  for _, ib in ipairs(owed_buckets) do
+    local index, b = ib[1], ib[2]
+    local ids = owed_due[index .. ':' .. b]
     -- unpack puts every value on Lua's stack: a few thousand at a time.
     for i = 1, #ids, PUSH_STEP do
-      redis.call('RPUSH', P .. 'due:' .. b, unpack(ids, i, math.min(i + PUSH_STEP - 1, #ids)))
+      redis.call('RPUSH', P .. index .. ':' .. b, unpack(ids, i, math.min(i + PUSH_STEP - 1, #ids)))
     end
-    redis.call('ZADD', P .. 'due', 'NX', tonumber(b) * DUE_BUCKET_MS, b)
+    redis.call('ZADD', P .. index, 'NX', tonumber(b) * DUE_BUCKET_MS, b)
+  end
+  for _, b in ipairs(owed_sum_buckets) do
+    local sk = P .. 'xsum:' .. b
+    for field, delta in pairs(owed_sum[b]) do
+      if delta ~= 0 then
+        redis.call('HINCRBY', sk, field, delta)
+      end
+    end
+    -- Only a hold added files the bucket: one taken out was in it already,
+    -- and a bucket given back must never come back (give_back_due).
+    if owed_sum_new[b] then
+      redis.call('ZADD', P .. 'xsums', 'NX', tonumber(b) * DUE_BUCKET_MS, b)
+    end
   end
 end
 
@@ -777,4 +1027,6 @@ local function begin(argv)
   due_budget, none_due, partial_clear = DUE_LIMIT, false, false
   pools, active_n, fence_last, customer_had = {}, nil, nil, {}
   owed_pool, owed_pools, owed_active, owed_fence, owed_due, owed_buckets = {}, {}, false, false, {}, {}
+  owed_sum, owed_sum_buckets, owed_sum_new = {}, {}, {}
+  back_wm, back_next, all_back, back_oldest, back_done = -1, nil, true, nil, false
 end

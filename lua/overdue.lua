@@ -1,7 +1,7 @@
 -- overdue.lua: how many ACTIVE holds with ids starting with ARGV[5] were due
 -- by ARGV[4] (ms) and are still not finalised. A check for the fault suite
 -- and the bench's expiry probe (the sweeper's promise: none lingers), not a
--- hot-path call: it reads every bucket of the expiry index due by then.
+-- hot-path call: it reads every bucket of both expiry indexes due by then.
 --
 -- KEYS  none (see reserve.lua)
 -- ARGV  1 prefix, 2 retention ms, 3 now ms (see lib.lua)
@@ -11,13 +11,15 @@
 
 local before, id_prefix = tonumber(ARGV[4]), ARGV[5]
 local seen, n = {}, 0
-for _, b in ipairs(redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', before)) do
-  for _, id in ipairs(redis.call('LRANGE', P .. 'due:' .. b, 0, -1)) do
-    if not seen[id] and string.sub(id, 1, #id_prefix) == id_prefix then
-      seen[id] = true
-      local h = redis.call('HMGET', P .. 'hold:' .. id, 'st', 'exp')
-      if h[1] == 'A' and tonumber(h[2]) <= before then
-        n = n + 1
+for _, index in ipairs({ 'due', 'xdue' }) do
+  for _, b in ipairs(redis.call('ZRANGEBYSCORE', P .. index, '-inf', before)) do
+    for _, id in ipairs(redis.call('LRANGE', P .. index .. ':' .. b, 0, -1)) do
+      if not seen[id] and string.sub(id, 1, #id_prefix) == id_prefix then
+        seen[id] = true
+        local h = redis.call('HMGET', P .. 'hold:' .. id, 'st', 'exp')
+        if live(h[1]) and tonumber(h[2]) <= before then
+          n = n + 1
+        end
       end
     end
   end

@@ -21,7 +21,7 @@ end
 if h[1] == 'C' then
   return { 'COMMITTED', view_of(h) }
 end
-if h[1] == 'A' then
+if live(h[1]) then
   -- 3. Give the units back and log it.
   finish(hold_id, 'R', now, 'released')
   h[1], h[9] = 'R', ms(now)

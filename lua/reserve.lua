@@ -85,8 +85,8 @@ if ck ~= '' then
   count_customer(ck, total(lines), lines[1][1])
 end
 local ln = cjson.encode(lines)
-local exp = now + ttl
-local fields = { 'HSET', hk, 'st', 'A', 'job', job, 'rq', request_digest(rq[1]), 'ln', ln, 'exp', exp,
+local exp = q_exp(now + ttl)
+local fields = { 'HSET', hk, 'st', 'Q', 'job', job, 'rq', request_digest(rq[1]), 'ln', ln, 'exp', exp,
   'cat', ms(now), 'fence', fence }
 put_unless_empty(fields, 'ref', ref)
 if ck ~= '' then
@@ -95,7 +95,8 @@ if ck ~= '' then
 end
 redis.call(unpack(fields))
 active_add(1)
-index_expiry(hold_id, exp)
+index_expiry(hold_id, exp, 'xdue')
+count_in_bucket(exp, lines, ck, 1)
 
 -- 4. Log it, and answer.
 emit(now, 'reserved', job, hold_id, ln, { 'r', ref, 'c', ck })

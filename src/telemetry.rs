@@ -38,7 +38,8 @@ pub mod metric {
     pub const DRAINER_LAG_SECONDS: &str = "holdfast_drainer_lag_seconds";
     /// Counter: drainer batches that failed (and will be retried).
     pub const DRAINER_ERRORS: &str = "holdfast_drainer_errors_total";
-    /// Histogram: how long after its expiry a hold was finalised.
+    /// Histogram: how long after its expiry a hold's EXPIRED state was
+    /// written (its units went back with its bucket's before: lua/lib.lua).
     pub const SWEEPER_LAG_SECONDS: &str = "holdfast_sweeper_lag_seconds";
     /// Gauge: units in doubt after a store failure, summed over pools.
     pub const IN_DOUBT_UNITS: &str = "holdfast_in_doubt_units";
@@ -168,7 +169,7 @@ pub fn describe_metrics() {
     describe_histogram!(
         SWEEPER_LAG_SECONDS,
         Unit::Seconds,
-        "Time from a hold's expiry to its finalisation"
+        "Time from a hold's expiry to its EXPIRED state (its units go back within its 50 ms bucket's end)"
     );
     describe_gauge!(
         OUTBOX_BACKLOG,

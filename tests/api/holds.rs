@@ -11,7 +11,7 @@ fn hold_req(id: &str) -> pb::GetCartHoldRequest {
     pb::GetCartHoldRequest { hold_id: id.into() }
 }
 
-async fn make_hold(app: &TestApp, req: pb::CreateCartHoldRequest) -> pb::CartHold {
+pub(crate) async fn make_hold(app: &TestApp, req: pb::CreateCartHoldRequest) -> pb::CartHold {
     app.flash()
         .create_cart_hold(req)
         .await
@@ -22,7 +22,7 @@ async fn make_hold(app: &TestApp, req: pb::CreateCartHoldRequest) -> pb::CartHol
 }
 
 /// When the audit log recorded `hold_id`'s expiry, once it has.
-async fn expired_at(app: &TestApp, hold_id: &str) -> chrono::DateTime<chrono::Utc> {
+pub(crate) async fn expired_at(app: &TestApp, hold_id: &str) -> chrono::DateTime<chrono::Utc> {
     app.eventually("the expired event in the audit log", || async {
         sqlx::query_as::<_, (chrono::DateTime<chrono::Utc>,)>(
             "SELECT at FROM audit_log WHERE hold_id = $1 AND kind = 'expired'",
@@ -558,15 +558,16 @@ async fn a_hold_in_the_old_expiry_index_is_still_swept() {
     app.live_sale("s", &[("p", Some(5))], 0).await;
     let hold = make_hold(&app, cart_hold("h", "s", &[("p", 2)], 2)).await;
     let expires_ms = expiry_ms(&hold);
-    // Rewrite the index as the old build kept it.
+    // Rewrite the hold and the index as the old build kept them.
     let prefix = format!("{}:{{dev}}:", app.redis_prefix);
     let mut con = app.redis().await;
     let _: () = redis::Script::new(
         r"local P = ARGV[1]
-          for _, b in ipairs(redis.call('ZRANGE', P .. 'due', 0, -1)) do
-            redis.call('DEL', P .. 'due:' .. b)
+          for _, b in ipairs(redis.call('ZRANGE', P .. 'xdue', 0, -1)) do
+            redis.call('DEL', P .. 'xdue:' .. b, P .. 'xsum:' .. b)
           end
-          redis.call('DEL', P .. 'due', P .. 'active')
+          redis.call('DEL', P .. 'xdue', P .. 'xsums', P .. 'active')
+          redis.call('HSET', P .. 'hold:h', 'st', 'A')
           redis.call('ZADD', P .. 'exp', ARGV[2], 'h')",
     )
     .arg(&prefix)

@@ -9,6 +9,7 @@ mod bench;
 mod cards;
 mod channels;
 mod events;
+mod expiry;
 mod fallback;
 mod flash_sale;
 mod holds;

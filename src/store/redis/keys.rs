@@ -46,9 +46,16 @@ impl Keys {
         format!("{}refill", self.tenant(tenant))
     }
 
-    /// The tenant's expiry index, by bucket (`lua/lib.lua`).
+    /// The tenant's expiry index of an older build's holds, by bucket
+    /// (`lua/lib.lua`).
     pub fn due(&self, tenant: &TenantId) -> String {
         format!("{}due", self.tenant(tenant))
+    }
+
+    /// The tenant's expiry index, by bucket, of the holds whose units go
+    /// back a bucket at a time (`lua/lib.lua`).
+    pub fn xdue(&self, tenant: &TenantId) -> String {
+        format!("{}xdue", self.tenant(tenant))
     }
 
     /// The tenant's expiry index from before buckets, by hold.

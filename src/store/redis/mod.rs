@@ -5,6 +5,8 @@
 //! blocking stream reads of the drainer.
 
 mod batch;
+#[cfg(test)]
+mod bucket_tests;
 mod clock;
 mod events;
 mod keys;
@@ -24,7 +26,7 @@ use batch::{Batcher, OpArgs};
 pub use clock::{RedisClock, STEP_MS};
 pub use events::{StreamEvents, decode_event, decode_read};
 pub use keys::Keys;
-pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply, text};
+pub use reply::{GrantReply, HoldReply, Holder, RedisPool, ReturnReply, Swept, text};
 #[cfg(test)]
 pub(crate) use scripts::tests::redis as test_redis;
 pub use upkeep::{Indexed, overdue_holds};

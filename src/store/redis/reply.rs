@@ -317,18 +317,41 @@ pub fn return_reply(v: &Value) -> Result<ReturnReply, Error> {
     }
 }
 
-/// Decodes `sweep.lua`'s reply: (finalised, still due, lag ms).
-pub fn sweep_reply(v: &Value) -> Result<(i64, i64, i64), Error> {
+/// Decodes `sweep.lua`'s reply.
+pub fn sweep_reply(v: &Value) -> Result<Swept, Error> {
     let bad = || shape("sweep", v);
     let f = items(v).ok_or_else(bad)?;
-    match f {
-        [a, b, c] => Ok((
-            int(a).ok_or_else(bad)?,
-            int(b).ok_or_else(bad)?,
-            int(c).ok_or_else(bad)?,
-        )),
-        _ => Err(bad()),
+    let n = |i: usize| f.get(i).and_then(int).ok_or_else(bad);
+    if f.len() != 6 {
+        return Err(bad());
     }
+    Ok(Swept {
+        ended: n(0)?,
+        still_due: n(1)? != 0,
+        lag_ms: n(2)?,
+        booked: n(3)?,
+        book_lag_ms: n(4)?,
+        still_to_book: n(5)? != 0,
+    })
+}
+
+/// What one sweep did (`sweep.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Holds ended with their units (A holds, and Q holds of the partial
+    /// buckets).
+    pub ended: i64,
+    /// Whether some units may still be out: full buckets over the budget.
+    pub still_due: bool,
+    /// How long the oldest of them, or of the buckets given back, had been
+    /// due, ms.
+    pub lag_ms: i64,
+    /// Q holds whose units were back and whose EXPIRED state was written.
+    pub booked: i64,
+    /// How long the oldest of those had been due, ms.
+    pub book_lag_ms: i64,
+    /// Whether more such holds wait.
+    pub still_to_book: bool,
 }
 
 #[cfg(test)]

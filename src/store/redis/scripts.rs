@@ -179,7 +179,11 @@ pub(super) mod tests {
     }
 
     /// The same at `now_ms`, with a retention of 60 s.
-    fn batch_call_at(prefix: &str, now_ms: i64, ops: &[(&str, Vec<&str>)]) -> redis::Cmd {
+    pub(in crate::store::redis) fn batch_call_at(
+        prefix: &str,
+        now_ms: i64,
+        ops: &[(&str, Vec<&str>)],
+    ) -> redis::Cmd {
         let mut call = BATCH.call();
         call.arg(prefix).arg(RETENTION_MS).arg(now_ms);
         for (name, args) in ops {
@@ -188,10 +192,13 @@ pub(super) mod tests {
         call
     }
 
-    const RETENTION_MS: i64 = 60_000;
+    pub(in crate::store::redis) const RETENTION_MS: i64 = 60_000;
 
     /// The reply of the one operation `call` carries.
-    async fn only_reply(con: &mut ConnectionManager, call: &redis::Cmd) -> Value {
+    pub(in crate::store::redis) async fn only_reply(
+        con: &mut ConnectionManager,
+        call: &redis::Cmd,
+    ) -> Value {
         let mut replies: Vec<Value> = fcall(con, &BATCH, call).await.expect("the call runs");
         replies.remove(0)
     }
@@ -199,7 +206,10 @@ pub(super) mod tests {
     /// What a run left in Redis under `prefix`: each pool's hash, the
     /// tenant's counters and refill set, and its events without their ids
     /// (which are Redis's clock).
-    async fn state(con: &mut ConnectionManager, prefix: &str) -> Vec<String> {
+    pub(in crate::store::redis) async fn state(
+        con: &mut ConnectionManager,
+        prefix: &str,
+    ) -> Vec<String> {
         let mut out = Vec::new();
         for pool in ["p1", "p2"] {
             let mut h: Vec<(String, String)> = redis::cmd("HGETALL")
@@ -242,7 +252,7 @@ pub(super) mod tests {
 
     /// Two pools: p1 sold out for good past its grant of 10 (`full`), with
     /// a low-stock alert at 6; p2 asks for more (a refill) at 2 left.
-    async fn pools(con: &mut ConnectionManager, prefix: &str) {
+    pub(in crate::store::redis) async fn pools(con: &mut ConnectionManager, prefix: &str) {
         for (pool, grant, full, low, lw) in [("p1", 10, 1, 6, 0), ("p2", 5, 0, -1, 2)] {
             let _: () = redis::cmd("HSET")
                 .arg(format!("{prefix}pool:{pool}"))

@@ -4,7 +4,7 @@
 //! index and the sweep (src/jobs/sweeper.rs), and the marker that tells a
 //! Redis that came back empty (src/jobs/redis_watch.rs).
 
-use super::{GrantReply, PoolGrant, RedisStore, ReturnReply, Watcher, flag, reply, scripts};
+use super::{GrantReply, PoolGrant, RedisStore, ReturnReply, Swept, Watcher, flag, reply, scripts};
 use crate::domain::{PoolId, TenantId};
 use crate::error::Error;
 
@@ -88,10 +88,11 @@ impl RedisStore {
         self.batcher.touched(watcher)
     }
 
-    /// Which of `tenants` have holds in the expiry index, and which of
+    /// Which of `tenants` have holds in the expiry indexes, and which of
     /// those may have some due (by Redis's clock), in one round trip: the
-    /// first bucket has begun, or, with `legacy`, the index from before
-    /// buckets (`exp`) is not empty. The sweeper runs its script only for
+    /// first bucket of either index has begun (of `xdue` also while the
+    /// holds of buckets given back wait for their EXPIRED state), or, with
+    /// `legacy`, the index from before buckets (`exp`) is not empty. The sweeper runs its script only for
     /// the due ones: a script call per tenant every 100 ms, due or not,
     /// made idle shops cost Redis and the daemon a core between them at a
     /// thousand tenants.
@@ -105,11 +106,13 @@ impl RedisStore {
         }
         let mut pipe = redis::pipe();
         for t in tenants {
-            pipe.cmd("ZRANGE")
-                .arg(self.keys.due(t))
-                .arg(0)
-                .arg(0)
-                .arg("WITHSCORES");
+            for index in [self.keys.due(t), self.keys.xdue(t)] {
+                pipe.cmd("ZRANGE")
+                    .arg(index)
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES");
+            }
             if legacy {
                 pipe.cmd("EXISTS").arg(self.keys.legacy_expiry(t));
             }
@@ -117,17 +120,22 @@ impl RedisStore {
         let mut con = self.con.clone();
         let replies: Vec<redis::Value> = pipe.query_async(&mut con).await?;
         let now = self.clock.now_ms() as f64;
-        let per_tenant = if legacy { 2 } else { 1 };
+        let per_tenant = if legacy { 3 } else { 2 };
         let mut indexed = Vec::new();
         for (t, answers) in tenants.iter().zip(replies.chunks(per_tenant)) {
-            let first: Vec<(String, f64)> =
-                redis::from_redis_value_ref(&answers[0]).map_err(redis::RedisError::from)?;
-            let old_index: bool = match answers.get(1) {
+            let mut held = false;
+            let mut begun = false;
+            for answer in &answers[..2] {
+                let first: Vec<(String, f64)> =
+                    redis::from_redis_value_ref(answer).map_err(redis::RedisError::from)?;
+                held |= !first.is_empty();
+                begun |= first.first().is_some_and(|(_, from)| *from <= now);
+            }
+            let old_index: bool = match answers.get(2) {
                 Some(v) => redis::from_redis_value_ref(v).map_err(redis::RedisError::from)?,
                 None => false,
             };
-            let begun = first.first().is_some_and(|(_, from)| *from <= now);
-            if old_index || !first.is_empty() {
+            if old_index || held {
                 indexed.push(Indexed {
                     tenant: t.clone(),
                     due: old_index || begun,
@@ -196,18 +204,21 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Finalises up to `limit` expired holds of a tenant (`sweep.lua`), from
-    /// the expiry buckets that have ended and, with `now_too`, from the one
-    /// that holds now: (finalised, still due, lag of the oldest in ms).
+    /// Ends up to `limit` expired holds of a tenant (`sweep.lua`): gives
+    /// back the units of the expiry buckets that have ended, ends the due
+    /// holds of an older build's index and, with `now_too`, those of the
+    /// buckets that hold now; then writes the EXPIRED state of up to
+    /// `book` holds whose units are back.
     pub async fn sweep(
         &self,
         tenant: &TenantId,
         limit: u32,
         now_too: bool,
-    ) -> Result<(i64, i64, i64), Error> {
+        book: u32,
+    ) -> Result<Swept, Error> {
         let v = self
             .run("sweep", &scripts::SWEEP, tenant, |i| {
-                i.arg(limit).arg(flag(now_too));
+                i.arg(limit).arg(flag(now_too)).arg(book);
             })
             .await?;
         reply::sweep_reply(&v)
