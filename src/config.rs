@@ -202,6 +202,17 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_SWEEP_INTERVAL_MS", default_value_t = 100)]
     pub sweep_interval_ms: u64,
 
+    /// Most expired holds a second, per tenant, whose EXPIRED state (event,
+    /// audit row, webhook) the sweeper writes. Their units go back as they
+    /// expire, a 50 ms bucket at a time, whatever this is; it only paces
+    /// the per-hold writes after a burst of expiries (100,000 at once take
+    /// 10 s at the default). Higher: those events sooner; lower: more of
+    /// Redis left to the sales made meanwhile. A tenant more than 30 s
+    /// behind is caught up at once.
+    #[arg(long, env = "HOLDFAST_EXPIRED_STATES_PER_SEC", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub expired_states_per_sec: u32,
+
     /// How long one Redis call may take before it fails with UNAVAILABLE,
     /// milliseconds.
     #[arg(long, env = "HOLDFAST_REDIS_TIMEOUT_MS", default_value_t = 1000)]
@@ -296,6 +307,13 @@ impl ServeArgs {
             default_ttl: Duration::from_secs(self.default_hold_ttl_secs),
             max_extensions: self.max_extensions,
         }
+    }
+
+    /// The EXPIRED states one sweeper round writes per tenant
+    /// (`--expired-states-per-sec` over the rounds of a second), at least
+    /// one.
+    pub fn expired_states_per_round(&self) -> i64 {
+        (i64::from(self.expired_states_per_sec) * self.sweep_interval_ms as i64 / 1_000).max(1)
     }
 
     /// The limits of sale-lock requests: the input limits with the lock

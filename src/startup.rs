@@ -249,6 +249,7 @@ fn start_jobs(
             engine.clone(),
             tenants.clone(),
             Duration::from_millis(args.sweep_interval_ms),
+            args.expired_states_per_round(),
             stop.clone(),
         )),
         tokio::spawn(sweeper::run_fallback(

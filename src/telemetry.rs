@@ -59,10 +59,11 @@ pub mod metric {
     pub const REDIS_CLOCK_OFFSET: &str = "holdfast_redis_clock_offset_seconds";
 }
 
-/// Buckets for latency histograms: 50 µs to 5 s.
+/// Buckets for latency histograms: 50 µs to 60 s (the sweeper's lag after
+/// a burst of expiries is paced over seconds: `--expired-states-per-sec`).
 const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0,
+    2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// Buckets for batch sizes: 1 to the coalescer's most (128).

@@ -74,6 +74,10 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
     };
     tokio::time::sleep(wait).await;
     let redis_before = Snapshot::read(&mut con).await;
+    let due_ms = target
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let ended = tokio::spawn(watch_ends(con.clone(), due_ms));
     let cpu_before = s.watched.sample();
     let started = Instant::now();
     let burst_at = target.duration_since(SystemTime::now()).unwrap_or_default();
@@ -82,15 +86,13 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
     let in_burst = slices.iter().sum::<u64>() as f64;
     let share_during = cpu_before.share(&s.watched.sample(), started.elapsed());
     let redis_after = Snapshot::read(&mut con).await;
+    let (units_back, states_written) = ended.await?;
     // Only this probe's holds: those due by the target second (the memory
     // probe's, if it ran, are due ten minutes later).
-    let due_by = target
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64 + 1_000);
     let left = crate::store::redis::overdue_holds(
         &mut con,
         "hf:{dev}:",
-        due_by as i64,
+        due_ms + 1_000,
         &format!("x{}n", c.tag),
     )
     .await?;
@@ -103,7 +105,9 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
             .map_or("unknown".to_string(), |s| format!("<={s}"))
     };
     println!(
-        "bench-probe: expiry holds={made} sweeper_lag_p99_s={} sweeper_lag_max_s={} still_active_after_3s={left} claim_rate_before={:.0} claim_rate_during={:.0} ratio={:.2} claim_rate_burst_second={in_burst:.0} ratio_burst_second={:.2} burst_second_claims_per_100ms={}",
+        "bench-probe: expiry holds={made} units_back_after_ms={} states_written_after_ms={} sweeper_lag_p99_s={} sweeper_lag_max_s={} still_active_after={left} claim_rate_before={:.0} claim_rate_during={:.0} ratio={:.2} claim_rate_burst_second={in_burst:.0} ratio_burst_second={:.2} burst_second_claims_per_100ms={}",
+        after_ms(units_back),
+        after_ms(states_written),
         bound(0.99),
         bound(1.0),
         normal.rate(),
@@ -124,6 +128,62 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
         "bench-probe: expiry-cost cpu_pct_before={share_normal} cpu_pct_during={share_during} redis_us_per_expired_hold(with_the_claims)={redis}"
     );
     Ok(())
+}
+
+/// How long after the holds' expiry (`due_ms`, on this machine's clock,
+/// which Redis's follows) every unit of theirs was back, and every state
+/// of theirs was EXPIRED: the first when the first expiry bucket not given
+/// back yet (`xsums`, lua/lib.lua) starts after the second they expire in,
+/// the second when the first bucket of the expiry index does. Polled every
+/// 10 ms for at most [`ENDS_WITHIN`]; `None` for what did not happen by
+/// then.
+async fn watch_ends(
+    con: redis::aio::MultiplexedConnection,
+    due_ms: i64,
+) -> (Option<Duration>, Option<Duration>) {
+    // The first ms of the first bucket of `key` other than `mark`'s.
+    let first = |key: &'static str, mark: &'static str| {
+        let mut con = con.clone();
+        async move {
+            let r: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                .arg(format!("hf:{{dev}}:{key}"))
+                .arg(0)
+                .arg(1)
+                .arg("WITHSCORES")
+                .query_async(&mut con)
+                .await
+                .unwrap_or_default();
+            r.into_iter()
+                .find(|(m, _)| m != mark)
+                .map_or(i64::MAX, |(_, from)| from as i64)
+        }
+    };
+    let since_due = || {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Duration::from_millis(now_ms.saturating_sub(due_ms).max(0) as u64)
+    };
+    let after = due_ms + 1_000;
+    let (mut units, mut states) = (None, None);
+    let start = Instant::now();
+    while start.elapsed() < ENDS_WITHIN && states.is_none() {
+        if units.is_none() && first("xsums", "^").await > after {
+            units = Some(since_due());
+        }
+        if units.is_some() && first("xdue", "").await > after {
+            states = Some(since_due());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (units, states)
+}
+
+/// How long [`watch_ends`] waits for the burst's ends.
+const ENDS_WITHIN: Duration = Duration::from_secs(40);
+
+fn after_ms(d: Option<Duration>) -> String {
+    d.map_or("unknown".into(), |d| d.as_millis().to_string())
 }
 
 /// The calls that started in each 100 ms slice of the second after

@@ -44,19 +44,11 @@ const TAKE_ATTEMPTS: usize = 3;
 /// [`Engine::finish_due`] runs at most (200,000 holds).
 const SWEEP_BATCH: u32 = 500;
 const SWEEP_BATCHES: usize = 400;
-/// Expired holds whose units are back that one sweeper round writes
-/// EXPIRED (state, event, retention) per tenant: 20,000 a second at the
-/// default 100 ms interval. A burst of 100,000 expiries gives its units
-/// back a bucket at a time at once, and its per-hold writes (~5 µs of
-/// Redis each) are spread over five seconds, a tenth of Redis's time,
-/// instead of starving the calls made meanwhile (deploy/BENCHMARKS.md,
-/// "mass expiry").
-const BOOKED_PER_ROUND: i64 = 2_000;
 /// Once the oldest hold waiting for its EXPIRED state has been due this
-/// long, a round writes all of them (up to [`SWEEP_BATCHES`]): pacing
-/// must not let a tenant whose holds expire faster than the pace fall
-/// behind for good.
-const BOOKING_BEHIND_MS: i64 = 5_000;
+/// long, a sweeper round writes all of them (up to [`SWEEP_BATCHES`]):
+/// pacing must not let a tenant whose holds expire faster than the pace
+/// fall behind for good.
+const BOOKING_BEHIND_MS: i64 = 30_000;
 
 /// A pool's counts across Redis and Postgres.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,7 +298,7 @@ impl Engine {
             };
             self.circuit.success();
             if let HoldReply::Busy = reply {
-                self.finish_due(tenant, true).await?;
+                self.finish_due(tenant, None).await?;
                 continue;
             }
             if let HoldReply::NeedGrant(pools) = &reply {
@@ -330,22 +322,30 @@ impl Engine {
 
     /// Gives back the units of the tenant's expired holds in bounded
     /// batches (each one short script, so Redis keeps serving everyone
-    /// else meanwhile) until none is out: the sweeper's round, and what a
-    /// take answered BUSY waits for. `now_too`: also the holds due in the
-    /// expiry bucket that holds "now" (lua/lib.lua), which a take's refusal
-    /// depends on; the sweeper leaves them for the round after their bucket
-    /// ends (50 ms), since finding them means reading every hold of that
-    /// bucket. The sweeper's rounds (`now_too` false) also write the
-    /// EXPIRED state of holds whose units are back, [`BOOKED_PER_ROUND`] a
-    /// round unless they fall behind; a take waits only for the units.
-    pub async fn finish_due(&self, tenant: &TenantId, now_too: bool) -> Result<(), Error> {
+    /// else meanwhile) until none is out: the sweeper's round
+    /// (`states: Some(n)`), and what a take answered BUSY waits for
+    /// (`None`). A take also needs the holds due in the expiry buckets that
+    /// hold "now" (lua/lib.lua), which its refusal depends on; the sweeper
+    /// leaves them for the round after their bucket ends (50 ms), since
+    /// finding them means reading every hold of that bucket.
+    ///
+    /// A sweeper round also writes the EXPIRED state (event, audit row,
+    /// retention) of up to `n` holds whose units are back, all of them once
+    /// they are [`BOOKING_BEHIND_MS`] late: a burst of 100,000 expiries
+    /// gives its units back at once, a bucket at a time, and its per-hold
+    /// writes are spread over the next seconds instead of starving the
+    /// calls made meanwhile (deploy/BENCHMARKS.md, "mass expiry"). A take
+    /// waits only for the units.
+    pub async fn finish_due(&self, tenant: &TenantId, states: Option<i64>) -> Result<(), Error> {
+        let now_too = states.is_none();
+        let most = states.unwrap_or(0);
         let mut booked = 0;
         let mut behind = false;
         for _ in 0..SWEEP_BATCHES {
-            let book = if !now_too && (booked < BOOKED_PER_ROUND || behind) {
+            let book = if behind {
                 SWEEP_BATCH
             } else {
-                0
+                u32::try_from((most - booked).clamp(0, i64::from(SWEEP_BATCH))).unwrap_or(0)
             };
             let s = self.redis.sweep(tenant, SWEEP_BATCH, now_too, book).await?;
             let expired = s.ended + s.booked;
@@ -362,7 +362,7 @@ impl Engine {
             }
             booked += s.booked;
             behind = s.book_lag_ms > BOOKING_BEHIND_MS;
-            let book_more = book > 0 && s.still_to_book && (booked < BOOKED_PER_ROUND || behind);
+            let book_more = book > 0 && s.still_to_book && (booked < most || behind);
             if !s.still_due && !book_more {
                 return Ok(());
             }

@@ -34,10 +34,15 @@ const EVERY_TENANT_EVERY: u32 = 5;
 /// ten thousand cost (deploy/BENCHMARKS.md, "idle tenants"). The
 /// fallback's holds have a loop of their own ([`run_fallback`]), so that a
 /// Postgres that hangs does not hold up Redis's.
+///
+/// Each round writes the EXPIRED state of at most `states_per_round`
+/// holds per tenant whose units went back with their expiry bucket
+/// ([`Engine::finish_due`]).
 pub async fn run(
     engine: Arc<Engine>,
     tenants: Arc<Tenants>,
     interval: Duration,
+    states_per_round: i64,
     stop: watch::Receiver<bool>,
 ) {
     let mut rounds = Rounds::every(interval, stop);
@@ -64,7 +69,7 @@ pub async fn run(
                     }
                     for i in indexed {
                         if i.due {
-                            sweep_redis(&engine, &i.tenant).await;
+                            sweep_redis(&engine, &i.tenant, states_per_round).await;
                         }
                         holding.insert(i.tenant);
                     }
@@ -99,8 +104,8 @@ pub async fn run_fallback(engine: Arc<Engine>, interval: Duration, stop: watch::
     tracing::debug!("fallback sweeper stopped");
 }
 
-async fn sweep_redis(engine: &Engine, tenant: &TenantId) {
-    if let Err(e) = engine.finish_due(tenant, false).await {
+async fn sweep_redis(engine: &Engine, tenant: &TenantId, states: i64) {
+    if let Err(e) = engine.finish_due(tenant, Some(states)).await {
         tracing::warn!(%tenant, error = %e, "sweep failed; will retry");
     }
 }

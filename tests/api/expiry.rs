@@ -1,12 +1,17 @@
 //! Expiry by bucket through the API (lua/lib.lua, "Ending an expired hold
-//! is two things"): holds that end before their bucket does are not given
-//! back again when it ends.
+//! is two things"): a burst's units are back as it expires and its
+//! EXPIRED states follow at the configured pace, and holds that end before
+//! their bucket does are not given back again when it ends.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use holdfast::grpc::pb::{self, HoldState, Outcome};
+use redis::AsyncCommands;
 use tonic::Code;
 
-use crate::helpers::{cart_hold, claim, spawn_app};
-use crate::holds::{expired_at, make_hold};
+use crate::helpers::{cart_hold, claim, spawn_app, spawn_app_with};
+use crate::holds::{expired_at, expiry_ms, make_hold, past_on_redis};
 
 /// Four holds of 2 made together, so in one or two expiry buckets: one
 /// committed, one released and one extended before they expire. When the
@@ -80,5 +85,51 @@ async fn holds_ended_before_their_bucket_are_not_given_back_again_when_it_ends()
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::FailedPrecondition);
+    app.shutdown().await;
+}
+
+/// 40 holds expiring together, with the sweeper told to write 10 EXPIRED
+/// states a second (one a round): the first call after they expire finds
+/// all 40 units free, while their states, events and audit rows come over
+/// the next four seconds, every one of them, once.
+#[tokio::test]
+async fn a_bursts_units_are_back_as_it_expires_and_its_states_follow_at_the_set_pace() {
+    let app = spawn_app_with(|a| a.expired_states_per_sec = 10).await;
+    app.live_sale("s", &[("p", Some(40))], 0).await;
+    let mut last = 0;
+    for i in 0..40 {
+        let hold = make_hold(&app, cart_hold(&format!("h{i}"), "s", &[("p", 1)], 1)).await;
+        last = last.max(expiry_ms(&hold));
+    }
+    past_on_redis(&app, last, 60).await;
+    let all = app.flash().claim(claim("all", "s", &[("p", 40)])).await;
+    assert_eq!(all.unwrap().into_inner().outcome(), Outcome::Ok);
+    // The expired events in the stream, written with the states.
+    let events = format!("{}:{{dev}}:events", app.redis_prefix);
+    let expired = || {
+        let (events, app) = (events.clone(), &app);
+        async move {
+            let mut con = app.redis().await;
+            let all: Vec<(String, HashMap<String, String>)> =
+                con.xrange_all(&events).await.unwrap();
+            all.iter().filter(|(_, f)| f["k"] == "expired").count()
+        }
+    };
+    let at_first = expired().await;
+    assert!(at_first < 40, "{at_first} states already written");
+    app.eventually_within(Duration::from_secs(30), "every EXPIRED state", || async {
+        (expired().await == 40).then_some(())
+    })
+    .await;
+    app.eventually("every expiry in the audit log", || async {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE kind = 'expired'")
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+        (rows == 40).then_some(())
+    })
+    .await;
+    let stock = app.stock("s", "p").await;
+    assert_eq!((stock.sold, stock.held, stock.remaining), (40, 0, 0));
     app.shutdown().await;
 }

@@ -37,13 +37,13 @@ pub(crate) async fn expired_at(app: &TestApp, hold_id: &str) -> chrono::DateTime
 }
 
 /// A hold's expiry, ms since the epoch (Redis's timeline).
-fn expiry_ms(hold: &pb::CartHold) -> i64 {
+pub(crate) fn expiry_ms(hold: &pb::CartHold) -> i64 {
     let at = hold.expires_at.unwrap();
     at.seconds * 1000 + i64::from(at.nanos / 1_000_000)
 }
 
 /// Waits until `ms` (plus `margin_ms`) has passed on Redis's clock.
-async fn past_on_redis(app: &TestApp, ms: i64, margin_ms: i64) {
+pub(crate) async fn past_on_redis(app: &TestApp, ms: i64, margin_ms: i64) {
     app.eventually("the expiry on the Redis clock", || async {
         (app.redis_now_ms().await > ms + margin_ms).then_some(())
     })
