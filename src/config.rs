@@ -203,7 +203,8 @@ pub struct ServeArgs {
     pub sweep_interval_ms: u64,
 
     /// Most expired holds a second, per tenant, whose EXPIRED state (event,
-    /// audit row, webhook) the sweeper writes. Their units go back as they
+    /// audit row, webhook) this daemon's sweeper writes (daemons sharing a
+    /// Redis each write as many). Their units go back as they
     /// expire, a 50 ms bucket at a time, whatever this is; it only paces
     /// the per-hold writes after a burst of expiries (100,000 at once take
     /// 10 s at the default). Higher: those events sooner; lower: more of

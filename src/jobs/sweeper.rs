@@ -1,10 +1,12 @@
 //! The sweeper: finalises expired holds.
 //!
 //! Scripts (and fallback transactions) already treat an expired hold as
-//! absent at every instant, so the sweeper is not what keeps expired holds
-//! from blocking sales; it makes their end visible (state EXPIRED, the
-//! `expired` event, the audit row) within one sweep interval even when no
-//! call touches the tenant.
+//! absent at every instant, and give back the units of each expiry bucket
+//! as it ends, so the sweeper is not what keeps expired holds from
+//! blocking sales; it gives back buckets no call came for, and makes each
+//! hold's end visible (state EXPIRED, the `expired` event, the audit row)
+//! within one sweep interval even when no call touches the tenant, or,
+//! after a burst of expiries, at `--expired-states-per-sec`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
