@@ -94,12 +94,25 @@ end
 -- owed_pool: pool id -> { field -> value } of what the call owes it
 -- (owe_pool), and owed_pools the ids that owe, in order; owed_active and
 -- owed_fence: whether active_n and fence_last must be written; owed_due:
--- "<index>:<bucket>" -> hold ids to append, and owed_buckets the { index,
--- bucket } pairs in order; owed_sum: bucket -> { field -> delta } of the
+-- "<index>:<bucket>" -> hold ids to append, and owed_buckets those keys
+-- in order; owed_sum: bucket -> { field -> delta } of the
 -- buckets' sums (count_in_bucket), owed_sum_buckets the buckets in order,
 -- and owed_sum_new those a hold was added to.
 local owed_pool, owed_pools, owed_active, owed_fence, owed_due, owed_buckets
 local owed_sum, owed_sum_buckets, owed_sum_new
+
+-- The table `owed` keeps under `key`, made empty the first time, when
+-- `key` joins `order`: settle makes the owed writes in the order they
+-- were first owed.
+local function owed_entry(owed, order, key)
+  local entry = owed[key]
+  if not entry then
+    entry = {}
+    owed[key] = entry
+    order[#order + 1] = key
+  end
+  return entry
+end
 
 -- The tenant's next fencing token: one more than the last, and never less
 -- than the clock in microseconds, so tokens keep growing even after Redis
@@ -192,13 +205,7 @@ end
 -- claim-10k) pays every call alone (deploy/BENCHMARKS.md, "one write per
 -- pool per call").
 local function owe_pool(pool_id, field, value)
-  local owed = owed_pool[pool_id]
-  if not owed then
-    owed = {}
-    owed_pool[pool_id] = owed
-    owed_pools[#owed_pools + 1] = pool_id
-  end
-  owed[field] = value
+  owed_entry(owed_pool, owed_pools, pool_id)[field] = value
 end
 
 -- Adds `delta` to a pool's counter (`sold`, `held`, `ret`), keeping the
@@ -422,14 +429,7 @@ end
 -- before: `exp` is later than now (a TTL is at least a second), and the
 -- call only looks into buckets that hold now.
 local function index_expiry(hold_id, exp, index)
-  local b = bucket_of(exp)
-  local at = index .. ':' .. b
-  local ids = owed_due[at]
-  if not ids then
-    ids = {}
-    owed_due[at] = ids
-    owed_buckets[#owed_buckets + 1] = { index, b }
-  end
+  local ids = owed_entry(owed_due, owed_buckets, index .. ':' .. bucket_of(exp))
   ids[#ids + 1] = hold_id
 end
 
@@ -442,12 +442,7 @@ local COUNT_FIELD = '\0#'
 -- (settle: one HINCRBY a field a bucket, however many holds).
 local function count_in_bucket(exp, lines, ck, sign)
   local b = bucket_of(exp)
-  local s = owed_sum[b]
-  if not s then
-    s = {}
-    owed_sum[b] = s
-    owed_sum_buckets[#owed_sum_buckets + 1] = b
-  end
+  local s = owed_entry(owed_sum, owed_sum_buckets, b)
   local units = 0
   for _, l in ipairs(lines) do
     local f = l[1] .. '\0' .. tostring(l[3])
@@ -650,6 +645,23 @@ local function finish(hold_id, state, now, kind)
   finish_all({ hold_id }, state, now, kind)
 end
 
+-- Pops up to `n` ids of bucket `b` of the expiry index `index` (dropping
+-- the bucket with its list's last ids) and ends those that are due;
+-- returns how many ids it popped, how many holds it ended and the
+-- earliest expiry among them.
+local function pop_due(index, b, n, now)
+  local ids = redis.call('LPOP', P .. index .. ':' .. b, n)
+  if not ids or #ids < n then
+    -- The list is gone (Redis deletes an empty list): so is its bucket.
+    redis.call('ZREM', P .. index, b)
+  end
+  if not ids then
+    return 0, 0, nil
+  end
+  local ended, earliest = finish_all(ids, 'E', now, 'expired', now)
+  return #ids, ended, earliest
+end
+
 -- Gives back the buckets that are full, then finalises up to `limit` of
 -- the tenant's due A holds, oldest bucket first, from full buckets only;
 -- returns how many, and the earliest expiry among them. Without a limit it
@@ -675,21 +687,13 @@ local function expire_due(now, limit)
       none_due = true
       break
     end
-    local lk = P .. 'due:' .. b[1]
-    local ids = redis.call('LPOP', lk, n)
-    if not ids or #ids < n then
-      -- The list is gone (Redis deletes an empty list): so is its bucket.
-      redis.call('ZREM', P .. 'due', b[1])
+    local popped, e, at = pop_due('due', b[1], n, now)
+    n = n - popped
+    if not limit then
+      due_budget = due_budget - popped
     end
-    if ids then
-      n = n - #ids
-      if not limit then
-        due_budget = due_budget - #ids
-      end
-      local e, at = finish_all(ids, 'E', now, 'expired', now)
-      ended = ended + e
-      earliest = earlier(earliest, at)
-    end
+    ended = ended + e
+    earliest = earlier(earliest, at)
   end
   return ended, earliest
 end
@@ -711,17 +715,10 @@ local function book_expired(now, limit)
     if n <= 0 then
       return ended, earliest, true
     end
-    local lk = P .. 'xdue:' .. first[1]
-    local ids = redis.call('LPOP', lk, n)
-    if not ids or #ids < n then
-      redis.call('ZREM', P .. 'xdue', first[1])
-    end
-    if ids then
-      n = n - #ids
-      local e, at = finish_all(ids, 'E', now, 'expired', now)
-      ended = ended + e
-      earliest = earlier(earliest, at)
-    end
+    local popped, e, at = pop_due('xdue', first[1], n, now)
+    n = n - popped
+    ended = ended + e
+    earliest = earlier(earliest, at)
   end
 end
 
@@ -992,9 +989,9 @@ local function settle()
   if owed_fence then
     redis.call('SET', P .. 'fence', string.format('%.0f', fence_last))
   end
-  for _, ib in ipairs(owed_buckets) do
-    local index, b = ib[1], ib[2]
-    local ids = owed_due[index .. ':' .. b]
+  for _, at in ipairs(owed_buckets) do
+    local index, b = string.match(at, '^(%a+):(%d+)$')
+    local ids = owed_due[at]
     -- unpack puts every value on Lua's stack: a few thousand at a time.
     for i = 1, #ids, PUSH_STEP do
       redis.call('RPUSH', P .. index .. ':' .. b, unpack(ids, i, math.min(i + PUSH_STEP - 1, #ids)))

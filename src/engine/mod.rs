@@ -331,7 +331,7 @@ impl Engine {
     ///
     /// A sweeper round also writes the EXPIRED state (event, audit row,
     /// retention) of up to `n` holds whose units are back, all of them once
-    /// they are [`BOOKING_BEHIND_MS`] late: a burst of 100,000 expiries
+    /// they are 30 s late: a burst of 100,000 expiries
     /// gives its units back at once, a bucket at a time, and its per-hold
     /// writes are spread over the next seconds instead of starving the
     /// calls made meanwhile (deploy/BENCHMARKS.md, "mass expiry"). A take

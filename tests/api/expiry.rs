@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use tonic::Code;
 
 use crate::helpers::{cart_hold, claim, spawn_app, spawn_app_with};
-use crate::holds::{expired_at, expiry_ms, make_hold, past_on_redis};
+use crate::holds::{expired_at, expiry_ms, extend_to, make_hold, past_on_redis};
 
 /// Four holds of 2 made together, so in one or two expiry buckets: one
 /// committed, one released and one extended before they expire. When the
@@ -42,14 +42,7 @@ async fn holds_ended_before_their_bucket_are_not_given_back_again_when_it_ends()
         .unwrap();
     flash
         .clone()
-        .extend_cart_hold(pb::ExtendCartHoldRequest {
-            hold_id: "h3".into(),
-            ttl: Some(prost_types::Duration {
-                seconds: 600,
-                nanos: 0,
-            }),
-            extension_id: "x".into(),
-        })
+        .extend_cart_hold(extend_to("h3", 600, "x"))
         .await
         .unwrap();
 

@@ -42,6 +42,18 @@ pub(crate) fn expiry_ms(hold: &pb::CartHold) -> i64 {
     at.seconds * 1000 + i64::from(at.nanos / 1_000_000)
 }
 
+/// An extension of `hold_id` to `secs` from now, under `extension_id`.
+pub(crate) fn extend_to(hold_id: &str, secs: i64, extension_id: &str) -> pb::ExtendCartHoldRequest {
+    pb::ExtendCartHoldRequest {
+        hold_id: hold_id.into(),
+        ttl: Some(prost_types::Duration {
+            seconds: secs,
+            nanos: 0,
+        }),
+        extension_id: extension_id.into(),
+    }
+}
+
 /// Waits until `ms` (plus `margin_ms`) has passed on Redis's clock.
 pub(crate) async fn past_on_redis(app: &TestApp, ms: i64, margin_ms: i64) {
     app.eventually("the expiry on the Redis clock", || async {
@@ -170,14 +182,7 @@ async fn a_hold_extends_once_and_a_retried_extension_is_not_a_second_one() {
     let app = spawn_app().await;
     app.live_sale("s", &[("p", Some(5))], 0).await;
     let hold = make_hold(&app, cart_hold("h", "s", &[("p", 1)], 60)).await;
-    let extend = |id: &str| pb::ExtendCartHoldRequest {
-        hold_id: "h".into(),
-        ttl: Some(prost_types::Duration {
-            seconds: 600,
-            nanos: 0,
-        }),
-        extension_id: id.into(),
-    };
+    let extend = |id: &str| extend_to("h", 600, id);
     let extended = app
         .flash()
         .extend_cart_hold(extend("pay-delay"))
@@ -398,14 +403,7 @@ async fn an_extended_hold_outlives_its_first_expiry() {
     let hold = make_hold(&app, cart_hold("h", "s", &[("p", 1)], 1)).await;
     let first_ms = expiry_ms(&hold);
     app.flash()
-        .extend_cart_hold(pb::ExtendCartHoldRequest {
-            hold_id: "h".into(),
-            ttl: Some(prost_types::Duration {
-                seconds: 600,
-                nanos: 0,
-            }),
-            extension_id: "x".into(),
-        })
+        .extend_cart_hold(extend_to("h", 600, "x"))
         .await
         .unwrap();
     // Past the first expiry by several sweep intervals.
