@@ -21,8 +21,9 @@ use crate::store::redis::Watcher;
 
 /// Every this many rounds (half a second at the default interval, so a
 /// hold another daemon made is still found within the second the promise
-/// gives) the sweeper looks at every tenant's expiry index, and for the
-/// index from before buckets (a Redis an older build wrote). In between it
+/// gives) the sweeper looks at every tenant's expiry index, and for an
+/// older build's indexes (by bucket, and from before buckets), whose
+/// holds are thus ended within that half second too. In between it
 /// looks only at the tenants that had holds in the index last time, and
 /// those this daemon sent operations for since (the only way a hold is
 /// made here). Another daemon's holds are its own sweeper's to find each

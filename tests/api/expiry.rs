@@ -126,3 +126,38 @@ async fn a_bursts_units_are_back_as_it_expires_and_its_states_follow_at_the_set_
     assert_eq!((stock.sold, stock.held, stock.remaining), (40, 0, 0));
     app.shutdown().await;
 }
+
+/// A hold the build before bucket sums made (state `A`, in its index
+/// `due`, no sum) still ends alone, units and all, with no call to find
+/// it: the sweeper looks for an older build's index twice a second.
+#[tokio::test]
+async fn a_hold_an_older_build_made_still_ends_alone() {
+    let app = spawn_app().await;
+    app.live_sale("s", &[("p", Some(5))], 0).await;
+    make_hold(&app, cart_hold("h", "s", &[("p", 2)], 1)).await;
+    let prefix = format!("{}:{{dev}}:", app.redis_prefix);
+    let mut con = app.redis().await;
+    let _: () = redis::Script::new(
+        r"local P = ARGV[1]
+          for _, b in ipairs(redis.call('ZRANGE', P .. 'xdue', 0, -1)) do
+            if redis.call('EXISTS', P .. 'xdue:' .. b) == 1 then
+              redis.call('RENAME', P .. 'xdue:' .. b, P .. 'due:' .. b)
+              redis.call('DEL', P .. 'xsum:' .. b)
+            end
+          end
+          redis.call('RENAME', P .. 'xdue', P .. 'due')
+          redis.call('DEL', P .. 'xsums')
+          redis.call('HSET', P .. 'hold:h', 'st', 'A')",
+    )
+    .arg(&prefix)
+    .invoke_async::<()>(&mut con)
+    .await
+    .unwrap();
+
+    expired_at(&app, "h").await;
+    let stock = app.stock("s", "p").await;
+    assert_eq!((stock.held, stock.remaining), (0, 5));
+    let active: i64 = con.get(format!("{prefix}active")).await.unwrap();
+    assert_eq!(active, 0);
+    app.shutdown().await;
+}

@@ -88,14 +88,18 @@ impl RedisStore {
         self.batcher.touched(watcher)
     }
 
-    /// Which of `tenants` have holds in the expiry indexes, and which of
+    /// Which of `tenants` have holds in the expiry index, and which of
     /// those may have some due (by Redis's clock), in one round trip: the
-    /// first bucket of either index has begun (of `xdue` also while the
-    /// holds of buckets given back wait for their EXPIRED state), or, with
-    /// `legacy`, the index from before buckets (`exp`) is not empty. The sweeper runs its script only for
-    /// the due ones: a script call per tenant every 100 ms, due or not,
-    /// made idle shops cost Redis and the daemon a core between them at a
-    /// thousand tenants.
+    /// first bucket has begun (or its units were given back and its holds
+    /// wait for their EXPIRED state), or, with `legacy`, an older build's
+    /// index (by bucket, `due`, or from before buckets, `exp`) is not
+    /// empty. The sweeper runs its script only for the due ones: a script
+    /// call per tenant every 100 ms, due or not, made idle shops cost Redis
+    /// and the daemon a core between them at a thousand tenants, and each
+    /// command per tenant per look costs 10,000 idle shops about a point
+    /// of a core in each (deploy/BENCHMARKS.md, "idle tenants"), so an
+    /// older build's holds are looked for only with `legacy` (the
+    /// sweeper's look at every tenant, twice a second).
     pub async fn expiry_index(
         &self,
         tenants: &[TenantId],
@@ -106,39 +110,34 @@ impl RedisStore {
         }
         let mut pipe = redis::pipe();
         for t in tenants {
-            for index in [self.keys.due(t), self.keys.xdue(t)] {
-                pipe.cmd("ZRANGE")
-                    .arg(index)
-                    .arg(0)
-                    .arg(0)
-                    .arg("WITHSCORES");
-            }
+            pipe.cmd("ZRANGE")
+                .arg(self.keys.xdue(t))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
             if legacy {
-                pipe.cmd("EXISTS").arg(self.keys.legacy_expiry(t));
+                pipe.cmd("EXISTS")
+                    .arg(self.keys.legacy_expiry(t))
+                    .arg(self.keys.due(t));
             }
         }
         let mut con = self.con.clone();
         let replies: Vec<redis::Value> = pipe.query_async(&mut con).await?;
         let now = self.clock.now_ms() as f64;
-        let per_tenant = if legacy { 3 } else { 2 };
+        let per_tenant = if legacy { 2 } else { 1 };
         let mut indexed = Vec::new();
         for (t, answers) in tenants.iter().zip(replies.chunks(per_tenant)) {
-            let mut held = false;
-            let mut begun = false;
-            for answer in &answers[..2] {
-                let first: Vec<(String, f64)> =
-                    redis::from_redis_value_ref(answer).map_err(redis::RedisError::from)?;
-                held |= !first.is_empty();
-                begun |= first.first().is_some_and(|(_, from)| *from <= now);
-            }
-            let old_index: bool = match answers.get(2) {
+            let first: Vec<(String, f64)> =
+                redis::from_redis_value_ref(&answers[0]).map_err(redis::RedisError::from)?;
+            let old_index: i64 = match answers.get(1) {
                 Some(v) => redis::from_redis_value_ref(v).map_err(redis::RedisError::from)?,
-                None => false,
+                None => 0,
             };
-            if old_index || held {
+            let begun = first.first().is_some_and(|(_, from)| *from <= now);
+            if old_index > 0 || !first.is_empty() {
                 indexed.push(Indexed {
                     tenant: t.clone(),
-                    due: old_index || begun,
+                    due: old_index > 0 || begun,
                 });
             }
         }
