@@ -565,20 +565,15 @@ local function q_exp(exp)
   return exp
 end
 
--- The first bucket of `index` as { bucket, first_ms, full }, or nil when
--- none starts by `now`.
-local function first_bucket(index, now)
-  local first = redis.call('ZRANGE', P .. index, 0, 0, 'WITHSCORES')
+-- The first bucket of A holds (`due`) as { bucket, first_ms, full }, or
+-- nil when none starts by `now`.
+local function first_due_bucket(now)
+  local first = redis.call('ZRANGE', P .. 'due', 0, 0, 'WITHSCORES')
   if not first[1] or tonumber(first[2]) > now then
     return nil
   end
   local from = tonumber(first[2])
   return { first[1], from, from + DUE_BUCKET_MS <= now + 1 }
-end
-
--- The first bucket of A holds (see first_bucket).
-local function first_due_bucket(now)
-  return first_bucket('due', now)
 end
 
 -- Ends those of `hold_ids` that are ACTIVE and, with `due_by`, due by then

@@ -331,11 +331,11 @@ impl Engine {
     ///
     /// A sweeper round also writes the EXPIRED state (event, audit row,
     /// retention) of up to `n` holds whose units are back, all of them once
-    /// they are 30 s late: a burst of 100,000 expiries
-    /// gives its units back at once, a bucket at a time, and its per-hold
-    /// writes are spread over the next seconds instead of starving the
-    /// calls made meanwhile (deploy/BENCHMARKS.md, "mass expiry"). A take
-    /// waits only for the units.
+    /// they are 30 s late: a burst of 100,000 expiries gives its units back
+    /// at once, a bucket at a time, and its per-hold writes are spread over
+    /// the next seconds instead of starving the calls made meanwhile
+    /// (deploy/BENCHMARKS.md, "mass expiry by bucket"). A take waits only
+    /// for the units.
     pub async fn finish_due(&self, tenant: &TenantId, states: Option<i64>) -> Result<(), Error> {
         let now_too = states.is_none();
         let most = states.unwrap_or(0);
