@@ -124,12 +124,6 @@ fn redis_not_now(e: &redis::RedisError) -> bool {
     )
 }
 
-impl From<deadpool_redis::PoolError> for Error {
-    fn from(e: deadpool_redis::PoolError) -> Self {
-        Error::RedisUnavailable(format!("redis pool: {e}"))
-    }
-}
-
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         if postgres_away(&e) {

@@ -80,6 +80,7 @@ pub async fn run(
     let mut drainer = Drainer {
         redis,
         pg,
+        con: None,
         consumer,
         keep,
         grouped: HashMap::new(),
@@ -120,6 +121,8 @@ pub async fn run(
                 // A Redis that lost its data lost the consumer groups too:
                 // create them again (creating an existing one is harmless).
                 drainer.grouped.clear();
+                // And a connection that failed is not trusted again.
+                drainer.con = None;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => break,
@@ -140,6 +143,11 @@ pub async fn run(
 struct Drainer {
     redis: RedisStore,
     pg: PgStore,
+    /// The drainer's own Redis connection, for its blocking reads (which
+    /// must not stall the multiplexed one the calls share), opened when
+    /// first needed and again after a round failed. (A pool of 16 served
+    /// it until 2026-12-06; nothing else used the pool.)
+    con: Option<redis::aio::MultiplexedConnection>,
     consumer: String,
     /// How long drained events stay in the stream, for subscribers that
     /// resume from an id (older ones come from Postgres).
@@ -194,7 +202,13 @@ impl Drainer {
         if tenants.is_empty() {
             return Ok(0);
         }
-        let mut con = self.redis.pooled().await?;
+        let mut con = match &self.con {
+            Some(con) => con.clone(),
+            None => self
+                .con
+                .insert(self.redis.dedicated(ROUND_LIMIT).await?)
+                .clone(),
+        };
         for t in tenants {
             let key = self.redis.keys().events(t);
             if let std::collections::hash_map::Entry::Vacant(slot) = self.grouped.entry(key) {

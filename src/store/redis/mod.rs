@@ -1,8 +1,8 @@
 //! Redis, the fast path. One [`RedisStore`] per daemon: a multiplexed
 //! connection for the scripts (concurrent calls are pipelined on it, not
 //! queued for a pooled connection each; concurrent hold operations are
-//! coalesced into one call, see `batch.rs`) and a small pool for the
-//! blocking stream reads of the drainer.
+//! coalesced into one call, see `batch.rs`), and connections of their own
+//! for the blocking stream readers (the drainer, Watch subscribers).
 
 mod batch;
 #[cfg(test)]
@@ -171,7 +171,6 @@ pub struct RedisStore {
     client: redis::Client,
     con: ConnectionManager,
     batcher: Batcher,
-    pool: deadpool_redis::Pool,
     keys: Keys,
     retention_ms: i64,
     max_active_holds: u64,
@@ -197,22 +196,6 @@ impl RedisStore {
         let clock = read_time(&mut con)
             .await
             .map(|(ms, at)| RedisClock::anchored(ms, at))?;
-        // Bounded waits everywhere: a frozen Redis must not strand a pooled
-        // connection (the recycle check times out and the connection is
-        // dropped instead of handed out again).
-        let mut pool_config = deadpool_redis::Config::from_url(url);
-        pool_config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: 16,
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(timeouts.response * 2),
-                create: Some(timeouts.connect),
-                recycle: Some(timeouts.response),
-            },
-            ..Default::default()
-        });
-        let pool = pool_config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .map_err(|e| Error::internal(format!("redis pool: {e}")))?;
         let keys = Keys::new(prefix);
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         // Loaded now so that the first hold operation does not pay for it
@@ -244,7 +227,6 @@ impl RedisStore {
             client,
             con,
             batcher,
-            pool,
             keys,
             retention_ms,
             max_active_holds: u64::MAX >> 12,
@@ -269,18 +251,9 @@ impl RedisStore {
         std::time::Duration::from_millis(u64::try_from(self.retention_ms).unwrap_or(0))
     }
 
-    /// A pooled connection, for blocking commands that must not stall the
-    /// multiplexed one.
-    pub async fn pooled(&self) -> Result<deadpool_redis::Connection, Error> {
-        let started = Instant::now();
-        let con = self.pool.get().await;
-        metrics::histogram!(metric::POOL_WAIT_SECONDS, "pool" => "redis")
-            .record(started.elapsed().as_secs_f64());
-        Ok(con?)
-    }
-
     /// A connection of its own, for a long-lived blocking reader (a Watch
-    /// subscriber), whose replies may take up to `response_timeout`.
+    /// subscriber, the drainer), whose replies may take up to
+    /// `response_timeout`.
     pub async fn dedicated(
         &self,
         response_timeout: Duration,
