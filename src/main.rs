@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// tokio's multi-threaded runtime, as `#[tokio::main]` builds it, except
-/// that the daemon runs without the LIFO slot.
+/// that the daemon and the load generator run without the LIFO slot.
 ///
 /// With the slot, a task woken by the running task runs next. When a batch
 /// of claims is answered, each answering stream wakes its HTTP/2
@@ -30,10 +30,19 @@ fn main() -> anyhow::Result<()> {
 /// slot"). The switch is unstable in tokio, so `.cargo/config.toml` builds
 /// with `--cfg tokio_unstable`; a build without it (RUSTFLAGS set by hand
 /// replaces that file's flags) keeps the slot and says so at startup.
+///
+/// The load generator's clients are the same case from the other side:
+/// each call wakes its connection's task to write the request. Without
+/// the slot the requests of a round of calls go out together (under
+/// claim-hot 0.35 write calls a call against 1.2-1.3), and the generator
+/// took a quarter less CPU per call (15-16 µs against 20-23),
+/// leaving that much more of a shared machine to the daemon it measures;
+/// the no-op baseline, driven by the same generator, rose alike
+/// (deploy/BENCHMARKS.md, "a lighter load generator").
 fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if matches!(command, Command::Serve(_)) {
+    if matches!(command, Command::Serve(_) | Command::Bench(_)) {
         without_lifo_slot(&mut builder);
     }
     builder.build()
