@@ -21,6 +21,7 @@ mod redis_limit;
 mod redis_time;
 mod report;
 mod session;
+mod shops;
 mod watch_replay;
 mod workloads;
 
@@ -105,9 +106,12 @@ pub struct BenchArgs {
     /// none is named, leave in the Postgres of --database-url: table,
     /// audit-log and WAL bytes each), watch-replay (--holds claims
     /// trimmed from the Redis stream, then a Watch resuming before them:
-    /// how fast their history comes from Postgres). Failover, pg-outage and
-    /// fallback freeze a store, so they run last. With probes and no
-    /// --workload, only the probes run.
+    /// how fast their history comes from Postgres), shops (claim-hot
+    /// spread over each count of --shops tenants in turn, on a daemon of
+    /// its own with a key per shop). Failover, pg-outage and fallback
+    /// freeze a store, so they run after the others; shops runs last, once
+    /// the bench's daemon has stopped. With probes and no --workload, only
+    /// the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
@@ -120,6 +124,11 @@ pub struct BenchArgs {
     /// do nothing.
     #[arg(long, default_value_t = 1_000)]
     pub tenants: u32,
+
+    /// Shop counts the shops probe spreads claim-hot over, in turn
+    /// (comma-separated); each count's rate is set beside the first's.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    pub shops: Vec<u32>,
 
     /// For the claim workloads: each sale limits a customer to this many
     /// units, and each claim names a customer (the same one for K claims
@@ -179,7 +188,7 @@ impl Drop for Scratch {
 async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     let mut daemon = match &args.addr {
         Some(_) => None,
-        None => Some(Daemon::start(args, dir)?),
+        None => Some(Daemon::start(args, dir, DaemonAuth::Dev)?),
     };
     let addr = match (&args.addr, &daemon) {
         (Some(a), _) => a.clone(),
@@ -193,7 +202,12 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     }
     // The fallback, failover and pg-outage probes freeze a store, and the
     // daemon then has an outage to recover from: they go last.
-    let mut order = args.probe.clone();
+    let mut order: Vec<Probe> = args
+        .probe
+        .iter()
+        .copied()
+        .filter(|&p| p != Probe::Shops)
+        .collect();
     order.sort_by_key(|p| matches!(p, Probe::Failover | Probe::PgOutage | Probe::Fallback));
     for probe in order {
         session
@@ -204,6 +218,11 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     drop(session);
     if let Some(d) = daemon.as_mut() {
         d.stop();
+    }
+    // With a daemon of its own, alone on the machine: the bench's would
+    // also drain the shops' streams (its jobs visit every tenant).
+    if args.probe.contains(&Probe::Shops) {
+        shops::run(args, dir).await.context("probe Shops")?;
     }
     Ok(())
 }
@@ -257,6 +276,15 @@ async fn connect(addr: &str) -> anyhow::Result<Channel> {
     anyhow::bail!("cannot connect to {addr}")
 }
 
+/// How the daemon the bench starts knows its callers.
+enum DaemonAuth<'a> {
+    /// `--dev`: no keys, every call the tenant "dev"'s.
+    Dev,
+    /// The given `TENANT:ROLE:KEY` keys, each an `--api-key` (the shops
+    /// probe's tenants).
+    Keys(&'a [String]),
+}
+
 /// The daemon the bench starts: this binary, `serve --dev`, as a child
 /// process so its CPU time and memory are its own.
 struct Daemon {
@@ -266,13 +294,24 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<Self> {
+    fn start(args: &BenchArgs, dir: &std::path::Path, auth: DaemonAuth) -> anyhow::Result<Self> {
         let port = free_port()?;
         let metrics = free_port()?;
-        let log = std::fs::File::create(dir.join("holdfast.log"))?;
         let mut serve = std::process::Command::new(std::env::current_exe()?);
+        serve.arg("serve");
+        let log = match auth {
+            DaemonAuth::Dev => {
+                serve.arg("--dev");
+                "holdfast.log"
+            }
+            DaemonAuth::Keys(keys) => {
+                serve.args(keys.iter().flat_map(|k| ["--api-key", k.as_str()]));
+                "holdfast-keys.log"
+            }
+        };
+        let log = std::fs::File::create(dir.join(log))?;
         serve
-            .args(["serve", "--dev", "--log-format", "text"])
+            .args(["--log-format", "text"])
             .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
             .args(["--redis-url", &args.redis_url])

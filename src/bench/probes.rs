@@ -49,6 +49,10 @@ pub enum Probe {
     /// Redis stream no longer keeps gets them from Postgres (the bench's
     /// own daemon only; runs in `watch_replay.rs`).
     WatchReplay,
+    /// claim-hot spread over each count of `--shops` tenants in turn, on
+    /// a daemon of its own with a key per shop: what many shops selling at
+    /// once cost (runs in `shops.rs`, after every other probe).
+    Shops,
 }
 
 pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -245,7 +249,8 @@ pub async fn run(
         | Probe::Idle
         | Probe::Expiry
         | Probe::PgGrowth
-        | Probe::WatchReplay => {
+        | Probe::WatchReplay
+        | Probe::Shops => {
             unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {

@@ -392,34 +392,7 @@ pub async fn run(w: Workload, channels: &[Channel], plan: &Plan, caller: &Caller
         Workload::ClaimHot | Workload::ClaimSellout | Workload::Claim10k => {
             drive(channels, plan, move |ch, n| {
                 let c = c.clone();
-                async move {
-                    let tag = &c.tag;
-                    let (sale_id, product) = match w {
-                        Workload::ClaimHot => (format!("b{tag}hot"), "hot".to_string()),
-                        Workload::ClaimSellout => (format!("b{tag}out"), "hot".to_string()),
-                        _ => (
-                            format!("b{tag}k{}", n % SALES_10K),
-                            format!("p{}", (n / SALES_10K) % PRODUCTS_PER_SALE),
-                        ),
-                    };
-                    let r = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch)
-                        .claim(c.req(pb::ClaimRequest {
-                            claim_id: format!("c{tag}n{n}"),
-                            sale_id,
-                            customer_id: c.customer(n),
-                            lines: vec![pb::ClaimLine {
-                                product_id: product,
-                                quantity: 1,
-                            }],
-                        }))
-                        .await?
-                        .into_inner();
-                    Ok(match r.outcome() {
-                        Outcome::Ok => Done::ok("claimed", 1),
-                        Outcome::SoldOut => Done::ok("sold_out", 0),
-                        _ => Done::ok("other", 0),
-                    })
-                }
+                async move { claim(w, ch, n, &c).await }
             })
             .await
         }
@@ -445,6 +418,37 @@ pub async fn run(w: Workload, channels: &[Channel], plan: &Plan, caller: &Caller
             .await
         }
     }
+}
+
+/// Claim number `n` of a claim workload: one unit of its hot product
+/// (claim-hot, claim-sellout) or of product `n` of the 10,000 (claim-10k).
+pub async fn claim(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
+    let tag = &c.tag;
+    let (sale_id, product) = match w {
+        Workload::ClaimHot => (format!("b{tag}hot"), "hot".to_string()),
+        Workload::ClaimSellout => (format!("b{tag}out"), "hot".to_string()),
+        _ => (
+            format!("b{tag}k{}", n % SALES_10K),
+            format!("p{}", (n / SALES_10K) % PRODUCTS_PER_SALE),
+        ),
+    };
+    let r = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch)
+        .claim(c.req(pb::ClaimRequest {
+            claim_id: format!("c{tag}n{n}"),
+            sale_id,
+            customer_id: c.customer(n),
+            lines: vec![pb::ClaimLine {
+                product_id: product,
+                quantity: 1,
+            }],
+        }))
+        .await?
+        .into_inner();
+    Ok(match r.outcome() {
+        Outcome::Ok => Done::ok("claimed", 1),
+        Outcome::SoldOut => Done::ok("sold_out", 0),
+        _ => Done::ok("other", 0),
+    })
 }
 
 async fn reserve_then(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {

@@ -1,0 +1,173 @@
+//! Many shops selling at once: the question of a platform that runs one
+//! holdfast for many tenants. The engine batches the calls that wait for
+//! Redis, but only within one tenant (a batch is one script on one
+//! tenant's hash tag, DESIGN.md), and the drainer writes each tenant's
+//! events in a transaction of its own: the same claims spread over more
+//! tenants make smaller batches, and more of both. The probe measures how
+//! much that costs.
+//!
+//! It starts a daemon of its own with an API key for each of the most
+//! shops asked for (`bench-shop-1` ...), since a `--dev` daemon serves one
+//! tenant, then runs claim-hot against each shop count of `--shops` in
+//! turn: every shop has its own hot sale, and call number `n` claims from
+//! shop `n % shops` (calls in flight have consecutive numbers, so the
+//! clients' calls are spread evenly). Each count's line sets its rate
+//! beside the first count's (`vs_first`), with the CPU, the Redis time
+//! and the Postgres write transactions (`txid_current`) a claim costs. The shops' tenants stay in the database (their sales are
+//! the run's own, under a fresh tag), so a probe of a user's Postgres adds
+//! at most the most shops asked for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::Connection;
+
+use super::load::{Plan, Run, drive};
+use super::workloads::{self, Caller, Workload};
+use super::{BenchArgs, Daemon, DaemonAuth, connect, cpu, drained, redis_time};
+use crate::domain::TenantId;
+use crate::store::redis::Keys;
+
+/// Runs the probe and prints one line per shop count.
+pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.addr.is_none(),
+        "the shops probe starts a daemon of its own, with a key per shop; it cannot drive --addr"
+    );
+    let most = args.shops.iter().copied().max().unwrap_or(1).max(1);
+    let shops: Vec<Shop> = (1..=most).map(Shop::new).collect::<anyhow::Result<_>>()?;
+    let keys: Vec<String> = shops.iter().map(|s| s.config.clone()).collect();
+    let daemon = Daemon::start(args, dir, DaemonAuth::Keys(&keys))?;
+    let addr = format!("http://127.0.0.1:{}", daemon.port);
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        channels.push(connect(&addr).await?);
+    }
+    let tag = Caller::new(None).tag;
+    let callers: Vec<Caller> = shops
+        .iter()
+        .map(|s| Caller {
+            key: Some(Arc::clone(&s.key)),
+            tag: Arc::clone(&tag),
+            customer_limit: 0,
+        })
+        .collect();
+    for c in &callers {
+        workloads::setup(Workload::ClaimHot, &channels[0], c)
+            .await
+            .context("creating a shop's hot sale")?;
+    }
+    let watched = cpu::Watched::find(Some(daemon.pid()), &args.redis_url, &args.database_url).await;
+    let mut stats = redis::Client::open(args.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await
+        .context("the shops probe reads Redis's counters and the drainer's progress")?;
+    let mut pg = sqlx::PgConnection::connect(&args.database_url)
+        .await
+        .context("the shops probe counts Postgres's transactions")?;
+    let streams: Vec<String> = shops.iter().map(|s| s.stream.clone()).collect();
+    let plan = Plan {
+        clients: args.clients,
+        duration: Duration::from_secs(args.duration),
+        rate: args.rate,
+        max_calls: None,
+    };
+    let mut first: Option<f64> = None;
+    for &count in &args.shops {
+        let count = count.max(1) as usize;
+        let driven = &callers[..count];
+        let warm = Plan {
+            duration: Duration::from_secs(1),
+            ..plan.clone()
+        };
+        claims(&channels, &warm, driven).await;
+        settle(&mut stats, &streams[..count]).await;
+        if let Err(e) = drained::vacuum(&args.database_url).await {
+            eprintln!("bench: could not vacuum Postgres ({e}); measuring anyway");
+        }
+        let cpu_before = watched.sample();
+        let redis_before = redis_time::Snapshot::read(&mut stats).await;
+        let xid_before = xid(&mut pg).await?;
+        let run = claims(&channels, &plan, driven).await;
+        let drained = settle(&mut stats, &streams[..count]).await;
+        let cpu = cpu_before.per_op(&watched.sample(), run.calls);
+        // Less the reading's own.
+        let xacts = (xid(&mut pg).await? - xid_before - 1) as f64 / run.calls.max(1) as f64;
+        let redis = match (redis_before, redis_time::Snapshot::read(&mut stats).await) {
+            (Some(b), Some(a)) => b.per_op(&a, run.calls),
+            _ => "unread".into(),
+        };
+        let rps = run.rate();
+        let vs_first = rps / *first.get_or_insert(rps);
+        println!(
+            "probe: shops shops={count} rps={rps:.0} vs_first={vs_first:.2} p50_ms={:.2} p99_ms={:.2} errors={} drained_after_s={} pg_xacts_per_op={xacts:.3} cpu_us_per_op={cpu} redis_us_per_op={redis}",
+            run.ms(0.5),
+            run.ms(0.99),
+            run.outcomes
+                .iter()
+                .filter(|(k, _)| k.starts_with("error"))
+                .map(|(_, v)| v)
+                .sum::<u64>(),
+            drained.map_or("late".into(), |d| format!("{:.1}", d.as_secs_f64())),
+        );
+    }
+    Ok(())
+}
+
+/// One shop: its tenant's key, as configured and as sent, and its event
+/// stream (the drainer's progress is read there).
+struct Shop {
+    config: String,
+    key: Arc<str>,
+    stream: String,
+}
+
+impl Shop {
+    /// Shop `i`, tenant `bench-shop-<i>`, with a fresh admin key.
+    fn new(i: u32) -> anyhow::Result<Self> {
+        let tenant = TenantId::parse(&format!("bench-shop-{i}"))?;
+        let (_, key, _) = crate::grpc::auth::new_key();
+        Ok(Self {
+            config: format!("{tenant}:admin:{key}"),
+            key: Arc::from(key.as_str()),
+            // The started daemon's key prefix (`serve`'s default).
+            stream: Keys::new("hf").events(&tenant),
+        })
+    }
+}
+
+/// claim-hot over `callers`' shops: call `n` is shop `n % shops`'s.
+async fn claims(channels: &[tonic::transport::Channel], plan: &Plan, callers: &[Caller]) -> Run {
+    let callers: Arc<[Caller]> = Arc::from(callers);
+    drive(channels, plan, move |ch, n| {
+        let callers = Arc::clone(&callers);
+        async move {
+            let c = &callers[(n % callers.len() as u64) as usize];
+            workloads::claim(Workload::ClaimHot, ch, n, c).await
+        }
+    })
+    .await
+}
+
+/// Waits until the drainer has written back every shop's events, a
+/// minute at most: how long that took, `None` if it did not catch up.
+async fn settle(
+    con: &mut redis::aio::MultiplexedConnection,
+    streams: &[String],
+) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    for stream in streams {
+        let left = Duration::from_secs(60).saturating_sub(started.elapsed());
+        drained::settle(con, stream, left).await?;
+    }
+    Some(started.elapsed())
+}
+
+/// Postgres's next transaction id, taking one: the write transactions
+/// since another reading are the difference less one.
+async fn xid(pg: &mut sqlx::PgConnection) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT txid_current()")
+        .fetch_one(pg)
+        .await?)
+}
