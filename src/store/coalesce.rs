@@ -4,12 +4,17 @@
 //! every other waiting request of the same tenant, in arrival order. No
 //! timer is involved: a lone request goes at once, and the busier the
 //! store, the bigger the batches.
+//!
+//! How many calls may be on their way is bounded twice ([`InFlight`]): in
+//! all, and for one tenant. A tenant's requests gather while its calls are
+//! out, which is what makes its batches big; other tenants' calls need
+//! not wait for those, since their requests could never have joined them.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::domain::TenantId;
 
@@ -19,64 +24,152 @@ pub trait Tenanted {
     fn tenant(&self) -> &TenantId;
 }
 
+/// Calls to the store on their way at once, at most.
+#[derive(Debug, Clone, Copy)]
+pub struct InFlight {
+    /// In all.
+    pub total: usize,
+    /// Of one tenant.
+    pub per_tenant: usize,
+}
+
 /// Runs a coalescer until every sender is gone: batches of up to `max`
 /// requests, each handed to `send` on a task of its own, at most
-/// `in_flight` at once. A batch's slot is freed only when `send` has
-/// finished, so whatever `send` records before it returns (a store that
-/// did not answer) is seen by the batch that takes the slot next.
-pub async fn serve<T, F, Fut>(mut rx: mpsc::Receiver<T>, in_flight: usize, max: usize, send: F)
+/// `in_flight.total` at once and `in_flight.per_tenant` of one tenant. A
+/// batch's slot is freed only when `send` has finished, so whatever `send`
+/// records before it returns (a store that did not answer) is seen by the
+/// batches that start after.
+pub async fn serve<T, F, Fut>(mut rx: mpsc::Receiver<T>, in_flight: InFlight, max: usize, send: F)
 where
     T: Tenanted,
     F: Fn(Vec<T>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(in_flight));
+    let slots = Arc::new(Semaphore::new(in_flight.total));
+    let busy = Arc::new(Busy::default());
     let mut waiting = VecDeque::new();
     loop {
         let slot = Arc::clone(&slots)
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let Some(batch) = next_batch(&mut rx, &mut waiting, max).await else {
+        let sendable = |t: &TenantId| busy.count(t) < in_flight.per_tenant;
+        let Some(batch) = next_batch(&mut rx, &mut waiting, max, sendable, &busy.freed).await
+        else {
             return;
         };
+        let tenant = batch[0].tenant().clone();
+        busy.start(&tenant);
         let sent = send(batch);
+        let busy = Arc::clone(&busy);
         tokio::spawn(async move {
             sent.await;
+            busy.end(&tenant);
             drop(slot);
         });
     }
 }
 
-/// Waits for at least one request (`None` when every sender is gone),
-/// gathers what else has arrived, and returns the next batch: the oldest
-/// request and, in order, up to `max` - 1 more of its tenant. The others
-/// keep their places in `waiting`.
+/// The calls on their way, by tenant, and word when one ends.
+#[derive(Default)]
+struct Busy {
+    calls: Mutex<HashMap<TenantId, usize>>,
+    freed: Notify,
+}
+
+impl Busy {
+    fn count(&self, tenant: &TenantId) -> usize {
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls.get(tenant).copied().unwrap_or(0)
+    }
+
+    fn start(&self, tenant: &TenantId) {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        *calls.entry(tenant.clone()).or_insert(0) += 1;
+    }
+
+    fn end(&self, tenant: &TenantId) {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = calls.get_mut(tenant) {
+            *n -= 1;
+            if *n == 0 {
+                calls.remove(tenant);
+            }
+        }
+        drop(calls);
+        self.freed.notify_one();
+    }
+}
+
+/// Waits until some waiting request's tenant is `sendable` (`None` when
+/// every sender is gone and nothing waits), gathering what arrives, and
+/// returns the next batch: the oldest sendable request and, in order, up
+/// to `max` - 1 more of its tenant. The others keep their places in
+/// `waiting`. `freed` wakes it when a call ends, which may make a tenant
+/// sendable again.
 pub async fn next_batch<T: Tenanted>(
     rx: &mut mpsc::Receiver<T>,
     waiting: &mut VecDeque<T>,
     max: usize,
+    sendable: impl Fn(&TenantId) -> bool,
+    freed: &Notify,
 ) -> Option<Vec<T>> {
-    if waiting.is_empty() {
-        waiting.push_back(rx.recv().await?);
-    }
-    while waiting.len() < max * 4 {
-        match rx.try_recv() {
-            Ok(q) => waiting.push_back(q),
-            Err(_) => break,
+    let mut open = true;
+    loop {
+        while open && waiting.len() < max * 4 {
+            match rx.try_recv() {
+                Ok(q) => waiting.push_back(q),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        let batch = take_batch(waiting, max, &sendable);
+        if !batch.is_empty() {
+            return Some(batch);
+        }
+        if !open && waiting.is_empty() {
+            return None;
+        }
+        tokio::select! {
+            q = rx.recv(), if open && waiting.len() < max * 4 => match q {
+                Some(q) => waiting.push_back(q),
+                None => open = false,
+            },
+            _ = freed.notified() => {}
         }
     }
-    Some(take_batch(waiting, max))
 }
 
-/// The oldest waiting request and, in order, up to `max` - 1 more of the
-/// same tenant; the others keep their places.
-pub fn take_batch<T: Tenanted>(waiting: &mut VecDeque<T>, max: usize) -> Vec<T> {
-    let tenant = waiting.front().map(|q| q.tenant().clone());
+/// The oldest waiting request whose tenant is `sendable` and, in order, up
+/// to `max` - 1 more of the same tenant; the others keep their places.
+/// Empty when no waiting request's tenant is sendable.
+pub fn take_batch<T: Tenanted>(
+    waiting: &mut VecDeque<T>,
+    max: usize,
+    sendable: impl Fn(&TenantId) -> bool,
+) -> Vec<T> {
+    // A tenant is asked about once a run of its requests: a queue of one
+    // busy tenant's requests costs one look, not one a request.
+    let mut refused: Option<&TenantId> = None;
+    let Some(tenant) = waiting
+        .iter()
+        .map(|q| q.tenant())
+        .find(|&t| {
+            if refused == Some(t) {
+                return false;
+            }
+            let ok = sendable(t);
+            refused = Some(t);
+            ok
+        })
+        .cloned()
+    else {
+        return Vec::new();
+    };
     let mut batch = Vec::new();
     let mut rest = VecDeque::with_capacity(waiting.len());
     for q in waiting.drain(..) {
-        if batch.len() < max && Some(q.tenant()) == tenant.as_ref() {
+        if batch.len() < max && *q.tenant() == tenant {
             batch.push(q);
         } else {
             rest.push_back(q);
@@ -116,16 +209,78 @@ mod tests {
             ("b", "extend"),
             ("a", "get_hold"),
         ]);
-        let batch: Vec<_> = take_batch(&mut waiting, 10).iter().map(|r| r.1).collect();
+        let batch: Vec<_> = take_batch(&mut waiting, 10, |_| true)
+            .iter()
+            .map(|r| r.1)
+            .collect();
         assert_eq!(batch, ["claim", "release", "get_hold"]);
         let rest: Vec<_> = waiting.iter().map(|r| (r.0.as_str(), r.1)).collect();
         assert_eq!(rest, [("b", "commit"), ("b", "extend")]);
     }
 
     #[test]
+    fn a_batch_is_of_the_oldest_request_whose_tenant_may_send() {
+        let mut waiting = queue(&[("a", "claim"), ("b", "commit"), ("a", "release")]);
+        let batch: Vec<_> = take_batch(&mut waiting, 10, |t| t.as_str() != "a")
+            .iter()
+            .map(|r| r.1)
+            .collect();
+        assert_eq!(batch, ["commit"]);
+        assert_eq!(waiting.len(), 2);
+        assert!(take_batch(&mut waiting, 10, |_| false).is_empty());
+        assert_eq!(waiting.len(), 2, "nothing taken, nothing lost");
+    }
+
+    /// A tenant with every one of its calls out does not hold back another
+    /// tenant's, and its own next batch goes once one of its calls ends.
+    #[tokio::test]
+    async fn a_tenant_at_its_limit_waits_alone() {
+        let (tx, rx) = mpsc::channel(16);
+        let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<Vec<&'static str>>();
+        let gates: Arc<Mutex<Vec<tokio::sync::oneshot::Sender<()>>>> = Arc::default();
+        let held = Arc::clone(&gates);
+        let limits = InFlight {
+            total: 4,
+            per_tenant: 1,
+        };
+        tokio::spawn(serve(rx, limits, 10, move |batch: Vec<Request>| {
+            let (open, wait) = tokio::sync::oneshot::channel();
+            held.lock().unwrap().push(open);
+            let _ = sent_tx.send(batch.iter().map(|r| r.1).collect());
+            async move {
+                let _ = wait.await;
+            }
+        }));
+        let tenant = |t: &str| TenantId::parse(t).expect("a valid tenant id");
+        tx.send(Request(tenant("a"), "first")).await.unwrap();
+        assert_eq!(next(&mut sent_rx).await, ["first"]);
+        // a's one call is out: its next request waits, b's goes.
+        tx.send(Request(tenant("a"), "second")).await.unwrap();
+        tx.send(Request(tenant("b"), "other")).await.unwrap();
+        assert_eq!(next(&mut sent_rx).await, ["other"]);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            sent_rx.try_recv().is_err(),
+            "a's second waits for its first"
+        );
+        // a's first call ends: its second goes.
+        let first = gates.lock().unwrap().remove(0);
+        first.send(()).unwrap();
+        assert_eq!(next(&mut sent_rx).await, ["second"]);
+    }
+
+    /// The next batch the coalescer sent, waited for 5 s at most.
+    async fn next(sent: &mut mpsc::UnboundedReceiver<Vec<&'static str>>) -> Vec<&'static str> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), sent.recv())
+            .await
+            .expect("a batch within 5 s")
+            .expect("the coalescer runs")
+    }
+
+    #[test]
     fn a_batch_never_holds_more_than_max() {
         let mut waiting = queue(&[("a", "get_hold"); 8]);
-        assert_eq!(take_batch(&mut waiting, 5).len(), 5);
+        assert_eq!(take_batch(&mut waiting, 5, |_| true).len(), 5);
         assert_eq!(waiting.len(), 3);
     }
 }

@@ -10,14 +10,18 @@ use super::{PgStore, PgTake};
 use crate::domain::TenantId;
 use crate::error::Error;
 use crate::store::HoldReply;
-use crate::store::coalesce::{self, Tenanted};
+use crate::store::coalesce::{self, InFlight, Tenanted};
 use crate::telemetry::metric;
 
 /// Fallback transactions running at once: one holding the hot pool row
 /// while the next prepares (ids locked, replays read) keeps that row busy,
 /// and four let other tenants' and pools' batches run beside them. Each
-/// takes one Postgres connection.
-const IN_FLIGHT: usize = 4;
+/// takes one Postgres connection. A tenant may have all four: its calls
+/// contend for its own pool rows, not another tenant's.
+const IN_FLIGHT: InFlight = InFlight {
+    total: 4,
+    per_tenant: 4,
+};
 /// Takes in one transaction, at most: bounds how long it holds a pool.
 const MAX_TAKES: usize = 64;
 /// Takes that may wait before callers wait to queue.

@@ -4,11 +4,12 @@
 //! Under a stampede every request is a small script call, and the cost of
 //! each is mostly not the script: it is a system call to send it, one to
 //! read the answer, and Redis parsing and dispatching a command. So at most
-//! [`IN_FLIGHT`] calls are on their way at once; whatever arrives meanwhile
-//! queues, and goes as one call when a slot frees. Nothing waits on a timer:
-//! a lone request goes at once, and the busier the daemon, the bigger the
-//! batches. Each operation in a batch runs exactly as its own script would
-//! (`scripts::BATCH`), and gets its own reply.
+//! two calls of one tenant are on their way at once ([`IN_FLIGHT`]);
+//! whatever arrives meanwhile queues, and goes as one call when a slot
+//! frees. Nothing waits on a timer: a lone request goes at once, and the
+//! busier the daemon, the bigger the batches. Each operation in a batch
+//! runs exactly as its own script would (`scripts::BATCH`), and gets its
+//! own reply.
 //!
 //! A batch holds one tenant's operations (one hash slot, so it would run on
 //! a Redis Cluster too). A call is answered UNAVAILABLE without being sent
@@ -31,14 +32,23 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::TenantId;
 use crate::error::Error;
-use crate::store::coalesce::{self, Tenanted};
+use crate::store::coalesce::{self, InFlight, Tenanted};
 use crate::store::redis::scripts;
 use crate::telemetry::{Handles, metric};
 
-/// Batch calls on their way to Redis at once: one being answered while the
-/// next is sent keeps Redis busy without splitting the queue into small
-/// batches.
-const IN_FLIGHT: usize = 2;
+/// Batch calls on their way to Redis at once. Of one tenant, two: one
+/// being answered while the next is sent keeps Redis busy without
+/// splitting the tenant's queue into small batches. In all, more, since
+/// other tenants' requests could never join those calls: with two in all,
+/// 64 shops claiming at once waited for each other's round trips, at
+/// 0.36-0.43 of one shop's rate; 8 in all gave 0.48-0.65, 16 0.51-0.70,
+/// 32 0.62-0.83 (deploy/BENCHMARKS.md, "many shops at once"). The calls
+/// share one connection, so more in flight means more of them pipelined:
+/// Redis reads and answers them a handful at a time.
+const IN_FLIGHT: InFlight = InFlight {
+    total: 32,
+    per_tenant: 2,
+};
 /// Operations in one call, at most: bounds how long one call holds Redis.
 const MAX_OPS: usize = 128;
 /// Requests that may wait for the coalescer before callers wait to queue.
@@ -407,10 +417,10 @@ mod tests {
         };
         let sent = || batcher.sent.load(std::sync::atomic::Ordering::Relaxed);
         gate.set(false);
-        // One call in each slot, each its own batch, sent to a Redis that
-        // does not answer...
+        // One call in each of the tenant's slots, each its own batch, sent
+        // to a Redis that does not answer...
         let mut in_flight = Vec::new();
-        for i in 0..IN_FLIGHT {
+        for i in 0..IN_FLIGHT.per_tenant {
             in_flight.push(call(i as u32));
             while sent() <= i as u64 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -431,12 +441,16 @@ mod tests {
                 "{e}"
             );
         }
-        assert_eq!(sent(), IN_FLIGHT as u64, "only the calls in flight went");
+        assert_eq!(
+            sent(),
+            IN_FLIGHT.per_tenant as u64,
+            "only the calls in flight went"
+        );
         // Redis answers again: the next call goes, and is answered.
         gate.set(true);
         let reply = call(200).await.expect("the task ends").expect("answered");
         assert_eq!(tag(&reply), "NO_HOLD");
-        assert_eq!(sent(), IN_FLIGHT as u64 + 1);
+        assert_eq!(sent(), IN_FLIGHT.per_tenant as u64 + 1);
     }
 
     #[tokio::test]
