@@ -13,9 +13,12 @@
 //! shop `n % shops` (calls in flight have consecutive numbers, so the
 //! clients' calls are spread evenly). Each count's line sets its rate
 //! beside the first count's (`vs_first`), with the CPU, the Redis time
-//! and the Postgres write transactions (`txid_current`) a claim costs. The shops' tenants stay in the database (their sales are
-//! the run's own, under a fresh tag), so a probe of a user's Postgres adds
-//! at most the most shops asked for.
+//! and the Postgres write transactions (`txid_current`) a claim costs.
+//! Then whether one shop's stampede slows another's checkout: a quiet
+//! shop's claims at 200 a second alone, and beside the first shop's
+//! claim-hot (`shops-neighbour`). The shops' tenants stay in the database
+//! (their sales are the run's own, under a fresh tag), so a probe of a
+//! user's Postgres adds at most the most shops asked for (two at least).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +38,8 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
         args.addr.is_none(),
         "the shops probe starts a daemon of its own, with a key per shop; it cannot drive --addr"
     );
-    let most = args.shops.iter().copied().max().unwrap_or(1).max(1);
+    // Two at least: the neighbour measurement needs a hot shop and a quiet one.
+    let most = args.shops.iter().copied().max().unwrap_or(1).max(2);
     let shops: Vec<Shop> = (1..=most).map(Shop::new).collect::<anyhow::Result<_>>()?;
     let keys: Vec<String> = shops.iter().map(|s| s.config.clone()).collect();
     let daemon = Daemon::start(args, dir, DaemonAuth::Keys(&keys))?;
@@ -112,7 +116,69 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
             drained.map_or("late".into(), |d| format!("{:.1}", d.as_secs_f64())),
         );
     }
+    // The quiet shop calls over a connection of its own, as another
+    // shop's backend would.
+    let own = connect(&addr).await?;
+    neighbours(
+        &channels,
+        &own,
+        &plan,
+        &callers[..2],
+        &mut stats,
+        &streams[..2],
+    )
+    .await;
     Ok(())
+}
+
+/// The quiet shop's claims a second beside another shop's stampede.
+const QUIET_RATE: f64 = 200.0;
+/// The quiet shop's clients.
+const QUIET_CLIENTS: usize = 4;
+
+/// Whether one shop's stampede slows another shop's checkout: the quiet
+/// shop's claims at [`QUIET_RATE`] over a connection of its own (`own`),
+/// alone, then beside the hot shop's claim-hot at `plan`'s clients over
+/// `channels`, each for `plan`'s duration. Prints the
+/// quiet shop's latency both ways and the stampede's rate.
+async fn neighbours(
+    channels: &[tonic::transport::Channel],
+    own: &tonic::transport::Channel,
+    plan: &Plan,
+    shops: &[Caller],
+    stats: &mut redis::aio::MultiplexedConnection,
+    streams: &[String],
+) {
+    let [hot, quiet] = shops else {
+        unreachable!("two shops")
+    };
+    let quiet_plan = Plan {
+        clients: QUIET_CLIENTS,
+        rate: Some(QUIET_RATE),
+        ..plan.clone()
+    };
+    let stampede = Plan {
+        rate: None,
+        ..plan.clone()
+    };
+    settle(stats, streams).await;
+    let quiet_channels = std::slice::from_ref(own);
+    let alone = claims(quiet_channels, &quiet_plan, std::slice::from_ref(quiet)).await;
+    settle(stats, streams).await;
+    let (beside, hot_run) = tokio::join!(
+        claims(quiet_channels, &quiet_plan, std::slice::from_ref(quiet)),
+        claims(channels, &stampede, std::slice::from_ref(hot)),
+    );
+    settle(stats, streams).await;
+    println!(
+        "probe: shops-neighbour quiet_rate={QUIET_RATE:.0} alone_p50_ms={:.2} alone_p99_ms={:.2} beside_p50_ms={:.2} beside_p99_ms={:.2} stampede_rps={:.0} stampede_p99_ms={:.2}",
+        alone.ms(0.5),
+        alone.ms(0.99),
+        beside.ms(0.5),
+        beside.ms(0.99),
+        hot_run.rate(),
+        hot_run.ms(0.99),
+    );
 }
 
 /// One shop: its tenant's key, as configured and as sent, and its event
