@@ -87,13 +87,16 @@ impl Run {
     /// Calls answered without an error, per second: what a run through a
     /// fault delivered (`rate` counts a refusal as fast as a sale).
     pub fn answered_rate(&self) -> f64 {
-        let errors: u64 = self
-            .outcomes
+        (self.calls - self.errors()) as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Calls answered with a gRPC error.
+    pub fn errors(&self) -> u64 {
+        self.outcomes
             .iter()
             .filter(|(outcome, _)| outcome.starts_with("error:"))
             .map(|(_, n)| n)
-            .sum();
-        (self.calls - errors) as f64 / self.elapsed.as_secs_f64()
+            .sum()
     }
 
     /// Latency at quantile `q`, milliseconds.

@@ -106,9 +106,10 @@ pub struct BenchArgs {
     /// none is named, leave in the Postgres of --database-url: table,
     /// audit-log and WAL bytes each), watch-replay (--holds claims
     /// trimmed from the Redis stream, then a Watch resuming before them:
-    /// how fast their history comes from Postgres), shops (claim-hot
-    /// spread over each count of --shops tenants in turn, on a daemon of
-    /// its own with a key per shop). Failover, pg-outage and fallback
+    /// how fast their history comes from Postgres), shops (the --workload
+    /// workloads, claim-hot when none is named, spread over each count of
+    /// --shops tenants in turn, on a daemon of its own with a key per
+    /// shop). Failover, pg-outage and fallback
     /// freeze a store, so they run after the others; shops runs last, once
     /// the bench's daemon has stopped. With probes and no --workload, only
     /// the probes run.
@@ -186,6 +187,9 @@ impl Drop for Scratch {
 }
 
 async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    if args.probe.contains(&Probe::Shops) {
+        shops::check(args)?;
+    }
     let mut daemon = match &args.addr {
         Some(_) => None,
         None => Some(Daemon::start(args, dir, DaemonAuth::Dev)?),

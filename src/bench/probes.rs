@@ -49,9 +49,11 @@ pub enum Probe {
     /// Redis stream no longer keeps gets them from Postgres (the bench's
     /// own daemon only; runs in `watch_replay.rs`).
     WatchReplay,
-    /// claim-hot spread over each count of `--shops` tenants in turn, on
-    /// a daemon of its own with a key per shop: what many shops selling at
-    /// once cost (runs in `shops.rs`, after every other probe).
+    /// The --workload workloads (claim-hot when none is named) spread
+    /// over each count of `--shops` tenants in turn, on a daemon of its
+    /// own with a key per shop: what many shops selling at once cost, and
+    /// what a quiet shop waits beside another's stampede (runs in
+    /// `shops.rs`, after every other probe).
     Shops,
 }
 

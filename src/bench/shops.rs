@@ -8,12 +8,14 @@
 //!
 //! It starts a daemon of its own with an API key for each of the most
 //! shops asked for (`bench-shop-1` ...), since a `--dev` daemon serves one
-//! tenant, then runs claim-hot against each shop count of `--shops` in
-//! turn: every shop has its own hot sale, and call number `n` claims from
-//! shop `n % shops` (calls in flight have consecutive numbers, so the
-//! clients' calls are spread evenly). Each count's line sets its rate
-//! beside the first count's (`vs_first`), with the CPU, the Redis time
-//! and the Postgres write transactions (`txid_current`) a claim costs.
+//! tenant, then runs each `--workload` (claim-hot when none is named;
+//! not lock-complete, which would engage 100,000 cards a shop) against
+//! each shop count of `--shops` in turn: every shop has its own sales,
+//! stock and venue, and operation `n` is shop `n % shops`'s (operations in
+//! flight have consecutive numbers, so the clients' calls are spread
+//! evenly). Each count's line sets its rate beside the workload's first
+//! count's (`vs_first`), with the CPU, the Redis time and the Postgres
+//! write transactions (`txid_current`) an operation costs.
 //! Then whether one shop's stampede slows another's checkout: a quiet
 //! shop's claims at 200 a second alone, and beside the first shop's
 //! claim-hot (`shops-neighbour`). The shops' tenants stay in the database
@@ -25,19 +27,22 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::Connection;
+use tonic::transport::Channel;
 
-use super::load::{Plan, Run, drive};
+use super::load::Plan;
 use super::workloads::{self, Caller, Workload};
 use super::{BenchArgs, Daemon, DaemonAuth, connect, cpu, drained, redis_time};
 use crate::domain::TenantId;
 use crate::store::redis::Keys;
 
-/// Runs the probe and prints one line per shop count.
+/// Runs the probe and prints one line per workload and shop count, then
+/// the neighbour line.
 pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.addr.is_none(),
-        "the shops probe starts a daemon of its own, with a key per shop; it cannot drive --addr"
-    );
+    check(args)?;
+    let driven = match args.workload.as_slice() {
+        [] => vec![Workload::ClaimHot],
+        named => named.to_vec(),
+    };
     // Two at least: the neighbour measurement needs a hot shop and a quiet one.
     let most = args.shops.iter().copied().max().unwrap_or(1).max(2);
     let shops: Vec<Shop> = (1..=most).map(Shop::new).collect::<anyhow::Result<_>>()?;
@@ -57,78 +62,131 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
             customer_limit: 0,
         })
         .collect();
-    for c in &callers {
-        workloads::setup(Workload::ClaimHot, &channels[0], c)
-            .await
-            .context("creating a shop's hot sale")?;
+    for &w in driven.iter().chain([&Workload::ClaimHot]) {
+        for c in &callers {
+            workloads::setup(w, &channels[0], c)
+                .await
+                .with_context(|| format!("setting up {} for a shop", w.name()))?;
+        }
     }
-    let watched = cpu::Watched::find(Some(daemon.pid()), &args.redis_url, &args.database_url).await;
-    let mut stats = redis::Client::open(args.redis_url.as_str())?
-        .get_multiplexed_async_connection()
-        .await
-        .context("the shops probe reads Redis's counters and the drainer's progress")?;
-    let mut pg = sqlx::PgConnection::connect(&args.database_url)
-        .await
-        .context("the shops probe counts Postgres's transactions")?;
-    let streams: Vec<String> = shops.iter().map(|s| s.stream.clone()).collect();
-    let plan = Plan {
-        clients: args.clients,
-        duration: Duration::from_secs(args.duration),
-        rate: args.rate,
-        max_calls: None,
+    let mut run = Measuring {
+        args,
+        stats: redis::Client::open(args.redis_url.as_str())?
+            .get_multiplexed_async_connection()
+            .await
+            .context("the shops probe reads Redis's counters and the drainer's progress")?,
+        pg: sqlx::PgConnection::connect(&args.database_url)
+            .await
+            .context("the shops probe counts Postgres's transactions")?,
+        watched: cpu::Watched::find(Some(daemon.pid()), &args.redis_url, &args.database_url).await,
+        streams: shops.iter().map(|s| s.stream.clone()).collect(),
+        plan: Plan {
+            clients: args.clients,
+            duration: Duration::from_secs(args.duration),
+            rate: args.rate,
+            max_calls: None,
+        },
     };
-    let mut first: Option<f64> = None;
-    for &count in &args.shops {
-        let count = count.max(1) as usize;
-        let driven = &callers[..count];
+    for &w in &driven {
+        let mut first: Option<f64> = None;
+        for &count in &args.shops {
+            let count = count.max(1) as usize;
+            run.measure(w, &channels, &callers[..count], &mut first)
+                .await?;
+        }
+    }
+    // The quiet shop calls over a connection of its own, as another
+    // shop's backend would.
+    let own = connect(&addr).await?;
+    let streams = run.streams[..2].to_vec();
+    neighbours(
+        &channels,
+        &own,
+        &run.plan,
+        &callers[..2],
+        &mut run.stats,
+        &streams,
+    )
+    .await;
+    Ok(())
+}
+
+/// Whether the probe can run with `args`: asked before anything else
+/// runs, so a bench does not fail at its end.
+pub fn check(args: &BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.addr.is_none(),
+        "the shops probe starts a daemon of its own, with a key per shop; it cannot drive --addr"
+    );
+    anyhow::ensure!(
+        !args.workload.contains(&Workload::LockComplete),
+        "the shops probe cannot drive lock-complete: it would engage 100,000 cards for every shop"
+    );
+    Ok(())
+}
+
+/// What each measured run of the probe reads and shares.
+struct Measuring<'a> {
+    args: &'a BenchArgs,
+    /// Redis's counters and the drainer's progress.
+    stats: redis::aio::MultiplexedConnection,
+    /// Postgres's transaction ids.
+    pg: sqlx::PgConnection,
+    watched: cpu::Watched,
+    /// Each shop's event stream.
+    streams: Vec<String>,
+    plan: Plan,
+}
+
+impl Measuring<'_> {
+    /// Warms `w` up over `shops` for a second, then measures it and
+    /// prints its line; `first` is the rate the first shop count of `w`
+    /// measured (set by it).
+    async fn measure(
+        &mut self,
+        w: Workload,
+        channels: &[Channel],
+        shops: &[Caller],
+        first: &mut Option<f64>,
+    ) -> anyhow::Result<()> {
+        let streams = &self.streams[..shops.len()];
         let warm = Plan {
             duration: Duration::from_secs(1),
-            ..plan.clone()
+            ..self.plan.clone()
         };
-        claims(&channels, &warm, driven).await;
-        settle(&mut stats, &streams[..count]).await;
-        if let Err(e) = drained::vacuum(&args.database_url).await {
+        workloads::spread(w, channels, &warm, shops).await;
+        settle(&mut self.stats, streams).await;
+        if let Err(e) = drained::vacuum(&self.args.database_url).await {
             eprintln!("bench: could not vacuum Postgres ({e}); measuring anyway");
         }
-        let cpu_before = watched.sample();
-        let redis_before = redis_time::Snapshot::read(&mut stats).await;
-        let xid_before = xid(&mut pg).await?;
-        let run = claims(&channels, &plan, driven).await;
-        let drained = settle(&mut stats, &streams[..count]).await;
-        let cpu = cpu_before.per_op(&watched.sample(), run.calls);
+        let cpu_before = self.watched.sample();
+        let redis_before = redis_time::Snapshot::read(&mut self.stats).await;
+        let xid_before = xid(&mut self.pg).await?;
+        let run = workloads::spread(w, channels, &self.plan, shops).await;
+        let drained = settle(&mut self.stats, streams).await;
+        let cpu = cpu_before.per_op(&self.watched.sample(), run.calls);
         // Less the reading's own.
-        let xacts = (xid(&mut pg).await? - xid_before - 1) as f64 / run.calls.max(1) as f64;
-        let redis = match (redis_before, redis_time::Snapshot::read(&mut stats).await) {
+        let xacts = (xid(&mut self.pg).await? - xid_before - 1) as f64 / run.calls.max(1) as f64;
+        let redis = match (
+            redis_before,
+            redis_time::Snapshot::read(&mut self.stats).await,
+        ) {
             (Some(b), Some(a)) => b.per_op(&a, run.calls),
             _ => "unread".into(),
         };
         let rps = run.rate();
         let vs_first = rps / *first.get_or_insert(rps);
         println!(
-            "probe: shops shops={count} rps={rps:.0} vs_first={vs_first:.2} p50_ms={:.2} p99_ms={:.2} errors={} drained_after_s={} pg_xacts_per_op={xacts:.3} cpu_us_per_op={cpu} redis_us_per_op={redis}",
+            "probe: shops workload={} shops={} rps={rps:.0} vs_first={vs_first:.2} p50_ms={:.2} p99_ms={:.2} errors={} drained_after_s={} pg_xacts_per_op={xacts:.3} cpu_us_per_op={cpu} redis_us_per_op={redis}",
+            w.name(),
+            shops.len(),
             run.ms(0.5),
             run.ms(0.99),
-            run.outcomes
-                .iter()
-                .filter(|(k, _)| k.starts_with("error"))
-                .map(|(_, v)| v)
-                .sum::<u64>(),
+            run.errors(),
             drained.map_or("late".into(), |d| format!("{:.1}", d.as_secs_f64())),
         );
+        Ok(())
     }
-    // The quiet shop calls over a connection of its own, as another
-    // shop's backend would.
-    let own = connect(&addr).await?;
-    neighbours(
-        &channels,
-        &own,
-        &plan,
-        &callers[..2],
-        &mut stats,
-        &streams[..2],
-    )
-    .await;
-    Ok(())
 }
 
 /// The quiet shop's claims a second beside another shop's stampede.
@@ -142,8 +200,8 @@ const QUIET_CLIENTS: usize = 4;
 /// `channels`, each for `plan`'s duration. Prints the
 /// quiet shop's latency both ways and the stampede's rate.
 async fn neighbours(
-    channels: &[tonic::transport::Channel],
-    own: &tonic::transport::Channel,
+    channels: &[Channel],
+    own: &Channel,
     plan: &Plan,
     shops: &[Caller],
     stats: &mut redis::aio::MultiplexedConnection,
@@ -163,11 +221,11 @@ async fn neighbours(
     };
     settle(stats, streams).await;
     let quiet_channels = std::slice::from_ref(own);
-    let alone = claims(quiet_channels, &quiet_plan, std::slice::from_ref(quiet)).await;
+    let alone = workloads::run(Workload::ClaimHot, quiet_channels, &quiet_plan, quiet).await;
     settle(stats, streams).await;
     let (beside, hot_run) = tokio::join!(
-        claims(quiet_channels, &quiet_plan, std::slice::from_ref(quiet)),
-        claims(channels, &stampede, std::slice::from_ref(hot)),
+        workloads::run(Workload::ClaimHot, quiet_channels, &quiet_plan, quiet),
+        workloads::run(Workload::ClaimHot, channels, &stampede, hot),
     );
     settle(stats, streams).await;
     println!(
@@ -201,19 +259,6 @@ impl Shop {
             stream: Keys::new("hf").events(&tenant),
         })
     }
-}
-
-/// claim-hot over `callers`' shops: call `n` is shop `n % shops`'s.
-async fn claims(channels: &[tonic::transport::Channel], plan: &Plan, callers: &[Caller]) -> Run {
-    let callers: Arc<[Caller]> = Arc::from(callers);
-    drive(channels, plan, move |ch, n| {
-        let callers = Arc::clone(&callers);
-        async move {
-            let c = &callers[(n % callers.len() as u64) as usize];
-            workloads::claim(Workload::ClaimHot, ch, n, c).await
-        }
-    })
-    .await
 }
 
 /// Waits until the drainer has written back every shop's events, a

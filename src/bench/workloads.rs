@@ -387,42 +387,34 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
 
 /// Drives `w` over `channels` per `plan`.
 pub async fn run(w: Workload, channels: &[Channel], plan: &Plan, caller: &Caller) -> Run {
-    let c = caller.clone();
-    match w {
-        Workload::ClaimHot | Workload::ClaimSellout | Workload::Claim10k => {
-            drive(channels, plan, move |ch, n| {
-                let c = c.clone();
-                async move { claim(w, ch, n, &c).await }
-            })
-            .await
+    spread(w, channels, plan, std::slice::from_ref(caller)).await
+}
+
+/// Drives `w` over `channels` per `plan`, operation `n` made by caller
+/// `n % callers.len()` (each a shop of its own, for the shops probe).
+pub async fn spread(w: Workload, channels: &[Channel], plan: &Plan, callers: &[Caller]) -> Run {
+    let callers: Arc<[Caller]> = Arc::from(callers);
+    drive(channels, plan, move |ch, n| {
+        let c = callers[(n % callers.len() as u64) as usize].clone();
+        async move {
+            match w {
+                Workload::ClaimHot | Workload::ClaimSellout | Workload::Claim10k => {
+                    claim(w, ch, n, &c).await
+                }
+                Workload::ReserveCommit | Workload::ReserveRelease => {
+                    reserve_then(w, ch, n, &c).await
+                }
+                Workload::LockComplete => lock_then_complete(ch, n, &c).await,
+                Workload::SlotConfirm => slot_then_confirm(ch, n, &c).await,
+            }
         }
-        Workload::ReserveCommit | Workload::ReserveRelease => {
-            drive(channels, plan, move |ch, n| {
-                let c = c.clone();
-                async move { reserve_then(w, ch, n, &c).await }
-            })
-            .await
-        }
-        Workload::LockComplete => {
-            drive(channels, plan, move |ch, n| {
-                let c = c.clone();
-                async move { lock_then_complete(ch, n, &c).await }
-            })
-            .await
-        }
-        Workload::SlotConfirm => {
-            drive(channels, plan, move |ch, n| {
-                let c = c.clone();
-                async move { slot_then_confirm(ch, n, &c).await }
-            })
-            .await
-        }
-    }
+    })
+    .await
 }
 
 /// Claim number `n` of a claim workload: one unit of its hot product
 /// (claim-hot, claim-sellout) or of product `n` of the 10,000 (claim-10k).
-pub async fn claim(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
+async fn claim(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
     let tag = &c.tag;
     let (sale_id, product) = match w {
         Workload::ClaimHot => (format!("b{tag}hot"), "hot".to_string()),
