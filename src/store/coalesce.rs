@@ -58,15 +58,38 @@ where
         else {
             return;
         };
-        let tenant = batch[0].tenant().clone();
-        busy.start(&tenant);
+        let running = Running::start(&busy, batch[0].tenant().clone(), slot);
         let sent = send(batch);
-        let busy = Arc::clone(&busy);
         tokio::spawn(async move {
             sent.await;
-            busy.end(&tenant);
-            drop(slot);
+            drop(running);
         });
+    }
+}
+
+/// A call on its way: its tenant's count and its slot, both given back
+/// when it is dropped, even by a `send` that panicked (a tenant whose
+/// count stayed up would never be sent for again).
+struct Running {
+    busy: Arc<Busy>,
+    tenant: TenantId,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Running {
+    fn start(busy: &Arc<Busy>, tenant: TenantId, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        busy.start(&tenant);
+        Self {
+            busy: Arc::clone(busy),
+            tenant,
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.busy.end(&self.tenant);
     }
 }
 
@@ -267,6 +290,29 @@ mod tests {
         let first = gates.lock().unwrap().remove(0);
         first.send(()).unwrap();
         assert_eq!(next(&mut sent_rx).await, ["second"]);
+    }
+
+    /// A call whose sending panicked still gives its tenant's place back.
+    #[tokio::test]
+    async fn a_call_that_panicked_does_not_keep_its_tenant_waiting() {
+        let (tx, rx) = mpsc::channel(16);
+        let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<Vec<&'static str>>();
+        let limits = InFlight {
+            total: 4,
+            per_tenant: 1,
+        };
+        tokio::spawn(serve(rx, limits, 10, move |batch: Vec<Request>| {
+            let names: Vec<&'static str> = batch.iter().map(|r| r.1).collect();
+            let _ = sent_tx.send(names.clone());
+            async move {
+                assert!(names != ["boom"], "a send that panics");
+            }
+        }));
+        let tenant = TenantId::parse("a").expect("a valid tenant id");
+        tx.send(Request(tenant.clone(), "boom")).await.unwrap();
+        assert_eq!(next(&mut sent_rx).await, ["boom"]);
+        tx.send(Request(tenant, "after")).await.unwrap();
+        assert_eq!(next(&mut sent_rx).await, ["after"]);
     }
 
     /// The next batch the coalescer sent, waited for 5 s at most.
