@@ -21,6 +21,9 @@
 //! claim-hot (`shops-neighbour`). The shops' tenants stay in the database
 //! (their sales are the run's own, under a fresh tag), so a probe of a
 //! user's Postgres adds at most the most shops asked for (two at least).
+//! With `--probe fallback` too, claim-hot goes over each shop count once
+//! more with Redis frozen, through the Postgres fallback
+//! (`shops-fallback`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +34,7 @@ use tonic::transport::Channel;
 
 use super::load::Plan;
 use super::workloads::{self, Caller, Workload};
-use super::{BenchArgs, Daemon, DaemonAuth, connect, cpu, drained, redis_time};
+use super::{BenchArgs, Daemon, DaemonAuth, Probe, connect, cpu, drained, fallback, redis_time};
 use crate::domain::TenantId;
 use crate::store::redis::Keys;
 
@@ -108,6 +111,50 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
         &streams,
     )
     .await;
+    if args.probe.contains(&Probe::Fallback) {
+        through_fallback(args, &channels, &run.plan, &callers).await?;
+    }
+    Ok(())
+}
+
+/// With the fallback probe also asked for: claim-hot over each shop count
+/// again, with Redis frozen, so every claim goes through the Postgres
+/// fallback, whose queue also batches one tenant's takes at a time. The
+/// shops' sales were granted to Redis only in part (`--grant-chunk`), so
+/// the fallback has units to sell.
+async fn through_fallback(
+    args: &BenchArgs,
+    channels: &[Channel],
+    plan: &Plan,
+    callers: &[Caller],
+) -> anyhow::Result<()> {
+    let pid = fallback::loopback_redis_pid(&args.redis_url).await?;
+    let _frozen = fallback::Frozen::stop(vec![pid])?;
+    // The first calls wait out --redis-timeout-ms and open the circuit.
+    let warm = Plan {
+        duration: Duration::from_secs(3),
+        ..plan.clone()
+    };
+    workloads::spread(Workload::ClaimHot, channels, &warm, &callers[..1]).await;
+    let mut first: Option<f64> = None;
+    for &count in &args.shops {
+        let shops = &callers[..count.max(1) as usize];
+        let warm = Plan {
+            duration: Duration::from_secs(1),
+            ..plan.clone()
+        };
+        workloads::spread(Workload::ClaimHot, channels, &warm, shops).await;
+        let run = workloads::spread(Workload::ClaimHot, channels, plan, shops).await;
+        let rps = run.answered_rate();
+        let vs_first = rps / *first.get_or_insert(rps);
+        println!(
+            "probe: shops-fallback workload=claim-hot shops={} rps={rps:.0} vs_first={vs_first:.2} p50_ms={:.2} p99_ms={:.2} errors={}",
+            shops.len(),
+            run.ms(0.5),
+            run.ms(0.99),
+            run.errors(),
+        );
+    }
     Ok(())
 }
 
