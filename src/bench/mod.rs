@@ -109,10 +109,9 @@ pub struct BenchArgs {
     /// how fast their history comes from Postgres), shops (the --workload
     /// workloads, claim-hot when none is named, spread over each count of
     /// --shops tenants in turn, on a daemon of its own with a key per
-    /// shop). Failover, pg-outage and fallback
-    /// freeze a store, so they run after the others; shops runs last, once
-    /// the bench's daemon has stopped. With probes and no --workload, only
-    /// the probes run.
+    /// shop). Failover, pg-outage and fallback freeze a store, so they run
+    /// after the others; shops runs last, once the bench's daemon has
+    /// stopped. With probes and no --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
@@ -126,7 +125,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000)]
     pub tenants: u32,
 
-    /// Shop counts the shops probe spreads claim-hot over, in turn
+    /// Shop counts the shops probe spreads its workloads over, in turn
     /// (comma-separated); each count's rate is set beside the first's.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     pub shops: Vec<u32>,
@@ -289,8 +288,9 @@ enum DaemonAuth<'a> {
     Keys(&'a [String]),
 }
 
-/// The daemon the bench starts: this binary, `serve --dev`, as a child
-/// process so its CPU time and memory are its own.
+/// The daemon the bench starts: this binary's `serve` (`--dev`, or with
+/// the shops probe's keys), as a child process so its CPU time and memory
+/// are its own.
 struct Daemon {
     child: std::process::Child,
     port: u16,
