@@ -246,8 +246,8 @@ const QUIET_CLIENTS: usize = 4;
 /// Whether one shop's stampede slows another shop's checkout: the quiet
 /// shop's claims at [`QUIET_RATE`] over a connection of its own (`own`),
 /// alone, then beside the hot shop's claim-hot at `plan`'s clients over
-/// `channels`, each for `plan`'s duration. Prints the
-/// quiet shop's latency both ways and the stampede's rate.
+/// `channels`, each for `plan`'s duration. Prints the quiet shop's
+/// latency both ways and the stampede's rate.
 async fn neighbours(
     channels: &[Channel],
     own: &Channel,
