@@ -17,6 +17,7 @@ mod idle;
 mod load;
 mod pg_growth;
 mod probes;
+mod reads;
 mod redis_limit;
 mod redis_time;
 mod report;

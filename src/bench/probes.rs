@@ -49,6 +49,10 @@ pub enum Probe {
     /// Redis stream no longer keeps gets them from Postgres (the bench's
     /// own daemon only; runs in `watch_replay.rs`).
     WatchReplay,
+    /// The claim-hot sale read (`GetSale`) flat out, beside the no-op
+    /// RPC; then claim-hot alone and beside a storefront's page views
+    /// (runs in `reads.rs`).
+    Reads,
     /// The --workload workloads (claim-hot when none is named) spread
     /// over each count of `--shops` tenants in turn, on a daemon of its
     /// own with a key per shop: what many shops selling at once cost, and
@@ -252,6 +256,7 @@ pub async fn run(
         | Probe::Expiry
         | Probe::PgGrowth
         | Probe::WatchReplay
+        | Probe::Reads
         | Probe::Shops => {
             unreachable!("bench::run sends these probes to their own modules")
         }

@@ -13,7 +13,7 @@ use super::load::Plan;
 use super::report::{Line, ServerStats};
 use super::{
     BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, drained, expiry, failover,
-    fallback, host_port, idle, pg_alternative, pg_growth, pgbench_path, probes, redis_limit,
+    fallback, host_port, idle, pg_alternative, pg_growth, pgbench_path, probes, reads, redis_limit,
     redis_time, watch_replay, workloads,
 };
 use crate::domain::TenantId;
@@ -26,6 +26,8 @@ pub(super) struct Session<'a> {
     /// The daemon the bench started, if it did (its CPU and memory are
     /// then reported).
     daemon: Option<&'a Daemon>,
+    /// The daemon's address, for a probe that wants a connection of its own.
+    addr: String,
     channels: Vec<Channel>,
     caller: workloads::Caller,
     /// The engine's scripts, for the Redis baseline (none when Redis is
@@ -78,6 +80,7 @@ impl<'a> Session<'a> {
             args,
             dir,
             daemon,
+            addr: addr.to_string(),
             channels,
             caller,
             redis,
@@ -336,6 +339,18 @@ impl<'a> Session<'a> {
                     holds: args.holds,
                 };
                 expiry::run(channels, caller, &setup).await
+            }
+            Probe::Reads => {
+                let own = connect(&self.addr).await?;
+                reads::run(
+                    channels,
+                    own,
+                    caller,
+                    &self.watched,
+                    &self.plan,
+                    &args.database_url,
+                )
+                .await
             }
             Probe::Idle => {
                 let idle_for = Duration::from_secs(args.duration);

@@ -219,6 +219,12 @@ fn ttl(seconds: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration { seconds, nanos: 0 })
 }
 
+/// The sale claim-hot claims from (product `hot`), which every
+/// workload's setup makes.
+pub fn hot_sale(caller: &Caller) -> String {
+    format!("b{}hot", caller.tag)
+}
+
 /// The pool the workload's Redis limit exercises, as the engine names it
 /// (src/bench/redis_limit.rs): the hot sale's product for the claims
 /// (claim-sellout's once it sold out, so that the limit is of the refusal
@@ -226,7 +232,7 @@ fn ttl(seconds: i64) -> Option<prost_types::Duration> {
 pub fn hot_pool(w: Workload, caller: &Caller) -> String {
     let tag = &caller.tag;
     match w {
-        Workload::ClaimHot | Workload::Claim10k => format!("sale/b{tag}hot/hot"),
+        Workload::ClaimHot | Workload::Claim10k => format!("sale/{}/hot", hot_sale(caller)),
         Workload::ClaimSellout => format!("sale/b{tag}out/hot"),
         _ => format!("stock/sku{tag}"),
     }
@@ -306,11 +312,7 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
     create_sale(
         &mut flash,
         caller,
-        sale(
-            caller,
-            format!("b{tag}hot"),
-            vec![("hot".into(), 100_000_000)],
-        ),
+        sale(caller, hot_sale(caller), vec![("hot".into(), 100_000_000)]),
     )
     .await?;
     let mut stock = pb::reservation_service_client::ReservationServiceClient::new(ch.clone());
@@ -417,7 +419,7 @@ pub async fn spread(w: Workload, channels: &[Channel], plan: &Plan, callers: &[C
 async fn claim(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
     let tag = &c.tag;
     let (sale_id, product) = match w {
-        Workload::ClaimHot => (format!("b{tag}hot"), "hot".to_string()),
+        Workload::ClaimHot => (hot_sale(c), "hot".to_string()),
         Workload::ClaimSellout => (format!("b{tag}out"), "hot".to_string()),
         _ => (
             format!("b{tag}k{}", n % SALES_10K),
