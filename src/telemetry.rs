@@ -30,6 +30,8 @@ pub mod metric {
     pub const REDIS_BATCH_OPS: &str = "holdfast_redis_batch_ops";
     /// Histogram: takes per coalesced fallback transaction (store/postgres/take_queue.rs).
     pub const PG_BATCH_TAKES: &str = "holdfast_fallback_batch_takes";
+    /// Histogram: pool reads answered by one read of both stores (engine/reads.rs).
+    pub const POOL_READ_BATCH_OPS: &str = "holdfast_pool_read_batch_ops";
     /// Counter: events the drainer wrote to Postgres.
     pub const DRAINED_EVENTS: &str = "holdfast_drainer_events_total";
     /// Gauge: events in the streams not yet written to Postgres.
@@ -152,6 +154,10 @@ pub fn describe_metrics() {
     describe_histogram!(
         PG_BATCH_TAKES,
         "Takes the Postgres fallback ran in one coalesced transaction"
+    );
+    describe_histogram!(
+        POOL_READ_BATCH_OPS,
+        "Pool reads (GetSale, GetStockLevels, availability...) answered by one read of both stores"
     );
     describe_counter!(DRAINED_EVENTS, "Events the drainer wrote to Postgres");
     describe_gauge!(

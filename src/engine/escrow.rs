@@ -40,8 +40,19 @@ impl Engine {
     }
 
     /// Reads pools' counts across both stores, in the order asked; `None`
-    /// for pools that do not exist.
+    /// for pools that do not exist. Concurrent reads of a tenant are
+    /// answered by one read of the stores (reads.rs).
     pub async fn pools_if_any(
+        &self,
+        tenant: &TenantId,
+        ids: &[PoolId],
+    ) -> Result<Vec<Option<PoolView>>, Error> {
+        self.reads.read(tenant, ids).await
+    }
+
+    /// [`Self::pools_if_any`], read from the stores: the rows from
+    /// Postgres, then the counters from Redis.
+    pub(super) async fn read_pools(
         &self,
         tenant: &TenantId,
         ids: &[PoolId],

@@ -16,6 +16,7 @@ mod escrow;
 mod grants;
 mod ids;
 mod lost;
+mod reads;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -113,6 +114,8 @@ pub struct Engine {
     pg: PgStore,
     /// Gathers concurrent fallback takes into shared transactions.
     fallback: TakeQueue,
+    /// Gathers concurrent pool reads into shared reads of the stores.
+    reads: reads::PoolReads,
     /// Serialises grants, so that a pool being loaded is never mistaken for
     /// a pool that Redis lost.
     grant_lock: Arc<Mutex<()>>,
@@ -130,8 +133,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine over the two stores. Starts the fallback's coalescer, so
-    /// it must be called on a Tokio runtime.
+    /// An engine over the two stores. Starts the fallback's and the pool
+    /// reads' coalescers, so it must be called on a Tokio runtime.
     pub fn new(
         redis: RedisStore,
         pg: PgStore,
@@ -143,6 +146,7 @@ impl Engine {
             me: me.clone(),
             redis,
             fallback: TakeQueue::start(pg.clone()),
+            reads: reads::PoolReads::start(me.clone()),
             pg,
             grant_lock: Arc::default(),
             last_grants: std::sync::Mutex::default(),

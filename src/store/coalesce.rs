@@ -1,5 +1,6 @@
-//! What the two coalescers share (Redis's `redis/batch.rs`, the Postgres
-//! fallback's `postgres/take_queue.rs`): requests wait in one queue while
+//! What the coalescers share (Redis's `redis/batch.rs`, the Postgres
+//! fallback's `postgres/take_queue.rs`, the engine's pool reads in
+//! `engine/reads.rs`): requests wait in one queue while
 //! the store is busy, and each call to the store takes the oldest one with
 //! every other waiting request of the same tenant, in arrival order. No
 //! timer is involved: a lone request goes at once, and the busier the

@@ -1,7 +1,7 @@
 //! The stores: Redis, the fast path that answers every hot call, and
 //! Postgres, the system of record (and the fallback while Redis is down).
 
-mod coalesce;
+pub(crate) mod coalesce;
 pub mod postgres;
 pub mod redis;
 

@@ -479,6 +479,40 @@ async fn claims_waiting_for_a_grant_from_a_hung_postgres_answer_unavailable_in_b
     app.shutdown().await;
 }
 
+#[tokio::test]
+async fn reads_that_postgres_holds_answer_unavailable_in_bounded_time() {
+    let app = spawn_app().await;
+    app.live_sale("drop", &[("tee", Some(100))], 0).await;
+    // The first read keeps the sale; every read asks for its pools.
+    assert_eq!(app.stock("drop", "tee").await.remaining, 100);
+    // A statement that never returns: the pools' reads wait on the lock.
+    let blocker = app.hold_table("pools", "ACCESS EXCLUSIVE").await;
+    // Reads gather behind the two on their way, which never end; without
+    // a bound, every later read would wait with them, for as long as the
+    // lock is held.
+    let mut reads = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let mut flash = app.flash();
+        reads.spawn(async move {
+            flash
+                .get_sale(pb::GetSaleRequest {
+                    sale_id: "drop".into(),
+                })
+                .await
+        });
+    }
+    let answers = tokio::time::timeout(std::time::Duration::from_secs(60), reads.join_all())
+        .await
+        .expect("reads must not wait for Postgres without end: 60 s is six times the bound");
+    for answer in answers {
+        let status = answer.expect_err("no Postgres, no read");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    blocker.rollback().await.unwrap();
+    assert_eq!(app.stock("drop", "tee").await.remaining, 100);
+    app.shutdown().await;
+}
+
 /// The refiller (src/jobs/refiller.rs) grants Redis its next chunk once a
 /// take leaves the pool at half a grant, before any take finds it dry.
 #[tokio::test]
@@ -516,11 +550,7 @@ async fn claims_arriving_together_for_an_unread_sale_read_it_once() {
         .await;
     let app = app.restart().await;
 
-    let mut blocker = app.pg.begin().await.unwrap();
-    sqlx::query("LOCK TABLE sale_products IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = app.hold_table("sale_products", "ACCESS EXCLUSIVE").await;
     let mut claims = tokio::task::JoinSet::new();
     for i in 0..20 {
         let mut flash = app.flash();
@@ -537,14 +567,7 @@ async fn claims_arriving_together_for_an_unread_sale_read_it_once() {
     // and none can finish); each that missed the cache alone would wait on
     // the lock too.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let readers: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND wait_event_type = 'Lock'
-           AND query LIKE '%sale_products%'",
-    )
-    .fetch_one(&app.pg)
-    .await
-    .unwrap();
+    let readers = app.waiting_on_locks("%sale_products%").await;
     assert_eq!(readers, 1, "one read of the sale for twenty claims");
     blocker.rollback().await.unwrap();
 

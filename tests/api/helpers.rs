@@ -225,6 +225,34 @@ impl TestApp {
         }
     }
 
+    /// Another transaction holding `table` in lock `mode` (`EXCLUSIVE`
+    /// lets reads through; `ACCESS EXCLUSIVE` holds them too): the
+    /// statements it blocks wait in Postgres until it ends (roll it back).
+    pub async fn hold_table(
+        &self,
+        table: &str,
+        mode: &str,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut blocker = self.pg.begin().await.unwrap();
+        sqlx::query(&format!("LOCK TABLE {table} IN {mode} MODE"))
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        blocker
+    }
+
+    /// Statements waiting for a lock whose text is `LIKE` `pattern`.
+    pub async fn waiting_on_locks(&self, pattern: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(pattern)
+        .fetch_one(&self.pg)
+        .await
+        .unwrap()
+    }
+
     /// The Postgres backend of the call waiting for a lock, once one is.
     pub async fn waiting_for_lock(&self) -> i32 {
         self.eventually("a statement waits for a lock", async || {

@@ -63,37 +63,19 @@ pub(crate) async fn level(app: &TestApp, product: &str, variant: &str) -> pb::St
 /// Another transaction holding the pools table, as a long write would:
 /// the next stock change waits for it in Postgres.
 async fn hold_pools(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut blocker = app.pg.begin().await.unwrap();
-    sqlx::query("LOCK TABLE pools IN EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
-    blocker
+    app.hold_table("pools", "EXCLUSIVE").await
 }
 
 /// Another transaction holding the stock adjustments' table: the next
 /// change waits in Postgres to record its id.
 async fn hold_adjustments(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut blocker = app.pg.begin().await.unwrap();
-    sqlx::query("LOCK TABLE stock_adjustments IN EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
-    blocker
+    app.hold_table("stock_adjustments", "EXCLUSIVE").await
 }
 
 /// Waits until `n` statements like `query` wait for a lock.
 async fn waiting_for_locks(app: &TestApp, n: i64, query: &str) {
     app.eventually("the statements wait for locks", async || {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1",
-        )
-        .bind(query)
-        .fetch_one(&app.pg)
-        .await
-        .unwrap();
-        (waiting == n).then_some(())
+        (app.waiting_on_locks(query).await == n).then_some(())
     })
     .await;
 }
@@ -419,11 +401,7 @@ async fn two_stock_counts_at_once_set_rather_than_add() {
     assert_eq!((same.on_hand, same.sold, same.available), (3, 1, 3));
     // The first waits for the adjustments' table; the second comes in
     // behind it, having read the same level.
-    let mut blocker = app.pg.begin().await.unwrap();
-    sqlx::query("LOCK TABLE stock_adjustments IN EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = hold_adjustments(&app).await;
     let mut c = app.reservations();
     let to_5 = tokio::spawn(async move { c.set_stock(count("mat", 5, "a")).await });
     app.waiting_for_lock().await;

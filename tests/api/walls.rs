@@ -340,3 +340,64 @@ async fn another_stores_pools_are_not_found_and_its_units_in_doubt_are_not_liste
     assert_eq!(mine.in_doubt, doubt, "B's resolve changed nothing of A's");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn reads_arriving_together_share_a_read_and_each_gets_its_own_stores_counts() {
+    let app = spawn_two_stores().await;
+    // The same product id in both stores, with different counts.
+    set_stock(&app, STORE_A_ADMIN, "sku", 5).await;
+    set_stock(&app, STORE_B_ADMIN, "sku", 9).await;
+    let held = app
+        .reservations()
+        .reserve(with_key(
+            reserve("r1", "cart-a", &[("sku", "", 2)], 600),
+            STORE_A_CHECKOUT,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.outcome(), ReserveOutcome::Reserved);
+
+    // Hold every read of the pools in Postgres, so that the reads pile up.
+    let blocker = app.hold_table("pools", "ACCESS EXCLUSIVE").await;
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = if i % 2 == 0 {
+            STORE_A_ADMIN
+        } else {
+            STORE_B_ADMIN
+        };
+        let mut res = app.reservations();
+        let get = pb::GetStockLevelsRequest {
+            keys: vec![key("sku", "").unwrap()],
+        };
+        reads.spawn(async move {
+            let r = res.get_stock_levels(with_key(get, store)).await;
+            (store, r.unwrap().into_inner().levels.remove(0))
+        });
+    }
+    let waiting = || app.waiting_on_locks("%FROM pools WHERE tenant = $1 AND pool_id = ANY%");
+    app.eventually("a read waits for the lock", async || {
+        (waiting().await > 0).then_some(())
+    })
+    .await;
+    // Time for every read to reach the stores; each read alone would be a
+    // statement waiting on the lock (the daemon has 16 connections).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let statements = waiting().await;
+    assert!(
+        (1..=4).contains(&statements),
+        "two reads of the pools a store at once for twenty reads, not {statements}"
+    );
+    blocker.rollback().await.unwrap();
+
+    for (store, level) in reads.join_all().await {
+        let got = (level.on_hand, level.reserved, level.available);
+        if store == STORE_A_ADMIN {
+            assert_eq!(got, (5, 2, 3), "store A's own counts");
+        } else {
+            assert_eq!(got, (9, 0, 9), "store B's own counts");
+        }
+    }
+    app.shutdown().await;
+}
