@@ -4,12 +4,14 @@
 //! so the read is the hottest call a storefront makes, and it shares the
 //! machine with the claims it counts.
 //!
-//! The probe reads the claim-hot sale (`GetSale`) flat out at `--clients`
-//! for `--duration` seconds and reports the rate beside the no-op RPC's
-//! (`vs_noop`), with each process's CPU and Postgres's transactions a read.
-//! Then claim-hot alone, and beside readers at [`READ_RATE`] on a
-//! connection of their own (a storefront's page views): what the reads
-//! cost the sale (`claims_vs_alone`), and how long a read waits then.
+//! The probe makes each page's read flat out at `--clients` for
+//! `--duration` seconds (a flash sale's `GetSale`, a shop's
+//! `GetStockLevels`, a venue's `GetAvailability` of a day's windows) and
+//! reports its rate beside the no-op RPC's (`vs_noop`), with each
+//! process's CPU and Postgres's transactions a read. Then claim-hot
+//! alone, and beside `GetSale`s at [`READ_RATE`] on a connection of their
+//! own (a storefront's page views): what the reads cost the sale
+//! (`claims_vs_alone`), and how long a read waits then.
 
 use std::time::Duration;
 
@@ -28,8 +30,8 @@ const READ_RATE: f64 = 2_000.0;
 /// The readers' clients beside the stampede.
 const READ_CLIENTS: usize = 16;
 
-/// Runs the probe and prints its two lines; the readers beside the
-/// stampede call over `own`, a connection of their own.
+/// Runs the probe and prints its lines; the readers beside the stampede
+/// call over `own`, a connection of their own.
 pub async fn run(
     channels: &[Channel],
     own: Channel,
@@ -40,7 +42,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut pg = sqlx::PgConnection::connect(database_url)
         .await
-        .context("the reads probe counts Postgres's statements")?;
+        .context("the reads probe counts Postgres's transactions")?;
+    // The venue; the sale and the stock are every workload's.
+    workloads::setup(Workload::SlotConfirm, &channels[0], caller).await?;
     let flat_out = Plan {
         rate: None,
         ..plan.clone()
@@ -49,22 +53,26 @@ pub async fn run(
         duration: Duration::from_secs(1),
         ..flat_out.clone()
     };
-    read_sale(channels, &warm, caller).await;
     let noop = baselines::noop(channels, &flat_out, 1).await;
-    let cpu_before = watched.sample();
-    let xacts_before = transactions(&mut pg).await?;
-    let reads = read_sale(channels, &flat_out, caller).await;
-    let cpu = cpu_before.per_op(&watched.sample(), reads.calls);
-    let per_read = (transactions(&mut pg).await? - xacts_before) as f64 / reads.calls.max(1) as f64;
-    println!(
-        "probe: reads rps={:.0} noop_rps={:.0} vs_noop={:.2} p50_ms={:.2} p99_ms={:.2} errors={} pg_xacts_per_read={per_read:.2} cpu_us_per_read={cpu}",
-        reads.rate(),
-        noop.rate(),
-        reads.rate() / noop.rate(),
-        reads.ms(0.5),
-        reads.ms(0.99),
-        reads.errors(),
-    );
+    for page in Page::ALL {
+        read(page, channels, &warm, caller).await;
+        let cpu_before = watched.sample();
+        let xacts_before = transactions(&mut pg).await?;
+        let reads = read(page, channels, &flat_out, caller).await;
+        let cpu = cpu_before.per_op(&watched.sample(), reads.calls);
+        let xacts = transactions(&mut pg).await? - xacts_before;
+        println!(
+            "probe: reads read={} rps={:.0} noop_rps={:.0} vs_noop={:.2} p50_ms={:.2} p99_ms={:.2} errors={} pg_xacts_per_read={:.2} cpu_us_per_read={cpu}",
+            page.rpc(),
+            reads.rate(),
+            noop.rate(),
+            reads.rate() / noop.rate(),
+            reads.ms(0.5),
+            reads.ms(0.99),
+            reads.errors(),
+            xacts as f64 / reads.calls.max(1) as f64,
+        );
+    }
 
     let page_views = Plan {
         clients: READ_CLIENTS,
@@ -76,10 +84,10 @@ pub async fn run(
     let alone = workloads::run(Workload::ClaimHot, channels, &flat_out, caller).await;
     let (beside, views) = tokio::join!(
         workloads::run(Workload::ClaimHot, channels, &flat_out, caller),
-        read_sale(&own, &page_views, caller),
+        read(Page::Sale, &own, &page_views, caller),
     );
     println!(
-        "probe: reads-beside-claims read_rate={READ_RATE:.0} claims_alone_rps={:.0} claims_beside_rps={:.0} claims_vs_alone={:.2} claims_p99_alone_ms={:.2} claims_p99_beside_ms={:.2} read_p50_ms={:.2} read_p99_ms={:.2} read_errors={}",
+        "probe: reads-beside-claims read=GetSale read_rate={READ_RATE:.0} claims_alone_rps={:.0} claims_beside_rps={:.0} claims_vs_alone={:.2} claims_p99_alone_ms={:.2} claims_p99_beside_ms={:.2} read_p50_ms={:.2} read_p99_ms={:.2} read_errors={}",
         alone.rate(),
         beside.rate(),
         beside.rate() / alone.rate(),
@@ -92,20 +100,67 @@ pub async fn run(
     Ok(())
 }
 
-/// `GetSale` of the claim-hot sale, as a product page asks for it.
-async fn read_sale(channels: &[Channel], plan: &Plan, caller: &Caller) -> Run {
+/// The page a read is for, and so which RPC it makes.
+#[derive(Debug, Clone, Copy)]
+enum Page {
+    /// A flash sale's product page: `GetSale` of the claim-hot sale.
+    Sale,
+    /// A shop's product page: `GetStockLevels` of the workloads' stock.
+    Stock,
+    /// A venue's booking page: `GetAvailability` of the slot-confirm
+    /// venue's next 24 windows.
+    Slots,
+}
+
+impl Page {
+    const ALL: [Page; 3] = [Page::Sale, Page::Stock, Page::Slots];
+
+    fn rpc(self) -> &'static str {
+        match self {
+            Page::Sale => "GetSale",
+            Page::Stock => "GetStockLevels",
+            Page::Slots => "GetAvailability",
+        }
+    }
+}
+
+/// `page`'s read, as its page asks for it, driven per `plan`.
+async fn read(page: Page, channels: &[Channel], plan: &Plan, caller: &Caller) -> Run {
     let c = caller.clone();
     drive(channels, plan, move |ch, _| {
         let c = c.clone();
         async move {
-            let sale = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch)
-                .get_sale(c.req(pb::GetSaleRequest {
-                    sale_id: workloads::hot_sale(&c),
-                }))
-                .await?
-                .into_inner();
-            let ok = sale.sale.is_some_and(|s| !s.products.is_empty());
-            Ok(Done::ok(if ok { "read" } else { "other" }, 0))
+            let answered = match page {
+                Page::Sale => {
+                    let r = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch)
+                        .get_sale(c.req(pb::GetSaleRequest {
+                            sale_id: workloads::hot_sale(&c),
+                        }))
+                        .await?;
+                    r.into_inner().sale.is_some_and(|s| !s.products.is_empty())
+                }
+                Page::Stock => {
+                    let r = pb::reservation_service_client::ReservationServiceClient::new(ch)
+                        .get_stock_levels(c.req(pb::GetStockLevelsRequest {
+                            keys: vec![workloads::stock_key(&c)],
+                        }))
+                        .await?;
+                    r.into_inner().levels.len() == 1
+                }
+                Page::Slots => {
+                    let now = chrono::Utc::now().timestamp();
+                    let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+                    let r = pb::slot_service_client::SlotServiceClient::new(ch)
+                        .get_availability(c.req(pb::GetAvailabilityRequest {
+                            venue_id: workloads::venue(&c),
+                            from: at(now),
+                            to: at(now + 24 * 3600),
+                        }))
+                        .await?;
+                    !r.into_inner().windows.is_empty()
+                }
+            };
+            Ok(Done::ok(if answered { "read" } else { "other" }, 0))
         }
     })
     .await

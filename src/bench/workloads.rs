@@ -225,6 +225,20 @@ pub fn hot_sale(caller: &Caller) -> String {
     format!("b{}hot", caller.tag)
 }
 
+/// The stock the reservation workloads reserve, which every workload's
+/// setup makes.
+pub fn stock_key(caller: &Caller) -> pb::StockKey {
+    pb::StockKey {
+        product_id: format!("sku{}", caller.tag),
+        variant_id: String::new(),
+    }
+}
+
+/// The venue slot-confirm books, which its setup makes.
+pub fn venue(caller: &Caller) -> String {
+    format!("v{}", caller.tag)
+}
+
 /// The pool the workload's Redis limit exercises, as the engine names it
 /// (src/bench/redis_limit.rs): the hot sale's product for the claims
 /// (claim-sellout's once it sold out, so that the limit is of the refusal
@@ -318,10 +332,7 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
     let mut stock = pb::reservation_service_client::ReservationServiceClient::new(ch.clone());
     stock
         .set_stock(caller.req(pb::SetStockRequest {
-            key: Some(pb::StockKey {
-                product_id: format!("sku{tag}"),
-                variant_id: String::new(),
-            }),
+            key: Some(stock_key(caller)),
             on_hand: 1_000_000,
             adjustment_id: format!("a{tag}"),
             reason: "bench".into(),
@@ -361,7 +372,7 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
             let mut slots = pb::slot_service_client::SlotServiceClient::new(ch.clone());
             slots
                 .set_venue(caller.req(pb::SetVenueRequest {
-                    venue_id: format!("v{tag}"),
+                    venue_id: venue(caller),
                     time_zone: "UTC".into(),
                     window_minutes: 60,
                 }))
@@ -377,7 +388,7 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
                 .collect();
             slots
                 .set_schedule(caller.req(pb::SetScheduleRequest {
-                    venue_id: format!("v{tag}"),
+                    venue_id: venue(caller),
                     hours,
                 }))
                 .await?;
@@ -454,10 +465,7 @@ async fn reserve_then(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Do
             reservation_id: id.clone(),
             reference: String::new(),
             lines: vec![pb::ReservationLine {
-                key: Some(pb::StockKey {
-                    product_id: format!("sku{tag}"),
-                    variant_id: String::new(),
-                }),
+                key: Some(stock_key(c)),
                 quantity: 1,
             }],
             ttl: ttl(60),
@@ -516,7 +524,7 @@ async fn slot_then_confirm(ch: Channel, n: u64, c: &Caller) -> Result<Done, toni
     let r = client
         .reserve_slot(c.req(pb::ReserveSlotRequest {
             reservation_id: id.clone(),
-            venue_id: format!("v{tag}"),
+            venue_id: venue(c),
             at: None,
             ttl: ttl(60),
             reference: String::new(),
