@@ -119,13 +119,21 @@ pub struct Slots {
     /// was 20× the no-op RPC's). A stale venue is read again once however
     /// many reservations ask (src/cache.rs).
     venues: Cache<(TenantId, String), Venue>,
+    /// Schedules as an availability read last read them, for
+    /// VENUE_FRESH: a booking page asks on every view, and each read of
+    /// a venue and its schedule was three Postgres statements and ~0.3 ms
+    /// of Postgres and of the daemon (deploy/BENCHMARKS.md, "storefront
+    /// reads"). Only availability trusts them: a window's capacity is
+    /// set from a schedule read when the window is made.
+    schedules: Cache<(TenantId, String), Arc<Schedule>>,
 }
 
-/// How long a reservation trusts a venue it read. A change of zone or
-/// window length made through this daemon applies at once; through
-/// another daemon sharing the database, within this long. Either way every
-/// window is its own pool with its own capacity, so a reservation placed
-/// by the old settings never oversells.
+/// How long a reservation trusts a venue it read, and an availability read
+/// a venue and its schedule. A change of zone, window length or schedule
+/// made through this daemon applies at once; through another daemon
+/// sharing the database, within this long. Either way every window is its
+/// own pool with its own capacity, so a reservation placed by the old
+/// settings never oversells.
 const VENUE_FRESH: Duration = Duration::from_secs(1);
 
 /// The suffix of a late confirmation's own hold ([`Slots::confirm`]).
@@ -151,6 +159,7 @@ impl Slots {
             max_id_len,
             known_windows: RwLock::default(),
             venues: Cache::new(VENUE_FRESH, KNOWN_WINDOWS),
+            schedules: Cache::new(VENUE_FRESH, KNOWN_WINDOWS),
         }
     }
 
@@ -281,6 +290,20 @@ impl Slots {
         ))
     }
 
+    /// The schedule as read less than VENUE_FRESH ago, or read now.
+    async fn recent_schedule(
+        &self,
+        tenant: &TenantId,
+        venue_id: &str,
+    ) -> Result<Arc<Schedule>, Error> {
+        let key = (tenant.clone(), venue_id.to_owned());
+        self.schedules
+            .get_or_load(&key, || async {
+                self.schedule(tenant, venue_id).await.map(Arc::new)
+            })
+            .await
+    }
+
     /// Replaces the weekly schedule, then brings the venue's open windows
     /// to their new capacities.
     pub async fn set_weekly(
@@ -317,7 +340,9 @@ impl Slots {
     /// ended. A cut below what a window already has never cancels anything:
     /// the window gets a ceiling and sells nothing more.
     async fn resync(&self, tenant: &TenantId, venue: &Venue) -> Result<(), Error> {
-        let schedule = self.schedule(tenant, &venue.venue_id).await?;
+        let schedule = Arc::new(self.schedule(tenant, &venue.venue_id).await?);
+        let key = (tenant.clone(), venue.venue_id.clone());
+        self.schedules.put(key, Arc::clone(&schedule));
         let prefix = format!("slot/{}/", venue.venue_id);
         let now = Utc::now();
         for id in self
@@ -391,7 +416,8 @@ impl Slots {
         }
     }
 
-    /// Each window in `[from, to)` with its counts.
+    /// Each window in `[from, to)` with its counts: the counts as they are
+    /// now, the venue and its schedule as read within VENUE_FRESH.
     pub async fn availability(
         &self,
         tenant: &TenantId,
@@ -399,8 +425,8 @@ impl Slots {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<WindowView>, Error> {
-        let venue = self.venue(tenant, venue_id).await?;
-        let schedule = self.schedule(tenant, venue_id).await?;
+        let venue = self.recent_venue(tenant, venue_id).await?;
+        let schedule = self.recent_schedule(tenant, venue_id).await?;
         let windows = windows_between(from, to, venue.tz, venue.window_minutes, MAX_WINDOWS)
             .ok_or_else(|| {
                 Error::invalid(
