@@ -40,6 +40,11 @@ const IN_FLIGHT: InFlight = InFlight {
 const MAX_READS: usize = 64;
 /// Reads that may wait for the coalescer before callers wait to queue.
 const QUEUE: usize = 4096;
+/// Pools read by one call to each store, at most: one read's own most
+/// (`GetAvailability`'s 2,000 windows). Reads of different pools (each
+/// shopper's own week of a venue) would otherwise make one script that
+/// holds Redis, and every claim waiting on it, for as long as 64 reads.
+const READ_PART: usize = 2_000;
 /// The longest a read waits in the queue, and then for the stores, before
 /// it answers UNAVAILABLE (a retry is safe): as long as a call waits for a
 /// Postgres connection (startup.rs). A statement that Postgres holds (a
@@ -105,7 +110,7 @@ impl PoolReads {
 }
 
 /// Answers `batch` (one tenant's reads) with one read of every pool they
-/// name, each pool once. Reads whose callers left are dropped, and those
+/// name, each pool once (in parts of [`READ_PART`]). Reads whose callers left are dropped, and those
 /// that waited [`READ_WAIT`] already answer UNAVAILABLE unread.
 async fn read_together(engine: &Engine, batch: Vec<Read>) {
     let (late, batch): (Vec<Read>, Vec<Read>) = batch
@@ -127,7 +132,7 @@ async fn read_together(engine: &Engine, batch: Vec<Read>) {
             all.len() - 1
         });
     }
-    let answer = tokio::time::timeout(READ_WAIT, engine.read_pools(&tenant, &all))
+    let answer = tokio::time::timeout(READ_WAIT, read_in_parts(engine, &tenant, &all))
         .await
         .unwrap_or_else(|_| Err(too_long()));
     let places: Vec<Vec<usize>> = batch
@@ -141,6 +146,19 @@ async fn read_together(engine: &Engine, batch: Vec<Read>) {
         };
         let _ = read.reply.send(own);
     }
+}
+
+/// `ids` read [`READ_PART`] at a time, one part after the other.
+async fn read_in_parts(
+    engine: &Engine,
+    tenant: &TenantId,
+    ids: &[PoolId],
+) -> Result<Vec<Option<PoolView>>, Error> {
+    let mut views = Vec::with_capacity(ids.len());
+    for part in ids.chunks(READ_PART) {
+        views.extend(engine.read_pools(tenant, part).await?);
+    }
+    Ok(views)
 }
 
 /// A read's answer when the stores did not answer within [`READ_WAIT`].

@@ -913,3 +913,65 @@ async fn bad_slot_input_gets_a_clear_error_and_changes_nothing() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn availability_reads_taken_together_each_get_their_own_windows() {
+    let app = spawn_app().await;
+    venue(&app, "far", "UTC", 4).await; // 15-minute windows of 1 slot
+    let start = tomorrow();
+    let later = |hours: i64| prost_types::Timestamp {
+        seconds: start.seconds + hours * 3600,
+        nanos: 0,
+    };
+    // One slot confirmed in each of two ranges of 1,501 windows.
+    for (id, at) in [("near", later(0)), ("next", later(400))] {
+        app.slots()
+            .reserve_slot(reserve(id, "far", at, 600))
+            .await
+            .unwrap();
+        app.slots().confirm_slot(confirm(id, id)).await.unwrap();
+    }
+    let range = |from: i64, to: i64| pb::GetAvailabilityRequest {
+        venue_id: "far".into(),
+        from: Some(later(from)),
+        to: Some(later(to)),
+    };
+
+    // Reads that wait while the pools are held go together: together they
+    // name more windows than one call to the stores reads (2,000).
+    let blocker = app.hold_table("pools", "ACCESS EXCLUSIVE").await;
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (from, to) = if i % 2 == 0 { (0, 375) } else { (375, 750) };
+        let (mut slots, read) = (app.slots(), range(from, to));
+        reads.spawn(async move {
+            let r = slots.get_availability(read).await;
+            (from, r.unwrap().into_inner().windows)
+        });
+    }
+    app.eventually("a read waits for the pools", async || {
+        (app.waiting_on_locks("%FROM pools WHERE tenant%").await > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    blocker.rollback().await.unwrap();
+
+    for (from, windows) in reads.join_all().await {
+        assert_eq!(windows.len(), 1501, "from hour {from}");
+        let first = windows[0].start.unwrap().seconds;
+        assert_eq!(
+            first,
+            later(from).seconds - 5 * 60,
+            "the window holding `from`"
+        );
+        let booked: Vec<i64> = windows
+            .iter()
+            .filter(|w| w.confirmed > 0)
+            .map(|w| w.start.unwrap().seconds)
+            .collect();
+        let mine = if from == 0 { later(0) } else { later(400) };
+        assert_eq!(booked, [mine.seconds - 5 * 60], "from hour {from}");
+        assert!(windows.iter().all(|w| w.capacity == 1), "from hour {from}");
+    }
+    app.shutdown().await;
+}
