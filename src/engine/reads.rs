@@ -9,10 +9,9 @@
 //! every pool any of them asked for, through the coalescer the takes use
 //! (store/coalesce.rs): a lone read goes at once, and reads that arrive
 //! while the tenant's reads are on their way wait for one to end and go
-//! together. No read is
-//! answered from a read that began before it was asked: a batch starts
-//! only after all of its reads arrived, so a read still sees every change
-//! acknowledged before it was made.
+//! together. No read is answered from a read that began before it was
+//! asked: a batch starts only after all of its reads arrived, so a read
+//! still sees every change acknowledged before it was made.
 
 use std::collections::HashMap;
 use std::sync::Weak;
@@ -110,8 +109,9 @@ impl PoolReads {
 }
 
 /// Answers `batch` (one tenant's reads) with one read of every pool they
-/// name, each pool once (in parts of [`READ_PART`]). Reads whose callers left are dropped, and those
-/// that waited [`READ_WAIT`] already answer UNAVAILABLE unread.
+/// name, each pool once (in parts of [`READ_PART`]). Reads whose callers
+/// left are dropped, and those that waited [`READ_WAIT`] already answer
+/// UNAVAILABLE unread.
 async fn read_together(engine: &Engine, batch: Vec<Read>) {
     let (late, batch): (Vec<Read>, Vec<Read>) = batch
         .into_iter()

@@ -1,10 +1,10 @@
 //! What the coalescers share (Redis's `redis/batch.rs`, the Postgres
 //! fallback's `postgres/take_queue.rs`, the engine's pool reads in
-//! `engine/reads.rs`): requests wait in one queue while
-//! the store is busy, and each call to the store takes the oldest one with
-//! every other waiting request of the same tenant, in arrival order. No
-//! timer is involved: a lone request goes at once, and the busier the
-//! store, the bigger the batches.
+//! `engine/reads.rs`): requests wait in one queue while the store is busy,
+//! and each call to the store takes the oldest one with every other
+//! waiting request of the same tenant, in arrival order. No timer is
+//! involved: a lone request goes at once, and the busier the store, the
+//! bigger the batches.
 //!
 //! How many calls may be on their way is bounded twice ([`InFlight`]): in
 //! all, and for one tenant. A tenant's requests gather while its calls are
