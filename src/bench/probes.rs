@@ -49,9 +49,10 @@ pub enum Probe {
     /// Redis stream no longer keeps gets them from Postgres (the bench's
     /// own daemon only; runs in `watch_replay.rs`).
     WatchReplay,
-    /// The claim-hot sale read (`GetSale`) flat out, beside the no-op
-    /// RPC; then claim-hot alone and beside a storefront's page views
-    /// (runs in `reads.rs`).
+    /// A storefront's reads (`GetSale`, `GetStockLevels`, a day of
+    /// `GetAvailability`) each flat out, beside the no-op RPC; then
+    /// claim-hot alone and beside 2,000 `GetSale`s a second, a busy
+    /// storefront's page views (runs in `reads.rs`).
     Reads,
     /// The --workload workloads (claim-hot when none is named) spread
     /// over each count of `--shops` tenants in turn, on a daemon of its
