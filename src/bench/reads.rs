@@ -103,7 +103,8 @@ pub async fn run(
 /// The page a read is for, and so which RPC it makes.
 #[derive(Debug, Clone, Copy)]
 enum Page {
-    /// A flash sale's product page: `GetSale` of the claim-hot sale.
+    /// A flash sale's product page: `GetSale` of the claim-hot sale's
+    /// product.
     Sale,
     /// A shop's product page: `GetStockLevels` of the workloads' stock.
     Stock,
@@ -135,6 +136,7 @@ async fn read(page: Page, channels: &[Channel], plan: &Plan, caller: &Caller) ->
                     let r = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch)
                         .get_sale(c.req(pb::GetSaleRequest {
                             sale_id: workloads::hot_sale(&c),
+                            product_ids: vec![workloads::HOT_PRODUCT.into()],
                         }))
                         .await?;
                     r.into_inner().sale.is_some_and(|s| !s.products.is_empty())

@@ -219,7 +219,10 @@ fn ttl(seconds: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration { seconds, nanos: 0 })
 }
 
-/// The sale claim-hot claims from (product `hot`), which every
+/// The product claim-hot claims, in [`hot_sale`].
+pub const HOT_PRODUCT: &str = "hot";
+
+/// The sale claim-hot claims from (product [`HOT_PRODUCT`]), which every
 /// workload's setup makes.
 pub fn hot_sale(caller: &Caller) -> String {
     format!("b{}hot", caller.tag)
@@ -326,7 +329,11 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
     create_sale(
         &mut flash,
         caller,
-        sale(caller, hot_sale(caller), vec![("hot".into(), 100_000_000)]),
+        sale(
+            caller,
+            hot_sale(caller),
+            vec![(HOT_PRODUCT.into(), 100_000_000)],
+        ),
     )
     .await?;
     let mut stock = pb::reservation_service_client::ReservationServiceClient::new(ch.clone());
@@ -430,7 +437,7 @@ pub async fn spread(w: Workload, channels: &[Channel], plan: &Plan, callers: &[C
 async fn claim(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
     let tag = &c.tag;
     let (sale_id, product) = match w {
-        Workload::ClaimHot => (hot_sale(c), "hot".to_string()),
+        Workload::ClaimHot => (hot_sale(c), HOT_PRODUCT.to_string()),
         Workload::ClaimSellout => (format!("b{tag}out"), "hot".to_string()),
         _ => (
             format!("b{tag}k{}", n % SALES_10K),

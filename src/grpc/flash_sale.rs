@@ -85,6 +85,28 @@ impl FlashSaleApi {
             .collect()
     }
 
+    /// A read's `product_ids`: none (every product), or at most
+    /// `max_batch` distinct ones.
+    fn product_ids(&self, ids: &[String]) -> Result<Vec<String>, Error> {
+        let max = self.limits.max_batch;
+        if ids.len() > max {
+            return Err(Error::invalid(
+                "product_ids",
+                format!("must have at most {max} products, got {}", ids.len()),
+            ));
+        }
+        let mut parsed: Vec<String> = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            let field = format!("product_ids[{i}]");
+            let id = parse_name(&field, id, NAME_LEN)?;
+            if parsed.contains(&id) {
+                return Err(Error::invalid(field, format!("{id} appears twice")));
+            }
+            parsed.push(id);
+        }
+        Ok(parsed)
+    }
+
     fn create_sale_request(&self, r: pb::CreateSaleRequest) -> Result<NewSale, Error> {
         let sale_id = parse_name("sale_id", &r.sale_id, NAME_LEN)?;
         let name = convert::text("name", r.name, 200)?;
@@ -270,7 +292,8 @@ impl FlashSaleService for FlashSaleApi {
                 .caller(&request, Role::Checkout, &request.get_ref().sale_id)
                 .await?;
             let sale_id = parse_name("sale_id", &request.get_ref().sale_id, NAME_LEN)?;
-            let view = self.sales.get_sale(&caller.tenant, &sale_id).await?;
+            let only = self.product_ids(&request.get_ref().product_ids)?;
+            let view = self.sales.get_sale(&caller.tenant, &sale_id, &only).await?;
             Ok(pb::GetSaleResponse {
                 sale: Some(sale_pb(view)),
             })

@@ -110,10 +110,30 @@ impl FlashSales {
         self.view(tenant, &sale.row).await
     }
 
-    /// Reads a sale with its live counts.
-    pub async fn get_sale(&self, tenant: &TenantId, sale_id: &str) -> Result<SaleView, Error> {
+    /// Reads a sale with its live counts: of `only` its products, in that
+    /// order, or of every product when `only` is empty.
+    pub async fn get_sale(
+        &self,
+        tenant: &TenantId,
+        sale_id: &str,
+        only: &[String],
+    ) -> Result<SaleView, Error> {
         let sale = self.sale(tenant, sale_id).await?;
-        self.view(tenant, &sale.row).await
+        if only.is_empty() {
+            return self.view(tenant, &sale.row).await;
+        }
+        let mut products = Vec::with_capacity(only.len());
+        for (i, p) in only.iter().enumerate() {
+            let product = sale.row.products.iter().find(|(id, _)| id == p);
+            products.push(product.cloned().ok_or_else(|| {
+                Error::NotFound(format!("product {p} in sale {sale_id} (product_ids[{i}])"))
+            })?);
+        }
+        let row = SaleRow {
+            products,
+            ..sale.row.clone()
+        };
+        self.view(tenant, &row).await
     }
 
     /// Claims or holds units of a sale.

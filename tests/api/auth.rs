@@ -36,6 +36,7 @@ async fn a_key_for_one_store_cannot_see_or_touch_another_stores_sales() {
         .get_sale(with_key(
             pb::GetSaleRequest {
                 sale_id: "spring".into(),
+                ..Default::default()
             },
             STORE_B_ADMIN,
         ))
@@ -74,6 +75,7 @@ async fn a_key_for_one_store_cannot_see_or_touch_another_stores_sales() {
         .get_sale(with_key(
             pb::GetSaleRequest {
                 sale_id: "spring".into(),
+                ..Default::default()
             },
             STORE_A_ADMIN,
         ))
@@ -95,6 +97,7 @@ async fn missing_or_wrong_keys_are_unauthenticated_and_roles_are_enforced() {
     let err = flash
         .get_sale(pb::GetSaleRequest {
             sale_id: "x".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -103,6 +106,7 @@ async fn missing_or_wrong_keys_are_unauthenticated_and_roles_are_enforced() {
         .get_sale(with_key(
             pb::GetSaleRequest {
                 sale_id: "x".into(),
+                ..Default::default()
             },
             "t:admin:not-a-real-key",
         ))
@@ -187,6 +191,7 @@ async fn keys_made_by_the_cli_authenticate_until_revoked() {
                 .get_sale(with_key(
                     pb::GetSaleRequest {
                         sale_id: "c-sale".into(),
+                        ..Default::default()
                     },
                     &spec,
                 ))

@@ -497,6 +497,7 @@ async fn reads_that_postgres_holds_answer_unavailable_in_bounded_time() {
             flash
                 .get_sale(pb::GetSaleRequest {
                     sale_id: "drop".into(),
+                    ..Default::default()
                 })
                 .await
         });
@@ -586,5 +587,57 @@ async fn claims_arriving_together_for_an_unread_sale_read_it_once() {
     }
     assert_eq!(sold, 16);
     assert_eq!(app.stock("opening", "p").await.sold, 16);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_sale_read_for_some_products_answers_those_in_the_order_asked() {
+    let app = crate::helpers::spawn_app_with(|a| a.max_batch = 3).await;
+    app.live_sale("drop", &[("a", Some(5)), ("b", Some(5)), ("c", None)], 0)
+        .await;
+    app.flash()
+        .claim(claim("c1", "drop", &[("b", 2)]))
+        .await
+        .unwrap();
+    let read = |ids: &[&str]| pb::GetSaleRequest {
+        sale_id: "drop".into(),
+        product_ids: ids.iter().map(|s| s.to_string()).collect(),
+    };
+    let products = |r: pb::GetSaleResponse| -> Vec<(String, i64, i64)> {
+        let sale = r.sale.expect("a sale");
+        sale.products
+            .into_iter()
+            .map(|p| (p.product_id, p.sold, p.remaining))
+            .collect()
+    };
+    let some = app.flash().get_sale(read(&["c", "b"])).await.unwrap();
+    assert_eq!(
+        products(some.into_inner()),
+        [("c".into(), 0, 0), ("b".into(), 2, 3)]
+    );
+    let all = app.flash().get_sale(read(&[])).await.unwrap();
+    let ids: Vec<String> = products(all.into_inner())
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(ids, ["a", "b", "c"], "none named: every product");
+
+    let err = app.flash().get_sale(read(&["a", "zzz"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.message().contains("product_ids[1]"), "{err:?}");
+    let err = app.flash().get_sale(read(&["a", "a"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("product_ids[1]: "), "{err:?}");
+    let err = app.flash().get_sale(read(&["a", ""])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("product_ids[1]: "), "{err:?}");
+    // --max-batch is 3 here.
+    let err = app
+        .flash()
+        .get_sale(read(&["a", "b", "c", "d"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("product_ids: "), "{err:?}");
     app.shutdown().await;
 }

@@ -362,6 +362,7 @@ impl TestApp {
             .flash()
             .get_sale(pb::GetSaleRequest {
                 sale_id: sale_id.into(),
+                ..Default::default()
             })
             .await
             .expect("get the sale")

@@ -159,6 +159,7 @@ async fn get_sale(channel: Channel) -> Result<(), tonic::Status> {
     pb::flash_sale_service_client::FlashSaleServiceClient::new(channel)
         .get_sale(pb::GetSaleRequest {
             sale_id: "nope".into(),
+            ..Default::default()
         })
         .await
         .map(|_| ())

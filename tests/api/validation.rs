@@ -311,6 +311,7 @@ async fn bad_sale_definitions_are_refused_naming_the_field() {
         .flash()
         .get_sale(pb::GetSaleRequest {
             sale_id: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
