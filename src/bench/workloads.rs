@@ -249,7 +249,9 @@ pub fn venue(caller: &Caller) -> String {
 pub fn hot_pool(w: Workload, caller: &Caller) -> String {
     let tag = &caller.tag;
     match w {
-        Workload::ClaimHot | Workload::Claim10k => format!("sale/{}/hot", hot_sale(caller)),
+        Workload::ClaimHot | Workload::Claim10k => {
+            format!("sale/{}/{HOT_PRODUCT}", hot_sale(caller))
+        }
         Workload::ClaimSellout => format!("sale/b{tag}out/hot"),
         _ => format!("stock/sku{tag}"),
     }
