@@ -4,7 +4,7 @@
 //! to live. The per-customer limit is a counter `cust:<sale_id>:<customer>`
 //! checked and bumped in the same script as the take.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,18 +62,19 @@ pub struct FlashSales {
 /// over, and each sale is read once more.
 const SALES_CACHED: usize = 10_000;
 
-/// A sale as claims read it: its definition, and its product ids in a set,
-/// so that a claim finds its product in one look-up however many the sale
-/// has (it was a scan of the list: up to `--max-batch` string comparisons
-/// a claim, 500 by default).
+/// A sale as claims and reads find it: its definition, and its products'
+/// unit caps by id, so that a claim (or a read naming products) finds a
+/// product in one look-up however many the sale has (it was a scan of the
+/// list: up to `--max-batch` string comparisons a product, 500 by
+/// default).
 struct Sale {
     row: SaleRow,
-    products: HashSet<String>,
+    products: HashMap<String, Option<i64>>,
 }
 
 impl Sale {
     fn new(row: SaleRow) -> Arc<Self> {
-        let products = row.products.iter().map(|(p, _)| p.clone()).collect();
+        let products = row.products.iter().cloned().collect();
         Arc::new(Self { row, products })
     }
 }
@@ -124,10 +125,10 @@ impl FlashSales {
         }
         let mut products = Vec::with_capacity(only.len());
         for (i, p) in only.iter().enumerate() {
-            let product = sale.row.products.iter().find(|(id, _)| id == p);
-            products.push(product.cloned().ok_or_else(|| {
+            let cap = sale.products.get(p).ok_or_else(|| {
                 Error::NotFound(format!("product {p} in sale {sale_id} (product_ids[{i}])"))
-            })?);
+            })?;
+            products.push((p.clone(), *cap));
         }
         let row = SaleRow {
             products,
@@ -141,7 +142,7 @@ impl FlashSales {
         let sale = self.sale(tenant, &req.sale_id).await?;
         let mut lines = Vec::with_capacity(req.lines.len());
         for (i, l) in req.lines.iter().enumerate() {
-            if !sale.products.contains(&l.product_id) {
+            if !sale.products.contains_key(&l.product_id) {
                 return Err(Error::NotFound(format!(
                     "product {} in sale {} (lines[{i}].product_id)",
                     l.product_id, req.sale_id
