@@ -23,6 +23,7 @@ mod redis_time;
 mod report;
 mod session;
 mod shops;
+mod soak;
 mod watch_replay;
 mod workloads;
 

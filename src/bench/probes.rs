@@ -54,6 +54,12 @@ pub enum Probe {
     /// claim-hot alone and beside 2,000 `GetSale`s a second, a busy
     /// storefront's page views (runs in `reads.rs`).
     Reads,
+    /// A steady mix (`--rate`, 2,000/s when absent) of the --workload
+    /// workloads (claim-hot, reserve-commit, reserve-release and
+    /// slot-confirm when none is named) and abandoned carts for
+    /// `--duration` seconds: what grows with the operations served, and
+    /// whether they cost more as the daemon runs (runs in `soak.rs`).
+    Soak,
     /// The --workload workloads (claim-hot when none is named) spread
     /// over each count of `--shops` tenants in turn, on a daemon of its
     /// own with a key per shop: what many shops selling at once cost, and
@@ -197,7 +203,10 @@ pub(super) async fn scrape(metrics: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<i64> {
+/// Redis's `used_memory` (INFO memory), bytes.
+pub(super) async fn used_memory(
+    con: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<i64> {
     let info: String = redis::cmd("INFO").arg("memory").query_async(con).await?;
     info.lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
@@ -258,6 +267,7 @@ pub async fn run(
         | Probe::PgGrowth
         | Probe::WatchReplay
         | Probe::Reads
+        | Probe::Soak
         | Probe::Shops => {
             unreachable!("bench::run sends these probes to their own modules")
         }

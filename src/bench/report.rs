@@ -19,12 +19,7 @@ impl ServerStats {
         let own = super::cpu::stat(pid)
             .ok_or_else(|| std::io::Error::other(format!("no /proc/{pid}/stat")))?
             .own;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let peak_rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
+        let peak_rss_kib = status_kib(pid, "VmHWM:").unwrap_or(0);
         Ok(Self {
             // USER_HZ is 100 on Linux.
             cpu_secs: own as f64 / 100.0,
@@ -48,6 +43,15 @@ impl ServerStats {
             peak_rss_kib: self.peak_rss_kib,
         }
     }
+}
+
+/// A field of `/proc/PID/status` given in KiB (`VmRSS:`, `VmHWM:`).
+pub(super) fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// One workload's report.

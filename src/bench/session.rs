@@ -14,7 +14,7 @@ use super::report::{Line, ServerStats};
 use super::{
     BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, drained, expiry, failover,
     fallback, host_port, idle, pg_alternative, pg_growth, pgbench_path, probes, reads, redis_limit,
-    redis_time, watch_replay, workloads,
+    redis_time, soak, watch_replay, workloads,
 };
 use crate::domain::TenantId;
 use crate::store::redis::RedisStore;
@@ -351,6 +351,25 @@ impl<'a> Session<'a> {
                     &args.database_url,
                 )
                 .await
+            }
+            Probe::Soak => {
+                let driven = match args.workload.as_slice() {
+                    [] => &soak::DEFAULT[..],
+                    named => named,
+                };
+                let setup = soak::Setup {
+                    redis_url: &args.redis_url,
+                    database_url: &args.database_url,
+                    metrics,
+                    daemon: self.daemon.map(Daemon::pid),
+                    stream: self.redis.as_ref().map(|r| r.keys().events(&dev_tenant())),
+                    watched: &self.watched,
+                    workloads: driven,
+                    clients: args.clients,
+                    rate: args.rate.unwrap_or(soak::DEFAULT_RATE),
+                    duration: Duration::from_secs(args.duration),
+                };
+                soak::run(channels, caller, &setup).await
             }
             Probe::Idle => {
                 let idle_for = Duration::from_secs(args.duration);
