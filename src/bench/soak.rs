@@ -31,6 +31,7 @@ use tonic::transport::Channel;
 use super::cpu::Watched;
 use super::load::{Done, Plan, Run, drive};
 use super::probes::{reserve_req, scrape, stock, used_memory};
+use super::redis_time::Snapshot;
 use super::report::status_kib;
 use super::workloads::{self, Caller, Workload};
 use crate::grpc::pb;
@@ -114,12 +115,13 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
     let mut units = vec![0; streams];
     while started.elapsed() + interval / 2 < setup.duration {
         let cpu_before = setup.watched.sample();
+        let redis_before = stores.redis_counters().await;
         let (mut runs, carts) = tokio::join!(
             join_all(
                 setup
                     .workloads
                     .iter()
-                    .map(|&w| workloads::run(w, channels, &each, caller)),
+                    .map(|&w| stream(w, channels, &each, caller)),
             ),
             abandon(channels, &each, caller),
         );
@@ -129,19 +131,31 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
         }
         let done = Interval::of(&runs);
         let cpu = cpu_before.per_op(&setup.watched.sample(), done.ops);
+        let redis_after = stores.redis_counters().await;
         let state = stores.state(setup).await?;
         ops += done.ops;
         errors += done.errors;
         p99s.push(done.p99_ms);
         println!(
-            "probe: soak t_s={:.0} rps={:.0} p99_ms={:.2} max_ms={:.1} errors={} cpu_us_per_op={cpu} {}",
+            "probe: soak t_s={:.0} rps={:.0} p99_ms={:.2} max_ms={:.1} errors={} refused={} cpu_us_per_op={cpu} {}",
             started.elapsed().as_secs_f64(),
             done.ops as f64 / done.elapsed.as_secs_f64(),
             done.p99_ms,
             done.max_ms,
             done.errors,
+            done.refused,
             state.fields(),
         );
+        if let (Some((c0, e0)), Some((c1, e1))) = (redis_before, redis_after) {
+            // What Redis spends besides the calls (keys expiring, the
+            // stream's trim) shows in its CPU an operation, not here.
+            println!(
+                "probe: soak-redis t_s={:.0} expired_keys_per_op={:.2} {}",
+                started.elapsed().as_secs_f64(),
+                (e1 - e0) as f64 / done.ops.max(1) as f64,
+                c0.per_op(&c1, done.ops),
+            );
+        }
         points.push(Point {
             at: started.elapsed(),
             ops,
@@ -262,6 +276,32 @@ impl End {
     }
 }
 
+/// Workload `w` driven per `plan`. slot-confirm books the venue's next
+/// day, one window after another, as a booking page's customers pick
+/// their times: its workload books now's window, whose 100,000 slots an
+/// hour fill in minutes at a soak's rate, and a run that outlasted them
+/// measured refusals.
+async fn stream(w: Workload, channels: &[Channel], plan: &Plan, caller: &Caller) -> Run {
+    if w != Workload::SlotConfirm {
+        return workloads::run(w, channels, plan, caller).await;
+    }
+    let c = caller.clone();
+    let now = chrono::Utc::now().timestamp();
+    drive(channels, plan, move |ch, n| {
+        let c = c.clone();
+        let hour = (n % DAY_OF_WINDOWS) as i64;
+        let at = prost_types::Timestamp {
+            seconds: now + hour * 3_600,
+            nanos: 0,
+        };
+        async move { workloads::slot_then_confirm(ch, n, &c, Some(at)).await }
+    })
+    .await
+}
+
+/// The windows slot-confirm spreads over: the venue's next 24 hours.
+const DAY_OF_WINDOWS: u64 = 24;
+
 /// Holds of [`ABANDONED`] that nobody finishes: the carts a shop's
 /// visitors leave, which expire [`ABANDONED_TTL_MS`] later.
 async fn abandon(channels: &[Channel], plan: &Plan, caller: &Caller) -> Run {
@@ -291,6 +331,8 @@ async fn abandon(channels: &[Channel], plan: &Plan, caller: &Caller) -> Run {
 struct Interval {
     ops: u64,
     errors: u64,
+    /// Operations the daemon refused (sold out, short, full, conflict).
+    refused: u64,
     p99_ms: f64,
     max_ms: f64,
     elapsed: Duration,
@@ -306,12 +348,23 @@ impl Interval {
         Self {
             ops: runs.iter().map(|r| r.calls).sum(),
             errors: runs.iter().map(Run::errors).sum(),
+            refused: runs
+                .iter()
+                .flat_map(|r| &r.outcomes)
+                .filter(|(outcome, _)| REFUSALS.contains(&outcome.as_str()))
+                .map(|(_, n)| n)
+                .sum(),
             p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
             max_ms: latency.max() as f64 / 1000.0,
             elapsed: runs.iter().map(|r| r.elapsed).max().unwrap_or(SHORTEST),
         }
     }
 }
+
+/// The outcomes of an operation the daemon refused: a long run can
+/// outlast what its setup made (a slot window of 100,000 fills in a
+/// minute and a half at 1,200 a second), and then measures refusals.
+const REFUSALS: [&str; 5] = ["sold_out", "short", "full", "conflict", "other"];
 
 /// The connections the state is read over.
 struct Stores {
@@ -320,6 +373,23 @@ struct Stores {
 }
 
 impl Stores {
+    /// Redis's per-command counters and the keys it has expired so far.
+    async fn redis_counters(&mut self) -> Option<(Snapshot, i64)> {
+        let commands = Snapshot::read(&mut self.redis).await?;
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut self.redis)
+            .await
+            .ok()?;
+        let expired = info
+            .lines()
+            .find_map(|l| l.strip_prefix("expired_keys:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((commands, expired))
+    }
+
     async fn state(&mut self, setup: &Setup<'_>) -> anyhow::Result<State> {
         let redis_bytes = used_memory(&mut self.redis).await?;
         let redis_keys = redis::cmd("DBSIZE").query_async(&mut self.redis).await?;

@@ -427,7 +427,7 @@ pub async fn spread(w: Workload, channels: &[Channel], plan: &Plan, callers: &[C
                     reserve_then(w, ch, n, &c).await
                 }
                 Workload::LockComplete => lock_then_complete(ch, n, &c).await,
-                Workload::SlotConfirm => slot_then_confirm(ch, n, &c).await,
+                Workload::SlotConfirm => slot_then_confirm(ch, n, &c, None).await,
             }
         }
     })
@@ -526,7 +526,14 @@ async fn lock_then_complete(ch: Channel, n: u64, c: &Caller) -> Result<Done, ton
     Ok(Done::ok("sold", 1))
 }
 
-async fn slot_then_confirm(ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
+/// Slot number `n` of slot-confirm: a slot of the window that holds `at`
+/// (now's when `None`), then its confirmation.
+pub async fn slot_then_confirm(
+    ch: Channel,
+    n: u64,
+    c: &Caller,
+    at: Option<prost_types::Timestamp>,
+) -> Result<Done, tonic::Status> {
     let tag = &c.tag;
     let mut client = pb::slot_service_client::SlotServiceClient::new(ch);
     let id = format!("s{tag}n{n}");
@@ -534,7 +541,7 @@ async fn slot_then_confirm(ch: Channel, n: u64, c: &Caller) -> Result<Done, toni
         .reserve_slot(c.req(pb::ReserveSlotRequest {
             reservation_id: id.clone(),
             venue_id: venue(c),
-            at: None,
+            at,
             ttl: ttl(60),
             reference: String::new(),
         }))
