@@ -742,11 +742,44 @@ local function due_in_list(lk, now, limit, due)
   end
 end
 
+-- Whether the Q holds of bucket `b` may hold something refusal `stop`
+-- lacks: the bucket's sum (count_in_bucket) counts its active holds'
+-- units by pool and epoch, and the holds themselves, so when it counts
+-- none of the short pools' units (under their current epoch: units of an
+-- older one go back to nothing), or no hold for TOO_MANY_HOLDS, ending
+-- its due holds cannot turn the refusal around. A customer's count is
+-- kept in the sum too, but the refusal does not say whose: that one is
+-- always looked into. One HMGET instead of one a hold: a shop sold out
+-- of one product while carts came and went on others read every hold of
+-- the partial bucket on each refused call (~25 HMGETs a refused claim,
+-- deploy/BENCHMARKS.md, "a sale that lasts").
+local function may_hold(b, stop)
+  local fields = {}
+  if stop[1] == 'SHORT' then
+    for i = 2, #stop, 3 do
+      fields[#fields + 1] = stop[i] .. '\0' .. tostring(tonumber(read_pool(stop[i])[5]))
+    end
+  elseif stop[1] == 'TOO_MANY_HOLDS' then
+    fields[1] = COUNT_FIELD
+  else
+    return true
+  end
+  for _, v in ipairs(redis.call('HMGET', P .. 'xsum:' .. b, unpack(fields))) do
+    if tonumber(v or '0') > 0 then
+      return true
+    end
+  end
+  return false
+end
+
 -- The ids of the holds that are due at `now` in the partial buckets (the
 -- one of A holds, and the first of Q holds not given back), up to `limit`.
--- The scan is bounded by the holds made in one DUE_BUCKET_MS.
-local function due_in_partial(now, limit)
-  local due = {}
+-- The scan is bounded by the holds made in one DUE_BUCKET_MS. With
+-- `stop`, the refusal the holds are looked for, the Q bucket is read only
+-- if it may hold what the refusal lacks (may_hold); the second value is
+-- false when it was not, since another refusal may need it read.
+local function due_in_partial(now, limit, stop)
+  local due, whole = {}, true
   local b = first_due_bucket(now)
   if b and not b[3] then
     due_in_list(P .. 'due:' .. b[1], now, limit, due)
@@ -754,9 +787,13 @@ local function due_in_partial(now, limit)
   give_back_due(now, GIVE_BACK_BUDGET)
   local x = back_next
   if x and x[2] <= now and x[2] + DUE_BUCKET_MS > now + 1 then
-    due_in_list(P .. 'xdue:' .. x[1], now, limit, due)
+    if not stop or may_hold(x[1], stop) then
+      due_in_list(P .. 'xdue:' .. x[1], now, limit, due)
+    else
+      whole = false
+    end
   end
-  return due
+  return due, whole
 end
 
 -- Finalises one hold if it is due, whatever else is: an operation on a
@@ -807,11 +844,11 @@ local function busy_if_due(stop, now)
   if (b and b[3]) or not all_back then
     return { 'BUSY' }
   end
-  local due = due_in_partial(now, due_budget + 1)
+  local due, whole = due_in_partial(now, due_budget + 1, stop)
   if #due > due_budget then
     return { 'BUSY' }
   end
-  partial_clear = true
+  partial_clear = whole
   if #due == 0 then
     return stop
   end

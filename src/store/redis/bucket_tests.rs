@@ -250,3 +250,80 @@ async fn a_burst_gives_its_units_back_at_once_and_its_states_as_paced() {
     assert_eq!(expired, 1_000);
     assert_eq!(counts(&mut con, &prefix, "p1").await, (1_000, 0, 0));
 }
+
+/// A refusal looks at the holds due in the bucket that holds "now" only
+/// when the bucket's sum says some hold there holds what was refused.
+/// h1 holds all of p1 and is due 20 ms into its bucket; p3 is sold out by
+/// a claim. A claim refused on p3 does not read the bucket (h1 is still
+/// unfinalised after it: nothing it could free is p3's), and a claim on
+/// p1 in the same call as another refused on p3 still finds h1 due, ends
+/// it and takes its units: skipping the bucket for one refusal does not
+/// skip it for the rest of the call.
+#[tokio::test]
+async fn a_refusal_reads_the_partial_bucket_only_for_what_its_holds_hold() {
+    let mut con = redis().await;
+    let prefix = format!("libtest{}:{{partial}}:", rand::random::<u32>());
+    pools(&mut con, &prefix).await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{prefix}pool:p3"))
+        .arg(&[("grant", 5), ("ret", 0), ("sold", 0), ("held", 0)])
+        .arg(&[("epoch", 1), ("full", 1), ("unl", 0), ("from", 0)])
+        .arg(&[("until", 0), ("low", -1), ("armed", 1), ("lim", -1)])
+        .query_async(&mut con)
+        .await
+        .expect("HSET");
+    let claim = |id, lines| ("claim", vec![id, "flash", lines, "", "0"]);
+    let made: Vec<Value> = fcall(
+        &mut con,
+        &BATCH,
+        &batch_call_at(
+            &prefix,
+            T,
+            &[
+                reserve("h1", r#"[["p1",10]]"#, ""),
+                claim("c1", r#"[["p3",5]]"#),
+            ],
+        ),
+    )
+    .await
+    .expect("the hold and the claim are made");
+    assert_eq!(
+        made.iter().map(tag).collect::<Vec<_>>(),
+        ["HOLD", "CLAIMED"]
+    );
+
+    let due = T + 1_020;
+    let refused = only_reply(
+        &mut con,
+        &batch_call_at(&prefix, due, &[claim("c2", r#"[["p3",1]]"#)]),
+    )
+    .await;
+    assert_eq!(tag(&refused), "SHORT");
+    assert_eq!(
+        st(&mut con, &prefix, "h1").await,
+        "Q",
+        "p3's refusal left h1 alone"
+    );
+
+    let replies: Vec<Value> = fcall(
+        &mut con,
+        &BATCH,
+        &batch_call_at(
+            &prefix,
+            due,
+            &[claim("c3", r#"[["p3",1]]"#), claim("c4", r#"[["p1",1]]"#)],
+        ),
+    )
+    .await
+    .expect("the claims run");
+    assert_eq!(
+        replies.iter().map(tag).collect::<Vec<_>>(),
+        ["SHORT", "CLAIMED"]
+    );
+    assert_eq!(
+        st(&mut con, &prefix, "h1").await,
+        "E",
+        "p1's refusal ended h1"
+    );
+    assert_eq!(counts(&mut con, &prefix, "p1").await, (1, 0, 0));
+}
