@@ -23,7 +23,7 @@ expire_due(now)
 -- 2. A repeated id answers as the first time; then every rule.
 local lines = cjson.decode(lines_arg)
 local rq = take_requests(lines_arg, lines, ck, job, true)
-local stop = busy_if_due(admit(claim_id, job, rq, lines, now, ck, limit), now)
+local stop = busy_if_due(admit(claim_id, job, rq, lines, now, ck, limit), now, ck)
 if stop == RECHECK then
   stop = admit(claim_id, job, rq, lines, now, ck, limit)
 end

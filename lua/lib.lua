@@ -744,16 +744,16 @@ end
 
 -- Whether the Q holds of bucket `b` may hold something refusal `stop`
 -- lacks: the bucket's sum (count_in_bucket) counts its active holds'
--- units by pool and epoch, and the holds themselves, so when it counts
--- none of the short pools' units (under their current epoch: units of an
--- older one go back to nothing), or no hold for TOO_MANY_HOLDS, ending
--- its due holds cannot turn the refusal around. A customer's count is
--- kept in the sum too, but the refusal does not say whose: that one is
--- always looked into. One HMGET instead of one a hold: a shop sold out
--- of one product while carts came and went on others read every hold of
--- the partial bucket on each refused call (~25 HMGETs a refused claim,
--- deploy/BENCHMARKS.md, "a sale that lasts").
-local function may_hold(b, stop)
+-- units by pool and epoch, by customer, and the holds themselves, so
+-- when it counts none of the short pools' units (under their current
+-- epoch: units of an older one go back to nothing), none of customer
+-- `ck`'s for CUSTOMER_LIMIT, or no hold for TOO_MANY_HOLDS, ending its
+-- due holds cannot turn the refusal around. One HMGET instead of one a
+-- hold: a shop sold out of one product while carts came and went on
+-- others read every hold of the partial bucket on each refused call
+-- (~25 HMGETs a refused claim, deploy/BENCHMARKS.md, "a sale that
+-- lasts").
+local function may_hold(b, stop, ck)
   local fields = {}
   if stop[1] == 'SHORT' then
     for i = 2, #stop, 3 do
@@ -761,6 +761,8 @@ local function may_hold(b, stop)
     end
   elseif stop[1] == 'TOO_MANY_HOLDS' then
     fields[1] = COUNT_FIELD
+  elseif stop[1] == 'CUSTOMER_LIMIT' and ck and ck ~= '' then
+    fields[1] = '\0' .. ck
   else
     return true
   end
@@ -775,10 +777,11 @@ end
 -- The ids of the holds that are due at `now` in the partial buckets (the
 -- one of A holds, and the first of Q holds not given back), up to `limit`.
 -- The scan is bounded by the holds made in one DUE_BUCKET_MS. With
--- `stop`, the refusal the holds are looked for, the Q bucket is read only
--- if it may hold what the refusal lacks (may_hold); the second value is
--- false when it was not, since another refusal may need it read.
-local function due_in_partial(now, limit, stop)
+-- `stop`, the refusal the holds are looked for (customer `ck`'s), the Q
+-- bucket is read only if it may hold what the refusal lacks (may_hold);
+-- the second value is false when it was not, since another refusal may
+-- need it read.
+local function due_in_partial(now, limit, stop, ck)
   local due, whole = {}, true
   local b = first_due_bucket(now)
   if b and not b[3] then
@@ -787,7 +790,7 @@ local function due_in_partial(now, limit, stop)
   give_back_due(now, GIVE_BACK_BUDGET)
   local x = back_next
   if x and x[2] <= now and x[2] + DUE_BUCKET_MS > now + 1 then
-    if not stop or may_hold(x[1], stop) then
+    if not stop or may_hold(x[1], stop, ck) then
       due_in_list(P .. 'xdue:' .. x[1], now, limit, due)
     else
       whole = false
@@ -831,10 +834,11 @@ end
 -- every millisecond) never keep a refusal from being answered: with BUSY
 -- alone, each retry found new ones due and the take gave up UNAVAILABLE.
 -- Once a look found none due, the rest of the call (same `now`) needs no
--- second look.
+-- second look. `ck` is the customer counter the take counts against ('' or
+-- nil for none), whose units a CUSTOMER_LIMIT refusal lacks.
 local RECHECK = { 'RECHECK' }
 local partial_clear = false
-local function busy_if_due(stop, now)
+local function busy_if_due(stop, now, ck)
   if not stop or partial_clear
       or not (stop[1] == 'SHORT' or stop[1] == 'CUSTOMER_LIMIT' or stop[1] == 'TOO_MANY_HOLDS') then
     return stop
@@ -844,7 +848,7 @@ local function busy_if_due(stop, now)
   if (b and b[3]) or not all_back then
     return { 'BUSY' }
   end
-  local due, whole = due_in_partial(now, due_budget + 1, stop)
+  local due, whole = due_in_partial(now, due_budget + 1, stop, ck)
   if #due > due_budget then
     return { 'BUSY' }
   end

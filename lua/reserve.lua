@@ -53,7 +53,7 @@ end
 -- 2. A repeated id answers as the first time; then every rule, before any write.
 local lines = cjson.decode(lines_arg)
 local rq = take_requests(lines_arg, lines, ck, job, false)
-local stop = busy_if_due(admit(hold_id, job, rq, lines, now, ck, limit, unused), now)
+local stop = busy_if_due(admit(hold_id, job, rq, lines, now, ck, limit, unused), now, ck)
 if stop == RECHECK then
   stop = admit(hold_id, job, rq, lines, now, ck, limit, unused)
 end

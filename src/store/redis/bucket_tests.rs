@@ -327,3 +327,70 @@ async fn a_refusal_reads_the_partial_bucket_only_for_what_its_holds_hold() {
     );
     assert_eq!(counts(&mut con, &prefix, "p1").await, (1, 0, 0));
 }
+
+/// The same for a customer's limit: h1, u1's hold of 2 units, is due in
+/// the partial bucket. u2, at its limit of 2 by a claim, is refused
+/// without the bucket being read (h1 is still unfinalised after); u1, at
+/// its limit by h1, in the same call as u2's refusal, gets h1 ended and
+/// its units back, and its claim goes through.
+#[tokio::test]
+async fn a_customer_refused_reads_the_partial_bucket_only_for_its_own_holds() {
+    let mut con = redis().await;
+    let prefix = format!("libtest{}:{{customer}}:", rand::random::<u32>());
+    pools(&mut con, &prefix).await;
+    let claim = |id, who| ("claim", vec![id, "flash", r#"[["p1",1]]"#, who, "2"]);
+    let made: Vec<Value> = fcall(
+        &mut con,
+        &BATCH,
+        &batch_call_at(
+            &prefix,
+            T,
+            &[
+                reserve("h1", r#"[["p1",2]]"#, "cust:s:u1"),
+                claim("c1", "cust:s:u2"),
+                claim("c2", "cust:s:u2"),
+            ],
+        ),
+    )
+    .await
+    .expect("the hold and the claims are made");
+    assert_eq!(
+        made.iter().map(tag).collect::<Vec<_>>(),
+        ["HOLD", "CLAIMED", "CLAIMED"]
+    );
+
+    let due = T + 1_020;
+    let refused = only_reply(
+        &mut con,
+        &batch_call_at(&prefix, due, &[claim("c3", "cust:s:u2")]),
+    )
+    .await;
+    assert_eq!(tag(&refused), "CUSTOMER_LIMIT");
+    assert_eq!(
+        st(&mut con, &prefix, "h1").await,
+        "Q",
+        "u2's refusal left u1's hold alone"
+    );
+
+    let replies: Vec<Value> = fcall(
+        &mut con,
+        &BATCH,
+        &batch_call_at(
+            &prefix,
+            due,
+            &[claim("c4", "cust:s:u2"), claim("c5", "cust:s:u1")],
+        ),
+    )
+    .await
+    .expect("the claims run");
+    assert_eq!(
+        replies.iter().map(tag).collect::<Vec<_>>(),
+        ["CUSTOMER_LIMIT", "CLAIMED"]
+    );
+    assert_eq!(
+        st(&mut con, &prefix, "h1").await,
+        "E",
+        "u1's refusal ended h1"
+    );
+    assert_eq!(get(&mut con, format!("{prefix}cust:s:u1")).await, Some(1));
+}
