@@ -188,7 +188,8 @@ struct End {
 
 impl End {
     /// Once the last abandoned hold is past its end and the drainer has
-    /// caught up: every abandoned unit is back, and the daemon counts as
+    /// caught up (`drained=no` when it did not within a minute): every
+    /// abandoned unit is back, and the daemon counts as
     /// sold exactly what the run was told was sold. Fails the probe when
     /// not (a promise broken over a long run: DESIGN.md); with failed
     /// calls, whose fate the run does not know, only prints.
@@ -200,12 +201,18 @@ impl End {
         errors: u64,
     ) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(ABANDONED_TTL_MS + 1_000)).await;
-        if let Some(stream) = &setup.stream {
-            let mut con = redis::Client::open(setup.redis_url)?
-                .get_multiplexed_async_connection()
-                .await?;
-            super::drained::settle(&mut con, stream, Duration::from_secs(60)).await;
-        }
+        // The counts below are the daemon's answers; whether the drainer
+        // wrote every event to Postgres is said beside them.
+        let drained = match &setup.stream {
+            Some(stream) => {
+                let mut con = redis::Client::open(setup.redis_url)?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                let settled = super::drained::settle(&mut con, stream, Duration::from_secs(60));
+                if settled.await.is_some() { "yes" } else { "no" }
+            }
+            None => "unknown",
+        };
         let abandoned = pb::StockKey {
             product_id: ABANDONED.into(),
             variant_id: String::new(),
@@ -256,7 +263,7 @@ impl End {
             ));
         }
         println!(
-            "probe: soak-end abandoned_holds={} abandoned_reserved={} claimed={} sold={sold} consumed={} stock_sold={} stock_reserved={} promises={}",
+            "probe: soak-end drained={drained} abandoned_holds={} abandoned_reserved={} claimed={} sold={sold} consumed={} stock_sold={} stock_reserved={} promises={}",
             self.abandoned,
             carts.reserved,
             self.claimed.unwrap_or(0),
