@@ -101,14 +101,7 @@ pub(super) fn is_local(pid: u32) -> bool {
 pub(super) async fn redis_pid(url: &str) -> Option<u32> {
     let client = redis::Client::open(url).ok()?;
     let mut con = client.get_multiplexed_async_connection().await.ok()?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut con)
-        .await
-        .ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|v| v.trim().parse().ok())
+    super::redis_time::info_number(&mut con, "server", "process_id").await
 }
 
 /// The postmaster: the parent of the backend serving a connection.

@@ -207,11 +207,9 @@ pub(super) async fn scrape(metrics: &str) -> String {
 pub(super) async fn used_memory(
     con: &mut redis::aio::MultiplexedConnection,
 ) -> anyhow::Result<i64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(con).await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no used_memory in INFO"))
+    super::redis_time::info_number(con, "memory", "used_memory")
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no used_memory in Redis's INFO"))
 }
 
 /// What the tenant's event stream takes (every entry counted: SAMPLES 0).

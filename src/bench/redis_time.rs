@@ -11,6 +11,24 @@
 
 use crate::store::redis::config_get;
 
+/// A numeric field of Redis's `INFO <section>` (`used_memory` of
+/// `memory`, `process_id` of `server`, `expired_keys` of `stats`); `None`
+/// when Redis cannot be asked or does not say.
+pub async fn info_number<T: std::str::FromStr>(
+    con: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> Option<T> {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(con)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// How many commands a report names: the costliest, by time.
 const TOP: usize = 8;
 

@@ -31,7 +31,7 @@ use tonic::transport::Channel;
 use super::cpu::Watched;
 use super::load::{Done, Plan, Run, drive};
 use super::probes::{reserve_req, scrape, stock, used_memory};
-use super::redis_time::Snapshot;
+use super::redis_time::{Snapshot, info_number};
 use super::report::status_kib;
 use super::workloads::{self, Caller, Workload};
 use crate::grpc::pb;
@@ -383,17 +383,7 @@ impl Stores {
     /// Redis's per-command counters and the keys it has expired so far.
     async fn redis_counters(&mut self) -> Option<(Snapshot, i64)> {
         let commands = Snapshot::read(&mut self.redis).await?;
-        let info: String = redis::cmd("INFO")
-            .arg("stats")
-            .query_async(&mut self.redis)
-            .await
-            .ok()?;
-        let expired = info
-            .lines()
-            .find_map(|l| l.strip_prefix("expired_keys:"))?
-            .trim()
-            .parse()
-            .ok()?;
+        let expired = info_number(&mut self.redis, "stats", "expired_keys").await?;
         Some((commands, expired))
     }
 
