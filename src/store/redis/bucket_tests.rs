@@ -85,6 +85,20 @@ async fn events(con: &mut ConnectionManager, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The kind of each answer (`HOLD`, `CLAIMED`, `SHORT`...) of one batch
+/// call of `ops` under `prefix` at `now`.
+async fn kinds(
+    con: &mut ConnectionManager,
+    prefix: &str,
+    now: i64,
+    ops: &[(&str, Vec<&str>)],
+) -> Vec<String> {
+    let replies: Vec<Value> = fcall(con, &BATCH, &batch_call_at(prefix, now, ops))
+        .await
+        .expect("the call runs");
+    replies.iter().map(tag).collect()
+}
+
 /// Four holds of p1 in one expiry bucket, each of 2 units, two of them a
 /// customer's: one committed, one released and one extended before the
 /// bucket ends. When it ends only the fourth's units (and its customer's)
@@ -100,40 +114,38 @@ async fn a_hold_that_ends_before_its_bucket_does_is_not_given_back_twice() {
     pools(&mut con, &prefix).await;
     let call = |now, ops: &[(&str, Vec<&str>)]| batch_call_at(&prefix, now, ops);
     let lines = r#"[["p1",2]]"#;
-    let made: Vec<Value> = fcall(
-        &mut con,
-        &BATCH,
-        &call(
+    assert_eq!(
+        kinds(
+            &mut con,
+            &prefix,
             T,
             &[
                 reserve("h1", lines, "cust:s:u1"),
                 reserve("h2", lines, ""),
                 reserve("h3", lines, ""),
                 reserve("h4", lines, "cust:s:u1"),
-            ],
-        ),
-    )
-    .await
-    .expect("the holds are made");
-    assert_eq!(made.iter().map(tag).collect::<Vec<_>>(), ["HOLD"; 4]);
+            ]
+        )
+        .await,
+        ["HOLD"; 4]
+    );
     assert_eq!(st(&mut con, &prefix, "h4").await, "Q");
     assert_eq!(counts(&mut con, &prefix, "p1").await, (0, 8, 4));
 
-    let ended: Vec<Value> = fcall(
-        &mut con,
-        &BATCH,
-        &call(
+    assert_eq!(
+        kinds(
+            &mut con,
+            &prefix,
             T + 500,
             &[
                 ("commit", vec!["h1", "stock", "o1"]),
                 ("release", vec!["h2", "stock"]),
                 ("extend", vec!["h3", "stock", "60000", "3", "x1"]),
-            ],
-        ),
-    )
-    .await
-    .expect("the three end or move");
-    assert_eq!(ended.iter().map(tag).collect::<Vec<_>>(), ["HOLD"; 3]);
+            ]
+        )
+        .await,
+        ["HOLD"; 3]
+    );
     assert_eq!(counts(&mut con, &prefix, "p1").await, (2, 4, 2));
     let customer = format!("{prefix}cust:s:u1");
     assert_eq!(get(&mut con, customer.clone()).await, Some(4));
@@ -273,22 +285,17 @@ async fn a_refusal_reads_the_partial_bucket_only_for_what_its_holds_hold() {
         .await
         .expect("HSET");
     let claim = |id, lines| ("claim", vec![id, "flash", lines, "", "0"]);
-    let made: Vec<Value> = fcall(
-        &mut con,
-        &BATCH,
-        &batch_call_at(
+    assert_eq!(
+        kinds(
+            &mut con,
             &prefix,
             T,
             &[
                 reserve("h1", r#"[["p1",10]]"#, ""),
                 claim("c1", r#"[["p3",5]]"#),
-            ],
-        ),
-    )
-    .await
-    .expect("the hold and the claim are made");
-    assert_eq!(
-        made.iter().map(tag).collect::<Vec<_>>(),
+            ]
+        )
+        .await,
         ["HOLD", "CLAIMED"]
     );
 
@@ -305,19 +312,14 @@ async fn a_refusal_reads_the_partial_bucket_only_for_what_its_holds_hold() {
         "p3's refusal left h1 alone"
     );
 
-    let replies: Vec<Value> = fcall(
-        &mut con,
-        &BATCH,
-        &batch_call_at(
+    assert_eq!(
+        kinds(
+            &mut con,
             &prefix,
             due,
-            &[claim("c3", r#"[["p3",1]]"#), claim("c4", r#"[["p1",1]]"#)],
-        ),
-    )
-    .await
-    .expect("the claims run");
-    assert_eq!(
-        replies.iter().map(tag).collect::<Vec<_>>(),
+            &[claim("c3", r#"[["p3",1]]"#), claim("c4", r#"[["p1",1]]"#)]
+        )
+        .await,
         ["SHORT", "CLAIMED"]
     );
     assert_eq!(
@@ -339,23 +341,18 @@ async fn a_customer_refused_reads_the_partial_bucket_only_for_its_own_holds() {
     let prefix = format!("libtest{}:{{customer}}:", rand::random::<u32>());
     pools(&mut con, &prefix).await;
     let claim = |id, who| ("claim", vec![id, "flash", r#"[["p1",1]]"#, who, "2"]);
-    let made: Vec<Value> = fcall(
-        &mut con,
-        &BATCH,
-        &batch_call_at(
+    assert_eq!(
+        kinds(
+            &mut con,
             &prefix,
             T,
             &[
                 reserve("h1", r#"[["p1",2]]"#, "cust:s:u1"),
                 claim("c1", "cust:s:u2"),
                 claim("c2", "cust:s:u2"),
-            ],
-        ),
-    )
-    .await
-    .expect("the hold and the claims are made");
-    assert_eq!(
-        made.iter().map(tag).collect::<Vec<_>>(),
+            ]
+        )
+        .await,
         ["HOLD", "CLAIMED", "CLAIMED"]
     );
 
@@ -372,19 +369,14 @@ async fn a_customer_refused_reads_the_partial_bucket_only_for_its_own_holds() {
         "u2's refusal left u1's hold alone"
     );
 
-    let replies: Vec<Value> = fcall(
-        &mut con,
-        &BATCH,
-        &batch_call_at(
+    assert_eq!(
+        kinds(
+            &mut con,
             &prefix,
             due,
-            &[claim("c4", "cust:s:u2"), claim("c5", "cust:s:u1")],
-        ),
-    )
-    .await
-    .expect("the claims run");
-    assert_eq!(
-        replies.iter().map(tag).collect::<Vec<_>>(),
+            &[claim("c4", "cust:s:u2"), claim("c5", "cust:s:u1")]
+        )
+        .await,
         ["CUSTOMER_LIMIT", "CLAIMED"]
     );
     assert_eq!(
