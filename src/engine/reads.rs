@@ -69,6 +69,10 @@ impl Tenanted for Read {
     fn tenant(&self) -> &TenantId {
         &self.tenant
     }
+
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
 }
 
 impl PoolReads {
@@ -110,12 +114,11 @@ impl PoolReads {
 
 /// Answers `batch` (one tenant's reads) with one read of every pool they
 /// name, each pool once (in parts of [`READ_PART`]). Reads whose callers
-/// left are dropped, and those that waited [`READ_WAIT`] already answer
-/// UNAVAILABLE unread.
+/// left never get here (`coalesce::take_batch` drops them), and those
+/// that waited [`READ_WAIT`] already answer UNAVAILABLE unread.
 async fn read_together(engine: &Engine, batch: Vec<Read>) {
     let (late, batch): (Vec<Read>, Vec<Read>) = batch
         .into_iter()
-        .filter(|r| !r.reply.is_closed())
         .partition(|r| r.asked.elapsed() >= READ_WAIT);
     for read in late {
         let _ = read.reply.send(Err(too_long()));

@@ -104,15 +104,41 @@ pub(crate) async fn observe<T>(
         tenant = tracing::field::Empty,
         id = tracing::field::Empty
     );
-    let started = Instant::now();
+    let mut unfinished = Unfinished {
+        meter,
+        started: Instant::now(),
+        ended: false,
+    };
     let result = fut.instrument(span.clone()).await;
+    unfinished.ended = true;
     let result = span.in_scope(|| result.map(Response::new).map_err(Status::from));
     let code = match &result {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     };
-    meter.record(code, started.elapsed().as_secs_f64());
+    meter.record(code, unfinished.started.elapsed().as_secs_f64());
     result
+}
+
+/// An RPC on its way, counted as CANCELLED if it never ends: its future
+/// is dropped when its caller leaves (the deadline it sent passed, its
+/// client reset the stream), and nothing after the `await` above runs. A
+/// stampede whose checkouts give up would otherwise leave no trace in
+/// `holdfast_rpc_total` (deploy/BENCHMARKS.md, "a stampede past the
+/// peak").
+struct Unfinished {
+    meter: &'static RpcMeter,
+    started: Instant,
+    ended: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.ended {
+            let seconds = self.started.elapsed().as_secs_f64();
+            self.meter.record(Code::Cancelled, seconds);
+        }
+    }
 }
 
 /// Records the caller's tenant and the call's main id on the RPC's span.

@@ -23,6 +23,11 @@ use crate::domain::TenantId;
 pub trait Tenanted {
     /// The tenant the request belongs to.
     fn tenant(&self) -> &TenantId;
+
+    /// Whether nobody waits for the answer any more: the caller's RPC
+    /// ended while the request queued (its deadline passed, its client
+    /// reset the stream). Such a request is dropped unsent.
+    fn abandoned(&self) -> bool;
 }
 
 /// Calls to the store on their way at once, at most.
@@ -167,11 +172,20 @@ pub async fn next_batch<T: Tenanted>(
 /// The oldest waiting request whose tenant is `sendable` and, in order, up
 /// to `max` - 1 more of the same tenant; the others keep their places.
 /// Empty when no waiting request's tenant is sendable.
+///
+/// Requests [`abandoned`](Tenanted::abandoned) by their callers are
+/// dropped first, whoever's they are. Sent, one would change the stores
+/// for nobody (a unit sold to a shopper whose checkout had given up on the
+/// call, and knows of it only if it retries by id), and take a place in a
+/// batch from a caller still waiting. Past the peak that is most of the
+/// queue: callers give up and call again faster than the queue drains
+/// (deploy/BENCHMARKS.md, "a stampede past the peak").
 pub fn take_batch<T: Tenanted>(
     waiting: &mut VecDeque<T>,
     max: usize,
     sendable: impl Fn(&TenantId) -> bool,
 ) -> Vec<T> {
+    waiting.retain(|q| !q.abandoned());
     // A tenant is asked about once a run of its requests: a queue of one
     // busy tenant's requests costs one look, not one a request.
     let mut refused: Option<&TenantId> = None;
@@ -214,6 +228,11 @@ mod tests {
         fn tenant(&self) -> &TenantId {
             &self.0
         }
+
+        /// A request named "gone" has lost its caller.
+        fn abandoned(&self) -> bool {
+            self.1 == "gone"
+        }
     }
 
     fn queue(requests: &[(&str, &'static str)]) -> VecDeque<Request> {
@@ -240,6 +259,28 @@ mod tests {
         assert_eq!(batch, ["claim", "release", "get_hold"]);
         let rest: Vec<_> = waiting.iter().map(|r| (r.0.as_str(), r.1)).collect();
         assert_eq!(rest, [("b", "commit"), ("b", "extend")]);
+    }
+
+    #[test]
+    fn requests_whose_callers_left_are_dropped_unsent_whoever_s_they_are() {
+        let mut waiting = queue(&[
+            ("a", "gone"),
+            ("b", "commit"),
+            ("a", "claim"),
+            ("b", "gone"),
+            ("a", "gone"),
+            ("a", "release"),
+        ]);
+        let batch: Vec<_> = take_batch(&mut waiting, 10, |_| true)
+            .iter()
+            .map(|r| r.1)
+            .collect();
+        assert_eq!(batch, ["commit"], "b's request is the oldest still wanted");
+        let rest: Vec<_> = waiting.iter().map(|r| (r.0.as_str(), r.1)).collect();
+        assert_eq!(rest, [("a", "claim"), ("a", "release")]);
+        let mut left = queue(&[("a", "gone"), ("b", "gone")]);
+        assert!(take_batch(&mut left, 10, |_| true).is_empty());
+        assert!(left.is_empty(), "nothing is kept for nobody");
     }
 
     #[test]

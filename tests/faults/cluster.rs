@@ -396,6 +396,18 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, redis_port: u16, database_url: &str) -> Self {
+        Self::start_with_redis_timeout(dir, redis_port, database_url, Duration::from_millis(300))
+    }
+
+    /// A daemon that waits `timeout` for each Redis call (300 ms by
+    /// [`Daemon::start`]): longer, a freeze holds its calls without
+    /// opening the circuit.
+    pub fn start_with_redis_timeout(
+        dir: &Path,
+        redis_port: u16,
+        database_url: &str,
+        timeout: Duration,
+    ) -> Self {
         let grpc = free_port();
         let metrics = free_port();
         let args: Vec<String> = [
@@ -410,7 +422,7 @@ impl Daemon {
             "--database-url",
             database_url,
             "--redis-timeout-ms",
-            "300",
+            &timeout.as_millis().to_string(),
             // Small grants of a fixed size, so that faults land between
             // grants often.
             "--grant-chunk",

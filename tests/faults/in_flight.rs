@@ -185,3 +185,74 @@ async fn a_claim_the_fallback_served_is_not_refused_by_redis_after() {
     assert_eq!(retried, served, "the retry repeats the fallback's answer");
     drop(daemon);
 }
+
+/// A claim whose caller gave up while it queued (its deadline passed
+/// behind the tenant's two calls in flight, which a frozen Redis holds) is
+/// never sent: nothing is sold to a checkout that was told its call
+/// failed. The RPC is counted CANCELLED. Sent, it would have sold a unit
+/// that only a retry by id would find.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_caller_left_while_it_queued_sells_nothing() {
+    let tmp = TempDir::new("abandoned");
+    let dir = tmp.0.clone();
+    let redis = Redis::start(&dir);
+    let pg = Postgres::start(&dir);
+    // Redis's calls wait out the freeze below without opening the circuit.
+    let timeout = Duration::from_secs(10);
+    let daemon = Daemon::start_with_redis_timeout(&dir, redis.port, &pg.url(), timeout);
+    let mut flash = FlashSaleServiceClient::new(daemon.channel().await);
+    flash
+        .create_sale(crate::live_sale("s", &[("p", 10)]))
+        .await
+        .unwrap();
+    let first = flash.claim(claim("c0")).await.unwrap().into_inner();
+    assert_eq!(first.outcome(), Outcome::Ok);
+
+    redis.freeze();
+    // The tenant's two calls in flight, one after the other (together,
+    // they would go as one call): each goes at once, and waits.
+    let mut in_flight = Vec::new();
+    for id in ["c1", "c2"] {
+        let mut flash = flash.clone();
+        in_flight.push(tokio::spawn(async move { flash.claim(claim(id)).await }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The third queues behind them, and its caller leaves at 200 ms.
+    let mut gives_up = tonic::Request::new(claim("c3"));
+    gives_up.set_timeout(Duration::from_millis(200));
+    let left = flash.claim(gives_up).await.unwrap_err();
+    assert!(
+        matches!(left.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{left:?}"
+    );
+    redis.thaw();
+    for call in in_flight {
+        let answer = call.await.unwrap().unwrap().into_inner();
+        assert_eq!(answer.outcome(), Outcome::Ok);
+    }
+
+    // c1's and c2's slots are free: had c3 been kept, it went then.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sold = flash
+        .get_sale(pb::GetSaleRequest {
+            sale_id: "s".into(),
+            product_ids: vec!["p".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sale
+        .unwrap()
+        .products[0]
+        .sold;
+    assert_eq!(sold, 3, "c0, c1 and c2; not c3, whose caller had left");
+    let metrics = daemon.scrape().await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("holdfast_rpc_total{")
+            && l.contains("method=\"Claim\"")
+            && l.contains("code=\"CANCELLED\"")
+            && l.ends_with(" 1")),
+        "the call that was given up is counted:\n{metrics}"
+    );
+    drop(daemon);
+}

@@ -37,6 +37,10 @@ impl Tenanted for Queued {
     fn tenant(&self) -> &TenantId {
         &self.tenant
     }
+
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
 }
 
 /// The handle the engine takes through; cheap to clone.

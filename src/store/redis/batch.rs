@@ -194,6 +194,10 @@ impl Tenanted for Queued {
     fn tenant(&self) -> &TenantId {
         &self.tenant
     }
+
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
 }
 
 /// What sending one batch needs from the coalescer.
