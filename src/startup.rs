@@ -49,6 +49,19 @@ pub const SERVICES: &[&str] = &[
     "holdfast.v1.AdminService",
 ];
 
+/// Calls one connection's client may cancel before the daemon has taken
+/// them up, at once, before HTTP/2's guard against rapid-reset floods
+/// closes the connection (GOAWAY, ENHANCE_YOUR_CALM). h2's default, 20,
+/// is what a stampede's own checkouts reach: past the peak, calls queue
+/// in the connection before the daemon reads them, and each one whose
+/// deadline passes there is cancelled. The guard then failed every call
+/// on the connection, those already on their way to Redis too, whose
+/// units were sold to callers told the call failed (deploy/BENCHMARKS.md,
+/// "a stampede past the peak"). A cancelled call not yet taken up costs
+/// the daemon a few hundred bytes until it is; this bounds that at about
+/// a megabyte a connection.
+const PENDING_RESETS: usize = 4096;
+
 /// A built daemon with its listeners bound.
 pub struct Application {
     args: ServeArgs,
@@ -170,7 +183,8 @@ impl Application {
         let channels = Arc::new(Channels::new(self.engine.clone(), client.clone()));
         // The services first: a failure to build them stops the start
         // before any task runs.
-        let mut server = Server::builder();
+        let mut server =
+            Server::builder().http2_max_pending_accept_reset_streams(Some(PENDING_RESETS));
         if let Some(tls) = &self.tls {
             server = server.tls_config(tls.clone())?;
         }
