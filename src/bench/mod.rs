@@ -24,6 +24,7 @@ mod report;
 mod session;
 mod shops;
 mod soak;
+mod stampede;
 mod watch_replay;
 mod workloads;
 
@@ -108,7 +109,12 @@ pub struct BenchArgs {
     /// none is named, leave in the Postgres of --database-url: table,
     /// audit-log and WAL bytes each), watch-replay (--holds claims
     /// trimmed from the Redis stream, then a Watch resuming before them:
-    /// how fast their history comes from Postgres), shops (the --workload
+    /// how fast their history comes from Postgres), reads (a storefront's
+    /// reads, flat out and beside claims), soak (a steady mix at --rate,
+    /// 2,000/s when absent, for --duration seconds: what grows), stampede
+    /// (claim-hot by each of --crowds clients, every call given up after
+    /// --deadline-ms and pressed again: what is answered in time past the
+    /// peak, and sold to calls that gave up), shops (the --workload
     /// workloads, claim-hot when none is named, spread over each count of
     /// --shops tenants in turn, on a daemon of its own with a key per
     /// shop). Failover, pg-outage and fallback freeze a store, so they run
@@ -131,6 +137,17 @@ pub struct BenchArgs {
     /// (comma-separated); each count's rate is set beside the first's.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     pub shops: Vec<u32>,
+
+    /// Crowds the stampede probe claims with, in turn (comma-separated):
+    /// clients, each with one call in flight.
+    #[arg(long, value_delimiter = ',', default_value = "64,1024,4096")]
+    pub crowds: Vec<usize>,
+
+    /// The stampede probe's deadline for each call, in milliseconds (sent
+    /// as `grpc-timeout` and kept by the client, like ghz's `--timeout`);
+    /// 100 when absent.
+    #[arg(long)]
+    pub deadline_ms: Option<u64>,
 
     /// For the claim workloads: each sale limits a customer to this many
     /// units, and each claim names a customer (the same one for K claims
@@ -268,10 +285,21 @@ fn pgbench_path() -> PathBuf {
     found.pop().unwrap_or_else(|| PathBuf::from("pgbench"))
 }
 
+/// Cancelled calls one connection remembers, for as long: an answer that
+/// arrives for a call the client has forgotten counts as the server's
+/// error, and after 1,024 of those (hyper's default) the client closes the
+/// connection, failing every call on it. hyper remembers 10, which a
+/// crowd whose calls give up at a deadline passes at once (the stampede
+/// probe's 2,048 lost a connection every few hundred milliseconds).
+const REMEMBERED_RESETS: usize = 65_536;
+const REMEMBERED_FOR: Duration = Duration::from_secs(5);
+
 async fn connect(addr: &str) -> anyhow::Result<Channel> {
     let endpoint = Channel::from_shared(addr.to_string())?
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .http2_max_concurrent_reset_streams(REMEMBERED_RESETS)
+        .http2_reset_stream_duration(REMEMBERED_FOR);
     for _ in 0..150 {
         if let Ok(ch) = endpoint.connect().await {
             return Ok(ch);

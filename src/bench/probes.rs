@@ -60,6 +60,12 @@ pub enum Probe {
     /// `--duration` seconds: what grows with the operations served, and
     /// whether they cost more as the daemon runs (runs in `soak.rs`).
     Soak,
+    /// Claim-hot by each crowd of `--crowds` clients, every call with a
+    /// deadline (`--deadline-ms`) after which its client gives it up and
+    /// presses again: what a stampede past the machine's peak gets
+    /// answered in time, and what it sells to calls that gave up (runs in
+    /// `stampede.rs`).
+    Stampede,
     /// The --workload workloads (claim-hot when none is named) spread
     /// over each count of `--shops` tenants in turn, on a daemon of its
     /// own with a key per shop: what many shops selling at once cost, and
@@ -266,6 +272,7 @@ pub async fn run(
         | Probe::WatchReplay
         | Probe::Reads
         | Probe::Soak
+        | Probe::Stampede
         | Probe::Shops => {
             unreachable!("bench::run sends these probes to their own modules")
         }

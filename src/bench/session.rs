@@ -14,7 +14,7 @@ use super::report::{Line, ServerStats};
 use super::{
     BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, drained, expiry, failover,
     fallback, host_port, idle, pg_alternative, pg_growth, pgbench_path, probes, reads, redis_limit,
-    redis_time, soak, watch_replay, workloads,
+    redis_time, soak, stampede, watch_replay, workloads,
 };
 use crate::domain::TenantId;
 use crate::store::redis::RedisStore;
@@ -370,6 +370,17 @@ impl<'a> Session<'a> {
                     duration: Duration::from_secs(args.duration),
                 };
                 soak::run(channels, caller, &setup).await
+            }
+            Probe::Stampede => {
+                let deadline = args.deadline_ms.unwrap_or(stampede::DEFAULT_DEADLINE_MS);
+                let setup = stampede::Setup {
+                    watched: &self.watched,
+                    daemon: self.daemon.map(Daemon::pid),
+                    crowds: &args.crowds,
+                    deadline: Duration::from_millis(deadline),
+                    duration: Duration::from_secs(args.duration),
+                };
+                stampede::run(channels, caller, &setup).await
             }
             Probe::Idle => {
                 let idle_for = Duration::from_secs(args.duration);

@@ -63,6 +63,7 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
             key: Some(Arc::clone(&s.key)),
             tag: Arc::clone(&tag),
             customer_limit: 0,
+            deadline: None,
         })
         .collect();
     // Every workload's setup also makes the hot sale the neighbour

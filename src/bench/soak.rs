@@ -230,16 +230,7 @@ impl End {
                 levels.len()
             );
         };
-        let sale = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch.clone())
-            .get_sale(caller.req(pb::GetSaleRequest {
-                sale_id: workloads::hot_sale(caller),
-                product_ids: vec![workloads::HOT_PRODUCT.into()],
-            }))
-            .await?
-            .into_inner()
-            .sale
-            .context("GetSale answered no sale")?;
-        let sold = sale.products.first().map_or(0, |p| p.sold);
+        let sold = workloads::hot_sold(ch, caller).await?;
         let mut broken = Vec::new();
         if carts.reserved != 0 || carts.available != carts.on_hand {
             broken.push(format!(

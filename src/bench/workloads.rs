@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use clap::ValueEnum;
 use tonic::Request;
@@ -120,6 +121,9 @@ pub struct Caller {
     /// Units a customer may claim in each sale (`--customer-limit`); 0:
     /// no limit, and claims name no customer.
     pub customer_limit: u32,
+    /// The deadline every call carries (`grpc-timeout`), as a checkout's
+    /// stub would set it; none: the bench's own 30 s guard alone.
+    pub deadline: Option<Duration>,
 }
 
 impl Caller {
@@ -129,6 +133,7 @@ impl Caller {
             key,
             tag: fresh_tag(),
             customer_limit: 0,
+            deadline: None,
         }
     }
 
@@ -144,6 +149,14 @@ impl Caller {
     /// (0: none).
     pub fn with_customer_limit(mut self, units: u32) -> Self {
         self.customer_limit = units;
+        self
+    }
+
+    /// The same caller, each call carrying `deadline`: the daemon gives
+    /// up on a call past it (tonic answers CANCELLED), as a client's stub
+    /// would.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 
@@ -165,6 +178,9 @@ impl Caller {
             && let Ok(v) = format!("Bearer {key}").parse()
         {
             req.metadata_mut().insert("authorization", v);
+        }
+        if let Some(deadline) = self.deadline {
+            req.set_timeout(deadline);
         }
         req
     }
@@ -226,6 +242,20 @@ pub const HOT_PRODUCT: &str = "hot";
 /// workload's setup makes.
 pub fn hot_sale(caller: &Caller) -> String {
     format!("b{}hot", caller.tag)
+}
+
+/// What the daemon counts sold of `caller`'s [`HOT_PRODUCT`].
+pub async fn hot_sold(ch: &Channel, caller: &Caller) -> anyhow::Result<i64> {
+    let sale = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch.clone())
+        .get_sale(caller.req(pb::GetSaleRequest {
+            sale_id: hot_sale(caller),
+            product_ids: vec![HOT_PRODUCT.into()],
+        }))
+        .await?
+        .into_inner()
+        .sale
+        .ok_or_else(|| anyhow::anyhow!("GetSale answered no sale"))?;
+    Ok(sale.products.first().map_or(0, |p| p.sold))
 }
 
 /// The stock the reservation workloads reserve, which every workload's
@@ -436,7 +466,7 @@ pub async fn spread(w: Workload, channels: &[Channel], plan: &Plan, callers: &[C
 
 /// Claim number `n` of a claim workload: one unit of its hot product
 /// (claim-hot, claim-sellout) or of product `n` of the 10,000 (claim-10k).
-async fn claim(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
+pub async fn claim(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
     let tag = &c.tag;
     let (sale_id, product) = match w {
         Workload::ClaimHot => (hot_sale(c), HOT_PRODUCT.to_string()),

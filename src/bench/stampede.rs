@@ -1,0 +1,112 @@
+//! A stampede past what the machine serves: the question of a shop whose
+//! flash sale draws more buyers at once than holdfast can answer within
+//! their checkout's deadline. Every other run here keeps its crowd below
+//! that point (64 clients by default); a real stampede does not, and a
+//! buyer whose call timed out presses buy again.
+//!
+//! For each crowd of `--crowds`, a sale of its own is claimed by that many
+//! clients for `--duration` seconds, each call carrying a deadline of
+//! `--deadline-ms` ([`DEFAULT_DEADLINE_MS`] when absent) as `grpc-timeout`
+//! and kept by the client too, as a generated stub does. A client whose
+//! call ran past its deadline gives it up and calls again at once, with a
+//! new claim id (a new press of the button, not a retry). Each crowd's
+//! line: claims answered in time a second (`claimed_rps`), calls given up
+//! a second, latency, each process's CPU per claim answered, the daemon's
+//! peak memory, and what the sale counts sold beside what its callers were
+//! told (`unanswered`: units sold to calls that had given up, which their
+//! shop learns of only by retrying with the same id, and otherwise sells
+//! to nobody until it reconciles).
+
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use super::cpu::Watched;
+use super::load::{Plan, drive};
+use super::report::ServerStats;
+use super::workloads::{self, Caller, Workload};
+
+/// Each call's deadline when `--deadline-ms` is absent: a checkout's
+/// budget for one step of its own request.
+pub const DEFAULT_DEADLINE_MS: u64 = 100;
+
+/// The outcomes of a call given up: by the client (DEADLINE_EXCEEDED), or
+/// by the daemon at the deadline the call carried (tonic answers
+/// CANCELLED).
+const GIVEN_UP: [&str; 2] = ["error:DeadlineExceeded", "error:Cancelled"];
+
+/// What the probe needs beside the connections.
+pub struct Setup<'a> {
+    pub watched: &'a Watched,
+    /// The daemon's process, when the bench started it.
+    pub daemon: Option<u32>,
+    pub crowds: &'a [usize],
+    pub deadline: Duration,
+    pub duration: Duration,
+}
+
+/// Runs the probe: one line per crowd.
+pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> anyhow::Result<()> {
+    for &crowd in setup.crowds {
+        // A sale of its own, so that its sold count is this crowd's alone.
+        let counted = caller.retagged();
+        workloads::setup(Workload::ClaimHot, &channels[0], &counted).await?;
+        let pressing = counted.clone().with_deadline(setup.deadline);
+        let plan = Plan {
+            clients: crowd,
+            duration: setup.duration,
+            rate: None,
+            max_calls: None,
+        };
+        if let Some(pid) = setup.daemon {
+            ServerStats::reset_peak(pid);
+        }
+        let cpu_before = setup.watched.sample();
+        let deadline = setup.deadline;
+        let run = drive(channels, &plan, move |ch, n| {
+            let c = pressing.clone();
+            async move {
+                let claim = workloads::claim(Workload::ClaimHot, ch, n, &c);
+                match tokio::time::timeout(deadline, claim).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(tonic::Status::deadline_exceeded("given up by the client")),
+                }
+            }
+        })
+        .await;
+        let claimed = run.outcomes.get("claimed").copied().unwrap_or(0);
+        let cpu = cpu_before.per_op(&setup.watched.sample(), claimed);
+        let peak_kib = setup
+            .daemon
+            .and_then(|pid| ServerStats::read(pid).ok())
+            .map_or(0, |s| s.peak_rss_kib);
+        // Calls given up may still be finishing in the daemon; what they
+        // sell counts too.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let sold = workloads::hot_sold(&channels[0], &counted).await?;
+        let given_up: u64 = GIVEN_UP.iter().filter_map(|k| run.outcomes.get(*k)).sum();
+        let others: Vec<String> = run
+            .outcomes
+            .iter()
+            .filter(|(k, _)| k.starts_with("error:") && !GIVEN_UP.contains(&k.as_str()))
+            .map(|(k, n)| format!("{}:{n}", &k["error:".len()..]))
+            .collect();
+        let secs = run.elapsed.as_secs_f64();
+        println!(
+            "probe: stampede crowd={crowd} deadline_ms={} calls={} claimed_rps={:.0} given_up_per_s={:.0} other_errors={} p50_ms={:.2} p99_ms={:.2} sold={sold} claimed={claimed} unanswered={} daemon_peak_rss_mib={:.1} cpu_us_per_claim={cpu}",
+            deadline.as_millis(),
+            run.calls,
+            claimed as f64 / secs,
+            given_up as f64 / secs,
+            match others.as_slice() {
+                [] => "0".to_string(),
+                some => some.join(","),
+            },
+            run.ms(0.5),
+            run.ms(0.99),
+            sold - claimed as i64,
+            peak_kib as f64 / 1024.0,
+        );
+    }
+    Ok(())
+}
