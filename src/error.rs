@@ -43,6 +43,10 @@ pub enum Error {
     /// same id is safe.
     #[error("{0}")]
     Unavailable(String),
+    /// DEADLINE_EXCEEDED: the call's deadline would pass before the store
+    /// could answer it, so it was not sent, and changed nothing.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// UNAVAILABLE, from Redis in particular: the engine counts these to
     /// open its circuit and serve from the Postgres fallback.
     #[error("{0}")]
@@ -81,6 +85,7 @@ impl Error {
             Error::Unauthenticated(why) => Error::Unauthenticated(why.clone()),
             Error::PermissionDenied(why) => Error::PermissionDenied(why.clone()),
             Error::Unavailable(why) => Error::Unavailable(why.clone()),
+            Error::DeadlineExceeded(why) => Error::DeadlineExceeded(why.clone()),
             Error::RedisUnavailable(why) => Error::RedisUnavailable(why.clone()),
             Error::Internal(e) => Error::internal(format!("{e:#}")),
         }
@@ -164,6 +169,7 @@ impl From<Error> for Status {
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Unauthenticated(_) => Status::unauthenticated(msg),
             Error::PermissionDenied(_) => Status::permission_denied(msg),
+            Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             Error::Unavailable(_) | Error::RedisUnavailable(_) => {
                 tracing::warn!(error = %msg, "store unavailable");
                 Status::unavailable(msg)

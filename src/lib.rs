@@ -44,6 +44,7 @@
 pub mod bench;
 pub mod cache;
 pub mod config;
+pub mod deadline;
 pub mod domain;
 pub mod engine;
 pub mod error;

@@ -13,6 +13,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::config::ServeArgs;
+use crate::deadline::Deadlines;
 use crate::engine::Engine;
 use crate::grpc::auth::Auth;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
@@ -183,8 +184,9 @@ impl Application {
         let channels = Arc::new(Channels::new(self.engine.clone(), client.clone()));
         // The services first: a failure to build them stops the start
         // before any task runs.
-        let mut server =
-            Server::builder().http2_max_pending_accept_reset_streams(Some(PENDING_RESETS));
+        let mut server = Server::builder()
+            .http2_max_pending_accept_reset_streams(Some(PENDING_RESETS))
+            .layer(Deadlines);
         if let Some(tls) = &self.tls {
             server = server.tls_config(tls.clone())?;
         }
@@ -291,17 +293,20 @@ fn start_jobs(
     jobs
 }
 
+/// The layers in front of every service: each call's deadline.
+type Layered = tower_layer::Stack<Deadlines, tower_layer::Identity>;
+
 /// The API's services, each behind its adapter (which checks the caller
 /// and the input) and the request size limit, and reflection in both
 /// versions (grpcurl 1.8 speaks only v1alpha).
 fn add_services(
-    mut server: Server,
+    mut server: Server<Layered>,
     args: &ServeArgs,
     engine: &Arc<Engine>,
     auth: &Arc<Auth>,
     channels: Arc<Channels>,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<tonic::transport::server::Router> {
+) -> anyhow::Result<tonic::transport::server::Router<Layered>> {
     let limits = args.limits();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)

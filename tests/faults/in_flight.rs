@@ -25,6 +25,21 @@ fn claim(id: &str) -> pb::ClaimRequest {
     }
 }
 
+/// What sale `s` counts sold of `p`.
+async fn sold(flash: &mut FlashSaleServiceClient<Channel>) -> i64 {
+    let sale = flash
+        .get_sale(pb::GetSaleRequest {
+            sale_id: "s".into(),
+            product_ids: vec!["p".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sale
+        .unwrap();
+    sale.products[0].sold
+}
+
 /// Creates sale `s`, live now, of two units of `p`.
 async fn sale_of_two(flash: &mut FlashSaleServiceClient<Channel>) {
     flash
@@ -186,18 +201,25 @@ async fn a_claim_the_fallback_served_is_not_refused_by_redis_after() {
     drop(daemon);
 }
 
-/// A claim whose caller gave up while it queued (its deadline passed
-/// behind the tenant's two calls in flight, which a frozen Redis holds) is
-/// never sent: nothing is sold to a checkout that was told its call
-/// failed. The RPC is counted CANCELLED. Sent, it would have sold a unit
-/// that only a retry by id would find.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_whose_caller_left_while_it_queued_sells_nothing() {
-    let tmp = TempDir::new("abandoned");
+/// A daemon whose Redis is frozen with the tenant's two calls in flight
+/// (claims c1 and c2 of sale `s`, ten units of `p`, after c0 was sold):
+/// a claim made now queues behind them until [`Redis::thaw`].
+struct Frozen {
+    _tmp: TempDir,
+    redis: Redis,
+    _pg: Postgres,
+    daemon: Daemon,
+    flash: FlashSaleServiceClient<Channel>,
+    in_flight:
+        Vec<tokio::task::JoinHandle<Result<tonic::Response<pb::ClaimResponse>, tonic::Status>>>,
+}
+
+async fn two_claims_in_a_frozen_redis(name: &str) -> Frozen {
+    let tmp = TempDir::new(name);
     let dir = tmp.0.clone();
     let redis = Redis::start(&dir);
     let pg = Postgres::start(&dir);
-    // Redis's calls wait out the freeze below without opening the circuit.
+    // Redis's calls wait out the freeze without opening the circuit.
     let timeout = Duration::from_secs(10);
     let daemon = Daemon::start_with_redis_timeout(&dir, redis.port, &pg.url(), timeout);
     let mut flash = FlashSaleServiceClient::new(daemon.channel().await);
@@ -209,14 +231,40 @@ async fn a_claim_whose_caller_left_while_it_queued_sells_nothing() {
     assert_eq!(first.outcome(), Outcome::Ok);
 
     redis.freeze();
-    // The tenant's two calls in flight, one after the other (together,
-    // they would go as one call): each goes at once, and waits.
+    // One after the other (together, they would go as one call): each
+    // goes at once, and waits.
     let mut in_flight = Vec::new();
     for id in ["c1", "c2"] {
         let mut flash = flash.clone();
         in_flight.push(tokio::spawn(async move { flash.claim(claim(id)).await }));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Frozen {
+        _tmp: tmp,
+        redis,
+        _pg: pg,
+        daemon,
+        flash,
+        in_flight,
+    }
+}
+
+/// A claim whose caller gave up while it queued (its deadline passed
+/// behind the tenant's two calls in flight, which a frozen Redis holds) is
+/// never sent: nothing is sold to a checkout that was told its call
+/// failed. The RPC is counted CANCELLED. Sent, it would have sold a unit
+/// that only a retry by id would find.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_caller_left_while_it_queued_sells_nothing() {
+    // Bound by name, the folder and Postgres live to the test's end.
+    let Frozen {
+        _tmp,
+        redis,
+        _pg,
+        daemon,
+        mut flash,
+        in_flight,
+    } = two_claims_in_a_frozen_redis("abandoned").await;
     // The third queues behind them, and its caller leaves at 200 ms.
     let mut gives_up = tonic::Request::new(claim("c3"));
     gives_up.set_timeout(Duration::from_millis(200));
@@ -233,18 +281,7 @@ async fn a_claim_whose_caller_left_while_it_queued_sells_nothing() {
 
     // c1's and c2's slots are free: had c3 been kept, it went then.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let sold = flash
-        .get_sale(pb::GetSaleRequest {
-            sale_id: "s".into(),
-            product_ids: vec!["p".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sale
-        .unwrap()
-        .products[0]
-        .sold;
+    let sold = sold(&mut flash).await;
     assert_eq!(sold, 3, "c0, c1 and c2; not c3, whose caller had left");
     let metrics = daemon.scrape().await;
     assert!(
@@ -254,5 +291,57 @@ async fn a_claim_whose_caller_left_while_it_queued_sells_nothing() {
             && l.ends_with(" 1")),
         "the call that was given up is counted:\n{metrics}"
     );
+    drop(daemon);
+}
+
+/// A claim whose deadline would pass before Redis could answer it is
+/// answered DEADLINE_EXCEEDED unsent, while its caller still waits: the
+/// last call took the freeze's length, and the claim's deadline is closer
+/// than twice that. A claim queued beside it without a deadline goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_cannot_be_answered_in_time_is_not_sent() {
+    // Bound by name, the folder and Postgres live to the test's end.
+    let Frozen {
+        _tmp,
+        redis,
+        _pg,
+        daemon,
+        mut flash,
+        in_flight,
+    } = two_claims_in_a_frozen_redis("doomed").await;
+    // Both queue behind the two in flight: c3 with 3 s to go, c4 with no
+    // deadline.
+    let mut hurried = tonic::Request::new(claim("c3"));
+    hurried.set_timeout(Duration::from_secs(3));
+    let c3 = {
+        let mut flash = flash.clone();
+        tokio::spawn(async move { flash.claim(hurried).await })
+    };
+    let c4 = {
+        let mut flash = flash.clone();
+        tokio::spawn(async move { flash.claim(claim("c4")).await })
+    };
+    // Thawed after ~1.6 s frozen, c3 has ~1.8 s left, less than twice
+    // what c1's call took.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    redis.thaw();
+    for call in in_flight {
+        let answer = call.await.unwrap().unwrap().into_inner();
+        assert_eq!(answer.outcome(), Outcome::Ok);
+    }
+    let refused = c3.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+    let answered = c4.await.unwrap().unwrap().into_inner();
+    assert_eq!(answered.outcome(), Outcome::Ok);
+
+    assert_eq!(
+        sold(&mut flash).await,
+        4,
+        "c0, c1, c2 and c4; c3 was not sent"
+    );
+    // Its retry by id, with time to spare, is served.
+    let retried = flash.claim(claim("c3")).await.unwrap().into_inner();
+    assert_eq!(retried.outcome(), Outcome::Ok);
+    assert_eq!(sold(&mut flash).await, 5);
     drop(daemon);
 }

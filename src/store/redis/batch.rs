@@ -76,6 +76,8 @@ struct Queued {
     op: &'static str,
     args: OpArgs,
     at: Instant,
+    /// The deadline of the call it serves, if it carried one.
+    deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Value, Error>>,
 }
 
@@ -144,6 +146,7 @@ impl Batcher {
             timeout,
             sent: Arc::clone(&sent),
             unanswered_at: Arc::default(),
+            last_call_us: Arc::default(),
             touched: touched.clone(),
         };
         tokio::spawn(coalesce::serve(rx, IN_FLIGHT, MAX_OPS, move |batch| {
@@ -182,6 +185,7 @@ impl Batcher {
             op,
             args,
             at: Instant::now(),
+            deadline: crate::deadline::current(),
             reply,
         };
         let gone = || Error::RedisUnavailable("redis coalescer stopped".into());
@@ -211,26 +215,66 @@ struct Sending {
     /// When Redis last failed to answer a call: the calls queued before
     /// then are not sent.
     unanswered_at: Arc<Mutex<Option<Instant>>>,
+    /// How long the last call took to be answered, microseconds: what a
+    /// call sent now is likely to take.
+    last_call_us: Arc<AtomicU64>,
     /// The tenants sent for (`Batcher::touched`).
     touched: Touched,
 }
 
 impl Sending {
+    /// How close a call's deadline may be and the call still be sent:
+    /// twice what the last call took, once to be answered and once more
+    /// for the answer's way back through a daemon that is, when calls
+    /// queue, as busy as Redis. Closer, the answer would most likely come
+    /// after its caller gave up, and whatever it sold would be sold to a
+    /// caller told the call failed (deploy/BENCHMARKS.md, "a stampede past
+    /// the peak").
+    fn margin(&self) -> Duration {
+        Duration::from_micros(self.last_call_us.load(Ordering::Relaxed)) * 2
+    }
+
     async fn send(mut self, batch: Vec<Queued>) {
         let unanswered_at = *self.unanswered_at.lock().unwrap_or_else(|e| e.into_inner());
         let behind_unanswered = |q: &Queued| unanswered_at.is_some_and(|at| q.at <= at);
-        let (unsent, batch): (Vec<_>, Vec<_>) = batch
+        let latest_sent = Instant::now() + self.margin();
+        let too_late = |q: &Queued| q.deadline.is_some_and(|d| d < latest_sent);
+        let (mut unsent, mut batch): (Vec<_>, Vec<_>) = batch
             .into_iter()
-            .partition(|q| behind_unanswered(q) || q.at.elapsed() > self.timeout);
+            .partition(|q| behind_unanswered(q) || q.at.elapsed() > self.timeout || too_late(q));
+        // A call whose deadline is merely close still goes when nothing
+        // else would: the estimate is only the last call's time, and one
+        // slow call (a Redis that paused) must not keep every later one
+        // unsent, with nothing sent to correct it.
+        if batch.is_empty()
+            && let Some(i) = unsent
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| !behind_unanswered(q) && q.at.elapsed() <= self.timeout)
+                .max_by_key(|(_, q)| q.deadline)
+                .map(|(i, _)| i)
+        {
+            batch.push(unsent.swap_remove(i));
+        }
         for q in unsent {
-            let why = if behind_unanswered(&q) {
-                "redis did not answer the call before it".to_string()
+            let error = if behind_unanswered(&q) {
+                Error::RedisUnavailable(
+                    "redis busy: redis did not answer the call before it (not sent; retry by id)"
+                        .into(),
+                )
+            } else if too_late(&q) {
+                Error::DeadlineExceeded(format!(
+                    "the call's deadline would pass before redis answered it: it waited {:?} for its turn, and a call takes about {:?} (not sent; retry by id)",
+                    q.at.elapsed(),
+                    self.margin() / 2,
+                ))
             } else {
-                format!("the call waited over {:?} to be sent", self.timeout)
+                Error::RedisUnavailable(format!(
+                    "redis busy: the call waited over {:?} to be sent (not sent; retry by id)",
+                    self.timeout
+                ))
             };
-            let _ = q.reply.send(Err(Error::RedisUnavailable(format!(
-                "redis busy: {why} (not sent; retry by id)"
-            ))));
+            let _ = q.reply.send(Err(error));
         }
         let Some(first) = batch.first() else {
             return;
@@ -246,6 +290,8 @@ impl Sending {
         metrics::histogram!(metric::REDIS_BATCH_OPS).record(batch.len() as f64);
         let sent = Instant::now();
         let result = scripts::fcall::<Value>(&mut self.con, &scripts::BATCH, &call).await;
+        let took = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_call_us.store(took, Ordering::Relaxed);
         // After the call: a refill flag it set is then there to be found.
         self.touched.mark(&first.tenant);
         metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => "batch")
@@ -392,6 +438,60 @@ mod tests {
             .query_async(&mut con)
             .await
             .expect("cleaned up");
+    }
+
+    /// A call whose deadline is closer than twice what the last call took
+    /// is answered DEADLINE_EXCEEDED unsent, and one beside it without a
+    /// deadline goes; when every call of a batch is that close, the one
+    /// with the latest deadline goes anyway.
+    #[tokio::test]
+    async fn a_call_too_close_to_its_deadline_is_not_sent_unless_none_would_be() {
+        let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
+            .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
+        let client = redis::Client::open(url).expect("a valid URL");
+        let con = ConnectionManager::new(client)
+            .await
+            .expect("the test Redis");
+        let prefix = format!("batchtest{}", rand::random::<u32>());
+        let sending = Sending {
+            con,
+            invocation: Arc::new(invocation_for(prefix)),
+            timeout: Duration::from_secs(5),
+            sent: Arc::default(),
+            unanswered_at: Arc::default(),
+            last_call_us: Arc::default(),
+            touched: Touched::default(),
+        };
+        let queued = |id: &str, in_ms: Option<u64>| {
+            let (reply, rx) = oneshot::channel();
+            let mut args = OpArgs::default();
+            args.arg(id).arg("flash");
+            let q = Queued {
+                tenant: tenant("acme"),
+                op: "get_hold",
+                args,
+                at: Instant::now(),
+                deadline: in_ms.map(|ms| Instant::now() + Duration::from_millis(ms)),
+                reply,
+            };
+            (q, rx)
+        };
+        let too_late = |r: Result<Value, Error>| matches!(r, Err(Error::DeadlineExceeded(_)));
+        // The last call took a second: a call with less than two to go
+        // would be answered after its caller gave up.
+        sending.last_call_us.store(1_000_000, Ordering::Relaxed);
+        let (hurried, hurried_rx) = queued("h1", Some(500));
+        let (patient, patient_rx) = queued("h2", None);
+        sending.clone().send(vec![hurried, patient]).await;
+        assert!(too_late(hurried_rx.await.unwrap()));
+        assert!(patient_rx.await.unwrap().is_ok(), "sent and answered");
+
+        sending.last_call_us.store(1_000_000, Ordering::Relaxed);
+        let (first, first_rx) = queued("h3", Some(500));
+        let (later, later_rx) = queued("h4", Some(900));
+        sending.clone().send(vec![first, later]).await;
+        assert!(too_late(first_rx.await.unwrap()));
+        assert!(later_rx.await.unwrap().is_ok(), "the latest deadline went");
     }
 
     #[tokio::test]
