@@ -256,34 +256,26 @@ async fn two_claims_in_a_frozen_redis(name: &str) -> Frozen {
 /// that only a retry by id would find.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_caller_left_while_it_queued_sells_nothing() {
-    // Bound by name, the folder and Postgres live to the test's end.
-    let Frozen {
-        _tmp,
-        redis,
-        _pg,
-        daemon,
-        mut flash,
-        in_flight,
-    } = two_claims_in_a_frozen_redis("abandoned").await;
+    let mut frozen = two_claims_in_a_frozen_redis("abandoned").await;
     // The third queues behind them, and its caller leaves at 200 ms.
     let mut gives_up = tonic::Request::new(claim("c3"));
     gives_up.set_timeout(Duration::from_millis(200));
-    let left = flash.claim(gives_up).await.unwrap_err();
+    let left = frozen.flash.claim(gives_up).await.unwrap_err();
     assert!(
         matches!(left.code(), Code::Cancelled | Code::DeadlineExceeded),
         "{left:?}"
     );
-    redis.thaw();
-    for call in in_flight {
+    frozen.redis.thaw();
+    for call in frozen.in_flight.drain(..) {
         let answer = call.await.unwrap().unwrap().into_inner();
         assert_eq!(answer.outcome(), Outcome::Ok);
     }
 
     // c1's and c2's slots are free: had c3 been kept, it went then.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let sold = sold(&mut flash).await;
+    let sold = sold(&mut frozen.flash).await;
     assert_eq!(sold, 3, "c0, c1 and c2; not c3, whose caller had left");
-    let metrics = daemon.scrape().await;
+    let metrics = frozen.daemon.scrape().await;
     assert!(
         metrics.lines().any(|l| l.starts_with("holdfast_rpc_total{")
             && l.contains("method=\"Claim\"")
@@ -291,7 +283,7 @@ async fn a_claim_whose_caller_left_while_it_queued_sells_nothing() {
             && l.ends_with(" 1")),
         "the call that was given up is counted:\n{metrics}"
     );
-    drop(daemon);
+    drop(frozen);
 }
 
 /// A claim whose deadline would pass before Redis could answer it is
@@ -300,32 +292,24 @@ async fn a_claim_whose_caller_left_while_it_queued_sells_nothing() {
 /// than twice that. A claim queued beside it without a deadline goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_that_cannot_be_answered_in_time_is_not_sent() {
-    // Bound by name, the folder and Postgres live to the test's end.
-    let Frozen {
-        _tmp,
-        redis,
-        _pg,
-        daemon,
-        mut flash,
-        in_flight,
-    } = two_claims_in_a_frozen_redis("doomed").await;
+    let mut frozen = two_claims_in_a_frozen_redis("doomed").await;
     // Both queue behind the two in flight: c3 with 3 s to go, c4 with no
     // deadline.
     let mut hurried = tonic::Request::new(claim("c3"));
     hurried.set_timeout(Duration::from_secs(3));
     let c3 = {
-        let mut flash = flash.clone();
+        let mut flash = frozen.flash.clone();
         tokio::spawn(async move { flash.claim(hurried).await })
     };
     let c4 = {
-        let mut flash = flash.clone();
+        let mut flash = frozen.flash.clone();
         tokio::spawn(async move { flash.claim(claim("c4")).await })
     };
     // Thawed after ~1.6 s frozen, c3 has ~1.8 s left, less than twice
     // what c1's call took.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    redis.thaw();
-    for call in in_flight {
+    frozen.redis.thaw();
+    for call in frozen.in_flight.drain(..) {
         let answer = call.await.unwrap().unwrap().into_inner();
         assert_eq!(answer.outcome(), Outcome::Ok);
     }
@@ -335,13 +319,13 @@ async fn a_claim_that_cannot_be_answered_in_time_is_not_sent() {
     assert_eq!(answered.outcome(), Outcome::Ok);
 
     assert_eq!(
-        sold(&mut flash).await,
+        sold(&mut frozen.flash).await,
         4,
         "c0, c1, c2 and c4; c3 was not sent"
     );
     // Its retry by id, with time to spare, is served.
-    let retried = flash.claim(claim("c3")).await.unwrap().into_inner();
+    let retried = frozen.flash.claim(claim("c3")).await.unwrap().into_inner();
     assert_eq!(retried.outcome(), Outcome::Ok);
-    assert_eq!(sold(&mut flash).await, 5);
-    drop(daemon);
+    assert_eq!(sold(&mut frozen.flash).await, 5);
+    drop(frozen);
 }
