@@ -18,7 +18,11 @@
 //! the fallback at once, and a retry by id is safe. Sent, it would most
 //! likely wait out the timeout too: a Redis frozen mid-sale held the calls
 //! that queued behind its first unanswered one for two timeouts, not one
-//! (deploy/BENCHMARKS.md, "the failover probe").
+//! (deploy/BENCHMARKS.md, "the failover probe"). A call whose caller has
+//! left is dropped unsent (`coalesce::take_batch`), and one whose deadline
+//! would pass before its answer came is answered DEADLINE_EXCEEDED unsent
+//! (`Sending::margin`): sent, either would sell to a caller told the call
+//! failed (deploy/BENCHMARKS.md, "a stampede past the peak").
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -446,15 +450,9 @@ mod tests {
     /// with the latest deadline goes anyway.
     #[tokio::test]
     async fn a_call_too_close_to_its_deadline_is_not_sent_unless_none_would_be() {
-        let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
-            .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
-        let client = redis::Client::open(url).expect("a valid URL");
-        let con = ConnectionManager::new(client)
-            .await
-            .expect("the test Redis");
         let prefix = format!("batchtest{}", rand::random::<u32>());
         let sending = Sending {
-            con,
+            con: redis().await,
             invocation: Arc::new(invocation_for(prefix)),
             timeout: Duration::from_secs(5),
             sent: Arc::default(),

@@ -164,12 +164,19 @@ pub(super) mod tests {
     use super::*;
 
     /// The Redis the test command starts (deploy/test.sh); other modules'
-    /// tests reach it as `crate::store::redis::test_redis`.
+    /// tests reach it as `crate::store::redis::test_redis`. Its calls wait
+    /// up to 10 s for an answer, not the client's default 500 ms: a test's
+    /// setup may pipeline tens of thousands of commands, and the whole
+    /// suite shares two cores (a drainer test's 25,000 XADDs timed out so).
     pub(crate) async fn redis() -> ConnectionManager {
         let url = std::env::var("HOLDFAST_TEST_REDIS_URL")
             .expect("HOLDFAST_TEST_REDIS_URL: run the tests with ./deploy/test.sh");
         let client = redis::Client::open(url).expect("a valid Redis URL");
-        ConnectionManager::new(client).await.expect("Redis is up")
+        let patient = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
+        ConnectionManager::new_with_config(client, patient)
+            .await
+            .expect("Redis is up")
     }
 
     /// A batch call under `prefix` at a fixed now (1,000 s), as the store
