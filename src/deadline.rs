@@ -35,8 +35,9 @@ pub fn scope<F: Future>(deadline: Option<Instant>, fut: F) -> TaskLocalFuture<Op
 
 /// A `grpc-timeout` value: 1 to 8 digits and a unit, `H`ours, `M`inutes,
 /// `S`econds, `m`illiseconds, `u`icroseconds or `n`anoseconds
-/// (gRPC over HTTP/2). `None` for anything else, which then sets no
-/// deadline here (tonic answers such a call INTERNAL before it runs).
+/// (gRPC over HTTP/2), as tonic reads it to cancel the call. `None` for
+/// anything else: the call then runs without a deadline, here as in
+/// tonic, which ignores a value it cannot read.
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
