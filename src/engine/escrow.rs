@@ -103,38 +103,58 @@ impl Engine {
     /// Delegates capacity to Redis for pools a script found short, `needed`
     /// units each at least (ESCROW.md "Refill"), for a take: waits at most
     /// [`TAKE_WAITS_FOR_GRANT`] for it, then answers UNAVAILABLE (the grant
-    /// goes on without the take, which a retry by id may find done).
+    /// goes on without the take, which a retry by id may find done). The
+    /// wait is bounded for the lock too: against a Postgres that hangs
+    /// (frozen, or a network dropping packets) each grant gave up after the
+    /// pool's 5 s, one after another, so the n-th take in the lock's queue
+    /// waited 5n s (16.9 s in a 20 s freeze: deploy/BENCHMARKS.md, "the
+    /// pg-outage probe").
+    ///
+    /// A stampede on a pool Redis has not been given yet finds it missing
+    /// in every take at once, and each waits its turn at the grant lock;
+    /// the first grant serves them all. So a take first asks Redis whether
+    /// its pools now have what it needs (one read, no Postgres): a thousand
+    /// claims on a cold pool of ten had each read Postgres and reloaded the
+    /// pool in turn, ~5 ms each, and the last ones passed their 5 s.
     pub(super) async fn grant(
         &self,
         tenant: &TenantId,
         needed: &[(PoolId, i64)],
     ) -> Result<(), Error> {
-        self.in_escrow(tenant, needed.to_vec(), Some(TAKE_WAITS_FOR_GRANT))
-            .await
+        let tenant = tenant.clone();
+        let needed = needed.to_vec();
+        self.serially(Some(TAKE_WAITS_FOR_GRANT), move |me| async move {
+            if me.granted_meanwhile(&tenant, &needed).await? {
+                return Ok(());
+            }
+            me.sync_locked(&tenant, &needed).await
+        })
+        .await
+    }
+
+    /// Whether Redis now holds enough of every pool in `needed` for the
+    /// take to be tried again: a grant made while the take waited for the
+    /// lock. A pool with nothing left to grant (`full`) counts too, since
+    /// the take's script then answers sold out, which no grant changes.
+    async fn granted_meanwhile(
+        &self,
+        tenant: &TenantId,
+        needed: &[(PoolId, i64)],
+    ) -> Result<bool, Error> {
+        let pools: Vec<PoolId> = needed.iter().map(|(p, _)| p.clone()).collect();
+        let in_redis = self.redis.get_pools(tenant, &pools).await?;
+        Ok(needed.iter().zip(in_redis).all(|((_, need), redis)| {
+            redis.is_some_and(|r| r.full || r.unlimited || r.headroom() >= *need)
+        }))
     }
 
     /// Brings Redis's copy of pools up to date with Postgres (grant,
     /// window, threshold, ceiling), granting a chunk where Redis runs low.
     /// Call after changing a pool in Postgres; the refiller calls it too.
     pub async fn sync(&self, tenant: &TenantId, pools: &[PoolId]) -> Result<(), Error> {
-        let needed: Vec<(PoolId, i64)> = pools.iter().map(|p| (p.clone(), 0)).collect();
-        self.in_escrow(tenant, needed, None).await
-    }
-
-    /// Runs [`Self::sync_locked`] under `grant_lock` ([`Self::serially`]).
-    /// `wait` bounds how long the caller waits, for the lock and then for
-    /// the grant: against a Postgres that hangs (frozen, or a network
-    /// dropping packets) each grant gave up after the pool's 5 s, one after
-    /// another, so the n-th take in the lock's queue waited 5n s (16.9 s in
-    /// a 20 s freeze: deploy/BENCHMARKS.md, "the pg-outage probe").
-    async fn in_escrow(
-        &self,
-        tenant: &TenantId,
-        needed: Vec<(PoolId, i64)>,
-        wait: Option<Duration>,
-    ) -> Result<(), Error> {
         let tenant = tenant.clone();
-        self.serially(wait, move |me| async move {
+        let needed: Vec<(PoolId, i64)> = pools.iter().map(|p| (p.clone(), 0)).collect();
+        self.serially(None, move |me| async move {
             me.sync_locked(&tenant, &needed).await
         })
         .await
@@ -252,7 +272,7 @@ impl Engine {
                 .cloned()
                 .ok_or_else(|| Error::NotFound(format!("pool {pool}")))?;
             let headroom = match &redis {
-                Some(r) if r.epoch == row.epoch => r.grant - r.returned - r.sold - r.held,
+                Some(r) if r.epoch == row.epoch => r.headroom(),
                 _ => 0,
             };
             let undelegated = row.undelegated().unwrap_or(0);

@@ -26,6 +26,13 @@ pub struct RedisPool {
     pub unlimited: bool,
 }
 
+impl RedisPool {
+    /// What Redis may still sell of its grant (lua/lib.lua `headroom_of`).
+    pub fn headroom(&self) -> i64 {
+        self.grant - self.returned - self.sold - self.held
+    }
+}
+
 fn shape(what: &str, v: &Value) -> Error {
     Error::internal(format!("unexpected script reply for {what}: {v:?}"))
 }
