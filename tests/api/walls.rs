@@ -297,6 +297,12 @@ async fn another_stores_pools_are_not_found_and_its_units_in_doubt_are_not_liste
         .unwrap();
     let sell = |id: &str| with_key(claim(id, "spring", &[("p", 1)]), STORE_A_CHECKOUT);
     flash.claim(sell("before")).await.unwrap();
+    // Written to Postgres before the loss: a sale drained after it takes
+    // its unit out of doubt, between the two reads of in_doubt below.
+    app.eventually("the drainer to write A's sale", || async {
+        (app.pg_sold("spring", "p").await == 1).then_some(())
+    })
+    .await;
 
     // Redis loses A's pool: the next claim puts A's grant in doubt.
     let key = app.pool_key("store-a", "sale/spring/p").await;
