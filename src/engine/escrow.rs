@@ -7,9 +7,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use tokio::sync::OwnedMutexGuard;
 
 use super::grants::LastGrant;
 use super::{Engine, PoolView};
@@ -18,10 +20,10 @@ use crate::error::Error;
 use crate::store::postgres::PoolRow;
 use crate::store::redis::{GrantReply, PoolGrant, RedisPool};
 
-/// The longest a take waits for a grant (for the grant lock, then for
-/// Postgres and Redis to record it): as long as it waits for a Postgres
-/// connection (startup.rs).
-const TAKE_WAITS_FOR_GRANT: Duration = Duration::from_secs(5);
+/// The longest a take waits for grants (for the grant lock, then for
+/// Postgres and Redis to record one, as often as its script asks): as long
+/// as it waits for a Postgres connection (startup.rs).
+pub(super) const TAKE_WAITS_FOR_GRANT: Duration = Duration::from_secs(5);
 
 /// Pools granted per Postgres transaction when many are loaded at once
 /// (a sale's products, an Engage's cards).
@@ -101,51 +103,45 @@ impl Engine {
     }
 
     /// Delegates capacity to Redis for pools a script found short, `needed`
-    /// units each at least (ESCROW.md "Refill"), for a take: waits at most
-    /// [`TAKE_WAITS_FOR_GRANT`] for it, then answers UNAVAILABLE (the grant
-    /// goes on without the take, which a retry by id may find done). The
+    /// units each at least (ESCROW.md "Refill"), for a take: waits until
+    /// `until` at most (the take's first grant wait plus
+    /// [`TAKE_WAITS_FOR_GRANT`]), then answers UNAVAILABLE (the grant goes
+    /// on without the take, which a retry by id may find done). The
     /// wait is bounded for the lock too: against a Postgres that hangs
     /// (frozen, or a network dropping packets) each grant gave up after the
     /// pool's 5 s, one after another, so the n-th take in the lock's queue
     /// waited 5n s (16.9 s in a 20 s freeze: deploy/BENCHMARKS.md, "the
     /// pg-outage probe").
     ///
-    /// A stampede on a pool Redis has not been given yet finds it missing
-    /// in every take at once, and each waits its turn at the grant lock;
-    /// the first grant serves them all. So a take first asks Redis whether
-    /// its pools now have what it needs (one read, no Postgres): a thousand
-    /// claims on a cold pool of ten had each read Postgres and reloaded the
-    /// pool in turn, ~5 ms each, and the last ones passed their 5 s.
+    /// Every take in flight when a pool runs dry in Redis asks for a grant
+    /// at once (a stampede on a cold pool, or each of a sale's grants), and
+    /// the first grant serves most of them. So a take that waited for the
+    /// lock while another's work ran lets go of it at once, and its script
+    /// looks again (with the other takes' scripts, in the batcher's calls);
+    /// it grants only when it gets the lock with nothing moved since its
+    /// script looked. A thousand claims on a cold pool of ten had each read
+    /// Postgres and reloaded the pool in turn, ~5 ms each, and the last
+    /// passed their 5 s (deploy/BENCHMARKS.md, "a sale's opening").
     pub(super) async fn grant(
         &self,
         tenant: &TenantId,
         needed: &[(PoolId, i64)],
+        until: tokio::time::Instant,
     ) -> Result<(), Error> {
-        let tenant = tenant.clone();
-        let needed = needed.to_vec();
-        self.serially(Some(TAKE_WAITS_FOR_GRANT), move |me| async move {
-            if me.granted_meanwhile(&tenant, &needed).await? {
-                return Ok(());
-            }
+        if tokio::time::Instant::now() >= until {
+            return Err(not_granted_in_time());
+        }
+        let seen = self.escrow_passes.load(Ordering::Acquire);
+        let serial = self.grant_lock_until(Some(until)).await?;
+        if self.escrow_passes.load(Ordering::Acquire) != seen {
+            // Units moved while this take waited: its script looks again.
+            return Ok(());
+        }
+        let (tenant, needed) = (tenant.clone(), needed.to_vec());
+        self.locked(serial, Some(until), move |me| async move {
             me.sync_locked(&tenant, &needed).await
         })
         .await
-    }
-
-    /// Whether Redis now holds enough of every pool in `needed` for the
-    /// take to be tried again: a grant made while the take waited for the
-    /// lock. A pool with nothing left to grant (`full`) counts too, since
-    /// the take's script then answers sold out, which no grant changes.
-    async fn granted_meanwhile(
-        &self,
-        tenant: &TenantId,
-        needed: &[(PoolId, i64)],
-    ) -> Result<bool, Error> {
-        let pools: Vec<PoolId> = needed.iter().map(|(p, _)| p.clone()).collect();
-        let in_redis = self.redis.get_pools(tenant, &pools).await?;
-        Ok(needed.iter().zip(in_redis).all(|((_, need), redis)| {
-            redis.is_some_and(|r| r.full || r.unlimited || r.headroom() >= *need)
-        }))
     }
 
     /// Brings Redis's copy of pools up to date with Postgres (grant,
@@ -180,27 +176,52 @@ impl Engine {
         Fut: Future<Output = Result<T, Error>> + Send + 'static,
     {
         let until = wait.map(|w| tokio::time::Instant::now() + w);
-        let busy = || {
-            Error::Unavailable(
-                "postgres did not grant this pool more units in time; retry with the same id"
-                    .into(),
-            )
-        };
+        let serial = self.grant_lock_until(until).await?;
+        self.locked(serial, until, work).await
+    }
+
+    /// `grant_lock`, waited for until `until` at most.
+    async fn grant_lock_until(
+        &self,
+        until: Option<tokio::time::Instant>,
+    ) -> Result<OwnedMutexGuard<()>, Error> {
         let lock = Arc::clone(&self.grant_lock).lock_owned();
-        let serial = match until {
-            Some(t) => tokio::time::timeout_at(t, lock).await.map_err(|_| busy())?,
-            None => lock.await,
-        };
+        match until {
+            Some(t) => tokio::time::timeout_at(t, lock)
+                .await
+                .map_err(|_| not_granted_in_time()),
+            None => Ok(lock.await),
+        }
+    }
+
+    /// [`Self::serially`] once the lock is held: runs `work` in a task that
+    /// keeps `serial` until it is done, and counts it in `escrow_passes`
+    /// before letting go.
+    async fn locked<T, F, Fut>(
+        &self,
+        serial: OwnedMutexGuard<()>,
+        until: Option<tokio::time::Instant>,
+        work: F,
+    ) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Engine>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
+    {
         let me = self
             .me
             .upgrade()
             .ok_or_else(|| Error::Unavailable("the engine is shutting down".into()))?;
         let task = tokio::spawn(async move {
-            let _serial = serial;
-            work(me).await
+            let done = work(Arc::clone(&me)).await;
+            me.escrow_passes.fetch_add(1, Ordering::Release);
+            drop(serial);
+            done
         });
         let joined = match until {
-            Some(t) => tokio::time::timeout_at(t, task).await.map_err(|_| busy())?,
+            Some(t) => tokio::time::timeout_at(t, task)
+                .await
+                .map_err(|_| not_granted_in_time())?,
             None => task.await,
         };
         joined.map_err(|e| {
@@ -477,6 +498,13 @@ impl Engine {
         tracing::debug!(%tenant, %pool, epoch = row.epoch, granted, chunk, "granted pool to redis");
         Ok(true)
     }
+}
+
+/// What a take that waited for a grant past its time is answered.
+fn not_granted_in_time() -> Error {
+    Error::Unavailable(
+        "postgres did not grant this pool more units in time; retry with the same id".into(),
+    )
 }
 
 /// What a read knows of a pool's counts in Redis.

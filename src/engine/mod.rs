@@ -19,6 +19,7 @@ mod lost;
 mod reads;
 
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -36,11 +37,16 @@ use crate::store::postgres::{PgStore, PgTake, TakeQueue};
 use crate::store::redis::{CustomerLimit, Listed, NewHold, RedisStore};
 use crate::telemetry::{Handles, metric};
 
-/// How many times a take is sent to Redis, counting the retries after it
-/// answered "grant first" (the engine grants, then retries) or "sweep
-/// first" (the engine sweeps, then retries). One grant or sweep settles a
-/// pool, so a third refusal means other calls keep changing it.
-const TAKE_ATTEMPTS: usize = 3;
+/// How many times a take is sent to Redis after it answered "sweep
+/// first" (the engine sweeps, then retries). One sweep settles a pool, so
+/// a third refusal means other calls keep changing it. "Grant first" is
+/// retried until the take's grant wait ends instead
+/// ([`escrow::TAKE_WAITS_FOR_GRANT`]): in a crowd, the grant one take
+/// waited for is sold to others as often as not, and a sale of 1,000 has a
+/// dozen grants (the last of a unit or two) before it sells out; counted
+/// like sweeps, takes were answered UNAVAILABLE while the pool still sold
+/// (deploy/BENCHMARKS.md, "a sale's opening").
+const TAKE_SWEEPS: usize = 3;
 /// Holds one sweep script finalises, and how many such batches one
 /// [`Engine::finish_due`] runs at most (200,000 holds).
 const SWEEP_BATCH: u32 = 500;
@@ -108,7 +114,7 @@ pub enum ListedTake {
 /// The engine, shared behind an `Arc` ([`Engine::new`] makes one).
 pub struct Engine {
     /// The engine itself, for work that must outlive the call that asked
-    /// for it (a grant: escrow.rs, `in_escrow`).
+    /// for it (a grant: escrow.rs, `serially`).
     me: std::sync::Weak<Engine>,
     redis: RedisStore,
     pg: PgStore,
@@ -119,6 +125,9 @@ pub struct Engine {
     /// Serialises grants, so that a pool being loaded is never mistaken for
     /// a pool that Redis lost.
     grant_lock: Arc<Mutex<()>>,
+    /// How many works have run under `grant_lock`: a take that waited for
+    /// it while the count moved may find its grant made (escrow.rs).
+    escrow_passes: AtomicU64,
     /// Each pool's last grant, which sizes the next (escrow.rs). A poisoned
     /// lock is used as it is: the worst a half-written entry costs is the
     /// size of one grant.
@@ -149,6 +158,7 @@ impl Engine {
             reads: reads::PoolReads::start(me.clone()),
             pg,
             grant_lock: Arc::default(),
+            escrow_passes: AtomicU64::new(0),
             last_grants: std::sync::Mutex::default(),
             circuit: Circuit::default(),
             unanswered: Default::default(),
@@ -274,7 +284,9 @@ impl Engine {
         take: &Take,
         listed: Option<Listed<'_>>,
     ) -> Result<HoldReply, Error> {
-        for _ in 0..TAKE_ATTEMPTS {
+        let mut sweeps = 0;
+        let mut granting = None;
+        loop {
             let reply = match take.ttl {
                 Some(ttl) => {
                     let hold = NewHold {
@@ -301,27 +313,33 @@ impl Engine {
                 }
             };
             self.circuit.success();
-            if let HoldReply::Busy = reply {
-                self.finish_due(tenant, None).await?;
-                continue;
+            match &reply {
+                HoldReply::Busy if sweeps + 1 < TAKE_SWEEPS => {
+                    sweeps += 1;
+                    self.finish_due(tenant, None).await?;
+                }
+                HoldReply::Busy => {
+                    return Err(Error::Unavailable(
+                        "expired holds kept being swept while this take waited; retry with the same id"
+                            .into(),
+                    ));
+                }
+                HoldReply::NeedGrant(pools) => {
+                    let needed: Vec<(PoolId, i64)> = take
+                        .lines
+                        .as_slice()
+                        .iter()
+                        .filter(|l| pools.contains(&l.pool))
+                        .map(|l| (l.pool.clone(), l.quantity.get()))
+                        .collect();
+                    let until = *granting.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + escrow::TAKE_WAITS_FOR_GRANT
+                    });
+                    self.grant(tenant, &needed, until).await?;
+                }
+                _ => return Ok(reply),
             }
-            if let HoldReply::NeedGrant(pools) = &reply {
-                let needed: Vec<(PoolId, i64)> = take
-                    .lines
-                    .as_slice()
-                    .iter()
-                    .filter(|l| pools.contains(&l.pool))
-                    .map(|l| (l.pool.clone(), l.quantity.get()))
-                    .collect();
-                self.grant(tenant, &needed).await?;
-                continue;
-            }
-            return Ok(reply);
         }
-        Err(Error::Unavailable(
-            "pools kept being loaded or swept while this take waited; retry with the same id"
-                .into(),
-        ))
     }
 
     /// Gives back the units of the tenant's expired holds in bounded
