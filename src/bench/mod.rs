@@ -15,6 +15,7 @@ mod failover;
 mod fallback;
 mod idle;
 mod load;
+mod opening;
 mod pg_growth;
 mod probes;
 mod reads;
@@ -38,6 +39,7 @@ use tonic::transport::Channel;
 
 pub use baselines::{PgRun, redis_script};
 pub use drained::vacuum;
+pub use opening::{Opened, run as opening};
 pub use pg_growth::{Growth, run as pg_growth};
 pub use probes::Probe;
 pub use redis_limit::{Driven, N as OP_NUMBER, drive_steps, steps as redis_steps};
@@ -114,7 +116,9 @@ pub struct BenchArgs {
     /// 2,000/s when absent, for --duration seconds: what grows), stampede
     /// (claim-hot by each of --crowds clients, every call given up after
     /// --deadline-ms and pressed again: what is answered in time past the
-    /// peak, and sold to calls that gave up), shops (the --workload
+    /// peak, and sold to calls that gave up), opening (a sale of 1,000
+    /// claimed by each of --crowds clients: how long it takes to sell out,
+    /// and what its buyers are answered meanwhile), shops (the --workload
     /// workloads, claim-hot when none is named, spread over each count of
     /// --shops tenants in turn, on a daemon of its own with a key per
     /// shop). Failover, pg-outage and fallback freeze a store, so they run
@@ -138,7 +142,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     pub shops: Vec<u32>,
 
-    /// Crowds the stampede probe claims with, in turn (comma-separated):
+    /// Crowds the stampede and opening probes claim with, in turn (comma-separated):
     /// clients, each with one call in flight.
     #[arg(long, value_delimiter = ',', default_value = "64,1024,4096")]
     pub crowds: Vec<usize>,

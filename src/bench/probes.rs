@@ -66,6 +66,11 @@ pub enum Probe {
     /// answered in time, and what it sells to calls that gave up (runs in
     /// `stampede.rs`).
     Stampede,
+    /// A sale of 1,000 claimed by each crowd of `--crowds` clients until
+    /// `--duration` ends: how long it takes to sell out, and whether every
+    /// buyer is answered while Redis asks for grant after grant (runs in
+    /// `opening.rs`).
+    Opening,
     /// The --workload workloads (claim-hot when none is named) spread
     /// over each count of `--shops` tenants in turn, on a daemon of its
     /// own with a key per shop: what many shops selling at once cost, and
@@ -273,6 +278,7 @@ pub async fn run(
         | Probe::Reads
         | Probe::Soak
         | Probe::Stampede
+        | Probe::Opening
         | Probe::Shops => {
             unreachable!("bench::run sends these probes to their own modules")
         }

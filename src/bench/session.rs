@@ -13,8 +13,8 @@ use super::load::Plan;
 use super::report::{Line, ServerStats};
 use super::{
     BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, drained, expiry, failover,
-    fallback, host_port, idle, pg_alternative, pg_growth, pgbench_path, probes, reads, redis_limit,
-    redis_time, soak, stampede, watch_replay, workloads,
+    fallback, host_port, idle, opening, pg_alternative, pg_growth, pgbench_path, probes, reads,
+    redis_limit, redis_time, soak, stampede, watch_replay, workloads,
 };
 use crate::domain::TenantId;
 use crate::store::redis::RedisStore;
@@ -381,6 +381,12 @@ impl<'a> Session<'a> {
                     duration: Duration::from_secs(args.duration),
                 };
                 stampede::run(channels, caller, &setup).await
+            }
+            Probe::Opening => {
+                let duration = Duration::from_secs(args.duration);
+                opening::run(channels, caller, &args.crowds, duration)
+                    .await
+                    .map(drop)
             }
             Probe::Idle => {
                 let idle_for = Duration::from_secs(args.duration);

@@ -230,7 +230,7 @@ impl End {
                 levels.len()
             );
         };
-        let sold = workloads::hot_sold(ch, caller).await?;
+        let sold = workloads::sold(ch, caller, Workload::ClaimHot).await?;
         let mut broken = Vec::new();
         if carts.reserved != 0 || carts.available != carts.on_hand {
             broken.push(format!(

@@ -17,6 +17,7 @@
 //! shop learns of only by retrying with the same id, and otherwise sells
 //! to nobody until it reconciles).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -83,14 +84,8 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
         // Calls given up may still be finishing in the daemon; what they
         // sell counts too.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let sold = workloads::hot_sold(&channels[0], &counted).await?;
+        let sold = workloads::sold(&channels[0], &counted, Workload::ClaimHot).await?;
         let given_up: u64 = GIVEN_UP.iter().filter_map(|k| run.outcomes.get(*k)).sum();
-        let others: Vec<String> = run
-            .outcomes
-            .iter()
-            .filter(|(k, _)| k.starts_with("error:") && !GIVEN_UP.contains(&k.as_str()))
-            .map(|(k, n)| format!("{}:{n}", &k["error:".len()..]))
-            .collect();
         let secs = run.elapsed.as_secs_f64();
         println!(
             "probe: stampede crowd={crowd} deadline_ms={} calls={} claimed_rps={:.0} given_up_per_s={:.0} other_errors={} p50_ms={:.2} p99_ms={:.2} sold={sold} claimed={claimed} unanswered={} daemon_peak_rss_mib={:.1} cpu_us_per_claim={cpu}",
@@ -98,10 +93,7 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
             run.calls,
             claimed as f64 / secs,
             given_up as f64 / secs,
-            match others.as_slice() {
-                [] => "0".to_string(),
-                some => some.join(","),
-            },
+            errors_but(&run.outcomes, &GIVEN_UP),
             run.ms(0.5),
             run.ms(0.99),
             sold - claimed as i64,
@@ -109,4 +101,18 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
         );
     }
     Ok(())
+}
+
+/// A run's errors by code but those named in `but` (`error:<Code>`), as
+/// `Code:n,...`, or `0` when there are none.
+pub fn errors_but(outcomes: &BTreeMap<String, u64>, but: &[&str]) -> String {
+    let errors: Vec<String> = outcomes
+        .iter()
+        .filter(|(k, _)| k.starts_with("error:") && !but.contains(&k.as_str()))
+        .map(|(k, n)| format!("{}:{n}", &k["error:".len()..]))
+        .collect();
+    match errors.as_slice() {
+        [] => "0".to_string(),
+        some => some.join(","),
+    }
 }

@@ -205,7 +205,7 @@ fn next_card() -> u64 {
 const SALES_10K: u64 = 20;
 const PRODUCTS_PER_SALE: u64 = 500;
 /// The cap `claim-sellout` sells out of.
-const SELLOUT_CAP: i64 = 1_000;
+pub const SELLOUT_CAP: i64 = 1_000;
 
 fn sale(caller: &Caller, id: String, products: Vec<(String, i64)>) -> pb::CreateSaleRequest {
     let now = chrono::Utc::now().timestamp();
@@ -244,12 +244,14 @@ pub fn hot_sale(caller: &Caller) -> String {
     format!("b{}hot", caller.tag)
 }
 
-/// What the daemon counts sold of `caller`'s [`HOT_PRODUCT`].
-pub async fn hot_sold(ch: &Channel, caller: &Caller) -> anyhow::Result<i64> {
+/// What the daemon counts sold of the product claim workload `w` claims
+/// first (claim-hot's and claim-sellout's only one).
+pub async fn sold(ch: &Channel, caller: &Caller, w: Workload) -> anyhow::Result<i64> {
+    let (sale_id, product) = claimed(w, caller, 0);
     let sale = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch.clone())
         .get_sale(caller.req(pb::GetSaleRequest {
-            sale_id: hot_sale(caller),
-            product_ids: vec![HOT_PRODUCT.into()],
+            sale_id,
+            product_ids: vec![product],
         }))
         .await?
         .into_inner()
@@ -464,18 +466,24 @@ pub async fn spread(w: Workload, channels: &[Channel], plan: &Plan, callers: &[C
     .await
 }
 
-/// Claim number `n` of a claim workload: one unit of its hot product
-/// (claim-hot, claim-sellout) or of product `n` of the 10,000 (claim-10k).
-pub async fn claim(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
+/// The sale and product claim number `n` of workload `w` claims.
+fn claimed(w: Workload, c: &Caller, n: u64) -> (String, String) {
     let tag = &c.tag;
-    let (sale_id, product) = match w {
+    match w {
         Workload::ClaimHot => (hot_sale(c), HOT_PRODUCT.to_string()),
         Workload::ClaimSellout => (format!("b{tag}out"), "hot".to_string()),
         _ => (
             format!("b{tag}k{}", n % SALES_10K),
             format!("p{}", (n / SALES_10K) % PRODUCTS_PER_SALE),
         ),
-    };
+    }
+}
+
+/// Claim number `n` of a claim workload: one unit of its hot product
+/// (claim-hot, claim-sellout) or of product `n` of the 10,000 (claim-10k).
+pub async fn claim(w: Workload, ch: Channel, n: u64, c: &Caller) -> Result<Done, tonic::Status> {
+    let tag = &c.tag;
+    let (sale_id, product) = claimed(w, c, n);
     let r = pb::flash_sale_service_client::FlashSaleServiceClient::new(ch)
         .claim(c.req(pb::ClaimRequest {
             claim_id: format!("c{tag}n{n}"),

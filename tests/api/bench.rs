@@ -264,6 +264,30 @@ async fn counter(app: &crate::helpers::TestApp, pool: &str, field: &str) -> i64 
     v.unwrap_or(0)
 }
 
+/// The opening probe's crowd buys from a sale of its own and is answered
+/// for every unit the sale sold: a crowd of 32 for 2 s (a slow machine may
+/// not sell all 1,000 in that time, so only what was told is compared).
+#[tokio::test]
+async fn the_opening_probe_counts_every_unit_its_crowd_was_sold() {
+    use holdfast::bench::{Caller, opening};
+    let app = crate::helpers::spawn_app().await;
+    let runs = opening(
+        &[app.channel()],
+        &Caller::new(None),
+        &[32],
+        std::time::Duration::from_secs(2),
+    )
+    .await
+    .expect("the probe runs and its promises hold");
+    let [run] = runs.as_slice() else {
+        panic!("one line per crowd: {runs:?}")
+    };
+    assert_eq!((run.crowd, run.errors), (32, 0));
+    assert!(run.claimed > 0, "{run:?}");
+    assert_eq!(run.sold, run.claimed as i64);
+    app.shutdown().await;
+}
+
 /// The pg-growth probe counts what the run's own operations left in the
 /// daemon's Postgres: every audit row of them (one a claim, two a
 /// two-step operation) written before it reads the sizes, and the growth
