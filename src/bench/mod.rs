@@ -59,7 +59,7 @@ pub struct BenchArgs {
     pub duration: u64,
 
     /// Concurrent clients (in-flight calls).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub clients: usize,
 
     /// Operations per second, in all, spread evenly over the clients;
@@ -69,7 +69,7 @@ pub struct BenchArgs {
     pub rate: Option<f64>,
 
     /// HTTP/2 connections the clients share.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     pub connections: usize,
 
     /// A running daemon to drive (http://host:port). Without it the bench
@@ -139,12 +139,14 @@ pub struct BenchArgs {
 
     /// Shop counts the shops probe spreads its workloads over, in turn
     /// (comma-separated); each count's rate is set beside the first's.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64",
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub shops: Vec<u32>,
 
     /// Crowds the stampede and opening probes claim with, in turn (comma-separated):
     /// clients, each with one call in flight.
-    #[arg(long, value_delimiter = ',', default_value = "64,1024,4096")]
+    #[arg(long, value_delimiter = ',', default_value = "64,1024,4096",
+          value_parser = at_least_one)]
     pub crowds: Vec<usize>,
 
     /// The stampede probe's deadline for each call, in milliseconds (sent
@@ -181,6 +183,15 @@ fn positive_rate(s: &str) -> Result<f64, String> {
         _ => Err(format!(
             "{s:?} is not a rate: give operations per second above 0"
         )),
+    }
+}
+
+/// A count of clients, connections or a crowd: a run of none would print
+/// rates over nothing.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a count: give a whole number above 0")),
     }
 }
 
@@ -432,7 +443,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 #[cfg(test)]
 mod tests {
-    use super::positive_rate;
+    use super::{at_least_one, positive_rate};
 
     #[test]
     fn a_rate_must_be_a_finite_number_above_zero() {
@@ -440,6 +451,14 @@ mod tests {
         assert_eq!(positive_rate("0.5"), Ok(0.5));
         for bad in ["0", "-5", "nan", "inf", "abc", ""] {
             assert!(positive_rate(bad).is_err(), "{bad} was taken");
+        }
+    }
+
+    #[test]
+    fn a_count_must_be_a_whole_number_above_zero() {
+        assert_eq!(at_least_one("64"), Ok(64));
+        for bad in ["0", "-1", "1.5", "abc", ""] {
+            assert!(at_least_one(bad).is_err(), "{bad} was taken");
         }
     }
 }
