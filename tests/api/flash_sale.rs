@@ -7,7 +7,7 @@ use holdfast::grpc::pb::flash_sale_service_client::FlashSaleServiceClient;
 use holdfast::grpc::pb::{self, Outcome};
 use tokio::sync::Barrier;
 
-use crate::helpers::{TestApp, claim, spawn_app, spawn_app_with};
+use crate::helpers::{claim, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn a_claim_sells_units_and_postgres_shows_the_sold_count() {
@@ -88,7 +88,38 @@ async fn a_thousand_concurrent_claims_for_a_cap_of_ten_sell_exactly_ten() {
     let app = spawn_app().await;
     app.live_sale("hot", &[("last-ten", Some(10))], 0).await;
 
-    let (ok, sold_out) = crowd(&app, "hot", "last-ten", 1000).await;
+    // Many tasks over several connections, released at once.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(FlashSaleServiceClient::new(app.new_channel().await));
+    }
+    let barrier = Arc::new(Barrier::new(1000));
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                client
+                    .claim(claim(&format!("buyer-{i}"), "hot", &[("last-ten", 1)]))
+                    .await
+                    .map(|r| r.into_inner().outcome())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut sold_out = 0;
+    for t in tasks {
+        match t
+            .await
+            .unwrap()
+            .expect("contention is an answer, not an error")
+        {
+            Outcome::Ok => ok += 1,
+            Outcome::SoldOut => sold_out += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
     assert_eq!((ok, sold_out), (10, 990));
     let stock = app.stock("hot", "last-ten").await;
     assert_eq!((stock.sold, stock.remaining), (10, 0));
@@ -148,45 +179,6 @@ async fn a_crowd_buying_a_sale_out_through_its_grants_is_answered_every_one() {
     let stock = app.stock("opening", "p").await;
     assert_eq!((stock.sold, stock.remaining), (300, 0));
     app.shutdown().await;
-}
-
-/// `n` claims of one unit of `product`, from tasks over several
-/// connections released at once: how many were claimed and how many sold
-/// out. Any other answer fails the test.
-async fn crowd(app: &TestApp, sale: &str, product: &str, n: usize) -> (usize, usize) {
-    let mut clients = Vec::new();
-    for _ in 0..8 {
-        clients.push(FlashSaleServiceClient::new(app.new_channel().await));
-    }
-    let barrier = Arc::new(Barrier::new(n));
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let mut client = clients[i % clients.len()].clone();
-            let barrier = barrier.clone();
-            let request = claim(&format!("buyer-{i}"), sale, &[(product, 1)]);
-            tokio::spawn(async move {
-                barrier.wait().await;
-                client
-                    .claim(request)
-                    .await
-                    .map(|r| r.into_inner().outcome())
-            })
-        })
-        .collect();
-    let mut ok = 0;
-    let mut sold_out = 0;
-    for t in tasks {
-        match t
-            .await
-            .unwrap()
-            .expect("contention is an answer, not an error")
-        {
-            Outcome::Ok => ok += 1,
-            Outcome::SoldOut => sold_out += 1,
-            other => panic!("unexpected outcome {other:?}"),
-        }
-    }
-    (ok, sold_out)
 }
 
 #[tokio::test]
