@@ -37,13 +37,13 @@ use crate::store::postgres::{PgStore, PgTake, TakeQueue};
 use crate::store::redis::{CustomerLimit, Listed, NewHold, RedisStore};
 use crate::telemetry::{Handles, metric};
 
-/// How many times a take is sent to Redis after it answered "sweep
-/// first" (the engine sweeps, then retries). One sweep settles a pool, so
-/// a third refusal means other calls keep changing it. "Grant first" is
-/// retried until the take's grant wait ends instead
+/// How many "sweep first" answers a take accepts (the engine sweeps and
+/// retries after each but the last, then answers UNAVAILABLE). One sweep
+/// settles a pool, so a third means other calls keep changing it. "Grant
+/// first" is retried until the take's grant wait ends instead
 /// ([`escrow::TAKE_WAITS_FOR_GRANT`]): in a crowd, the grant one take
-/// waited for is sold to others as often as not, and a sale of 1,000 has a
-/// dozen grants (the last of a unit or two) before it sells out; counted
+/// waited for is sold to others as often as not, and a sale of 1,000 has
+/// a dozen grants (the last of a unit or two) before it sells out; counted
 /// like sweeps, takes were answered UNAVAILABLE while the pool still sold
 /// (deploy/BENCHMARKS.md, "a sale's opening").
 const TAKE_SWEEPS: usize = 3;
