@@ -116,7 +116,8 @@ pub struct BenchArgs {
     /// 2,000/s when absent, for --duration seconds: what grows), stampede
     /// (claim-hot by each of --crowds clients, every call given up after
     /// --deadline-ms and pressed again: what is answered in time past the
-    /// peak, and sold to calls that gave up), opening (a sale of 1,000
+    /// peak, and sold to calls that gave up; with fallback too, every crowd
+    /// again through the Postgres fallback, Redis frozen), opening (a sale of 1,000
     /// claimed by each of --crowds clients: how long it takes to sell out,
     /// and what its buyers are answered meanwhile), shops (the --workload
     /// workloads, claim-hot when none is named, spread over each count of

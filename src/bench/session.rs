@@ -373,12 +373,18 @@ impl<'a> Session<'a> {
             }
             Probe::Stampede => {
                 let deadline = args.deadline_ms.unwrap_or(stampede::DEFAULT_DEADLINE_MS);
+                let fallback = if args.probe.contains(&Probe::Fallback) {
+                    Some(fallback::loopback_redis_pid(&args.redis_url).await?)
+                } else {
+                    None
+                };
                 let setup = stampede::Setup {
                     watched: &self.watched,
                     daemon: self.daemon.map(Daemon::pid),
                     crowds: &args.crowds,
                     deadline: Duration::from_millis(deadline),
                     duration: Duration::from_secs(args.duration),
+                    fallback,
                 };
                 stampede::run(channels, caller, &setup).await
             }

@@ -10,14 +10,24 @@
 //! all, and for one tenant. A tenant's requests gather while its calls are
 //! out, which is what makes its batches big; other tenants' calls need
 //! not wait for those, since their requests could never have joined them.
+//!
+//! Past the store's peak, requests wait their turn in the order they came,
+//! so the one sent is the one that waited longest, at the edge of its
+//! caller's deadline. The takes' coalescers leave unsent a request that
+//! could not be answered in time ([`in_time`], [`LastCall`]): what it
+//! would sell would be sold to a caller told the call failed
+//! (deploy/BENCHMARKS.md, "a stampede past the peak").
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::domain::TenantId;
+use crate::error::Error;
 
 /// A queued request: whose it is decides which batch it may join.
 pub trait Tenanted {
@@ -28,6 +38,66 @@ pub trait Tenanted {
     /// ended while the request queued (its deadline passed, its client
     /// reset the stream). Such a request is dropped unsent.
     fn abandoned(&self) -> bool;
+
+    /// The deadline of the call the request serves, if it carried one
+    /// (`crate::deadline::current` when it was queued). [`in_time`] reads
+    /// it; requests of a coalescer that does not call it need none.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+}
+
+/// How long a store's last call took, shared by a coalescer's sending
+/// tasks: what a call sent now is likely to take.
+#[derive(Debug, Default)]
+pub struct LastCall(AtomicU64);
+
+impl LastCall {
+    /// Records a call that took `took`.
+    pub fn record(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.0.store(us, Ordering::Relaxed);
+    }
+
+    /// How close a call's deadline may be and the call still be sent:
+    /// twice what the last call took, once to be answered and once more
+    /// for the answer's way back through a daemon that is, when calls
+    /// queue, as busy as the store. Zero before the first call.
+    pub fn margin(&self) -> Duration {
+        Duration::from_micros(self.0.load(Ordering::Relaxed)).saturating_mul(2)
+    }
+}
+
+/// Splits `batch` into the requests to send and those whose deadline is
+/// closer than `margin` ([`LastCall::margin`]), in their order: sent, one
+/// of those would most likely be answered after its caller gave up, and
+/// whatever it sold would be sold to a caller told the call failed. Answer
+/// each with [`too_late`]. When every request is that close, the one with
+/// the latest deadline goes anyway: the margin is only the last call's
+/// time, and one slow call (a store that paused) must not keep every later
+/// one unsent, with nothing sent to correct it.
+pub fn in_time<T: Tenanted>(batch: Vec<T>, margin: Duration) -> (Vec<T>, Vec<T>) {
+    let latest_sent = Instant::now() + margin;
+    let (mut late, mut send): (Vec<T>, Vec<T>) = batch
+        .into_iter()
+        .partition(|q| q.deadline().is_some_and(|d| d < latest_sent));
+    if send.is_empty()
+        && let Some(i) = (0..late.len()).max_by_key(|&i| late[i].deadline())
+    {
+        send.push(late.swap_remove(i));
+    }
+    (send, late)
+}
+
+/// The answer to a request [`in_time`] left unsent: DEADLINE_EXCEEDED,
+/// naming the store (`redis`, `postgres`), how long the request `waited`
+/// and the `margin` it was held to. Nothing was changed, so the caller may
+/// retry by id.
+pub fn too_late(store: &str, waited: Duration, margin: Duration) -> Error {
+    Error::DeadlineExceeded(format!(
+        "the call's deadline would pass before {store} answered it: it waited {waited:?} for its turn, and a call takes about {:?} (not sent; retry by id)",
+        margin / 2,
+    ))
 }
 
 /// Calls to the store on their way at once, at most.
@@ -363,6 +433,83 @@ mod tests {
             .await
             .expect("a batch within 5 s")
             .expect("the coalescer runs")
+    }
+
+    /// A request with a deadline, `in_ms` from now.
+    struct Timed(TenantId, &'static str, Option<Instant>);
+
+    impl Tenanted for Timed {
+        fn tenant(&self) -> &TenantId {
+            &self.0
+        }
+
+        fn abandoned(&self) -> bool {
+            false
+        }
+
+        fn deadline(&self) -> Option<Instant> {
+            self.2
+        }
+    }
+
+    fn timed(requests: &[(&'static str, Option<u64>)]) -> Vec<Timed> {
+        let now = Instant::now();
+        let tenant = TenantId::parse("a").expect("a valid tenant id");
+        requests
+            .iter()
+            .map(|&(n, ms)| {
+                Timed(
+                    tenant.clone(),
+                    n,
+                    ms.map(|ms| now + Duration::from_millis(ms)),
+                )
+            })
+            .collect()
+    }
+
+    fn names(batch: &[Timed]) -> Vec<&'static str> {
+        batch.iter().map(|r| r.1).collect()
+    }
+
+    /// Requests whose deadline is closer than the margin are set apart, the
+    /// others go in order, those without a deadline among them; when all
+    /// are that close, the latest deadline goes anyway.
+    #[test]
+    fn requests_that_could_not_be_answered_in_time_are_set_apart() {
+        let margin = Duration::from_secs(2);
+        let batch = timed(&[
+            ("hurried", Some(500)),
+            ("patient", None),
+            ("early", Some(1_900)),
+            ("roomy", Some(60_000)),
+        ]);
+        let (send, late) = in_time(batch, margin);
+        assert_eq!(names(&send), ["patient", "roomy"]);
+        assert_eq!(names(&late), ["hurried", "early"]);
+
+        let (send, late) = in_time(
+            timed(&[("a", Some(500)), ("b", Some(900)), ("c", Some(100))]),
+            margin,
+        );
+        assert_eq!(names(&send), ["b"], "the latest deadline goes");
+        assert_eq!(late.len(), 2);
+
+        let (send, late) = in_time(timed(&[("a", Some(1)), ("b", None)]), Duration::ZERO);
+        assert_eq!(
+            (send.len(), late.len()),
+            (2, 0),
+            "no margin before a first call"
+        );
+    }
+
+    #[test]
+    fn the_margin_is_twice_the_last_call_and_never_overflows() {
+        let last = LastCall::default();
+        assert_eq!(last.margin(), Duration::ZERO);
+        last.record(Duration::from_millis(30));
+        assert_eq!(last.margin(), Duration::from_millis(60));
+        last.record(Duration::MAX);
+        assert!(last.margin() >= Duration::from_secs(1 << 40));
     }
 
     #[test]

@@ -210,8 +210,19 @@ struct Frozen {
     _pg: Postgres,
     daemon: Daemon,
     flash: FlashSaleServiceClient<Channel>,
-    in_flight:
-        Vec<tokio::task::JoinHandle<Result<tonic::Response<pb::ClaimResponse>, tonic::Status>>>,
+    in_flight: Vec<Sent>,
+}
+
+/// A claim on its way, answered when awaited.
+type Sent = tokio::task::JoinHandle<Result<tonic::Response<pb::ClaimResponse>, tonic::Status>>;
+
+/// Sends `request` on a task of its own.
+fn send(
+    flash: &FlashSaleServiceClient<Channel>,
+    request: impl tonic::IntoRequest<pb::ClaimRequest> + Send + 'static,
+) -> Sent {
+    let mut flash = flash.clone();
+    tokio::spawn(async move { flash.claim(request).await })
 }
 
 async fn two_claims_in_a_frozen_redis(name: &str) -> Frozen {
@@ -235,8 +246,7 @@ async fn two_claims_in_a_frozen_redis(name: &str) -> Frozen {
     // goes at once, and waits.
     let mut in_flight = Vec::new();
     for id in ["c1", "c2"] {
-        let mut flash = flash.clone();
-        in_flight.push(tokio::spawn(async move { flash.claim(claim(id)).await }));
+        in_flight.push(send(&flash, claim(id)));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Frozen {
@@ -297,14 +307,8 @@ async fn a_claim_that_cannot_be_answered_in_time_is_not_sent() {
     // deadline.
     let mut hurried = tonic::Request::new(claim("c3"));
     hurried.set_timeout(Duration::from_secs(3));
-    let c3 = {
-        let mut flash = frozen.flash.clone();
-        tokio::spawn(async move { flash.claim(hurried).await })
-    };
-    let c4 = {
-        let mut flash = frozen.flash.clone();
-        tokio::spawn(async move { flash.claim(claim("c4")).await })
-    };
+    let c3 = send(&frozen.flash, hurried);
+    let c4 = send(&frozen.flash, claim("c4"));
     // Thawed after ~1.6 s frozen, c3 has ~1.8 s left, less than twice
     // what c1's call took.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
@@ -328,4 +332,78 @@ async fn a_claim_that_cannot_be_answered_in_time_is_not_sent() {
     assert_eq!(retried.outcome(), Outcome::Ok);
     assert_eq!(sold(&mut frozen.flash).await, 5);
     drop(frozen);
+}
+
+/// The ids the fallback has taken, in order.
+async fn fallback_took(db: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT hold_id FROM pg_holds ORDER BY hold_id")
+        .fetch_all(db)
+        .await
+        .unwrap()
+}
+
+/// The same through the Postgres fallback, whose crowd's knee is lower
+/// than Redis's: with Redis frozen and the circuit open, four claims hold
+/// the fallback's four transactions on a locked table; a claim queued
+/// behind them whose deadline is closer than twice what their
+/// transactions took is answered DEADLINE_EXCEEDED and never taken, and a
+/// claim beside it without a deadline is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_claim_that_cannot_be_answered_in_time_is_not_taken() {
+    let tmp = TempDir::new("fallback-doomed");
+    let dir = tmp.0.clone();
+    let redis = Redis::start(&dir);
+    let pg = Postgres::start(&dir);
+    let daemon = Daemon::start(&dir, redis.port, &pg.url());
+    let mut flash = FlashSaleServiceClient::new(daemon.channel().await);
+    flash
+        .create_sale(crate::live_sale("s", &[("p", 100)]))
+        .await
+        .unwrap();
+    let first = flash.claim(claim("c0")).await.unwrap().into_inner();
+    assert_eq!(first.outcome(), Outcome::Ok);
+    redis.freeze();
+    circuit_is(&daemon, true).await;
+
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    let mut blocker = db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE pg_holds IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    // One after the other, each its own transaction, each waiting.
+    let mut in_flight = Vec::new();
+    for id in ["c1", "c2", "c3", "c4"] {
+        in_flight.push(send(&flash, claim(id)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut hurried = tonic::Request::new(claim("c5"));
+    hurried.set_timeout(Duration::from_secs(3));
+    let c5 = send(&flash, hurried);
+    let c6 = send(&flash, claim("c6"));
+    // Released after ~2 s held, c1's transaction took ~2 s and c4's
+    // ~1.4 s; c5 has ~1.8 s left, less than twice either.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    blocker.rollback().await.unwrap();
+    for call in in_flight {
+        let answer = call.await.unwrap().unwrap().into_inner();
+        assert_eq!(answer.outcome(), Outcome::Ok);
+    }
+    let refused = c5.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+    assert!(refused.message().contains("postgres"), "{refused:?}");
+    let answered = c6.await.unwrap().unwrap().into_inner();
+    assert_eq!(answered.outcome(), Outcome::Ok);
+    assert_eq!(
+        fallback_took(&db).await,
+        ["c1", "c2", "c3", "c4", "c6"],
+        "c5 was not taken"
+    );
+
+    // Its retry by id, with time to spare, is.
+    let retried = flash.claim(claim("c5")).await.unwrap().into_inner();
+    assert_eq!(retried.outcome(), Outcome::Ok);
+    assert_eq!(fallback_took(&db).await.len(), 6);
+    redis.thaw();
+    drop(daemon);
 }

@@ -3,6 +3,15 @@
 //! as one transaction of `fallback/take.rs` when one ends. A flash sale's
 //! claims all contend for one pool row, so per-claim transactions would
 //! queue on its lock one commit at a time; a batch takes that lock once.
+//!
+//! The fallback is slower than Redis, so a crowd that Redis would serve in
+//! time can outrun it: a take whose caller left while it queued is dropped
+//! unsent (`coalesce::take_batch`), and one whose deadline is closer than
+//! twice the last transaction's time is answered DEADLINE_EXCEEDED unsent
+//! (`coalesce::in_time`), as on the Redis path.
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -10,7 +19,7 @@ use super::{PgStore, PgTake};
 use crate::domain::TenantId;
 use crate::error::Error;
 use crate::store::HoldReply;
-use crate::store::coalesce::{self, InFlight, Tenanted};
+use crate::store::coalesce::{self, InFlight, LastCall, Tenanted};
 use crate::telemetry::metric;
 
 /// Fallback transactions running at once: one holding the hot pool row
@@ -30,6 +39,9 @@ const QUEUE: usize = 4096;
 struct Queued {
     tenant: TenantId,
     take: PgTake,
+    at: Instant,
+    /// The deadline of the call it serves, if it carried one.
+    deadline: Option<Instant>,
     reply: oneshot::Sender<Result<HoldReply, Error>>,
 }
 
@@ -40,6 +52,10 @@ impl Tenanted for Queued {
 
     fn abandoned(&self) -> bool {
         self.reply.is_closed()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 }
 
@@ -54,9 +70,11 @@ impl TakeQueue {
     /// last handle is dropped.
     pub fn start(pg: PgStore) -> Self {
         let (tx, rx) = mpsc::channel::<Queued>(QUEUE);
+        let last_call = Arc::new(LastCall::default());
         tokio::spawn(coalesce::serve(rx, IN_FLIGHT, MAX_TAKES, move |batch| {
             let pg = pg.clone();
-            async move { run(&pg, batch).await }
+            let last_call = Arc::clone(&last_call);
+            async move { run(&pg, &last_call, batch).await }
         }));
         Self { tx }
     }
@@ -69,6 +87,8 @@ impl TakeQueue {
             .send(Queued {
                 tenant: tenant.clone(),
                 take,
+                at: Instant::now(),
+                deadline: crate::deadline::current(),
                 reply,
             })
             .await
@@ -77,14 +97,24 @@ impl TakeQueue {
     }
 }
 
-async fn run(pg: &PgStore, batch: Vec<Queued>) {
+async fn run(pg: &PgStore, last_call: &LastCall, batch: Vec<Queued>) {
+    let margin = last_call.margin();
+    let (batch, late) = coalesce::in_time(batch, margin);
+    for q in late {
+        let _ = q
+            .reply
+            .send(Err(coalesce::too_late("postgres", q.at.elapsed(), margin)));
+    }
     let Some(tenant) = batch.first().map(|q| q.tenant.clone()) else {
         return;
     };
     metrics::histogram!(metric::PG_BATCH_TAKES).record(batch.len() as f64);
     let (takes, replies): (Vec<PgTake>, Vec<_>) =
         batch.into_iter().map(|q| (q.take, q.reply)).unzip();
-    match pg.fallback_takes(&tenant, &takes).await {
+    let started = Instant::now();
+    let answers = pg.fallback_takes(&tenant, &takes).await;
+    last_call.record(started.elapsed());
+    match answers {
         Ok(answers) => {
             for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer);

@@ -21,7 +21,7 @@
 //! (deploy/BENCHMARKS.md, "the failover probe"). A call whose caller has
 //! left is dropped unsent (`coalesce::take_batch`), and one whose deadline
 //! would pass before its answer came is answered DEADLINE_EXCEEDED unsent
-//! (`Sending::margin`): sent, either would sell to a caller told the call
+//! (`coalesce::in_time`): sent, either would sell to a caller told the call
 //! failed (deploy/BENCHMARKS.md, "a stampede past the peak").
 
 use std::collections::HashSet;
@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::TenantId;
 use crate::error::Error;
-use crate::store::coalesce::{self, InFlight, Tenanted};
+use crate::store::coalesce::{self, InFlight, LastCall, Tenanted};
 use crate::store::redis::scripts;
 use crate::telemetry::{Handles, metric};
 
@@ -150,7 +150,7 @@ impl Batcher {
             timeout,
             sent: Arc::clone(&sent),
             unanswered_at: Arc::default(),
-            last_call_us: Arc::default(),
+            last_call: Arc::default(),
             touched: touched.clone(),
         };
         tokio::spawn(coalesce::serve(rx, IN_FLIGHT, MAX_OPS, move |batch| {
@@ -206,6 +206,10 @@ impl Tenanted for Queued {
     fn abandoned(&self) -> bool {
         self.reply.is_closed()
     }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
 }
 
 /// What sending one batch needs from the coalescer.
@@ -219,66 +223,37 @@ struct Sending {
     /// When Redis last failed to answer a call: the calls queued before
     /// then are not sent.
     unanswered_at: Arc<Mutex<Option<Instant>>>,
-    /// How long the last call took to be answered, microseconds: what a
-    /// call sent now is likely to take.
-    last_call_us: Arc<AtomicU64>,
+    /// How long the last call took to be answered: what a call sent now is
+    /// likely to take.
+    last_call: Arc<LastCall>,
     /// The tenants sent for (`Batcher::touched`).
     touched: Touched,
 }
 
 impl Sending {
-    /// How close a call's deadline may be and the call still be sent:
-    /// twice what the last call took, once to be answered and once more
-    /// for the answer's way back through a daemon that is, when calls
-    /// queue, as busy as Redis. Closer, the answer would most likely come
-    /// after its caller gave up, and whatever it sold would be sold to a
-    /// caller told the call failed (deploy/BENCHMARKS.md, "a stampede past
-    /// the peak").
-    fn margin(&self) -> Duration {
-        Duration::from_micros(self.last_call_us.load(Ordering::Relaxed)) * 2
-    }
-
     async fn send(mut self, batch: Vec<Queued>) {
         let unanswered_at = *self.unanswered_at.lock().unwrap_or_else(|e| e.into_inner());
         let behind_unanswered = |q: &Queued| unanswered_at.is_some_and(|at| q.at <= at);
-        let latest_sent = Instant::now() + self.margin();
-        let too_late = |q: &Queued| q.deadline.is_some_and(|d| d < latest_sent);
-        let (mut unsent, mut batch): (Vec<_>, Vec<_>) = batch
+        let (unsent, batch): (Vec<_>, Vec<_>) = batch
             .into_iter()
-            .partition(|q| behind_unanswered(q) || q.at.elapsed() > self.timeout || too_late(q));
-        // A call whose deadline is merely close still goes when nothing
-        // else would: the estimate is only the last call's time, and one
-        // slow call (a Redis that paused) must not keep every later one
-        // unsent, with nothing sent to correct it.
-        if batch.is_empty()
-            && let Some(i) = unsent
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| !behind_unanswered(q) && q.at.elapsed() <= self.timeout)
-                .max_by_key(|(_, q)| q.deadline)
-                .map(|(i, _)| i)
-        {
-            batch.push(unsent.swap_remove(i));
-        }
+            .partition(|q| behind_unanswered(q) || q.at.elapsed() > self.timeout);
+        let margin = self.last_call.margin();
+        let (batch, late) = coalesce::in_time(batch, margin);
         for q in unsent {
-            let error = if behind_unanswered(&q) {
-                Error::RedisUnavailable(
-                    "redis busy: redis did not answer the call before it (not sent; retry by id)"
-                        .into(),
-                )
-            } else if too_late(&q) {
-                Error::DeadlineExceeded(format!(
-                    "the call's deadline would pass before redis answered it: it waited {:?} for its turn, and a call takes about {:?} (not sent; retry by id)",
-                    q.at.elapsed(),
-                    self.margin() / 2,
-                ))
+            let why = if behind_unanswered(&q) {
+                "redis busy: redis did not answer the call before it (not sent; retry by id)".into()
             } else {
-                Error::RedisUnavailable(format!(
+                format!(
                     "redis busy: the call waited over {:?} to be sent (not sent; retry by id)",
                     self.timeout
-                ))
+                )
             };
-            let _ = q.reply.send(Err(error));
+            let _ = q.reply.send(Err(Error::RedisUnavailable(why)));
+        }
+        for q in late {
+            let _ = q
+                .reply
+                .send(Err(coalesce::too_late("redis", q.at.elapsed(), margin)));
         }
         let Some(first) = batch.first() else {
             return;
@@ -294,8 +269,7 @@ impl Sending {
         metrics::histogram!(metric::REDIS_BATCH_OPS).record(batch.len() as f64);
         let sent = Instant::now();
         let result = scripts::fcall::<Value>(&mut self.con, &scripts::BATCH, &call).await;
-        let took = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.last_call_us.store(took, Ordering::Relaxed);
+        self.last_call.record(sent.elapsed());
         // After the call: a refill flag it set is then there to be found.
         self.touched.mark(&first.tenant);
         metrics::histogram!(metric::REDIS_SCRIPT_SECONDS, "script" => "batch")
@@ -457,7 +431,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             sent: Arc::default(),
             unanswered_at: Arc::default(),
-            last_call_us: Arc::default(),
+            last_call: Arc::default(),
             touched: Touched::default(),
         };
         let queued = |id: &str, in_ms: Option<u64>| {
@@ -477,14 +451,14 @@ mod tests {
         let too_late = |r: Result<Value, Error>| matches!(r, Err(Error::DeadlineExceeded(_)));
         // The last call took a second: a call with less than two to go
         // would be answered after its caller gave up.
-        sending.last_call_us.store(1_000_000, Ordering::Relaxed);
+        sending.last_call.record(Duration::from_secs(1));
         let (hurried, hurried_rx) = queued("h1", Some(500));
         let (patient, patient_rx) = queued("h2", None);
         sending.clone().send(vec![hurried, patient]).await;
         assert!(too_late(hurried_rx.await.unwrap()));
         assert!(patient_rx.await.unwrap().is_ok(), "sent and answered");
 
-        sending.last_call_us.store(1_000_000, Ordering::Relaxed);
+        sending.last_call.record(Duration::from_secs(1));
         let (first, first_rx) = queued("h3", Some(500));
         let (later, later_rx) = queued("h4", Some(900));
         sending.clone().send(vec![first, later]).await;
