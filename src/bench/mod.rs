@@ -122,7 +122,8 @@ pub struct BenchArgs {
     /// and what its buyers are answered meanwhile), shops (the --workload
     /// workloads, claim-hot when none is named, spread over each count of
     /// --shops tenants in turn, on a daemon of its own with a key per
-    /// shop). Failover, pg-outage and fallback freeze a store, so they run
+    /// shop; with opening too, every shop's sale opening at once).
+    /// Failover, pg-outage and fallback freeze a store, so they run
     /// after the others; shops runs last, once the bench's daemon has
     /// stopped. With probes and no --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
-use super::load::{Plan, drive};
+use super::load::{Plan, Run, drive};
 use super::stampede::errors_but;
 use super::workloads::{self, Caller, Workload};
 
@@ -52,68 +52,126 @@ pub async fn run(
     let mut lines = Vec::with_capacity(crowds.len());
     for &crowd in crowds {
         let counted = caller.retagged();
-        workloads::setup(Workload::ClaimSellout, &channels[0], &counted).await?;
-        let plan = Plan {
-            clients: crowd,
-            duration,
-            rate: None,
-            max_calls: None,
-        };
-        // When the last unit was claimed, µs after `opened`.
-        let last_sale = Arc::new(AtomicU64::new(0));
-        let opened = Instant::now();
-        let (buying, stamp) = (counted.clone(), last_sale.clone());
-        let run = drive(channels, &plan, move |ch, n| {
-            let (c, stamp) = (buying.clone(), stamp.clone());
-            async move {
-                let done = workloads::claim(Workload::ClaimSellout, ch, n, &c).await?;
-                if done.units > 0 {
-                    let at = u64::try_from(opened.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    stamp.fetch_max(at, Ordering::Relaxed);
-                }
-                Ok(done)
-            }
-        })
-        .await;
-        let outcome = |k: &str| run.outcomes.get(k).copied().unwrap_or(0);
-        let sold = workloads::sold(&channels[0], &counted, Workload::ClaimSellout).await?;
-        let this = Opened {
-            crowd,
-            claimed: outcome("claimed"),
-            errors: run
-                .outcomes
-                .iter()
-                .filter(|(k, _)| k.starts_with("error:"))
-                .map(|(_, n)| n)
-                .sum(),
-            sold,
-        };
-        // A call answered with an error may have sold its unit: then only
-        // the cap can be checked.
-        let broken = if sold > workloads::SELLOUT_CAP {
-            Some(format!("sold {sold} of {}", workloads::SELLOUT_CAP))
-        } else if this.errors == 0 && sold != this.claimed as i64 {
-            Some(format!("sold {sold}, its buyers told of {}", this.claimed))
-        } else {
-            None
-        };
-        println!(
-            "probe: opening crowd={crowd} cap={} sold_out_ms={:.1} calls={} claimed={} sold_out={} errors={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} sold={sold} promises={}",
-            workloads::SELLOUT_CAP,
-            last_sale.load(Ordering::Relaxed) as f64 / 1000.0,
-            run.calls,
-            this.claimed,
-            outcome("sold_out"),
-            errors_but(&run.outcomes, &[]),
-            run.ms(0.5),
-            run.ms(0.99),
-            run.latency.max() as f64 / 1000.0,
-            if broken.is_some() { "BROKEN" } else { "kept" },
-        );
-        if let Some(why) = broken {
-            anyhow::bail!("crowd {crowd}: {why}");
-        }
-        lines.push(this);
+        let opening = open(channels, std::slice::from_ref(&counted), crowd, duration).await?;
+        println!("probe: opening crowd={crowd} {}", opening.fields());
+        lines.push(opening.checked()?);
     }
     Ok(lines)
+}
+
+/// One opening: a sale of [`workloads::SELLOUT_CAP`] for each shop of
+/// `shops`, opened together, and what `crowd` clients claiming them for
+/// `duration` came to.
+pub(super) struct Opening {
+    opened: Opened,
+    run: Run,
+    /// When the last unit of any shop's sale was claimed, after the first
+    /// call.
+    sold_out: Duration,
+    /// Why a promise was broken, if one was.
+    broken: Option<String>,
+}
+
+/// Opens a sale of [`workloads::SELLOUT_CAP`] for each of `shops` (each a
+/// caller with a fresh tag, so the sales are the run's own) and has
+/// `crowd` clients claim them flat out for `duration`, claim `n` going to
+/// shop `n % shops` (the clients' calls are spread evenly).
+pub(super) async fn open(
+    channels: &[Channel],
+    shops: &[Caller],
+    crowd: usize,
+    duration: Duration,
+) -> anyhow::Result<Opening> {
+    for shop in shops {
+        workloads::setup(Workload::ClaimSellout, &channels[0], shop).await?;
+    }
+    let plan = Plan {
+        clients: crowd,
+        duration,
+        rate: None,
+        max_calls: None,
+    };
+    // When the last unit was claimed, µs after `opened`.
+    let last_sale = Arc::new(AtomicU64::new(0));
+    let opened = Instant::now();
+    let (buying, stamp) = (Arc::new(shops.to_vec()), last_sale.clone());
+    let run = drive(channels, &plan, move |ch, n| {
+        let (shops, stamp) = (buying.clone(), stamp.clone());
+        async move {
+            let shop = &shops[n as usize % shops.len()];
+            let done = workloads::claim(Workload::ClaimSellout, ch, n, shop).await?;
+            if done.units > 0 {
+                let at = u64::try_from(opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+                stamp.fetch_max(at, Ordering::Relaxed);
+            }
+            Ok(done)
+        }
+    })
+    .await;
+    let mut sold = 0;
+    let mut over = Vec::new();
+    for shop in shops {
+        let n = workloads::sold(&channels[0], shop, Workload::ClaimSellout).await?;
+        if n > workloads::SELLOUT_CAP {
+            over.push(n);
+        }
+        sold += n;
+    }
+    let opened = Opened {
+        crowd,
+        claimed: run.outcomes.get("claimed").copied().unwrap_or(0),
+        errors: run.errors(),
+        sold,
+    };
+    // A call answered with an error may have sold its unit: then only
+    // the caps can be checked.
+    let broken = if !over.is_empty() {
+        Some(format!("sold {over:?} of {}", workloads::SELLOUT_CAP))
+    } else if opened.errors == 0 && sold != opened.claimed as i64 {
+        Some(format!(
+            "sold {sold}, its buyers told of {}",
+            opened.claimed
+        ))
+    } else {
+        None
+    };
+    Ok(Opening {
+        opened,
+        run,
+        sold_out: Duration::from_micros(last_sale.load(Ordering::Relaxed)),
+        broken,
+    })
+}
+
+impl Opening {
+    /// The line's fields after the crowd's.
+    pub(super) fn fields(&self) -> String {
+        let outcome = |k: &str| self.run.outcomes.get(k).copied().unwrap_or(0);
+        format!(
+            "cap={} sold_out_ms={:.1} calls={} claimed={} sold_out={} errors={} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} sold={} promises={}",
+            workloads::SELLOUT_CAP,
+            self.sold_out.as_secs_f64() * 1000.0,
+            self.run.calls,
+            self.opened.claimed,
+            outcome("sold_out"),
+            errors_but(&self.run.outcomes, &[]),
+            self.run.ms(0.5),
+            self.run.ms(0.99),
+            self.run.latency.max() as f64 / 1000.0,
+            self.opened.sold,
+            if self.broken.is_some() {
+                "BROKEN"
+            } else {
+                "kept"
+            },
+        )
+    }
+
+    /// What it came to, or why a promise was broken.
+    pub(super) fn checked(self) -> anyhow::Result<Opened> {
+        match self.broken {
+            Some(why) => anyhow::bail!("crowd {}: {why}", self.opened.crowd),
+            None => Ok(self.opened),
+        }
+    }
 }

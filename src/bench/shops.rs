@@ -21,9 +21,11 @@
 //! claim-hot (`shops-neighbour`). The shops' tenants stay in the database
 //! (their sales are the run's own, under a fresh tag), so a probe of a
 //! user's Postgres adds at most the most shops asked for (two at least).
-//! With `--probe fallback` too, claim-hot goes over each shop count once
-//! more with Redis frozen, through the Postgres fallback
-//! (`shops-fallback`).
+//! With `--probe opening` too, each shop count's shops open a sale each
+//! at once and each crowd of `--crowds` buys them out
+//! (`shops-opening`). With `--probe fallback` too, claim-hot goes over
+//! each shop count once more with Redis frozen, through the Postgres
+//! fallback (`shops-fallback`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +36,9 @@ use tonic::transport::Channel;
 
 use super::load::Plan;
 use super::workloads::{self, Caller, Workload};
-use super::{BenchArgs, Daemon, DaemonAuth, Probe, connect, cpu, drained, fallback, redis_time};
+use super::{
+    BenchArgs, Daemon, DaemonAuth, Probe, connect, cpu, drained, fallback, opening, redis_time,
+};
 use crate::domain::TenantId;
 use crate::store::redis::Keys;
 
@@ -114,6 +118,9 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
         &streams,
     )
     .await;
+    if args.probe.contains(&Probe::Opening) {
+        openings(args, &channels, &callers).await?;
+    }
     if args.probe.contains(&Probe::Fallback) {
         through_fallback(args, &channels, &run.plan, &callers).await?;
     }
@@ -157,6 +164,35 @@ async fn through_fallback(
             run.ms(0.99),
             run.errors(),
         );
+    }
+    Ok(())
+}
+
+/// With the opening probe also asked for: every shop of each count opens
+/// a sale of its own at once, and each crowd of `--crowds` buys them all
+/// out (`shops-opening`): a platform whose shops start their drops at the
+/// same minute. Each sale runs dry in Redis a dozen times on its way, and
+/// every shop's takes wait for their grants.
+async fn openings(
+    args: &BenchArgs,
+    channels: &[Channel],
+    callers: &[Caller],
+) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.duration);
+    for &count in &args.shops {
+        for &crowd in &args.crowds {
+            let shops: Vec<Caller> = callers[..count.max(1) as usize]
+                .iter()
+                .map(Caller::retagged)
+                .collect();
+            let opening = opening::open(channels, &shops, crowd, duration).await?;
+            println!(
+                "probe: shops-opening shops={} crowd={crowd} {}",
+                shops.len(),
+                opening.fields()
+            );
+            opening.checked()?;
+        }
     }
     Ok(())
 }
