@@ -38,9 +38,9 @@ impl Engine {
         pool: &PoolId,
         r: &InDoubtResolution,
     ) -> Result<(), Error> {
-        let (tenant, pool, r) = (tenant.clone(), pool.clone(), r.clone());
-        self.serially(None, move |me| async move {
-            me.resolve_in_doubt_locked(&tenant, &pool, &r).await
+        let (owned, pool, r) = (tenant.clone(), pool.clone(), r.clone());
+        self.serially(tenant, None, move |me| async move {
+            me.resolve_in_doubt_locked(&owned, &pool, &r).await
         })
         .await
     }
@@ -111,12 +111,12 @@ impl Engine {
         // daemon's grants, and the work keeps it to its end, even when its
         // caller goes away.
         let order = self.pg.lock_capacity_changes(tenant, pool).await?;
-        let (tenant, pool) = (tenant.clone(), pool.clone());
+        let (owned, pool) = (tenant.clone(), pool.clone());
         let (adjustment_id, reason) = (adjustment_id.to_owned(), reason.to_owned());
-        self.serially(None, move |me| async move {
+        self.serially(tenant, None, move |me| async move {
             let create = create.as_ref();
             let changed = me
-                .adjust_capacity_locked(&tenant, &pool, change, &adjustment_id, &reason, create)
+                .adjust_capacity_locked(&owned, &pool, change, &adjustment_id, &reason, create)
                 .await;
             // A commit that fails ends the session, which lets go too.
             let _ = order.commit().await;

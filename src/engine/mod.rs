@@ -19,12 +19,10 @@ mod lost;
 mod reads;
 
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::sync::Mutex;
 
 pub use capacity::Capacity;
 pub use circuit::Circuit;
@@ -122,12 +120,10 @@ pub struct Engine {
     fallback: TakeQueue,
     /// Gathers concurrent pool reads into shared reads of the stores.
     reads: reads::PoolReads,
-    /// Serialises grants, so that a pool being loaded is never mistaken for
-    /// a pool that Redis lost.
-    grant_lock: Arc<Mutex<()>>,
-    /// How many works have run under `grant_lock`: a take that waited for
-    /// it while the count moved may find its grant made (escrow.rs).
-    escrow_passes: AtomicU64,
+    /// Each tenant's grant lock, which serialises the tenant's grants so
+    /// that a pool being loaded is never mistaken for a pool that Redis
+    /// lost, and the count of works run under it (escrow.rs).
+    escrows: escrow::Escrows,
     /// Each pool's last grant, which sizes the next (escrow.rs). A poisoned
     /// lock is used as it is: the worst a half-written entry costs is the
     /// size of one grant.
@@ -157,8 +153,7 @@ impl Engine {
             fallback: TakeQueue::start(pg.clone()),
             reads: reads::PoolReads::start(me.clone()),
             pg,
-            grant_lock: Arc::default(),
-            escrow_passes: AtomicU64::new(0),
+            escrows: escrow::Escrows::default(),
             last_grants: std::sync::Mutex::default(),
             circuit: Circuit::default(),
             unanswered: Default::default(),

@@ -407,3 +407,61 @@ async fn reads_arriving_together_share_a_read_and_each_gets_its_own_stores_count
     }
     app.shutdown().await;
 }
+
+/// One store's grant stuck on Postgres does not hold up another store's:
+/// each tenant's grants are serialised by a lock of its own. Store A's
+/// pool row is locked (an operator's long transaction, say), so A's claim
+/// of more than Redis was granted waits in its grant; store B creates a
+/// sale (which loads its pools into Redis, a grant) and sells from it
+/// meanwhile. With one lock for the daemon, B's sale waited for A's.
+#[tokio::test]
+async fn one_stores_grant_stuck_on_postgres_does_not_hold_up_anothers() {
+    let app = spawn_two_stores().await;
+    let mut flash = app.flash();
+    let sale = live_sale_request("a-sale", &[("p", Some(10))]);
+    flash
+        .create_sale(with_key(sale, STORE_A_ADMIN))
+        .await
+        .unwrap();
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM pools WHERE tenant = 'store-a' FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    // All ten: more than the part Redis was granted.
+    let a_claim = {
+        let mut flash = app.flash();
+        let all = with_key(claim("a-all", "a-sale", &[("p", 10)]), STORE_A_CHECKOUT);
+        tokio::spawn(async move { flash.claim(all).await })
+    };
+    app.waiting_for_lock().await;
+
+    // A bound to see a hang by, not a speed: B's two calls take
+    // milliseconds, and waited forever behind A's grant before.
+    let b_sells = async {
+        let sale = live_sale_request("b-sale", &[("q", Some(10))]);
+        flash
+            .create_sale(with_key(sale, STORE_B_ADMIN))
+            .await
+            .unwrap();
+        let sell = with_key(claim("b-1", "b-sale", &[("q", 10)]), STORE_B_ADMIN);
+        flash.claim(sell).await.unwrap().into_inner()
+    };
+    let b_sold = tokio::time::timeout(std::time::Duration::from_secs(30), b_sells)
+        .await
+        .expect("B's sale is not held up by A's grant");
+    assert_eq!(b_sold.outcome(), Outcome::Ok);
+    assert!(
+        !a_claim.is_finished(),
+        "A's claim still waits for its grant"
+    );
+
+    blocker.rollback().await.unwrap();
+    let a_sold = a_claim.await.unwrap().unwrap().into_inner();
+    assert_eq!(
+        a_sold.outcome(),
+        Outcome::Ok,
+        "A's grant went on once let go"
+    );
+    app.shutdown().await;
+}
