@@ -109,6 +109,7 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
         state: stores.state(setup).await?,
     }];
     let started = Instant::now();
+    let started_s = chrono::Utc::now().timestamp();
     let (mut ops, mut errors) = (0, 0);
     let mut p99s = Vec::new();
     // Units each stream moved, in the order of `runs` below.
@@ -170,6 +171,13 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
     let end = End {
         claimed: moved(Workload::ClaimHot),
         consumed: moved(Workload::ReserveCommit),
+        confirmed: moved(Workload::SlotConfirm),
+        // Every window slot-confirm booked: from the hour before the run
+        // to a day after its end.
+        windows: (
+            started_s - 3_600,
+            chrono::Utc::now().timestamp() + 25 * 3_600,
+        ),
         abandoned: units[streams - 1],
     };
     end.check(&channels[0], caller, setup, errors).await
@@ -182,6 +190,10 @@ struct End {
     claimed: Option<u64>,
     /// Units reserve-commit consumed, if it ran.
     consumed: Option<u64>,
+    /// Slots slot-confirm confirmed, if it ran.
+    confirmed: Option<u64>,
+    /// The range of the windows it booked, Unix seconds.
+    windows: (i64, i64),
     /// Abandoned carts' holds made.
     abandoned: u64,
 }
@@ -189,8 +201,9 @@ struct End {
 impl End {
     /// Once the last abandoned hold is past its end and the drainer has
     /// caught up (`drained=no` when it did not within a minute): every
-    /// abandoned unit is back, and the daemon counts as
-    /// sold exactly what the run was told was sold. Fails the probe when
+    /// abandoned unit is back, and the daemon counts as sold (claimed,
+    /// consumed, slots confirmed) exactly what the run was told was sold,
+    /// with nothing left pending. Fails the probe when
     /// not (a promise broken over a long run: DESIGN.md); with failed
     /// calls, whose fate the run does not know, only prints.
     async fn check(
@@ -231,6 +244,7 @@ impl End {
             );
         };
         let sold = workloads::sold(ch, caller, Workload::ClaimHot).await?;
+        let (venue_confirmed, venue_pending) = self.booked(ch, caller).await?;
         let mut broken = Vec::new();
         if carts.reserved != 0 || carts.available != carts.on_hand {
             broken.push(format!(
@@ -253,14 +267,22 @@ impl End {
                 shop.sold, shop.reserved
             ));
         }
+        if let Some(confirmed) = self.confirmed
+            && (venue_confirmed != confirmed as i64 || venue_pending != 0)
+        {
+            broken.push(format!(
+                "the venue counts {venue_confirmed} slots confirmed and {venue_pending} pending, the run confirmed {confirmed} and left none"
+            ));
+        }
         println!(
-            "probe: soak-end drained={drained} abandoned_holds={} abandoned_reserved={} claimed={} sold={sold} consumed={} stock_sold={} stock_reserved={} promises={}",
+            "probe: soak-end drained={drained} abandoned_holds={} abandoned_reserved={} claimed={} sold={sold} consumed={} stock_sold={} stock_reserved={} confirmed={} venue_confirmed={venue_confirmed} venue_pending={venue_pending} promises={}",
             self.abandoned,
             carts.reserved,
             self.claimed.unwrap_or(0),
             self.consumed.unwrap_or(0),
             shop.sold,
             shop.reserved,
+            self.confirmed.unwrap_or(0),
             match (broken.is_empty(), errors) {
                 (true, _) => "kept",
                 (false, 0) => "BROKEN",
@@ -271,6 +293,27 @@ impl End {
             (false, 0) => anyhow::bail!("{}", broken.join("; ")),
             _ => Ok(()),
         }
+    }
+
+    /// The venue's slots confirmed and pending over the windows the run
+    /// booked, `(0, 0)` when slot-confirm did not run.
+    async fn booked(&self, ch: &Channel, caller: &Caller) -> anyhow::Result<(i64, i64)> {
+        if self.confirmed.is_none() {
+            return Ok((0, 0));
+        }
+        let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+        let windows = pb::slot_service_client::SlotServiceClient::new(ch.clone())
+            .get_availability(caller.req(pb::GetAvailabilityRequest {
+                venue_id: workloads::venue(caller),
+                from: at(self.windows.0),
+                to: at(self.windows.1),
+            }))
+            .await?
+            .into_inner()
+            .windows;
+        Ok(windows
+            .iter()
+            .fold((0, 0), |(c, p), w| (c + w.confirmed, p + w.pending)))
     }
 }
 
