@@ -13,10 +13,11 @@
 //!
 //! Past the store's peak, requests wait their turn in the order they came,
 //! so the one sent is the one that waited longest, at the edge of its
-//! caller's deadline. The takes' coalescers leave unsent a request that
-//! could not be answered in time ([`in_time`], [`LastCall`]): what it
-//! would sell would be sold to a caller told the call failed
-//! (deploy/BENCHMARKS.md, "a stampede past the peak").
+//! caller's deadline. The coalescers that change the stores (Redis's and
+//! the fallback's) leave unsent a request that could not be answered in
+//! time ([`in_time`], [`LastCall`]): what it would sell would be sold to
+//! a caller told the call failed (deploy/BENCHMARKS.md, "a stampede past
+//! the peak").
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
