@@ -106,10 +106,10 @@ impl Engine {
         create: Option<NewPool>,
     ) -> Result<AdjustOutcome, Error> {
         // Another daemon's change to this pool goes first
-        // (`lock_capacity_changes`). The lock is taken before this daemon's
-        // serial lock, so that waiting for it holds up none of this
-        // daemon's grants, and the work keeps it to its end, even when its
-        // caller goes away.
+        // (`lock_capacity_changes`). The lock is taken before the tenant's
+        // grant lock in this daemon, so that waiting for it holds up none
+        // of the tenant's grants here, and the work keeps it to its end,
+        // even when its caller goes away.
         let order = self.pg.lock_capacity_changes(tenant, pool).await?;
         let (owned, pool) = (tenant.clone(), pool.clone());
         let (adjustment_id, reason) = (adjustment_id.to_owned(), reason.to_owned());
