@@ -225,6 +225,28 @@ fn send(
     tokio::spawn(async move { flash.claim(request).await })
 }
 
+/// Creates sale `s`, live now, of `cap` units of `p`, and sells one to
+/// `c0`.
+async fn sale_with_one_sold(flash: &mut FlashSaleServiceClient<Channel>, cap: i64) {
+    flash
+        .create_sale(crate::live_sale("s", &[("p", cap)]))
+        .await
+        .unwrap();
+    let first = flash.claim(claim("c0")).await.unwrap().into_inner();
+    assert_eq!(first.outcome(), Outcome::Ok);
+}
+
+/// Claims `ids` one after the other, 200 ms apart (together, they would
+/// go as one call): each goes at once, and is left on its way.
+async fn one_after_another(flash: &FlashSaleServiceClient<Channel>, ids: &[&str]) -> Vec<Sent> {
+    let mut sent = Vec::new();
+    for id in ids {
+        sent.push(send(flash, claim(id)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sent
+}
+
 async fn two_claims_in_a_frozen_redis(name: &str) -> Frozen {
     let tmp = TempDir::new(name);
     let dir = tmp.0.clone();
@@ -234,21 +256,9 @@ async fn two_claims_in_a_frozen_redis(name: &str) -> Frozen {
     let timeout = Duration::from_secs(10);
     let daemon = Daemon::start_with_redis_timeout(&dir, redis.port, &pg.url(), timeout);
     let mut flash = FlashSaleServiceClient::new(daemon.channel().await);
-    flash
-        .create_sale(crate::live_sale("s", &[("p", 10)]))
-        .await
-        .unwrap();
-    let first = flash.claim(claim("c0")).await.unwrap().into_inner();
-    assert_eq!(first.outcome(), Outcome::Ok);
-
+    sale_with_one_sold(&mut flash, 10).await;
     redis.freeze();
-    // One after the other (together, they would go as one call): each
-    // goes at once, and waits.
-    let mut in_flight = Vec::new();
-    for id in ["c1", "c2"] {
-        in_flight.push(send(&flash, claim(id)));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let in_flight = one_after_another(&flash, &["c1", "c2"]).await;
     Frozen {
         _tmp: tmp,
         redis,
@@ -356,12 +366,7 @@ async fn a_fallback_claim_that_cannot_be_answered_in_time_is_not_taken() {
     let pg = Postgres::start(&dir);
     let daemon = Daemon::start(&dir, redis.port, &pg.url());
     let mut flash = FlashSaleServiceClient::new(daemon.channel().await);
-    flash
-        .create_sale(crate::live_sale("s", &[("p", 100)]))
-        .await
-        .unwrap();
-    let first = flash.claim(claim("c0")).await.unwrap().into_inner();
-    assert_eq!(first.outcome(), Outcome::Ok);
+    sale_with_one_sold(&mut flash, 100).await;
     redis.freeze();
     circuit_is(&daemon, true).await;
 
@@ -371,12 +376,8 @@ async fn a_fallback_claim_that_cannot_be_answered_in_time_is_not_taken() {
         .execute(&mut *blocker)
         .await
         .unwrap();
-    // One after the other, each its own transaction, each waiting.
-    let mut in_flight = Vec::new();
-    for id in ["c1", "c2", "c3", "c4"] {
-        in_flight.push(send(&flash, claim(id)));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Each its own transaction, each waiting.
+    let in_flight = one_after_another(&flash, &["c1", "c2", "c3", "c4"]).await;
     let mut hurried = tonic::Request::new(claim("c5"));
     hurried.set_timeout(Duration::from_secs(3));
     let c5 = send(&flash, hurried);
