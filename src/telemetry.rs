@@ -56,6 +56,10 @@ pub mod metric {
     pub const OUTBOX_FAILURES: &str = "holdfast_outbox_delivery_failures_total";
     /// Histogram: time spent waiting for a store connection, by pool.
     pub const POOL_WAIT_SECONDS: &str = "holdfast_pool_wait_seconds";
+    /// Histogram: how long a take that Redis could not serve from its
+    /// grant waited for more (its tenant's grant lock, and each grant its
+    /// script asked for), once per such take.
+    pub const GRANT_WAIT_SECONDS: &str = "holdfast_grant_wait_seconds";
     /// Gauge: Redis's clock minus the engine's, seconds, when Redis's clock
     /// was stepped (0 while they agree; see store/redis/clock.rs).
     pub const REDIS_CLOCK_OFFSET: &str = "holdfast_redis_clock_offset_seconds";
@@ -202,6 +206,11 @@ pub fn describe_metrics() {
         POOL_WAIT_SECONDS,
         Unit::Seconds,
         "Time spent waiting for a store connection, by pool"
+    );
+    describe_histogram!(
+        GRANT_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time a take waited for Postgres to grant Redis more units (its shop's grant lock included)"
     );
     describe_gauge!(
         REDIS_CLOCK_OFFSET,

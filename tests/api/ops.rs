@@ -297,3 +297,24 @@ async fn admin_get_pool_shows_the_grant_and_the_counts() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     app.shutdown().await;
 }
+
+/// A take that Redis could not serve from its grant, and that waited for
+/// Postgres to grant more, is counted in `holdfast_grant_wait_seconds`;
+/// one served from the grant is not.
+#[tokio::test]
+async fn a_take_that_waited_for_a_grant_is_counted() {
+    let app = spawn_app().await;
+    app.live_sale("g", &[("p", Some(10))], 0).await;
+    let waits = |s: &[(String, f64)]| value(s, "holdfast_grant_wait_seconds_count", &[]);
+    let before = waits(&samples(&scrape(&app).await));
+    let one = app.flash().claim(claim("c1", "g", &[("p", 1)])).await;
+    assert_eq!(one.unwrap().into_inner().outcome(), Outcome::Ok);
+    let served = waits(&samples(&scrape(&app).await));
+    assert_eq!(served, before, "served from the grant Redis had");
+    // The rest: more than Redis was granted when the sale was made.
+    let rest = app.flash().claim(claim("c2", "g", &[("p", 9)])).await;
+    assert_eq!(rest.unwrap().into_inner().outcome(), Outcome::Ok);
+    let after = waits(&samples(&scrape(&app).await));
+    assert_eq!(after, before + 1.0, "one take waited");
+    app.shutdown().await;
+}
