@@ -540,6 +540,28 @@ impl Escrows {
     }
 }
 
+/// A take's wait for grants, recorded in `holdfast_grant_wait_seconds`
+/// when it ends, however it ends (granted, given up, or its caller gone):
+/// what operators watch for grants that queue (deploy/BENCHMARKS.md,
+/// "shops opening at once") or a Postgres that grants slowly.
+#[derive(Default)]
+pub(super) struct GrantWait(Option<Instant>);
+
+impl GrantWait {
+    pub(super) fn start(&mut self) {
+        self.0 = Some(Instant::now());
+    }
+}
+
+impl Drop for GrantWait {
+    fn drop(&mut self) {
+        if let Some(started) = self.0 {
+            metrics::histogram!(crate::telemetry::metric::GRANT_WAIT_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+        }
+    }
+}
+
 /// What a take that waited for a grant past its time is answered.
 fn not_granted_in_time() -> Error {
     Error::Unavailable(

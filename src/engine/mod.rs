@@ -281,7 +281,7 @@ impl Engine {
     ) -> Result<HoldReply, Error> {
         let mut sweeps = 0;
         let mut granting = None;
-        let mut waited = GrantWait::default();
+        let mut waited = escrow::GrantWait::default();
         loop {
             let reply = match take.ttl {
                 Some(ttl) => {
@@ -663,26 +663,5 @@ fn state_word(hold: &Hold) -> &'static str {
         Committed => "committed",
         Released => "released",
         Expired => "expired",
-    }
-}
-
-/// A take's wait for grants, recorded in `holdfast_grant_wait_seconds`
-/// when it ends, however it ends (granted, given up, or its caller gone):
-/// what operators watch for grants that queue (deploy/BENCHMARKS.md,
-/// "shops opening at once") or a Postgres that grants slowly.
-#[derive(Default)]
-struct GrantWait(Option<std::time::Instant>);
-
-impl GrantWait {
-    fn start(&mut self) {
-        self.0 = Some(std::time::Instant::now());
-    }
-}
-
-impl Drop for GrantWait {
-    fn drop(&mut self) {
-        if let Some(started) = self.0 {
-            metrics::histogram!(metric::GRANT_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
-        }
     }
 }
