@@ -23,7 +23,7 @@ use crate::store::redis::{GrantReply, PoolGrant, RedisPool};
 /// The longest a take waits for grants (for the grant lock, then for
 /// Postgres and Redis to record one, as often as its script asks): as long
 /// as it waits for a Postgres connection (startup.rs).
-pub(super) const TAKE_WAITS_FOR_GRANT: Duration = Duration::from_secs(5);
+const TAKE_WAITS_FOR_GRANT: Duration = Duration::from_secs(5);
 
 /// Pools granted per Postgres transaction when many are loaded at once
 /// (a sale's products, an Engage's cards).
@@ -540,22 +540,31 @@ impl Escrows {
     }
 }
 
-/// A take's wait for grants, recorded in `holdfast_grant_wait_seconds`
-/// when it ends, however it ends (granted, given up, or its caller gone):
-/// what operators watch for grants that queue (deploy/BENCHMARKS.md,
-/// "shops opening at once") or a Postgres that grants slowly.
+/// A take's wait for grants: when it began and the one deadline all its
+/// grant waits share ([`TAKE_WAITS_FOR_GRANT`]). Recorded in
+/// `holdfast_grant_wait_seconds` when it ends, however it ends (granted,
+/// given up, or its caller gone): what operators watch for grants that
+/// queue (deploy/BENCHMARKS.md, "shops opening at once") or a Postgres
+/// that grants slowly.
 #[derive(Default)]
-pub(super) struct GrantWait(Option<Instant>);
+pub(super) struct GrantWait(Option<(Instant, tokio::time::Instant)>);
 
 impl GrantWait {
-    pub(super) fn start(&mut self) {
-        self.0 = Some(Instant::now());
+    /// Until when the take may still wait for grants; its first call
+    /// starts the wait.
+    pub(super) fn until(&mut self) -> tokio::time::Instant {
+        self.0
+            .get_or_insert_with(|| {
+                let until = tokio::time::Instant::now() + TAKE_WAITS_FOR_GRANT;
+                (Instant::now(), until)
+            })
+            .1
     }
 }
 
 impl Drop for GrantWait {
     fn drop(&mut self) {
-        if let Some(started) = self.0 {
+        if let Some((started, _)) = self.0 {
             metrics::histogram!(crate::telemetry::metric::GRANT_WAIT_SECONDS)
                 .record(started.elapsed().as_secs_f64());
         }

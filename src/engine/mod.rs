@@ -39,7 +39,7 @@ use crate::telemetry::{Handles, metric};
 /// retries after each but the last, then answers UNAVAILABLE). One sweep
 /// settles a pool, so a third means other calls keep changing it. "Grant
 /// first" is retried until the take's grant wait ends instead
-/// ([`escrow::TAKE_WAITS_FOR_GRANT`]): in a crowd, the grant one take
+/// ([`escrow::GrantWait`], 5 s in all): in a crowd, the grant one take
 /// waited for is sold to others as often as not, and a sale of 1,000 has
 /// a dozen grants (the last of a unit or two) before it sells out; counted
 /// like sweeps, takes were answered UNAVAILABLE while the pool still sold
@@ -280,8 +280,7 @@ impl Engine {
         listed: Option<Listed<'_>>,
     ) -> Result<HoldReply, Error> {
         let mut sweeps = 0;
-        let mut granting = None;
-        let mut waited = escrow::GrantWait::default();
+        let mut waiting = escrow::GrantWait::default();
         loop {
             let reply = match take.ttl {
                 Some(ttl) => {
@@ -328,11 +327,7 @@ impl Engine {
                         .filter(|l| pools.contains(&l.pool))
                         .map(|l| (l.pool.clone(), l.quantity.get()))
                         .collect();
-                    let until = *granting.get_or_insert_with(|| {
-                        waited.start();
-                        tokio::time::Instant::now() + escrow::TAKE_WAITS_FOR_GRANT
-                    });
-                    self.grant(tenant, &needed, until).await?;
+                    self.grant(tenant, &needed, waiting.until()).await?;
                 }
                 _ => return Ok(reply),
             }
