@@ -26,6 +26,7 @@ mod session;
 mod shops;
 mod soak;
 mod stampede;
+mod tls;
 mod watch_replay;
 mod workloads;
 
@@ -35,7 +36,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 pub use baselines::{PgRun, redis_script};
 pub use drained::vacuum;
@@ -44,6 +45,7 @@ pub use pg_growth::{Growth, run as pg_growth};
 pub use probes::Probe;
 pub use redis_limit::{Driven, N as OP_NUMBER, drive_steps, steps as redis_steps};
 use session::Session;
+pub use tls::{Certs, client_tls};
 pub use watch_replay::{Replay, run as watch_replay};
 pub use workloads::{Caller, Workload};
 
@@ -81,6 +83,20 @@ pub struct BenchArgs {
     /// API key for --addr (sent as `authorization: Bearer`).
     #[arg(long, env = "HOLDFAST_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// For an --addr of https://: the CA (PEM) that signed the daemon's
+    /// certificate, which must name the host in --addr (ghz's --cacert).
+    #[arg(long, env = "HOLDFAST_BENCH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The bench's client certificate (PEM), for a daemon that requires
+    /// one (`serve --tls-client-ca`); with --tls-key and --tls-ca.
+    #[arg(long, env = "HOLDFAST_BENCH_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "HOLDFAST_BENCH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// Redis the daemon uses (for the started daemon and the
     /// redis-benchmark baseline).
@@ -122,10 +138,13 @@ pub struct BenchArgs {
     /// and what its buyers are answered meanwhile), shops (the --workload
     /// workloads, claim-hot when none is named, spread over each count of
     /// --shops tenants in turn, on a daemon of its own with a key per
-    /// shop; with opening too, every shop's sale opening at once).
+    /// shop; with opening too, every shop's sale opening at once), tls
+    /// (the --workload workloads, claim-hot when none is named, and the
+    /// no-op RPC on a daemon started plaintext and then with TLS, by
+    /// turns: what TLS costs a call).
     /// Failover, pg-outage and fallback freeze a store, so they run
-    /// after the others; shops runs last, once the bench's daemon has
-    /// stopped. With probes and no --workload, only the probes run.
+    /// after the others; shops and tls run last, on daemons of their own,
+    /// once the bench's daemon has stopped. With probes and no --workload, only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
@@ -225,16 +244,20 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     if args.probe.contains(&Probe::Shops) {
         shops::check(args)?;
     }
+    if args.probe.contains(&Probe::Tls) {
+        tls::check(args)?;
+    }
+    let client_tls = tls::from_args(args)?;
     let mut daemon = match &args.addr {
         Some(_) => None,
-        None => Some(Daemon::start(args, dir, DaemonAuth::Dev)?),
+        None => Some(Daemon::start(args, dir, DaemonAuth::Dev, None)?),
     };
     let addr = match (&args.addr, &daemon) {
         (Some(a), _) => a.clone(),
-        (None, Some(d)) => format!("http://127.0.0.1:{}", d.port),
+        (None, Some(d)) => d.addr(false),
         (None, None) => unreachable!("a daemon was started"),
     };
-    let mut session = Session::open(args, dir, daemon.as_ref(), &addr).await?;
+    let mut session = Session::open(args, dir, daemon.as_ref(), &addr, client_tls).await?;
     session.print_header(&addr).await;
     for w in session.workloads() {
         session.measure(w).await?.print();
@@ -245,7 +268,7 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         .probe
         .iter()
         .copied()
-        .filter(|&p| p != Probe::Shops)
+        .filter(|p| !matches!(p, Probe::Shops | Probe::Tls))
         .collect();
     order.sort_by_key(|p| matches!(p, Probe::Failover | Probe::PgOutage | Probe::Fallback));
     for probe in order {
@@ -262,6 +285,9 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     // also drain the shops' streams (its jobs visit every tenant).
     if args.probe.contains(&Probe::Shops) {
         shops::run(args, dir).await.context("probe Shops")?;
+    }
+    if args.probe.contains(&Probe::Tls) {
+        tls::run(args, dir).await.context("probe Tls")?;
     }
     Ok(())
 }
@@ -311,19 +337,29 @@ fn pgbench_path() -> PathBuf {
 const REMEMBERED_RESETS: usize = 65_536;
 const REMEMBERED_FOR: Duration = Duration::from_secs(5);
 
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    let endpoint = Channel::from_shared(addr.to_string())?
+/// A connection to the daemon at `addr`, over TLS with `tls` (for an
+/// `https://` address), retried for half a minute while it starts.
+async fn connect(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Channel> {
+    let mut endpoint = Channel::from_shared(addr.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_max_concurrent_reset_streams(REMEMBERED_RESETS)
         .http2_reset_stream_duration(REMEMBERED_FOR);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .with_context(|| format!("TLS for {addr}"))?;
+    }
+    let mut last = None;
     for _ in 0..150 {
-        if let Ok(ch) = endpoint.connect().await {
-            return Ok(ch);
+        match endpoint.connect().await {
+            Ok(ch) => return Ok(ch),
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    anyhow::bail!("cannot connect to {addr}")
+    let why = last.map_or(String::new(), |e| format!(": {}", error_chain(&e)));
+    anyhow::bail!("cannot connect to {addr}{why}")
 }
 
 /// How the daemon the bench starts knows its callers.
@@ -335,9 +371,21 @@ enum DaemonAuth<'a> {
     Keys(&'a [String]),
 }
 
+/// A transport error with its causes (a TLS handshake's reason is a few
+/// sources down).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
 /// The daemon the bench starts: this binary's `serve` (`--dev`, or with
-/// the shops probe's keys), as a child process so its CPU time and memory
-/// are its own.
+/// the shops probe's keys; with TLS for the tls probe), as a child process
+/// so its CPU time and memory are its own.
 struct Daemon {
     child: std::process::Child,
     port: u16,
@@ -345,7 +393,12 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(args: &BenchArgs, dir: &std::path::Path, auth: DaemonAuth) -> anyhow::Result<Self> {
+    fn start(
+        args: &BenchArgs,
+        dir: &std::path::Path,
+        auth: DaemonAuth,
+        tls: Option<&Certs>,
+    ) -> anyhow::Result<Self> {
         let port = free_port()?;
         let metrics = free_port()?;
         let mut serve = std::process::Command::new(std::env::current_exe()?);
@@ -367,6 +420,13 @@ impl Daemon {
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
             .args(["--redis-url", &args.redis_url])
             .args(["--database-url", &args.database_url]);
+        if let Some(certs) = tls {
+            serve
+                .arg("--tls-cert")
+                .arg(certs.path("server.pem"))
+                .arg("--tls-key")
+                .arg(certs.path("server.key"));
+        }
         let chunk_given = args
             .serve_arg
             .iter()
@@ -396,6 +456,12 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Its gRPC address: `https://` when it was started with TLS.
+    fn addr(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -406,6 +472,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The tenant the bench's started daemon serves (`serve --dev`).
+fn dev_tenant() -> crate::domain::TenantId {
+    crate::domain::TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant")
 }
 
 /// The lowest port [`free_port`] hands out: above the well-known and most

@@ -77,6 +77,11 @@ pub enum Probe {
     /// what a quiet shop waits beside another's stampede (runs in
     /// `shops.rs`, after every other probe).
     Shops,
+    /// The --workload workloads (claim-hot when none is named) and the
+    /// no-op RPC on a daemon started plaintext, then with TLS (a
+    /// certificate made by `openssl`), by turns: what TLS costs a call
+    /// (runs in `tls.rs`, after every other probe).
+    Tls,
 }
 
 pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -279,7 +284,8 @@ pub async fn run(
         | Probe::Soak
         | Probe::Stampede
         | Probe::Opening
-        | Probe::Shops => {
+        | Probe::Shops
+        | Probe::Tls => {
             unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {

@@ -7,16 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::load::Plan;
 use super::report::{Line, ServerStats};
 use super::{
-    BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, drained, expiry, failover,
-    fallback, host_port, idle, opening, pg_alternative, pg_growth, pgbench_path, probes, reads,
-    redis_limit, redis_time, soak, stampede, watch_replay, workloads,
+    BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, dev_tenant, drained,
+    expiry, failover, fallback, host_port, idle, opening, pg_alternative, pg_growth, pgbench_path,
+    probes, reads, redis_limit, redis_time, soak, stampede, watch_replay, workloads,
 };
-use crate::domain::TenantId;
 use crate::store::redis::RedisStore;
 
 /// What the workloads and probes of one run share.
@@ -28,6 +27,8 @@ pub(super) struct Session<'a> {
     daemon: Option<&'a Daemon>,
     /// The daemon's address, for a probe that wants a connection of its own.
     addr: String,
+    /// The client's TLS for `addr`, when it is `https://`.
+    tls: Option<ClientTlsConfig>,
     channels: Vec<Channel>,
     caller: workloads::Caller,
     /// The engine's scripts, for the Redis baseline (none when Redis is
@@ -47,10 +48,11 @@ impl<'a> Session<'a> {
         dir: &'a Path,
         daemon: Option<&'a Daemon>,
         addr: &str,
+        tls: Option<ClientTlsConfig>,
     ) -> anyhow::Result<Self> {
         let mut channels = Vec::new();
         for _ in 0..args.connections.max(1) {
-            channels.push(connect(addr).await?);
+            channels.push(connect(addr, tls.as_ref()).await?);
         }
         let caller = workloads::Caller::new(args.api_key.as_deref().map(Arc::from))
             .with_customer_limit(args.customer_limit);
@@ -81,6 +83,7 @@ impl<'a> Session<'a> {
             dir,
             daemon,
             addr: addr.to_string(),
+            tls,
             channels,
             caller,
             redis,
@@ -341,7 +344,7 @@ impl<'a> Session<'a> {
                 expiry::run(channels, caller, &setup).await
             }
             Probe::Reads => {
-                let own = connect(&self.addr).await?;
+                let own = connect(&self.addr, self.tls.as_ref()).await?;
                 reads::run(
                     channels,
                     own,
@@ -465,11 +468,6 @@ impl<'a> Session<'a> {
 /// Operations the Redis driver runs for a limit (src/bench/redis_limit.rs),
 /// and cards engaged for lock-complete's.
 const DRIVEN_OPS: u64 = 50_000;
-
-/// The tenant the bench's started daemon serves (`serve --dev`).
-fn dev_tenant() -> TenantId {
-    TenantId::parse(crate::grpc::auth::DEV_TENANT).expect("dev tenant")
-}
 
 /// Says so when more than 1% of a run's operations were refused in a way
 /// its workload never means to be (a card already sold, stock or slots

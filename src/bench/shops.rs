@@ -54,11 +54,11 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     let most = args.shops.iter().copied().max().unwrap_or(1).max(2);
     let shops: Vec<Shop> = (1..=most).map(Shop::new).collect::<anyhow::Result<_>>()?;
     let keys: Vec<String> = shops.iter().map(|s| s.config.clone()).collect();
-    let daemon = Daemon::start(args, dir, DaemonAuth::Keys(&keys))?;
-    let addr = format!("http://127.0.0.1:{}", daemon.port);
+    let daemon = Daemon::start(args, dir, DaemonAuth::Keys(&keys), None)?;
+    let addr = daemon.addr(false);
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(connect(&addr).await?);
+        channels.push(connect(&addr, None).await?);
     }
     let tag = Caller::new(None).tag;
     let callers: Vec<Caller> = shops
@@ -107,7 +107,7 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     }
     // The quiet shop calls over a connection of its own, as another
     // shop's backend would.
-    let own = connect(&addr).await?;
+    let own = connect(&addr, None).await?;
     let streams = run.streams[..2].to_vec();
     neighbours(
         &channels,

@@ -1,105 +1,23 @@
 //! TLS and mutual TLS on the gRPC port, with certificates made by
-//! `openssl` in the test's own folder.
+//! `openssl` in the test's own folder (the load generator's, which its
+//! tls probe makes the same way), and the load generator driving a daemon
+//! over mutual TLS.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use holdfast::bench::{Certs, client_tls};
 use holdfast::grpc::pb;
 use holdfast::startup::Application;
-use tokio::process::Command;
 use tokio::sync::oneshot;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 use crate::helpers::{fresh_database, random_suffix, redis_url};
 use holdfast::config::ServeArgs;
 
-async fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .await
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for localhost signed by it, and a client
-/// certificate signed by it.
-async fn make_certs(dir: &Path) {
-    // Extensions make them X.509 v3 certificates, which rustls requires.
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    let days = ["-days", "2"];
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=holdfast test CA",
-            days[0],
-            days[1],
-        ],
-    )
-    .await;
-    for who in ["server", "client"] {
-        let key = format!("{who}.key");
-        let csr = format!("{who}.csr");
-        let pem = format!("{who}.pem");
-        let subj = format!(
-            "/CN={}",
-            if who == "server" {
-                "localhost"
-            } else {
-                "checkout"
-            }
-        );
-        openssl(
-            dir,
-            &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
-                &subj,
-            ],
-        )
-        .await;
-        let mut sign = vec![
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            days[0],
-            days[1],
-        ];
-        let ext = format!("{who}.ext");
-        sign.extend(["-extfile", &ext]);
-        openssl(dir, &sign).await;
-    }
-}
-
 struct TlsApp {
     addr: std::net::SocketAddr,
+    database_url: String,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -120,7 +38,12 @@ async fn start(dir: &Path, mutual: bool) -> TlsApp {
     let task = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
     }));
-    TlsApp { addr, stop, task }
+    TlsApp {
+        addr,
+        database_url,
+        stop,
+        task,
+    }
 }
 
 impl TlsApp {
@@ -132,23 +55,15 @@ impl TlsApp {
 
 async fn tls_channel(
     addr: std::net::SocketAddr,
-    dir: &Path,
+    certs: &Certs,
     with_identity: bool,
 ) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(
-            std::fs::read(dir.join("ca.pem")).unwrap(),
-        ))
-        .domain_name("localhost");
-    if with_identity {
-        tls = tls.identity(Identity::from_pem(
-            std::fs::read(dir.join("client.pem")).unwrap(),
-            std::fs::read(dir.join("client.key")).unwrap(),
-        ));
-    }
+    let (cert, key) = (certs.path("client.pem"), certs.path("client.key"));
+    let identity = with_identity.then_some((cert.as_path(), key.as_path()));
+    let tls = client_tls(&certs.path("ca.pem"), identity).expect("the files were made");
     Channel::from_shared(format!("https://localhost:{}", addr.port()))
         .unwrap()
-        .tls_config(tls)?
+        .tls_config(tls.domain_name("localhost"))?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
@@ -174,9 +89,9 @@ fn temp_dir() -> PathBuf {
 #[tokio::test]
 async fn tls_serves_encrypted_and_refuses_plaintext() {
     let dir = temp_dir();
-    make_certs(&dir).await;
+    let certs = Certs::make(&dir).expect("openssl makes the certificates");
     let app = start(&dir, false).await;
-    let channel = tls_channel(app.addr, &dir, false)
+    let channel = tls_channel(app.addr, &certs, false)
         .await
         .expect("a TLS handshake");
     let err = get_sale(channel).await.unwrap_err();
@@ -206,9 +121,9 @@ async fn tls_serves_encrypted_and_refuses_plaintext() {
 #[tokio::test]
 async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let dir = temp_dir();
-    make_certs(&dir).await;
+    let certs = Certs::make(&dir).expect("openssl makes the certificates");
     let app = start(&dir, true).await;
-    let channel = tls_channel(app.addr, &dir, true)
+    let channel = tls_channel(app.addr, &certs, true)
         .await
         .expect("a mutual TLS handshake");
     let err = get_sale(channel).await.unwrap_err();
@@ -218,13 +133,49 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         "the call went through: {err}"
     );
 
-    let refused = match tls_channel(app.addr, &dir, false).await {
+    let refused = match tls_channel(app.addr, &certs, false).await {
         Err(_) => true,
         Ok(channel) => get_sale(channel)
             .await
             .is_err_and(|e| e.code() != tonic::Code::NotFound),
     };
     assert!(refused, "a client without a certificate is refused");
+    app.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `holdfast bench --addr https://... --tls-ca --tls-cert --tls-key`
+/// drives a daemon that requires client certificates: its claims are
+/// answered, none with an error (the binary, as a user runs it).
+#[tokio::test]
+async fn the_load_generator_drives_a_daemon_over_mutual_tls() {
+    let dir = temp_dir();
+    let certs = Certs::make(&dir).expect("openssl makes the certificates");
+    let app = start(&dir, true).await;
+    let path = |name: &str| certs.path(name).display().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["bench", "--workload", "claim-hot", "--duration", "1"])
+        .args(["--clients", "4", "--connections", "1", "--no-baselines"])
+        .args(["--addr", &format!("https://localhost:{}", app.addr.port())])
+        .args(["--tls-ca", &path("ca.pem")])
+        .args(["--tls-cert", &path("client.pem")])
+        .args(["--tls-key", &path("client.key")])
+        .env("HOLDFAST_REDIS_URL", redis_url())
+        .env("HOLDFAST_DATABASE_URL", &app.database_url)
+        .env_remove("HOLDFAST_BENCH_ADDR")
+        .env_remove("HOLDFAST_BENCH_API_KEY")
+        .output()
+        .await
+        .expect("the bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let detail = stdout
+        .lines()
+        .find(|l| l.starts_with("bench-detail: workload=claim-hot"))
+        .unwrap_or_else(|| panic!("a claim-hot line: {stdout}"));
+    assert!(detail.contains("outcomes=claimed="), "{detail}");
+    assert!(!detail.contains("error:"), "{detail}");
     app.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
