@@ -144,7 +144,8 @@ pub struct BenchArgs {
     /// turns: what TLS costs a call).
     /// Failover, pg-outage and fallback freeze a store, so they run
     /// after the others; shops and tls run last, on daemons of their own,
-    /// once the bench's daemon has stopped. With probes and no --workload, only the probes run.
+    /// once the bench's daemon has stopped. With probes and no --workload,
+    /// only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub probe: Vec<Probe>,
 
@@ -338,7 +339,8 @@ const REMEMBERED_RESETS: usize = 65_536;
 const REMEMBERED_FOR: Duration = Duration::from_secs(5);
 
 /// A connection to the daemon at `addr`, over TLS with `tls` (for an
-/// `https://` address), retried for half a minute while it starts.
+/// `https://` address), tried again for half a minute while the daemon
+/// may still be starting.
 async fn connect(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Channel> {
     let mut endpoint = Channel::from_shared(addr.to_string())?
         .connect_timeout(Duration::from_secs(2))
@@ -350,16 +352,33 @@ async fn connect(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Ch
             .tls_config(tls.clone())
             .with_context(|| format!("TLS for {addr}"))?;
     }
-    let mut last = None;
-    for _ in 0..150 {
+    let mut tries = 1;
+    loop {
         match endpoint.connect().await {
             Ok(ch) => return Ok(ch),
-            Err(e) => last = Some(e),
+            Err(e) if tries < 150 && !refused_by_tls(&e) => tries += 1,
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("cannot connect to {addr}")));
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let why = last.map_or(String::new(), |e| format!(": {}", error_chain(&e)));
-    anyhow::bail!("cannot connect to {addr}{why}")
+}
+
+/// Whether a connect failed in the TLS handshake (a CA that did not sign
+/// the daemon's certificate, a host the certificate does not name): no
+/// second try mends that, so the bench says so at once rather than after
+/// half a minute. rustls's errors come up as I/O errors of kind
+/// `InvalidData`; a daemon not listening yet is `ConnectionRefused`.
+fn refused_by_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::InvalidData;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// How the daemon the bench starts knows its callers.
@@ -369,18 +388,6 @@ enum DaemonAuth<'a> {
     /// The given `TENANT:ROLE:KEY` keys, each an `--api-key` (the shops
     /// probe's tenants).
     Keys(&'a [String]),
-}
-
-/// A transport error with its causes (a TLS handshake's reason is a few
-/// sources down).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 /// The daemon the bench starts: this binary's `serve` (`--dev`, or with
@@ -516,7 +523,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 #[cfg(test)]
 mod tests {
-    use super::{at_least_one, positive_rate};
+    use super::{at_least_one, positive_rate, refused_by_tls};
 
     #[test]
     fn a_rate_must_be_a_finite_number_above_zero() {
@@ -525,6 +532,34 @@ mod tests {
         for bad in ["0", "-5", "nan", "inf", "abc", ""] {
             assert!(positive_rate(bad).is_err(), "{bad} was taken");
         }
+    }
+
+    /// A failed handshake ends the bench's tries at once; a daemon not
+    /// listening yet (or anything else) is tried again.
+    #[test]
+    fn only_a_refused_handshake_is_not_tried_again() {
+        use std::io::{Error, ErrorKind};
+        /// An error whose cause is `inner`, as tonic wraps hyper's.
+        #[derive(Debug)]
+        struct Wrapped(Error);
+        impl std::fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("transport error")
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let tls = Error::new(
+            ErrorKind::InvalidData,
+            "invalid peer certificate: UnknownIssuer",
+        );
+        assert!(refused_by_tls(&Wrapped(tls)));
+        let refused = Error::from(ErrorKind::ConnectionRefused);
+        assert!(!refused_by_tls(&Wrapped(refused)));
+        assert!(!refused_by_tls(&std::fmt::Error));
     }
 
     #[test]
