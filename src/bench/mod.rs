@@ -255,7 +255,7 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     };
     let addr = match (&args.addr, &daemon) {
         (Some(a), _) => a.clone(),
-        (None, Some(d)) => d.addr(false),
+        (None, Some(d)) => d.addr(),
         (None, None) => unreachable!("a daemon was started"),
     };
     let mut session = Session::open(args, dir, daemon.as_ref(), &addr, client_tls).await?;
@@ -338,6 +338,20 @@ fn pgbench_path() -> PathBuf {
 const REMEMBERED_RESETS: usize = 65_536;
 const REMEMBERED_FOR: Duration = Duration::from_secs(5);
 
+/// `n` connections to the daemon at `addr` (`--connections`), as
+/// [`connect`] makes each.
+async fn connections(
+    addr: &str,
+    tls: Option<&ClientTlsConfig>,
+    n: usize,
+) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        channels.push(connect(addr, tls).await?);
+    }
+    Ok(channels)
+}
+
 /// A connection to the daemon at `addr`, over TLS with `tls` (for an
 /// `https://` address), tried again for half a minute while the daemon
 /// may still be starting.
@@ -397,6 +411,8 @@ struct Daemon {
     child: std::process::Child,
     port: u16,
     metrics: u16,
+    /// Whether it serves gRPC over TLS.
+    tls: bool,
 }
 
 impl Daemon {
@@ -456,6 +472,7 @@ impl Daemon {
             child,
             port,
             metrics,
+            tls: tls.is_some(),
         })
     }
 
@@ -464,8 +481,8 @@ impl Daemon {
     }
 
     /// Its gRPC address: `https://` when it was started with TLS.
-    fn addr(&self, tls: bool) -> String {
-        let scheme = if tls { "https" } else { "http" };
+    fn addr(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 

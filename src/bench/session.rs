@@ -12,9 +12,9 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use super::load::Plan;
 use super::report::{Line, ServerStats};
 use super::{
-    BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, cpu, dev_tenant, drained,
-    expiry, failover, fallback, host_port, idle, opening, pg_alternative, pg_growth, pgbench_path,
-    probes, reads, redis_limit, redis_time, soak, stampede, watch_replay, workloads,
+    BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, connections, cpu, dev_tenant,
+    drained, expiry, failover, fallback, host_port, idle, opening, pg_alternative, pg_growth,
+    pgbench_path, probes, reads, redis_limit, redis_time, soak, stampede, watch_replay, workloads,
 };
 use crate::store::redis::RedisStore;
 
@@ -50,10 +50,7 @@ impl<'a> Session<'a> {
         addr: &str,
         tls: Option<ClientTlsConfig>,
     ) -> anyhow::Result<Self> {
-        let mut channels = Vec::new();
-        for _ in 0..args.connections.max(1) {
-            channels.push(connect(addr, tls.as_ref()).await?);
-        }
+        let channels = connections(addr, tls.as_ref(), args.connections).await?;
         let caller = workloads::Caller::new(args.api_key.as_deref().map(Arc::from))
             .with_customer_limit(args.customer_limit);
         let redis = RedisStore::connect(

@@ -37,7 +37,8 @@ use tonic::transport::Channel;
 use super::load::Plan;
 use super::workloads::{self, Caller, Workload};
 use super::{
-    BenchArgs, Daemon, DaemonAuth, Probe, connect, cpu, drained, fallback, opening, redis_time,
+    BenchArgs, Daemon, DaemonAuth, Probe, connect, connections, cpu, drained, fallback, opening,
+    redis_time,
 };
 use crate::domain::TenantId;
 use crate::store::redis::Keys;
@@ -55,11 +56,8 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     let shops: Vec<Shop> = (1..=most).map(Shop::new).collect::<anyhow::Result<_>>()?;
     let keys: Vec<String> = shops.iter().map(|s| s.config.clone()).collect();
     let daemon = Daemon::start(args, dir, DaemonAuth::Keys(&keys), None)?;
-    let addr = daemon.addr(false);
-    let mut channels = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        channels.push(connect(&addr, None).await?);
-    }
+    let addr = daemon.addr();
+    let channels = connections(&addr, None, args.connections).await?;
     let tag = Caller::new(None).tag;
     let callers: Vec<Caller> = shops
         .iter()

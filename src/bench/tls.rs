@@ -23,7 +23,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use super::load::{Plan, Run};
 use super::workloads::{self, Caller, Workload};
-use super::{BenchArgs, Daemon, DaemonAuth, baselines, connect, cpu, drained};
+use super::{BenchArgs, Daemon, DaemonAuth, baselines, connections, cpu, drained};
 use crate::store::redis::Keys;
 
 /// Plaintext and TLS runs of each workload, by turns: the machine's phase
@@ -237,11 +237,7 @@ impl Transport<'_> {
     /// its line.
     async fn measure(&self, w: Option<Workload>, turn: usize) -> anyhow::Result<Measured> {
         let (args, plan) = (self.args, self.plan);
-        let addr = self.daemon.addr(self.client.is_some());
-        let mut channels = Vec::new();
-        for _ in 0..args.connections.max(1) {
-            channels.push(connect(&addr, self.client).await?);
-        }
+        let channels = connections(&self.daemon.addr(), self.client, args.connections).await?;
         let caller = Caller::new(None);
         let warm = Plan {
             duration: Duration::from_secs(1),
