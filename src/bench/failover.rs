@@ -118,11 +118,7 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
         recovered,
         o.failed[2],
         o.worst_ms[2],
-        run.outcomes
-            .iter()
-            .map(|(k, v)| format!("{k}:{v}"))
-            .collect::<Vec<_>>()
-            .join(","),
+        run.outcomes_text(),
     );
     Ok(())
 }
@@ -141,7 +137,8 @@ async fn postgres_pids(database_url: &str) -> anyhow::Result<Vec<u32>> {
     Ok(pids)
 }
 
-fn slice_of(at: Duration) -> usize {
+/// The timeline's slice in which a call started at `at` falls.
+pub(super) fn slice_of(at: Duration) -> usize {
     (at.as_nanos() / SLICE.as_nanos()) as usize
 }
 
@@ -195,19 +192,19 @@ async fn poll(metrics: &str, within: Duration, name: &str, done: impl Fn(f64) ->
 /// What a timeline says about an outage from slice `freeze` to slice
 /// `thaw`: three phases, before, during and after.
 #[derive(Debug, PartialEq)]
-struct Outage {
+pub(super) struct Outage {
     /// Calls that failed in each phase.
-    failed: [u64; 3],
+    pub failed: [u64; 3],
     /// The slowest call of each phase, milliseconds.
-    worst_ms: [u64; 3],
+    pub worst_ms: [u64; 3],
     /// From the freeze to the first slice from which, until the thaw,
     /// every slice was served (none failed, and at least [`SERVED`] of the
     /// calls offered were answered); `None` if that never came.
-    answered_again: Option<Duration>,
+    pub answered_again: Option<Duration>,
 }
 
 impl Outage {
-    fn read(timeline: &[Slice], offered: f64, freeze: usize, thaw: usize) -> Self {
+    pub fn read(timeline: &[Slice], offered: f64, freeze: usize, thaw: usize) -> Self {
         let phase = |i: usize| usize::from(i >= freeze) + usize::from(i >= thaw);
         let mut failed = [0; 3];
         let mut worst_us = [0; 3];

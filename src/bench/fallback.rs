@@ -66,18 +66,13 @@ pub async fn run(channels: &[Channel], c: &Caller, s: &Setup<'_>) -> anyhow::Res
             baselines::PgRun::Seconds(s.duration.as_secs().clamp(1, 10)),
         )
         .await?;
-        let outcomes: Vec<String> = run
-            .outcomes
-            .iter()
-            .map(|(k, v)| format!("{k}:{v}"))
-            .collect();
         println!(
             "bench-probe: fallback workload={} rps={:.0} p50_ms={:.2} p99_ms={:.2} outcomes={} pg_alt={pg:.0} ratio_pg={:.2}",
             w.name(),
             run.answered_rate(),
             run.ms(0.5),
             run.ms(0.99),
-            outcomes.join(","),
+            run.outcomes_text(),
             run.answered_rate() / pg
         );
     }
@@ -131,7 +126,8 @@ impl Drop for Frozen {
     }
 }
 
-fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+/// Sends `sig` (`STOP`, `TERM`...) to `pid` with `kill`.
+pub(super) fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())

@@ -99,6 +99,16 @@ impl Run {
             .sum()
     }
 
+    /// The outcomes as the probes print them: `claimed:7024,error:Unavailable:32`.
+    pub fn outcomes_text(&self) -> String {
+        let each: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect();
+        each.join(",")
+    }
+
     /// Latency at quantile `q`, milliseconds.
     pub fn ms(&self, q: f64) -> f64 {
         self.latency.value_at_quantile(q) as f64 / 1000.0

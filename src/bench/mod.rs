@@ -22,6 +22,7 @@ mod reads;
 mod redis_limit;
 mod redis_time;
 mod report;
+mod restart;
 mod session;
 mod shops;
 mod soak;
@@ -141,9 +142,12 @@ pub struct BenchArgs {
     /// shop; with opening too, every shop's sale opening at once), tls
     /// (the --workload workloads, claim-hot when none is named, and the
     /// no-op RPC on a daemon started plaintext and then with TLS, by
-    /// turns: what TLS costs a call).
+    /// turns: what TLS costs a call), restart (claims at --rate, 1,000/s
+    /// when absent, through a SIGTERM of a daemon of its own and its start
+    /// again, for --duration seconds after the SIGTERM: what a deploy costs
+    /// the shoppers).
     /// Failover, pg-outage and fallback freeze a store, so they run
-    /// after the others; shops and tls run last, on daemons of their own,
+    /// after the others; shops, tls and restart run last, on daemons of their own,
     /// once the bench's daemon has stopped. With probes and no --workload,
     /// only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -248,6 +252,9 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     if args.probe.contains(&Probe::Tls) {
         tls::check(args)?;
     }
+    if args.probe.contains(&Probe::Restart) {
+        restart::check(args)?;
+    }
     let client_tls = tls::from_args(args)?;
     let mut daemon = match &args.addr {
         Some(_) => None,
@@ -269,7 +276,7 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         .probe
         .iter()
         .copied()
-        .filter(|p| !matches!(p, Probe::Shops | Probe::Tls))
+        .filter(|p| !matches!(p, Probe::Shops | Probe::Tls | Probe::Restart))
         .collect();
     order.sort_by_key(|p| matches!(p, Probe::Failover | Probe::PgOutage | Probe::Fallback));
     for probe in order {
@@ -289,6 +296,9 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     }
     if args.probe.contains(&Probe::Tls) {
         tls::run(args, dir).await.context("probe Tls")?;
+    }
+    if args.probe.contains(&Probe::Restart) {
+        restart::run(args, dir).await.context("probe Restart")?;
     }
     Ok(())
 }
@@ -422,8 +432,18 @@ impl Daemon {
         auth: DaemonAuth,
         tls: Option<&Certs>,
     ) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let metrics = free_port()?;
+        Self::spawn(args, dir, auth, tls, free_port()?, free_port()?)
+    }
+
+    /// Starts `serve` on the given gRPC and metrics ports.
+    fn spawn(
+        args: &BenchArgs,
+        dir: &std::path::Path,
+        auth: DaemonAuth,
+        tls: Option<&Certs>,
+        port: u16,
+        metrics: u16,
+    ) -> anyhow::Result<Self> {
         let mut serve = std::process::Command::new(std::env::current_exe()?);
         serve.arg("serve");
         let log = match auth {
@@ -436,7 +456,11 @@ impl Daemon {
                 "holdfast-keys.log"
             }
         };
-        let log = std::fs::File::create(dir.join(log))?;
+        // Appended to: a restarted daemon's log follows the first one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(log))?;
         serve
             .args(["--log-format", "text"])
             .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
@@ -489,6 +513,24 @@ impl Daemon {
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Stops it as an orchestrator does, with SIGTERM, and waits for it to
+    /// exit: how long that took.
+    async fn terminate(&mut self) -> anyhow::Result<std::time::Duration> {
+        let sent = std::time::Instant::now();
+        fallback::signal(self.pid(), "TERM")?;
+        while self.child.try_wait()?.is_none() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(sent.elapsed())
+    }
+
+    /// Starts it again (`--dev`, plaintext) on the same ports, as a new
+    /// process: the restart probe's second daemon.
+    fn respawn(&mut self, args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+        *self = Self::spawn(args, dir, DaemonAuth::Dev, None, self.port, self.metrics)?;
+        Ok(())
     }
 }
 

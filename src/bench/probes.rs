@@ -82,6 +82,12 @@ pub enum Probe {
     /// certificate made by `openssl`), by turns: what TLS costs a call
     /// (runs in `tls.rs`, after every other probe).
     Tls,
+    /// Claims at a steady rate (`--rate`, 1,000/s when absent) through a
+    /// SIGTERM of a daemon of its own and its start again on the same
+    /// ports: how long a deploy leaves the shoppers without answers, and
+    /// whether a call caught by it is lost (runs in `restart.rs`, after
+    /// every other probe).
+    Restart,
 }
 
 pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -285,7 +291,8 @@ pub async fn run(
         | Probe::Stampede
         | Probe::Opening
         | Probe::Shops
-        | Probe::Tls => {
+        | Probe::Tls
+        | Probe::Restart => {
             unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {

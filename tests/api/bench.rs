@@ -351,3 +351,32 @@ async fn the_pg_growth_probe_measures_what_each_operation_left_in_postgres() {
     assert!(refused.is_err_and(|e| e.to_string().contains("claim-sellout")));
     app.shutdown().await;
 }
+
+/// `holdfast bench --probe restart` (the binary, as a user runs it):
+/// claims go on while its daemon is sent SIGTERM and started again on the
+/// same port, and the probe's own check holds: the new daemon served,
+/// and the sale sold exactly what its callers were told (a call cut by the
+/// restart sold nothing). A call the shutdown dropped would show as a
+/// failure before the SIGTERM.
+#[tokio::test]
+async fn a_restart_mid_sale_loses_no_claim_and_serves_again() {
+    let database_url = fresh_database().await;
+    // The bench's daemon on a prefix of its own in the shared Redis.
+    let prefix = format!("--serve-arg=--redis-prefix=t{}", random_suffix());
+    let fixed =
+        "--probe restart --duration 2 --rate 200 --clients 4 --connections 1 --no-baselines";
+    let mut args: Vec<&str> = fixed.split(' ').collect();
+    args.push(&prefix);
+    let line = crate::helpers::bench_line(&args, &database_url, "bench-probe: restart ").await;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+    };
+    assert_eq!(field("promises"), "kept", "{line}");
+    assert_eq!(field("failed_before"), "0", "{line}");
+    assert_ne!(field("start_ms"), "never", "{line}");
+    assert_ne!(field("answered_again_ms"), "never", "{line}");
+    let claimed: u64 = field("claimed").parse().expect("a count");
+    assert!(claimed > 0, "{line}");
+}

@@ -48,6 +48,31 @@ pub async fn fresh_database() -> String {
     format!("{prefix}/{name}")
 }
 
+/// Runs `holdfast bench` (the binary, as a user runs it) with `args` on
+/// the shared Redis and the database at `database_url`, asserts it
+/// succeeded, and returns the line of its output that starts with
+/// `line`.
+pub async fn bench_line(args: &[&str], database_url: &str, line: &str) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .arg("bench")
+        .args(args)
+        .env("HOLDFAST_REDIS_URL", redis_url())
+        .env("HOLDFAST_DATABASE_URL", database_url)
+        .env_remove("HOLDFAST_BENCH_ADDR")
+        .env_remove("HOLDFAST_BENCH_API_KEY")
+        .output()
+        .await
+        .expect("the bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    stdout
+        .lines()
+        .find(|l| l.starts_with(line))
+        .unwrap_or_else(|| panic!("a line starting {line:?}: {stdout}"))
+        .to_string()
+}
+
 /// Eight random lowercase letters and digits.
 pub fn random_suffix() -> String {
     let mut rng = rand::rng();

@@ -12,7 +12,7 @@ use holdfast::startup::Application;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
-use crate::helpers::{fresh_database, random_suffix, redis_url};
+use crate::helpers::{bench_line, fresh_database, random_suffix, redis_url};
 use holdfast::config::ServeArgs;
 
 struct TlsApp {
@@ -153,27 +153,21 @@ async fn the_load_generator_drives_a_daemon_over_mutual_tls() {
     let certs = Certs::make(&dir).expect("openssl makes the certificates");
     let app = start(&dir, true).await;
     let path = |name: &str| certs.path(name).display().to_string();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(["bench", "--workload", "claim-hot", "--duration", "1"])
-        .args(["--clients", "4", "--connections", "1", "--no-baselines"])
-        .args(["--addr", &format!("https://localhost:{}", app.addr.port())])
-        .args(["--tls-ca", &path("ca.pem")])
-        .args(["--tls-cert", &path("client.pem")])
-        .args(["--tls-key", &path("client.key")])
-        .env("HOLDFAST_REDIS_URL", redis_url())
-        .env("HOLDFAST_DATABASE_URL", &app.database_url)
-        .env_remove("HOLDFAST_BENCH_ADDR")
-        .env_remove("HOLDFAST_BENCH_API_KEY")
-        .output()
-        .await
-        .expect("the bench runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
-    let detail = stdout
-        .lines()
-        .find(|l| l.starts_with("bench-detail: workload=claim-hot"))
-        .unwrap_or_else(|| panic!("a claim-hot line: {stdout}"));
+    let addr = format!("https://localhost:{}", app.addr.port());
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let fixed = "--workload claim-hot --duration 1 --clients 4 --connections 1 --no-baselines";
+    let mut args: Vec<&str> = fixed.split(' ').collect();
+    args.extend([
+        "--addr",
+        &addr,
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    let detail = bench_line(&args, &app.database_url, "bench-detail: workload=claim-hot").await;
     assert!(detail.contains("outcomes=claimed="), "{detail}");
     assert!(!detail.contains("error:"), "{detail}");
     app.stop().await;
