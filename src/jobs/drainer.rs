@@ -85,6 +85,7 @@ pub async fn run(
         keep,
         grouped: HashMap::new(),
         lively: HashMap::new(),
+        untended: Vec::new(),
         pending_first: true,
         pending_read_at: std::time::Instant::now(),
         read_all_at: None,
@@ -154,9 +155,13 @@ struct Drainer {
     keep: Duration,
     /// Streams whose consumer group exists, by key, with their tenant.
     grouped: HashMap<String, TenantId>,
-    /// When each stream last gave events (first seen counts as a keep
-    /// ago): which streams to read every round, and which to tend.
+    /// When each stream last gave events: which streams to read every
+    /// round, and which to tend.
     lively: HashMap<String, std::time::Instant>,
+    /// Streams whose group this drainer made (or found) since it last
+    /// tended: tended once, at the next tending, to trim what an earlier
+    /// daemon left past the keep.
+    untended: Vec<String>,
     /// Re-read our unacknowledged events before new ones.
     pending_first: bool,
     /// When the drainer last set out to re-read them (`PENDING_EVERY`).
@@ -196,6 +201,53 @@ impl Drainer {
         list.into_iter().collect()
     }
 
+    /// Makes the consumer group of each of `tenants`' streams this drainer
+    /// has not yet made or found (creating an existing one is refused with
+    /// BUSYGROUP, and harmless), all in one pipeline: at a start with ten
+    /// thousand tenants, one round trip each was a second of the first
+    /// round.
+    async fn make_groups(
+        &mut self,
+        con: &mut redis::aio::MultiplexedConnection,
+        tenants: &[TenantId],
+    ) -> Result<(), Error> {
+        let new: Vec<(String, &TenantId)> = tenants
+            .iter()
+            .map(|t| (self.redis.keys().events(t), t))
+            .filter(|(key, _)| !self.grouped.contains_key(key))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (key, _) in &new {
+            pipe.cmd("XGROUP")
+                .arg("CREATE")
+                .arg(key)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM");
+        }
+        let made: Vec<redis::RedisResult<()>> = pipe.ignore_errors().query_async(con).await?;
+        for ((key, tenant), result) in new.into_iter().zip(made) {
+            match result {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+            // Tended once, which trims what an earlier daemon left past
+            // the keep, and not read every round. (Entries younger than
+            // that go once the stream has events again.) Until 2026-12-07
+            // a first-seen stream counted as lively a keep ago, and so was
+            // tended every second for `TEND_AFTER_QUIET`: five passes over
+            // every tenant's stream at each start (deploy/BENCHMARKS.md,
+            // "a restart mid-sale").
+            self.untended.push(key.clone());
+            self.grouped.insert(key, tenant.clone());
+        }
+        Ok(())
+    }
+
     /// One read and write; returns the most events one stream gave (a
     /// full batch means more are waiting).
     async fn round(&mut self, tenants: &[TenantId]) -> Result<usize, Error> {
@@ -209,28 +261,7 @@ impl Drainer {
                 .insert(self.redis.dedicated(ROUND_LIMIT).await?)
                 .clone(),
         };
-        for t in tenants {
-            let key = self.redis.keys().events(t);
-            if let std::collections::hash_map::Entry::Vacant(slot) = self.grouped.entry(key) {
-                let created: redis::RedisResult<()> =
-                    con.xgroup_create_mkstream(slot.key(), GROUP, "0").await;
-                match created {
-                    Ok(()) => {}
-                    Err(e) if e.code() == Some("BUSYGROUP") => {}
-                    Err(e) => return Err(e.into()),
-                }
-                // As if its last events were a keep ago: tended for
-                // `TEND_AFTER_QUIET`, which trims what an earlier daemon
-                // left past the keep, and not read every round. (Entries
-                // younger than that go once the stream has events again.)
-                let now = std::time::Instant::now();
-                self.lively.insert(
-                    slot.key().clone(),
-                    now.checked_sub(self.keep).unwrap_or(now),
-                );
-                slot.insert(t.clone());
-            }
-        }
+        self.make_groups(&mut con, tenants).await?;
         let keys: Vec<String> = tenants
             .iter()
             .map(|t| self.redis.keys().events(t))
@@ -276,7 +307,9 @@ impl Drainer {
             let keep_from = Utc::now().timestamp_millis() - self.keep.as_millis() as i64;
             let quiet = self.keep + TEND_AFTER_QUIET;
             self.lively.retain(|_, at| at.elapsed() < quiet);
-            for key in self.lively.keys() {
+            let once = std::mem::take(&mut self.untended);
+            let once = once.iter().filter(|k| !self.lively.contains_key(*k));
+            for key in self.lively.keys().chain(once) {
                 backlog += tend(&mut con, key, keep_from).await;
             }
             metrics::gauge!(metric::DRAINER_LAG_EVENTS).set(backlog as f64);

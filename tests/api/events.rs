@@ -170,6 +170,54 @@ async fn drained_events_leave_redis_and_a_watch_from_the_start_still_sees_them()
     app.shutdown().await;
 }
 
+/// Events an earlier daemon wrote to Postgres and left in the stream past
+/// the keep are trimmed by the next daemon once it starts, with no traffic
+/// of its own: each stream is tended once when the drainer first makes (or
+/// finds) its group, where a stream with no new events is never tended
+/// again.
+#[tokio::test]
+async fn events_an_earlier_daemon_left_are_trimmed_by_the_next_one() {
+    const LEFT: usize = 300;
+    let prefix = format!("t{}", crate::helpers::random_suffix());
+    let key = format!("{prefix}:{{dev}}:events");
+    let client = redis::Client::open(crate::helpers::redis_url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    // What the earlier daemon left: entries its group read and
+    // acknowledged (the group's last delivered id is the newest, nothing
+    // pending), all past a keep of zero.
+    let mut left = redis::pipe();
+    for ms in 1..=LEFT {
+        left.cmd("XADD")
+            .arg(&key)
+            .arg(format!("{ms}-0"))
+            .arg("k")
+            .arg("claimed")
+            .ignore();
+    }
+    left.cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&key)
+        .arg(holdfast::jobs::drainer::GROUP)
+        .arg("$")
+        .ignore();
+    let () = left.query_async(&mut con).await.unwrap();
+    let app = spawn_app_with(|a| {
+        a.redis_prefix = prefix.clone();
+        a.event_keep_secs = 0;
+    })
+    .await;
+    app.eventually("what the earlier daemon left trimmed", || {
+        let mut con = con.clone();
+        let key = key.clone();
+        async move {
+            let len: usize = con.xlen(&key).await.unwrap();
+            (len < LEFT).then_some(())
+        }
+    })
+    .await;
+    app.shutdown().await;
+}
+
 /// The trim never drops an event some drainer has read but not written to
 /// Postgres: here a "stalled" consumer of the drainers' group holds one
 /// entry pending while 600 claims go through and are trimmed around it.
