@@ -200,7 +200,7 @@ pub(super) struct Outage {
     /// From the freeze to the first slice from which, until the thaw,
     /// every slice was served (none failed, and at least [`SERVED`] of the
     /// calls offered were answered); `None` if that never came.
-    pub answered_again: Option<Duration>,
+    answered_again: Option<Duration>,
 }
 
 impl Outage {
