@@ -85,7 +85,7 @@ pub async fn run(
         keep,
         grouped: HashMap::new(),
         lively: HashMap::new(),
-        untended: Vec::new(),
+        untended: HashSet::new(),
         pending_first: true,
         pending_read_at: std::time::Instant::now(),
         read_all_at: None,
@@ -160,8 +160,9 @@ struct Drainer {
     lively: HashMap<String, std::time::Instant>,
     /// Streams whose group this drainer made (or found) since it last
     /// tended: tended once, at the next tending, to trim what an earlier
-    /// daemon left past the keep.
-    untended: Vec<String>,
+    /// daemon left past the keep. A set: while Postgres is away every round
+    /// fails before the tending and makes every group again.
+    untended: HashSet<String>,
     /// Re-read our unacknowledged events before new ones.
     pending_first: bool,
     /// When the drainer last set out to re-read them (`PENDING_EVERY`).
@@ -242,7 +243,7 @@ impl Drainer {
             // tended every second for `TEND_AFTER_QUIET`: five passes over
             // every tenant's stream at each start (deploy/BENCHMARKS.md,
             // "a restart mid-sale").
-            self.untended.push(key.clone());
+            self.untended.insert(key.clone());
             self.grouped.insert(key, tenant.clone());
         }
         Ok(())
