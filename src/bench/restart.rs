@@ -11,15 +11,16 @@
 //! `--clients` over `--connections` for [`BEFORE`] and then `--duration`
 //! seconds: after [`BEFORE`] it sends the daemon SIGTERM, waits for it to
 //! exit, and at once starts it again on the same ports and stores, as an
-//! orchestrator would. It reads how long the old
-//! one took to stop (`stop_ms`), how long the new one took from its start
-//! to answering health SERVING (`start_ms`), and from the calls' timeline
+//! orchestrator would. It reads how long the old one took to stop
+//! (`stop_ms`), how long the new one took from its start to answering
+//! health SERVING (`start_ms`), and from the calls' timeline
 //! (src/bench/load.rs, 100 ms slices) how long the shoppers were refused
 //! (`answered_again_ms`, from the SIGTERM to the end of the last slice in
-//! which a call failed), how many calls failed and with what. A call that started before the SIGTERM and failed
-//! (`failed_before`) would be one the shutdown dropped. The sale's sold
-//! count, read at the end, must equal the claims its callers were told:
-//! none is lost or sold twice across the restart.
+//! which a call failed), how many calls failed and with what. A call that
+//! started before the SIGTERM and failed (`failed_before`) would be one
+//! the shutdown dropped. The sale's sold count, read at the end, must
+//! equal the claims its callers were told: none is lost or sold twice
+//! across the restart.
 
 use std::time::{Duration, Instant};
 
@@ -81,23 +82,20 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     let again = answered_again(&run.timeline, term);
     let claimed = run.outcomes.get("claimed").copied().unwrap_or(0);
     let sold = workloads::sold(&channels[0], &caller, Workload::ClaimHot).await?;
-    let kept = if sold == claimed as i64 {
-        "kept"
-    } else {
-        "BROKEN"
-    };
+    let kept = sold == claimed as i64;
     println!(
-        "bench-probe: restart rate={rate:.0} stop_ms={} start_ms={} answered_again_ms={} failed_before={} failed_after={} worst_after_ms={} claimed={claimed} sold={sold} promises={kept} outcomes={}",
+        "bench-probe: restart rate={rate:.0} stop_ms={} start_ms={} answered_again_ms={} failed_before={} failed_after={} worst_after_ms={} claimed={claimed} sold={sold} promises={} outcomes={}",
         stop.as_millis(),
         start.map_or("never".into(), |d| d.as_millis().to_string()),
         again.map_or("never".into(), |d| d.as_millis().to_string()),
         o.failed[0],
         o.failed[1],
         o.worst_ms[1],
+        if kept { "kept" } else { "BROKEN" },
         run.outcomes_text(),
     );
     anyhow::ensure!(
-        kept == "kept",
+        kept,
         "the sale sold {sold} but its callers were told of {claimed} claims"
     );
     Ok(())
