@@ -310,9 +310,8 @@ impl Drainer {
             self.lively.retain(|_, at| at.elapsed() < quiet);
             let once = std::mem::take(&mut self.untended);
             let once = once.iter().filter(|k| !self.lively.contains_key(*k));
-            for key in self.lively.keys().chain(once) {
-                backlog += tend(&mut con, key, keep_from).await;
-            }
+            let keys: Vec<&str> = self.lively.keys().chain(once).map(String::as_str).collect();
+            backlog += tend(&mut con, &keys, keep_from).await;
             metrics::gauge!(metric::DRAINER_LAG_EVENTS).set(backlog as f64);
         }
         if self.pending_first && read == 0 {
@@ -322,26 +321,57 @@ impl Drainer {
     }
 }
 
-/// Tends one stream once per LAG_EVERY: returns its events not yet written
-/// to Postgres (delivered but not acknowledged, plus not yet delivered:
-/// Redis 7's `lag`; unknown counts as none rather than failing the round),
-/// and drops the entries older than `keep_from` (ms) that are written.
+/// Streams whose groups one pipeline reads when tending: a daemon starting
+/// with ten thousand tenants tends every stream once, and one round trip
+/// each was ~0.3 s of its CPU.
+const TEND_CHUNK: usize = 1_000;
+
+/// Tends `keys`' streams, once per LAG_EVERY: returns their events not yet
+/// written to Postgres (delivered but not acknowledged, plus not yet
+/// delivered: Redis 7's `lag`; unknown counts as none rather than failing
+/// the round), and drops the entries older than `keep_from` (ms) that are
+/// written. Their groups are read [`TEND_CHUNK`] streams a pipeline; a
+/// stream with entries pending or to drop takes round trips of its own.
 ///
 /// An entry leaves Redis only once it is in Postgres: the trim stops at the
 /// group's last delivered id and at the oldest one some consumer still has
 /// pending, even when another daemon's drainer read it and stalled.
 /// Trimming is approximate (`~`, whole nodes at a time) and best-effort: a
 /// failed trim only keeps events longer.
-async fn tend<C>(con: &mut C, key: &str, keep_from: i64) -> usize
+async fn tend<C>(con: &mut C, keys: &[&str], keep_from: i64) -> usize
 where
     C: redis::aio::ConnectionLike + Send + Sync,
 {
-    let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
-        con.xinfo_groups(key).await;
-    let Some(group) = groups
-        .ok()
-        .and_then(|g| g.groups.into_iter().find(|g| g.name == GROUP))
-    else {
+    let mut backlog = 0;
+    for chunk in keys.chunks(TEND_CHUNK) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("XINFO").arg("GROUPS").arg(*key);
+        }
+        // A stream gone (or a reply that does not parse) is left alone.
+        let groups: Vec<redis::RedisResult<redis::streams::StreamInfoGroupsReply>> =
+            match pipe.ignore_errors().query_async(con).await {
+                Ok(groups) => groups,
+                Err(_) => return backlog,
+            };
+        for (key, groups) in chunk.iter().zip(groups) {
+            backlog += tend_one(con, key, groups.ok(), keep_from).await;
+        }
+    }
+    backlog
+}
+
+/// Tends one stream given its groups (see [`tend`]).
+async fn tend_one<C>(
+    con: &mut C,
+    key: &str,
+    groups: Option<redis::streams::StreamInfoGroupsReply>,
+    keep_from: i64,
+) -> usize
+where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
+    let Some(group) = groups.and_then(|g| g.groups.into_iter().find(|g| g.name == GROUP)) else {
         return 0;
     };
     let backlog = group.pending + group.lag.unwrap_or(0);
@@ -495,7 +525,11 @@ mod tests {
             .ignore();
         let () = add.query_async(&mut con).await.unwrap();
 
-        let backlog = tend(&mut con, &key, chrono::Utc::now().timestamp_millis()).await;
+        // Beside a stream that does not exist (its XINFO fails in the
+        // same pipeline): that one is left alone, this one trimmed.
+        let missing = format!("{key}:missing");
+        let now = chrono::Utc::now().timestamp_millis();
+        let backlog = tend(&mut con, &[&missing, &key], now).await;
 
         let left: usize = redis::cmd("XLEN")
             .arg(&key)
