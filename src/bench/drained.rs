@@ -19,7 +19,7 @@ use redis::Value;
 use redis::aio::MultiplexedConnection;
 use sqlx::Connection;
 
-use crate::store::redis::text;
+use crate::store::redis::{Keys, text};
 
 /// Waits until the drainer's consumer group has read every entry of
 /// `stream` and acknowledged them all, for at most `limit`: how long it
@@ -40,6 +40,21 @@ pub async fn settle(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// [`settle`] for the daemon the bench starts (`serve --dev` under the
+/// default key prefix): its one tenant's stream, for at most a minute,
+/// saying so when the drainer did not catch up (the run is measured
+/// anyway).
+pub async fn settle_dev(con: &mut MultiplexedConnection) -> Option<Duration> {
+    let stream = Keys::new("hf").events(&super::dev_tenant());
+    let waited = settle(con, &stream, Duration::from_secs(60)).await;
+    if waited.is_none() {
+        eprintln!(
+            "bench: the drainer's progress could not be read, or it did not catch up within a minute; measuring anyway"
+        );
+    }
+    waited
 }
 
 /// Vacuums and analyses every table of the database at `url`: how long

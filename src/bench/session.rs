@@ -282,15 +282,7 @@ impl<'a> Session<'a> {
     /// stream the bench cannot name, and is measured without the wait.
     async fn settle(&self) -> Option<Duration> {
         self.daemon?;
-        let mut con = self.stats_con.clone()?;
-        let stream = self.redis.as_ref()?.keys().events(&dev_tenant());
-        let waited = drained::settle(&mut con, &stream, Duration::from_secs(60)).await;
-        if waited.is_none() {
-            eprintln!(
-                "bench: the drainer's progress could not be read, or it did not catch up within a minute; measuring anyway"
-            );
-        }
-        waited
+        drained::settle_dev(&mut self.stats_con.clone()?).await
     }
 
     /// Vacuums the bench's own Postgres before a measured run

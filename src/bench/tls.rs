@@ -24,7 +24,6 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use super::load::{Plan, Run};
 use super::workloads::{self, Caller, Workload};
 use super::{BenchArgs, Daemon, DaemonAuth, baselines, connections, cpu, drained};
-use crate::store::redis::Keys;
 
 /// Plaintext and TLS runs of each workload, by turns: the machine's phase
 /// moves both alike only when they alternate.
@@ -293,13 +292,7 @@ impl Transport<'_> {
         let Ok(mut con) = client.get_multiplexed_async_connection().await else {
             return;
         };
-        let stream = Keys::new("hf").events(&super::dev_tenant());
-        if drained::settle(&mut con, &stream, Duration::from_secs(60))
-            .await
-            .is_none()
-        {
-            eprintln!("bench: the drainer did not catch up within a minute; measuring anyway");
-        }
+        drained::settle_dev(&mut con).await;
     }
 }
 
