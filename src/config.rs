@@ -186,6 +186,36 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
 
+    /// How long a new connection to the gRPC port may take to open (the TLS
+    /// handshake, or a plaintext client's first HTTP/2 bytes), seconds; one
+    /// that has not by then is closed, so connections that never speak
+    /// cannot use up the daemon's file descriptors.
+    #[arg(
+        long,
+        env = "HOLDFAST_HANDSHAKE_TIMEOUT_SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub handshake_timeout_secs: u64,
+
+    /// Seconds between HTTP/2 pings on each gRPC connection; a client that
+    /// does not answer one within --http2-keepalive-timeout-secs is
+    /// disconnected, so the connections of clients that vanished (a host
+    /// gone, a NAT or load balancer that forgot the flow) are closed rather
+    /// than kept forever. 0 turns the pings off. gRPC clients answer pings
+    /// by themselves.
+    #[arg(long, env = "HOLDFAST_HTTP2_KEEPALIVE_SECS", default_value_t = 60)]
+    pub http2_keepalive_secs: u64,
+
+    /// How long a client may take to answer an HTTP/2 ping, seconds.
+    #[arg(
+        long,
+        env = "HOLDFAST_HTTP2_KEEPALIVE_TIMEOUT_SECS",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub http2_keepalive_timeout_secs: u64,
+
     /// How long finished holds and claims are remembered, so that a retry
     /// with the same id returns the first answer, seconds.
     #[arg(long, env = "HOLDFAST_RETENTION_SECS", default_value_t = 86_400)]

@@ -32,6 +32,8 @@
 //!   signature.
 //! - [`startup`]: [`startup::Application`] wires it all, binds the ports and
 //!   runs until a shutdown signal.
+//! - [`accept`]: the gRPC port's connections before HTTP/2 takes them
+//!   (Nagle off, a bound on a silent connection).
 //! - [`config`], [`telemetry`], [`error`], [`tls`]: the command line, logs
 //!   and metrics, the one error type with its one mapping to gRPC status,
 //!   and TLS for the gRPC port.
@@ -41,6 +43,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accept;
 pub mod bench;
 pub mod cache;
 pub mod config;

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::accept;
 use crate::config::ServeArgs;
 use crate::deadline::Deadlines;
 use crate::engine::Engine;
@@ -184,11 +184,18 @@ impl Application {
         let channels = Arc::new(Channels::new(self.engine.clone(), client.clone()));
         // The services first: a failure to build them stops the start
         // before any task runs.
+        let handshake = Duration::from_secs(self.args.handshake_timeout_secs);
+        let keepalive = (self.args.http2_keepalive_secs > 0)
+            .then(|| Duration::from_secs(self.args.http2_keepalive_secs));
         let mut server = Server::builder()
             .http2_max_pending_accept_reset_streams(Some(PENDING_RESETS))
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(Some(Duration::from_secs(
+                self.args.http2_keepalive_timeout_secs,
+            )))
             .layer(Deadlines);
         if let Some(tls) = &self.tls {
-            server = server.tls_config(tls.clone())?;
+            server = server.tls_config(tls.clone().timeout(handshake))?;
         }
         let router = add_services(
             server,
@@ -216,7 +223,7 @@ impl Application {
         };
         let served = router
             .add_service(health_service)
-            .serve_with_incoming_shutdown(nodelay(TcpListenerStream::new(self.grpc)), signal)
+            .serve_with_incoming_shutdown(accept::connections(self.grpc, handshake), signal)
             .await;
 
         let _ = stop_tx.send(true);
@@ -393,20 +400,4 @@ async fn warn_about_redis_settings(redis: &RedisStore) {
             "Redis does not fsync every write (appendonly yes + appendfsync always): a Redis crash can lose acknowledged commits, and a Redis that restarts with a pool as it was a moment earlier sells again what it sold after (see README, Durability)"
         ),
     }
-}
-
-/// Accepted connections with Nagle's algorithm off: otherwise a response
-/// written in more than one segment (a 100-line reservation's) waits for
-/// the client's delayed ACK, 40 ms per call (deploy/BENCHMARKS.md).
-fn nodelay(
-    incoming: TcpListenerStream,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    incoming.map(|s| {
-        s.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        })
-    })
 }

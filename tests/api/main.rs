@@ -8,6 +8,7 @@ mod auth;
 mod bench;
 mod cards;
 mod channels;
+mod connections;
 mod events;
 mod expiry;
 mod fallback;

@@ -23,12 +23,17 @@ struct TlsApp {
 }
 
 async fn start(dir: &Path, mutual: bool) -> TlsApp {
+    start_with(dir, mutual, |_| {}).await
+}
+
+async fn start_with(dir: &Path, mutual: bool, configure: impl FnOnce(&mut ServeArgs)) -> TlsApp {
     let database_url = fresh_database().await;
     let mut args = ServeArgs::for_test(
         &redis_url(),
         &database_url,
         &format!("t{}", random_suffix()),
     );
+    configure(&mut args);
     args.tls_cert = Some(dir.join("server.pem"));
     args.tls_key = Some(dir.join("server.key"));
     args.tls_client_ca = mutual.then(|| dir.join("ca.pem"));
@@ -140,6 +145,37 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
             .is_err_and(|e| e.code() != tonic::Code::NotFound),
     };
     assert!(refused, "a client without a certificate is refused");
+    app.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client that starts its TLS handshake and stops halfway (a record
+/// header promising 512 bytes, 40 of them sent) is disconnected at
+/// `--handshake-timeout-secs`; the daemon goes on serving others.
+#[tokio::test]
+async fn a_tls_handshake_left_halfway_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir();
+    let certs = Certs::make(&dir).expect("openssl makes the certificates");
+    let app = start_with(&dir, false, |a| a.handshake_timeout_secs = 1).await;
+    let mut halting = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(40, 0);
+    halting.write_all(&hello).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 256];
+        while let Ok(1..) = halting.read(&mut buf).await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the half-made handshake is still open");
+
+    let channel = tls_channel(app.addr, &certs, false)
+        .await
+        .expect("a TLS handshake");
+    let err = get_sale(channel).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
     app.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
