@@ -8,6 +8,7 @@
 //! deploy/BENCHMARKS.md records the figures.
 
 mod baselines;
+mod conns;
 mod cpu;
 mod drained;
 mod expiry;
@@ -145,7 +146,10 @@ pub struct BenchArgs {
     /// turns: what TLS costs a call), restart (claims at --rate, 1,000/s
     /// when absent, through a SIGTERM of a daemon of its own and its start
     /// again, for --duration seconds after the SIGTERM: what a deploy costs
-    /// the shoppers).
+    /// the shoppers), connections (claim-hot alone, then --idle-connections
+    /// connections opened and left idle: the daemon's memory and
+    /// descriptors per connection, its CPU with them, and claim-hot beside
+    /// them).
     /// Failover, pg-outage and fallback freeze a store, so they run
     /// after the others; shops, tls and restart run last, on daemons of their own,
     /// once the bench's daemon has stopped. With probes and no --workload,
@@ -162,6 +166,12 @@ pub struct BenchArgs {
     /// do nothing.
     #[arg(long, default_value_t = 1_000)]
     pub tenants: u32,
+
+    /// Connections the connections probe opens and leaves idle; the
+    /// bench and the daemon it starts need an open-files limit
+    /// (`ulimit -n`) a few hundred above it.
+    #[arg(long, default_value_t = 10_000, value_parser = at_least_one)]
+    pub idle_connections: usize,
 
     /// Shop counts the shops probe spreads its workloads over, in turn
     /// (comma-separated); each count's rate is set beside the first's.
@@ -254,6 +264,9 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     }
     if args.probe.contains(&Probe::Restart) {
         restart::check(args)?;
+    }
+    if args.probe.contains(&Probe::Connections) {
+        conns::check(args)?;
     }
     let client_tls = tls::from_args(args)?;
     let mut daemon = match &args.addr {

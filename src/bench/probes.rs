@@ -88,6 +88,12 @@ pub enum Probe {
     /// whether a call caught by it is lost (runs in `restart.rs`, after
     /// every other probe).
     Restart,
+    /// Claim-hot alone, then `--idle-connections` connections opened
+    /// (each after one no-op call) and left idle: how fast they open, the
+    /// daemon's memory and descriptors per connection, each process's CPU
+    /// with them idle, and claim-hot beside them (the bench's own daemon
+    /// only; runs in `conns.rs`).
+    Connections,
 }
 
 pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -292,7 +298,8 @@ pub async fn run(
         | Probe::Opening
         | Probe::Shops
         | Probe::Tls
-        | Probe::Restart => {
+        | Probe::Restart
+        | Probe::Connections => {
             unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {

@@ -12,9 +12,10 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use super::load::Plan;
 use super::report::{Line, ServerStats};
 use super::{
-    BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, connections, cpu, dev_tenant,
-    drained, expiry, failover, fallback, host_port, idle, opening, pg_alternative, pg_growth,
-    pgbench_path, probes, reads, redis_limit, redis_time, soak, stampede, watch_replay, workloads,
+    BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, connections, conns, cpu,
+    dev_tenant, drained, expiry, failover, fallback, host_port, idle, opening, pg_alternative,
+    pg_growth, pgbench_path, probes, reads, redis_limit, redis_time, soak, stampede, watch_replay,
+    workloads,
 };
 use crate::store::redis::RedisStore;
 
@@ -385,6 +386,22 @@ impl<'a> Session<'a> {
                 opening::run(channels, caller, &args.crowds, duration)
                     .await
                     .map(drop)
+            }
+            Probe::Connections => {
+                let Some(daemon) = self.daemon else {
+                    anyhow::bail!(
+                        "connections needs the daemon the bench starts (its memory and descriptors)"
+                    );
+                };
+                let setup = conns::Setup {
+                    addr: &self.addr,
+                    tls: self.tls.as_ref(),
+                    daemon: daemon.pid(),
+                    watched: &self.watched,
+                    plan: &self.plan,
+                    idle: args.idle_connections,
+                };
+                conns::run(channels, caller, &setup).await
             }
             Probe::Idle => {
                 let idle_for = Duration::from_secs(args.duration);

@@ -380,3 +380,35 @@ async fn a_restart_mid_sale_loses_no_claim_and_serves_again() {
     let claimed: u64 = field("claimed").parse().expect("a count");
     assert!(claimed > 0, "{line}");
 }
+
+/// `holdfast bench --probe connections` (the binary): the idle connections
+/// it opens are each one descriptor of the daemon while open, and the
+/// daemon lets them go when their clients close them; claims are served
+/// beside them.
+#[tokio::test]
+async fn the_connections_probe_measures_open_idle_connections() {
+    let database_url = fresh_database().await;
+    let prefix = format!("--serve-arg=--redis-prefix=t{}", random_suffix());
+    let fixed = "--probe connections --idle-connections 200 --duration 1 --clients 4 --connections 1 --no-baselines";
+    let mut args: Vec<&str> = fixed.split(' ').collect();
+    args.push(&prefix);
+    let line = crate::helpers::bench_line(&args, &database_url, "probe: connections ").await;
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+    };
+    assert_eq!(field("idle"), 200.0, "{line}");
+    let per = field("fds_per_connection");
+    assert!((0.95..=1.05).contains(&per), "{line}");
+    assert!(
+        field("fds_closed") < 20.0,
+        "the closed connections were let go: {line}"
+    );
+    assert!(
+        field("claims_alone_rps") > 0.0 && field("claims_beside_rps") > 0.0,
+        "{line}"
+    );
+    assert_eq!(field("errors"), 0.0, "{line}");
+}
