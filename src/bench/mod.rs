@@ -29,6 +29,7 @@ mod shops;
 mod soak;
 mod stampede;
 mod tls;
+mod watch;
 mod watch_replay;
 mod workloads;
 
@@ -149,6 +150,8 @@ pub struct BenchArgs {
     /// the shoppers), connections (claim-hot alone, then --idle-connections
     /// connections opened and left idle: the daemon's memory and
     /// descriptors per connection, its CPU with them, and claim-hot beside
+    /// them), watch (claim-hot beside each count of --watchers Watch
+    /// subscribers: what they cost the claims, how late events reach
     /// them).
     /// Failover, pg-outage and fallback freeze a store, so they run
     /// after the others; shops, tls and restart run last, on daemons of their own,
@@ -172,6 +175,11 @@ pub struct BenchArgs {
     /// (`ulimit -n`) a few hundred above it.
     #[arg(long, default_value_t = 10_000, value_parser = at_least_one)]
     pub idle_connections: usize,
+
+    /// Counts of Watch subscribers the watch probe runs claim-hot beside,
+    /// in turn (comma-separated; 0 is claim-hot alone).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,8,32")]
+    pub watchers: Vec<usize>,
 
     /// Shop counts the shops probe spreads its workloads over, in turn
     /// (comma-separated); each count's rate is set beside the first's.

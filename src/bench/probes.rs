@@ -94,6 +94,10 @@ pub enum Probe {
     /// with them idle, and claim-hot beside them (the bench's own daemon
     /// only; runs in `conns.rs`).
     Connections,
+    /// Each count of `--watchers` `Watch` subscribers on a connection of
+    /// their own while claim-hot runs: what they cost the claims, and how
+    /// long an event takes to reach them (runs in `watch.rs`).
+    Watch,
 }
 
 pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -299,7 +303,8 @@ pub async fn run(
         | Probe::Shops
         | Probe::Tls
         | Probe::Restart
-        | Probe::Connections => {
+        | Probe::Connections
+        | Probe::Watch => {
             unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {

@@ -14,8 +14,8 @@ use super::report::{Line, ServerStats};
 use super::{
     BenchArgs, Daemon, PgRun, Probe, Workload, baselines, connect, connections, conns, cpu,
     dev_tenant, drained, expiry, failover, fallback, host_port, idle, opening, pg_alternative,
-    pg_growth, pgbench_path, probes, reads, redis_limit, redis_time, soak, stampede, watch_replay,
-    workloads,
+    pg_growth, pgbench_path, probes, reads, redis_limit, redis_time, soak, stampede, watch,
+    watch_replay, workloads,
 };
 use crate::store::redis::RedisStore;
 
@@ -402,6 +402,11 @@ impl<'a> Session<'a> {
                     idle: args.idle_connections,
                 };
                 conns::run(channels, caller, &setup).await
+            }
+            Probe::Watch => {
+                let own = connect(&self.addr, self.tls.as_ref()).await?;
+                let counts = &args.watchers;
+                watch::run(channels, own, caller, &self.watched, &self.plan, counts).await
             }
             Probe::Idle => {
                 let idle_for = Duration::from_secs(args.duration);

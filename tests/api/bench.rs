@@ -368,11 +368,7 @@ async fn a_restart_mid_sale_loses_no_claim_and_serves_again() {
     let mut args: Vec<&str> = fixed.split(' ').collect();
     args.push(&prefix);
     let line = crate::helpers::bench_line(&args, &database_url, "bench-probe: restart ").await;
-    let field = |name: &str| {
-        line.split_whitespace()
-            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-            .unwrap_or_else(|| panic!("{name} in {line}"))
-    };
+    let field = |name: &str| field(&line, name);
     assert_eq!(field("promises"), "kept", "{line}");
     assert_eq!(field("failed_before"), "0", "{line}");
     assert_ne!(field("start_ms"), "never", "{line}");
@@ -393,12 +389,7 @@ async fn the_connections_probe_measures_open_idle_connections() {
     let mut args: Vec<&str> = fixed.split(' ').collect();
     args.push(&prefix);
     let line = crate::helpers::bench_line(&args, &database_url, "probe: connections ").await;
-    let field = |name: &str| -> f64 {
-        line.split_whitespace()
-            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in {line}"))
-    };
+    let field = |name: &str| -> f64 { number(&line, name) };
     assert_eq!(field("idle"), 200.0, "{line}");
     let per = field("fds_per_connection");
     assert!((0.95..=1.05).contains(&per), "{line}");
@@ -411,4 +402,37 @@ async fn the_connections_probe_measures_open_idle_connections() {
         "{line}"
     );
     assert_eq!(field("errors"), 0.0, "{line}");
+}
+
+/// `holdfast bench --probe watch` (the binary): beside claims, every
+/// subscriber gets one event for each claim made, and none is ended early.
+#[tokio::test]
+async fn the_watch_probe_counts_every_claims_event_at_every_subscriber() {
+    let database_url = fresh_database().await;
+    let prefix = format!("--serve-arg=--redis-prefix=t{}", random_suffix());
+    let fixed =
+        "--probe watch --watchers 3 --duration 1 --clients 4 --connections 1 --no-baselines";
+    let mut args: Vec<&str> = fixed.split(' ').collect();
+    args.push(&prefix);
+    let line = crate::helpers::bench_line(&args, &database_url, "probe: watch watchers=3 ").await;
+    let field = |name: &str| -> u64 { number(&line, name) };
+    let claimed = field("claimed");
+    assert!(claimed > 0, "{line}");
+    assert_eq!(field("got_min"), claimed, "{line}");
+    assert_eq!(field("got_max"), claimed, "{line}");
+    assert_eq!(field("ended_early"), 0, "{line}");
+}
+
+/// The value of `name=` in a bench line.
+fn field<'a>(line: &'a str, name: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("{name} in {line}"))
+}
+
+/// The value of `name=` in a bench line, as a number.
+fn number<T: std::str::FromStr>(line: &str, name: &str) -> T {
+    field(line, name)
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is a number in {line}"))
 }
