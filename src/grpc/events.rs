@@ -1,21 +1,28 @@
 //! `holdfast.v1.EventService`: the tenant's events as a server stream.
 //!
-//! Each subscriber gets a reader task of its own on a Redis connection of
-//! its own (`XREAD BLOCK` from its cursor), so subscribers never touch the
-//! hot path's connection. Events older than the stream's retention come
-//! from Postgres's audit log first, so resuming from any id has no gap.
-//! The buffer towards the client is bounded: a subscriber that does not
-//! keep up is ended with ABORTED naming the last event it was sent.
+//! A tenant's live subscribers share one reader of its stream, a tap
+//! (`event_tap.rs`: `XREAD BLOCK` on a connection of its own, so readers
+//! never touch the hot path's connection), and each subscriber's pump takes
+//! the tap's batches from its own cursor on. What a pump's cursor is
+//! behind the tap (a resume from an older id, batches lost while it was
+//! busy) it reads itself, and events older than the stream's retention
+//! come from Postgres's audit log first, so resuming from any id has no
+//! gap. The buffer towards the client is bounded: a subscriber that does
+//! not keep up is ended with ABORTED naming the last event it was sent.
 
 use std::time::Duration;
 
-use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
-use tokio::sync::{mpsc, watch};
+use std::sync::Arc;
+
+use redis::streams::StreamRangeReply;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
 use super::convert::to_timestamp;
+use super::event_tap::{Batch, Taps};
 use super::pb;
 use super::pb::event_service_server::EventService;
 use super::{meter, observe};
@@ -28,9 +35,9 @@ const SERVICE: &str = "EventService";
 /// Events buffered towards one subscriber before it counts as fallen behind.
 const BUFFER: usize = 1024;
 /// How long one blocking read waits (also how soon a shutdown is noticed).
-const BLOCK: Duration = Duration::from_millis(500);
+pub(super) const BLOCK: Duration = Duration::from_millis(500);
 /// Events per read.
-const BATCH: usize = 200;
+pub(super) const BATCH: usize = 200;
 
 /// The adapter for `Watch`.
 pub struct EventApi {
@@ -38,6 +45,7 @@ pub struct EventApi {
     pg: PgStore,
     auth: std::sync::Arc<Auth>,
     stopping: watch::Receiver<bool>,
+    taps: Arc<Taps>,
 }
 
 impl EventApi {
@@ -50,6 +58,7 @@ impl EventApi {
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
+            taps: Taps::new(redis.clone(), stopping.clone()),
             redis,
             pg,
             auth,
@@ -87,15 +96,18 @@ impl EventService for EventApi {
         .into_inner();
         // "From now" is fixed here, before the subscriber gets its stream:
         // an event of a call it makes right after subscribing is after it.
+        let now = latest(&self.redis, &tenant)
+            .await
+            .map_err(|e| Status::from(Error::from(e)))?;
         let start = match after {
             Some(after) => Start::After(after),
-            None => Start::At(
-                latest(&self.redis, &tenant)
-                    .await
-                    .map_err(|e| Status::from(Error::from(e)))?,
-            ),
+            None => Start::At(now),
         };
         let (tx, rx) = mpsc::channel(BUFFER + 1);
+        // A tap this starts reads from the stream as it is now, so that
+        // everything past what the pump reads first (the stream as it is
+        // once subscribed) comes in the tap's batches.
+        let batches = self.taps.subscribe(&tenant, now);
         let pump = Pump {
             redis: self.redis.clone(),
             pg: self.pg.clone(),
@@ -103,8 +115,9 @@ impl EventService for EventApi {
             tx,
             stopping: self.stopping.clone(),
             last_sent: None,
+            own_con: None,
         };
-        tokio::spawn(pump.run(start));
+        tokio::spawn(pump.run(start, batches));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -116,25 +129,42 @@ enum Start {
     /// where Redis no longer keeps it.
     After(EventPos),
     /// After the stream's newest entry when the subscription was accepted
-    /// (`(0, 0)` for an empty stream).
+    /// ([`latest`]).
     At(EventPos),
 }
 
-/// The id of the tenant's newest event in Redis, `(0, 0)` when none.
-async fn latest(redis: &RedisStore, tenant: &TenantId) -> Result<EventPos, redis::RedisError> {
+/// Where "from now" is in the tenant's stream: its newest entry, or, when
+/// it has none (a quiet tenant's stream is trimmed empty; a Redis that lost
+/// its data has none at all), just before Redis's clock, which the next
+/// entry's id will not be below. Not `(0, 0)`: a subscriber's cursor there
+/// would have every event in Postgres's history replayed to it as missing
+/// from the stream.
+pub(super) async fn latest(
+    redis: &RedisStore,
+    tenant: &TenantId,
+) -> Result<EventPos, redis::RedisError> {
+    let mut con = redis.multiplexed();
     let last: StreamRangeReply = redis::cmd("XREVRANGE")
         .arg(redis.keys().events(tenant))
         .arg("+")
         .arg("-")
         .arg("COUNT")
         .arg(1)
-        .query_async(&mut redis.multiplexed())
+        .query_async(&mut con)
         .await?;
-    Ok(last
-        .ids
-        .first()
-        .and_then(|e| parse_event_id(&e.id))
-        .unwrap_or((0, 0)))
+    if let Some(pos) = last.ids.first().and_then(|e| parse_event_id(&e.id)) {
+        return Ok(pos);
+    }
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut con).await?;
+    Ok(before((secs * 1_000 + micros / 1_000, 0)))
+}
+
+/// The stream position just before `pos`.
+pub(super) fn before(pos: EventPos) -> EventPos {
+    match pos {
+        (ms, 0) => (ms.saturating_sub(1), u64::MAX),
+        (ms, seq) => (ms, seq - 1),
+    }
 }
 
 /// One subscriber's reader.
@@ -145,6 +175,8 @@ struct Pump {
     tx: mpsc::Sender<Item>,
     stopping: watch::Receiver<bool>,
     last_sent: Option<String>,
+    /// Made when the pump first has a gap to read.
+    own_con: Option<redis::aio::MultiplexedConnection>,
 }
 
 /// Why a pump stopped sending.
@@ -168,8 +200,8 @@ impl From<redis::RedisError> for Stop {
 }
 
 impl Pump {
-    async fn run(mut self, start: Start) {
-        if let Err(Stop::Status(status)) = self.stream(start).await {
+    async fn run(mut self, start: Start, batches: broadcast::Receiver<Arc<Batch>>) {
+        if let Err(Stop::Status(status)) = self.stream(start, batches).await {
             let _ = self.tx.send(Err(status)).await;
         }
     }
@@ -181,7 +213,14 @@ impl Pump {
         }
     }
 
-    async fn send(&mut self, event: Event) -> Result<(), Stop> {
+    fn shutting_down(&self) -> Stop {
+        Stop::Status(Status::unavailable(format!(
+            "server shutting down; {}",
+            self.resume_hint()
+        )))
+    }
+
+    async fn send(&mut self, event: pb::WatchResponse) -> Result<(), Stop> {
         if self.tx.is_closed() {
             return Err(Stop::Gone);
         }
@@ -193,68 +232,105 @@ impl Pump {
             ))));
         }
         let id = event.event_id.clone();
-        self.tx
-            .send(Ok(event_pb(event)))
-            .await
-            .map_err(|_| Stop::Gone)?;
+        self.tx.send(Ok(event)).await.map_err(|_| Stop::Gone)?;
         self.last_sent = Some(id);
         Ok(())
     }
 
-    async fn stream(&mut self, start: Start) -> Result<(), Stop> {
-        let mut con = self.redis.dedicated(BLOCK + Duration::from_secs(2)).await?;
-        let key = self.redis.keys().events(&self.tenant);
-        let mut cursor = match start {
-            Start::After(after) => {
-                let first = oldest_in_stream(&mut con, &key).await?;
-                self.replay(after, first).await?
-            }
-            Start::At(now) => now,
-        };
+    /// What the stream holds past the start first (from Postgres where it
+    /// was trimmed), then the tap's batches.
+    async fn stream(
+        &mut self,
+        start: Start,
+        mut batches: broadcast::Receiver<Arc<Batch>>,
+    ) -> Result<(), Stop> {
+        let (Start::After(from) | Start::At(from)) = start;
+        let newest = latest(&self.redis, &self.tenant).await?;
+        let mut cursor = self.fill(from, newest).await?;
         loop {
-            if *self.stopping.borrow() {
-                return Err(Stop::Status(Status::unavailable(format!(
-                    "server shutting down; {}",
-                    self.resume_hint()
-                ))));
-            }
-            if self.tx.is_closed() {
-                return Err(Stop::Gone);
-            }
-            let opts = StreamReadOptions::default()
-                .count(BATCH)
-                .block(BLOCK.as_millis() as usize);
-            let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
-                &mut con,
-                &[&key],
-                &[format!("{}-{}", cursor.0, cursor.1)],
-                &opts,
-            )
-            .await?;
-            let entries: Vec<_> = reply
-                .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-                .unwrap_or_default();
-            // If the stream no longer starts at or before the cursor, it was
-            // trimmed since (while we replayed history, or were slow), and
-            // the entries between may be gone from it. The trim drops only
-            // entries written to Postgres: they are sent from there first.
-            if !entries.is_empty()
-                && let Some(oldest) = oldest_in_stream(&mut con, &key).await?
-                && oldest > cursor
-            {
-                cursor = self.replay(cursor, Some(oldest)).await?;
-            }
-            for entry in &entries {
-                // Past what the replay sent (a trim between the two reads
-                // can put some of these before `oldest`).
-                if parse_event_id(&entry.id).is_some_and(|id| id <= cursor) {
-                    continue;
+            let stopping = &mut self.stopping;
+            let next = tokio::select! {
+                _ = stopping.wait_for(|s| *s) => None,
+                _ = self.tx.closed() => return Err(Stop::Gone),
+                batch = batches.recv() => Some(batch),
+            };
+            let Some(batch) = next else {
+                return Err(self.shutting_down());
+            };
+            let batch = match batch {
+                Ok(batch) => batch,
+                // What was lost shows as a gap before the next batch.
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) if *self.stopping.borrow() => {
+                    return Err(self.shutting_down());
                 }
-                let event = decode_event(entry)?;
-                cursor = parse_event_id(&event.event_id).unwrap_or(cursor);
-                self.send(event).await?;
+                Err(RecvError::Closed) => {
+                    return Err(Stop::Status(Status::unavailable(format!(
+                        "the event stream could not be read; {}",
+                        self.resume_hint()
+                    ))));
+                }
+            };
+            if batch.after > cursor {
+                cursor = self.fill(cursor, batch.after).await?;
+            }
+            for (pos, event) in &batch.events {
+                if *pos > cursor {
+                    self.send(event.clone()).await?;
+                    cursor = *pos;
+                }
             }
         }
+    }
+
+    /// Sends every event after `cursor` up to `upto`: from Postgres those
+    /// the stream no longer keeps, the rest from the stream. Returns the
+    /// new cursor, `upto` or past it.
+    async fn fill(&mut self, mut cursor: EventPos, upto: EventPos) -> Result<EventPos, Stop> {
+        if cursor >= upto {
+            return Ok(cursor);
+        }
+        // A connection of the pump's own: a long gap is many large replies,
+        // which would hold up every call behind them on a shared one.
+        let mut con = match &self.own_con {
+            Some(con) => con.clone(),
+            None => {
+                let con = self.redis.dedicated(Duration::from_secs(5)).await?;
+                self.own_con.insert(con).clone()
+            }
+        };
+        let key = self.redis.keys().events(&self.tenant);
+        while cursor < upto {
+            // If the stream no longer starts at or before the cursor, it
+            // was trimmed, and the entries between may be gone from it. The
+            // trim drops only entries written to Postgres: they are sent
+            // from there first.
+            let oldest = oldest_in_stream(&mut con, &key).await?;
+            if oldest.is_none_or(|o| o > cursor) {
+                cursor = self.replay(cursor, oldest).await?;
+            }
+            if cursor >= upto {
+                return Ok(cursor);
+            }
+            let page: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(format!("({}-{}", cursor.0, cursor.1))
+                .arg(format!("{}-{}", upto.0, upto.1))
+                .arg("COUNT")
+                .arg(BATCH)
+                .query_async(&mut con)
+                .await?;
+            let last_page = page.ids.len() < BATCH;
+            for entry in &page.ids {
+                let event = decode_event(entry)?;
+                cursor = parse_event_id(&event.event_id).unwrap_or(cursor);
+                self.send(event_pb(event)).await?;
+            }
+            if last_page {
+                return Ok(cursor.max(upto));
+            }
+        }
+        Ok(cursor)
     }
 
     /// Sends from Postgres the events after `after` that are older than the
@@ -273,7 +349,7 @@ impl Pump {
             let Some(last) = page.last() else { break };
             from = parse_event_id(&last.event_id).unwrap_or(from);
             for e in page {
-                self.send(e).await?;
+                self.send(event_pb(e)).await?;
             }
         }
         Ok(from)
@@ -281,13 +357,13 @@ impl Pump {
 }
 
 /// An event id as (milliseconds, sequence), ordered as the stream orders.
-type EventPos = (u64, u64);
+pub(super) type EventPos = (u64, u64);
 
 /// The id of the oldest entry the stream still keeps, if any.
-async fn oldest_in_stream(
-    con: &mut redis::aio::MultiplexedConnection,
+pub(super) async fn oldest_in_stream(
+    con: &mut impl redis::aio::ConnectionLike,
     key: &str,
-) -> Result<Option<EventPos>, Stop> {
+) -> Result<Option<EventPos>, redis::RedisError> {
     let oldest: StreamRangeReply = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
@@ -299,7 +375,7 @@ async fn oldest_in_stream(
     Ok(oldest.ids.first().and_then(|e| parse_event_id(&e.id)))
 }
 
-fn event_pb(e: Event) -> pb::WatchResponse {
+pub(super) fn event_pb(e: Event) -> pb::WatchResponse {
     pb::WatchResponse {
         event_id: e.event_id,
         kind: e.kind,

@@ -6,6 +6,7 @@ mod admin;
 pub mod auth;
 mod channel;
 mod convert;
+mod event_tap;
 mod events;
 mod flash_sale;
 mod reservation;

@@ -14,7 +14,10 @@ use crate::fallback::take;
 use crate::helpers::{TestApp, claim, spawn_app, spawn_app_with};
 
 /// A Watch of the tenant's events after `after_event_id` ("" for from now).
-async fn watch(app: &TestApp, after_event_id: String) -> tonic::Streaming<pb::WatchResponse> {
+pub(crate) async fn watch(
+    app: &TestApp,
+    after_event_id: String,
+) -> tonic::Streaming<pb::WatchResponse> {
     app.events()
         .watch(pb::WatchRequest { after_event_id })
         .await

@@ -28,3 +28,4 @@ mod stock;
 mod tls;
 mod validation;
 mod walls;
+mod watch;

@@ -1,0 +1,221 @@
+//! Live `Watch` subscribers of one tenant share one reader of its stream
+//! (a tap): each still gets every event after its own start exactly once
+//! and in order, whenever it joined; one that falls behind, or is cut by a
+//! shutdown, is told where to resume; and "from now" means now, also on a
+//! stream the trim emptied.
+
+use std::time::Duration;
+
+use holdfast::grpc::pb::{self, Outcome};
+use redis::AsyncCommands;
+use tokio_stream::StreamExt;
+
+use crate::events::{next, watch};
+use crate::helpers::{TestApp, claim, spawn_app};
+
+/// `n` claims of one unit each, `c{from}` on, on sale "w", one at a time.
+async fn claims(app: &TestApp, from: usize, n: usize) {
+    for i in from..from + n {
+        let r = app
+            .flash()
+            .claim(claim(&format!("c{i}"), "w", &[("p", 1)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.outcome(), Outcome::Ok);
+    }
+}
+
+/// The hold ids of the next `n` events on `stream`.
+async fn ids(stream: &mut tonic::Streaming<pb::WatchResponse>, n: usize) -> Vec<String> {
+    let mut seen = Vec::with_capacity(n);
+    for _ in 0..n {
+        seen.push(next(stream).await.hold_id);
+    }
+    seen
+}
+
+fn expected(from: usize, to: usize) -> Vec<String> {
+    (from..to).map(|i| format!("c{i}")).collect()
+}
+
+/// Redis connections named as the tenant's tap.
+async fn taps(app: &TestApp) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    let name = format!("name=watch:{}:{{dev}}:events ", app.redis_prefix);
+    list.lines().filter(|l| l.contains(&name)).count()
+}
+
+#[tokio::test]
+async fn subscribers_share_one_reader_and_each_gets_its_events_once_in_order() {
+    let app = spawn_app().await;
+    app.live_sale("w", &[("p", Some(1_000))], 0).await;
+    claims(&app, 0, 5).await;
+    let mut early: Vec<_> = Vec::new();
+    for _ in 0..3 {
+        early.push(watch(&app, String::new()).await);
+    }
+    claims(&app, 5, 20).await;
+    let first_five = ids(&mut early[0], 5).await;
+    // One joins from now, mid-sale; one resumes from an id before every
+    // subscriber's start, which the tap never read.
+    let mut late = watch(&app, String::new()).await;
+    let old = app
+        .eventually("c1's event in Postgres", || async {
+            sqlx::query_scalar::<_, String>("SELECT event_id FROM audit_log WHERE hold_id = 'c1'")
+                .fetch_optional(&app.pg)
+                .await
+                .unwrap()
+        })
+        .await;
+    let mut from_old = watch(&app, old).await;
+    claims(&app, 25, 10).await;
+
+    assert_eq!(first_five, expected(5, 10));
+    assert_eq!(ids(&mut early[0], 25).await, expected(10, 35));
+    for stream in &mut early[1..] {
+        assert_eq!(ids(stream, 30).await, expected(5, 35));
+    }
+    assert_eq!(ids(&mut late, 10).await, expected(25, 35));
+    assert_eq!(ids(&mut from_old, 33).await, expected(2, 35));
+    assert_eq!(taps(&app).await, 1, "five subscribers, one reader");
+    for stream in early.iter_mut().chain([&mut late, &mut from_old]) {
+        let more = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+        assert!(more.is_err(), "no event twice: {more:?}");
+    }
+    app.shutdown().await;
+}
+
+/// A quiet tenant's stream is trimmed empty once its events are in
+/// Postgres; a subscriber from now then starts at the stream's clock, not
+/// at its beginning, and gets no history. The same when Redis lost the
+/// stream altogether.
+#[tokio::test]
+async fn from_now_on_a_stream_the_trim_emptied_sends_no_history() {
+    let app = spawn_app().await;
+    app.live_sale("w", &[("p", Some(1_000))], 0).await;
+    claims(&app, 0, 3).await;
+    app.eventually("the claims are in Postgres", || async {
+        (app.audit_count().await >= 3).then_some(())
+    })
+    .await;
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let mut con = app.redis().await;
+    let _: i64 = con
+        .xtrim(&key, redis::streams::StreamMaxlen::Equals(0))
+        .await
+        .unwrap();
+    let mut stream = watch(&app, String::new()).await;
+    claims(&app, 3, 1).await;
+    assert_eq!(next(&mut stream).await.hold_id, "c3");
+
+    let _: i64 = con.del(&key).await.unwrap();
+    let mut stream = watch(&app, String::new()).await;
+    claims(&app, 4, 1).await;
+    assert_eq!(next(&mut stream).await.hold_id, "c4");
+    app.shutdown().await;
+}
+
+/// A subscriber that stops reading is ended once its buffer is full, with
+/// ABORTED naming the last event it was sent, from which it resumes with
+/// nothing lost. The events are appended to the stream directly, as fast
+/// as Redis takes them, and the subscriber's connection has HTTP/2's
+/// smallest window, so that little waits in transit.
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_is_told_where_to_resume() {
+    const EVENTS: usize = 20_000;
+    let app = spawn_app().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    let mut stream = pb::event_service_client::EventServiceClient::new(channel)
+        .watch(pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let mut add = redis::pipe();
+    for n in 0..EVENTS {
+        add.cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg(&["k", "extended", "j", "stock", "l", "[]", "t", "0", "h"])
+            .arg(format!("g{n}"))
+            .ignore();
+    }
+    let () = add.query_async(&mut app.redis().await).await.unwrap();
+    // Not reading meanwhile: the daemon has a few thousand events to push
+    // before the window, its send buffer and the subscriber's buffer are
+    // full, a few milliseconds' work. Read at once, the test's client can
+    // keep up, and then nothing falls behind.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mut got = Vec::new();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Ok(event))) => got.push(event),
+            Ok(Some(Err(status))) => break status,
+            other => panic!(
+                "ended without a status after {} events: {other:?}",
+                got.len()
+            ),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status}");
+    let last = got.last().expect("some events came first");
+    assert!(
+        status
+            .message()
+            .contains(&format!("after_event_id={}", last.event_id)),
+        "{status}"
+    );
+    assert!(got.len() < EVENTS, "it fell behind before the end");
+    let mut resumed = watch(&app, last.event_id.clone()).await;
+    let rest = ids(&mut resumed, EVENTS - got.len()).await;
+    let all: Vec<String> = got.into_iter().map(|e| e.hold_id).chain(rest).collect();
+    let expected: Vec<String> = (0..EVENTS).map(|n| format!("g{n}")).collect();
+    assert_eq!(
+        all, expected,
+        "every event once, in order, across the two streams"
+    );
+    app.shutdown().await;
+}
+
+/// At shutdown a subscriber's stream ends UNAVAILABLE, naming the last
+/// event it was sent.
+#[tokio::test]
+async fn a_shutdown_ends_a_subscription_with_where_to_resume() {
+    let app = spawn_app().await;
+    app.live_sale("w", &[("p", Some(10))], 0).await;
+    let mut stream = watch(&app, String::new()).await;
+    claims(&app, 0, 2).await;
+    let seen = ids(&mut stream, 2).await;
+    assert_eq!(seen, expected(0, 2));
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let newest: redis::streams::StreamRangeReply = app
+        .redis()
+        .await
+        .xrevrange_count(&key, "+", "-", 1)
+        .await
+        .unwrap();
+    let last = newest.ids[0].id.clone();
+    let stopping = tokio::spawn(app.shutdown());
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream ends within 10 s");
+    let status = ended.expect("a status, not a silent end").unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(
+        status.message().contains(&format!("after_event_id={last}")),
+        "{status}"
+    );
+    stopping.await.unwrap();
+}
