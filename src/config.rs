@@ -319,9 +319,10 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_PG_MAX_CONNECTIONS", default_value_t = 16)]
     pub pg_max_connections: u32,
 
-    /// On shutdown, once in-flight calls have finished, how long the
-    /// background jobs (drainer, sweeper, outbox, ...) may take to stop,
-    /// seconds.
+    /// On shutdown, how long in-flight calls may take to finish and their
+    /// connections to close (those left are then closed), and then how
+    /// long the background jobs (drainer, sweeper, outbox, ...) may take to
+    /// stop, seconds.
     #[arg(long, env = "HOLDFAST_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 }

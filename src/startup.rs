@@ -221,13 +221,28 @@ impl Application {
                 let _ = stop_tx.send(true);
             }
         };
-        let served = router
+        let serving = router
             .add_service(health_service)
-            .serve_with_incoming_shutdown(accept::connections(self.grpc, handshake), signal)
-            .await;
+            .serve_with_incoming_shutdown(accept::connections(self.grpc, handshake), signal);
+        // Once stopping, connections get the grace period to finish their
+        // calls and close. Without a bound, one whose client vanished (or
+        // never answers HTTP/2's pings, which the graceful close waits on)
+        // held the daemon until keepalive gave up on it, past any
+        // orchestrator's patience.
+        let grace = Duration::from_secs(self.args.shutdown_grace_secs);
+        let mut stopping = stop_rx.clone();
+        let served = tokio::select! {
+            served = serving => served,
+            _ = async {
+                let _ = stopping.wait_for(|s| *s).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "connections still open after the grace period; not waiting for them");
+                Ok(())
+            }
+        };
 
         let _ = stop_tx.send(true);
-        let grace = Duration::from_secs(self.args.shutdown_grace_secs);
         if tokio::time::timeout(grace, futures_join(jobs))
             .await
             .is_err()

@@ -1,8 +1,9 @@
 //! The gRPC port's connections: one that never opens, or whose client
 //! stopped answering after it opened, is closed by the daemon; one whose
-//! client answers its pings stays up however long it idles. The clients
-//! here speak HTTP/2's framing by hand, so each can fall silent exactly
-//! where a vanished peer would.
+//! client answers its pings stays up however long it idles; one whose
+//! client cancels many calls before the daemon took them up is not closed
+//! for it. The clients here speak HTTP/2's framing by hand, so each can
+//! fall silent, or cancel, exactly where a real one would.
 
 use std::time::Duration;
 
@@ -14,9 +15,23 @@ use crate::helpers::{TestApp, fresh_database, random_suffix, redis_url, spawn_ap
 /// What an HTTP/2 client sends first: the preface and an empty SETTINGS
 /// frame (RFC 9113, 3.4).
 const OPENING: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
 const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const CANCEL: u32 = 0x8;
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
 
 /// How a hand-made connection ended.
 #[derive(Debug, PartialEq)]
@@ -43,21 +58,18 @@ async fn watch_frames(stream: &mut TcpStream, answer: bool, watch: Duration) -> 
             if stream.read_exact(&mut payload).await.is_err() {
                 return;
             }
-            if answer && header[3] == SETTINGS && header[4] & ACK == 0 {
-                let ack = [0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0];
-                if stream.write_all(&ack).await.is_err() {
-                    return;
+            let reply = match (header[3], header[4] & ACK) {
+                (SETTINGS, 0) => Some(frame(SETTINGS, ACK, 0, &[])),
+                (PING, 0) => {
+                    pings += 1;
+                    Some(frame(PING, ACK, 0, &payload))
                 }
-            }
-            if header[3] == PING && header[4] & ACK == 0 {
-                pings += 1;
-                if answer {
-                    let mut pong = vec![0, 0, 8, PING, ACK, 0, 0, 0, 0];
-                    pong.extend_from_slice(&payload);
-                    if stream.write_all(&pong).await.is_err() {
-                        return;
-                    }
-                }
+                _ => None,
+            };
+            if let Some(reply) = reply.filter(|_| answer)
+                && stream.write_all(&reply).await.is_err()
+            {
+                return;
             }
         }
     })
@@ -128,6 +140,93 @@ async fn a_client_that_answers_pings_stays_connected_while_idle() {
         matches!(ended, Ended::Open { pings } if pings >= 2),
         "{ended:?}"
     );
+    app.shutdown().await;
+}
+
+/// A client that vanished (it neither reads nor answers) does not hold up
+/// a shutdown past `--shutdown-grace-secs`: HTTP/2's graceful close waits
+/// for the client to answer a ping, which it never will.
+#[tokio::test]
+async fn a_vanished_client_does_not_hold_up_a_shutdown() {
+    let app = spawn_app_with(|a| a.shutdown_grace_secs = 1).await;
+    let mut vanished = TcpStream::connect(app.addr).await.unwrap();
+    vanished.write_all(OPENING).await.unwrap();
+    still_serves(&app).await;
+    // TestApp::shutdown fails the test if the daemon takes over 30 s.
+    app.shutdown().await;
+    drop(vanished);
+}
+
+/// A health check's request headers, HPACK-encoded by hand: `:method
+/// POST` and `:scheme http` from the static table, the rest literal
+/// without indexing (RFC 7541).
+fn health_check_headers() -> Vec<u8> {
+    let mut h = vec![0x83, 0x86];
+    let mut literal = |name_index: u8, value: &str| {
+        h.push(name_index);
+        h.push(value.len() as u8);
+        h.extend_from_slice(value.as_bytes());
+    };
+    literal(0x04, "/grpc.health.v1.Health/Check"); // :path
+    literal(0x01, "localhost"); // :authority
+    h.extend_from_slice(&[0x0f, 0x10]); // content-type, static index 31
+    h.push(16);
+    h.extend_from_slice(b"application/grpc");
+    h.extend_from_slice(&[0x00, 2]);
+    h.extend_from_slice(b"te");
+    h.push(8);
+    h.extend_from_slice(b"trailers");
+    h
+}
+
+/// A stampede's calls that give up while still queued in the connection
+/// are cancelled before the daemon takes them up; h2 closes a connection
+/// with more than 20 of those at once (GOAWAY ENHANCE_YOUR_CALM), failing
+/// every call on it. The daemon allows 4,096 (`PENDING_RESETS` in
+/// src/startup.rs): 500 calls sent and cancelled in one go leave the
+/// connection open and answering.
+#[tokio::test]
+async fn calls_cancelled_before_they_are_taken_up_do_not_close_the_connection() {
+    const CALLS: u32 = 500;
+    let app = spawn_app_with(|_| {}).await;
+    let mut conn = TcpStream::connect(app.addr).await.unwrap();
+    let headers = health_check_headers();
+    let mut burst = OPENING.to_vec();
+    for n in 0..CALLS {
+        let stream = 2 * n + 1;
+        burst.extend(frame(HEADERS, END_HEADERS, stream, &headers));
+        burst.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+    }
+    burst.extend(frame(PING, 0, 0, b"stillup?"));
+    conn.write_all(&burst).await.unwrap();
+
+    let mut goaway = None;
+    let mut answered = false;
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while !answered {
+            let mut header = [0u8; 9];
+            conn.read_exact(&mut header).await?;
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            conn.read_exact(&mut payload).await?;
+            match header[3] {
+                GOAWAY => goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap())),
+                PING if header[4] & ACK != 0 => answered = payload == b"stillup?",
+                _ => {}
+            }
+        }
+        std::io::Result::Ok(())
+    })
+    .await;
+    assert_eq!(
+        goaway, None,
+        "GOAWAY with error code {goaway:?} (0xb: ENHANCE_YOUR_CALM)"
+    );
+    assert!(
+        answered,
+        "the connection answers its ping after the burst: {read:?}"
+    );
+    drop(conn);
     app.shutdown().await;
 }
 
