@@ -143,20 +143,29 @@ pub(super) async fn latest(
     redis: &RedisStore,
     tenant: &TenantId,
 ) -> Result<EventPos, redis::RedisError> {
-    let mut con = redis.multiplexed();
+    if let Some(pos) = newest_entry(redis, tenant).await? {
+        return Ok(pos);
+    }
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut redis.multiplexed())
+        .await?;
+    Ok(before((secs * 1_000 + micros / 1_000, 0)))
+}
+
+/// The id of the newest entry in the tenant's stream, if it has any.
+async fn newest_entry(
+    redis: &RedisStore,
+    tenant: &TenantId,
+) -> Result<Option<EventPos>, redis::RedisError> {
     let last: StreamRangeReply = redis::cmd("XREVRANGE")
         .arg(redis.keys().events(tenant))
         .arg("+")
         .arg("-")
         .arg("COUNT")
         .arg(1)
-        .query_async(&mut con)
+        .query_async(&mut redis.multiplexed())
         .await?;
-    if let Some(pos) = last.ids.first().and_then(|e| parse_event_id(&e.id)) {
-        return Ok(pos);
-    }
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut con).await?;
-    Ok(before((secs * 1_000 + micros / 1_000, 0)))
+    Ok(last.ids.first().and_then(|e| parse_event_id(&e.id)))
 }
 
 /// The stream position just before `pos`.
@@ -244,9 +253,13 @@ impl Pump {
         start: Start,
         mut batches: broadcast::Receiver<Arc<Batch>>,
     ) -> Result<(), Stop> {
-        let (Start::After(from) | Start::At(from)) = start;
-        let newest = latest(&self.redis, &self.tenant).await?;
-        let mut cursor = self.fill(from, newest).await?;
+        let mut cursor = match (newest_entry(&self.redis, &self.tenant).await?, start) {
+            (Some(newest), Start::After(from) | Start::At(from)) => self.fill(from, newest).await?,
+            // Nothing in the stream: what followed a resume point is in
+            // Postgres if anywhere, and nothing has followed "now" yet.
+            (None, Start::After(after)) => self.replay(after, None).await?,
+            (None, Start::At(now)) => now,
+        };
         loop {
             let stopping = &mut self.stopping;
             let next = tokio::select! {

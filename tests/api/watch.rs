@@ -93,7 +93,8 @@ async fn subscribers_share_one_reader_and_each_gets_its_events_once_in_order() {
 /// A quiet tenant's stream is trimmed empty once its events are in
 /// Postgres; a subscriber from now then starts at the stream's clock, not
 /// at its beginning, and gets no history. The same when Redis lost the
-/// stream altogether.
+/// stream altogether. One resuming from an id meanwhile gets what followed
+/// it from Postgres at once, then the new events.
 #[tokio::test]
 async fn from_now_on_a_stream_the_trim_emptied_sends_no_history() {
     let app = spawn_app().await;
@@ -110,8 +111,16 @@ async fn from_now_on_a_stream_the_trim_emptied_sends_no_history() {
         .await
         .unwrap();
     let mut stream = watch(&app, String::new()).await;
+    let c0: String = sqlx::query_scalar("SELECT event_id FROM audit_log WHERE hold_id = 'c0'")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    let mut resumed = watch(&app, c0).await;
+    // Before any new event, which would also show it the gap.
+    assert_eq!(ids(&mut resumed, 2).await, expected(1, 3));
     claims(&app, 3, 1).await;
     assert_eq!(next(&mut stream).await.hold_id, "c3");
+    assert_eq!(next(&mut resumed).await.hold_id, "c3");
 
     let _: i64 = con.del(&key).await.unwrap();
     let mut stream = watch(&app, String::new()).await;
