@@ -10,9 +10,8 @@
 //! gap. The buffer towards the client is bounded: a subscriber that does
 //! not keep up is ended with ABORTED naming the last event it was sent.
 
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use redis::streams::StreamRangeReply;
 use tokio::sync::broadcast::error::RecvError;
