@@ -406,3 +406,14 @@ pub(super) fn event_pb(e: Event) -> pb::WatchResponse {
         at: Some(to_timestamp(e.at)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::before;
+
+    #[test]
+    fn the_position_before_an_id_is_the_last_one_that_sorts_below_it() {
+        assert_eq!(before((1_700, 5)), (1_700, 4));
+        assert_eq!(before((1_700, 0)), (1_699, u64::MAX));
+    }
+}

@@ -25,6 +25,19 @@ pub(crate) async fn watch(
         .into_inner()
 }
 
+/// `n` claims of one unit each, `c{from}` on, on sale "w", one at a time.
+pub(crate) async fn claims(app: &TestApp, from: usize, n: usize) {
+    for i in from..from + n {
+        let r = app
+            .flash()
+            .claim(claim(&format!("c{i}"), "w", &[("p", 1)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.outcome(), Outcome::Ok);
+    }
+}
+
 /// The next event on `stream`, within 10 s.
 pub(crate) async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
     tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
@@ -39,15 +52,7 @@ async fn a_subscriber_that_resumes_from_its_last_id_sees_every_event_exactly_onc
     let app = spawn_app().await;
     app.live_sale("w", &[("p", Some(100))], 0).await;
     let mut stream = watch(&app, String::new()).await;
-    for i in 0..5 {
-        let r = app
-            .flash()
-            .claim(claim(&format!("c{i}"), "w", &[("p", 1)]))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.outcome(), Outcome::Ok);
-    }
+    claims(&app, 0, 5).await;
     let mut seen = Vec::new();
     for _ in 0..3 {
         seen.push(next(&mut stream).await);
@@ -56,12 +61,7 @@ async fn a_subscriber_that_resumes_from_its_last_id_sees_every_event_exactly_onc
     drop(stream);
 
     // While disconnected, more happens.
-    for i in 5..8 {
-        app.flash()
-            .claim(claim(&format!("c{i}"), "w", &[("p", 1)]))
-            .await
-            .unwrap();
-    }
+    claims(&app, 5, 3).await;
     let mut resumed = watch(&app, last).await;
     for _ in 0..5 {
         seen.push(next(&mut resumed).await);

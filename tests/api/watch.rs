@@ -6,25 +6,12 @@
 
 use std::time::Duration;
 
-use holdfast::grpc::pb::{self, Outcome};
+use holdfast::grpc::pb;
 use redis::AsyncCommands;
 use tokio_stream::StreamExt;
 
-use crate::events::{next, watch};
-use crate::helpers::{TestApp, claim, spawn_app};
-
-/// `n` claims of one unit each, `c{from}` on, on sale "w", one at a time.
-async fn claims(app: &TestApp, from: usize, n: usize) {
-    for i in from..from + n {
-        let r = app
-            .flash()
-            .claim(claim(&format!("c{i}"), "w", &[("p", 1)]))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.outcome(), Outcome::Ok);
-    }
-}
+use crate::events::{claims, next, watch};
+use crate::helpers::{TestApp, spawn_app};
 
 /// The hold ids of the next `n` events on `stream`.
 async fn ids(stream: &mut tonic::Streaming<pb::WatchResponse>, n: usize) -> Vec<String> {
