@@ -63,6 +63,11 @@ pub mod metric {
     /// Gauge: Redis's clock minus the engine's, seconds, when Redis's clock
     /// was stepped (0 while they agree; see store/redis/clock.rs).
     pub const REDIS_CLOCK_OFFSET: &str = "holdfast_redis_clock_offset_seconds";
+    /// Gauge: live `Watch` subscriptions.
+    pub const WATCH_SUBSCRIBERS: &str = "holdfast_watch_subscribers";
+    /// Counter: `Watch` subscriptions ended, by reason (`client_left`,
+    /// `fell_behind`, `shutdown`, `error`).
+    pub const WATCH_ENDED: &str = "holdfast_watch_ended_total";
 }
 
 /// Buckets for latency histograms: 50 µs to 60 s (the sweeper's lag after
@@ -206,6 +211,11 @@ pub fn describe_metrics() {
         POOL_WAIT_SECONDS,
         Unit::Seconds,
         "Time spent waiting for a store connection, by pool"
+    );
+    describe_gauge!(WATCH_SUBSCRIBERS, "Live Watch subscriptions");
+    describe_counter!(
+        WATCH_ENDED,
+        "Watch subscriptions ended, by reason (client_left, fell_behind: ABORTED, shutdown, error: the stream could not be read)"
     );
     describe_histogram!(
         GRANT_WAIT_SECONDS,

@@ -29,6 +29,7 @@ use crate::domain::{Event, TenantId, parse_event_id};
 use crate::error::Error;
 use crate::store::postgres::PgStore;
 use crate::store::redis::{RedisStore, decode_event};
+use crate::telemetry::metric;
 
 const SERVICE: &str = "EventService";
 /// Events buffered towards one subscriber before it counts as fallen behind.
@@ -209,9 +210,22 @@ impl From<redis::RedisError> for Stop {
 
 impl Pump {
     async fn run(mut self, start: Start, batches: broadcast::Receiver<Arc<Batch>>) {
-        if let Err(Stop::Status(status)) = self.stream(start, batches).await {
-            let _ = self.tx.send(Err(status)).await;
-        }
+        let live = metrics::gauge!(metric::WATCH_SUBSCRIBERS);
+        live.increment(1.0);
+        let reason = match self.stream(start, batches).await {
+            Err(Stop::Status(status)) => {
+                let reason = match status.code() {
+                    tonic::Code::Aborted => "fell_behind",
+                    _ if *self.stopping.borrow() => "shutdown",
+                    _ => "error",
+                };
+                let _ = self.tx.send(Err(status)).await;
+                reason
+            }
+            Err(Stop::Gone) | Ok(()) => "client_left",
+        };
+        metrics::counter!(metric::WATCH_ENDED, "reason" => reason).increment(1);
+        live.decrement(1.0);
     }
 
     fn resume_hint(&self) -> String {

@@ -49,7 +49,7 @@ pub(crate) async fn scrape(app: &crate::helpers::TestApp) -> String {
 
 /// Parses Prometheus text exposition strictly enough to catch a broken
 /// page: every sample line is `name{labels} value` with a numeric value.
-fn samples(body: &str) -> Vec<(String, f64)> {
+pub(crate) fn samples(body: &str) -> Vec<(String, f64)> {
     body.lines()
         .filter(|l| !l.is_empty())
         .filter_map(|l| {
@@ -76,7 +76,7 @@ fn samples(body: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn value(samples: &[(String, f64)], name: &str, labels: &[&str]) -> f64 {
+pub(crate) fn value(samples: &[(String, f64)], name: &str, labels: &[&str]) -> f64 {
     samples
         .iter()
         .filter(|(s, _)| s.starts_with(name) && labels.iter().all(|l| s.contains(l)))

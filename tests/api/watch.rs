@@ -12,6 +12,7 @@ use tokio_stream::StreamExt;
 
 use crate::events::{claims, next, watch};
 use crate::helpers::{TestApp, spawn_app};
+use crate::ops::{samples, scrape, value};
 
 /// The hold ids of the next `n` events on `stream`.
 async fn ids(stream: &mut tonic::Streaming<pb::WatchResponse>, n: usize) -> Vec<String> {
@@ -118,7 +119,7 @@ async fn from_now_on_a_stream_the_trim_emptied_sends_no_history() {
 
 /// A subscriber that stops reading is ended once its buffer is full, with
 /// ABORTED naming the last event it was sent, from which it resumes with
-/// nothing lost. The events are appended to the stream directly, as fast
+/// nothing lost; the metrics count it live, then ended as fell_behind. The events are appended to the stream directly, as fast
 /// as Redis takes them, and the subscriber's connection has HTTP/2's
 /// smallest window, so that little waits in transit.
 #[tokio::test]
@@ -137,6 +138,8 @@ async fn a_subscriber_that_falls_behind_is_told_where_to_resume() {
         .await
         .unwrap()
         .into_inner();
+    let before = samples(&scrape(&app).await);
+    assert!(value(&before, "holdfast_watch_subscribers", &[]) >= 1.0);
     let key = format!("{}:{{dev}}:events", app.redis_prefix);
     let mut add = redis::pipe();
     for n in 0..EVENTS {
@@ -174,6 +177,10 @@ async fn a_subscriber_that_falls_behind_is_told_where_to_resume() {
         "{status}"
     );
     assert!(got.len() < EVENTS, "it fell behind before the end");
+    let fell_behind =
+        |s: &[(String, f64)]| value(s, "holdfast_watch_ended_total", &["reason=\"fell_behind\""]);
+    let after = samples(&scrape(&app).await);
+    assert!(fell_behind(&after) >= fell_behind(&before) + 1.0);
     let mut resumed = watch(&app, last.event_id.clone()).await;
     let rest = ids(&mut resumed, EVENTS - got.len()).await;
     let all: Vec<String> = got.into_iter().map(|e| e.hold_id).chain(rest).collect();
