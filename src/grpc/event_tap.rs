@@ -22,12 +22,15 @@ use std::time::Duration;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio::sync::{broadcast, watch};
 
-use super::events::{BATCH, BLOCK, EventPos, before, event_pb, oldest_in_stream};
+use super::events::{BATCH, EventPos, before, event_pb, oldest_in_stream};
 use super::pb;
 use crate::domain::{TenantId, parse_event_id};
 use crate::error::Error;
 use crate::store::redis::{RedisStore, decode_event};
 
+/// How long one blocking read waits (also how soon a tap notices that it
+/// has no subscriber left, or that the daemon stops).
+const BLOCK: Duration = Duration::from_millis(500);
 /// Batches a tap keeps for a subscriber that is busy (sending, or reading
 /// a gap); one that falls further behind reads what it lost itself.
 const KEPT: usize = 64;

@@ -34,8 +34,6 @@ use crate::telemetry::metric;
 const SERVICE: &str = "EventService";
 /// Events buffered towards one subscriber before it counts as fallen behind.
 const BUFFER: usize = 1024;
-/// How long one blocking read waits (also how soon a shutdown is noticed).
-pub(super) const BLOCK: Duration = Duration::from_millis(500);
 /// Events per read.
 pub(super) const BATCH: usize = 200;
 

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::helpers::{TestApp, fresh_database, random_suffix, redis_url, spawn_app_with};
+use crate::tls::get_sale;
 
 /// What an HTTP/2 client sends first: the preface and an empty SETTINGS
 /// frame (RFC 9113, 3.4).
@@ -310,14 +311,8 @@ impl Process {
 
 /// Whether a call gets its answer (NOT_FOUND for an unknown sale).
 async fn answers(channel: tonic::transport::Channel) -> bool {
-    let mut client =
-        holdfast::grpc::pb::flash_sale_service_client::FlashSaleServiceClient::new(channel);
-    let call = client.get_sale(holdfast::grpc::pb::GetSaleRequest {
-        sale_id: "nope".into(),
-        ..Default::default()
-    });
     matches!(
-        tokio::time::timeout(Duration::from_secs(5), call).await,
+        tokio::time::timeout(Duration::from_secs(5), get_sale(channel)).await,
         Ok(Err(status)) if status.code() == tonic::Code::NotFound
     )
 }

@@ -75,7 +75,7 @@ async fn tls_channel(
 }
 
 /// A call that needs the whole stack: NOT_FOUND for an unknown sale.
-async fn get_sale(channel: Channel) -> Result<(), tonic::Status> {
+pub(crate) async fn get_sale(channel: Channel) -> Result<(), tonic::Status> {
     pb::flash_sale_service_client::FlashSaleServiceClient::new(channel)
         .get_sale(pb::GetSaleRequest {
             sale_id: "nope".into(),
