@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::streams::{StreamReadOptions, StreamReadReply};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{Notify, broadcast, watch};
 
 use super::events::{BATCH, EventPos, before, event_pb, oldest_in_stream};
 use super::pb;
@@ -28,9 +29,15 @@ use crate::domain::{TenantId, parse_event_id};
 use crate::error::Error;
 use crate::store::redis::{RedisStore, decode_event};
 
-/// How long one blocking read waits (also how soon a tap notices that it
-/// has no subscriber left, or that the daemon stops).
-const BLOCK: Duration = Duration::from_millis(500);
+/// How long one blocking read waits. A tap that has nothing to read costs
+/// Redis and the daemon one read per `BLOCK` (a platform's ten thousand
+/// shops, each with a subscriber, ten thousand taps), so it is long: the
+/// daemon's stopping and the last subscriber's leaving end a read at once
+/// rather than being looked for between reads. What it still bounds is
+/// how long a tap waits on a connection that went dead without a word
+/// (`BLOCK` and the reply's two seconds) before its subscribers are told
+/// to resume.
+const BLOCK: Duration = Duration::from_secs(10);
 /// Batches a tap keeps for a subscriber that is busy (sending, or reading
 /// a gap); one that falls further behind reads what it lost itself.
 const KEPT: usize = 64;
@@ -47,7 +54,40 @@ pub struct Batch {
 pub struct Taps {
     redis: RedisStore,
     stopping: watch::Receiver<bool>,
-    live: Mutex<HashMap<TenantId, broadcast::Sender<Arc<Batch>>>>,
+    live: Mutex<HashMap<TenantId, Tap>>,
+}
+
+/// A running tap as subscribers find it.
+struct Tap {
+    tx: broadcast::Sender<Arc<Batch>>,
+    /// Told by each subscriber that leaves.
+    left: Arc<Notify>,
+}
+
+/// A subscriber's end of its tenant's tap: the batches, and word to the
+/// tap when it is dropped, so that the last subscriber's leaving ends the
+/// tap's blocking read (and frees its connection) at once.
+pub struct Subscription {
+    /// Taken only when dropped, so the tap counts it gone when told.
+    batches: Option<broadcast::Receiver<Arc<Batch>>>,
+    left: Arc<Notify>,
+}
+
+impl Subscription {
+    /// The tap's next batch (see [`broadcast::Receiver::recv`]).
+    pub async fn recv(&mut self) -> Result<Arc<Batch>, RecvError> {
+        match &mut self.batches {
+            Some(batches) => batches.recv().await,
+            None => Err(RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.batches.take());
+        self.left.notify_one();
+    }
 }
 
 impl Taps {
@@ -69,39 +109,50 @@ impl Taps {
     /// past the stream as it was before the subscription (`from`, the
     /// newest entry then), and a running tap, which has only sent what the
     /// stream held, never is.
-    pub fn subscribe(
-        self: &Arc<Self>,
-        tenant: &TenantId,
-        from: EventPos,
-    ) -> broadcast::Receiver<Arc<Batch>> {
+    pub fn subscribe(self: &Arc<Self>, tenant: &TenantId, from: EventPos) -> Subscription {
         let mut live = self.live.lock().expect("the taps' lock is never poisoned");
-        if let Some(tx) = live.get(tenant) {
-            return tx.subscribe();
+        if let Some(tap) = live.get(tenant) {
+            return Subscription {
+                batches: Some(tap.tx.subscribe()),
+                left: tap.left.clone(),
+            };
         }
         let (tx, rx) = broadcast::channel(KEPT);
-        live.insert(tenant.clone(), tx.clone());
-        tokio::spawn(self.clone().run(tenant.clone(), tx, from));
-        rx
+        let left = Arc::new(Notify::new());
+        live.insert(
+            tenant.clone(),
+            Tap {
+                tx: tx.clone(),
+                left: left.clone(),
+            },
+        );
+        tokio::spawn(self.clone().run(tenant.clone(), tx, left.clone(), from));
+        Subscription {
+            batches: Some(rx),
+            left,
+        }
     }
 
     async fn run(
         self: Arc<Self>,
         tenant: TenantId,
         tx: broadcast::Sender<Arc<Batch>>,
+        left: Arc<Notify>,
         from: EventPos,
     ) {
-        if let Err(e) = self.read(&tenant, &tx, from).await {
+        if let Err(e) = self.read(&tenant, &tx, &left, from).await {
             tracing::warn!(%tenant, error = %e, "a Watch tap stopped; its subscribers are told to resume");
         }
         self.forget(&tenant, &tx, true);
     }
 
     /// Reads the stream and sends what it read until no subscriber is
-    /// left or the daemon stops.
+    /// left or the daemon stops; either ends a read that is waiting.
     async fn read(
         &self,
         tenant: &TenantId,
         tx: &broadcast::Sender<Arc<Batch>>,
+        left: &Notify,
         mut cursor: EventPos,
     ) -> Result<(), Error> {
         let key = self.redis.keys().events(tenant);
@@ -112,17 +163,32 @@ impl Taps {
             .arg(format!("watch:{key}"))
             .query_async(&mut con)
             .await?;
-        while !*self.stopping.borrow() && !self.forget(tenant, tx, false) {
+        let mut stopping = self.stopping.clone();
+        while !*stopping.borrow() && !self.forget(tenant, tx, false) {
             let opts = StreamReadOptions::default()
                 .count(BATCH)
                 .block(BLOCK.as_millis() as usize);
-            let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
-                &mut con,
-                &[&key],
-                &[format!("{}-{}", cursor.0, cursor.1)],
-                &opts,
-            )
-            .await?;
+            let (keys, from) = ([&key], [format!("{}-{}", cursor.0, cursor.1)]);
+            let reply = {
+                let read = redis::AsyncCommands::xread_options::<_, _, Option<StreamReadReply>>(
+                    &mut con, &keys, &from, &opts,
+                );
+                tokio::pin!(read);
+                // Ending a read drops it with its connection: nothing else
+                // is sent on that connection, whose reply would queue
+                // behind it.
+                loop {
+                    tokio::select! {
+                        reply = &mut read => break reply?,
+                        _ = stopping.wait_for(|s| *s) => return Ok(()),
+                        () = left.notified() => {
+                            if self.forget(tenant, tx, false) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            };
             let entries: Vec<_> = reply
                 .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
                 .unwrap_or_default();
@@ -158,7 +224,7 @@ impl Taps {
         if !always && tx.receiver_count() > 0 {
             return false;
         }
-        if live.get(tenant).is_some_and(|t| t.same_channel(tx)) {
+        if live.get(tenant).is_some_and(|t| t.tx.same_channel(tx)) {
             live.remove(tenant);
         }
         true

@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use redis::streams::StreamRangeReply;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::auth::{Auth, Role};
 use super::convert::to_timestamp;
-use super::event_tap::{Batch, Taps};
+use super::event_tap::{Subscription, Taps};
 use super::pb;
 use super::pb::event_service_server::EventService;
 use super::{meter, observe};
@@ -113,7 +113,6 @@ impl EventService for EventApi {
             tx,
             stopping: self.stopping.clone(),
             last_sent: None,
-            own_con: None,
         };
         tokio::spawn(pump.run(start, batches));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -182,8 +181,6 @@ struct Pump {
     tx: mpsc::Sender<Item>,
     stopping: watch::Receiver<bool>,
     last_sent: Option<String>,
-    /// Made when the pump first has a gap to read.
-    own_con: Option<redis::aio::MultiplexedConnection>,
 }
 
 /// Why a pump stopped sending.
@@ -207,7 +204,7 @@ impl From<redis::RedisError> for Stop {
 }
 
 impl Pump {
-    async fn run(mut self, start: Start, batches: broadcast::Receiver<Arc<Batch>>) {
+    async fn run(mut self, start: Start, batches: Subscription) {
         let live = metrics::gauge!(metric::WATCH_SUBSCRIBERS);
         live.increment(1.0);
         let reason = match self.stream(start, batches).await {
@@ -259,11 +256,7 @@ impl Pump {
 
     /// What the stream holds past the start first (from Postgres where it
     /// was trimmed), then the tap's batches.
-    async fn stream(
-        &mut self,
-        start: Start,
-        mut batches: broadcast::Receiver<Arc<Batch>>,
-    ) -> Result<(), Stop> {
+    async fn stream(&mut self, start: Start, mut batches: Subscription) -> Result<(), Stop> {
         let mut cursor = match (newest_entry(&self.redis, &self.tenant).await?, start) {
             (Some(newest), Start::After(from) | Start::At(from)) => self.fill(from, newest).await?,
             // Nothing in the stream: what followed a resume point is in
@@ -314,16 +307,18 @@ impl Pump {
         if cursor >= upto {
             return Ok(cursor);
         }
-        // A connection of the pump's own: a long gap is many large replies,
-        // which would hold up every call behind them on a shared one.
-        let mut con = match &self.own_con {
-            Some(con) => con.clone(),
-            None => {
-                let con = self.redis.dedicated(Duration::from_secs(5)).await?;
-                self.own_con.insert(con).clone()
-            }
-        };
+        // A connection of the gap's own: a long gap is many large replies,
+        // which would hold up every call behind them on a shared one. Not
+        // kept past the gap: after a deploy every subscriber resumes, and
+        // each would hold a Redis connection for as long as it watches.
+        let mut con = self.redis.dedicated(Duration::from_secs(5)).await?;
         let key = self.redis.keys().events(&self.tenant);
+        // Named so an operator sees what it is in CLIENT LIST.
+        let () = redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(format!("watch-gap:{key}"))
+            .query_async(&mut con)
+            .await?;
         while cursor < upto {
             // If the stream no longer starts at or before the cursor, it
             // was trimmed, and the entries between may be gone from it. The

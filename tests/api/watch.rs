@@ -27,15 +27,25 @@ fn expected(from: usize, to: usize) -> Vec<String> {
     (from..to).map(|i| format!("c{i}")).collect()
 }
 
-/// Redis connections named as the tenant's tap.
-async fn taps(app: &TestApp) -> usize {
+/// `CLIENT LIST`'s lines of the Redis connections named `what` (`watch`
+/// for the tenant's tap, `watch-gap` for a subscriber reading a gap) and
+/// the tenant's stream.
+async fn listed(app: &TestApp, what: &str) -> Vec<String> {
     let list: String = redis::cmd("CLIENT")
         .arg("LIST")
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
-    let name = format!("name=watch:{}:{{dev}}:events ", app.redis_prefix);
-    list.lines().filter(|l| l.contains(&name)).count()
+    let name = format!("name={what}:{}:{{dev}}:events ", app.redis_prefix);
+    list.lines()
+        .filter(|l| l.contains(&name))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Redis connections named as the tenant's tap.
+async fn taps(app: &TestApp) -> usize {
+    listed(app, "watch").await.len()
 }
 
 #[tokio::test]
@@ -71,10 +81,55 @@ async fn subscribers_share_one_reader_and_each_gets_its_events_once_in_order() {
     assert_eq!(ids(&mut late, 10).await, expected(25, 35));
     assert_eq!(ids(&mut from_old, 33).await, expected(2, 35));
     assert_eq!(taps(&app).await, 1, "five subscribers, one reader");
+    app.eventually("the gaps' connections let go once read", || async {
+        listed(&app, "watch-gap").await.is_empty().then_some(())
+    })
+    .await;
     for stream in early.iter_mut().chain([&mut late, &mut from_old]) {
         let more = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
         assert!(more.is_err(), "no event twice: {more:?}");
     }
+    app.shutdown().await;
+}
+
+/// A tap with nothing to read waits in one blocking read instead of
+/// asking Redis again and again (a platform's ten thousand quiet shops
+/// with a subscriber each would be ten thousand taps asking), still hands
+/// on what comes, and ends as soon as its last subscriber leaves.
+#[tokio::test]
+async fn a_quiet_tap_waits_in_one_read_and_ends_when_its_last_subscriber_leaves() {
+    let app = spawn_app().await;
+    app.live_sale("w", &[("p", Some(10))], 0).await;
+    let mut stream = watch(&app, String::new()).await;
+    let other = watch(&app, String::new()).await;
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let listed = listed(&app, "watch").await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let field = |name: &str| {
+        let prefix = format!("{name}=");
+        listed[0]
+            .split(' ')
+            .find_map(|f| f.strip_prefix(prefix.as_str()))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(field("cmd"), "xread", "{listed:?}");
+    assert!(field("flags").contains('b'), "blocked: {listed:?}");
+    let idle: u64 = field("idle").parse().unwrap();
+    assert!(idle >= 3, "one read for 3.5 s: {listed:?}");
+
+    drop(other);
+    claims(&app, 0, 1).await;
+    assert_eq!(next(&mut stream).await.hold_id, "c0");
+    assert_eq!(taps(&app).await, 1, "one subscriber left, the tap stays");
+    drop(stream);
+    // Well inside one blocking read (10 s).
+    app.eventually_within(
+        Duration::from_secs(2),
+        "the tap's connection closed",
+        || async { (taps(&app).await == 0).then_some(()) },
+    )
+    .await;
     app.shutdown().await;
 }
 
