@@ -304,40 +304,34 @@ impl Pump {
     /// the stream no longer keeps, the rest from the stream. Returns the
     /// new cursor, `upto` or past it.
     async fn fill(&mut self, mut cursor: EventPos, upto: EventPos) -> Result<EventPos, Stop> {
-        if cursor >= upto {
-            return Ok(cursor);
-        }
-        // A connection of the gap's own: a long gap is many large replies,
-        // which would hold up every call behind them on a shared one. Not
-        // kept past the gap: after a deploy every subscriber resumes, and
-        // each would hold a Redis connection for as long as it watches.
-        let mut con = self.redis.dedicated(Duration::from_secs(5)).await?;
         let key = self.redis.keys().events(&self.tenant);
-        // Named so an operator sees what it is in CLIENT LIST.
-        let () = redis::cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(format!("watch-gap:{key}"))
-            .query_async(&mut con)
-            .await?;
+        // Made only for a gap the stream has pages of: most gaps are none
+        // (the first entry of a quiet tenant's stream, trimmed empty, is
+        // past every cursor), or only in Postgres.
+        let mut con = None;
         while cursor < upto {
             // If the stream no longer starts at or before the cursor, it
             // was trimmed, and the entries between may be gone from it. The
             // trim drops only entries written to Postgres: they are sent
-            // from there first.
-            let oldest = oldest_in_stream(&mut con, &key).await?;
+            // from there first. One small reply: the shared connection.
+            let oldest = oldest_in_stream(&mut self.redis.multiplexed(), &key).await?;
             if oldest.is_none_or(|o| o > cursor) {
                 cursor = self.replay(cursor, oldest).await?;
             }
             if cursor >= upto {
                 return Ok(cursor);
             }
+            let con = match &mut con {
+                Some(con) => con,
+                None => con.insert(self.gap_connection(&key).await?),
+            };
             let page: StreamRangeReply = redis::cmd("XRANGE")
                 .arg(&key)
                 .arg(format!("({}-{}", cursor.0, cursor.1))
                 .arg(format!("{}-{}", upto.0, upto.1))
                 .arg("COUNT")
                 .arg(BATCH)
-                .query_async(&mut con)
+                .query_async(con)
                 .await?;
             let last_page = page.ids.len() < BATCH;
             for entry in &page.ids {
@@ -352,9 +346,25 @@ impl Pump {
         Ok(cursor)
     }
 
+    /// A connection of a gap's own: a long gap is many large replies,
+    /// which would hold up every call behind them on a shared one. Not kept
+    /// past the gap: after a deploy every subscriber resumes, and each would
+    /// hold a Redis connection for as long as it watches.
+    async fn gap_connection(&self, key: &str) -> Result<redis::aio::MultiplexedConnection, Stop> {
+        let mut con = self.redis.dedicated(Duration::from_secs(5)).await?;
+        // Named so an operator sees what it is in CLIENT LIST.
+        let () = redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(format!("watch-gap:{key}"))
+            .query_async(&mut con)
+            .await?;
+        Ok(con)
+    }
+
     /// Sends from Postgres the events after `after` that are older than the
     /// stream's oldest entry (`first`; none when the stream is empty), and
-    /// returns where reading the stream picks up.
+    /// returns where reading the stream picks up: just before `first`,
+    /// since every event older than what the stream keeps is in Postgres.
     async fn replay(&mut self, after: EventPos, first: Option<EventPos>) -> Result<EventPos, Stop> {
         if first.is_some_and(|f| f <= after) {
             return Ok(after);
@@ -371,7 +381,7 @@ impl Pump {
                 self.send(event_pb(e)).await?;
             }
         }
-        Ok(from)
+        Ok(first.map_or(from, |first| from.max(before(first))))
     }
 }
 

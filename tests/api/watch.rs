@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use tokio_stream::StreamExt;
 
 use crate::events::{claims, next, watch};
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, redis_url, spawn_app};
 use crate::ops::{samples, scrape, value};
 
 /// The hold ids of the next `n` events on `stream`.
@@ -169,6 +169,55 @@ async fn from_now_on_a_stream_the_trim_emptied_sends_no_history() {
     let mut stream = watch(&app, String::new()).await;
     claims(&app, 4, 1).await;
     assert_eq!(next(&mut stream).await.hold_id, "c4");
+    app.shutdown().await;
+}
+
+/// The first event on a quiet tenant's stream, which the trim emptied, is
+/// past every subscriber's cursor with nothing lost between (Postgres has
+/// all before it): the subscriber takes it from its tap without opening a
+/// Redis connection to read a gap. Seen in Redis's MONITOR, up to a marker
+/// sent once the event has arrived.
+#[tokio::test]
+async fn the_first_event_on_a_trimmed_stream_opens_no_gap_connection() {
+    let app = spawn_app().await;
+    app.live_sale("w", &[("p", Some(10))], 0).await;
+    claims(&app, 0, 1).await;
+    app.eventually("c0 in Postgres", || async {
+        (app.audit_count().await >= 1).then_some(())
+    })
+    .await;
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let mut con = app.redis().await;
+    let _: i64 = con
+        .xtrim(&key, redis::streams::StreamMaxlen::Equals(0))
+        .await
+        .unwrap();
+    let mut stream = watch(&app, String::new()).await;
+    let mut monitor = redis::Client::open(redis_url())
+        .unwrap()
+        .get_async_monitor()
+        .await
+        .unwrap();
+    let mut seen = monitor.on_message::<String>();
+    claims(&app, 1, 1).await;
+    assert_eq!(next(&mut stream).await.hold_id, "c1");
+    let marker = format!("marker-{}", app.redis_prefix);
+    let _: String = redis::cmd("ECHO")
+        .arg(&marker)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let gap = format!("watch-gap:{}", app.redis_prefix);
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), seen.next())
+            .await
+            .expect("the marker within 10 s")
+            .expect("MONITOR goes on");
+        assert!(!line.contains(&gap), "a gap's connection: {line}");
+        if line.contains(&marker) {
+            break;
+        }
+    }
     app.shutdown().await;
 }
 
