@@ -124,13 +124,13 @@ fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:").unwrap_or(0)
 }
 
-fn open_fds(pid: u32) -> usize {
+pub(super) fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 /// This process's soft limit of open files (`ulimit -n`), from
 /// `/proc/self/limits`; `None` when unlimited or unreadable.
-fn open_files_limit() -> Option<u64> {
+pub(super) fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     parse_open_files(&limits)
 }

@@ -54,7 +54,7 @@ pub async fn run(
 }
 
 /// Each process's share of one core over `quiet`, with no traffic.
-async fn busy(watched: &Watched, quiet: Duration) -> String {
+pub(super) async fn busy(watched: &Watched, quiet: Duration) -> String {
     let before = watched.sample();
     let started = Instant::now();
     tokio::time::sleep(quiet).await;

@@ -31,6 +31,7 @@ mod stampede;
 mod tls;
 mod watch;
 mod watch_replay;
+mod watch_tenants;
 mod workloads;
 
 use std::path::PathBuf;
@@ -152,9 +153,12 @@ pub struct BenchArgs {
     /// descriptors per connection, its CPU with them, and claim-hot beside
     /// them), watch (claim-hot beside each count of --watchers Watch
     /// subscribers: what they cost the claims, how late events reach
-    /// them).
+    /// them), watch-tenants (--tenants quiet shops with a Watch subscriber
+    /// each, on a daemon of its own: each process's CPU without and with
+    /// them, the Redis connections they hold, and an event reaching each).
     /// Failover, pg-outage and fallback freeze a store, so they run
-    /// after the others; shops, tls and restart run last, on daemons of their own,
+    /// after the others; shops, tls, restart and watch-tenants run last,
+    /// on daemons of their own,
     /// once the bench's daemon has stopped. With probes and no --workload,
     /// only the probes run.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -166,7 +170,7 @@ pub struct BenchArgs {
     pub holds: u64,
 
     /// Tenants the idle probe adds (and removes after), which exist and
-    /// do nothing.
+    /// do nothing; the shops the watch-tenants probe watches.
     #[arg(long, default_value_t = 1_000)]
     pub tenants: u32,
 
@@ -276,6 +280,9 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     if args.probe.contains(&Probe::Connections) {
         conns::check(args)?;
     }
+    if args.probe.contains(&Probe::WatchTenants) {
+        watch_tenants::check(args).await?;
+    }
     let client_tls = tls::from_args(args)?;
     let mut daemon = match &args.addr {
         Some(_) => None,
@@ -297,7 +304,12 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         .probe
         .iter()
         .copied()
-        .filter(|p| !matches!(p, Probe::Shops | Probe::Tls | Probe::Restart))
+        .filter(|p| {
+            !matches!(
+                p,
+                Probe::Shops | Probe::Tls | Probe::Restart | Probe::WatchTenants
+            )
+        })
         .collect();
     order.sort_by_key(|p| matches!(p, Probe::Failover | Probe::PgOutage | Probe::Fallback));
     for probe in order {
@@ -320,6 +332,11 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     }
     if args.probe.contains(&Probe::Restart) {
         restart::run(args, dir).await.context("probe Restart")?;
+    }
+    if args.probe.contains(&Probe::WatchTenants) {
+        watch_tenants::run(args, dir)
+            .await
+            .context("probe WatchTenants")?;
     }
     Ok(())
 }

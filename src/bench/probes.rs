@@ -98,6 +98,12 @@ pub enum Probe {
     /// their own while claim-hot runs: what they cost the claims, and how
     /// long an event takes to reach them (runs in `watch.rs`).
     Watch,
+    /// `--tenants` quiet shops with a `Watch` subscriber each, on a daemon
+    /// of its own with a key per shop: each process's CPU without and
+    /// with them, the Redis connections their readers hold, and an event
+    /// reaching each (runs in `watch_tenants.rs`, after every other
+    /// probe).
+    WatchTenants,
 }
 
 pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -304,7 +310,8 @@ pub async fn run(
         | Probe::Tls
         | Probe::Restart
         | Probe::Connections
-        | Probe::Watch => {
+        | Probe::Watch
+        | Probe::WatchTenants => {
             unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {

@@ -30,12 +30,12 @@ use crate::grpc::pb::event_service_client::EventServiceClient;
 const SETTLE: Duration = Duration::from_secs(1);
 
 /// What one subscriber saw.
-struct Seen {
-    events: u64,
+pub(super) struct Seen {
+    pub(super) events: u64,
     /// Milliseconds from each event's time to its arrival.
-    lag: Histogram<u64>,
+    pub(super) lag: Histogram<u64>,
     /// How the stream ended before it was stopped, if it did.
-    ended: Option<String>,
+    pub(super) ended: Option<String>,
 }
 
 /// Runs the probe and prints a line per count of watchers.
@@ -97,7 +97,11 @@ pub async fn run(
 }
 
 /// One subscriber, watching from now until `stopped`.
-async fn subscribe(channel: Channel, caller: Caller, mut stopped: watch::Receiver<bool>) -> Seen {
+pub(super) async fn subscribe(
+    channel: Channel,
+    caller: Caller,
+    mut stopped: watch::Receiver<bool>,
+) -> Seen {
     let mut seen = Seen {
         events: 0,
         lag: Histogram::new(3).expect("3 significant figures"),

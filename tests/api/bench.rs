@@ -423,6 +423,30 @@ async fn the_watch_probe_counts_every_claims_event_at_every_subscriber() {
     assert_eq!(field("ended_early"), 0, "{line}");
 }
 
+/// `holdfast bench --probe watch-tenants` (the binary): each quiet shop's
+/// subscriber has its shop's tap, one Redis connection each, every one
+/// gets its shop's claim, none is ended early, and the taps let their
+/// connections go when the subscribers leave.
+#[tokio::test]
+async fn the_watch_tenants_probe_gives_each_shop_a_tap_and_each_tap_its_event() {
+    let database_url = fresh_database().await;
+    let prefix = format!("--serve-arg=--redis-prefix=t{}", random_suffix());
+    let fixed = "--probe watch-tenants --tenants 20 --duration 1 --clients 4 --connections 2 --no-baselines";
+    let mut args: Vec<&str> = fixed.split(' ').collect();
+    args.push(&prefix);
+    let line = crate::helpers::bench_line(&args, &database_url, "probe: watch-tenants ").await;
+    assert_eq!(field(&line, "subscribed"), "true", "{line}");
+    let count = |name: &str| -> u64 { number(&line, name) };
+    assert_eq!(count("taps"), 20, "{line}");
+    // The taps', and room for a pooled connection opened meanwhile.
+    assert!((20..=24).contains(&count("daemon_fds_added")), "{line}");
+    assert_eq!(count("claimed"), 20, "{line}");
+    assert_eq!(count("got_min"), 1, "{line}");
+    assert_eq!(count("got_max"), 1, "{line}");
+    assert_eq!(count("ended_early"), 0, "{line}");
+    assert_eq!(count("taps_left"), 0, "{line}");
+}
+
 /// The value of `name=` in a bench line.
 fn field<'a>(line: &'a str, name: &str) -> &'a str {
     line.split_whitespace()
