@@ -18,13 +18,13 @@ use crate::engine::Engine;
 use crate::grpc::auth::Auth;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::channel_service_server::ChannelServiceServer;
-use crate::grpc::pb::event_service_server::EventServiceServer;
 use crate::grpc::pb::flash_sale_service_server::FlashSaleServiceServer;
 use crate::grpc::pb::reservation_service_server::ReservationServiceServer;
 use crate::grpc::pb::sale_lock_service_server::SaleLockServiceServer;
 use crate::grpc::pb::slot_service_server::SlotServiceServer;
 use crate::grpc::{
-    AdminApi, ChannelApi, EventApi, FlashSaleApi, ReservationApi, SaleLockApi, SlotApi, pb,
+    AdminApi, ChannelApi, EventApi, EventServer, FlashSaleApi, ReservationApi, SaleLockApi,
+    SlotApi, pb,
 };
 use crate::jobs::{
     Tenants, drainer, outbox, reconciler, redis_watch, refiller, statistics, sweeper,
@@ -379,7 +379,7 @@ fn add_services(
         .add_service(SlotServiceServer::new(slots).max_decoding_message_size(max))
         .add_service(SaleLockServiceServer::new(sale_locks).max_decoding_message_size(max))
         .add_service(ChannelServiceServer::new(channel_api).max_decoding_message_size(max))
-        .add_service(EventServiceServer::new(events).max_decoding_message_size(max))
+        .add_service(EventServer::new(events, max))
         .add_service(AdminServiceServer::new(admin).max_decoding_message_size(max)))
 }
 

@@ -23,8 +23,8 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Notify, broadcast, watch};
 
+use super::event_wire::encode;
 use super::events::{BATCH, EventPos, before, event_pb, oldest_in_stream};
-use super::pb;
 use crate::domain::{TenantId, parse_event_id};
 use crate::error::Error;
 use crate::store::redis::{RedisStore, decode_event};
@@ -47,7 +47,9 @@ const KEPT: usize = 64;
 /// read (a subscriber reads those from Postgres when it fills its gap).
 pub struct Batch {
     pub after: EventPos,
-    pub events: Vec<(EventPos, pb::WatchResponse)>,
+    /// Each event's position and its `WatchResponse`, encoded once for
+    /// every subscriber.
+    pub events: Vec<(EventPos, bytes::Bytes)>,
 }
 
 /// The daemon's taps, one per tenant with live subscribers.
@@ -208,7 +210,7 @@ impl Taps {
                 let event = decode_event(entry)?;
                 let pos = parse_event_id(&event.event_id).unwrap_or(cursor);
                 cursor = cursor.max(pos);
-                events.push((pos, event_pb(event)));
+                events.push((pos, encode(&event_pb(event))));
             }
             // None listening is fine: the next look forgets the tap.
             let _ = tx.send(Arc::new(Batch { after, events }));

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::streams::StreamRangeReply;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
@@ -22,8 +23,8 @@ use tonic::{Request, Response, Status};
 use super::auth::{Auth, Role};
 use super::convert::to_timestamp;
 use super::event_tap::{Subscription, Taps};
+use super::event_wire::encode;
 use super::pb;
-use super::pb::event_service_server::EventService;
 use super::{meter, observe};
 use crate::domain::{Event, TenantId, parse_event_id};
 use crate::error::Error;
@@ -65,16 +66,19 @@ impl EventApi {
     }
 }
 
-type Item = Result<pb::WatchResponse, Status>;
+/// What a subscriber's stream carries: events encoded (once for all of a
+/// tap's subscribers: `event_wire.rs`), or the status it ends with.
+type Item = Result<Bytes, Status>;
 
-#[tonic::async_trait]
-impl EventService for EventApi {
-    type WatchStream = ReceiverStream<Item>;
+/// A subscriber's stream.
+pub type WatchStream = ReceiverStream<Item>;
 
-    async fn watch(
+impl EventApi {
+    /// `Watch`: the caller's tenant's events from `after_event_id` on.
+    pub async fn watch(
         &self,
         request: Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    ) -> Result<Response<WatchStream>, Status> {
         let (tenant, after) = observe(meter!(SERVICE, "Watch"), async {
             let caller = self
                 .auth
@@ -180,7 +184,7 @@ struct Pump {
     tenant: TenantId,
     tx: mpsc::Sender<Item>,
     stopping: watch::Receiver<bool>,
-    last_sent: Option<String>,
+    last_sent: Option<EventPos>,
 }
 
 /// Why a pump stopped sending.
@@ -225,7 +229,7 @@ impl Pump {
 
     fn resume_hint(&self) -> String {
         match &self.last_sent {
-            Some(id) => format!("resume with after_event_id={id}"),
+            Some((ms, seq)) => format!("resume with after_event_id={ms}-{seq}"),
             None => "resume with the after_event_id you started from".into(),
         }
     }
@@ -237,7 +241,8 @@ impl Pump {
         )))
     }
 
-    async fn send(&mut self, event: pb::WatchResponse) -> Result<(), Stop> {
+    /// Sends the event at `pos`, encoded.
+    async fn send(&mut self, pos: EventPos, event: Bytes) -> Result<(), Stop> {
         if self.tx.is_closed() {
             return Err(Stop::Gone);
         }
@@ -248,9 +253,8 @@ impl Pump {
                 self.resume_hint()
             ))));
         }
-        let id = event.event_id.clone();
         self.tx.send(Ok(event)).await.map_err(|_| Stop::Gone)?;
-        self.last_sent = Some(id);
+        self.last_sent = Some(pos);
         Ok(())
     }
 
@@ -293,7 +297,7 @@ impl Pump {
             }
             for (pos, event) in &batch.events {
                 if *pos > cursor {
-                    self.send(event.clone()).await?;
+                    self.send(*pos, event.clone()).await?;
                     cursor = *pos;
                 }
             }
@@ -337,7 +341,7 @@ impl Pump {
             for entry in &page.ids {
                 let event = decode_event(entry)?;
                 cursor = parse_event_id(&event.event_id).unwrap_or(cursor);
-                self.send(event_pb(event)).await?;
+                self.send(cursor, encode(&event_pb(event))).await?;
             }
             if last_page {
                 return Ok(cursor.max(upto));
@@ -375,10 +379,12 @@ impl Pump {
                 .pg
                 .events_between(&self.tenant, from, first, 500)
                 .await?;
-            let Some(last) = page.last() else { break };
-            from = parse_event_id(&last.event_id).unwrap_or(from);
+            if page.is_empty() {
+                break;
+            }
             for e in page {
-                self.send(event_pb(e)).await?;
+                from = parse_event_id(&e.event_id).unwrap_or(from);
+                self.send(from, encode(&event_pb(e))).await?;
             }
         }
         Ok(first.map_or(from, |first| from.max(before(first))))

@@ -7,6 +7,7 @@ pub mod auth;
 mod channel;
 mod convert;
 mod event_tap;
+mod event_wire;
 mod events;
 mod flash_sale;
 mod reservation;
@@ -24,6 +25,7 @@ use tracing::Instrument;
 
 pub use admin::AdminApi;
 pub use channel::ChannelApi;
+pub use event_wire::EventServer;
 pub use events::EventApi;
 pub use flash_sale::FlashSaleApi;
 pub use reservation::ReservationApi;

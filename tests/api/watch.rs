@@ -133,6 +133,45 @@ async fn a_quiet_tap_waits_in_one_read_and_ends_when_its_last_subscriber_leaves(
     app.shutdown().await;
 }
 
+/// `EventService` is served by a server of its own (each event encoded
+/// once for all subscribers): a method it does not have is UNIMPLEMENTED,
+/// as any other service's is, and a malformed request is refused as
+/// INVALID_ARGUMENT naming the field.
+#[tokio::test]
+async fn the_event_service_answers_what_it_does_not_serve_as_grpc_does() {
+    let app = spawn_app().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/holdfast.v1.EventService/Unwatch");
+    let codec = tonic_prost::ProstCodec::<pb::WatchRequest, pb::WatchResponse>::default();
+    let status = grpc
+        .unary(
+            tonic::Request::new(pb::WatchRequest::default()),
+            path,
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status}");
+
+    let status = app
+        .events()
+        .watch(pb::WatchRequest {
+            after_event_id: "yesterday".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("after_event_id"), "{status}");
+    app.shutdown().await;
+}
+
 /// A quiet tenant's stream is trimmed empty once its events are in
 /// Postgres; a subscriber from now then starts at the stream's clock, not
 /// at its beginning, and gets no history. The same when Redis lost the
