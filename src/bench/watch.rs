@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 use super::cpu::Watched;
@@ -31,11 +32,11 @@ const SETTLE: Duration = Duration::from_secs(1);
 
 /// What one subscriber saw.
 pub(super) struct Seen {
-    pub(super) events: u64,
+    events: u64,
     /// Milliseconds from each event's time to its arrival.
-    pub(super) lag: Histogram<u64>,
+    lag: Histogram<u64>,
     /// How the stream ended before it was stopped, if it did.
-    pub(super) ended: Option<String>,
+    ended: Option<String>,
 }
 
 /// Runs the probe and prints a line per count of watchers.
@@ -64,36 +65,67 @@ pub async fn run(
         let cpu = before.per_op(&watched.sample(), claims.calls);
         tokio::time::sleep(SETTLE).await;
         let _ = stop.send(true);
-        let mut seen = Vec::with_capacity(count);
-        for w in watchers {
-            seen.push(w.await?);
-        }
+        let seen = Tally::of(watchers).await?;
         let rate = claims.rate();
         let first = *first_rate.get_or_insert(rate);
-        let mut lag = Histogram::<u64>::new(3)?;
-        for s in &seen {
-            lag.add(&s.lag)?;
-        }
-        let got: Vec<u64> = seen.iter().map(|s| s.events).collect();
-        let ended: Vec<&str> = seen.iter().filter_map(|s| s.ended.as_deref()).collect();
         println!(
-            "probe: watch watchers={count} claims_rps={rate:.0} claims_vs_first={:.2} claimed={} got_min={} got_max={} lag_p50_ms={} lag_p99_ms={} lag_max_ms={} ended_early={} claim_errors={} cpu_us_per_claim={cpu}{}",
+            "probe: watch watchers={count} claims_rps={rate:.0} claims_vs_first={:.2} claimed={} {} claim_errors={} cpu_us_per_claim={cpu}{}",
             rate / first,
             claims.calls - claims.errors(),
-            got.iter().min().unwrap_or(&0),
-            got.iter().max().unwrap_or(&0),
-            lag.value_at_quantile(0.5),
-            lag.value_at_quantile(0.99),
-            lag.max(),
-            ended.len(),
+            seen.fields(),
             claims.errors(),
-            ended
-                .first()
-                .map(|e| format!(" first_end={e:?}"))
-                .unwrap_or_default(),
+            seen.first_end(),
         );
     }
     Ok(())
+}
+
+/// What a probe's subscribers saw, together.
+pub(super) struct Tally {
+    got: Vec<u64>,
+    lag: Histogram<u64>,
+    ended: Vec<String>,
+}
+
+impl Tally {
+    /// Waits for each subscriber (stopped already) and adds up what it saw.
+    pub(super) async fn of(subscribers: Vec<JoinHandle<Seen>>) -> anyhow::Result<Self> {
+        let mut tally = Self {
+            got: Vec::with_capacity(subscribers.len()),
+            lag: Histogram::new(3)?,
+            ended: Vec::new(),
+        };
+        for s in subscribers {
+            let seen = s.await?;
+            tally.got.push(seen.events);
+            tally.lag.add(&seen.lag)?;
+            tally.ended.extend(seen.ended);
+        }
+        Ok(tally)
+    }
+
+    /// The fewest and most events a subscriber got, how late they came,
+    /// and how many subscribers ended early, as a probe line's fields.
+    pub(super) fn fields(&self) -> String {
+        format!(
+            "got_min={} got_max={} lag_p50_ms={} lag_p99_ms={} lag_max_ms={} ended_early={}",
+            self.got.iter().min().unwrap_or(&0),
+            self.got.iter().max().unwrap_or(&0),
+            self.lag.value_at_quantile(0.5),
+            self.lag.value_at_quantile(0.99),
+            self.lag.max(),
+            self.ended.len(),
+        )
+    }
+
+    /// How the first subscriber that ended early was ended, as the line's
+    /// last field (empty when none did).
+    pub(super) fn first_end(&self) -> String {
+        self.ended
+            .first()
+            .map(|e| format!(" first_end={e:?}"))
+            .unwrap_or_default()
+    }
 }
 
 /// One subscriber, watching from now until `stopped`.

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hdrhistogram::Histogram;
 use tokio::sync::watch as signal;
 
 use super::load::Plan;
@@ -131,33 +130,17 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
         .await
         .saturating_sub(opened_before);
     let _ = stop.send(true);
-    let mut got = Vec::with_capacity(shops.len());
-    let mut lag = Histogram::<u64>::new(3)?;
-    let mut ended = Vec::new();
-    for s in subscribers {
-        let seen = s.await?;
-        got.push(seen.events);
-        lag.add(&seen.lag)?;
-        ended.extend(seen.ended);
-    }
+    let seen = watch::Tally::of(subscribers).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let taps_left = taps(&mut stats, &tag).await;
     daemon.stop();
     println!(
-        "probe: watch-tenants tenants={} subscribed={subscribed} subscribe_ms={subscribe_ms} taps={taps_with} daemon_fds_added={} cpu_pct_without={without} cpu_pct_with={with} xread_per_sec={reads_per_sec} claimed={} redis_connections_opened={opened} got_min={} got_max={} lag_p50_ms={} lag_p99_ms={} lag_max_ms={} ended_early={} taps_left={taps_left}{}",
+        "probe: watch-tenants tenants={} subscribed={subscribed} subscribe_ms={subscribe_ms} taps={taps_with} daemon_fds_added={} cpu_pct_without={without} cpu_pct_with={with} xread_per_sec={reads_per_sec} claimed={} redis_connections_opened={opened} {} taps_left={taps_left}{}",
         args.tenants,
         fds_with.saturating_sub(fds_before),
         claimed.calls - claimed.errors(),
-        got.iter().min().unwrap_or(&0),
-        got.iter().max().unwrap_or(&0),
-        lag.value_at_quantile(0.5),
-        lag.value_at_quantile(0.99),
-        lag.max(),
-        ended.len(),
-        ended
-            .first()
-            .map(|e| format!(" first_end={e:?}"))
-            .unwrap_or_default(),
+        seen.fields(),
+        seen.first_end(),
     );
     Ok(())
 }

@@ -43,6 +43,25 @@ async fn listed(app: &TestApp, what: &str) -> Vec<String> {
         .collect()
 }
 
+/// Claims `c0`..`c{n-1}` on a live sale "w", waits until they are in
+/// Postgres, then trims the tenant's stream empty, as the drainer does a
+/// quiet tenant's a minute later. The stream's key, and a connection.
+async fn trimmed_empty(app: &TestApp, n: usize) -> (String, redis::aio::MultiplexedConnection) {
+    app.live_sale("w", &[("p", Some(1_000))], 0).await;
+    claims(app, 0, n).await;
+    app.eventually("the claims are in Postgres", || async {
+        (app.audit_count().await >= n as i64).then_some(())
+    })
+    .await;
+    let key = format!("{}:{{dev}}:events", app.redis_prefix);
+    let mut con = app.redis().await;
+    let _: i64 = con
+        .xtrim(&key, redis::streams::StreamMaxlen::Equals(0))
+        .await
+        .unwrap();
+    (key, con)
+}
+
 /// Redis connections named as the tenant's tap.
 async fn taps(app: &TestApp) -> usize {
     listed(app, "watch").await.len()
@@ -180,18 +199,7 @@ async fn the_event_service_answers_what_it_does_not_serve_as_grpc_does() {
 #[tokio::test]
 async fn from_now_on_a_stream_the_trim_emptied_sends_no_history() {
     let app = spawn_app().await;
-    app.live_sale("w", &[("p", Some(1_000))], 0).await;
-    claims(&app, 0, 3).await;
-    app.eventually("the claims are in Postgres", || async {
-        (app.audit_count().await >= 3).then_some(())
-    })
-    .await;
-    let key = format!("{}:{{dev}}:events", app.redis_prefix);
-    let mut con = app.redis().await;
-    let _: i64 = con
-        .xtrim(&key, redis::streams::StreamMaxlen::Equals(0))
-        .await
-        .unwrap();
+    let (key, mut con) = trimmed_empty(&app, 3).await;
     let mut stream = watch(&app, String::new()).await;
     let c0: String = sqlx::query_scalar("SELECT event_id FROM audit_log WHERE hold_id = 'c0'")
         .fetch_one(&app.pg)
@@ -219,18 +227,7 @@ async fn from_now_on_a_stream_the_trim_emptied_sends_no_history() {
 #[tokio::test]
 async fn the_first_event_on_a_trimmed_stream_opens_no_gap_connection() {
     let app = spawn_app().await;
-    app.live_sale("w", &[("p", Some(10))], 0).await;
-    claims(&app, 0, 1).await;
-    app.eventually("c0 in Postgres", || async {
-        (app.audit_count().await >= 1).then_some(())
-    })
-    .await;
-    let key = format!("{}:{{dev}}:events", app.redis_prefix);
-    let mut con = app.redis().await;
-    let _: i64 = con
-        .xtrim(&key, redis::streams::StreamMaxlen::Equals(0))
-        .await
-        .unwrap();
+    let (_, mut con) = trimmed_empty(&app, 1).await;
     let mut stream = watch(&app, String::new()).await;
     let mut monitor = redis::Client::open(redis_url())
         .unwrap()
