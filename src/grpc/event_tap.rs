@@ -6,8 +6,9 @@
 //! N decodes of it; the reply parser was most of the daemon's time, and
 //! with 32 subscribers a flash sale ran at a quarter of its rate
 //! (deploy/BENCHMARKS.md, "live Watch subscribers"). A tap reads each
-//! event once, decodes it once, and hands each batch to every subscriber
-//! through a broadcast channel.
+//! event once, decodes it and encodes it for the wire once
+//! (`event_wire.rs`), and hands each batch to every subscriber through a
+//! broadcast channel.
 //!
 //! A batch says where its read started (`after`). A subscriber whose
 //! cursor is behind that (it resumed from an older id, or fell behind the

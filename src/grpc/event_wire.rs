@@ -51,7 +51,7 @@ impl EventServer {
 }
 
 impl NamedService for EventServer {
-    const NAME: &'static str = "holdfast.v1.EventService";
+    const NAME: &'static str = pb::event_service_server::SERVICE_NAME;
 }
 
 impl<B> Service<http::Request<B>> for EventServer

@@ -312,7 +312,7 @@ impl Pump {
         // Made only for a gap the stream has pages of: most gaps are none
         // (the first entry of a quiet tenant's stream, trimmed empty, is
         // past every cursor), or only in Postgres.
-        let mut con = None;
+        let mut own = None;
         while cursor < upto {
             // If the stream no longer starts at or before the cursor, it
             // was trimmed, and the entries between may be gone from it. The
@@ -325,9 +325,9 @@ impl Pump {
             if cursor >= upto {
                 return Ok(cursor);
             }
-            let con = match &mut con {
+            let con = match &mut own {
                 Some(con) => con,
-                None => con.insert(self.gap_connection(&key).await?),
+                None => own.insert(self.gap_connection(&key).await?),
             };
             let page: StreamRangeReply = redis::cmd("XRANGE")
                 .arg(&key)
