@@ -87,7 +87,8 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
 
     let n = setup.idle as f64;
     println!(
-        "probe: connections idle={} opened_per_sec={:.0} rss_kib_before={rss_before} rss_kib_open={rss_open} rss_kib_closed={} fds_closed={} bytes_per_connection={:.0} fds_per_connection={:.2} idle_cpu_pct={idle_cpu} claims_alone_rps={:.0} claims_beside_rps={:.0} claims_vs_alone={:.2} claims_p99_alone_ms={:.2} claims_p99_beside_ms={:.2} errors={}",
+        "probe: connections transport={} idle={} opened_per_sec={:.0} rss_kib_before={rss_before} rss_kib_open={rss_open} rss_kib_closed={} fds_closed={} bytes_per_connection={:.0} fds_per_connection={:.2} idle_cpu_pct={idle_cpu} claims_alone_rps={:.0} claims_beside_rps={:.0} claims_vs_alone={:.2} claims_p99_alone_ms={:.2} claims_p99_beside_ms={:.2} errors={}",
+        if setup.tls.is_some() { "tls" } else { "plain" },
         setup.idle,
         n / opened_in.as_secs_f64(),
         rss_kib(pid),

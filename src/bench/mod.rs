@@ -145,7 +145,8 @@ pub struct BenchArgs {
     /// shop; with opening too, every shop's sale opening at once), tls
     /// (the --workload workloads, claim-hot when none is named, and the
     /// no-op RPC on a daemon started plaintext and then with TLS, by
-    /// turns: what TLS costs a call), restart (claims at --rate, 1,000/s
+    /// turns: what TLS costs a call; with connections too, that probe
+    /// again over TLS), restart (claims at --rate, 1,000/s
     /// when absent, through a SIGTERM of a daemon of its own and its start
     /// again, for --duration seconds after the SIGTERM: what a deploy costs
     /// the shoppers), connections (claim-hot alone, then --idle-connections

@@ -79,7 +79,8 @@ pub enum Probe {
     Shops,
     /// The --workload workloads (claim-hot when none is named) and the
     /// no-op RPC on a daemon started plaintext, then with TLS (a
-    /// certificate made by `openssl`), by turns: what TLS costs a call
+    /// certificate made by `openssl`), by turns: what TLS costs a call;
+    /// with `Connections` too, that probe again on a daemon serving TLS
     /// (runs in `tls.rs`, after every other probe).
     Tls,
     /// Claims at a steady rate (`--rate`, 1,000/s when absent) through a

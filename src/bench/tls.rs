@@ -23,7 +23,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use super::load::{Plan, Run};
 use super::workloads::{self, Caller, Workload};
-use super::{BenchArgs, Daemon, DaemonAuth, baselines, connections, cpu, drained};
+use super::{BenchArgs, Daemon, DaemonAuth, Probe, baselines, connections, conns, cpu, drained};
 
 /// Plaintext and TLS runs of each workload, by turns: the machine's phase
 /// moves both alike only when they alternate.
@@ -213,7 +213,38 @@ pub async fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
             p99_tls / p99_plain.max(f64::MIN_POSITIVE),
         );
     }
+    if args.probe.contains(&Probe::Connections) {
+        idle_connections(args, dir, &certs, &client, &plan).await?;
+    }
     Ok(())
+}
+
+/// With the connections probe also asked for: the same measurement on a
+/// daemon serving TLS (the bench's own daemon, plaintext, had it), for
+/// what a TLS connection holds beyond a plaintext one (rustls's buffers
+/// and session).
+async fn idle_connections(
+    args: &BenchArgs,
+    dir: &Path,
+    certs: &Certs,
+    client: &ClientTlsConfig,
+    plan: &Plan,
+) -> anyhow::Result<()> {
+    let daemon = Daemon::start(args, dir, DaemonAuth::Dev, Some(certs))?;
+    let addr = daemon.addr();
+    let channels = connections(&addr, Some(client), args.connections).await?;
+    let caller = Caller::new(None);
+    workloads::setup(Workload::ClaimHot, &channels[0], &caller).await?;
+    let watched = cpu::Watched::find(Some(daemon.pid()), &args.redis_url, &args.database_url).await;
+    let setup = conns::Setup {
+        addr: &addr,
+        tls: Some(client),
+        daemon: daemon.pid(),
+        watched: &watched,
+        plan,
+        idle: args.idle_connections,
+    };
+    conns::run(&channels, &caller, &setup).await
 }
 
 /// A workload's name in the probe's lines; the no-op RPC is `noop`.
