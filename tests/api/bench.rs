@@ -447,6 +447,47 @@ async fn the_watch_tenants_probe_gives_each_shop_a_tap_and_each_tap_its_event() 
     assert_eq!(count("taps_left"), 0, "{line}");
 }
 
+/// `holdfast bench --probe tls,connections` (the binary): certificates
+/// made, each workload and the no-op RPC answered over plaintext and TLS
+/// in every turn, and the idle connections measured over both transports,
+/// one descriptor each, none refused.
+#[tokio::test]
+async fn the_tls_probe_drives_both_transports_and_measures_their_connections() {
+    let database_url = fresh_database().await;
+    let prefix = format!("--serve-arg=--redis-prefix=t{}", random_suffix());
+    let fixed = "--probe tls,connections --idle-connections 50 --duration 1 --clients 4 --connections 1 --no-baselines";
+    let mut args: Vec<&str> = fixed.split(' ').collect();
+    args.push(&prefix);
+    let out = crate::helpers::bench_output(&args, &database_url).await;
+    let lines =
+        |prefix: &str| -> Vec<&str> { out.lines().filter(|l| l.starts_with(prefix)).collect() };
+    let runs = lines("probe: tls-run ");
+    // Three turns of claim-hot and the no-op, each over both transports.
+    assert_eq!(runs.len(), 12, "{out}");
+    for run in &runs {
+        assert_eq!(number::<u64>(run, "errors"), 0, "{run}");
+        assert!(number::<f64>(run, "rps") > 0.0, "{run}");
+    }
+    for transport in ["plain", "tls"] {
+        let found = runs.iter().filter(|r| field(r, "transport") == transport);
+        assert_eq!(found.count(), 6, "{out}");
+    }
+    let summaries = lines("probe: tls ");
+    assert_eq!(summaries.len(), 2, "{out}");
+    for summary in &summaries {
+        assert!(number::<f64>(summary, "rps_tls") > 0.0, "{summary}");
+    }
+    let connections = lines("probe: connections ");
+    let transports: Vec<&str> = connections.iter().map(|l| field(l, "transport")).collect();
+    assert_eq!(transports, ["plain", "tls"], "{out}");
+    for line in &connections {
+        assert_eq!(number::<u64>(line, "idle"), 50, "{line}");
+        let per: f64 = number(line, "fds_per_connection");
+        assert!((0.95..=1.05).contains(&per), "{line}");
+        assert_eq!(number::<u64>(line, "errors"), 0, "{line}");
+    }
+}
+
 /// The value of `name=` in a bench line.
 fn field<'a>(line: &'a str, name: &str) -> &'a str {
     line.split_whitespace()

@@ -53,6 +53,16 @@ pub async fn fresh_database() -> String {
 /// succeeded, and returns the line of its output that starts with
 /// `line`.
 pub async fn bench_line(args: &[&str], database_url: &str, line: &str) -> String {
+    let stdout = bench_output(args, database_url).await;
+    stdout
+        .lines()
+        .find(|l| l.starts_with(line))
+        .unwrap_or_else(|| panic!("a line starting {line:?}: {stdout}"))
+        .to_string()
+}
+
+/// As [`bench_line`], the whole of the bench's output.
+pub async fn bench_output(args: &[&str], database_url: &str) -> String {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
         .arg("bench")
         .args(args)
@@ -66,11 +76,7 @@ pub async fn bench_line(args: &[&str], database_url: &str, line: &str) -> String
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}{stderr}");
-    stdout
-        .lines()
-        .find(|l| l.starts_with(line))
-        .unwrap_or_else(|| panic!("a line starting {line:?}: {stdout}"))
-        .to_string()
+    stdout.into_owned()
 }
 
 /// Eight random lowercase letters and digits.
