@@ -13,6 +13,7 @@ mod delist;
 mod in_flight;
 mod load;
 mod restore;
+mod stampede;
 mod sweep;
 mod twins;
 
