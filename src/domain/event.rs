@@ -45,6 +45,12 @@ impl Event {
     pub fn sells(&self) -> bool {
         matches!(self.kind.as_str(), "claimed" | "committed")
     }
+
+    /// True for the events that take units under a new hold id: the ones
+    /// the fallback may have served too (a twin).
+    pub fn is_take(&self) -> bool {
+        matches!(self.kind.as_str(), "reserved" | "claimed")
+    }
 }
 
 /// A stream entry id, `<ms>-<seq>`: ordered, unique per tenant.

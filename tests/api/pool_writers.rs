@@ -4,6 +4,8 @@
 //! commits (together, in pool order) never deadlock. Deadlocks only show
 //! under load, so this runs the four side by side, many times, on rows
 //! laid out against pool order, with holds whose lines run against it.
+//! The same lock is where the drainer and the fallback meet over a hold
+//! id that reached both stores.
 
 use std::time::Duration;
 
@@ -16,12 +18,13 @@ use crate::helpers::spawn_app;
 const POOLS: usize = 100;
 const ROUNDS: usize = 12;
 
-fn claimed(event_id: String, pools: &[PoolId]) -> Event {
+/// A claim `hold_id` of a unit from each of `pools`, as Redis logs it.
+fn claimed(event_id: String, hold_id: &str, pools: &[PoolId]) -> Event {
     Event {
         event_id,
         kind: "claimed".into(),
         job: "flash".into(),
-        hold_id: "h".into(),
+        hold_id: hold_id.into(),
         lines: pools
             .iter()
             .map(|p| EventLine {
@@ -95,7 +98,7 @@ async fn pool_writers_of_one_tenant_never_deadlock() {
                     0 => pg
                         .record_events(
                             &dev,
-                            &[claimed(format!("{}-{round}", 1_000 + writer), &pools)],
+                            &[claimed(format!("{}-{round}", 1_000 + writer), "h", &pools)],
                         )
                         .await
                         .map(|_| ()),
@@ -186,7 +189,7 @@ async fn a_write_back_racing_a_new_epoch_counts_against_the_epoch_it_meets() {
     let recording = tokio::spawn({
         let (dev, pool) = (dev.clone(), pool.clone());
         async move {
-            pg.record_events(&dev, &[claimed("1-1".into(), &[pool])])
+            pg.record_events(&dev, &[claimed("1-1".into(), "h", &[pool])])
                 .await
         }
     });
@@ -221,5 +224,77 @@ async fn a_write_back_racing_a_new_epoch_counts_against_the_epoch_it_meets() {
         row,
         (2, 0, 1, 9),
         "(epoch, reported_sold, sold_prior, in_doubt)"
+    );
+}
+
+/// A claim that reached both stores (Redis served it, the caller, unsure,
+/// retried while Redis was unreachable, and the fallback served it too) is
+/// sold once, however the drainer's recording of Redis's claim and the
+/// fallback's take interleave: the fallback refuses an id the drainer has
+/// recorded, and the drainer undoes a fallback claim it finds. The drainer
+/// takes no lock per hold id for this (`audit.rs` `twins`): both sides
+/// meet at the tenant's pool lock, so this races them, many times.
+#[tokio::test]
+async fn a_claim_the_drainer_records_as_the_fallback_serves_it_is_sold_once() {
+    const CLAIMS: usize = 400;
+    let db = quiet_database().await;
+    let dev = TenantId::parse("dev").unwrap();
+    sqlx::query("INSERT INTO pools (tenant, pool_id, job, capacity) VALUES ('dev', 't/1', 'flash', 1000000)")
+        .execute(&db)
+        .await
+        .unwrap();
+    let pool = [PoolId::from_store("t/1".into())];
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CLAIMS {
+        let id = format!("twin-{i}");
+        let (pg, tenant) = (PgStore::from_pool(db.clone()), dev.clone());
+        let recorded = claimed(format!("{}-1", i + 1), &id, &pool);
+        tasks.spawn(async move {
+            pg.record_events(&tenant, &[recorded])
+                .await
+                .unwrap_or_else(|e| panic!("recording a claim: {e}"));
+            None
+        });
+        let (pg, tenant) = (PgStore::from_pool(db.clone()), dev.clone());
+        let take = take_all(id.clone(), &pool, None);
+        tasks.spawn(async move {
+            match pg.fallback_take(&tenant, &take).await {
+                Ok(HoldReply::Hold(_)) => Some(true),
+                Err(holdfast::error::Error::Unavailable(m)) if m.contains("fast path") => {
+                    Some(false)
+                }
+                other => panic!("the fallback's take of {id}: {other:?}"),
+            }
+        });
+    }
+    let (mut served, mut refused) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        match done.expect("a task failed") {
+            Some(true) => served += 1,
+            Some(false) => refused += 1,
+            None => {}
+        }
+    }
+
+    // Every fallback claim the drainer found is undone, so the pool counts
+    // Redis's sales alone, each once.
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_holds WHERE tenant = 'dev' AND hold_id LIKE 'twin-%' AND state <> 'D'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    let (reported, sold_pg): (i64, i64) = sqlx::query_as(
+        "SELECT reported_sold, sold_pg FROM pools WHERE tenant = 'dev' AND pool_id = 't/1'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (left, reported, sold_pg),
+        (0, CLAIMS as i64, 0),
+        "fallback claims still standing, sold through Redis, sold through the fallback \
+         ({served} served by the fallback, {refused} refused)"
     );
 }

@@ -48,17 +48,18 @@ impl PgStore {
         // A batch read again may be one whose round failed after its
         // commit, with a twin's work in Redis undone: every take in it is
         // looked at again (a settled twin is found as such, `settle_twin`).
-        let twins = if fresh.len() < events.len() {
-            twins(&mut tx, tenant, events.iter()).await?
+        let takes: Vec<&Event> = if fresh.len() < events.len() {
+            events.iter().filter(|e| e.is_take()).collect()
         } else {
-            twins(&mut tx, tenant, fresh.iter().copied()).await?
+            fresh.iter().copied().filter(|e| e.is_take()).collect()
         };
         let reports = reports(&fresh);
-        // The pools are written from here on: the tenant's pool lock comes
-        // after the hold ids' (taken by `twins`) and before any row lock.
-        if !twins.is_empty() || !reports.is_empty() {
+        // The pools are written from here on, and the twins looked for: the
+        // tenant's pool lock, alone, comes first (`twins`).
+        if !takes.is_empty() || !reports.is_empty() {
             lock_tenant_pools(&mut tx, tenant, PoolWrites::InAnyOrder).await?;
         }
+        let twins = twins(&mut tx, tenant, takes).await?;
         let mut follow_ups = Vec::new();
         for e in twins {
             match PgStore::settle_twin(&mut tx, tenant, &e.hold_id, e.kind == "claimed").await? {
@@ -321,24 +322,28 @@ fn bind_events<'q>(
         .bind(at)
 }
 
-/// The `reserved` and `claimed` events among `events` whose hold id the
-/// fallback also served. The ids' locks are taken first, in one statement and in a fixed
-/// order (the fallback takes the same lock before it serves an id), so a
-/// fallback transaction on one of them either committed before this look
-/// or waits for this transaction, as with one event at a time.
+/// The takes among `takes` whose hold id the fallback also served.
+///
+/// `tx` holds the tenant's pool lock alone (`PoolWrites::InAnyOrder`), and
+/// every fallback transaction that writes a hold holds it shared from
+/// before it looks for the drainer's rows until it commits
+/// (`fallback/take.rs`). So a fallback take of one of these ids
+/// either committed before this look, and is found here, or waits for this
+/// transaction to commit, and then finds its audit row and refuses the id.
+///
+/// Until 2026-12-07 the drainer took each take's hold-id lock for this, as
+/// the fallback does, one advisory lock per take on top of the pool lock
+/// nearly every batch took anyway (deploy/BENCHMARKS.md, "2026-12-07,
+/// 13:30: the twin check without a lock per take").
 async fn twins<'e>(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
-    events: impl Iterator<Item = &'e Event>,
+    takes: Vec<&'e Event>,
 ) -> Result<Vec<&'e Event>, Error> {
-    let takes: Vec<&'e Event> = events
-        .filter(|e| matches!(e.kind.as_str(), "reserved" | "claimed"))
-        .collect();
     if takes.is_empty() {
-        return Ok(Vec::new());
+        return Ok(takes);
     }
     let ids: Vec<&str> = takes.iter().map(|e| e.hold_id.as_str()).collect();
-    super::fallback::lock_ids(tx, tenant, &ids).await?;
     let served: HashSet<String> =
         sqlx::query_scalar("SELECT hold_id FROM pg_holds WHERE tenant = $1 AND hold_id = ANY($2)")
             .bind(tenant.as_str())

@@ -5,9 +5,10 @@
 //! audit row, so the fallback's events need no drainer.
 //!
 //! Every operation on a hold id first takes a transaction-scoped advisory
-//! lock on (tenant, hold id); the drainer takes the same lock when it
-//! records a Redis event, so a hold that reached both stores (a retried
-//! in-doubt call) is always noticed by one side or the other.
+//! lock on (tenant, hold id), then the tenant's pool lock, shared. The
+//! drainer holds the pool lock alone while it records Redis's takes, so a
+//! hold that reached both stores (a retried in-doubt call) is always
+//! noticed by one side or the other.
 
 mod take;
 
@@ -500,8 +501,9 @@ pub enum Twin {
 }
 
 impl PgStore {
-    /// Called by the drainer, inside its transaction (holding the id's
-    /// lock, then the tenant's pool lock), for a Redis `reserved` or
+    /// Called by the drainer, inside its transaction (holding the tenant's
+    /// pool lock alone, so no fallback transaction is writing a hold of
+    /// the tenant: none needs the id's lock), for a Redis `reserved` or
     /// `claimed` event: finds a fallback twin of the same id and undoes it
     /// when Redis's twin is at least as far along. What is left to do in
     /// Redis can be read from the twin again (a batch read again after a
@@ -514,7 +516,6 @@ impl PgStore {
         hold_id: &str,
         redis_sold: bool,
     ) -> Result<Twin, Error> {
-        lock_id(tx, tenant, hold_id).await?;
         let Some(row) = find(tx, tenant, hold_id).await? else {
             return Ok(Twin::None);
         };

@@ -212,9 +212,10 @@ fn judge(t: &PgTake, rooms: &mut HashMap<String, Room>) -> Verdict {
     Verdict::Take
 }
 
-/// Takes the hold ids' advisory locks (the drainer takes the same ones
-/// when it records a Redis take), in a fixed order so that two batches
-/// never deadlock.
+/// Takes the hold ids' advisory locks, in a fixed order so that two
+/// batches never deadlock: fallback operations on one id run one at a
+/// time. (The drainer needs none: it holds the tenant's pool lock alone,
+/// which every fallback writer of a hold shares, `audit.rs` `twins`.)
 pub(in crate::store::postgres) async fn lock_ids(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
