@@ -344,6 +344,9 @@ async fn twins<'e>(
         return Ok(takes);
     }
     let ids: Vec<&str> = takes.iter().map(|e| e.hold_id.as_str()).collect();
+    // A statement of its own, after the lock's: a statement sees what was
+    // committed when it began, so a look inside the lock's statement would
+    // miss a fallback take that committed while the lock was awaited.
     let served: HashSet<String> =
         sqlx::query_scalar("SELECT hold_id FROM pg_holds WHERE tenant = $1 AND hold_id = ANY($2)")
             .bind(tenant.as_str())
