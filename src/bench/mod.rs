@@ -212,6 +212,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub customer_limit: u32,
 
+    /// For lock-complete: each card is listed on this many channels (1-4),
+    /// the storefront its locks are taken on and, with dual listing on,
+    /// ebay, thisorthat and whatnot, whose listings a completed lock
+    /// pulls (they have no satellite, so no webhook is sent, but each is
+    /// looked for): what a card listed everywhere costs a sale. 1, the
+    /// default: the storefront alone. The baselines do not model it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4))]
+    pub listings: u32,
+
     /// Skip the three baselines (only drive holdfast).
     #[arg(long)]
     pub no_baselines: bool,

@@ -53,7 +53,8 @@ impl<'a> Session<'a> {
     ) -> anyhow::Result<Self> {
         let channels = connections(addr, tls.as_ref(), args.connections).await?;
         let caller = workloads::Caller::new(args.api_key.as_deref().map(Arc::from))
-            .with_customer_limit(args.customer_limit);
+            .with_customer_limit(args.customer_limit)
+            .with_listings(args.listings);
         let redis = RedisStore::connect(
             &args.redis_url,
             "hf",
@@ -459,7 +460,8 @@ impl<'a> Session<'a> {
         // claim-sellout's cap and the cards out (an engaged card's unit
         // is Redis's anyway: README, "Sale locks").
         let fresh = workloads::Caller::new(self.caller.key.clone())
-            .with_customer_limit(self.caller.customer_limit);
+            .with_customer_limit(self.caller.customer_limit)
+            .with_listings(self.caller.listings);
         for &w in &driven {
             workloads::setup(w, &self.channels[0], &fresh).await?;
         }

@@ -62,10 +62,8 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     let callers: Vec<Caller> = shops
         .iter()
         .map(|s| Caller {
-            key: Some(Arc::clone(&s.key)),
             tag: Arc::clone(&tag),
-            customer_limit: 0,
-            deadline: None,
+            ..Caller::new(Some(Arc::clone(&s.key)))
         })
         .collect();
     // Every workload's setup also makes the hot sale the neighbour

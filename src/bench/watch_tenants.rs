@@ -164,10 +164,8 @@ fn keys(tag: &Arc<str>, n: u32) -> anyhow::Result<(Vec<String>, Vec<Caller>)> {
         let (_, key, _) = crate::grpc::auth::new_key();
         configs.push(format!("{tenant}:admin:{key}"));
         callers.push(Caller {
-            key: Some(Arc::from(key.as_str())),
             tag: Arc::clone(tag),
-            customer_limit: 0,
-            deadline: None,
+            ..Caller::new(Some(Arc::from(key.as_str())))
         });
     }
     Ok((configs, callers))

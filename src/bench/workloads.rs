@@ -121,6 +121,9 @@ pub struct Caller {
     /// Units a customer may claim in each sale (`--customer-limit`); 0:
     /// no limit, and claims name no customer.
     pub customer_limit: u32,
+    /// The channels each lock-complete card is listed on (`--listings`,
+    /// 1-4): `CHANNEL`, then `OTHER_CHANNELS` in order.
+    pub listings: u32,
     /// The deadline every call carries (`grpc-timeout`), as a checkout's
     /// stub would set it; none: the bench's own 30 s guard alone.
     pub deadline: Option<Duration>,
@@ -133,6 +136,7 @@ impl Caller {
             key,
             tag: fresh_tag(),
             customer_limit: 0,
+            listings: 1,
             deadline: None,
         }
     }
@@ -149,6 +153,13 @@ impl Caller {
     /// (0: none).
     pub fn with_customer_limit(mut self, units: u32) -> Self {
         self.customer_limit = units;
+        self
+    }
+
+    /// The same caller, with lock-complete's cards listed on `channels`
+    /// channels in all.
+    pub fn with_listings(mut self, channels: u32) -> Self {
+        self.listings = channels;
         self
     }
 
@@ -292,6 +303,11 @@ pub fn hot_pool(w: Workload, caller: &Caller) -> String {
 /// The channel the cards are engaged on and locked for.
 pub const CHANNEL: &str = "storefront";
 
+/// The other channels lock-complete's cards are listed on with
+/// `--listings` above 1: a workspace's default non-exclusive ones, with
+/// dual listing turned on.
+pub const OTHER_CHANNELS: [&str; 3] = ["ebay", "thisorthat", "whatnot"];
+
 /// Card `n` of those the lock-complete Redis limit locks, each once (the
 /// workload's own are sold by then), `n` as the driver writes it
 /// (`redis_limit::number`).
@@ -308,16 +324,18 @@ pub async fn engage_baseline_cards(
     numbers: std::ops::Range<u64>,
 ) -> anyhow::Result<()> {
     let numbers: Vec<u64> = numbers.collect();
-    engage(ch, caller, &numbers, |i| {
+    engage(ch, caller, CHANNEL, &numbers, |i| {
         baseline_card(caller, &super::redis_limit::number(i))
     })
     .await
 }
 
-/// Engages the cards numbered `numbers`, named by `name`, 5,000 a call.
+/// Engages the cards numbered `numbers`, named by `name`, on `channel`,
+/// 5,000 a call.
 async fn engage(
     ch: &Channel,
     caller: &Caller,
+    channel: &str,
     numbers: &[u64],
     name: impl Fn(u64) -> String,
 ) -> anyhow::Result<()> {
@@ -331,12 +349,18 @@ async fn engage(
                 metadata_json: String::new(),
             })
             .collect();
-        channels
+        let done = channels
             .engage(caller.req(pb::EngageRequest {
-                channel: CHANNEL.into(),
+                channel: channel.into(),
                 cards,
             }))
-            .await?;
+            .await?
+            .into_inner();
+        anyhow::ensure!(
+            done.conflicts.is_empty(),
+            "engaging cards on {channel}: {:?}",
+            done.conflicts.first()
+        );
     }
     Ok(())
 }
@@ -407,7 +431,17 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
         }
         Workload::LockComplete => {
             let numbers: Vec<u64> = (0..CARDS).collect();
-            engage(ch, caller, &numbers, |c| format!("c{tag}n{c}")).await?;
+            let others = &OTHER_CHANNELS[..caller.listings as usize - 1];
+            if !others.is_empty() {
+                pb::channel_service_client::ChannelServiceClient::new(ch.clone())
+                    .update_channel_settings(
+                        caller.req(pb::UpdateChannelSettingsRequest { dual_listing: true }),
+                    )
+                    .await?;
+            }
+            for channel in std::iter::once(&CHANNEL).chain(others) {
+                engage(ch, caller, channel, &numbers, |c| format!("c{tag}n{c}")).await?;
+            }
         }
         Workload::SlotConfirm => {
             let mut slots = pb::slot_service_client::SlotServiceClient::new(ch.clone());
