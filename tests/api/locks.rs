@@ -708,3 +708,90 @@ async fn a_lock_ref_that_names_a_claim_is_refused_and_takes_no_card() {
     lock(&app, "lock-b", "storefront", &["card-1"]).await;
     app.shutdown().await;
 }
+
+/// One drainer batch that completes several sale locks queues every
+/// pulled listing's webhook in one statement (`listings.rs` `enqueue_all`):
+/// one per lock and channel with a satellite, in the order of the sales
+/// and then of the channels, each naming its own lock's cards; a channel
+/// without a satellite gets none.
+#[tokio::test]
+async fn one_batch_of_completed_locks_queues_each_pulled_channels_webhook_in_order() {
+    use holdfast::domain::{Event, EventLine, TenantId};
+    use holdfast::store::postgres::PgStore;
+
+    let app = spawn_app().await;
+    dual_listing(&app, true).await;
+    let _ebay = satellite(&app, "ebay").await;
+    let _tot = satellite(&app, "thisorthat").await;
+    engage(&app, "storefront", &["card-1", "card-2"]).await;
+    engage(&app, "ebay", &["card-1", "card-2"]).await;
+    engage(&app, "thisorthat", &["card-1"]).await;
+    engage(&app, "whatnot", &["card-2"]).await;
+    let db = app.pg.clone();
+    app.shutdown().await;
+
+    // The committed events of two locks taken on the storefront, as the
+    // drainer reads them from the stream in one batch.
+    let epoch: i64 = sqlx::query_scalar(
+        "SELECT epoch FROM pools WHERE tenant = 'dev' AND pool_id = 'card/card-1'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    let committed = |event_id: &str, lock_ref: &str, card: &str| Event {
+        event_id: event_id.into(),
+        kind: "committed".into(),
+        job: "lock".into(),
+        hold_id: lock_ref.into(),
+        lines: vec![EventLine {
+            pool: format!("card/{card}"),
+            qty: 1,
+            epoch,
+        }],
+        reference: "storefront".into(),
+        order_id: String::new(),
+        customer: String::new(),
+        at: chrono::Utc::now(),
+    };
+    let batch = [
+        committed("9-1", "lock-x", "card-1"),
+        committed("9-2", "lock-y", "card-2"),
+    ];
+    let dev = TenantId::parse("dev").unwrap();
+    let pg = PgStore::from_pool(db.clone());
+    assert_eq!(pg.record_events(&dev, &batch).await.unwrap().0, 2);
+
+    let queued: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT channel, body::jsonb FROM outbox WHERE workspace = 'dev' AND event = 'bulk-disengage' ORDER BY id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let seen: Vec<(&str, &str, Vec<&str>)> = queued
+        .iter()
+        .map(|(channel, body)| {
+            let cards = body["cards"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["card_id"].as_str().unwrap())
+                .collect();
+            (channel.as_str(), body["lock_ref"].as_str().unwrap(), cards)
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("ebay", "lock-x", vec!["card-1"]),
+            ("thisorthat", "lock-x", vec!["card-1"]),
+            ("ebay", "lock-y", vec!["card-2"]),
+        ],
+        "{queued:?}"
+    );
+    for (channel, body) in &queued {
+        assert_eq!(body["channel"], channel.as_str());
+        assert_eq!(body["event"], "bulk-disengage");
+        assert_eq!(body["workspace"], "dev");
+        assert_eq!(body["sold_on"], "storefront");
+    }
+}

@@ -459,23 +459,54 @@ pub(super) async fn enqueue(
     workspace: &str,
     channel: &str,
     event: &str,
-    mut body: serde_json::Value,
+    body: serde_json::Value,
     at: DateTime<Utc>,
 ) -> Result<(), Error> {
-    let cards = body["cards"].as_array().map_or(0, Vec::len);
-    body["event"] = json!(event);
-    body["workspace"] = json!(workspace);
-    body["channel"] = json!(channel);
-    body["occurred_at"] = json!(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    enqueue_all(tx, workspace, event, vec![(channel.to_string(), body, at)]).await
+}
+
+/// Adds the webhooks `hooks` (channel, body, when), in their order, as
+/// [`enqueue`] does each, in one statement.
+///
+/// A drainer batch of completed sale locks on cards listed on several
+/// channels pulls many listings; one statement per webhook made Postgres
+/// and the daemon's statement handling the larger part of a sale, and the
+/// drainer fell behind the sales (deploy/BENCHMARKS.md, "2026-12-07,
+/// 14:10: cards listed on several channels").
+pub(super) async fn enqueue_all(
+    tx: &mut Transaction<'_, Postgres>,
+    workspace: &str,
+    event: &str,
+    hooks: Vec<(String, serde_json::Value, DateTime<Utc>)>,
+) -> Result<(), Error> {
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let mut channels = Vec::with_capacity(hooks.len());
+    let mut bodies = Vec::with_capacity(hooks.len());
+    let mut counts = Vec::with_capacity(hooks.len());
+    for (channel, mut body, at) in hooks {
+        let cards = body["cards"].as_array().map_or(0, Vec::len);
+        body["event"] = json!(event);
+        body["workspace"] = json!(workspace);
+        body["channel"] = json!(channel);
+        body["occurred_at"] = json!(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        bodies.push(body.to_string());
+        counts.push(i32::try_from(cards).unwrap_or(i32::MAX));
+        channels.push(channel);
+    }
     sqlx::query(
         "INSERT INTO outbox (workspace, channel, event, body, card_count)
-         SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM satellites WHERE workspace = $1 AND channel = $2)",
+         SELECT $1, h.channel, $2, h.body, h.card_count
+         FROM UNNEST($3::text[], $4::text[], $5::int4[]) WITH ORDINALITY AS h(channel, body, card_count, n)
+         WHERE EXISTS (SELECT 1 FROM satellites s WHERE s.workspace = $1 AND s.channel = h.channel)
+         ORDER BY h.n",
     )
     .bind(workspace)
-    .bind(channel)
     .bind(event)
-    .bind(body.to_string())
-    .bind(i32::try_from(cards).unwrap_or(i32::MAX))
+    .bind(&channels)
+    .bind(&bodies)
+    .bind(&counts)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::{Postgres, Transaction};
 
-use super::listings::{card_refs, enqueue};
+use super::listings::{card_refs, enqueue_all};
 use crate::domain::{CardId, TenantId};
 use crate::error::Error;
 
@@ -166,11 +166,12 @@ pub(super) async fn record_lock_sales(
         let i = index.get(lock_ref.as_str()).copied().unwrap_or(usize::MAX);
         hooks.entry((i, ch)).or_default().push((card, external_ref));
     }
+    let mut queued = Vec::with_capacity(hooks.len());
     for ((i, ch), mut rows) in hooks {
         let Some(sale) = sales.get(i) else { continue };
         rows.sort();
         let body = json!({"reason": "sold", "sold_on": sale.channel, "lock_ref": sale.lock_ref, "cards": card_refs(&rows)});
-        enqueue(tx, ws, &ch, "bulk-disengage", body, sale.at).await?;
+        queued.push((ch, body, sale.at));
     }
-    Ok(())
+    enqueue_all(tx, ws, "bulk-disengage", queued).await
 }
