@@ -24,7 +24,7 @@ use super::pools::{PoolWrites, lock_tenant_pools};
 use crate::domain::{CardId, Hold, HoldId, HoldState, Job, PoolId, TenantId};
 use crate::error::Error;
 use crate::store::HoldReply;
-pub(super) use take::lock_ids;
+use take::lock_ids;
 pub use take::{PgTake, SERVED_BY_FAST_PATH};
 
 #[derive(sqlx::FromRow)]

@@ -216,7 +216,7 @@ fn judge(t: &PgTake, rooms: &mut HashMap<String, Room>) -> Verdict {
 /// batches never deadlock: fallback operations on one id run one at a
 /// time. (The drainer needs none: it holds the tenant's pool lock alone,
 /// which every fallback writer of a hold shares, `audit.rs` `twins`.)
-pub(in crate::store::postgres) async fn lock_ids(
+pub(super) async fn lock_ids(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
     ids: &[&str],
