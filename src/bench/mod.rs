@@ -213,11 +213,13 @@ pub struct BenchArgs {
     pub customer_limit: u32,
 
     /// For lock-complete: each card is listed on this many channels (1-4),
-    /// the storefront its locks are taken on and, with dual listing on,
-    /// ebay, thisorthat and whatnot, whose listings a completed lock
-    /// pulls (they have no satellite, so no webhook is sent, but each is
-    /// looked for): what a card listed everywhere costs a sale. 1, the
-    /// default: the storefront alone. The baselines do not model it.
+    /// the storefront its locks are taken on and ebay, thisorthat and
+    /// whatnot, whose listings a completed lock pulls: what a card listed
+    /// everywhere costs a sale. The bench turns the workspace's dual
+    /// listing on, and refuses a workspace with a satellite on one of
+    /// those channels (it would be sent a webhook for every sale); without
+    /// one no webhook is written, but each is looked for. 1, the default:
+    /// the storefront alone. The baselines do not model it.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4))]
     pub listings: u32,
 

@@ -431,9 +431,31 @@ pub async fn setup(w: Workload, ch: &Channel, caller: &Caller) -> anyhow::Result
         }
         Workload::LockComplete => {
             let numbers: Vec<u64> = (0..CARDS).collect();
-            let others = &OTHER_CHANNELS[..caller.listings as usize - 1];
+            let extra = (caller.listings.saturating_sub(1) as usize).min(OTHER_CHANNELS.len());
+            let others = &OTHER_CHANNELS[..extra];
             if !others.is_empty() {
-                pb::channel_service_client::ChannelServiceClient::new(ch.clone())
+                let mut registry =
+                    pb::channel_service_client::ChannelServiceClient::new(ch.clone());
+                // Each sale would tell those channels' satellites that the
+                // bench's cards sold: refused where one is configured.
+                let satellites = registry
+                    .list_satellites(caller.req(pb::ListSatellitesRequest {}))
+                    .await?
+                    .into_inner()
+                    .satellites;
+                if let Some(s) = satellites
+                    .iter()
+                    .find(|s| others.contains(&s.channel.as_str()))
+                {
+                    anyhow::bail!(
+                        "--listings {} lists the bench's cards on {}, whose satellite ({}) would be sent a webhook for every sale; run with --listings 1, or against a workspace without satellites on {}",
+                        caller.listings,
+                        s.channel,
+                        s.base_url,
+                        others.join(", ")
+                    );
+                }
+                registry
                     .update_channel_settings(
                         caller.req(pb::UpdateChannelSettingsRequest { dual_listing: true }),
                     )

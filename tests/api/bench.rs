@@ -501,3 +501,33 @@ fn number<T: std::str::FromStr>(line: &str, name: &str) -> T {
         .parse()
         .unwrap_or_else(|_| panic!("{name} is a number in {line}"))
 }
+
+/// `holdfast bench --listings` lists the bench's cards on other channels,
+/// whose satellites would be told of every sale: a workspace with a
+/// satellite on one of them is refused, naming it, before a card is
+/// engaged.
+#[tokio::test]
+async fn the_listings_option_refuses_a_workspace_with_a_satellite_on_its_channels() {
+    let app = crate::helpers::spawn_app().await;
+    let _ebay = crate::cards::satellite(&app, "ebay").await;
+    let addr = format!("http://{}", app.addr);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["bench", "--addr", &addr, "--workload", "lock-complete"])
+        .args(["--listings", "3", "--duration", "1", "--no-baselines"])
+        .env_remove("HOLDFAST_BENCH_API_KEY")
+        .output()
+        .await
+        .expect("the bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ebay") && stderr.contains("--listings 1"),
+        "{stderr}"
+    );
+    let cards: i64 = sqlx::query_scalar("SELECT count(*) FROM cards")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(cards, 0, "nothing was engaged");
+    app.shutdown().await;
+}
