@@ -38,7 +38,9 @@ use crate::grpc::pb;
 
 /// The mix when no `--workload` is named: every workload that finishes
 /// holds of a kind of its own, without lock-complete, whose 100,000 cards
-/// a long run would sell out.
+/// a long run would sell out (name it, with a rate and duration that sell
+/// fewer, and the end checks every card's sale in Postgres; with
+/// `--listings` above 1, that no sold card is still listed elsewhere).
 pub const DEFAULT: [Workload; 4] = [
     Workload::ClaimHot,
     Workload::ReserveCommit,
@@ -172,6 +174,7 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
         claimed: moved(Workload::ClaimHot),
         consumed: moved(Workload::ReserveCommit),
         confirmed: moved(Workload::SlotConfirm),
+        cards_sold: moved(Workload::LockComplete),
         // Every window slot-confirm booked: from the hour before the run
         // to a day after its end.
         windows: (
@@ -183,6 +186,13 @@ pub async fn run(channels: &[Channel], caller: &Caller, setup: &Setup<'_>) -> an
     end.check(&channels[0], caller, setup, errors).await
 }
 
+/// The run's cards in Postgres at the end (`End::cards`).
+#[derive(Default)]
+struct Cards {
+    sold: i64,
+    listed_after_sale: i64,
+}
+
 /// What the run's operations moved, to set beside what the daemon counts
 /// once they are over.
 struct End {
@@ -192,6 +202,8 @@ struct End {
     consumed: Option<u64>,
     /// Slots slot-confirm confirmed, if it ran.
     confirmed: Option<u64>,
+    /// Cards lock-complete's completed locks sold, if it ran.
+    cards_sold: Option<u64>,
     /// The range of the windows it booked, Unix seconds.
     windows: (i64, i64),
     /// Abandoned carts' holds made.
@@ -245,6 +257,7 @@ impl End {
         };
         let sold = workloads::sold(ch, caller, Workload::ClaimHot).await?;
         let (venue_confirmed, venue_pending) = self.booked(ch, caller).await?;
+        let cards = self.cards(caller, setup).await?;
         let mut broken = Vec::new();
         if carts.reserved != 0 || carts.available != carts.on_hand {
             broken.push(format!(
@@ -274,8 +287,16 @@ impl End {
                 "the venue counts {venue_confirmed} slots confirmed and {venue_pending} pending, the run confirmed {confirmed} and left none"
             ));
         }
+        if let Some(locked) = self.cards_sold
+            && (cards.sold != locked as i64 || cards.listed_after_sale != 0)
+        {
+            broken.push(format!(
+                "Postgres has {} cards sold on the storefront and {} sold cards still listed elsewhere, the run's locks sold {locked}",
+                cards.sold, cards.listed_after_sale
+            ));
+        }
         println!(
-            "probe: soak-end drained={drained} abandoned_holds={} abandoned_reserved={} claimed={} sold={sold} consumed={} stock_sold={} stock_reserved={} confirmed={} venue_confirmed={venue_confirmed} venue_pending={venue_pending} promises={}",
+            "probe: soak-end drained={drained} abandoned_holds={} abandoned_reserved={} claimed={} sold={sold} consumed={} stock_sold={} stock_reserved={} confirmed={} venue_confirmed={venue_confirmed} venue_pending={venue_pending} locked={} cards_sold={} listed_after_sale={} promises={}",
             self.abandoned,
             carts.reserved,
             self.claimed.unwrap_or(0),
@@ -283,6 +304,9 @@ impl End {
             shop.sold,
             shop.reserved,
             self.confirmed.unwrap_or(0),
+            self.cards_sold.unwrap_or(0),
+            cards.sold,
+            cards.listed_after_sale,
             match (broken.is_empty(), errors) {
                 (true, _) => "kept",
                 (false, 0) => "BROKEN",
@@ -293,6 +317,36 @@ impl End {
             (false, 0) => anyhow::bail!("{}", broken.join("; ")),
             _ => Ok(()),
         }
+    }
+
+    /// What Postgres, the system of record, holds of the run's cards once
+    /// the drainer has caught up: how many were sold on the storefront
+    /// (each lock sells one card, so a card sold twice would count once
+    /// and fall short of the locks), and how many sold ones are still
+    /// live on another channel (each sale pulls them). Zeros when
+    /// lock-complete did not run.
+    async fn cards(&self, caller: &Caller, setup: &Setup<'_>) -> anyhow::Result<Cards> {
+        if self.cards_sold.is_none() {
+            return Ok(Cards::default());
+        }
+        let mut pg = sqlx::PgConnection::connect(setup.database_url)
+            .await
+            .context("the soak probe reads the cards it sold")?;
+        let (sold, listed_after_sale): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE c.sold_channel = $2),
+                    count(*) FILTER (WHERE c.sold_channel IS NOT NULL AND EXISTS (
+                        SELECT 1 FROM card_channels l
+                        WHERE l.workspace = c.workspace AND l.card_id = c.card_id AND l.status = 'active'))
+             FROM cards c WHERE c.card_id LIKE $1",
+        )
+        .bind(format!("c{}n%", caller.tag))
+        .bind(workloads::CHANNEL)
+        .fetch_one(&mut pg)
+        .await?;
+        Ok(Cards {
+            sold,
+            listed_after_sale,
+        })
     }
 
     /// The venue's slots confirmed and pending over the windows the run
