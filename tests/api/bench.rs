@@ -511,13 +511,18 @@ async fn the_listings_option_refuses_a_workspace_with_a_satellite_on_its_channel
     let app = crate::helpers::spawn_app().await;
     let _ebay = crate::cards::satellite(&app, "ebay").await;
     let addr = format!("http://{}", app.addr);
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(["bench", "--addr", &addr, "--workload", "lock-complete"])
-        .args(["--listings", "3", "--duration", "1", "--no-baselines"])
-        .env_remove("HOLDFAST_BENCH_API_KEY")
-        .output()
-        .await
-        .expect("the bench runs");
+    let args = [
+        "--addr",
+        &addr,
+        "--workload",
+        "lock-complete",
+        "--listings",
+        "3",
+        "--duration",
+        "1",
+        "--no-baselines",
+    ];
+    let out = crate::helpers::bench_run(&args, &app.database_url).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

@@ -63,7 +63,17 @@ pub async fn bench_line(args: &[&str], database_url: &str, line: &str) -> String
 
 /// As [`bench_line`], the whole of the bench's output.
 pub async fn bench_output(args: &[&str], database_url: &str) -> String {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    let out = bench_run(args, database_url).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    stdout.into_owned()
+}
+
+/// Runs `holdfast bench` with `args` on the shared Redis and the database
+/// at `database_url`, and returns how it ended, success or not.
+pub async fn bench_run(args: &[&str], database_url: &str) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
         .arg("bench")
         .args(args)
         .env("HOLDFAST_REDIS_URL", redis_url())
@@ -72,11 +82,7 @@ pub async fn bench_output(args: &[&str], database_url: &str) -> String {
         .env_remove("HOLDFAST_BENCH_API_KEY")
         .output()
         .await
-        .expect("the bench runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
-    stdout.into_owned()
+        .expect("the bench runs")
 }
 
 /// Eight random lowercase letters and digits.
