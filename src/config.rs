@@ -267,7 +267,8 @@ pub struct ServeArgs {
     pub max_channel_batch: usize,
 
     /// How often the outbox is polled for webhooks to deliver,
-    /// milliseconds.
+    /// milliseconds; a satellite's backlog is sent one webhook after
+    /// another for up to this long a round.
     #[arg(long, env = "HOLDFAST_OUTBOX_INTERVAL_MS", default_value_t = 200)]
     pub outbox_interval_ms: u64,
 

@@ -6,8 +6,16 @@
 //! this one after a crash) sends it again only once the lease ran out: a
 //! satellite may see a delivery twice, never lose one, and can drop
 //! repeats by the `X-Holdfast-Delivery` id.
+//!
+//! A satellite with a backlog is sent its next row as soon as the last is
+//! acknowledged, until the next round is due: one round trip a webhook.
+//! Until 2026-12-07 it was sent one row a round, five a second at the
+//! default interval, so a run of card sales left the other channels
+//! listing sold cards for minutes (deploy/BENCHMARKS.md, "webhooks").
+//! A round ends when its slowest satellite's last attempt does, so a slow
+//! satellite still delays the others' next heads by one attempt at most.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -44,37 +52,41 @@ pub fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration {
     base.saturating_mul(1 << exp).min(max)
 }
 
-/// Runs until `stop` turns true; a round in flight finishes first (each
-/// attempt is bounded by the timeout).
+/// Runs until `stop` turns true; a round in flight finishes the attempts
+/// it has begun (each bounded by the timeout) and begins no more.
 pub async fn run(
     pg: PgStore,
     client: SatelliteClient,
     settings: OutboxSettings,
     stop: watch::Receiver<bool>,
 ) {
-    let mut rounds = Rounds::every(settings.interval, stop);
+    let mut rounds = Rounds::every(settings.interval, stop.clone());
     while rounds.next().await {
-        if let Err(e) = round(&pg, &client, &settings).await {
+        if let Err(e) = round(&pg, &client, &settings, &stop).await {
             tracing::warn!(error = %e, "outbox round failed; deliveries stay pending");
         }
     }
     tracing::debug!("outbox stopped");
 }
 
-/// Claims the due deliveries and attempts each; returns how many were
-/// attempted.
+/// Claims each satellite's due head and delivers it and, until the next
+/// round is due or the daemon stops, the rows behind it; returns how many
+/// satellites it attempted.
 async fn round(
     pg: &PgStore,
     client: &SatelliteClient,
     settings: &OutboxSettings,
+    stop: &watch::Receiver<bool>,
 ) -> Result<usize, Error> {
-    let lease = settings.timeout + Duration::from_secs(5);
-    let due = pg.claim_deliveries(lease, BATCH).await?;
+    let until = Instant::now() + settings.interval;
+    let due = pg.claim_deliveries(lease(settings), BATCH).await?;
     let attempted = due.len();
     let mut set = JoinSet::new();
     for d in due {
         let (pg, client, settings) = (pg.clone(), client.clone(), settings.clone());
-        set.spawn(async move { deliver(&pg, &client, &settings, d).await });
+        let stop = stop.clone();
+        let more = move || Instant::now() < until && !*stop.borrow();
+        set.spawn(async move { deliver_in_turn(&pg, &client, &settings, d, more).await });
     }
     while let Some(done) = set.join_next().await {
         match done {
@@ -89,19 +101,46 @@ async fn round(
     Ok(attempted)
 }
 
+/// How long a claimed row is this daemon's: an attempt's timeout, and
+/// time to record it.
+fn lease(settings: &OutboxSettings) -> Duration {
+    settings.timeout + Duration::from_secs(5)
+}
+
+/// Delivers `d`, then its satellite's next rows one after another while
+/// each is acknowledged and due, and while `more` says to go on.
+async fn deliver_in_turn(
+    pg: &PgStore,
+    client: &SatelliteClient,
+    settings: &OutboxSettings,
+    mut d: DueDelivery,
+    more: impl Fn() -> bool,
+) -> Result<(), Error> {
+    loop {
+        match deliver(pg, client, settings, d, &more).await? {
+            Some(next) => d = next,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Attempts `d` and records the outcome; after an acknowledgement, if
+/// `more` says so then, claims and returns the satellite's next row.
 async fn deliver(
     pg: &PgStore,
     client: &SatelliteClient,
     settings: &OutboxSettings,
     d: DueDelivery,
-) -> Result<(), Error> {
+    more: impl Fn() -> bool,
+) -> Result<Option<DueDelivery>, Error> {
     match client
         .post(&d.base_url, &d.secret, &d.event, d.id, &d.body)
         .await
     {
         Ok(status) => {
             tracing::info!(delivery = d.id, workspace = %d.workspace, channel = %d.channel, event = %d.event, status, "webhook delivered");
-            pg.delivered(d.id, status).await
+            pg.delivered(d.id, status, more().then(|| lease(settings)))
+                .await
         }
         Err(failure) => {
             metrics::counter!(metric::OUTBOX_FAILURES, "event" => d.event.clone()).increment(1);
@@ -109,7 +148,8 @@ async fn deliver(
             tracing::warn!(delivery = d.id, workspace = %d.workspace, channel = %d.channel, event = %d.event,
                 attempt = d.attempts + 1, reason = %failure.reason, ?retry_in, "webhook delivery failed; will retry");
             pg.delivery_failed(d.id, failure.status, &failure.reason, retry_in)
-                .await
+                .await?;
+            Ok(None)
         }
     }
 }

@@ -4,7 +4,9 @@
 //! Deliveries to one satellite go in order: only the oldest pending row of
 //! each (workspace, channel) is ever attempted, so a satellite never sees a
 //! disengage overtake the engage before it, and a satellite that is down
-//! delays only itself.
+//! delays only itself. Marking a row delivered can claim the satellite's
+//! next one in the same statement ([`PgStore::delivered`]), so a backlog
+//! goes out one round trip after another rather than one row a round.
 
 use std::time::Duration;
 
@@ -80,6 +82,29 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The end of a claim: of the rows named by the CTE `$from`, those due and
+/// not held by another claim (`$order` may order and limit them), leased
+/// for `$1` milliseconds, with where each goes.
+macro_rules! lease_due {
+    ($from:literal, $order:literal) => {
+        concat!(
+            "due AS (
+                 SELECT o.id FROM outbox o JOIN ",
+            $from,
+            " USING (id)
+                 WHERE o.next_attempt_at <= now() ",
+            $order,
+            "
+                 FOR UPDATE OF o SKIP LOCKED
+             )
+             UPDATE outbox o SET next_attempt_at = now() + $1 * interval '1 millisecond'
+             FROM due, satellites s
+             WHERE o.id = due.id AND s.workspace = o.workspace AND s.channel = o.channel
+             RETURNING o.id, o.workspace, o.channel, o.event, o.body, o.attempts, s.base_url, s.secret"
+        )
+    };
+}
+
 impl PgStore {
     /// Claims up to `limit` due deliveries, the oldest pending one of each
     /// satellite, for `lease`: until then no other claim (of this daemon or
@@ -89,38 +114,51 @@ impl PgStore {
         lease: Duration,
         limit: i64,
     ) -> Result<Vec<DueDelivery>, Error> {
-        Ok(sqlx::query_as::<_, DueDelivery>(
+        Ok(sqlx::query_as::<_, DueDelivery>(concat!(
             "WITH heads AS (
                  SELECT DISTINCT ON (workspace, channel) id FROM outbox
                  WHERE state = 'pending' ORDER BY workspace, channel, id
-             ), due AS (
-                 SELECT o.id FROM outbox o JOIN heads USING (id)
-                 WHERE o.next_attempt_at <= now() ORDER BY o.id LIMIT $2
-                 FOR UPDATE OF o SKIP LOCKED
-             )
-             UPDATE outbox o SET next_attempt_at = now() + $1 * interval '1 millisecond'
-             FROM due, satellites s
-             WHERE o.id = due.id AND s.workspace = o.workspace AND s.channel = o.channel
-             RETURNING o.id, o.workspace, o.channel, o.event, o.body, o.attempts, s.base_url, s.secret",
-        )
+             ), ",
+            lease_due!("heads", "ORDER BY o.id LIMIT $2")
+        ))
         .bind(millis(lease))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
     }
 
-    /// Records a delivery the satellite acknowledged.
-    pub async fn delivered(&self, id: i64, status: u16) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, last_status = $2,
-                 last_error = '', delivered_at = now()
-             WHERE id = $1",
-        )
-        .bind(id)
+    /// Records a delivery the satellite acknowledged and, given a `lease`,
+    /// claims the same satellite's next pending row for it if that one is
+    /// due and no one else holds it: what a satellite with a backlog is
+    /// sent next, or `None`.
+    ///
+    /// One statement, so a backlog costs one commit a delivery. It does
+    /// not see its own update, so the next row is the oldest pending one
+    /// but this.
+    pub async fn delivered(
+        &self,
+        id: i64,
+        status: u16,
+        lease: Option<Duration>,
+    ) -> Result<Option<DueDelivery>, Error> {
+        Ok(sqlx::query_as::<_, DueDelivery>(concat!(
+            "WITH done AS (
+                 UPDATE outbox SET state = 'delivered', attempts = attempts + 1, last_status = $2,
+                     last_error = '', delivered_at = now()
+                 WHERE id = $3
+                 RETURNING workspace, channel
+             ), next AS (
+                 SELECT o.id FROM outbox o JOIN done USING (workspace, channel)
+                 WHERE $1::bigint IS NOT NULL AND o.state = 'pending' AND o.id <> $3
+                 ORDER BY o.id LIMIT 1
+             ), ",
+            lease_due!("next", "")
+        ))
+        .bind(lease.map(millis))
         .bind(i32::from(status))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Records a failed attempt; the next one is due after `retry_in`.
