@@ -14,10 +14,13 @@
 //! listing sold cards for minutes (deploy/BENCHMARKS.md, "webhooks").
 //! A round ends when its slowest satellite's last attempt does, so a slow
 //! satellite still delays the others' next heads by one attempt at most.
+//! A transaction that queues a webhook wakes the job when it commits
+//! (`hear_queued`); the rounds are what is left when nothing does.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::Rounds;
 use tokio::task::JoinSet;
@@ -61,12 +64,50 @@ pub async fn run(
     stop: watch::Receiver<bool>,
 ) {
     let mut rounds = Rounds::every(settings.interval, stop.clone());
-    while rounds.next().await {
+    let queued = hear_queued(pg.clone(), stop.clone());
+    loop {
+        tokio::select! {
+            go = rounds.next() => if !go { break },
+            () = queued.notified() => if *stop.borrow() { break },
+        }
         if let Err(e) = round(&pg, &client, &settings, &stop).await {
             tracing::warn!(error = %e, "outbox round failed; deliveries stay pending");
         }
     }
     tracing::debug!("outbox stopped");
+}
+
+/// Told when a transaction that queued a webhook commits: Postgres sends
+/// its `NOTIFY` then to every daemon listening, so a sold card's other
+/// channels are told within a round trip or two, where the next round
+/// would come up to `interval` later. A `Notify` keeps one wake-up
+/// however many arrive during a round. While the listener cannot
+/// connect, it tries again each second and the rounds alone go on.
+fn hear_queued(pg: PgStore, mut stop: watch::Receiver<bool>) -> Arc<Notify> {
+    let queued = Arc::new(Notify::new());
+    let wake = queued.clone();
+    tokio::spawn(async move {
+        loop {
+            let heard = async {
+                let mut listener = pg.listen_for_queued().await?;
+                loop {
+                    listener.recv().await.map_err(Error::from)?;
+                    wake.notify_one();
+                }
+            };
+            tokio::select! {
+                Err::<(), Error>(e) = heard => {
+                    tracing::debug!(error = %e, "not listening for queued webhooks; the outbox's rounds go on");
+                }
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
+    queued
 }
 
 /// Claims each satellite's due head and delivers it and, until the next

@@ -495,18 +495,25 @@ pub(super) async fn enqueue_all(
         counts.push(i32::try_from(cards).unwrap_or(i32::MAX));
         channels.push(channel);
     }
+    // A transaction's notifications go out when it commits, one however
+    // often it queued.
     sqlx::query(
-        "INSERT INTO outbox (workspace, channel, event, body, card_count)
-         SELECT $1, h.channel, $2, h.body, h.card_count
-         FROM UNNEST($3::text[], $4::text[], $5::int4[]) WITH ORDINALITY AS h(channel, body, card_count, n)
-         WHERE EXISTS (SELECT 1 FROM satellites s WHERE s.workspace = $1 AND s.channel = h.channel)
-         ORDER BY h.n",
+        "WITH queued AS (
+             INSERT INTO outbox (workspace, channel, event, body, card_count)
+             SELECT $1, h.channel, $2, h.body, h.card_count
+             FROM UNNEST($3::text[], $4::text[], $5::int4[]) WITH ORDINALITY AS h(channel, body, card_count, n)
+             WHERE EXISTS (SELECT 1 FROM satellites s WHERE s.workspace = $1 AND s.channel = h.channel)
+             ORDER BY h.n
+             RETURNING 1
+         )
+         SELECT pg_notify($6, '') WHERE EXISTS (SELECT 1 FROM queued)",
     )
     .bind(workspace)
     .bind(event)
     .bind(&channels)
     .bind(&bodies)
     .bind(&counts)
+    .bind(super::outbox::QUEUED_CHANNEL)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -16,6 +16,11 @@ use super::PgStore;
 use crate::domain::{ChannelSlug, TenantId};
 use crate::error::Error;
 
+/// The `NOTIFY` channel on which each transaction that queues a webhook
+/// says so at its commit (`listings.rs`), so that the outbox job of every
+/// daemon on the database looks at once rather than at its next round.
+pub(super) const QUEUED_CHANNEL: &str = "holdfast_outbox";
+
 /// A delivery claimed for one attempt, with where it goes.
 #[derive(Clone, sqlx::FromRow)]
 pub struct DueDelivery {
@@ -181,6 +186,14 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// A listener for queued webhooks ([`QUEUED_CHANNEL`]), on a
+    /// connection of the pool's that it keeps until dropped.
+    pub async fn listen_for_queued(&self) -> Result<sqlx::postgres::PgListener, Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(QUEUED_CHANNEL).await?;
+        Ok(listener)
     }
 
     /// Deliveries waiting, over every workspace (the backlog gauge).
