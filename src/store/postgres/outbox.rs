@@ -192,7 +192,7 @@ impl PgStore {
         Ok(())
     }
 
-    /// A listener for queued webhooks ([`QUEUED_CHANNEL`]), on a
+    /// A listener for queued webhooks (`QUEUED_CHANNEL`), on a
     /// connection of the pool's that it keeps until dropped.
     pub async fn listen_for_queued(&self) -> Result<sqlx::postgres::PgListener, Error> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
