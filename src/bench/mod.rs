@@ -32,6 +32,7 @@ mod tls;
 mod watch;
 mod watch_replay;
 mod watch_tenants;
+mod webhooks;
 mod workloads;
 
 use std::path::PathBuf;
@@ -219,7 +220,9 @@ pub struct BenchArgs {
     /// listing on, and refuses a workspace with a satellite on one of
     /// those channels (it would be sent a webhook for every sale); without
     /// one no webhook is written, but each is looked for. 1, the default:
-    /// the storefront alone. The baselines do not model it.
+    /// the storefront alone. The baselines do not model it. The webhooks
+    /// probe lists its cards on this many channels too (at least 2), and
+    /// gives the others satellites of its own.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4))]
     pub listings: u32,
 
@@ -295,6 +298,9 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     if args.probe.contains(&Probe::WatchTenants) {
         watch_tenants::check(args).await?;
     }
+    if args.probe.contains(&Probe::Webhooks) {
+        webhooks::check(args)?;
+    }
     let client_tls = tls::from_args(args)?;
     let mut daemon = match &args.addr {
         Some(_) => None,
@@ -319,7 +325,7 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         .filter(|p| {
             !matches!(
                 p,
-                Probe::Shops | Probe::Tls | Probe::Restart | Probe::WatchTenants
+                Probe::Shops | Probe::Tls | Probe::Restart | Probe::WatchTenants | Probe::Webhooks
             )
         })
         .collect();
@@ -349,6 +355,9 @@ async fn run_in(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         watch_tenants::run(args, dir)
             .await
             .context("probe WatchTenants")?;
+    }
+    if args.probe.contains(&Probe::Webhooks) {
+        webhooks::run(args, dir).await.context("probe Webhooks")?;
     }
     Ok(())
 }

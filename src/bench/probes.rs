@@ -105,6 +105,12 @@ pub enum Probe {
     /// reaching each (runs in `watch_tenants.rs`, after every other
     /// probe).
     WatchTenants,
+    /// lock-complete at `--rate` (200/s when absent) on cards listed on
+    /// `--listings` channels (at least 2), each other channel with a
+    /// satellite (an HTTP sink in the bench), on a daemon of its own: how
+    /// soon and how fast the outbox tells the satellites of each sale
+    /// (runs in `webhooks.rs`, after every other probe).
+    Webhooks,
 }
 
 pub(super) fn reserve_req(id: String, products: &[String], ttl_ms: u64) -> pb::ReserveRequest {
@@ -312,7 +318,8 @@ pub async fn run(
         | Probe::Restart
         | Probe::Connections
         | Probe::Watch
-        | Probe::WatchTenants => {
+        | Probe::WatchTenants
+        | Probe::Webhooks => {
             unreachable!("bench::run sends these probes to their own modules")
         }
         Probe::Memory => {
