@@ -15,7 +15,7 @@
 //! `--duration` seconds. Then it waits, up to [`WAIT`], for every
 //! webhook of the run to be queued and delivered, and reads from the
 //! outbox how long each waited there (`created_at` to `delivered_at`),
-//! and how many were delivered a second.
+//! how many were delivered a second, and what they added to the outbox.
 //!
 //! It runs after every other probe: the satellites it registers stay in
 //! the bench's workspace, and a later `--listings` run would refuse it.
@@ -39,6 +39,11 @@ pub const DEFAULT_RATE: f64 = 200.0;
 /// How long the probe waits, after the run, for its webhooks to be
 /// delivered before it reports what it has.
 const WAIT: Duration = Duration::from_secs(120);
+/// The outbox's newest row id, and its table's and indexes' bytes: a
+/// delivered row is kept (`ListDeliveries` shows it), so what the run
+/// added stays.
+const OUTBOX_NOW: &str =
+    "SELECT coalesce(max(id), 0), pg_total_relation_size('outbox') FROM outbox";
 /// The satellites' signing secret (16-256 characters).
 const SECRET: &str = "bench-satellite-secret";
 
@@ -72,9 +77,7 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
             .await?;
     }
     let mut pg = PgConnection::connect(&args.database_url).await?;
-    let (before,): (i64,) = sqlx::query_as("SELECT coalesce(max(id), 0) FROM outbox")
-        .fetch_one(&mut pg)
-        .await?;
+    let (before, bytes_before): (i64, i64) = sqlx::query_as(OUTBOX_NOW).fetch_one(&mut pg).await?;
 
     let rate = args.rate.unwrap_or(DEFAULT_RATE);
     let plan = Plan {
@@ -108,6 +111,7 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     .bind(before)
     .fetch_one(&mut pg)
     .await?;
+    let (_, bytes_after): (i64, i64) = sqlx::query_as(OUTBOX_NOW).fetch_one(&mut pg).await?;
     pg.close().await?;
     daemon.stop();
 
@@ -117,9 +121,10 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
         Some(s) if s > 0.0 => delivered as f64 / others.len() as f64 / s,
         _ => 0.0,
     };
+    let bytes_per_webhook = (bytes_after - bytes_before) as f64 / queued.max(1) as f64;
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
     println!(
-        "bench-probe: webhooks listings={listings} satellites={} rate={rate} sales={} sales_per_s={:.0} webhooks={expected} queued={queued} delivered={delivered} sink_got={} sink_connections={} pending_after_wait={pending} delivered_after_s={:.2} wait_p50_ms={} wait_p99_ms={} wait_max_ms={} delivered_per_satellite_per_s={per_satellite:.0}",
+        "bench-probe: webhooks listings={listings} satellites={} rate={rate} sales={} sales_per_s={:.0} webhooks={expected} queued={queued} delivered={delivered} sink_got={} sink_connections={} pending_after_wait={pending} delivered_after_s={:.2} wait_p50_ms={} wait_p99_ms={} wait_max_ms={} delivered_per_satellite_per_s={per_satellite:.0} outbox_bytes_per_webhook={bytes_per_webhook:.0}",
         others.len(),
         run.units,
         run.units as f64 / run.elapsed.as_secs_f64(),
