@@ -12,8 +12,8 @@
 //! Until 2026-12-07 it was sent one row a round, five a second at the
 //! default interval, so a run of card sales left the other channels
 //! listing sold cards for minutes (deploy/BENCHMARKS.md, "webhooks").
-//! A round ends when its slowest satellite's last attempt does, so a slow
-//! satellite still delays the others' next heads by one attempt at most.
+//! A round does not wait for the satellites it started sending to, so one
+//! that answers slowly delays no other.
 //! A transaction that queues a webhook wakes the job when it commits
 //! (`hear_queued`); the rounds are what is left when nothing does.
 
@@ -55,8 +55,13 @@ pub fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration {
     base.saturating_mul(1 << exp).min(max)
 }
 
-/// Runs until `stop` turns true; a round in flight finishes the attempts
-/// it has begun (each bounded by the timeout) and begins no more.
+/// The satellites being sent to: a task each, which a round does not
+/// wait for.
+type Sending = JoinSet<Result<(), Error>>;
+
+/// Runs until `stop` turns true; then each satellite being sent to
+/// finishes the attempt it is in (bounded by the timeout) and begins no
+/// more.
 pub async fn run(
     pg: PgStore,
     client: SatelliteClient,
@@ -65,16 +70,44 @@ pub async fn run(
 ) {
     let mut rounds = Rounds::every(settings.interval, stop.clone());
     let queued = hear_queued(pg.clone(), stop.clone());
+    let mut sending = Sending::new();
+    let job = Job {
+        pg: &pg,
+        client: &client,
+        settings: &settings,
+        stop: &stop,
+        queued: &queued,
+    };
     loop {
-        tokio::select! {
-            go = rounds.next() => if !go { break },
-            () = queued.notified() => if *stop.borrow() { break },
+        // The backlog gauge is read on the ticks alone: a busy shop's
+        // commits wake the outbox a hundred times a second, and the count
+        // walks the whole backlog.
+        let tick = tokio::select! {
+            go = rounds.next() => if go { true } else { break },
+            () = queued.notified() => if *stop.borrow() { break } else { false },
+        };
+        while let Some(done) = sending.try_join_next() {
+            report(done);
         }
-        if let Err(e) = round(&pg, &client, &settings, &stop).await {
+        if let Err(e) = job.round(&mut sending, tick).await {
             tracing::warn!(error = %e, "outbox round failed; deliveries stay pending");
         }
     }
+    while let Some(done) = sending.join_next().await {
+        report(done);
+    }
     tracing::debug!("outbox stopped");
+}
+
+/// Logs how a satellite's sending ended, if not well.
+fn report(done: Result<Result<(), Error>, tokio::task::JoinError>) {
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "recording a delivery failed; it will be retried")
+        }
+        Err(e) => tracing::error!(error = %e, "a delivery task panicked"),
+    }
 }
 
 /// Told when a transaction that queued a webhook commits: Postgres sends
@@ -110,36 +143,53 @@ fn hear_queued(pg: PgStore, mut stop: watch::Receiver<bool>) -> Arc<Notify> {
     queued
 }
 
-/// Claims each satellite's due head and delivers it and, until the next
-/// round is due or the daemon stops, the rows behind it; returns how many
-/// satellites it attempted.
-async fn round(
-    pg: &PgStore,
-    client: &SatelliteClient,
-    settings: &OutboxSettings,
-    stop: &watch::Receiver<bool>,
-) -> Result<usize, Error> {
-    let until = Instant::now() + settings.interval;
-    let due = pg.claim_deliveries(lease(settings), BATCH).await?;
-    let attempted = due.len();
-    let mut set = JoinSet::new();
-    for d in due {
-        let (pg, client, settings) = (pg.clone(), client.clone(), settings.clone());
-        let stop = stop.clone();
-        let more = move || Instant::now() < until && !*stop.borrow();
-        set.spawn(async move { deliver_in_turn(&pg, &client, &settings, d, more).await });
-    }
-    while let Some(done) = set.join_next().await {
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "recording a delivery failed; it will be retried")
-            }
-            Err(e) => tracing::error!(error = %e, "a delivery task panicked"),
+/// What a round needs.
+struct Job<'a> {
+    pg: &'a PgStore,
+    client: &'a SatelliteClient,
+    settings: &'a OutboxSettings,
+    stop: &'a watch::Receiver<bool>,
+    queued: &'a Arc<Notify>,
+}
+
+impl Job<'_> {
+    /// Claims the due head of each satellite not being sent to (up to
+    /// [`BATCH`] sent to at once) and starts sending each its rows, for
+    /// up to an interval; returns how many it started.
+    ///
+    /// A round does not wait for them: a satellite that answers slowly
+    /// (each attempt may take the timeout) no longer holds up the next
+    /// round, in which every other satellite's new rows go. One being
+    /// sent to is never claimed twice: its row is leased, so not due.
+    /// With `gauge`, it also sets the backlog gauge.
+    async fn round(&self, sending: &mut Sending, gauge: bool) -> Result<usize, Error> {
+        let room = BATCH.saturating_sub(sending.len() as i64);
+        let due = if room > 0 {
+            self.pg.claim_deliveries(lease(self.settings), room).await?
+        } else {
+            Vec::new()
+        };
+        let started = due.len();
+        for d in due {
+            let (pg, client) = (self.pg.clone(), self.client.clone());
+            let (settings, stop) = (self.settings.clone(), self.stop.clone());
+            let wake = self.queued.clone();
+            let until = Instant::now() + settings.interval;
+            let more = move || Instant::now() < until && !*stop.borrow();
+            sending.spawn(async move {
+                // Stopped with rows perhaps left: the next round at once.
+                if deliver_in_turn(&pg, &client, &settings, d, &more).await? {
+                    wake.notify_one();
+                }
+                Ok(())
+            });
         }
+        if gauge {
+            let backlog = self.pg.outbox_backlog().await?;
+            metrics::gauge!(metric::OUTBOX_BACKLOG).set(backlog as f64);
+        }
+        Ok(started)
     }
-    metrics::gauge!(metric::OUTBOX_BACKLOG).set(pg.outbox_backlog().await? as f64);
-    Ok(attempted)
 }
 
 /// How long a claimed row is this daemon's: an attempt's timeout, and
@@ -149,18 +199,19 @@ fn lease(settings: &OutboxSettings) -> Duration {
 }
 
 /// Delivers `d`, then its satellite's next rows one after another while
-/// each is acknowledged and due, and while `more` says to go on.
+/// each is acknowledged and due, and while `more` says to go on; whether
+/// it was `more` that stopped it.
 async fn deliver_in_turn(
     pg: &PgStore,
     client: &SatelliteClient,
     settings: &OutboxSettings,
     mut d: DueDelivery,
-    more: impl Fn() -> bool,
-) -> Result<(), Error> {
+    more: &impl Fn() -> bool,
+) -> Result<bool, Error> {
     loop {
-        match deliver(pg, client, settings, d, &more).await? {
+        match deliver(pg, client, settings, d, more).await? {
             Some(next) => d = next,
-            None => return Ok(()),
+            None => return Ok(!more()),
         }
     }
 }
@@ -172,7 +223,7 @@ async fn deliver(
     client: &SatelliteClient,
     settings: &OutboxSettings,
     d: DueDelivery,
-    more: impl Fn() -> bool,
+    more: &impl Fn() -> bool,
 ) -> Result<Option<DueDelivery>, Error> {
     match client
         .post(&d.base_url, &d.secret, &d.event, d.id, &d.body)

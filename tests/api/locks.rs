@@ -197,6 +197,42 @@ async fn a_sale_wakes_the_outbox_without_waiting_for_its_round() {
 }
 
 #[tokio::test]
+async fn a_satellite_that_stops_answering_holds_up_no_other() {
+    let app = spawn_app_with(|a| {
+        a.outbox_interval_ms = HOUR_MS;
+        a.webhook_timeout_ms = HOUR_MS;
+    })
+    .await;
+    dual_listing(&app, true).await;
+    let cards = ["card-1", "card-2"];
+    for channel in ["storefront", "ebay", "thisorthat"] {
+        engage(&app, channel, &cards).await;
+    }
+    let ebay = satellite(&app, "ebay").await;
+    let tot = satellite(&app, "thisorthat").await;
+    tot.silence(true);
+    sell(&app, "lock-1", "card-1").await;
+    delivered(&app, "ebay", "bulk-disengage").await;
+    app.eventually("thisorthat's webhook held", || async {
+        (tot.held() == 1).then_some(())
+    })
+    .await;
+    // ThisOrThat's attempt waits on; ebay hears of the next sale anyway.
+    sell(&app, "lock-2", "card-2").await;
+    let d = delivered_at_least(&app, "ebay", "bulk-disengage", 2).await;
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert_eq!(ebay.received("bulk-disengage").len(), 2);
+    assert!(tot.received("bulk-disengage").is_empty());
+    // Answering again, ThisOrThat gets both, in order.
+    tot.silence(false);
+    delivered_at_least(&app, "thisorthat", "bulk-disengage", 2).await;
+    let got = tot.received("bulk-disengage");
+    let refs: Vec<_> = got.iter().map(|r| r.body["lock_ref"].clone()).collect();
+    assert_eq!(refs, ["lock-1", "lock-2"], "{got:?}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_satellite_back_from_an_outage_gets_its_backlog_at_once_in_order() {
     let app = spawn_app_with(|a| {
         a.outbox_interval_ms = HOUR_MS;

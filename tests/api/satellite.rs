@@ -1,8 +1,8 @@
 //! A real satellite for the tests: an HTTP/1.1 server on a loopback port,
 //! written by hand on a tokio listener, that checks every request's
 //! signature the way the README tells satellite implementers to, records
-//! what it received, can be told to fail, and serves a canonical list of
-//! active cards.
+//! what it received, can be told to fail or to stop answering, and serves
+//! a canonical list of active cards.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,6 +11,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// One webhook the satellite received.
@@ -35,6 +36,8 @@ struct State {
     fail_next: HashMap<String, u32>,
     /// The canonical list served at /active-cards.
     active: Vec<String>,
+    /// Requests read and not yet answered, while silent.
+    held: usize,
 }
 
 /// A running test satellite; stops when dropped.
@@ -42,6 +45,8 @@ pub struct Satellite {
     /// Where it listens, `http://127.0.0.1:<port>`.
     pub base_url: String,
     state: Arc<Mutex<State>>,
+    /// True while requests are held unanswered.
+    silent: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -51,12 +56,26 @@ impl Satellite {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State::default()));
-        let task = tokio::spawn(serve(listener, secret.to_owned(), state.clone()));
+        let (silent, hold) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, secret.to_owned(), state.clone(), hold));
         Self {
             base_url,
             state,
+            silent,
             task,
         }
+    }
+
+    /// While `on`, holds each request it reads unanswered (a satellite
+    /// that hangs: the daemon waits out its timeout); off again, answers
+    /// them.
+    pub fn silence(&self, on: bool) {
+        self.silent.send_replace(on);
+    }
+
+    /// Requests held unanswered right now.
+    pub fn held(&self) -> usize {
+        self.state.lock().unwrap().held
     }
 
     /// Answers the next `n` webhooks of `event` with HTTP 500.
@@ -118,20 +137,30 @@ pub fn verify(secret: &str, timestamp: &str, body: &[u8], signature: &str) -> bo
     mac.verify_slice(&given).is_ok()
 }
 
-async fn serve(listener: TcpListener, secret: String, state: Arc<Mutex<State>>) {
+async fn serve(
+    listener: TcpListener,
+    secret: String,
+    state: Arc<Mutex<State>>,
+    silent: watch::Receiver<bool>,
+) {
     loop {
         let Ok((socket, _)) = listener.accept().await else {
             continue;
         };
-        let (secret, state) = (secret.clone(), state.clone());
+        let (secret, state, silent) = (secret.clone(), state.clone(), silent.clone());
         tokio::spawn(async move {
-            let _ = handle(socket, &secret, &state).await;
+            let _ = handle(socket, &secret, &state, silent).await;
         });
     }
 }
 
 /// One request per connection (`connection: close`).
-async fn handle(mut socket: TcpStream, secret: &str, state: &Mutex<State>) -> std::io::Result<()> {
+async fn handle(
+    mut socket: TcpStream,
+    secret: &str,
+    state: &Mutex<State>,
+    mut silent: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -165,6 +194,11 @@ async fn handle(mut socket: TcpStream, secret: &str, state: &Mutex<State>) -> st
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+    if *silent.borrow() {
+        state.lock().unwrap().held += 1;
+        let _ = silent.wait_for(|s| !*s).await;
+        state.lock().unwrap().held -= 1;
     }
     let body = &buf[head_end..(head_end + length).min(buf.len())];
     let header = |name: &str| headers.get(name).cloned().unwrap_or_default();
