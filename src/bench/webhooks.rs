@@ -17,8 +17,11 @@
 //! outbox how long each waited there (`created_at` to `delivered_at`),
 //! how many were delivered a second, and what they added to the outbox.
 //!
-//! It runs after every other probe: the satellites it registers stay in
-//! the bench's workspace, and a later `--listings` run would refuse it.
+//! It runs after every other probe, and removes the satellites it
+//! registered when it ends (no RPC removes one, so it does in Postgres):
+//! left, they would point the workspace's channels at a port nothing
+//! answers, and a later `--listings` run or this probe again would refuse
+//! the workspace.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,6 +115,11 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     .fetch_one(&mut pg)
     .await?;
     let (_, bytes_after): (i64, i64) = sqlx::query_as(OUTBOX_NOW).fetch_one(&mut pg).await?;
+    sqlx::query("DELETE FROM satellites WHERE workspace = $1 AND channel = ANY($2)")
+        .bind(crate::grpc::auth::DEV_TENANT)
+        .bind(others)
+        .execute(&mut pg)
+        .await?;
     pg.close().await?;
     daemon.stop();
 
