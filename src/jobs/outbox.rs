@@ -17,7 +17,8 @@
 //! A transaction that queues a webhook wakes the job when it commits
 //! (`hear_queued`); the rounds are what is left when nothing does.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
@@ -27,7 +28,7 @@ use tokio::task::JoinSet;
 
 use crate::error::Error;
 use crate::satellite::SatelliteClient;
-use crate::store::postgres::{DueDelivery, PgStore};
+use crate::store::postgres::{DueDelivery, PgStore, queued_for};
 use crate::telemetry::metric;
 
 /// Most deliveries attempted at once.
@@ -55,9 +56,97 @@ pub fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration {
     base.saturating_mul(1 << exp).min(max)
 }
 
+/// A satellite: (workspace, channel).
+type Satellite = (String, String);
+
 /// The satellites being sent to: a task each, which a round does not
-/// wait for.
-type Sending = JoinSet<Result<(), Error>>;
+/// wait for, and whom each is sending to.
+#[derive(Default)]
+struct Sending {
+    tasks: JoinSet<Result<(), Error>>,
+    to: HashMap<tokio::task::Id, Satellite>,
+}
+
+impl Sending {
+    /// Forgets the tasks that ended, reporting how.
+    fn reap(&mut self) {
+        while let Some(done) = self.tasks.try_join_next_with_id() {
+            self.ended(done);
+        }
+    }
+
+    /// Waits for every task to end.
+    async fn finish(&mut self) {
+        while let Some(done) = self.tasks.join_next_with_id().await {
+            self.ended(done);
+        }
+    }
+
+    fn ended(
+        &mut self,
+        done: Result<(tokio::task::Id, Result<(), Error>), tokio::task::JoinError>,
+    ) {
+        let outcome = match done {
+            Ok((id, outcome)) => {
+                self.to.remove(&id);
+                outcome
+            }
+            Err(e) => {
+                self.to.remove(&e.id());
+                if e.is_panic() {
+                    tracing::error!(error = %e, "a delivery task panicked");
+                }
+                return;
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "recording a delivery failed; it will be retried");
+        }
+    }
+
+    /// Whether a round could start sending to any of `named`: false when
+    /// each is being sent to already, whose task takes its new rows.
+    fn would_start(&self, named: &HashSet<Satellite>) -> bool {
+        named.iter().any(|s| !self.to.values().any(|t| t == s))
+    }
+}
+
+/// What woke the outbox since its last look: satellites that had rows
+/// queued, and whether anything else asks for a round.
+#[derive(Default)]
+struct Woken {
+    satellites: HashSet<Satellite>,
+    any: bool,
+}
+
+/// Where wake-ups are left for the job's loop.
+#[derive(Default)]
+struct Wake {
+    woken: Mutex<Woken>,
+    notify: Notify,
+}
+
+impl Wake {
+    /// A round is asked for: by a queued row of `satellite`, or (`None`)
+    /// for any reason.
+    fn ask(&self, satellite: Option<Satellite>) {
+        {
+            let mut woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+            match satellite {
+                Some(s) => {
+                    woken.satellites.insert(s);
+                }
+                None => woken.any = true,
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// What asked since the last take.
+    fn take(&self) -> Woken {
+        std::mem::take(&mut *self.woken.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
 
 /// Runs until `stop` turns true; then each satellite being sent to
 /// finishes the attempt it is in (bounded by the timeout) and begins no
@@ -69,14 +158,14 @@ pub async fn run(
     stop: watch::Receiver<bool>,
 ) {
     let mut rounds = Rounds::every(settings.interval, stop.clone());
-    let queued = hear_queued(pg.clone(), stop.clone());
-    let mut sending = Sending::new();
+    let wake = hear_queued(pg.clone(), stop.clone());
+    let mut sending = Sending::default();
     let job = Job {
         pg: &pg,
         client: &client,
         settings: &settings,
         stop: &stop,
-        queued: &queued,
+        wake: &wake,
     };
     loop {
         // The backlog gauge is read on the ticks alone: a busy shop's
@@ -84,48 +173,40 @@ pub async fn run(
         // walks the whole backlog.
         let tick = tokio::select! {
             go = rounds.next() => if go { true } else { break },
-            () = queued.notified() => if *stop.borrow() { break } else { false },
+            () = wake.notify.notified() => if *stop.borrow() { break } else { false },
         };
-        while let Some(done) = sending.try_join_next() {
-            report(done);
+        sending.reap();
+        let woken = wake.take();
+        // Rows queued only for satellites being sent to are theirs to
+        // take: a round would read every head for nothing.
+        if !tick && !woken.any && !sending.would_start(&woken.satellites) {
+            continue;
         }
         if let Err(e) = job.round(&mut sending, tick).await {
             tracing::warn!(error = %e, "outbox round failed; deliveries stay pending");
         }
     }
-    while let Some(done) = sending.join_next().await {
-        report(done);
-    }
+    sending.finish().await;
     tracing::debug!("outbox stopped");
 }
 
-/// Logs how a satellite's sending ended, if not well.
-fn report(done: Result<Result<(), Error>, tokio::task::JoinError>) {
-    match done {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "recording a delivery failed; it will be retried")
-        }
-        Err(e) => tracing::error!(error = %e, "a delivery task panicked"),
-    }
-}
-
 /// Told when a transaction that queued a webhook commits: Postgres sends
-/// its `NOTIFY` then to every daemon listening, so a sold card's other
-/// channels are told within a round trip or two, where the next round
-/// would come up to `interval` later. A `Notify` keeps one wake-up
-/// however many arrive during a round. While the listener cannot
-/// connect, it tries again each second and the rounds alone go on.
-fn hear_queued(pg: PgStore, mut stop: watch::Receiver<bool>) -> Arc<Notify> {
-    let queued = Arc::new(Notify::new());
-    let wake = queued.clone();
+/// its `NOTIFY` then to every daemon listening, naming the satellite, so
+/// a sold card's other channels are told within a round trip or two,
+/// where the next round would come up to `interval` later. [`Wake`]
+/// keeps one wake-up however many arrive during a round. While the
+/// listener cannot connect, it tries again each second and the rounds
+/// alone go on.
+fn hear_queued(pg: PgStore, mut stop: watch::Receiver<bool>) -> Arc<Wake> {
+    let wake = Arc::new(Wake::default());
+    let heard_by = wake.clone();
     tokio::spawn(async move {
         loop {
             let heard = async {
                 let mut listener = pg.listen_for_queued().await?;
                 loop {
-                    listener.recv().await.map_err(Error::from)?;
-                    wake.notify_one();
+                    let note = listener.recv().await.map_err(Error::from)?;
+                    heard_by.ask(queued_for(note.payload()));
                 }
             };
             tokio::select! {
@@ -140,7 +221,7 @@ fn hear_queued(pg: PgStore, mut stop: watch::Receiver<bool>) -> Arc<Notify> {
             }
         }
     });
-    queued
+    wake
 }
 
 /// What a round needs.
@@ -149,7 +230,7 @@ struct Job<'a> {
     client: &'a SatelliteClient,
     settings: &'a OutboxSettings,
     stop: &'a watch::Receiver<bool>,
-    queued: &'a Arc<Notify>,
+    wake: &'a Arc<Wake>,
 }
 
 impl Job<'_> {
@@ -163,7 +244,7 @@ impl Job<'_> {
     /// sent to is never claimed twice: its row is leased, so not due.
     /// With `gauge`, it also sets the backlog gauge.
     async fn round(&self, sending: &mut Sending, gauge: bool) -> Result<usize, Error> {
-        let room = BATCH.saturating_sub(sending.len() as i64);
+        let room = BATCH.saturating_sub(sending.tasks.len() as i64);
         let due = if room > 0 {
             self.pg.claim_deliveries(lease(self.settings), room).await?
         } else {
@@ -173,16 +254,18 @@ impl Job<'_> {
         for d in due {
             let (pg, client) = (self.pg.clone(), self.client.clone());
             let (settings, stop) = (self.settings.clone(), self.stop.clone());
-            let wake = self.queued.clone();
+            let wake = self.wake.clone();
             let until = Instant::now() + settings.interval;
             let more = move || Instant::now() < until && !*stop.borrow();
-            sending.spawn(async move {
-                // Stopped with rows perhaps left: the next round at once.
-                if deliver_in_turn(&pg, &client, &settings, d, &more).await? {
-                    wake.notify_one();
-                }
-                Ok(())
+            let to = (d.workspace.clone(), d.channel.clone());
+            let task = sending.tasks.spawn(async move {
+                let sent = deliver_in_turn(&pg, &client, &settings, d, &more).await;
+                // Its rows queued from now on are a round's to start: the
+                // next one, at once.
+                wake.ask(None);
+                sent
             });
+            sending.to.insert(task.id(), to);
         }
         if gauge {
             let backlog = self.pg.outbox_backlog().await?;
@@ -199,21 +282,18 @@ fn lease(settings: &OutboxSettings) -> Duration {
 }
 
 /// Delivers `d`, then its satellite's next rows one after another while
-/// each is acknowledged and due, and while `more` says to go on; whether
-/// it was `more` that stopped it.
+/// each is acknowledged and due, and while `more` says to go on.
 async fn deliver_in_turn(
     pg: &PgStore,
     client: &SatelliteClient,
     settings: &OutboxSettings,
     mut d: DueDelivery,
     more: &impl Fn() -> bool,
-) -> Result<bool, Error> {
-    loop {
-        match deliver(pg, client, settings, d, more).await? {
-            Some(next) => d = next,
-            None => return Ok(!more()),
-        }
+) -> Result<(), Error> {
+    while let Some(next) = deliver(pg, client, settings, d, more).await? {
+        d = next;
     }
+    Ok(())
 }
 
 /// Attempts `d` and records the outcome; after an acknowledgement, if
@@ -249,6 +329,39 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_wake_up_is_skipped_only_when_each_named_satellite_is_being_sent_to() {
+        let named = |list: &[(&str, &str)]| -> HashSet<Satellite> {
+            list.iter()
+                .map(|(w, c)| ((*w).to_owned(), (*c).to_owned()))
+                .collect()
+        };
+        let mut sending = Sending::default();
+        let task = sending.tasks.spawn(std::future::pending());
+        sending.to.insert(task.id(), ("dev".into(), "ebay".into()));
+        assert!(!sending.would_start(&named(&[("dev", "ebay")])));
+        assert!(sending.would_start(&named(&[("dev", "ebay"), ("dev", "whatnot")])));
+        assert!(sending.would_start(&named(&[("shop-2", "ebay")])));
+        assert!(!sending.would_start(&named(&[])));
+        task.abort();
+        sending.finish().await;
+        assert!(
+            sending.to.is_empty(),
+            "an ended task's satellite is forgotten"
+        );
+        assert!(sending.would_start(&named(&[("dev", "ebay")])));
+    }
+
+    #[test]
+    fn a_notification_names_the_satellite_it_queued_for() {
+        assert_eq!(
+            queued_for("dev ebay"),
+            Some(("dev".to_owned(), "ebay".to_owned()))
+        );
+        assert_eq!(queued_for(""), None, "an older daemon's names none");
+        assert_eq!(queued_for("dev "), None);
+    }
 
     #[test]
     fn backoff_doubles_from_the_base_up_to_the_cap() {

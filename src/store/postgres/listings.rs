@@ -495,8 +495,9 @@ pub(super) async fn enqueue_all(
         counts.push(i32::try_from(cards).unwrap_or(i32::MAX));
         channels.push(channel);
     }
-    // A transaction's notifications go out when it commits, one however
-    // often it queued.
+    // A transaction's notifications go out when it commits, one a
+    // satellite however often it queued (`outbox::QUEUED_CHANNEL` says
+    // what they carry).
     sqlx::query(
         "WITH queued AS (
              INSERT INTO outbox (workspace, channel, event, body, card_count)
@@ -504,9 +505,9 @@ pub(super) async fn enqueue_all(
              FROM UNNEST($3::text[], $4::text[], $5::int4[]) WITH ORDINALITY AS h(channel, body, card_count, n)
              WHERE EXISTS (SELECT 1 FROM satellites s WHERE s.workspace = $1 AND s.channel = h.channel)
              ORDER BY h.n
-             RETURNING 1
+             RETURNING channel
          )
-         SELECT pg_notify($6, '') WHERE EXISTS (SELECT 1 FROM queued)",
+         SELECT pg_notify($6, $1 || ' ' || q.channel) FROM (SELECT DISTINCT channel FROM queued) q",
     )
     .bind(workspace)
     .bind(event)

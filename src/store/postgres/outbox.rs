@@ -19,7 +19,18 @@ use crate::error::Error;
 /// The `NOTIFY` channel on which each transaction that queues a webhook
 /// says so at its commit (`listings.rs`), so that the outbox job of every
 /// daemon on the database looks at once rather than at its next round.
+/// Each notification names a satellite it queued for, as `<workspace>
+/// <channel>` ([`queued_for`] reads it back).
 pub(super) const QUEUED_CHANNEL: &str = "holdfast_outbox";
+
+/// The satellite, (workspace, channel), a notification on
+/// `QUEUED_CHANNEL` names; `None` for one that names none (an older
+/// daemon's, which named nothing).
+pub fn queued_for(payload: &str) -> Option<(String, String)> {
+    let (workspace, channel) = payload.split_once(' ')?;
+    (!workspace.is_empty() && !channel.is_empty())
+        .then(|| (workspace.to_owned(), channel.to_owned()))
+}
 
 /// A delivery claimed for one attempt, with where it goes.
 #[derive(Clone, sqlx::FromRow)]
