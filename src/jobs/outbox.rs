@@ -57,14 +57,14 @@ pub fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration {
 }
 
 /// A satellite: (workspace, channel).
-type Satellite = (String, String);
+type SatelliteId = (String, String);
 
 /// The satellites being sent to: a task each, which a round does not
 /// wait for, and whom each is sending to.
 #[derive(Default)]
 struct Sending {
     tasks: JoinSet<Result<(), Error>>,
-    to: HashMap<tokio::task::Id, Satellite>,
+    to: HashMap<tokio::task::Id, SatelliteId>,
 }
 
 impl Sending {
@@ -106,7 +106,7 @@ impl Sending {
 
     /// Whether a round could start sending to any of `named`: false when
     /// each is being sent to already, whose task takes its new rows.
-    fn would_start(&self, named: &HashSet<Satellite>) -> bool {
+    fn would_start(&self, named: &HashSet<SatelliteId>) -> bool {
         named.iter().any(|s| !self.to.values().any(|t| t == s))
     }
 }
@@ -115,7 +115,7 @@ impl Sending {
 /// queued, and whether anything else asks for a round.
 #[derive(Default)]
 struct Woken {
-    satellites: HashSet<Satellite>,
+    satellites: HashSet<SatelliteId>,
     any: bool,
 }
 
@@ -129,7 +129,7 @@ struct Wake {
 impl Wake {
     /// A round is asked for: by a queued row of `satellite`, or (`None`)
     /// for any reason.
-    fn ask(&self, satellite: Option<Satellite>) {
+    fn ask(&self, satellite: Option<SatelliteId>) {
         {
             let mut woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
             match satellite {
@@ -332,7 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wake_up_is_skipped_only_when_each_named_satellite_is_being_sent_to() {
-        let named = |list: &[(&str, &str)]| -> HashSet<Satellite> {
+        let named = |list: &[(&str, &str)]| -> HashSet<SatelliteId> {
             list.iter()
                 .map(|(w, c)| ((*w).to_owned(), (*c).to_owned()))
                 .collect()
