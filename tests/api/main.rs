@@ -17,6 +17,7 @@ mod holds;
 mod listing_mirror;
 mod locks;
 mod ops;
+mod outbox;
 mod pool_writers;
 mod properties;
 mod redis_loss;

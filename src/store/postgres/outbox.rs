@@ -98,17 +98,22 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The end of a claim: of the rows named by the CTE `$from`, those due and
-/// not held by another claim (`$order` may order and limit them), leased
-/// for `$1` milliseconds, with where each goes.
+/// The end of a claim: of the rows whose ids the CTE `$from` names, those
+/// due and not held by another claim (`$order` may order and limit them),
+/// leased for `$1` milliseconds, with where each goes.
+///
+/// The ids are looked up one by one (`= ANY (ARRAY(...))`): as a join, the
+/// planner may judge `next_attempt_at <= now()` selective enough to scan
+/// the whole table instead, which keeps every delivered row, and it did
+/// on a table of 10,000 rows (tests/api/outbox.rs).
 macro_rules! lease_due {
     ($from:literal, $order:literal) => {
         concat!(
             "due AS (
-                 SELECT o.id FROM outbox o JOIN ",
+                 SELECT o.id FROM outbox o
+                 WHERE o.id = ANY (ARRAY(SELECT id FROM ",
             $from,
-            " USING (id)
-                 WHERE o.next_attempt_at <= now() ",
+            ")) AND o.next_attempt_at <= now() ",
             $order,
             "
                  FOR UPDATE OF o SKIP LOCKED
@@ -125,15 +130,29 @@ impl PgStore {
     /// Claims up to `limit` due deliveries, the oldest pending one of each
     /// satellite, for `lease`: until then no other claim (of this daemon or
     /// another) takes them, and if this one dies they come due again.
+    ///
+    /// The heads are found by skipping from one satellite to the next in
+    /// the index of pending rows, one short descent each, so a round costs
+    /// the same whatever a satellite's backlog. `DISTINCT ON` read every
+    /// pending row instead: a satellite down for an hour of sales left a
+    /// backlog that each round (each tick, and each commit that queued a
+    /// webhook for it) walked whole, ~136 ms of Postgres per million rows
+    /// (deploy/BENCHMARKS.md, "a satellite that is down").
     pub async fn claim_deliveries(
         &self,
         lease: Duration,
         limit: i64,
     ) -> Result<Vec<DueDelivery>, Error> {
         Ok(sqlx::query_as::<_, DueDelivery>(concat!(
-            "WITH heads AS (
-                 SELECT DISTINCT ON (workspace, channel) id FROM outbox
-                 WHERE state = 'pending' ORDER BY workspace, channel, id
+            "WITH RECURSIVE heads AS (
+                 (SELECT workspace, channel, id FROM outbox WHERE state = 'pending'
+                  ORDER BY workspace, channel, id LIMIT 1)
+                 UNION ALL
+                 SELECT n.workspace, n.channel, n.id FROM heads h CROSS JOIN LATERAL (
+                     SELECT o.workspace, o.channel, o.id FROM outbox o
+                     WHERE o.state = 'pending' AND (o.workspace, o.channel) > (h.workspace, h.channel)
+                     ORDER BY o.workspace, o.channel, o.id LIMIT 1
+                 ) n
              ), ",
             lease_due!("heads", "ORDER BY o.id LIMIT $2")
         ))
@@ -153,8 +172,11 @@ impl PgStore {
     /// keeps the delivered ones' entries until a vacuum, and looking from
     /// the satellite's first entry walked them all, so that a backlog of
     /// 15,000 went out at 370 a second instead of 1,400
-    /// (deploy/BENCHMARKS.md, "webhooks"). A row whose transaction took
-    /// an older id but committed later is the next round's head.
+    /// (deploy/BENCHMARKS.md, "webhooks"). It is one descent of that
+    /// index, asked for in its order: as a join ordered by id, the planner
+    /// could walk the table's key from this row instead, through every
+    /// other satellite's rows. A row whose transaction took an older id
+    /// but committed later is the next round's head.
     pub async fn delivered(
         &self,
         id: i64,
@@ -168,9 +190,12 @@ impl PgStore {
                  WHERE id = $3
                  RETURNING workspace, channel
              ), next AS (
-                 SELECT o.id FROM outbox o JOIN done USING (workspace, channel)
-                 WHERE $1::bigint IS NOT NULL AND o.state = 'pending' AND o.id > $3
-                 ORDER BY o.id LIMIT 1
+                 SELECT n.id FROM done CROSS JOIN LATERAL (
+                     SELECT o.id FROM outbox o
+                     WHERE o.workspace = done.workspace AND o.channel = done.channel
+                       AND o.state = 'pending' AND o.id > $3 AND $1::bigint IS NOT NULL
+                     ORDER BY o.workspace, o.channel, o.id LIMIT 1
+                 ) n
              ), ",
             lease_due!("next", "")
         ))

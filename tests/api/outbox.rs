@@ -1,0 +1,119 @@
+//! The outbox's claims on the store itself, where what a statement reads
+//! can be counted: a round must cost the same whatever a satellite's
+//! backlog, since a satellite that is down through a sale gathers one row
+//! a sale and every round looks for every satellite's head.
+
+use std::time::Duration;
+
+use holdfast::store::postgres::PgStore;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::helpers::fresh_database;
+
+/// Pending rows of the satellite that is down: far more than a round
+/// that looks only at heads could read.
+const BACKLOG: usize = 10_000;
+
+/// Rows read from the outbox so far by any scan, its table's and its
+/// indexes'. `pg` has one connection, whose counts reach the shared
+/// statistics once it has been told to flush and goes idle.
+async fn rows_read(pg: &PgStore) -> i64 {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(pg.pool())
+        .await
+        .expect("flush statistics");
+    sqlx::query_scalar(
+        "SELECT t.seq_tup_read + coalesce((SELECT sum(idx_tup_read) FROM pg_stat_user_indexes i
+                                           WHERE i.relid = t.relid), 0)::bigint
+         FROM pg_stat_user_tables t WHERE t.relname = 'outbox'",
+    )
+    .fetch_one(pg.pool())
+    .await
+    .expect("read statistics")
+}
+
+#[tokio::test]
+async fn claims_read_each_satellites_next_row_not_the_backlog_beside_it() {
+    let url = fresh_database().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect");
+    let pg = PgStore::from_pool(pool);
+    pg.migrate().await.expect("migrate");
+    sqlx::raw_sql(
+        "INSERT INTO tenants (id) VALUES ('shop'), ('other');
+         INSERT INTO channels (workspace, slug, name)
+             VALUES ('shop', 'ebay', 'eBay'), ('shop', 'whatnot', 'Whatnot'), ('other', 'ebay', 'eBay');
+         INSERT INTO satellites (workspace, channel, base_url, secret)
+             SELECT workspace, slug, 'http://127.0.0.1:9', 'a-secret-of-sixteen' FROM channels;",
+    )
+    .execute(pg.pool())
+    .await
+    .expect("satellites");
+    // shop's eBay satellite is down: its backlog waits an hour for the
+    // next attempt. shop's Whatnot satellite has a row before that
+    // backlog and one after it; other's eBay satellite a row before.
+    let first: Vec<i64> = queue(&pg, &[("shop", "whatnot"), ("other", "ebay")], "0").await;
+    queue(&pg, &vec![("shop", "ebay"); BACKLOG], "1 hour").await;
+    let later = queue(&pg, &[("shop", "whatnot")], "0").await;
+    sqlx::query("ANALYZE outbox")
+        .execute(pg.pool())
+        .await
+        .expect("analyze");
+
+    let before = rows_read(&pg).await;
+    let claimed = pg
+        .claim_deliveries(Duration::from_secs(10), 32)
+        .await
+        .expect("claim");
+    let read = rows_read(&pg).await - before;
+    let mut got: Vec<(String, String, i64)> = claimed
+        .into_iter()
+        .map(|d| (d.workspace, d.channel, d.id))
+        .collect();
+    got.sort();
+    // Each due satellite's oldest row, and nothing of the one in backoff.
+    assert_eq!(
+        got,
+        vec![
+            ("other".into(), "ebay".into(), first[1]),
+            ("shop".into(), "whatnot".into(), first[0]),
+        ]
+    );
+    assert!(
+        read < 100,
+        "claiming the heads read {read} outbox rows; the backlog of {BACKLOG} should not be walked"
+    );
+
+    // Whatnot acknowledges its row; the next is claimed past the backlog.
+    let before = rows_read(&pg).await;
+    let next = pg
+        .delivered(first[0], 200, Some(Duration::from_secs(10)))
+        .await
+        .expect("delivered");
+    let read = rows_read(&pg).await - before;
+    assert_eq!(next.map(|d| d.id), Some(later[0]));
+    assert!(
+        read < 100,
+        "finding Whatnot's next row read {read} outbox rows; the backlog of {BACKLOG} between should not be walked"
+    );
+}
+
+/// Queues a webhook for each (workspace, channel) of `to`, in order,
+/// first attempted after `wait`; returns their ids.
+async fn queue(pg: &PgStore, to: &[(&str, &str)], wait: &str) -> Vec<i64> {
+    let (workspaces, channels): (Vec<&str>, Vec<&str>) = to.iter().copied().unzip();
+    sqlx::query_scalar(
+        "INSERT INTO outbox (workspace, channel, event, body, card_count, next_attempt_at)
+         SELECT w, c, 'bulk-disengage', '{}', 1, now() + $3::interval
+         FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t (w, c, n) ORDER BY n RETURNING id",
+    )
+    .bind(workspaces)
+    .bind(channels)
+    .bind(wait)
+    .fetch_all(pg.pool())
+    .await
+    .expect("queue webhooks")
+}
