@@ -160,6 +160,7 @@ pub async fn run(
     let mut rounds = Rounds::every(settings.interval, stop.clone());
     let wake = hear_queued(pg.clone(), stop.clone());
     let mut sending = Sending::default();
+    let mut gauge = Gauge::default();
     let job = Job {
         pg: &pg,
         client: &client,
@@ -168,9 +169,6 @@ pub async fn run(
         wake: &wake,
     };
     loop {
-        // The backlog gauge is read on the ticks alone: a busy shop's
-        // commits wake the outbox a hundred times a second, and the count
-        // walks the whole backlog.
         let tick = tokio::select! {
             go = rounds.next() => if go { true } else { break },
             () = wake.notify.notified() => if *stop.borrow() { break } else { false },
@@ -182,8 +180,11 @@ pub async fn run(
         if !tick && !woken.any && !sending.would_start(&woken.satellites) {
             continue;
         }
-        if let Err(e) = job.round(&mut sending, tick).await {
+        if let Err(e) = job.round(&mut sending).await {
             tracing::warn!(error = %e, "outbox round failed; deliveries stay pending");
+        }
+        if tick && let Err(e) = gauge.read_if_due(&pg).await {
+            tracing::warn!(error = %e, "reading the outbox backlog failed");
         }
     }
     sending.finish().await;
@@ -242,8 +243,7 @@ impl Job<'_> {
     /// (each attempt may take the timeout) no longer holds up the next
     /// round, in which every other satellite's new rows go. One being
     /// sent to is never claimed twice: its row is leased, so not due.
-    /// With `gauge`, it also sets the backlog gauge.
-    async fn round(&self, sending: &mut Sending, gauge: bool) -> Result<usize, Error> {
+    async fn round(&self, sending: &mut Sending) -> Result<usize, Error> {
         let room = BATCH.saturating_sub(sending.tasks.len() as i64);
         let due = if room > 0 {
             self.pg.claim_deliveries(lease(self.settings), room).await?
@@ -267,11 +267,36 @@ impl Job<'_> {
             });
             sending.to.insert(task.id(), to);
         }
-        if gauge {
-            let backlog = self.pg.outbox_backlog().await?;
-            metrics::gauge!(metric::OUTBOX_BACKLOG).set(backlog as f64);
-        }
         Ok(started)
+    }
+}
+
+/// How many times its own duration the backlog gauge waits between
+/// reads: at most 1 % of a Postgres backend's time goes to it.
+const GAUGE_SPACING: u32 = 100;
+
+/// The backlog gauge, read on the ticks alone (a busy shop's commits wake
+/// the outbox a hundred times a second) and then only as often as its
+/// cost allows. Its `count(*)` walks every pending row, ~100 ms a
+/// million, and a satellite down through an hour of sales leaves that
+/// many: read on every tick, the gauge alone kept half a Postgres core
+/// busy (deploy/BENCHMARKS.md, "a satellite that is down"). A small
+/// backlog is still counted on every tick.
+#[derive(Default)]
+struct Gauge {
+    next: Option<Instant>,
+}
+
+impl Gauge {
+    async fn read_if_due(&mut self, pg: &PgStore) -> Result<(), Error> {
+        if self.next.is_some_and(|next| Instant::now() < next) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let backlog = pg.outbox_backlog().await?;
+        metrics::gauge!(metric::OUTBOX_BACKLOG).set(backlog as f64);
+        self.next = Some(Instant::now() + started.elapsed() * GAUGE_SPACING);
+        Ok(())
     }
 }
 
