@@ -60,19 +60,24 @@ pub fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration {
 type SatelliteId = (String, String);
 
 /// The satellites being sent to: a task each, which a round does not
-/// wait for, and whom each is sending to.
+/// wait for, and whom each is sending to; and the satellites whose last
+/// attempt here failed, until their retry is due.
 #[derive(Default)]
 struct Sending {
-    tasks: JoinSet<Result<(), Error>>,
+    tasks: JoinSet<Result<Option<Instant>, Error>>,
     to: HashMap<tokio::task::Id, SatelliteId>,
+    resting: HashMap<SatelliteId, Instant>,
 }
 
 impl Sending {
-    /// Forgets the tasks that ended, reporting how.
+    /// Forgets the tasks that ended, reporting how, and the rests that
+    /// are over.
     fn reap(&mut self) {
         while let Some(done) = self.tasks.try_join_next_with_id() {
             self.ended(done);
         }
+        let now = Instant::now();
+        self.resting.retain(|_, until| *until > now);
     }
 
     /// Waits for every task to end.
@@ -84,11 +89,14 @@ impl Sending {
 
     fn ended(
         &mut self,
-        done: Result<(tokio::task::Id, Result<(), Error>), tokio::task::JoinError>,
+        done: Result<(tokio::task::Id, Result<Option<Instant>, Error>), tokio::task::JoinError>,
     ) {
         let outcome = match done {
             Ok((id, outcome)) => {
-                self.to.remove(&id);
+                let to = self.to.remove(&id);
+                if let (Some(to), Ok(Some(until))) = (to, &outcome) {
+                    self.resting.insert(to, *until);
+                }
                 outcome
             }
             Err(e) => {
@@ -105,9 +113,27 @@ impl Sending {
     }
 
     /// Whether a round could start sending to any of `named`: false when
-    /// each is being sent to already, whose task takes its new rows.
+    /// each is being sent to already, whose task takes its new rows, or
+    /// resting after a failed attempt, whose head is not due. A satellite
+    /// down through a sale is named by every commit that queues for it,
+    /// and each such round would find nothing to send.
     fn would_start(&self, named: &HashSet<SatelliteId>) -> bool {
-        named.iter().any(|s| !self.to.values().any(|t| t == s))
+        let now = Instant::now();
+        named.iter().any(|s| {
+            !self.to.values().any(|t| t == s)
+                && self.resting.get(s).is_none_or(|until| *until <= now)
+        })
+    }
+
+    /// Starts sending to `to`.
+    fn start(
+        &mut self,
+        to: SatelliteId,
+        task: impl Future<Output = Result<Option<Instant>, Error>> + Send + 'static,
+    ) {
+        self.resting.remove(&to);
+        let task = self.tasks.spawn(task);
+        self.to.insert(task.id(), to);
     }
 }
 
@@ -258,14 +284,13 @@ impl Job<'_> {
             let until = Instant::now() + settings.interval;
             let more = move || Instant::now() < until && !*stop.borrow();
             let to = (d.workspace.clone(), d.channel.clone());
-            let task = sending.tasks.spawn(async move {
+            sending.start(to, async move {
                 let sent = deliver_in_turn(&pg, &client, &settings, d, &more).await;
                 // Its rows queued from now on are a round's to start: the
                 // next one, at once.
                 wake.ask(None);
                 sent
             });
-            sending.to.insert(task.id(), to);
         }
         Ok(started)
     }
@@ -307,18 +332,32 @@ fn lease(settings: &OutboxSettings) -> Duration {
 }
 
 /// Delivers `d`, then its satellite's next rows one after another while
-/// each is acknowledged and due, and while `more` says to go on.
+/// each is acknowledged and due, and while `more` says to go on; returns
+/// when the next attempt is due if the last one failed.
 async fn deliver_in_turn(
     pg: &PgStore,
     client: &SatelliteClient,
     settings: &OutboxSettings,
     mut d: DueDelivery,
     more: &impl Fn() -> bool,
-) -> Result<(), Error> {
-    while let Some(next) = deliver(pg, client, settings, d, more).await? {
-        d = next;
+) -> Result<Option<Instant>, Error> {
+    loop {
+        match deliver(pg, client, settings, d, more).await? {
+            After::Next(next) => d = next,
+            After::Stop => return Ok(None),
+            After::Retry(at) => return Ok(Some(at)),
+        }
     }
-    Ok(())
+}
+
+/// What follows an attempt.
+enum After {
+    /// The satellite's next row, claimed.
+    Next(DueDelivery),
+    /// Nothing more now: no row due, or `more` said to stop.
+    Stop,
+    /// The attempt failed; the next is due then.
+    Retry(Instant),
 }
 
 /// Attempts `d` and records the outcome; after an acknowledgement, if
@@ -329,24 +368,29 @@ async fn deliver(
     settings: &OutboxSettings,
     d: DueDelivery,
     more: &impl Fn() -> bool,
-) -> Result<Option<DueDelivery>, Error> {
+) -> Result<After, Error> {
     match client
         .post(&d.base_url, &d.secret, &d.event, d.id, &d.body)
         .await
     {
         Ok(status) => {
             tracing::info!(delivery = d.id, workspace = %d.workspace, channel = %d.channel, event = %d.event, status, "webhook delivered");
-            pg.delivered(d.id, status, more().then(|| lease(settings)))
-                .await
+            let next = pg
+                .delivered(d.id, status, more().then(|| lease(settings)))
+                .await?;
+            Ok(next.map_or(After::Stop, After::Next))
         }
         Err(failure) => {
             metrics::counter!(metric::OUTBOX_FAILURES, "event" => d.event.clone()).increment(1);
             let retry_in = backoff(d.attempts + 1, settings.backoff_base, settings.backoff_max);
             tracing::warn!(delivery = d.id, workspace = %d.workspace, channel = %d.channel, event = %d.event,
                 attempt = d.attempts + 1, reason = %failure.reason, ?retry_in, "webhook delivery failed; will retry");
+            // Taken before Postgres's clock starts the backoff, so that
+            // this daemon's rest never outlasts it.
+            let retry_at = Instant::now() + retry_in;
             pg.delivery_failed(d.id, failure.status, &failure.reason, retry_in)
                 .await?;
-            Ok(None)
+            Ok(After::Retry(retry_at))
         }
     }
 }
@@ -356,25 +400,45 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_wake_up_is_skipped_only_when_each_named_satellite_is_being_sent_to() {
+    async fn a_wake_up_is_skipped_only_when_each_named_satellite_is_being_sent_to_or_resting() {
         let named = |list: &[(&str, &str)]| -> HashSet<SatelliteId> {
             list.iter()
                 .map(|(w, c)| ((*w).to_owned(), (*c).to_owned()))
                 .collect()
         };
         let mut sending = Sending::default();
-        let task = sending.tasks.spawn(std::future::pending());
-        sending.to.insert(task.id(), ("dev".into(), "ebay".into()));
+        sending.start(("dev".into(), "ebay".into()), std::future::pending());
         assert!(!sending.would_start(&named(&[("dev", "ebay")])));
         assert!(sending.would_start(&named(&[("dev", "ebay"), ("dev", "whatnot")])));
         assert!(sending.would_start(&named(&[("shop-2", "ebay")])));
         assert!(!sending.would_start(&named(&[])));
-        task.abort();
+        sending.tasks.abort_all();
         sending.finish().await;
         assert!(
             sending.to.is_empty(),
             "an ended task's satellite is forgotten"
         );
+        assert!(sending.would_start(&named(&[("dev", "ebay")])));
+
+        // A satellite whose attempt failed rests until its retry is due;
+        // one that failed with no retry ahead does not.
+        let later = Instant::now() + Duration::from_secs(3600);
+        sending.start(
+            ("dev".into(), "ebay".into()),
+            async move { Ok(Some(later)) },
+        );
+        sending.start(("dev".into(), "whatnot".into()), async {
+            Ok(Some(Instant::now()))
+        });
+        sending.finish().await;
+        sending.reap();
+        assert!(!sending.would_start(&named(&[("dev", "ebay")])));
+        assert!(sending.would_start(&named(&[("dev", "whatnot")])));
+        assert_eq!(sending.resting.len(), 1, "a rest that is over is forgotten");
+        // A round that claims its head (a tick's, when it is due) ends
+        // the rest.
+        sending.start(("dev".into(), "ebay".into()), async { Ok(None) });
+        sending.finish().await;
         assert!(sending.would_start(&named(&[("dev", "ebay")])));
     }
 

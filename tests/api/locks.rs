@@ -236,7 +236,7 @@ async fn a_satellite_that_stops_answering_holds_up_no_other() {
 async fn a_satellite_back_from_an_outage_gets_its_backlog_at_once_in_order() {
     let app = spawn_app_with(|a| {
         a.outbox_interval_ms = HOUR_MS;
-        a.webhook_backoff_base_ms = HOUR_MS;
+        a.webhook_backoff_base_ms = 1_000;
     })
     .await;
     dual_listing(&app, true).await;
@@ -265,12 +265,19 @@ async fn a_satellite_back_from_an_outage_gets_its_backlog_at_once_in_order() {
     );
     assert_eq!(ebay.received("bulk-disengage").len(), 1);
 
-    // The hour passes (the satellite is back); the next sale's webhook
-    // wakes the outbox, and the one due head takes the rest behind it.
-    sqlx::query("UPDATE outbox SET next_attempt_at = now() WHERE state = 'pending'")
-        .execute(&app.pg)
+    // The backoff passes (the satellite is back); with the rounds an hour
+    // apart, only the next sale's webhook wakes the outbox, and the one
+    // due head takes the rest behind it.
+    app.eventually("the backoff to pass", || async {
+        let due: bool = sqlx::query_scalar(
+            "SELECT bool_and(next_attempt_at <= now()) FROM outbox WHERE state = 'pending'",
+        )
+        .fetch_one(&app.pg)
         .await
         .unwrap();
+        due.then_some(())
+    })
+    .await;
     sell(&app, "lock-12", cards[12]).await;
     let d = delivered_at_least(&app, "ebay", "bulk-disengage", 13).await;
     assert_eq!(d.iter().map(|d| d.attempts).sum::<i32>(), 14, "{d:?}");
