@@ -226,6 +226,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4))]
     pub listings: u32,
 
+    /// For the webhooks probe: ebay's satellite answers 503 until the
+    /// sales end, then 200, while the others (at least one: the probe
+    /// lists its cards on 3 channels then) answer at once. What a
+    /// satellite down through a sale costs the sales and the satellites
+    /// beside it, and how soon it hears of every sale once back (after
+    /// its next attempt: `--serve-arg=--webhook-backoff-max-secs=N`
+    /// bounds that wait).
+    #[arg(long)]
+    pub satellite_down: bool,
+
     /// Skip the three baselines (only drive holdfast).
     #[arg(long)]
     pub no_baselines: bool,

@@ -17,6 +17,16 @@
 //! outbox how long each waited there (`created_at` to `delivered_at`),
 //! how many were delivered a second, and what they added to the outbox.
 //!
+//! With `--satellite-down`, ebay's satellite answers 503 until the sales
+//! end and 200 after: a shop asks what a channel's outage through a drop
+//! costs the sales and the other satellites, and how soon that channel
+//! hears of every sale once it is back. The line then gives the down
+//! satellite's backlog at the end of the sales and how long after them it
+//! had every webhook (`down_caught_up_s`, which includes the wait for its
+//! next attempt), and the waits are the satellites' that stayed up.
+//! Every run gives each process's CPU a sale (`cpu_us_per_sale`), where
+//! an outbox whose rounds grow with a backlog shows.
+//!
 //! It runs after every other probe, and removes the satellites it
 //! registered when it ends (no RPC removes one, so it does in Postgres):
 //! left, they would point the workspace's channels at a port nothing
@@ -24,7 +34,7 @@
 //! the workspace.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
@@ -33,7 +43,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::load::Plan;
 use super::workloads::{self, Caller, OTHER_CHANNELS, Workload};
-use super::{BenchArgs, Daemon, DaemonAuth, connections};
+use super::{BenchArgs, Daemon, DaemonAuth, connections, cpu};
 use crate::grpc::pb;
 
 /// Card sales a second when `--rate` is absent: a busy drop, far past
@@ -49,6 +59,9 @@ const OUTBOX_NOW: &str =
     "SELECT coalesce(max(id), 0), pg_total_relation_size('outbox') FROM outbox";
 /// The satellites' signing secret (16-256 characters).
 const SECRET: &str = "bench-satellite-secret";
+/// The path under the sink's address of the satellite that is down
+/// (`--satellite-down`): the sink answers 503 there while it is.
+const DOWN_PATH: &str = "/down";
 
 /// The probe registers satellites, so it needs a workspace of its own.
 pub fn check(args: &BenchArgs) -> anyhow::Result<()> {
@@ -64,21 +77,30 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     check(args)?;
     let mut daemon = Daemon::start(args, dir, DaemonAuth::Dev, None)?;
     let channels = connections(&daemon.addr(), None, args.connections).await?;
-    let listings = args.listings.max(2);
+    // With one satellite down, at least one stays up beside it.
+    let listings = args.listings.max(if args.satellite_down { 3 } else { 2 });
     let caller = Caller::new(None).with_listings(listings);
     workloads::setup(Workload::LockComplete, &channels[0], &caller).await?;
     let sink = Sink::start().await?;
     let others = &OTHER_CHANNELS[..listings as usize - 1];
+    let down = args.satellite_down.then_some(others[0]);
+    sink.down.store(down.is_some(), Ordering::Relaxed);
     let mut registry = pb::channel_service_client::ChannelServiceClient::new(channels[0].clone());
     for channel in others {
+        let path = if Some(*channel) == down {
+            DOWN_PATH
+        } else {
+            ""
+        };
         registry
             .put_satellite(caller.req(pb::PutSatelliteRequest {
                 channel: (*channel).into(),
-                base_url: sink.base_url.clone(),
+                base_url: format!("{}{path}", sink.base_url),
                 secret: SECRET.into(),
             }))
             .await?;
     }
+    let watched = cpu::Watched::find(Some(daemon.pid()), &args.redis_url, &args.database_url).await;
     let mut pg = PgConnection::connect(&args.database_url).await?;
     let (before, bytes_before): (i64, i64) = sqlx::query_as(OUTBOX_NOW).fetch_one(&mut pg).await?;
 
@@ -89,8 +111,21 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
         rate: Some(rate),
         max_calls: None,
     };
+    let cpu_before = watched.sample();
     let run = workloads::run(Workload::LockComplete, &channels, &plan, &caller).await;
+    let cpu = cpu_before.per_op(&watched.sample(), run.units);
     let ended = Instant::now();
+    // The down satellite's backlog as the sales end, and when that was by
+    // Postgres's clock, which stamps the deliveries.
+    let (down_backlog, sales_ended): (i64, f64) = sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM clock_timestamp())::float8 FROM outbox
+         WHERE id > $1 AND channel = $2 AND state = 'pending'",
+    )
+    .bind(before)
+    .bind(down.unwrap_or(""))
+    .fetch_one(&mut pg)
+    .await?;
+    sink.down.store(false, Ordering::Relaxed);
     let expected = run.units * others.len() as u64;
     let (queued, pending) = loop {
         let (queued, pending): (i64, i64) = sqlx::query_as(
@@ -105,15 +140,28 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let delivered_after = ended.elapsed();
-    let waits: (Option<f64>, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY w), percentile_cont(0.99) WITHIN GROUP (ORDER BY w),
+    // The satellites that stayed up: the waits, and the rate they were
+    // told at.
+    let waits: (i64, Option<f64>, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY w), percentile_cont(0.99) WITHIN GROUP (ORDER BY w),
                 max(w), extract(epoch FROM max(delivered_at) - min(created_at))::float8
          FROM (SELECT extract(epoch FROM delivered_at - created_at)::float8 * 1000 AS w, delivered_at, created_at
-               FROM outbox WHERE id > $1 AND state = 'delivered') d",
+               FROM outbox WHERE id > $1 AND state = 'delivered' AND channel <> $2) d",
     )
     .bind(before)
+    .bind(down.unwrap_or(""))
     .fetch_one(&mut pg)
     .await?;
+    let down_caught_up: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(delivered_at))::float8 FROM outbox
+         WHERE id > $1 AND channel = $2 AND NOT EXISTS
+             (SELECT 1 FROM outbox WHERE id > $1 AND channel = $2 AND state = 'pending')",
+    )
+    .bind(before)
+    .bind(down.unwrap_or(""))
+    .fetch_one(&mut pg)
+    .await?;
+
     let (_, bytes_after): (i64, i64) = sqlx::query_as(OUTBOX_NOW).fetch_one(&mut pg).await?;
     sqlx::query("DELETE FROM satellites WHERE workspace = $1 AND channel = ANY($2)")
         .bind(crate::grpc::auth::DEV_TENANT)
@@ -123,16 +171,24 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     pg.close().await?;
     daemon.stop();
 
-    let (p50, p99, max, span) = waits;
+    let (delivered_up, p50, p99, max, span) = waits;
     let delivered = queued - pending;
+    let up = others.len() - usize::from(down.is_some());
     let per_satellite = match span {
-        Some(s) if s > 0.0 => delivered as f64 / others.len() as f64 / s,
+        Some(s) if s > 0.0 => delivered_up as f64 / up as f64 / s,
         _ => 0.0,
+    };
+    let down_line = match down {
+        None => String::new(),
+        Some(channel) => format!(
+            " down={channel} down_backlog_at_sales_end={down_backlog} down_caught_up_s={}",
+            down_caught_up.map_or_else(|| "-".to_owned(), |t| format!("{:.2}", t - sales_ended)),
+        ),
     };
     let bytes_per_webhook = (bytes_after - bytes_before) as f64 / queued.max(1) as f64;
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
     println!(
-        "bench-probe: webhooks listings={listings} satellites={} rate={rate} sales={} sales_per_s={:.0} webhooks={expected} queued={queued} delivered={delivered} sink_got={} sink_connections={} pending_after_wait={pending} delivered_after_s={:.2} wait_p50_ms={} wait_p99_ms={} wait_max_ms={} delivered_per_satellite_per_s={per_satellite:.0} outbox_bytes_per_webhook={bytes_per_webhook:.0}",
+        "bench-probe: webhooks listings={listings} satellites={} rate={rate} sales={} sales_per_s={:.0} webhooks={expected} queued={queued} delivered={delivered} sink_got={} sink_connections={} pending_after_wait={pending} delivered_after_s={:.2} wait_p50_ms={} wait_p99_ms={} wait_max_ms={} delivered_per_satellite_per_s={per_satellite:.0} outbox_bytes_per_webhook={bytes_per_webhook:.0} cpu_us_per_sale={cpu}{down_line}",
         others.len(),
         run.units,
         run.units as f64 / run.elapsed.as_secs_f64(),
@@ -150,9 +206,12 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
 /// each webhook `200 {"ok":true}` over a kept-alive connection, as a web
 /// framework would, counting them and the connections they came on, and
 /// anything else (a reconcile's list pull) 503, which leaves the channel's
-/// rows as they are.
+/// rows as they are. While `down`, a webhook under [`DOWN_PATH`] is
+/// answered 503 too, as a satellite behind a load balancer with no
+/// healthy backend is.
 struct Sink {
     base_url: String,
+    down: Arc<AtomicBool>,
     got: Arc<AtomicU64>,
     connections: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -162,17 +221,19 @@ impl Sink {
     async fn start() -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let base_url = format!("http://{}", listener.local_addr()?);
+        let down = Arc::new(AtomicBool::new(false));
         let got = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
-        let (counter, opened) = (got.clone(), connections.clone());
+        let (is_down, counter, opened) = (down.clone(), got.clone(), connections.clone());
         let task = tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 opened.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(answer(socket, counter.clone()));
+                tokio::spawn(answer(socket, is_down.clone(), counter.clone()));
             }
         });
         Ok(Self {
             base_url,
+            down,
             got,
             connections,
             task,
@@ -187,7 +248,11 @@ impl Drop for Sink {
 }
 
 /// Answers one connection's requests in turn until the client closes it.
-async fn answer(mut socket: TcpStream, got: Arc<AtomicU64>) -> std::io::Result<()> {
+async fn answer(
+    mut socket: TcpStream,
+    down: Arc<AtomicBool>,
+    got: Arc<AtomicU64>,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(8192);
     let mut chunk = [0u8; 8192];
     loop {
@@ -215,7 +280,11 @@ async fn answer(mut socket: TcpStream, got: Arc<AtomicU64>) -> std::io::Result<(
             buf.extend_from_slice(&chunk[..n]);
         }
         buf.drain(..head_end + length);
-        let reply: &[u8] = if head.starts_with("post /webhooks/") {
+        let refused =
+            head.starts_with(&format!("post {DOWN_PATH}/")) && down.load(Ordering::Relaxed);
+        let webhook = head.starts_with("post /webhooks/")
+            || head.starts_with(&format!("post {DOWN_PATH}/webhooks/"));
+        let reply: &[u8] = if webhook && !refused {
             got.fetch_add(1, Ordering::Relaxed);
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
         } else {
