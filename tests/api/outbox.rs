@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use holdfast::domain::TenantId;
 use holdfast::store::postgres::PgStore;
 use sqlx::postgres::PgPoolOptions;
 
@@ -34,24 +35,7 @@ async fn rows_read(pg: &PgStore) -> i64 {
 
 #[tokio::test]
 async fn claims_read_each_satellites_next_row_not_the_backlog_beside_it() {
-    let url = fresh_database().await;
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .expect("connect");
-    let pg = PgStore::from_pool(pool);
-    pg.migrate().await.expect("migrate");
-    sqlx::raw_sql(
-        "INSERT INTO tenants (id) VALUES ('shop'), ('other');
-         INSERT INTO channels (workspace, slug, name)
-             VALUES ('shop', 'ebay', 'eBay'), ('shop', 'whatnot', 'Whatnot'), ('other', 'ebay', 'eBay');
-         INSERT INTO satellites (workspace, channel, base_url, secret)
-             SELECT workspace, slug, 'http://127.0.0.1:9', 'a-secret-of-sixteen' FROM channels;",
-    )
-    .execute(pg.pool())
-    .await
-    .expect("satellites");
+    let pg = store_with_satellites().await;
     // shop's eBay satellite is down: its backlog waits an hour for the
     // next attempt. shop's Whatnot satellite has a row before that
     // backlog and one after it; other's eBay satellite a row before.
@@ -99,6 +83,59 @@ async fn claims_read_each_satellites_next_row_not_the_backlog_beside_it() {
         read < 100,
         "finding Whatnot's next row read {read} outbox rows; the backlog of {BACKLOG} between should not be walked"
     );
+}
+
+#[tokio::test]
+async fn a_shops_deliveries_are_listed_without_reading_another_shops() {
+    let pg = store_with_satellites().await;
+    let quiet = queue(&pg, &[("other", "ebay"); 3], "0").await;
+    queue(&pg, &vec![("shop", "ebay"); BACKLOG], "0").await;
+    sqlx::query("ANALYZE outbox")
+        .execute(pg.pool())
+        .await
+        .expect("analyze");
+
+    let other = TenantId::parse("other").unwrap();
+    let before = rows_read(&pg).await;
+    let listed = pg
+        .deliveries(&other, None, None, 0, 50)
+        .await
+        .expect("list deliveries");
+    let read = rows_read(&pg).await - before;
+    let ids: Vec<i64> = listed.iter().map(|d| d.id).collect();
+    assert_eq!(
+        ids,
+        quiet.iter().rev().copied().collect::<Vec<_>>(),
+        "newest first"
+    );
+    assert!(
+        read < 100,
+        "listing a shop's 3 deliveries read {read} outbox rows; another shop's {BACKLOG} should not be read"
+    );
+}
+
+/// A store on a fresh database of one connection, with satellites for
+/// shop's eBay and Whatnot channels and other's eBay channel.
+async fn store_with_satellites() -> PgStore {
+    let url = fresh_database().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect");
+    let pg = PgStore::from_pool(pool);
+    pg.migrate().await.expect("migrate");
+    sqlx::raw_sql(
+        "INSERT INTO tenants (id) VALUES ('shop'), ('other');
+         INSERT INTO channels (workspace, slug, name)
+             VALUES ('shop', 'ebay', 'eBay'), ('shop', 'whatnot', 'Whatnot'), ('other', 'ebay', 'eBay');
+         INSERT INTO satellites (workspace, channel, base_url, secret)
+             SELECT workspace, slug, 'http://127.0.0.1:9', 'a-secret-of-sixteen' FROM channels;",
+    )
+    .execute(pg.pool())
+    .await
+    .expect("satellites");
+    pg
 }
 
 /// Queues a webhook for each (workspace, channel) of `to`, in order,
