@@ -83,6 +83,14 @@ async fn claims_read_each_satellites_next_row_not_the_backlog_beside_it() {
         read < 100,
         "finding Whatnot's next row read {read} outbox rows; the backlog of {BACKLOG} between should not be walked"
     );
+    // The acknowledgement's commit did not wait for the WAL flush, but
+    // the connection goes back to the pool as it came: the drainer's
+    // commits on it must wait.
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(pg.pool())
+        .await
+        .expect("show");
+    assert_eq!(setting, "on");
 }
 
 #[tokio::test]
