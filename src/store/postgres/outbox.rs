@@ -183,8 +183,8 @@ impl PgStore {
     /// the statement so that it stays one round trip). An acknowledgement
     /// lost to a Postgres crash leaves its row pending, to be sent again:
     /// a satellite may see a delivery twice, as it must expect anyway,
-    /// and never loses one. The flush was a third of each delivery's
-    /// round trip, and a backlog goes one round trip after another
+    /// and never loses one. The flush was a quarter to a third of each
+    /// delivery's time, and a backlog goes one delivery after another
     /// (deploy/BENCHMARKS.md, "an acknowledgement's flush").
     pub async fn delivered(
         &self,
