@@ -201,8 +201,8 @@ pub async fn run(
         };
         sending.reap();
         let woken = wake.take();
-        // Rows queued only for satellites being sent to are theirs to
-        // take: a round would read every head for nothing.
+        // Rows queued only for satellites being sent to (their tasks take
+        // them) or resting (their heads are not due) need no round.
         if !tick && !woken.any && !sending.would_start(&woken.satellites) {
             continue;
         }
@@ -263,20 +263,19 @@ struct Job<'a> {
 impl Job<'_> {
     /// Claims the due head of each satellite not being sent to (up to
     /// [`BATCH`] sent to at once) and starts sending each its rows, for
-    /// up to an interval; returns how many it started.
+    /// up to an interval.
     ///
     /// A round does not wait for them: a satellite that answers slowly
     /// (each attempt may take the timeout) no longer holds up the next
     /// round, in which every other satellite's new rows go. One being
     /// sent to is never claimed twice: its row is leased, so not due.
-    async fn round(&self, sending: &mut Sending) -> Result<usize, Error> {
+    async fn round(&self, sending: &mut Sending) -> Result<(), Error> {
         let room = BATCH.saturating_sub(sending.tasks.len() as i64);
         let due = if room > 0 {
             self.pg.claim_deliveries(lease(self.settings), room).await?
         } else {
             Vec::new()
         };
-        let started = due.len();
         for d in due {
             let (pg, client) = (self.pg.clone(), self.client.clone());
             let (settings, stop) = (self.settings.clone(), self.stop.clone());
@@ -292,7 +291,7 @@ impl Job<'_> {
                 sent
             });
         }
-        Ok(started)
+        Ok(())
     }
 }
 
