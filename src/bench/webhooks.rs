@@ -20,10 +20,11 @@
 //! With `--satellite-down`, ebay's satellite answers 503 until the sales
 //! end and 200 after: a shop asks what a channel's outage through a drop
 //! costs the sales and the other satellites, and how soon that channel
-//! hears of every sale once it is back. The line then gives the down
+//! hears of every sale once it is back. Back, it calls `RetryDeliveries`,
+//! as a satellite may when it starts. The line then gives the down
 //! satellite's backlog at the end of the sales and how long after them it
-//! had every webhook (`down_caught_up_s`, which includes the wait for its
-//! next attempt), and the waits are the satellites' that stayed up.
+//! had every webhook (`down_caught_up_s`), and the waits are the
+//! satellites' that stayed up.
 //! Every run gives each process's CPU a sale (`cpu_us_per_sale`), where
 //! an outbox whose rounds grow with a backlog shows.
 //!
@@ -126,6 +127,16 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     .fetch_one(&mut pg)
     .await?;
     sink.down.store(false, Ordering::Relaxed);
+    if let Some(channel) = down {
+        // Back, it says so, as a satellite does when it starts: its
+        // backlog goes now, not at its next attempt (up to
+        // `--webhook-backoff-max-secs` away).
+        registry
+            .retry_deliveries(caller.req(pb::RetryDeliveriesRequest {
+                channel: channel.into(),
+            }))
+            .await?;
+    }
     let expected = run.units * others.len() as u64;
     let (queued, pending) = loop {
         let (queued, pending): (i64, i64) = sqlx::query_as(

@@ -562,4 +562,23 @@ impl ChannelService for ChannelApi {
         })
         .await
     }
+
+    async fn retry_deliveries(
+        &self,
+        request: Request<pb::RetryDeliveriesRequest>,
+    ) -> Result<Response<pb::RetryDeliveriesResponse>, Status> {
+        observe(meter!(SERVICE, "RetryDeliveries"), async {
+            let caller = self
+                .auth
+                .caller(&request, Role::Admin, &request.get_ref().channel)
+                .await?;
+            let channel = channel_filter(&request.get_ref().channel)?;
+            let channels = self
+                .channels
+                .retry_deliveries(&caller.tenant, channel.as_ref())
+                .await?;
+            Ok(pb::RetryDeliveriesResponse { channels })
+        })
+        .await
+    }
 }

@@ -125,7 +125,11 @@ impl Channels {
             .check_host(base_url)
             .map_err(|why| Error::invalid("base_url", why))?;
         self.sale_channel(ws, "channel", slug).await?;
-        self.pg().put_satellite(ws, slug, base_url, secret).await
+        let sat = self.pg().put_satellite(ws, slug, base_url, secret).await?;
+        // A satellite moved or mended is tried at once, not after the
+        // backoff its old address earned.
+        self.pg().retry_deliveries(ws, Some(slug)).await?;
+        Ok(sat)
     }
 
     /// The workspace's satellites.
@@ -202,7 +206,6 @@ impl Channels {
         slug: &ChannelSlug,
         listed: Option<Vec<CardId>>,
     ) -> Result<Drift, Error> {
-        self.channel(ws, slug).await?;
         // Before the list is made (pulled now, or pushed by its caller):
         // what is engaged later cannot be on it.
         let as_of = self.pg().now().await?;
@@ -210,16 +213,13 @@ impl Channels {
             Some(l) => l,
             None => {
                 let sat = self
-                    .satellites(ws)
-                    .await?
-                    .into_iter()
-                    .find(|s| s.channel == slug.as_str())
-                    .ok_or_else(|| {
-                        Error::FailedPrecondition(format!(
-                            "channel {slug} has no satellite to pull from; push its list instead"
-                        ))
-                    })?;
-                self.pull(&sat).await?
+                    .satellite(ws, slug, "to pull from; push its list instead")
+                    .await?;
+                let listed = self.pull(&sat).await?;
+                // It answered, so it is up: what it missed while it was
+                // down need not wait out the backoff.
+                self.pg().retry_deliveries(ws, Some(slug)).await?;
+                listed
             }
         };
         let engine = &self.engine;
@@ -309,6 +309,45 @@ impl Channels {
         self.pg()
             .deliveries(ws, channel, state, before, limit)
             .await
+    }
+
+    /// Makes the next delivery to the satellite of `channel` (or of each
+    /// channel) due now if it waits out a backoff; returns the channels
+    /// it did so for. A channel that is not known is NOT_FOUND, and one
+    /// with no satellite FAILED_PRECONDITION.
+    pub async fn retry_deliveries(
+        &self,
+        ws: &TenantId,
+        channel: Option<&ChannelSlug>,
+    ) -> Result<Vec<String>, Error> {
+        if let Some(slug) = channel {
+            self.satellite(
+                ws,
+                slug,
+                "to retry deliveries to; set one with PutSatellite",
+            )
+            .await?;
+        }
+        self.pg().retry_deliveries(ws, channel).await
+    }
+
+    /// The satellite of a channel: NOT_FOUND if the channel is not known,
+    /// FAILED_PRECONDITION if it has none, with `wanted` (what it was
+    /// wanted for, and what to do instead).
+    async fn satellite(
+        &self,
+        ws: &TenantId,
+        slug: &ChannelSlug,
+        wanted: &str,
+    ) -> Result<Satellite, Error> {
+        self.channel(ws, slug).await?;
+        self.satellites(ws)
+            .await?
+            .into_iter()
+            .find(|s| s.channel == slug.as_str())
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!("channel {slug} has no satellite {wanted}"))
+            })
     }
 
     /// NOT_FOUND naming the first card the workspace does not know.

@@ -20,6 +20,7 @@ mod ops;
 mod outbox;
 mod pool_writers;
 mod properties;
+mod redelivery;
 mod redis_loss;
 mod reservations;
 mod satellite;

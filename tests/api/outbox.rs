@@ -122,6 +122,66 @@ async fn a_shops_deliveries_are_listed_without_reading_another_shops() {
     );
 }
 
+#[tokio::test]
+async fn a_retry_brings_a_backoff_forward_and_leaves_an_attempt_in_flight_alone() {
+    let pg = store_with_satellites().await;
+    let shop = TenantId::parse("shop").unwrap();
+    // shop's eBay satellite waits out an hour's backoff with a backlog
+    // behind its head; shop's Whatnot satellite is being sent its row
+    // (claimed, leased); other's eBay satellite waits out a backoff too.
+    let ebay = queue(&pg, &vec![("shop", "ebay"); BACKLOG], "1 hour").await;
+    let whatnot = queue(&pg, &[("shop", "whatnot")], "0").await;
+    let other = queue(&pg, &[("other", "ebay")], "1 hour").await;
+    let lease = Duration::from_secs(600);
+    let claimed = pg.claim_deliveries(lease, 32).await.expect("claim");
+    assert_eq!(claimed.iter().map(|d| d.id).collect::<Vec<_>>(), whatnot);
+    sqlx::query("ANALYZE outbox")
+        .execute(pg.pool())
+        .await
+        .expect("analyze");
+
+    let before = rows_read(&pg).await;
+    let retried = pg.retry_deliveries(&shop, None).await.expect("retry");
+    let read = rows_read(&pg).await - before;
+    assert_eq!(retried, vec!["ebay".to_owned()], "not the leased head");
+    assert!(
+        read < 100,
+        "retrying read {read} outbox rows; only each satellite's head counts"
+    );
+    // eBay's head is due; the rows behind it, the lease and the other
+    // shop's backoff are as they were.
+    let claimed = pg.claim_deliveries(lease, 32).await.expect("claim");
+    assert_eq!(claimed.iter().map(|d| d.id).collect::<Vec<_>>(), [ebay[0]]);
+    let due: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= now() ORDER BY id",
+    )
+    .fetch_all(pg.pool())
+    .await
+    .expect("due rows");
+    assert!(due.is_empty(), "due after the claims: {due:?}");
+
+    // Whatnot's attempt fails: its backoff can be brought forward, one
+    // channel at a time.
+    pg.delivery_failed(whatnot[0], Some(503), "down", Duration::from_secs(3600))
+        .await
+        .expect("failed");
+    let whatnot_slug = holdfast::domain::ChannelSlug::parse("channel", "whatnot").unwrap();
+    let retried = pg
+        .retry_deliveries(&shop, Some(&whatnot_slug))
+        .await
+        .expect("retry");
+    assert_eq!(retried, vec!["whatnot".to_owned()]);
+    let claimed = pg.claim_deliveries(lease, 32).await.expect("claim");
+    assert_eq!(claimed.iter().map(|d| d.id).collect::<Vec<_>>(), whatnot);
+    let other_due: bool =
+        sqlx::query_scalar("SELECT next_attempt_at <= now() FROM outbox WHERE id = $1")
+            .bind(other[0])
+            .fetch_one(pg.pool())
+            .await
+            .expect("other's row");
+    assert!(!other_due, "another shop's retry is its own");
+}
+
 /// A store on a fresh database of one connection, with satellites for
 /// shop's eBay and Whatnot channels and other's eBay channel.
 async fn store_with_satellites() -> PgStore {

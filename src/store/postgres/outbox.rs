@@ -100,7 +100,10 @@ fn millis(d: Duration) -> i64 {
 
 /// The end of a claim: of the rows whose ids the CTE `$from` names, those
 /// due and not held by another claim (`$order` may order and limit them),
-/// leased for `$1` milliseconds, with where each goes.
+/// leased for `$1` milliseconds, with where each goes. The lease is
+/// written twice: as when the row is next due, which is what makes it
+/// this claim's, and as `leased_until`, which tells it from a backoff
+/// ([`PgStore::retry_deliveries`]).
 ///
 /// The ids are looked up one by one (`= ANY (ARRAY(...))`): as a join, the
 /// planner may judge `next_attempt_at <= now()` selective enough to scan
@@ -118,7 +121,8 @@ macro_rules! lease_due {
             "
                  FOR UPDATE OF o SKIP LOCKED
              )
-             UPDATE outbox o SET next_attempt_at = now() + $1 * interval '1 millisecond'
+             UPDATE outbox o SET next_attempt_at = now() + $1 * interval '1 millisecond',
+                 leased_until = now() + $1 * interval '1 millisecond'
              FROM due, satellites s
              WHERE o.id = due.id AND s.workspace = o.workspace AND s.channel = o.channel
              RETURNING o.id, o.workspace, o.channel, o.event, o.body, o.attempts, s.base_url, s.secret"
@@ -225,7 +229,7 @@ impl PgStore {
     ) -> Result<(), Error> {
         sqlx::query(
             "UPDATE outbox SET attempts = attempts + 1, last_status = $2, last_error = $3,
-                 next_attempt_at = now() + $4 * interval '1 millisecond'
+                 next_attempt_at = now() + $4 * interval '1 millisecond', leased_until = NULL
              WHERE id = $1 AND state = 'pending'",
         )
         .bind(id)
@@ -235,6 +239,62 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Makes the next delivery of a workspace's satellite (of `channel`,
+    /// or of each) due now if it is waiting out a backoff: for a
+    /// satellite back from an outage, whose next attempt could otherwise
+    /// be `--webhook-backoff-max-secs` away. Returns the channels whose
+    /// delivery was brought forward, and wakes every daemon's outbox job
+    /// for them.
+    ///
+    /// A delivery leased for an attempt in flight is left alone: made due,
+    /// it would be sent a second time at once, and that copy could reach
+    /// the satellite after the rows behind it. Only a satellite's oldest
+    /// pending row is ever attempted, so only it is looked at, found by
+    /// the same skip through the index of pending rows as the claims'.
+    pub async fn retry_deliveries(
+        &self,
+        workspace: &TenantId,
+        channel: Option<&ChannelSlug>,
+    ) -> Result<Vec<String>, Error> {
+        let mut tx = self.begin().await?;
+        let retried: Vec<(String,)> = sqlx::query_as(
+            "WITH RECURSIVE heads AS (
+                 (SELECT channel, id FROM outbox
+                  WHERE state = 'pending' AND workspace = $1 AND ($2::text IS NULL OR channel = $2)
+                  ORDER BY workspace, channel, id LIMIT 1)
+                 UNION ALL
+                 SELECT n.channel, n.id FROM heads h CROSS JOIN LATERAL (
+                     SELECT o.channel, o.id FROM outbox o
+                     WHERE o.state = 'pending' AND o.workspace = $1 AND o.channel > h.channel
+                       AND $2::text IS NULL
+                     ORDER BY o.workspace, o.channel, o.id LIMIT 1
+                 ) n
+             )
+             UPDATE outbox o SET next_attempt_at = now()
+             WHERE o.id = ANY (ARRAY(SELECT id FROM heads)) AND o.state = 'pending'
+               AND o.next_attempt_at > now() AND o.leased_until IS NULL
+             RETURNING o.channel",
+        )
+        .bind(workspace.as_str())
+        .bind(channel.map(ChannelSlug::as_str))
+        .fetch_all(&mut *tx)
+        .await?;
+        if !retried.is_empty() {
+            // A notification that names no satellite asks each daemon for
+            // a round, even one that would skip a wake-up naming a
+            // satellite it saw fail (`jobs::outbox`); claiming the head
+            // ends that rest.
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(QUEUED_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let mut channels: Vec<String> = retried.into_iter().map(|(c,)| c).collect();
+        channels.sort();
+        Ok(channels)
     }
 
     /// A listener for queued webhooks (`QUEUED_CHANNEL`), on a
