@@ -14,9 +14,17 @@ use crate::helpers::{
 };
 use crate::satellite::Satellite;
 
-/// Rounds an hour apart, and a failed delivery retried an hour later: a
-/// webhook that goes out after a failure goes because it was retried.
-const HOUR_MS: u64 = 3_600_000;
+/// A daemon whose outbox rounds are an hour apart, and which retries a
+/// failed delivery an hour later: a webhook that goes out after a
+/// failure goes because something asked for it.
+async fn retrying_hourly() -> TestApp {
+    const HOUR_MS: u64 = 3_600_000;
+    spawn_app_with(|a| {
+        a.outbox_interval_ms = HOUR_MS;
+        a.webhook_backoff_base_ms = HOUR_MS;
+    })
+    .await
+}
 
 /// Cards `card-0`.. listed on the storefront and on eBay, whose satellite
 /// (returned) fails the first bulk-disengage; then `sold` of them sold on
@@ -71,11 +79,7 @@ fn retry(channel: &str) -> pb::RetryDeliveriesRequest {
 
 #[tokio::test]
 async fn a_satellite_back_from_an_outage_gets_its_backlog_when_retried() {
-    let app = spawn_app_with(|a| {
-        a.outbox_interval_ms = HOUR_MS;
-        a.webhook_backoff_base_ms = HOUR_MS;
-    })
-    .await;
+    let app = retrying_hourly().await;
     let ebay = ebay_down_through_sales(&app, 3).await;
     assert_eq!(ebay.received("bulk-disengage").len(), 1);
 
@@ -105,11 +109,7 @@ async fn a_satellite_back_from_an_outage_gets_its_backlog_when_retried() {
 
 #[tokio::test]
 async fn a_satellite_moved_to_a_new_address_is_sent_its_backlog_at_once() {
-    let app = spawn_app_with(|a| {
-        a.outbox_interval_ms = HOUR_MS;
-        a.webhook_backoff_base_ms = HOUR_MS;
-    })
-    .await;
+    let app = retrying_hourly().await;
     let old = ebay_down_through_sales(&app, 2).await;
     let new = satellite(&app, "ebay").await;
     let queued = deliveries(&app, "ebay", "bulk-disengage").await.len();
@@ -121,11 +121,7 @@ async fn a_satellite_moved_to_a_new_address_is_sent_its_backlog_at_once() {
 
 #[tokio::test]
 async fn a_satellite_that_gives_its_list_is_sent_its_backlog_at_once() {
-    let app = spawn_app_with(|a| {
-        a.outbox_interval_ms = HOUR_MS;
-        a.webhook_backoff_base_ms = HOUR_MS;
-    })
-    .await;
+    let app = retrying_hourly().await;
     let ebay = ebay_down_through_sales(&app, 2).await;
     // It still lists the sold cards: it was not told.
     ebay.set_active(&["card-0", "card-1"]);
