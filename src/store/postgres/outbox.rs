@@ -177,10 +177,13 @@ impl PgStore {
     /// the satellite's first entry walked them all, so that a backlog of
     /// 15,000 went out at 370 a second instead of 1,400
     /// (deploy/BENCHMARKS.md, "webhooks"). It is one descent of that
-    /// index, asked for in its order: as a join ordered by id, the planner
-    /// could walk the table's key from this row instead, through every
-    /// other satellite's rows. A row whose transaction took an older id
-    /// but committed later is the next round's head.
+    /// index: the first entry after this row's, checked to be the same
+    /// satellite's. Asked for as the satellite's first row after this id,
+    /// the planner could walk the table's key from this row instead,
+    /// through every other satellite's rows (as a join ordered by id, and
+    /// in the plan Postgres reuses for the prepared statement: 10,000 rows
+    /// read beside a backlog of 10,000). A row whose transaction took an
+    /// older id but committed later is the next round's head.
     ///
     /// Its commit does not wait for the WAL to reach the disk
     /// (`synchronous_commit` off for this transaction alone, set inside
@@ -204,11 +207,12 @@ impl PgStore {
                  RETURNING workspace, channel
              ), next AS (
                  SELECT n.id FROM done CROSS JOIN LATERAL (
-                     SELECT o.id FROM outbox o
-                     WHERE o.workspace = done.workspace AND o.channel = done.channel
-                       AND o.state = 'pending' AND o.id > $3 AND $1::bigint IS NOT NULL
+                     SELECT o.workspace, o.channel, o.id FROM outbox o
+                     WHERE o.state = 'pending' AND $1::bigint IS NOT NULL
+                       AND (o.workspace, o.channel, o.id) > (done.workspace, done.channel, $3)
                      ORDER BY o.workspace, o.channel, o.id LIMIT 1
                  ) n
+                 WHERE n.workspace = done.workspace AND n.channel = done.channel
              ), ",
             lease_due!("next", "")
         ))
@@ -253,6 +257,10 @@ impl PgStore {
     /// the satellite after the rows behind it. Only a satellite's oldest
     /// pending row is ever attempted, so only it is looked at, found by
     /// the same skip through the index of pending rows as the claims'.
+    /// One channel's head is where the index's range for it starts (the
+    /// first head at or after it, then checked): a filter on the channel
+    /// instead, in the plan Postgres reuses for a prepared statement,
+    /// walked every other channel's backlog before it.
     pub async fn retry_deliveries(
         &self,
         workspace: &TenantId,
@@ -262,7 +270,7 @@ impl PgStore {
         let retried: Vec<(String,)> = sqlx::query_as(
             "WITH RECURSIVE heads AS (
                  (SELECT channel, id FROM outbox
-                  WHERE state = 'pending' AND workspace = $1 AND ($2::text IS NULL OR channel = $2)
+                  WHERE state = 'pending' AND workspace = $1 AND channel >= coalesce($2::text, '')
                   ORDER BY workspace, channel, id LIMIT 1)
                  UNION ALL
                  SELECT n.channel, n.id FROM heads h CROSS JOIN LATERAL (
@@ -273,8 +281,8 @@ impl PgStore {
                  ) n
              )
              UPDATE outbox o SET next_attempt_at = now()
-             WHERE o.id = ANY (ARRAY(SELECT id FROM heads)) AND o.state = 'pending'
-               AND o.next_attempt_at > now() AND o.leased_until IS NULL
+             WHERE o.id = ANY (ARRAY(SELECT id FROM heads)) AND ($2::text IS NULL OR o.channel = $2)
+               AND o.state = 'pending' AND o.next_attempt_at > now() AND o.leased_until IS NULL
              RETURNING o.channel",
         )
         .bind(workspace.as_str())
