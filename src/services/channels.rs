@@ -206,6 +206,7 @@ impl Channels {
         slug: &ChannelSlug,
         listed: Option<Vec<CardId>>,
     ) -> Result<Drift, Error> {
+        self.channel(ws, slug).await?;
         // Before the list is made (pulled now, or pushed by its caller):
         // what is engaged later cannot be on it.
         let as_of = self.pg().now().await?;
@@ -321,6 +322,7 @@ impl Channels {
         channel: Option<&ChannelSlug>,
     ) -> Result<Vec<String>, Error> {
         if let Some(slug) = channel {
+            self.channel(ws, slug).await?;
             self.satellite(
                 ws,
                 slug,
@@ -331,16 +333,15 @@ impl Channels {
         self.pg().retry_deliveries(ws, channel).await
     }
 
-    /// The satellite of a channel: NOT_FOUND if the channel is not known,
-    /// FAILED_PRECONDITION if it has none, with `wanted` (what it was
-    /// wanted for, and what to do instead).
+    /// The satellite of a known channel: FAILED_PRECONDITION if it has
+    /// none, with `wanted` (what it was wanted for, and what to do
+    /// instead).
     async fn satellite(
         &self,
         ws: &TenantId,
         slug: &ChannelSlug,
         wanted: &str,
     ) -> Result<Satellite, Error> {
-        self.channel(ws, slug).await?;
         self.satellites(ws)
             .await?
             .into_iter()

@@ -420,6 +420,19 @@ async fn bad_channel_requests_are_refused_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "no refused engage left a card");
+    for pull in [false, true] {
+        let err = app
+            .channels()
+            .reconcile(pb::ReconcileRequest {
+                channel: "nowhere".into(),
+                active_card_ids: vec![],
+                pull,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "pull {pull}: {err:?}");
+        assert!(err.message().contains("nowhere"), "{err:?}");
+    }
     let list = |state, page_size, token: &str| pb::ListDeliveriesRequest {
         channel: String::new(),
         state,
