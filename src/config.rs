@@ -282,8 +282,12 @@ pub struct ServeArgs {
     pub webhook_backoff_base_ms: u64,
 
     /// Longest wait between delivery attempts, seconds. Deliveries are
-    /// retried until acknowledged.
-    #[arg(long, env = "HOLDFAST_WEBHOOK_BACKOFF_MAX_SECS", default_value_t = 600)]
+    /// retried until acknowledged. A satellite back from an outage waits
+    /// up to this long for its backlog unless it calls RetryDeliveries,
+    /// and its channel lists the cards sold elsewhere meanwhile; an
+    /// attempt on a satellite that is down costs one request and one
+    /// update.
+    #[arg(long, env = "HOLDFAST_WEBHOOK_BACKOFF_MAX_SECS", default_value_t = 60)]
     pub webhook_backoff_max_secs: u64,
 
     /// Hosts satellites may be on, comma-separated: names, or `*.domain`

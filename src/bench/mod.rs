@@ -230,9 +230,8 @@ pub struct BenchArgs {
     /// sales end, then 200, while the others (at least one: the probe
     /// lists its cards on 3 channels then) answer at once. What a
     /// satellite down through a sale costs the sales and the satellites
-    /// beside it, and how soon it hears of every sale once back (after
-    /// its next attempt: `--serve-arg=--webhook-backoff-max-secs=N`
-    /// bounds that wait).
+    /// beside it, and how soon it hears of every sale once back (it calls
+    /// RetryDeliveries then).
     #[arg(long)]
     pub satellite_down: bool,
 
