@@ -309,6 +309,7 @@ impl ChannelService for ChannelApi {
                     channel: sat.channel,
                     base_url: sat.base_url,
                     updated_at: Some(to_timestamp(sat.updated_at)),
+                    waiting: None,
                 }),
             })
         })
@@ -322,10 +323,15 @@ impl ChannelService for ChannelApi {
         observe(meter!(SERVICE, "ListSatellites"), async {
             let caller = self.auth.caller(&request, Role::Checkout, "").await?;
             let sats = self.channels.satellites(&caller.tenant).await?;
+            let mut waiting = self.channels.waiting_deliveries(&caller.tenant).await?;
             Ok(pb::ListSatellitesResponse {
                 satellites: sats
                     .into_iter()
                     .map(|s| pb::Satellite {
+                        waiting: waiting
+                            .iter()
+                            .position(|d| d.channel == s.channel)
+                            .map(|i| delivery_pb(waiting.swap_remove(i))),
                         channel: s.channel,
                         base_url: s.base_url,
                         updated_at: Some(to_timestamp(s.updated_at)),

@@ -137,6 +137,12 @@ impl Channels {
         self.pg().satellites(Some(ws)).await
     }
 
+    /// The delivery each of the workspace's satellites waits on (its
+    /// oldest pending one), by channel.
+    pub async fn waiting_deliveries(&self, ws: &TenantId) -> Result<Vec<DeliveryRow>, Error> {
+        self.pg().waiting_deliveries(ws).await
+    }
+
     /// Every workspace's satellites, for the reconciler.
     pub async fn all_satellites(&self) -> Result<Vec<Satellite>, Error> {
         self.pg().satellites(None).await

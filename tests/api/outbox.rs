@@ -141,6 +141,23 @@ async fn a_retry_brings_a_backoff_forward_and_leaves_an_attempt_in_flight_alone(
         .await
         .expect("analyze");
 
+    // What each of shop's satellites waits on: its oldest row.
+    let before = rows_read(&pg).await;
+    let waiting = pg.waiting_deliveries(&shop).await.expect("waiting");
+    let read = rows_read(&pg).await - before;
+    let heads: Vec<(String, i64)> = waiting.into_iter().map(|d| (d.channel, d.id)).collect();
+    assert_eq!(
+        heads,
+        vec![
+            ("ebay".to_owned(), ebay[0]),
+            ("whatnot".to_owned(), whatnot[0])
+        ]
+    );
+    assert!(
+        read < 100,
+        "reading what each satellite waits on read {read} outbox rows"
+    );
+
     let before = rows_read(&pg).await;
     let retried = pg.retry_deliveries(&shop, None).await.expect("retry");
     let read = rows_read(&pg).await - before;

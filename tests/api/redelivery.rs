@@ -71,6 +71,20 @@ async fn caught_up(app: &TestApp, ebay: &Satellite) {
     assert_eq!(ids, in_order, "one satellite's rows go in order");
 }
 
+/// What the satellite of `channel` waits on, as ListSatellites shows it.
+async fn waiting_on(app: &TestApp, channel: &str) -> Option<pb::Delivery> {
+    app.channels()
+        .list_satellites(pb::ListSatellitesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .satellites
+        .into_iter()
+        .find(|s| s.channel == channel)
+        .expect("the satellite is listed")
+        .waiting
+}
+
 fn retry(channel: &str) -> pb::RetryDeliveriesRequest {
     pb::RetryDeliveriesRequest {
         channel: channel.into(),
@@ -82,6 +96,17 @@ async fn a_satellite_back_from_an_outage_gets_its_backlog_when_retried() {
     let app = retrying_hourly().await;
     let ebay = ebay_down_through_sales(&app, 3).await;
     assert_eq!(ebay.received("bulk-disengage").len(), 1);
+    // The satellite shows what it waits on: the oldest, failed once.
+    let first = deliveries(&app, "ebay", "bulk-disengage")
+        .await
+        .into_iter()
+        .map(|d| d.delivery_id)
+        .min();
+    let waiting = waiting_on(&app, "ebay").await.expect("ebay waits");
+    assert_eq!(Some(waiting.delivery_id), first);
+    assert_eq!(waiting.state(), pb::DeliveryState::Pending);
+    assert_eq!((waiting.attempts, waiting.last_status), (1, 500));
+    assert!(waiting.next_attempt_at.is_some(), "{waiting:?}");
 
     // The satellite is back (it answers 2xx from now on).
     let woke = app
@@ -92,6 +117,7 @@ async fn a_satellite_back_from_an_outage_gets_its_backlog_when_retried() {
         .into_inner();
     assert_eq!(woke.channels, vec!["ebay".to_owned()]);
     caught_up(&app, &ebay).await;
+    assert_eq!(waiting_on(&app, "ebay").await, None);
 
     // Nothing waits now: a second retry wakes nothing, and neither does
     // one for every channel.

@@ -130,6 +130,31 @@ macro_rules! lease_due {
     };
 }
 
+/// The CTE `heads`, after `WITH RECURSIVE`: the oldest pending row of
+/// each satellite of workspace `$1` (of channel `$2` alone, unless it is
+/// NULL), as `(channel, id)`, by the same skip through the index of
+/// pending rows as [`PgStore::claim_deliveries`]. One channel's head is
+/// where the index's range for it starts (the first head at or after it,
+/// which the caller must check is that channel's): a filter on the
+/// channel instead, in the plan Postgres reuses for a prepared
+/// statement, walked every other channel's backlog before it.
+macro_rules! workspace_heads {
+    () => {
+        "heads AS (
+             (SELECT channel, id FROM outbox
+              WHERE state = 'pending' AND workspace = $1 AND channel >= coalesce($2::text, '')
+              ORDER BY workspace, channel, id LIMIT 1)
+             UNION ALL
+             SELECT n.channel, n.id FROM heads h CROSS JOIN LATERAL (
+                 SELECT o.channel, o.id FROM outbox o
+                 WHERE o.state = 'pending' AND o.workspace = $1 AND o.channel > h.channel
+                   AND $2::text IS NULL
+                 ORDER BY o.workspace, o.channel, o.id LIMIT 1
+             ) n
+         )"
+    };
+}
+
 impl PgStore {
     /// Claims up to `limit` due deliveries, the oldest pending one of each
     /// satellite, for `lease`: until then no other claim (of this daemon or
@@ -255,36 +280,23 @@ impl PgStore {
     /// A delivery leased for an attempt in flight is left alone: made due,
     /// it would be sent a second time at once, and that copy could reach
     /// the satellite after the rows behind it. Only a satellite's oldest
-    /// pending row is ever attempted, so only it is looked at, found by
-    /// the same skip through the index of pending rows as the claims'.
-    /// One channel's head is where the index's range for it starts (the
-    /// first head at or after it, then checked): a filter on the channel
-    /// instead, in the plan Postgres reuses for a prepared statement,
-    /// walked every other channel's backlog before it.
+    /// pending row is ever attempted, so only it is looked at
+    /// (`workspace_heads!`).
     pub async fn retry_deliveries(
         &self,
         workspace: &TenantId,
         channel: Option<&ChannelSlug>,
     ) -> Result<Vec<String>, Error> {
         let mut tx = self.begin().await?;
-        let retried: Vec<(String,)> = sqlx::query_as(
-            "WITH RECURSIVE heads AS (
-                 (SELECT channel, id FROM outbox
-                  WHERE state = 'pending' AND workspace = $1 AND channel >= coalesce($2::text, '')
-                  ORDER BY workspace, channel, id LIMIT 1)
-                 UNION ALL
-                 SELECT n.channel, n.id FROM heads h CROSS JOIN LATERAL (
-                     SELECT o.channel, o.id FROM outbox o
-                     WHERE o.state = 'pending' AND o.workspace = $1 AND o.channel > h.channel
-                       AND $2::text IS NULL
-                     ORDER BY o.workspace, o.channel, o.id LIMIT 1
-                 ) n
-             )
+        let retried: Vec<(String,)> = sqlx::query_as(concat!(
+            "WITH RECURSIVE ",
+            workspace_heads!(),
+            "
              UPDATE outbox o SET next_attempt_at = now()
              WHERE o.id = ANY (ARRAY(SELECT id FROM heads)) AND ($2::text IS NULL OR o.channel = $2)
                AND o.state = 'pending' AND o.next_attempt_at > now() AND o.leased_until IS NULL
-             RETURNING o.channel",
-        )
+             RETURNING o.channel"
+        ))
         .bind(workspace.as_str())
         .bind(channel.map(ChannelSlug::as_str))
         .fetch_all(&mut *tx)
@@ -303,6 +315,28 @@ impl PgStore {
         let mut channels: Vec<String> = retried.into_iter().map(|(c,)| c).collect();
         channels.sort();
         Ok(channels)
+    }
+
+    /// The delivery each of a workspace's satellites waits on, by
+    /// channel: its oldest pending one. What a satellite that is behind
+    /// shows (ListSatellites), read one index descent a satellite
+    /// whatever its backlog.
+    pub async fn waiting_deliveries(
+        &self,
+        workspace: &TenantId,
+    ) -> Result<Vec<DeliveryRow>, Error> {
+        Ok(sqlx::query_as::<_, DeliveryRow>(concat!(
+            "WITH RECURSIVE ",
+            workspace_heads!(),
+            "
+             SELECT id, channel, event, body, card_count, state, attempts, next_attempt_at, last_status,
+                    last_error, created_at, delivered_at
+             FROM outbox WHERE id = ANY (ARRAY(SELECT id FROM heads)) ORDER BY channel"
+        ))
+        .bind(workspace.as_str())
+        .bind(None::<&str>)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// A listener for queued webhooks (`QUEUED_CHANNEL`), on a
