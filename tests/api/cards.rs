@@ -57,6 +57,16 @@ pub async fn satellite(app: &TestApp, channel: &str) -> Satellite {
     sat
 }
 
+/// The workspace's satellites, as ListSatellites shows them.
+pub async fn satellites(app: &TestApp) -> Vec<pb::Satellite> {
+    app.channels()
+        .list_satellites(pb::ListSatellitesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .satellites
+}
+
 /// An acquire request with a TTL in seconds.
 pub fn acquire(
     lock_ref: &str,

@@ -404,13 +404,7 @@ async fn bad_channel_requests_are_refused_and_change_nothing() {
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().contains(names), "{err:?}");
     }
-    let sats = app
-        .channels()
-        .list_satellites(pb::ListSatellitesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .satellites;
+    let sats = crate::cards::satellites(&app).await;
     assert!(sats.is_empty());
     let err = app
         .channels()
@@ -533,15 +527,7 @@ async fn satellites_are_kept_to_the_hosts_the_operator_allows() {
         assert_eq!(err.code(), Code::InvalidArgument, "{refused}: {err:?}");
         assert!(err.message().contains("base_url"), "{err:?}");
     }
-    let listed = || async {
-        app.channels()
-            .list_satellites(pb::ListSatellitesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .satellites
-    };
-    let before = listed().await;
+    let before = crate::cards::satellites(&app).await;
     assert_eq!(before.len(), 1, "only the one put before: {before:?}");
     assert_eq!(before[0].base_url, sat.base_url);
 

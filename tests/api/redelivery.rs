@@ -7,7 +7,9 @@
 use holdfast::grpc::pb;
 use tonic::Code;
 
-use crate::cards::{SECRET, delivered_at_least, deliveries, dual_listing, engage, lock, satellite};
+use crate::cards::{
+    SECRET, delivered_at_least, deliveries, dual_listing, engage, lock, satellite, satellites,
+};
 use crate::helpers::{
     STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, TestApp, spawn_app_with, spawn_two_stores,
     with_key,
@@ -73,12 +75,8 @@ async fn caught_up(app: &TestApp, ebay: &Satellite) {
 
 /// What the satellite of `channel` waits on, as ListSatellites shows it.
 async fn waiting_on(app: &TestApp, channel: &str) -> Option<pb::Delivery> {
-    app.channels()
-        .list_satellites(pb::ListSatellitesRequest {})
+    satellites(app)
         .await
-        .unwrap()
-        .into_inner()
-        .satellites
         .into_iter()
         .find(|s| s.channel == channel)
         .expect("the satellite is listed")
