@@ -227,6 +227,17 @@ impl PgStore {
         let ws = workspace.as_str();
         let listed: Vec<&str> = satellite_cards.iter().map(CardId::as_str).collect();
         let mut tx = self.begin().await?;
+        // `NOT (card_id = ANY($3))` is a hash look-up when the statement
+        // is planned for its list, and a walk of the list for each live
+        // card in a plan made for any list: 31 ms against 77 s for a
+        // satellite's 100,000 cards against as many live (`EXPLAIN
+        // ANALYZE`, deploy/BENCHMARKS.md, "on a reused plan"). Postgres
+        // keeps planning it per list by its own estimates, unless its
+        // operator set `plan_cache_mode` to reuse plans; this transaction
+        // asks for a plan per run whatever the setting.
+        sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+            .execute(&mut *tx)
+            .await?;
         let cleared: Vec<(String,)> = sqlx::query_as(
             "UPDATE card_channels SET status = 'inactive', disengaged_at = now()
              WHERE workspace = $1 AND channel = $2 AND status = 'active' AND NOT (card_id = ANY($3))
