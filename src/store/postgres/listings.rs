@@ -137,17 +137,26 @@ impl PgStore {
     ) -> Result<Vec<CardId>, Error> {
         let ids: Option<Vec<&str>> = cards.map(|c| c.iter().map(CardId::as_str).collect());
         let mut tx = self.begin().await?;
-        let rows: Vec<(String, String)> = sqlx::query_as(
+        // A wipe and a delist are two statements: as one, with `$3 IS
+        // NULL OR card_id = ANY($3)`, a plan made for any list (which
+        // Postgres may reuse for a prepared statement) cannot look the
+        // named cards up by key, and reads every card live on the channel.
+        let sql = if ids.is_some() {
+            "UPDATE card_channels SET status = 'inactive', disengaged_at = now()
+             WHERE workspace = $1 AND card_id = ANY($3) AND channel = $2 AND status = 'active'
+             RETURNING card_id, external_ref"
+        } else {
             "UPDATE card_channels SET status = 'inactive', disengaged_at = now()
              WHERE workspace = $1 AND channel = $2 AND status = 'active'
-               AND ($3::text[] IS NULL OR card_id = ANY($3))
-             RETURNING card_id, external_ref",
-        )
-        .bind(workspace.as_str())
-        .bind(channel.as_str())
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
+             RETURNING card_id, external_ref"
+        };
+        let mut update = sqlx::query_as(sql)
+            .bind(workspace.as_str())
+            .bind(channel.as_str());
+        if let Some(ids) = &ids {
+            update = update.bind(ids);
+        }
+        let rows: Vec<(String, String)> = update.fetch_all(&mut *tx).await?;
         if !rows.is_empty() {
             let reason = if cards.is_none() { "wipe" } else { "delisted" };
             let body = json!({"reason": reason, "cards": card_refs(&rows)});
