@@ -235,6 +235,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub satellite_down: bool,
 
+    /// For the webhooks probe: the satellites answer each webhook this
+    /// many milliseconds late, as one that far away would (a round trip
+    /// over the internet rather than loopback). A satellite is told of
+    /// one change a round trip, so this bounds how many a second it
+    /// hears of.
+    #[arg(long, default_value_t = 0)]
+    pub satellite_delay_ms: u64,
+
     /// Skip the three baselines (only drive holdfast).
     #[arg(long)]
     pub no_baselines: bool,

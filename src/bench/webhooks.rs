@@ -25,6 +25,10 @@
 //! satellite's backlog at the end of the sales and how long after them it
 //! had every webhook (`down_caught_up_s`), and the waits are the
 //! satellites' that stayed up.
+//! With `--satellite-delay-ms`, every satellite answers each webhook that
+//! much later, as one that far away would: a satellite is told of one
+//! change a round trip, and a shop whose satellites run far from the
+//! daemon asks how far behind a drop leaves them.
 //! Every run gives each process's CPU a sale (`cpu_us_per_sale`), where
 //! an outbox whose rounds grow with a backlog shows.
 //!
@@ -82,7 +86,7 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     let listings = args.listings.max(if args.satellite_down { 3 } else { 2 });
     let caller = Caller::new(None).with_listings(listings);
     workloads::setup(Workload::LockComplete, &channels[0], &caller).await?;
-    let sink = Sink::start().await?;
+    let sink = Sink::start(Duration::from_millis(args.satellite_delay_ms)).await?;
     let others = &OTHER_CHANNELS[..listings as usize - 1];
     let down = args.satellite_down.then_some(others[0]);
     sink.down.store(down.is_some(), Ordering::Relaxed);
@@ -219,7 +223,8 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
 /// anything else (a reconcile's list pull) 503, which leaves the channel's
 /// rows as they are. While `down`, a webhook under [`DOWN_PATH`] is
 /// answered 503 too, as a satellite behind a load balancer with no
-/// healthy backend is.
+/// healthy backend is. With `--satellite-delay-ms`, each webhook's
+/// answer waits that long first.
 struct Sink {
     base_url: String,
     down: Arc<AtomicBool>,
@@ -229,7 +234,7 @@ struct Sink {
 }
 
 impl Sink {
-    async fn start() -> anyhow::Result<Self> {
+    async fn start(delay: Duration) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let base_url = format!("http://{}", listener.local_addr()?);
         let down = Arc::new(AtomicBool::new(false));
@@ -239,7 +244,7 @@ impl Sink {
         let task = tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 opened.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(answer(socket, is_down.clone(), counter.clone()));
+                tokio::spawn(answer(socket, is_down.clone(), counter.clone(), delay));
             }
         });
         Ok(Self {
@@ -263,6 +268,7 @@ async fn answer(
     mut socket: TcpStream,
     down: Arc<AtomicBool>,
     got: Arc<AtomicU64>,
+    delay: Duration,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(8192);
     let mut chunk = [0u8; 8192];
@@ -295,6 +301,9 @@ async fn answer(
             head.starts_with(&format!("post {DOWN_PATH}/")) && down.load(Ordering::Relaxed);
         let webhook = head.starts_with("post /webhooks/")
             || head.starts_with(&format!("post {DOWN_PATH}/webhooks/"));
+        if webhook && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let reply: &[u8] = if webhook && !refused {
             got.fetch_add(1, Ordering::Relaxed);
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
