@@ -130,6 +130,14 @@ macro_rules! lease_due {
     };
 }
 
+/// The columns of a [`DeliveryRow`], for the statements that read them.
+macro_rules! delivery_columns {
+    () => {
+        "id, channel, event, body, card_count, state, attempts, next_attempt_at, last_status,
+         last_error, created_at, delivered_at"
+    };
+}
+
 /// The CTE `heads`, after `WITH RECURSIVE`: the oldest pending row of
 /// each satellite of workspace `$1` (of channel `$2` alone, unless it is
 /// NULL), as `(channel, id)`, by the same skip through the index of
@@ -329,9 +337,9 @@ impl PgStore {
             "WITH RECURSIVE ",
             workspace_heads!(),
             "
-             SELECT id, channel, event, body, card_count, state, attempts, next_attempt_at, last_status,
-                    last_error, created_at, delivered_at
-             FROM outbox WHERE id = ANY (ARRAY(SELECT id FROM heads)) ORDER BY channel"
+             SELECT ",
+            delivery_columns!(),
+            " FROM outbox WHERE id = ANY (ARRAY(SELECT id FROM heads)) ORDER BY channel"
         ))
         .bind(workspace.as_str())
         .bind(None::<&str>)
@@ -365,14 +373,14 @@ impl PgStore {
         before: i64,
         limit: i64,
     ) -> Result<Vec<DeliveryRow>, Error> {
-        Ok(sqlx::query_as::<_, DeliveryRow>(
-            "SELECT id, channel, event, body, card_count, state, attempts, next_attempt_at, last_status,
-                    last_error, created_at, delivered_at
-             FROM outbox
+        Ok(sqlx::query_as::<_, DeliveryRow>(concat!(
+            "SELECT ",
+            delivery_columns!(),
+            " FROM outbox
              WHERE workspace = $1 AND ($2::text IS NULL OR channel = $2) AND ($3::text IS NULL OR state = $3)
                AND ($4 = 0 OR id < $4)
-             ORDER BY id DESC LIMIT $5",
-        )
+             ORDER BY id DESC LIMIT $5"
+        ))
         .bind(workspace.as_str())
         .bind(channel.map(ChannelSlug::as_str))
         .bind(state)
