@@ -31,6 +31,8 @@ pub const SIGNATURE_HEADER: &str = "x-holdfast-signature";
 pub const DELIVERY_HEADER: &str = "x-holdfast-delivery";
 /// The header carrying the event name.
 pub const EVENT_HEADER: &str = "x-holdfast-event";
+/// The header on a batch carrying how many webhooks it holds.
+pub const COUNT_HEADER: &str = "x-holdfast-deliveries";
 /// Largest canonical list a satellite may answer with.
 const MAX_LIST_BYTES: usize = 16 << 20;
 
@@ -121,6 +123,43 @@ impl AllowedHosts {
     }
 }
 
+/// One webhook: an outbox row.
+#[derive(Debug, Clone, Copy)]
+pub struct Webhook<'a> {
+    /// The outbox row id, the same on every retry: what a satellite
+    /// drops repeats by.
+    pub id: i64,
+    /// The event.
+    pub event: &'a str,
+    /// The JSON body, as stored.
+    pub body: &'a str,
+}
+
+/// A batch's body: `{"deliveries": [{"id": 7, "event": "engage", "body":
+/// {...}}, ...]}`, in the order given. Each body goes in as stored: the
+/// daemon wrote it as JSON.
+pub fn batch_body(webhooks: &[Webhook<'_>]) -> String {
+    let mut out = String::with_capacity(
+        32 + webhooks
+            .iter()
+            .map(|w| w.body.len() + w.event.len() + 48)
+            .sum::<usize>(),
+    );
+    out.push_str("{\"deliveries\":[");
+    for (i, w) in webhooks.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let event = serde_json::Value::from(w.event);
+        out.push_str(&format!(
+            "{{\"id\":{},\"event\":{event},\"body\":{}}}",
+            w.id, w.body
+        ));
+    }
+    out.push_str("]}");
+    out
+}
+
 /// Why a request to a satellite did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -170,19 +209,44 @@ impl SatelliteClient {
         &self,
         base_url: &str,
         secret: &str,
-        event: &str,
-        delivery_id: i64,
-        body: &str,
+        webhook: &Webhook<'_>,
+    ) -> Result<u16, Failure> {
+        let req = http::Request::post(format!("{base_url}/webhooks/{}", webhook.event))
+            .header(DELIVERY_HEADER, webhook.id)
+            .header(EVENT_HEADER, webhook.event);
+        self.post_signed(req, secret, webhook.body.as_bytes().to_vec())
+            .await
+    }
+
+    /// POSTs a signed batch of webhooks, in order, to `<base_url>/webhooks`
+    /// ([`batch_body`]); Ok with the status when the satellite answered
+    /// 2xx, which acknowledges every one.
+    pub async fn post_batch(
+        &self,
+        base_url: &str,
+        secret: &str,
+        webhooks: &[Webhook<'_>],
+    ) -> Result<u16, Failure> {
+        let req = http::Request::post(format!("{base_url}/webhooks"))
+            .header(COUNT_HEADER, webhooks.len());
+        self.post_signed(req, secret, batch_body(webhooks).into_bytes())
+            .await
+    }
+
+    /// Signs `body` and sends it as JSON with the rest of `req`.
+    async fn post_signed(
+        &self,
+        req: http::request::Builder,
+        secret: &str,
+        body: Vec<u8>,
     ) -> Result<u16, Failure> {
         let ts = chrono::Utc::now().timestamp();
-        let req = http::Request::post(format!("{base_url}/webhooks/{event}"))
+        let req = req
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::USER_AGENT, "holdfast")
             .header(TIMESTAMP_HEADER, ts)
-            .header(SIGNATURE_HEADER, sign(secret, ts, body.as_bytes()))
-            .header(DELIVERY_HEADER, delivery_id)
-            .header(EVENT_HEADER, event)
-            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+            .header(SIGNATURE_HEADER, sign(secret, ts, &body))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| failure(None, format!("cannot build the request: {e}")))?;
         // The status alone answers: a 2xx with a long body (an echo, a
         // framework's page) is delivered, not a failure to retry forever
@@ -270,6 +334,31 @@ mod tests {
             sign("secret", 1_700_000_000, b"{}"),
             "sha256=b8569b78799ff9e3cbff0fc2d63a33a2b57f3282abd07c37ae5e8e7d79a5f163"
         );
+    }
+
+    #[test]
+    fn a_batch_is_the_webhooks_in_order_each_body_as_stored() {
+        let body = batch_body(&[
+            Webhook {
+                id: 7,
+                event: "engage",
+                body: r#"{"card_id":"c1"}"#,
+            },
+            Webhook {
+                id: 9,
+                event: "bulk-disengage",
+                body: r#"{"card_ids":["c1","c\"2"]}"#,
+            },
+        ]);
+        let parsed: serde_json::Value = serde_json::from_str(&body).expect("a batch is JSON");
+        assert_eq!(
+            parsed,
+            serde_json::json!({"deliveries": [
+                {"id": 7, "event": "engage", "body": {"card_id": "c1"}},
+                {"id": 9, "event": "bulk-disengage", "body": {"card_ids": ["c1", "c\"2"]}},
+            ]})
+        );
+        assert_eq!(batch_body(&[]), r#"{"deliveries":[]}"#);
     }
 
     #[test]

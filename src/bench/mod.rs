@@ -238,10 +238,16 @@ pub struct BenchArgs {
     /// For the webhooks probe: the satellites answer each webhook this
     /// many milliseconds late, as one that far away would (a round trip
     /// over the internet rather than loopback). A satellite is told of
-    /// one change a round trip, so this bounds how many a second it
-    /// hears of.
+    /// one request's webhooks a round trip, so this bounds how many a
+    /// second it hears of.
     #[arg(long, default_value_t = 0)]
     pub satellite_delay_ms: u64,
+
+    /// For the webhooks probe: the satellites take up to this many
+    /// webhooks a request (PutSatellite's batch_size; 0 or 1: each
+    /// alone).
+    #[arg(long, default_value_t = 0)]
+    pub satellite_batch: u32,
 
     /// Skip the three baselines (only drive holdfast).
     #[arg(long)]

@@ -28,7 +28,8 @@
 //! With `--satellite-delay-ms`, every satellite answers each webhook that
 //! much later, as one that far away would: a satellite is told of one
 //! change a round trip, and a shop whose satellites run far from the
-//! daemon asks how far behind a drop leaves them.
+//! daemon asks how far behind a drop leaves them; with
+//! `--satellite-batch`, of that many a round trip.
 //! Every run gives each process's CPU a sale (`cpu_us_per_sale`), where
 //! an outbox whose rounds grow with a backlog shows.
 //!
@@ -102,6 +103,7 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
                 channel: (*channel).into(),
                 base_url: format!("{}{path}", sink.base_url),
                 secret: SECRET.into(),
+                batch_size: args.satellite_batch,
             }))
             .await?;
     }
@@ -203,10 +205,11 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     let bytes_per_webhook = (bytes_after - bytes_before) as f64 / queued.max(1) as f64;
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
     println!(
-        "bench-probe: webhooks listings={listings} satellites={} rate={rate} sales={} sales_per_s={:.0} webhooks={expected} queued={queued} delivered={delivered} sink_got={} sink_connections={} pending_after_wait={pending} delivered_after_s={:.2} wait_p50_ms={} wait_p99_ms={} wait_max_ms={} delivered_per_satellite_per_s={per_satellite:.0} outbox_bytes_per_webhook={bytes_per_webhook:.0} cpu_us_per_sale={cpu}{down_line}",
+        "bench-probe: webhooks listings={listings} satellites={} rate={rate} sales={} sales_per_s={:.0} batch={} webhooks={expected} queued={queued} delivered={delivered} sink_got={} sink_connections={} pending_after_wait={pending} delivered_after_s={:.2} wait_p50_ms={} wait_p99_ms={} wait_max_ms={} delivered_per_satellite_per_s={per_satellite:.0} outbox_bytes_per_webhook={bytes_per_webhook:.0} cpu_us_per_sale={cpu}{down_line}",
         others.len(),
         run.units,
         run.units as f64 / run.elapsed.as_secs_f64(),
+        args.satellite_batch.max(1),
         sink.got.load(Ordering::Relaxed),
         sink.connections.load(Ordering::Relaxed),
         delivered_after.as_secs_f64(),
@@ -224,7 +227,8 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
 /// rows as they are. While `down`, a webhook under [`DOWN_PATH`] is
 /// answered 503 too, as a satellite behind a load balancer with no
 /// healthy backend is. With `--satellite-delay-ms`, each webhook's
-/// answer waits that long first.
+/// answer waits that long first. A batch of webhooks is one request, and
+/// counts as one in `got` (the line's `sink_got`).
 struct Sink {
     base_url: String,
     down: Arc<AtomicBool>,
@@ -299,8 +303,9 @@ async fn answer(
         buf.drain(..head_end + length);
         let refused =
             head.starts_with(&format!("post {DOWN_PATH}/")) && down.load(Ordering::Relaxed);
-        let webhook = head.starts_with("post /webhooks/")
-            || head.starts_with(&format!("post {DOWN_PATH}/webhooks/"));
+        // One webhook (`/webhooks/<event>`) or a batch (`/webhooks`).
+        let webhook = head.starts_with("post /webhooks")
+            || head.starts_with(&format!("post {DOWN_PATH}/webhooks"));
         if webhook && !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

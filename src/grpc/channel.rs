@@ -23,6 +23,10 @@ const DISPLAY_NAME_LEN: usize = 100;
 const URL_LEN: usize = 512;
 /// Shortest and longest signing secret.
 const SECRET_LEN: (usize, usize) = (16, 256);
+/// Most webhooks in one request to a satellite (the column's check,
+/// migration 0016): a hundred small ones are ~20 KB, and the outbox caps
+/// a batch's bytes too.
+const MAX_BATCH_SIZE: u32 = 100;
 /// Longest external ref.
 const EXTERNAL_REF_LEN: usize = 256;
 /// Largest metadata JSON, bytes.
@@ -300,9 +304,16 @@ impl ChannelService for ChannelApi {
                 ));
             }
             convert::printable("secret", &r.secret)?;
+            if r.batch_size > MAX_BATCH_SIZE {
+                return Err(Error::invalid(
+                    "batch_size",
+                    format!("must be at most {MAX_BATCH_SIZE} (0 or 1 sends each webhook alone)"),
+                ));
+            }
+            let batch_size = i32::try_from(r.batch_size.max(1)).expect("at most MAX_BATCH_SIZE");
             let sat = self
                 .channels
-                .put_satellite(&caller.tenant, &channel, &base_url, &r.secret)
+                .put_satellite(&caller.tenant, &channel, &base_url, &r.secret, batch_size)
                 .await?;
             Ok(pb::PutSatelliteResponse {
                 satellite: Some(pb::Satellite {
@@ -310,6 +321,7 @@ impl ChannelService for ChannelApi {
                     base_url: sat.base_url,
                     updated_at: Some(to_timestamp(sat.updated_at)),
                     waiting: None,
+                    batch_size: u32::try_from(sat.batch_size).unwrap_or(1),
                 }),
             })
         })
@@ -335,6 +347,7 @@ impl ChannelService for ChannelApi {
                         channel: s.channel,
                         base_url: s.base_url,
                         updated_at: Some(to_timestamp(s.updated_at)),
+                        batch_size: u32::try_from(s.batch_size).unwrap_or(1),
                     })
                     .collect(),
             })

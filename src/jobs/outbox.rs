@@ -8,7 +8,9 @@
 //! repeats by the `X-Holdfast-Delivery` id.
 //!
 //! A satellite with a backlog is sent its next row as soon as the last is
-//! acknowledged, until the next round is due: one round trip a webhook.
+//! acknowledged, until the next round is due: one round trip a webhook,
+//! or, to a satellite that takes batches (`PutSatellite`'s `batch_size`),
+//! one round trip for up to that many of its rows in order.
 //! Until 2026-12-07 it was sent one row a round, five a second at the
 //! default interval, so a run of card sales left the other channels
 //! listing sold cards for minutes (deploy/BENCHMARKS.md, "webhooks").
@@ -27,12 +29,17 @@ use super::Rounds;
 use tokio::task::JoinSet;
 
 use crate::error::Error;
-use crate::satellite::SatelliteClient;
-use crate::store::postgres::{DueDelivery, PgStore, queued_for};
+use crate::satellite::{SatelliteClient, Webhook};
+use crate::store::postgres::{Behind, DueDelivery, PgStore, queued_for};
 use crate::telemetry::metric;
 
 /// Most deliveries attempted at once.
 const BATCH: i64 = 32;
+
+/// Most bytes of bodies in one batch, past its first webhook (which goes
+/// whatever its size): satellites' HTTP servers commonly refuse requests
+/// of a few MiB, and one bulk-disengage of 5,000 cards is ~200 KB.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// How the outbox job paces itself.
 #[derive(Debug, Clone)]
@@ -359,8 +366,13 @@ enum After {
     Retry(Instant),
 }
 
-/// Attempts `d` and records the outcome; after an acknowledgement, if
-/// `more` says so then, claims and returns the satellite's next row.
+/// Attempts `d` (with the rows behind it, to a satellite that takes
+/// batches) and records the outcome; after an acknowledgement, if `more`
+/// says so then, claims and returns the satellite's next row.
+///
+/// A batch is acknowledged or failed whole. A failure is recorded on its
+/// head alone, whose backoff holds the rows behind it back, as it does
+/// for a satellite sent one webhook at a time.
 async fn deliver(
     pg: &PgStore,
     client: &SatelliteClient,
@@ -368,14 +380,25 @@ async fn deliver(
     d: DueDelivery,
     more: &impl Fn() -> bool,
 ) -> Result<After, Error> {
-    match client
-        .post(&d.base_url, &d.secret, &d.event, d.id, &d.body)
-        .await
-    {
+    let head = Webhook {
+        id: d.id,
+        event: &d.event,
+        body: &d.body,
+    };
+    let (sent, ids) = if d.batch_size > 1 {
+        let behind = pg.behind(&d, i64::from(d.batch_size - 1)).await?;
+        let batch = batch_of(head, &behind);
+        let ids: Vec<i64> = batch.iter().map(|w| w.id).collect();
+        (client.post_batch(&d.base_url, &d.secret, &batch).await, ids)
+    } else {
+        (client.post(&d.base_url, &d.secret, &head).await, vec![d.id])
+    };
+    match sent {
         Ok(status) => {
-            tracing::info!(delivery = d.id, workspace = %d.workspace, channel = %d.channel, event = %d.event, status, "webhook delivered");
+            tracing::info!(delivery = d.id, workspace = %d.workspace, channel = %d.channel, event = %d.event,
+                webhooks = ids.len(), status, "webhook delivered");
             let next = pg
-                .delivered(d.id, status, more().then(|| lease(settings)))
+                .delivered(&ids, status, more().then(|| lease(settings)))
                 .await?;
             Ok(next.map_or(After::Stop, After::Next))
         }
@@ -394,9 +417,51 @@ async fn deliver(
     }
 }
 
+/// `head` and, in order, as many of the rows `behind` it as fit in
+/// [`BATCH_BYTES`].
+fn batch_of<'a>(head: Webhook<'a>, behind: &'a [Behind]) -> Vec<Webhook<'a>> {
+    let mut bytes = 0;
+    let fits = behind
+        .iter()
+        .take_while(|b| {
+            bytes += b.body.len();
+            bytes <= BATCH_BYTES
+        })
+        .map(|b| Webhook {
+            id: b.id,
+            event: &b.event,
+            body: &b.body,
+        });
+    std::iter::once(head).chain(fits).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_the_head_and_the_rows_behind_it_that_fit() {
+        let row = |id: i64, size: usize| Behind {
+            id,
+            event: "engage".into(),
+            body: "x".repeat(size),
+        };
+        let big = "y".repeat(2 * BATCH_BYTES);
+        let head = Webhook {
+            id: 1,
+            event: "bulk-disengage",
+            body: &big,
+        };
+        let behind = [row(2, BATCH_BYTES / 2), row(3, BATCH_BYTES / 2), row(4, 1)];
+        let ids = |batch: Vec<Webhook<'_>>| batch.iter().map(|w| w.id).collect::<Vec<_>>();
+        // The head goes however large; the rows behind it while they fit,
+        // and none after one that does not (the order is the promise).
+        assert_eq!(ids(batch_of(head, &behind)), [1, 2, 3]);
+        assert_eq!(ids(batch_of(head, &behind[1..])), [1, 3, 4]);
+        let over = [row(2, BATCH_BYTES + 1), row(3, 1)];
+        assert_eq!(ids(batch_of(head, &over)), [1]);
+        assert_eq!(ids(batch_of(head, &[])), [1]);
+    }
 
     #[tokio::test]
     async fn a_wake_up_is_skipped_only_when_each_named_satellite_is_being_sent_to_or_resting() {

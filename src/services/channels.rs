@@ -120,12 +120,16 @@ impl Channels {
         slug: &ChannelSlug,
         base_url: &str,
         secret: &str,
+        batch_size: i32,
     ) -> Result<Satellite, Error> {
         self.client
             .check_host(base_url)
             .map_err(|why| Error::invalid("base_url", why))?;
         self.sale_channel(ws, "channel", slug).await?;
-        let sat = self.pg().put_satellite(ws, slug, base_url, secret).await?;
+        let sat = self
+            .pg()
+            .put_satellite(ws, slug, base_url, secret, batch_size)
+            .await?;
         // A satellite moved or mended is tried at once, not after the
         // backoff its old address earned.
         self.pg().retry_deliveries(ws, Some(slug)).await?;

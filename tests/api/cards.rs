@@ -43,14 +43,22 @@ pub async fn dual_listing(app: &TestApp, on: bool) {
         .unwrap();
 }
 
-/// Starts a satellite and registers it for `channel`.
+/// Starts a satellite and registers it for `channel`, sent one webhook
+/// at a time.
 pub async fn satellite(app: &TestApp, channel: &str) -> Satellite {
+    satellite_taking(app, channel, 0).await
+}
+
+/// Starts a satellite and registers it for `channel`, taking up to
+/// `batch_size` webhooks a request.
+pub async fn satellite_taking(app: &TestApp, channel: &str, batch_size: u32) -> Satellite {
     let sat = Satellite::start(SECRET).await;
     app.channels()
         .put_satellite(pb::PutSatelliteRequest {
             channel: channel.into(),
             base_url: sat.base_url.clone(),
             secret: SECRET.into(),
+            batch_size,
         })
         .await
         .unwrap();

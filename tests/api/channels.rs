@@ -385,6 +385,7 @@ async fn bad_channel_requests_are_refused_and_change_nothing() {
         channel: "ebay".into(),
         base_url: url.into(),
         secret: secret.into(),
+        batch_size: 0,
     };
     for (req, names) in [
         (
@@ -398,6 +399,13 @@ async fn bad_channel_requests_are_refused_and_change_nothing() {
                 &format!("{}\0", crate::cards::SECRET),
             ),
             "secret",
+        ),
+        (
+            pb::PutSatelliteRequest {
+                batch_size: 101,
+                ..sat("http://ebay.example", crate::cards::SECRET)
+            },
+            "batch_size",
         ),
     ] {
         let err = app.channels().put_satellite(req).await.unwrap_err();
@@ -513,6 +521,7 @@ async fn satellites_are_kept_to_the_hosts_the_operator_allows() {
         channel: "ebay".into(),
         base_url: url.into(),
         secret: crate::cards::SECRET.into(),
+        batch_size: 0,
     };
     for refused in [
         "http://169.254.169.254/latest",

@@ -5,6 +5,7 @@
 mod helpers;
 
 mod auth;
+mod batches;
 mod bench;
 mod cards;
 mod channels;

@@ -75,7 +75,7 @@ async fn claims_read_each_satellites_next_row_not_the_backlog_beside_it() {
     // Whatnot acknowledges its row; the next is claimed past the backlog.
     let before = rows_read(&pg).await;
     let next = pg
-        .delivered(first[0], 200, Some(Duration::from_secs(10)))
+        .delivered(&first[..1], 200, Some(Duration::from_secs(10)))
         .await
         .expect("delivered");
     let read = rows_read(&pg).await - before;
@@ -92,6 +92,79 @@ async fn claims_read_each_satellites_next_row_not_the_backlog_beside_it() {
         .await
         .expect("show");
     assert_eq!(setting, "on");
+}
+
+#[tokio::test]
+async fn a_batch_is_read_and_acknowledged_past_the_backlog_beside_it() {
+    let pg = store_with_satellites().await;
+    sqlx::query(
+        "UPDATE satellites SET batch_size = 3 WHERE workspace = 'shop' AND channel = 'ebay'",
+    )
+    .execute(pg.pool())
+    .await
+    .expect("batch size");
+    // shop's eBay satellite has five rows due, with Whatnot's backlog of
+    // 10,000 (waiting out a backoff) queued between its second and third.
+    let mut ebay = queue(&pg, &[("shop", "ebay"); 2], "0").await;
+    let whatnot = queue(&pg, &vec![("shop", "whatnot"); BACKLOG], "1 hour").await;
+    ebay.extend(queue(&pg, &[("shop", "ebay"); 3], "0").await);
+    sqlx::query("ANALYZE outbox")
+        .execute(pg.pool())
+        .await
+        .expect("analyze");
+
+    let lease = Duration::from_secs(10);
+    let head = pg
+        .claim_deliveries(lease, 32)
+        .await
+        .expect("claim")
+        .into_iter()
+        .find(|d| d.channel == "ebay" && d.workspace == "shop")
+        .expect("eBay's head is due");
+    assert_eq!((head.id, head.batch_size), (ebay[0], 3));
+
+    let before = rows_read(&pg).await;
+    let behind = pg.behind(&head, 2).await.expect("behind");
+    let read = rows_read(&pg).await - before;
+    assert_eq!(
+        behind.iter().map(|b| b.id).collect::<Vec<_>>(),
+        ebay[1..3],
+        "the satellite's own next rows, in order"
+    );
+    assert!(read < 100, "reading a batch read {read} outbox rows");
+
+    // The batch acknowledged: all three delivered, and the next claimed
+    // is the first after the last of them.
+    let before = rows_read(&pg).await;
+    let next = pg
+        .delivered(&ebay[..3], 200, Some(lease))
+        .await
+        .expect("delivered");
+    let read = rows_read(&pg).await - before;
+    assert_eq!(next.map(|d| d.id), Some(ebay[3]));
+    assert!(read < 100, "acknowledging a batch read {read} outbox rows");
+    let states: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, state FROM outbox WHERE id = ANY($1) ORDER BY id")
+            .bind(&ebay)
+            .fetch_all(pg.pool())
+            .await
+            .expect("states");
+    let delivered: Vec<i64> = states
+        .iter()
+        .filter(|(_, s)| s == "delivered")
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(delivered, ebay[..3]);
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id = ANY($1) AND state = 'pending'")
+            .bind(&whatnot)
+            .fetch_one(pg.pool())
+            .await
+            .expect("whatnot");
+    assert_eq!(
+        pending, BACKLOG as i64,
+        "another satellite's rows are not its batch"
+    );
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@ use holdfast::grpc::pb;
 use tonic::Code;
 
 use crate::cards::{
-    SECRET, delivered_at_least, deliveries, dual_listing, engage, lock, satellite, satellites,
+    SECRET, delivered_at_least, deliveries, dual_listing, engage, lock, satellite,
+    satellite_taking, satellites,
 };
 use crate::helpers::{
     STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, TestApp, spawn_app_with, spawn_two_stores,
@@ -19,7 +20,7 @@ use crate::satellite::Satellite;
 /// A daemon whose outbox rounds are an hour apart, and which retries a
 /// failed delivery an hour later: a webhook that goes out after a
 /// failure goes because something asked for it.
-async fn retrying_hourly() -> TestApp {
+pub async fn retrying_hourly() -> TestApp {
     const HOUR_MS: u64 = 3_600_000;
     spawn_app_with(|a| {
         a.outbox_interval_ms = HOUR_MS;
@@ -33,12 +34,22 @@ async fn retrying_hourly() -> TestApp {
 /// the storefront. Returns once the first failed and the rest wait
 /// behind it.
 async fn ebay_down_through_sales(app: &TestApp, sold: usize) -> Satellite {
+    ebay_taking_batches_down_through_sales(app, sold, 0).await
+}
+
+/// [`ebay_down_through_sales`], with eBay's satellite taking up to
+/// `batch_size` webhooks a request.
+pub async fn ebay_taking_batches_down_through_sales(
+    app: &TestApp,
+    sold: usize,
+    batch_size: u32,
+) -> Satellite {
     dual_listing(app, true).await;
     let cards: Vec<String> = (0..sold).map(|i| format!("card-{i}")).collect();
     let cards: Vec<&str> = cards.iter().map(String::as_str).collect();
     engage(app, "storefront", &cards).await;
     engage(app, "ebay", &cards).await;
-    let ebay = satellite(app, "ebay").await;
+    let ebay = satellite_taking(app, "ebay", batch_size).await;
     ebay.fail_next("bulk-disengage", 1);
     for (i, card) in cards.iter().enumerate() {
         let name = format!("lock-{i}");
@@ -74,7 +85,7 @@ async fn caught_up(app: &TestApp, ebay: &Satellite) {
 }
 
 /// What the satellite of `channel` waits on, as ListSatellites shows it.
-async fn waiting_on(app: &TestApp, channel: &str) -> Option<pb::Delivery> {
+pub async fn waiting_on(app: &TestApp, channel: &str) -> Option<pb::Delivery> {
     satellites(app)
         .await
         .into_iter()
@@ -87,6 +98,16 @@ fn retry(channel: &str) -> pb::RetryDeliveriesRequest {
     pb::RetryDeliveriesRequest {
         channel: channel.into(),
     }
+}
+
+/// Calls `RetryDeliveries` for `channel`; returns the channels it woke.
+pub async fn retried(app: &TestApp, channel: &str) -> Vec<String> {
+    app.channels()
+        .retry_deliveries(retry(channel))
+        .await
+        .unwrap()
+        .into_inner()
+        .channels
 }
 
 #[tokio::test]
@@ -107,26 +128,15 @@ async fn a_satellite_back_from_an_outage_gets_its_backlog_when_retried() {
     assert!(waiting.next_attempt_at.is_some(), "{waiting:?}");
 
     // The satellite is back (it answers 2xx from now on).
-    let woke = app
-        .channels()
-        .retry_deliveries(retry("ebay"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(woke.channels, vec!["ebay".to_owned()]);
+    assert_eq!(retried(&app, "ebay").await, ["ebay"]);
     caught_up(&app, &ebay).await;
     assert_eq!(waiting_on(&app, "ebay").await, None);
 
     // Nothing waits now: a second retry wakes nothing, and neither does
     // one for every channel.
     for channel in ["ebay", ""] {
-        let woke = app
-            .channels()
-            .retry_deliveries(retry(channel))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(woke.channels.is_empty(), "{channel:?}: {woke:?}");
+        let woke = retried(&app, channel).await;
+        assert!(woke.is_empty(), "{channel:?}: {woke:?}");
     }
     app.shutdown().await;
 }
@@ -171,6 +181,7 @@ async fn retrying_needs_an_admin_key_and_a_channel_of_the_callers_with_a_satelli
                 channel: "ebay".into(),
                 base_url: "http://127.0.0.1:9".into(),
                 secret: SECRET.into(),
+                batch_size: 0,
             },
             STORE_A_ADMIN,
         ))

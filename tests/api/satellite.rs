@@ -2,7 +2,8 @@
 //! written by hand on a tokio listener, that checks every request's
 //! signature the way the README tells satellite implementers to, records
 //! what it received, can be told to fail or to stop answering, and serves
-//! a canonical list of active cards.
+//! a canonical list of active cards. It takes webhooks one at a time
+//! (`/webhooks/<event>`) and in batches (`/webhooks`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,12 +18,14 @@ use tokio::task::JoinHandle;
 /// One webhook the satellite received.
 #[derive(Debug, Clone)]
 pub struct Received {
-    /// The event, from the path `/webhooks/<event>`.
+    /// The event, from the path `/webhooks/<event>` or the batch.
     pub event: String,
     /// The JSON body.
     pub body: serde_json::Value,
-    /// `X-Holdfast-Delivery`.
+    /// `X-Holdfast-Delivery`, or the batch's `id`.
     pub delivery: String,
+    /// How many webhooks its request held: `None` when it came alone.
+    pub batch: Option<usize>,
     /// Whether the signature and timestamp checked out.
     pub signed: bool,
     /// What the satellite answered.
@@ -78,7 +81,8 @@ impl Satellite {
         self.state.lock().unwrap().held
     }
 
-    /// Answers the next `n` webhooks of `event` with HTTP 500.
+    /// Answers the next `n` webhooks of `event` with HTTP 500 (and each
+    /// batch that holds one, counted once).
     pub fn fail_next(&self, event: &str, n: u32) {
         self.state.lock().unwrap().fail_next.insert(event.into(), n);
     }
@@ -135,6 +139,27 @@ pub fn verify(secret: &str, timestamp: &str, body: &[u8], signature: &str) -> bo
     mac.update(b".");
     mac.update(body);
     mac.verify_slice(&given).is_ok()
+}
+
+/// A batch's webhooks, `{"deliveries": [{"id", "event", "body"}, ...]}`,
+/// as (id, event, body); none when the body is not such a batch.
+fn read_batch(body: &[u8]) -> Vec<(i64, String, serde_json::Value)> {
+    let Ok(batch) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let Some(deliveries) = batch["deliveries"].as_array() else {
+        return Vec::new();
+    };
+    deliveries
+        .iter()
+        .filter_map(|d| {
+            Some((
+                d["id"].as_i64()?,
+                d["event"].as_str()?.to_owned(),
+                d["body"].clone(),
+            ))
+        })
+        .collect()
 }
 
 async fn serve(
@@ -224,6 +249,7 @@ async fn handle(
                 event: event.to_owned(),
                 body: serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
                 delivery: header("x-holdfast-delivery"),
+                batch: None,
                 signed,
                 status,
             });
@@ -231,6 +257,38 @@ async fn handle(
             // framework's page) sends: the status alone must count.
             let answer = serde_json::json!({ "ok": status == 200, "echo": "x".repeat(8192) });
             (status, answer.to_string())
+        }
+        ("POST", None) if path == "/webhooks" => {
+            let batch = read_batch(body);
+            let mut st = state.lock().unwrap();
+            let failing = batch
+                .iter()
+                .find(|(_, event, _)| st.fail_next.get(event).is_some_and(|n| *n > 0))
+                .map(|(_, event, _)| event.clone());
+            let status = match failing {
+                Some(event) => {
+                    *st.fail_next.get_mut(&event).unwrap() -= 1;
+                    500
+                }
+                None if signed && !batch.is_empty() => 200,
+                None if signed => 400,
+                None => 401,
+            };
+            let size = batch.len();
+            for (id, event, body) in batch {
+                st.received.push(Received {
+                    event,
+                    body,
+                    delivery: id.to_string(),
+                    batch: Some(size),
+                    signed,
+                    status,
+                });
+            }
+            (
+                status,
+                serde_json::json!({ "ok": status == 200 }).to_string(),
+            )
         }
         ("GET", None) if path == "/active-cards" && signed => {
             let active = state.lock().unwrap().active.clone();

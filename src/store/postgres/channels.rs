@@ -15,10 +15,13 @@ pub struct Satellite {
     pub workspace: String,
     /// The channel.
     pub channel: String,
-    /// Base URL; webhooks go to `<base_url>/webhooks/<event>`.
+    /// Base URL; webhooks go to `<base_url>/webhooks/<event>`, or in
+    /// batches to `<base_url>/webhooks`.
     pub base_url: String,
     /// The HMAC key. Never logged (see the `Debug` impl).
     pub secret: String,
+    /// Most webhooks sent in one request; 1 sends each alone.
+    pub batch_size: i32,
     /// When it was last set.
     pub updated_at: DateTime<Utc>,
 }
@@ -30,6 +33,7 @@ impl std::fmt::Debug for Satellite {
             .field("channel", &self.channel)
             .field("base_url", &self.base_url)
             .field("secret", &"<redacted>")
+            .field("batch_size", &self.batch_size)
             .finish()
     }
 }
@@ -262,17 +266,21 @@ impl PgStore {
         channel: &ChannelSlug,
         base_url: &str,
         secret: &str,
+        batch_size: i32,
     ) -> Result<Satellite, Error> {
         Ok(sqlx::query_as::<_, Satellite>(
-            "INSERT INTO satellites (workspace, channel, base_url, secret) VALUES ($1, $2, $3, $4)
+            "INSERT INTO satellites (workspace, channel, base_url, secret, batch_size)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (workspace, channel) DO UPDATE
-                 SET base_url = EXCLUDED.base_url, secret = EXCLUDED.secret, updated_at = now()
-             RETURNING workspace, channel, base_url, secret, updated_at",
+                 SET base_url = EXCLUDED.base_url, secret = EXCLUDED.secret,
+                     batch_size = EXCLUDED.batch_size, updated_at = now()
+             RETURNING workspace, channel, base_url, secret, batch_size, updated_at",
         )
         .bind(workspace.as_str())
         .bind(channel.as_str())
         .bind(base_url)
         .bind(secret)
+        .bind(batch_size)
         .fetch_one(&self.pool)
         .await?)
     }
@@ -281,7 +289,7 @@ impl PgStore {
     /// reconciler.
     pub async fn satellites(&self, workspace: Option<&TenantId>) -> Result<Vec<Satellite>, Error> {
         Ok(sqlx::query_as::<_, Satellite>(
-            "SELECT workspace, channel, base_url, secret, updated_at FROM satellites
+            "SELECT workspace, channel, base_url, secret, batch_size, updated_at FROM satellites
              WHERE $1::text IS NULL OR workspace = $1 ORDER BY workspace, channel",
         )
         .bind(workspace.map(TenantId::as_str))
