@@ -290,6 +290,17 @@ pub struct ServeArgs {
     #[arg(long, env = "HOLDFAST_WEBHOOK_BACKOFF_MAX_SECS", default_value_t = 60)]
     pub webhook_backoff_max_secs: u64,
 
+    /// How long an acknowledged webhook stays in the outbox, seconds, for
+    /// ListDeliveries to show; then it is deleted. 0 keeps every one. A
+    /// webhook row is ~650 bytes, and a shop selling a card a second
+    /// with two satellites writes ~170,000 a day.
+    #[arg(
+        long,
+        env = "HOLDFAST_DELIVERY_RETENTION_SECS",
+        default_value_t = 604_800
+    )]
+    pub delivery_retention_secs: u64,
+
     /// Hosts satellites may be on, comma-separated: names, or `*.domain`
     /// for every name under it. Empty (the default): any host. Set it where
     /// tenants' admins are not the operator's own, so that a satellite URL
@@ -371,6 +382,8 @@ impl ServeArgs {
             timeout: Duration::from_millis(self.webhook_timeout_ms),
             backoff_base: Duration::from_millis(self.webhook_backoff_base_ms),
             backoff_max: Duration::from_secs(self.webhook_backoff_max_secs),
+            retention: (self.delivery_retention_secs > 0)
+                .then(|| Duration::from_secs(self.delivery_retention_secs)),
         }
     }
 

@@ -52,6 +52,8 @@ pub struct OutboxSettings {
     pub backoff_base: Duration,
     /// The longest wait between attempts.
     pub backoff_max: Duration,
+    /// How long an acknowledged delivery is kept; `None`: for good.
+    pub retention: Option<Duration>,
 }
 
 /// The wait before the next attempt after `attempts` failed ones:
@@ -194,6 +196,7 @@ pub async fn run(
     let wake = hear_queued(pg.clone(), stop.clone());
     let mut sending = Sending::default();
     let mut gauge = Gauge::default();
+    let mut pruner = Pruner::default();
     let job = Job {
         pg: &pg,
         client: &client,
@@ -218,6 +221,12 @@ pub async fn run(
         }
         if tick && let Err(e) = gauge.read_if_due(&pg).await {
             tracing::warn!(error = %e, "reading the outbox backlog failed");
+        }
+        if tick
+            && let Some(retention) = settings.retention
+            && let Err(e) = pruner.prune_if_due(&pg, retention).await
+        {
+            tracing::warn!(error = %e, "deleting old deliveries failed; they stay until the next try");
         }
     }
     sending.finish().await;
@@ -327,6 +336,48 @@ impl Gauge {
         let backlog = pg.outbox_backlog().await?;
         metrics::gauge!(metric::OUTBOX_BACKLOG).set(backlog as f64);
         self.next = Some(Instant::now() + started.elapsed() * GAUGE_SPACING);
+        Ok(())
+    }
+}
+
+/// Most acknowledged deliveries deleted by one statement: its locks and
+/// WAL stay small, and a prune that deletes this many goes on at the next
+/// tick rather than after [`PRUNE_EVERY`].
+const PRUNE_BATCH: i64 = 10_000;
+
+/// How often the acknowledged deliveries past their retention are
+/// deleted (more often when the retention is shorter).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Deletes acknowledged deliveries past `--delivery-retention-secs`, on
+/// the ticks alone: the outbox keeps every delivered row for
+/// `ListDeliveries`, and without a retention it grew by each webhook's
+/// ~650 bytes for good. A backlog of old rows (a first prune after an
+/// upgrade) goes [`PRUNE_BATCH`] a tick.
+#[derive(Default)]
+struct Pruner {
+    next: Option<Instant>,
+}
+
+impl Pruner {
+    async fn prune_if_due(&mut self, pg: &PgStore, retention: Duration) -> Result<(), Error> {
+        if self.next.is_some_and(|next| Instant::now() < next) {
+            return Ok(());
+        }
+        let deleted = pg.prune_deliveries(retention, PRUNE_BATCH).await?;
+        if deleted > 0 {
+            tracing::debug!(
+                deleted,
+                ?retention,
+                "deleted acknowledged deliveries past their retention"
+            );
+        }
+        let wait = if deleted >= PRUNE_BATCH as u64 {
+            Duration::ZERO
+        } else {
+            PRUNE_EVERY.min(retention)
+        };
+        self.next = Some(Instant::now() + wait);
         Ok(())
     }
 }

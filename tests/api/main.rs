@@ -10,6 +10,7 @@ mod bench;
 mod cards;
 mod channels;
 mod connections;
+mod delivery_retention;
 mod events;
 mod expiry;
 mod fallback;

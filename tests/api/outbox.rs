@@ -168,6 +168,57 @@ async fn a_batch_is_read_and_acknowledged_past_the_backlog_beside_it() {
 }
 
 #[tokio::test]
+async fn old_deliveries_are_pruned_reading_only_what_is_deleted() {
+    let pg = store_with_satellites().await;
+    // Kept: a backlog of 10,000 waiting since long ago (a satellite down
+    // for days), and as many acknowledged a moment ago. Past the
+    // retention: three acknowledged two days ago.
+    let waiting = queue(&pg, &vec![("shop", "ebay"); BACKLOG], "0").await;
+    let old = queue(&pg, &[("other", "ebay"); 3], "0").await;
+    let recent = queue(&pg, &vec![("shop", "whatnot"); BACKLOG], "0").await;
+    sqlx::query(
+        "UPDATE outbox SET created_at = now() - interval '3 days' WHERE id = ANY($1) OR id = ANY($2)",
+    )
+    .bind(&waiting)
+    .bind(&old)
+    .execute(pg.pool())
+    .await
+    .expect("age");
+    for (ids, ago) in [(&old, "2 days"), (&recent, "0")] {
+        sqlx::query(
+            "UPDATE outbox SET state = 'delivered', delivered_at = now() - $2::interval
+             WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .bind(ago)
+        .execute(pg.pool())
+        .await
+        .expect("deliver");
+    }
+    sqlx::query("ANALYZE outbox")
+        .execute(pg.pool())
+        .await
+        .expect("analyze");
+
+    let day = Duration::from_secs(86_400);
+    let before = rows_read(&pg).await;
+    let deleted = pg.prune_deliveries(day, 10_000).await.expect("prune");
+    let read = rows_read(&pg).await - before;
+    assert_eq!(deleted, 3);
+    assert!(
+        read < 100,
+        "pruning 3 rows read {read} outbox rows; the {BACKLOG} waiting and {BACKLOG} recent should not be read"
+    );
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM outbox ORDER BY id")
+        .fetch_all(pg.pool())
+        .await
+        .expect("left");
+    let kept: Vec<i64> = waiting.iter().chain(&recent).copied().collect();
+    assert_eq!(left, kept, "only the old acknowledged rows go");
+    assert_eq!(pg.prune_deliveries(day, 10_000).await.expect("prune"), 0);
+}
+
+#[tokio::test]
 async fn a_shops_deliveries_are_listed_without_reading_another_shops() {
     let pg = store_with_satellites().await;
     let quiet = queue(&pg, &[("other", "ebay"); 3], "0").await;

@@ -408,6 +408,24 @@ impl PgStore {
         Ok(listener)
     }
 
+    /// Deletes up to `limit` deliveries acknowledged more than `age` ago,
+    /// the oldest first, over every workspace; returns how many. Found by
+    /// the index of acknowledged rows (migration 0017), so a prune reads
+    /// what it deletes and not the rows it keeps.
+    pub async fn prune_deliveries(&self, age: Duration, limit: i64) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "DELETE FROM outbox WHERE id = ANY (ARRAY(
+                 SELECT id FROM outbox
+                 WHERE state = 'delivered' AND delivered_at < now() - $1 * interval '1 millisecond'
+                 ORDER BY delivered_at LIMIT $2))",
+        )
+        .bind(millis(age))
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Deliveries waiting, over every workspace (the backlog gauge).
     pub async fn outbox_backlog(&self) -> Result<i64, Error> {
         let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox WHERE state = 'pending'")
