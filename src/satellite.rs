@@ -12,6 +12,7 @@
 //! already builds on. Plain `http://` only: TLS to satellites would need a
 //! TLS stack this daemon does not carry yet (see the README).
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -151,10 +152,12 @@ pub fn batch_body(webhooks: &[Webhook<'_>]) -> String {
             out.push(',');
         }
         let event = serde_json::Value::from(w.event);
-        out.push_str(&format!(
+        // Writing to a String cannot fail.
+        let _ = write!(
+            out,
             "{{\"id\":{},\"event\":{event},\"body\":{}}}",
             w.id, w.body
-        ));
+        );
     }
     out.push_str("]}");
     out
