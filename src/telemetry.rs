@@ -65,6 +65,12 @@ pub mod metric {
     pub const REDIS_CLOCK_OFFSET: &str = "holdfast_redis_clock_offset_seconds";
     /// Gauge: live `Watch` subscriptions.
     pub const WATCH_SUBSCRIBERS: &str = "holdfast_watch_subscribers";
+    /// Gauge: tenants whose events a reader hands to live `Watch`
+    /// subscribers (taps: src/grpc/event_tap.rs).
+    pub const WATCH_TAPS: &str = "holdfast_watch_taps";
+    /// Gauge: Redis connections reading the taps' streams, up to 16 taps
+    /// each.
+    pub const WATCH_READERS: &str = "holdfast_watch_readers";
     /// Counter: `Watch` subscriptions ended, by reason (`client_left`,
     /// `fell_behind`, `shutdown`, `error`).
     pub const WATCH_ENDED: &str = "holdfast_watch_ended_total";
@@ -213,6 +219,14 @@ pub fn describe_metrics() {
         "Time spent waiting for a store connection, by pool"
     );
     describe_gauge!(WATCH_SUBSCRIBERS, "Live Watch subscriptions");
+    describe_gauge!(
+        WATCH_TAPS,
+        "Tenants with live Watch subscribers, each tenant's stream read once for all of them"
+    );
+    describe_gauge!(
+        WATCH_READERS,
+        "Redis connections reading the watched tenants' streams, up to 16 tenants each"
+    );
     describe_counter!(
         WATCH_ENDED,
         "Watch subscriptions ended, by reason (client_left, fell_behind: ABORTED, shutdown, error: the stream could not be read)"

@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 use super::cpu;
 use super::fallback::{Frozen, loopback_redis_pid};
 use super::load::{Plan, SLICE, Slice};
-use super::probes::scrape;
+use super::probes::{gauge, scrape};
 use super::workloads::{self, Caller, Workload};
 
 /// Redis serving before the freeze.
@@ -174,13 +174,7 @@ async fn drained(metrics: &str, within: Duration) -> bool {
 async fn poll(metrics: &str, within: Duration, name: &str, done: impl Fn(f64) -> bool) -> bool {
     let until = Instant::now() + within;
     while Instant::now() < until {
-        let value = scrape(metrics).await.lines().find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        });
+        let value = gauge(&scrape(metrics).await, name);
         if value.is_some_and(&done) {
             return true;
         }

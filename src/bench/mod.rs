@@ -586,6 +586,11 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Its /metrics address (host:port).
+    fn metrics_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.metrics)
+    }
+
     /// Its gRPC address: `https://` when it was started with TLS.
     fn addr(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };

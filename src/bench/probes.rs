@@ -248,6 +248,17 @@ pub(super) async fn scrape(metrics: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The value of the gauge `name` on a /metrics `page`, if it has one.
+pub(super) fn gauge(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    })
+}
+
 /// Redis's `used_memory` (INFO memory), bytes.
 pub(super) async fn used_memory(
     con: &mut redis::aio::MultiplexedConnection,

@@ -305,7 +305,7 @@ impl<'a> Session<'a> {
     pub async fn probe(&self, probe: Probe) -> anyhow::Result<()> {
         let (args, channels, caller) = (self.args, &self.channels, &self.caller);
         workloads::setup(Workload::ClaimHot, &channels[0], caller).await?;
-        let metrics = self.daemon.map(|d| format!("127.0.0.1:{}", d.metrics));
+        let metrics = self.daemon.map(Daemon::metrics_addr);
         let metrics = metrics.as_deref();
         match probe {
             Probe::Failover | Probe::PgOutage => {

@@ -1,9 +1,10 @@
 //! Many quiet shops, each with a live `Watch` subscriber: the question of
 //! a platform that runs one holdfast for many shops, each shop's backend
-//! watching its events. Every tenant with subscribers has a reader of its
-//! own (a tap, src/grpc/event_tap.rs) holding a Redis connection in a
-//! blocking read, so the probe measures what a tap costs when nothing
-//! happens, and that an event still reaches every shop's subscriber.
+//! watching its events. Every tenant with subscribers has a tap (src/grpc/
+//! event_tap.rs), and up to 16 taps share a reader holding a Redis
+//! connection in a blocking read, so the probe measures what the taps
+//! cost when nothing happens, and that an event still reaches every shop's
+//! subscriber.
 //!
 //! It starts a daemon of its own with an admin key for each of
 //! `--tenants` shops (`bench-watch-<tag>-1` ...), gives each a sale, and reads
@@ -13,7 +14,9 @@
 //! each process's CPU and Redis's `XREAD`s a second over `--duration`
 //! quiet seconds again; then claims once in each shop and reads what each
 //! subscriber got and how long after its event; last, the subscribers
-//! leave and it reads the Redis connections left.
+//! leave and it reads the taps and readers left. It counts taps and
+//! readers by the daemon's gauges (`holdfast_watch_taps`,
+//! `holdfast_watch_readers`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +29,8 @@ use super::redis_time::{Snapshot, info_number};
 use super::workloads::{self, Caller, Workload};
 use super::{BenchArgs, Daemon, DaemonAuth, connections, cpu, watch};
 use crate::domain::TenantId;
+use crate::grpc::WATCH_TAPS_PER_READER as SHARED;
+use crate::telemetry::metric;
 
 /// Longer than the daemon takes to read its tenants again and the drainer
 /// to tend their new streams (as the idle probe waits), and than a
@@ -35,19 +40,19 @@ const SETTLE: Duration = Duration::from_secs(8);
 /// daemon's own connections, with room to spare.
 const OTHERS: u64 = 200;
 
-/// Refuses, before anything starts, a count of shops that the open-files
-/// limit (which the daemon inherits) or Redis's `maxclients` cannot give
-/// a Redis connection each.
+/// Refuses, before anything starts, a count of shops whose readers (one
+/// Redis connection each [`SHARED`] shops) the open-files limit (which
+/// the daemon inherits) or Redis's `maxclients` cannot give a connection.
 pub async fn check(args: &BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.addr.is_none(),
         "the watch-tenants probe starts a daemon of its own, with a key per shop; it cannot drive --addr"
     );
-    let needed = u64::from(args.tenants) + OTHERS;
+    let needed = (args.tenants as usize).div_ceil(SHARED) as u64 + OTHERS;
     if let Some(limit) = super::conns::open_files_limit() {
         anyhow::ensure!(
             limit >= needed,
-            "--tenants {} with a Watch subscriber each needs a limit of at least {needed} open files (a Redis connection a shop), and it is {limit}: raise it (`ulimit -n {needed}`) or ask for fewer",
+            "--tenants {} with a Watch subscriber each needs a limit of at least {needed} open files (a Redis connection each {SHARED} shops), and it is {limit}: raise it (`ulimit -n {needed}`) or ask for fewer",
             args.tenants
         );
     }
@@ -77,6 +82,7 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     let tag = Caller::new(None).tag;
     let (configs, shops) = keys(&tag, args.tenants)?;
     let mut daemon = Daemon::start(args, dir, DaemonAuth::Keys(&configs), None)?;
+    let metrics = daemon.metrics_addr();
     let channels = connections(&daemon.addr(), None, args.connections).await?;
     for shop in &shops {
         workloads::setup(Workload::ClaimHot, &channels[0], shop)
@@ -96,12 +102,12 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
         .zip(channels.iter().cycle())
         .map(|(shop, ch)| tokio::spawn(watch::subscribe(ch.clone(), shop.clone(), stopped.clone())))
         .collect();
-    // A tap is started by its first subscriber's call; its connection
-    // follows within moments.
-    let subscribed = wait_for_taps(&mut stats, &tag, args.tenants as usize).await;
+    // A tap is started by its first subscriber's call; its reader's
+    // connection follows within moments.
+    let subscribed = wait_for_taps(&metrics, f64::from(args.tenants)).await;
     let subscribe_ms = started.elapsed().as_millis();
     tokio::time::sleep(SETTLE).await;
-    let taps_with = taps(&mut stats, &tag).await;
+    let (taps_with, readers) = taps(&metrics).await;
     let fds_with = super::conns::open_fds(daemon.pid());
     let commands_before = Snapshot::read(&mut stats).await;
     let busy_started = Instant::now();
@@ -132,10 +138,10 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
     let _ = stop.send(true);
     let seen = watch::Tally::of(subscribers).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let taps_left = taps(&mut stats, &tag).await;
+    let (taps_left, readers_left) = taps(&metrics).await;
     daemon.stop();
     println!(
-        "probe: watch-tenants tenants={} subscribed={subscribed} subscribe_ms={subscribe_ms} taps={taps_with} daemon_fds_added={} cpu_pct_without={without} cpu_pct_with={with} xread_per_sec={reads_per_sec} claimed={} redis_connections_opened={opened} {} taps_left={taps_left}{}",
+        "probe: watch-tenants tenants={} subscribed={subscribed} subscribe_ms={subscribe_ms} taps={taps_with} readers={readers} daemon_fds_added={} cpu_pct_without={without} cpu_pct_with={with} xread_per_sec={reads_per_sec} claimed={} redis_connections_opened={opened} {} taps_left={taps_left} readers_left={readers_left}{}",
         args.tenants,
         fds_with.saturating_sub(fds_before),
         claimed.calls - claimed.errors(),
@@ -171,31 +177,20 @@ fn keys(tag: &Arc<str>, n: u32) -> anyhow::Result<(Vec<String>, Vec<Caller>)> {
     Ok((configs, callers))
 }
 
-/// The Redis connections of the run's taps (named `watch:<stream key>`,
-/// each stream key with its tenant): counted by name, since other
-/// clients of the same Redis (a test suite's) come and go meanwhile.
-async fn taps(stats: &mut redis::aio::MultiplexedConnection, tag: &str) -> usize {
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(stats)
-        .await
-        .unwrap_or_default();
-    let shop = format!(":{{bench-watch-{tag}-");
-    list.lines()
-        .filter(|l| l.contains(" name=watch:") && l.contains(&shop))
-        .count()
+/// The daemon's taps and readers, by its gauges (-1 where unread).
+async fn taps(metrics: &str) -> (i64, i64) {
+    let page = super::probes::scrape(metrics).await;
+    let read = |name| super::probes::gauge(&page, name).map_or(-1, |v| v as i64);
+    (read(metric::WATCH_TAPS), read(metric::WATCH_READERS))
 }
 
-/// Waits, half a minute at most, until the run has `want` taps: whether it
-/// got there.
-async fn wait_for_taps(
-    stats: &mut redis::aio::MultiplexedConnection,
-    tag: &str,
-    want: usize,
-) -> bool {
+/// Waits, half a minute at most, until the daemon has `want` taps: whether
+/// it got there.
+async fn wait_for_taps(metrics: &str, want: f64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if taps(stats, tag).await >= want {
+        let page = super::probes::scrape(metrics).await;
+        if super::probes::gauge(&page, metric::WATCH_TAPS).is_some_and(|n| n >= want) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -399,15 +399,21 @@ pub(super) async fn oldest_in_stream(
     con: &mut impl redis::aio::ConnectionLike,
     key: &str,
 ) -> Result<Option<EventPos>, redis::RedisError> {
-    let oldest: StreamRangeReply = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(con)
-        .await?;
-    Ok(oldest.ids.first().and_then(|e| parse_event_id(&e.id)))
+    let oldest: StreamRangeReply = oldest_entry(key).query_async(con).await?;
+    Ok(first_id(&oldest))
+}
+
+/// The command that reads the stream's oldest entry (a reader sends one
+/// for each stream it read, in one pipeline).
+pub(super) fn oldest_entry(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("XRANGE");
+    cmd.arg(key).arg("-").arg("+").arg("COUNT").arg(1);
+    cmd
+}
+
+/// The id of a range's first entry, if it has any.
+pub(super) fn first_id(range: &StreamRangeReply) -> Option<EventPos> {
+    range.ids.first().and_then(|e| parse_event_id(&e.id))
 }
 
 pub(super) fn event_pb(e: Event) -> pb::WatchResponse {

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 pub use admin::AdminApi;
 pub use channel::ChannelApi;
+pub use event_tap::SHARED as WATCH_TAPS_PER_READER;
 pub use event_wire::EventServer;
 pub use events::EventApi;
 pub use flash_sale::FlashSaleApi;

@@ -424,9 +424,10 @@ async fn the_watch_probe_counts_every_claims_event_at_every_subscriber() {
 }
 
 /// `holdfast bench --probe watch-tenants` (the binary): each quiet shop's
-/// subscriber has its shop's tap, one Redis connection each, every one
-/// gets its shop's claim, none is ended early, and the taps let their
-/// connections go when the subscribers leave.
+/// subscriber has its shop's tap, the 20 taps two readers (a Redis
+/// connection each 16 taps), every subscriber gets its shop's claim, none
+/// is ended early, and the taps and their readers are gone when the
+/// subscribers leave.
 #[tokio::test]
 async fn the_watch_tenants_probe_gives_each_shop_a_tap_and_each_tap_its_event() {
     let database_url = fresh_database().await;
@@ -438,13 +439,15 @@ async fn the_watch_tenants_probe_gives_each_shop_a_tap_and_each_tap_its_event() 
     assert_eq!(field(&line, "subscribed"), "true", "{line}");
     let count = |name: &str| -> u64 { number(&line, name) };
     assert_eq!(count("taps"), 20, "{line}");
-    // The taps', and room for a pooled connection opened meanwhile.
-    assert!((20..=24).contains(&count("daemon_fds_added")), "{line}");
+    assert_eq!(count("readers"), 2, "{line}");
+    // The readers', and room for pooled connections opened meanwhile.
+    assert!((2..=6).contains(&count("daemon_fds_added")), "{line}");
     assert_eq!(count("claimed"), 20, "{line}");
     assert_eq!(count("got_min"), 1, "{line}");
     assert_eq!(count("got_max"), 1, "{line}");
     assert_eq!(count("ended_early"), 0, "{line}");
     assert_eq!(count("taps_left"), 0, "{line}");
+    assert_eq!(count("readers_left"), 0, "{line}");
 }
 
 /// `holdfast bench --probe tls,connections` (the binary): certificates

@@ -6,12 +6,15 @@
 
 use std::time::Duration;
 
-use holdfast::grpc::pb;
+use holdfast::grpc::pb::{self, Outcome};
 use redis::AsyncCommands;
 use tokio_stream::StreamExt;
 
 use crate::events::{claims, next, watch};
-use crate::helpers::{TestApp, redis_url, spawn_app};
+use crate::helpers::{
+    STORE_A_ADMIN, STORE_A_CHECKOUT, STORE_B_ADMIN, TestApp, claim, live_sale_request, redis_url,
+    spawn_app, spawn_two_stores, with_key,
+};
 use crate::ops::{samples, scrape, value};
 
 /// The hold ids of the next `n` events on `stream`.
@@ -27,20 +30,33 @@ fn expected(from: usize, to: usize) -> Vec<String> {
     (from..to).map(|i| format!("c{i}")).collect()
 }
 
-/// `CLIENT LIST`'s lines of the Redis connections named `what` (`watch`
-/// for the tenant's tap, `watch-gap` for a subscriber reading a gap) and
-/// the tenant's stream.
+/// `CLIENT LIST`'s lines of the daemon's Redis connections named `what`:
+/// `watch` for the readers of its taps (`watch:<prefix>`), `watch-gap`
+/// for a subscriber of the dev tenant reading a gap (`watch-gap:<the
+/// tenant's stream>`).
 async fn listed(app: &TestApp, what: &str) -> Vec<String> {
     let list: String = redis::cmd("CLIENT")
         .arg("LIST")
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
-    let name = format!("name={what}:{}:{{dev}}:events ", app.redis_prefix);
+    let name = match what {
+        "watch" => format!("name=watch:{} ", app.redis_prefix),
+        _ => format!("name={what}:{}:{{dev}}:events ", app.redis_prefix),
+    };
     list.lines()
         .filter(|l| l.contains(&name))
         .map(str::to_owned)
         .collect()
+}
+
+/// The `name` field of a `CLIENT LIST` line.
+fn field(line: &str, name: &str) -> String {
+    let prefix = format!("{name}=");
+    line.split(' ')
+        .find_map(|f| f.strip_prefix(prefix.as_str()))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Claims `c0`..`c{n-1}` on a live sale "w", waits until they are in
@@ -62,9 +78,21 @@ async fn trimmed_empty(app: &TestApp, n: usize) -> (String, redis::aio::Multiple
     (key, con)
 }
 
-/// Redis connections named as the tenant's tap.
+/// Redis connections named as the daemon's taps' readers.
 async fn taps(app: &TestApp) -> usize {
     listed(app, "watch").await.len()
+}
+
+/// Waits until the daemon has one reader, waiting in its blocking read.
+async fn blocked_reader(app: &TestApp) {
+    app.eventually("the reader waiting in its read", || async {
+        let listed = listed(app, "watch").await;
+        (listed.len() == 1
+            && field(&listed[0], "cmd") == "xread"
+            && field(&listed[0], "flags").contains('b'))
+        .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -124,17 +152,12 @@ async fn a_quiet_tap_waits_in_one_read_and_ends_when_its_last_subscriber_leaves(
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     let listed = listed(&app, "watch").await;
     assert_eq!(listed.len(), 1, "{listed:?}");
-    let field = |name: &str| {
-        let prefix = format!("{name}=");
-        listed[0]
-            .split(' ')
-            .find_map(|f| f.strip_prefix(prefix.as_str()))
-            .unwrap_or_default()
-            .to_owned()
-    };
-    assert_eq!(field("cmd"), "xread", "{listed:?}");
-    assert!(field("flags").contains('b'), "blocked: {listed:?}");
-    let idle: u64 = field("idle").parse().unwrap();
+    assert_eq!(field(&listed[0], "cmd"), "xread", "{listed:?}");
+    assert!(
+        field(&listed[0], "flags").contains('b'),
+        "blocked: {listed:?}"
+    );
+    let idle: u64 = field(&listed[0], "idle").parse().unwrap();
     assert!(idle >= 3, "one read for 3.5 s: {listed:?}");
 
     drop(other);
@@ -149,6 +172,59 @@ async fn a_quiet_tap_waits_in_one_read_and_ends_when_its_last_subscriber_leaves(
         || async { (taps(&app).await == 0).then_some(()) },
     )
     .await;
+    app.shutdown().await;
+}
+
+/// Two shops' taps share one reader, one Redis connection, so that the
+/// shops a daemon watches at once are not bounded by Redis's clients:
+/// each shop's subscriber still gets its own shop's events and none of
+/// the other's, and a shop that subscribes while the reader waits in its
+/// blocking read is read at once, not when the read's ten seconds run
+/// out.
+#[tokio::test]
+async fn shops_share_a_reader_and_each_gets_only_its_own_events() {
+    let app = spawn_two_stores().await;
+    for store in [STORE_A_ADMIN, STORE_B_ADMIN] {
+        let sale = live_sale_request("spring", &[("p", Some(100))]);
+        app.flash()
+            .create_sale(with_key(sale, store))
+            .await
+            .unwrap();
+    }
+    let watch_as = |key: &'static str| {
+        let mut events = app.events();
+        async move {
+            let req = pb::WatchRequest::default();
+            events.watch(with_key(req, key)).await.unwrap().into_inner()
+        }
+    };
+    let sell = |id: &'static str, key: &'static str| {
+        let mut flash = app.flash();
+        async move {
+            let r = flash.claim(with_key(claim(id, "spring", &[("p", 1)]), key));
+            assert_eq!(r.await.unwrap().get_ref().outcome(), Outcome::Ok);
+        }
+    };
+    let mut a = watch_as(STORE_A_CHECKOUT).await;
+    blocked_reader(&app).await;
+    let mut b = watch_as(STORE_B_ADMIN).await;
+    sell("b0", STORE_B_ADMIN).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), b.next()).await;
+    let first = first.expect("B's event well before the reader's read ran out");
+    assert_eq!(first.unwrap().unwrap().hold_id, "b0");
+    sell("a0", STORE_A_CHECKOUT).await;
+    sell("b1", STORE_B_ADMIN).await;
+    assert_eq!(next(&mut a).await.hold_id, "a0", "B's b0 is not A's");
+    assert_eq!(next(&mut b).await.hold_id, "b1");
+    assert_eq!(taps(&app).await, 1, "two shops, one reader");
+    for stream in [&mut a, &mut b] {
+        let more = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+        assert!(more.is_err(), "no other shop's event, none twice: {more:?}");
+    }
+    drop(a);
+    blocked_reader(&app).await;
+    sell("b2", STORE_B_ADMIN).await;
+    assert_eq!(next(&mut b).await.hold_id, "b2", "B's tap outlives A's");
     app.shutdown().await;
 }
 
