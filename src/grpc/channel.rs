@@ -14,7 +14,9 @@ use crate::domain::{CardId, Channel, ChannelSlug, ListingStatus, parse_name};
 use crate::error::Error;
 use crate::satellite::check_base_url;
 use crate::services::channels::Channels;
-use crate::store::postgres::{CardState, DeliveryRow, DriftRow, EngageCard, EngageOutcome};
+use crate::store::postgres::{
+    CardState, DeliveryRow, DeliveryState, DriftRow, EngageCard, EngageOutcome,
+};
 
 const SERVICE: &str = "ChannelService";
 /// Longest display name.
@@ -558,8 +560,8 @@ impl ChannelService for ChannelApi {
             let channel = channel_filter(&r.channel)?;
             let state = match pb::DeliveryState::try_from(r.state) {
                 Ok(pb::DeliveryState::Unspecified) => None,
-                Ok(pb::DeliveryState::Pending) => Some("pending"),
-                Ok(pb::DeliveryState::Delivered) => Some("delivered"),
+                Ok(pb::DeliveryState::Pending) => Some(DeliveryState::Pending),
+                Ok(pb::DeliveryState::Delivered) => Some(DeliveryState::Delivered),
                 Err(_) => {
                     return Err(Error::invalid(
                         "state",

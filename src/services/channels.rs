@@ -14,7 +14,8 @@ use crate::error::Error;
 use crate::satellite::SatelliteClient;
 use crate::services::listing_mirror;
 use crate::store::postgres::{
-    CardState, DeliveryRow, Drift, DriftRow, EngageCard, EngageOutcome, PgStore, Satellite,
+    CardState, DeliveryRow, DeliveryState, Drift, DriftRow, EngageCard, EngageOutcome, PgStore,
+    Satellite,
 };
 
 /// The channel use cases.
@@ -313,7 +314,7 @@ impl Channels {
         &self,
         ws: &TenantId,
         channel: Option<&ChannelSlug>,
-        state: Option<&str>,
+        state: Option<DeliveryState>,
         before: i64,
         limit: i64,
     ) -> Result<Vec<DeliveryRow>, Error> {

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use holdfast::domain::{ChannelSlug, TenantId};
-use holdfast::store::postgres::PgStore;
+use holdfast::store::postgres::{DeliveryState, PgStore};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::helpers::fresh_database;
@@ -245,6 +245,90 @@ async fn a_shops_deliveries_are_listed_without_reading_another_shops() {
         read < 100,
         "listing a shop's 3 deliveries read {read} outbox rows; another shop's {BACKLOG} should not be read"
     );
+}
+
+/// Each page a shop asks for reads about what it returns, whatever else
+/// its outbox holds: one channel's beside another's backlog, the waiting
+/// ones beside the acknowledged, every channel's second page; and each
+/// page is the newest first, merged across channels, none of another
+/// shop's.
+#[tokio::test]
+async fn a_page_of_deliveries_reads_only_its_rows_on_a_reused_plan() {
+    let pg = store_with_satellites().await;
+    let shop = TenantId::parse("shop").unwrap();
+    let whatnot = queue(&pg, &[("shop", "whatnot"), ("shop", "whatnot")], "0").await;
+    queue(&pg, &[("other", "ebay")], "0").await;
+    let acked = queue(&pg, &vec![("shop", "ebay"); BACKLOG], "0").await;
+    let waiting = queue(&pg, &[("shop", "ebay")], "0").await;
+    sqlx::query("UPDATE outbox SET state = 'delivered', delivered_at = now() WHERE id = ANY($1)")
+        .bind([&acked[..], &whatnot[1..]].concat())
+        .execute(pg.pool())
+        .await
+        .expect("acknowledge");
+    // As autovacuum leaves it: the acknowledged rows' entries gone from
+    // the index of pending rows.
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(pg.pool())
+        .await
+        .expect("vacuum");
+
+    let ebay = ChannelSlug::parse("channel", "ebay").unwrap();
+    let wn = ChannelSlug::parse("channel", "whatnot").unwrap();
+    let newest_acked: Vec<i64> = acked.iter().rev().take(3).copied().collect();
+    // (what, its channel, its state, the page token's id, the page)
+    let pending = Some(DeliveryState::Pending);
+    let pages = [
+        (
+            "whatnot's",
+            Some(&wn),
+            None,
+            0,
+            vec![whatnot[1], whatnot[0]],
+        ),
+        (
+            "the waiting ones",
+            None,
+            pending,
+            0,
+            vec![waiting[0], whatnot[0]],
+        ),
+        (
+            "ebay's waiting ones",
+            Some(&ebay),
+            pending,
+            0,
+            waiting.clone(),
+        ),
+        (
+            "the acknowledged ones",
+            None,
+            Some(DeliveryState::Delivered),
+            0,
+            newest_acked,
+        ),
+        (
+            "a second page",
+            None,
+            None,
+            acked[1],
+            vec![acked[0], whatnot[1], whatnot[0]],
+        ),
+    ];
+    for (what, channel, state, before, want) in pages {
+        let read = rows_read(&pg).await;
+        let got = pg
+            .deliveries(&shop, channel, state, before, 3)
+            .await
+            .expect("list deliveries");
+        let read = rows_read(&pg).await - read;
+        let ids: Vec<i64> = got.iter().map(|d| d.id).collect();
+        assert_eq!(ids, want, "{what}");
+        assert!(
+            read < 100,
+            "{what}: a page of {} read {read} outbox rows",
+            ids.len()
+        );
+    }
 }
 
 #[tokio::test]

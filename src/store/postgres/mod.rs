@@ -28,7 +28,7 @@ pub use fallback::{PgTake, SERVED_BY_FAST_PATH, Twin};
 pub use keys::ApiKeyRow;
 pub use listings::{Drift, DriftRow, EngageCard, EngageOutcome};
 pub use lost::AuditedTake;
-pub use outbox::{Behind, DeliveryRow, DueDelivery, queued_for};
+pub use outbox::{Behind, DeliveryRow, DeliveryState, DueDelivery, queued_for};
 pub use pools::{AdjustOutcome, CapacityChange, InDoubtResolution, NewPool, PoolRow, Resolution};
 pub use sales::{NewSale, SaleRow, product_pool};
 pub use statistics::TABLES;

@@ -154,6 +154,15 @@ macro_rules! delivery_columns {
     };
 }
 
+/// A delivery's state, as `ListDeliveries` filters by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Not yet acknowledged by the satellite.
+    Pending,
+    /// Acknowledged (kept for `--delivery-retention-secs`).
+    Delivered,
+}
+
 /// The CTE `heads`, after `WITH RECURSIVE`: the oldest pending row of
 /// each satellite of workspace `$1` (of channel `$2` alone, unless it is
 /// NULL), as `(channel, id)`, by the same skip through the index of
@@ -436,28 +445,62 @@ impl PgStore {
 
     /// A workspace's deliveries, newest first, before row id `before` (0:
     /// from the newest), optionally of one channel and one state.
+    ///
+    /// A page reads about what it returns, on any plan (a daemon's
+    /// statements are prepared, and Postgres plans them for any
+    /// parameters after five runs). A channel's page is the `limit`
+    /// entries of `outbox_by_channel` (of `outbox_pending` for the waiting
+    /// ones: the state is written into the statement, so that the partial
+    /// index fits whatever the parameters) before the channel's `before`,
+    /// of which the channel's own are kept; a page of every channel is
+    /// each channel's page, merged. Asked for as the channel's rows, the
+    /// reused plan walked the table's key back from `before` through
+    /// every other channel's rows; and before this, one statement
+    /// filtered the workspace's rows: a page of one channel read every
+    /// other channel's rows newer than it, a page of the waiting ones
+    /// every acknowledged row, and a second page every row of the first
+    /// (tests/api/outbox.rs; deploy/BENCHMARKS.md, "a page of
+    /// deliveries").
     pub async fn deliveries(
         &self,
         workspace: &TenantId,
         channel: Option<&ChannelSlug>,
-        state: Option<&str>,
+        state: Option<DeliveryState>,
         before: i64,
         limit: i64,
     ) -> Result<Vec<DeliveryRow>, Error> {
-        Ok(sqlx::query_as::<_, DeliveryRow>(concat!(
-            "SELECT ",
-            delivery_columns!(),
-            " FROM outbox
-             WHERE workspace = $1 AND ($2::text IS NULL OR channel = $2) AND ($3::text IS NULL OR state = $3)
-               AND ($4 = 0 OR id < $4)
-             ORDER BY id DESC LIMIT $5"
-        ))
-        .bind(workspace.as_str())
-        .bind(channel.map(ChannelSlug::as_str))
-        .bind(state)
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        let state = match state {
+            None => "",
+            Some(DeliveryState::Pending) => "AND state = 'pending'",
+            Some(DeliveryState::Delivered) => "AND state = 'delivered'",
+        };
+        let page = |channel: &str| {
+            format!(
+                "SELECT {columns} FROM (
+                     SELECT workspace, {columns} FROM outbox
+                     WHERE (workspace, channel, id) < ($1, {channel}, $2) {state}
+                     ORDER BY workspace DESC, channel DESC, id DESC LIMIT $3
+                 ) p
+                 WHERE workspace = $1 AND channel = {channel}",
+                columns = delivery_columns!()
+            )
+        };
+        let sql = match channel {
+            Some(_) => format!("{} ORDER BY id DESC", page("$4")),
+            None => format!(
+                "SELECT o.* FROM channels c CROSS JOIN LATERAL ({}) o
+                 WHERE c.workspace = $1 ORDER BY o.id DESC LIMIT $3",
+                page("c.slug")
+            ),
+        };
+        let before = if before == 0 { i64::MAX } else { before };
+        let mut query = sqlx::query_as::<_, DeliveryRow>(&sql)
+            .bind(workspace.as_str())
+            .bind(before)
+            .bind(limit);
+        if let Some(channel) = channel {
+            query = query.bind(channel.as_str());
+        }
+        Ok(query.fetch_all(&self.pool).await?)
     }
 }
