@@ -104,7 +104,7 @@ pub async fn run(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> 
         .collect();
     // A tap is started by its first subscriber's call; its reader's
     // connection follows within moments.
-    let subscribed = wait_for_taps(&metrics, f64::from(args.tenants)).await;
+    let subscribed = wait_for_taps(&metrics, i64::from(args.tenants)).await;
     let subscribe_ms = started.elapsed().as_millis();
     tokio::time::sleep(SETTLE).await;
     let (taps_with, readers) = taps(&metrics).await;
@@ -186,11 +186,10 @@ async fn taps(metrics: &str) -> (i64, i64) {
 
 /// Waits, half a minute at most, until the daemon has `want` taps: whether
 /// it got there.
-async fn wait_for_taps(metrics: &str, want: f64) -> bool {
+async fn wait_for_taps(metrics: &str, want: i64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let page = super::probes::scrape(metrics).await;
-        if super::probes::gauge(&page, metric::WATCH_TAPS).is_some_and(|n| n >= want) {
+        if taps(metrics).await.0 >= want {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

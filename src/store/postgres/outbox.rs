@@ -460,7 +460,9 @@ impl PgStore {
     /// other channel's rows newer than it, a page of the waiting ones
     /// every acknowledged row, and a second page every row of the first
     /// (tests/api/outbox.rs; deploy/BENCHMARKS.md, "a page of
-    /// deliveries").
+    /// deliveries"). What is left: a page of the acknowledged ones reads
+    /// past the channel's waiting rows, so beside an outage's backlog it
+    /// reads the backlog.
     pub async fn deliveries(
         &self,
         workspace: &TenantId,
