@@ -366,7 +366,16 @@ async fn a_subscriber_that_falls_behind_is_told_where_to_resume() {
             .arg(format!("g{n}"))
             .ignore();
     }
-    let () = add.query_async(&mut app.redis().await).await.unwrap();
+    // One pipeline, given longer than a connection's default half second
+    // to answer: on a busy machine 20,000 appends take more.
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
+    let mut con = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
+    let () = add.query_async(&mut con).await.unwrap();
     // Not reading meanwhile: the daemon has a few thousand events to push
     // before the window, its send buffer and the subscriber's buffer are
     // full, a few milliseconds' work. Read at once, the test's client can
