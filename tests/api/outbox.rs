@@ -184,17 +184,8 @@ async fn old_deliveries_are_pruned_reading_only_what_is_deleted() {
     .execute(pg.pool())
     .await
     .expect("age");
-    for (ids, ago) in [(&old, "2 days"), (&recent, "0")] {
-        sqlx::query(
-            "UPDATE outbox SET state = 'delivered', delivered_at = now() - $2::interval
-             WHERE id = ANY($1)",
-        )
-        .bind(ids)
-        .bind(ago)
-        .execute(pg.pool())
-        .await
-        .expect("deliver");
-    }
+    acknowledge(&pg, &old, "2 days").await;
+    acknowledge(&pg, &recent, "0").await;
     sqlx::query("ANALYZE outbox")
         .execute(pg.pool())
         .await
@@ -260,11 +251,7 @@ async fn a_page_of_deliveries_reads_only_its_rows_on_a_reused_plan() {
     queue(&pg, &[("other", "ebay")], "0").await;
     let acked = queue(&pg, &vec![("shop", "ebay"); BACKLOG], "0").await;
     let waiting = queue(&pg, &[("shop", "ebay")], "0").await;
-    sqlx::query("UPDATE outbox SET state = 'delivered', delivered_at = now() WHERE id = ANY($1)")
-        .bind([&acked[..], &whatnot[1..]].concat())
-        .execute(pg.pool())
-        .await
-        .expect("acknowledge");
+    acknowledge(&pg, &[&acked[..], &whatnot[1..]].concat(), "0").await;
     // As autovacuum leaves it: the acknowledged rows' entries gone from
     // the index of pending rows.
     sqlx::query("VACUUM ANALYZE outbox")
@@ -445,6 +432,19 @@ async fn store_with_satellites() -> PgStore {
     .await
     .expect("satellites");
     pg
+}
+
+/// Marks the rows `ids` acknowledged, `ago` (an interval) ago.
+async fn acknowledge(pg: &PgStore, ids: &[i64], ago: &str) {
+    sqlx::query(
+        "UPDATE outbox SET state = 'delivered', delivered_at = now() - $2::interval
+         WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .bind(ago)
+    .execute(pg.pool())
+    .await
+    .expect("acknowledge");
 }
 
 /// Queues a webhook for each (workspace, channel) of `to`, in order,

@@ -50,7 +50,7 @@ async fn listed(app: &TestApp, what: &str) -> Vec<String> {
         .collect()
 }
 
-/// The `name` field of a `CLIENT LIST` line.
+/// The value of the field called `name` in a `CLIENT LIST` line.
 fn field(line: &str, name: &str) -> String {
     let prefix = format!("{name}=");
     line.split(' ')
